@@ -1,0 +1,134 @@
+"""One queue's in-memory index, and the consumer / session records that lease from it.
+
+State here: every live message of the queue by id, a heap of READY messages in
+(HLC, node) order, per-state counts, and the consumers in round-robin order.
+Never: a heap entry counted as ready unless its token matches the message's token and the
+message is READY (entries go stale instead of being removed, which keeps pushes O(log n)).
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+from collections import deque
+from collections.abc import Callable
+from typing import Any
+
+from meshq.model import Message, QueueOptions
+from meshq.states import Event, State, advance
+
+__all__ = ["Consumer", "Queue", "Session"]
+
+_tags = itertools.count(1)
+
+
+class Session:
+    """A client connection as the broker sees it.
+
+    ``push(tag, messages)`` hands deliveries for consumer ``tag`` to the connection and
+    ``cancelled(tag)`` says the broker ended a consumer (its queue was deleted); neither
+    may block. ``leases`` is every message leased through this session.
+    """
+
+    def __init__(self, push: Callable[[str, list[Message]], None] | None = None,
+                 cancelled: Callable[[str], None] | None = None, peer: str = "") -> None:
+        self.push = push or (lambda tag, msgs: None)
+        self.cancelled = cancelled or (lambda tag: None)
+        self.peer = peer
+        self.consumers: dict[str, Consumer] = {}
+        self.leases: set[Message] = set()
+        self.closed = False
+
+
+class Consumer:
+    """A subscription (prefetch credit, refilled by acks) or a one-shot pull receive."""
+
+    __slots__ = ("credit", "queue", "replenish", "session", "sink", "tag", "visibility_timeout")
+
+    def __init__(self, queue: Queue, session: Session, credit: int, *, replenish: bool,
+                 sink: Callable[[Consumer, list[Message]], None],
+                 visibility_timeout: float | None = None) -> None:
+        self.tag = f"c{next(_tags)}"
+        self.queue = queue
+        self.session = session
+        self.credit = credit
+        self.replenish = replenish
+        self.sink = sink
+        self.visibility_timeout = visibility_timeout
+
+
+class Queue:
+    def __init__(self, name: str, options: QueueOptions) -> None:
+        self.name = name
+        self.options = options
+        self.messages: dict[str, Message] = {}
+        self._ready: list[tuple[int, str, int, int, Message]] = []
+        self.counts = [0] * len(State)
+        self.consumers: deque[Consumer] = deque()
+        self.dead_lettered = 0
+        self.expired = 0
+        self.dropped = 0
+        self.created: Any = None  # the store batch that made it durable
+
+    # -- state changes -------------------------------------------------------------
+    def move(self, msg: Message, event: Event) -> None:
+        old = msg.state
+        new = advance(old, event)
+        counts = self.counts
+        counts[old] -= 1
+        counts[new] += 1
+        msg.state = new
+
+    def add(self, msg: Message) -> None:
+        """Index a message in the state it already has (READY, DELAYED or LEASED)."""
+        self.messages[msg.id] = msg
+        self.counts[msg.state] += 1
+        if msg.state == State.READY:
+            self.push_ready(msg)
+
+    def remove(self, msg: Message) -> None:
+        """Forget a message that has reached a terminal state."""
+        self.messages.pop(msg.id, None)
+
+    def push_ready(self, msg: Message) -> None:
+        msg.token += 1
+        heapq.heappush(self._ready, (msg.hlc, msg.node, msg.seq, msg.token, msg))
+
+    def pop_ready(self) -> Message | None:
+        """The READY message first in (HLC, node) order, removed from the heap."""
+        heap = self._ready
+        while heap:
+            entry = heapq.heappop(heap)
+            msg = entry[4]
+            if msg.token == entry[3] and msg.state == State.READY:
+                return msg
+        return None
+
+    def next_consumer(self) -> Consumer | None:
+        """Round-robin: the next consumer with credit, rotated to the back."""
+        consumers = self.consumers
+        for _ in range(len(consumers)):
+            c = consumers[0]
+            consumers.rotate(-1)
+            if c.credit > 0:
+                return c
+        return None
+
+    @property
+    def ready(self) -> int:
+        return self.counts[State.READY]
+
+    @property
+    def leased(self) -> int:
+        return self.counts[State.LEASED]
+
+    @property
+    def delayed(self) -> int:
+        return self.counts[State.DELAYED]
+
+    def compact(self) -> None:
+        """Drop stale heap entries when they outnumber live ones (after purges)."""
+        if len(self._ready) > 2 * self.ready + 1024:
+            self._ready = [e for e in self._ready
+                           if e[4].token == e[3] and e[4].state == State.READY]
+            heapq.heapify(self._ready)

@@ -1,0 +1,138 @@
+"""meshqd: one ``serve(config)`` that owns every task of the daemon, and its ``main``.
+
+Start-up order: store opened and loaded, broker restored, writer and timer loops
+started, then the socket listens and ``task_status.started(node)`` reports ready.
+Shutdown (SIGTERM/SIGINT, or ``node.stop``): stop accepting, refuse new writes, commit
+what is staged, write out the answers, then cancel. A send is thus either confirmed
+after its commit, or never confirmed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import secrets
+import signal
+import sys
+from pathlib import Path
+from typing import Any
+
+import trio
+
+from meshq import __version__
+from meshq.broker import Broker, BrokerLimits
+from meshq.clock import Clock, SystemClock
+from meshq.config import Config, ConfigError, add_daemon_arguments, load_config
+from meshq.node import Node
+from meshq.server.listener import SocketInUse, UnixServer
+from meshq.store import SQLiteStore
+
+__all__ = ["main", "serve"]
+
+log = logging.getLogger("meshq")
+SHUTDOWN_GRACE = 5.0
+
+
+def _node_id(data_dir: Path) -> str:
+    """This node's id: random, made once, kept in the data directory."""
+    path = data_dir / "node-id"
+    try:
+        return path.read_text().strip()
+    except FileNotFoundError:
+        node_id = secrets.token_hex(4)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(node_id + "\n")
+        os.replace(tmp, path)
+        return node_id
+
+
+async def serve(config: Config, *, clock: Clock | None = None,
+                task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+    """Run a node until cancelled or until ``node.stop_requested`` is set."""
+    clock = clock or SystemClock()
+    config.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    node_id = await trio.to_thread.run_sync(_node_id, config.data_dir)
+    store = await trio.to_thread.run_sync(SQLiteStore, config.data_dir / "meshq.db")
+    try:
+        snapshot = await trio.to_thread.run_sync(store.load)
+        limits = BrokerLimits(max_message_bytes=config.max_message_bytes,
+                              dedup_window=config.dedup_window)
+        broker = Broker(store, clock, node_id=node_id, limits=limits,
+                        max_clock_offset_ms=config.max_clock_offset_ms)
+        broker.restore(snapshot)
+        node = Node(name=config.node_name, node_id=node_id, address=config.bind,
+                    broker=broker, store=store, clock=clock)
+        server = UnixServer(node, config.socket, config.max_frame_bytes, config.max_connections)
+        async with trio.open_nursery() as nursery:
+            await nursery.start(store.run)
+            await nursery.start(broker.run)
+            await nursery.start(server.run)
+            log.info("meshqd %s ready: node %s (%s), socket %s, data %s", __version__,
+                     config.node_name, node_id, config.socket, config.data_dir)
+            task_status.started(node)
+            await node.stop_requested.wait()
+            log.info("shutting down")
+            await server.stop_accepting()
+            node.refuse_writes("shutting down")
+            with trio.move_on_after(SHUTDOWN_GRACE):
+                await store.flush()
+                await server.drain()
+            nursery.cancel_scope.cancel()
+    finally:
+        store.close()
+
+
+async def _main_async(config: Config, banner: bool) -> int:
+    async with trio.open_nursery() as nursery:
+
+        async def run_node(task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+            await serve(config, task_status=task_status)
+            nursery.cancel_scope.cancel()  # stopped gracefully: end the signal watcher
+
+        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+            try:
+                node: Node = await nursery.start(run_node)
+            except SocketInUse as exc:
+                print(f"meshqd: {exc}", file=sys.stderr)
+                return 1
+            print(f"meshqd ready: socket={config.socket} node={config.node_name}", flush=True)
+            if banner:
+                print(f"\n  data:   {config.data_dir}\n  socket: {config.socket}\n\n"
+                      "Try it from another terminal:\n"
+                      "  . .venv/bin/activate\n"
+                      "  meshq declare hello\n"
+                      "  meshq send hello 'Hello, meshq!'\n"
+                      "  meshq recv hello\n"
+                      "  meshq-ctl status\n\n"
+                      "Ctrl-C stops the daemon.", flush=True)
+            async for _ in signals:
+                if node.stop_requested.is_set():
+                    nursery.cancel_scope.cancel()  # second signal: stop now
+                    break
+                node.stop()
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="meshqd", description="The meshq daemon.")
+    add_daemon_arguments(parser)
+    parser.add_argument("--banner", action="store_true",
+                        help="print a short how-to-try-it text once ready")
+    parser.add_argument("--version", action="version", version=f"meshqd {__version__}")
+    args = parser.parse_args(argv)
+    try:
+        config = load_config(args)
+    except ConfigError as exc:
+        print(f"meshqd: {exc}", file=sys.stderr)
+        return 2
+    logging.basicConfig(level=config.log_level.upper(), stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        return trio.run(_main_async, config, args.banner)
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

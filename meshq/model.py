@@ -1,0 +1,99 @@
+"""The records that pass between broker and store: queue options and messages.
+
+A Message's persistent fields are what the store writes; ``owner`` and ``token`` are the
+broker's runtime bookkeeping and are never stored.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from meshq.states import State
+from meshq.errors import BadRequest
+
+__all__ = ["ORDERINGS", "Message", "QueueOptions"]
+
+ORDERINGS = ("fair", "fifo")
+
+
+def _number(opts: dict[str, Any], key: str, *, integer: bool, minimum: float) -> Any:
+    value = opts[key]
+    if value is None:
+        return None
+    ok_types = (int,) if integer else (int, float)
+    if isinstance(value, bool) or not isinstance(value, ok_types) or not math.isfinite(value):
+        kind = "an integer" if integer else "a number"
+        raise BadRequest(f"option {key!r} must be {kind}, not {value!r}")
+    if value < minimum:
+        raise BadRequest(f"option {key!r} must be >= {minimum}, not {value!r}")
+    return value
+
+
+@dataclass(frozen=True)
+class QueueOptions:
+    """Options of a queue (SPEC section 2). Times are in seconds."""
+
+    replicas: int = 3
+    message_ttl: float | None = None
+    visibility_timeout: float = 30.0
+    max_deliveries: int | None = None
+    dead_letter_queue: str | None = None
+    max_length: int | None = None
+    ordering: str = "fair"
+
+    @classmethod
+    def from_dict(cls, opts: dict[str, Any]) -> QueueOptions:
+        """Validated options; unknown keys and wrong types raise BadRequest."""
+        if not isinstance(opts, dict):
+            raise BadRequest("options must be a map")
+        known = cls.__dataclass_fields__
+        unknown = sorted(set(opts) - set(known))
+        if unknown:
+            raise BadRequest(f"unknown queue option(s): {', '.join(map(str, unknown))}")
+        merged = {**asdict(cls()), **opts}
+        for key in ("replicas", "max_deliveries", "max_length"):
+            _number(merged, key, integer=True, minimum=1)
+        for key in ("message_ttl", "visibility_timeout"):
+            _number(merged, key, integer=False, minimum=0.001)
+        if merged["visibility_timeout"] is None:
+            raise BadRequest("option 'visibility_timeout' may not be null")
+        if merged["replicas"] is None:
+            raise BadRequest("option 'replicas' may not be null")
+        dlq = merged["dead_letter_queue"]
+        if dlq is not None and (not isinstance(dlq, str) or not dlq):
+            raise BadRequest("option 'dead_letter_queue' must be a queue name")
+        if merged["ordering"] not in ORDERINGS:
+            raise BadRequest(f"option 'ordering' must be one of {', '.join(ORDERINGS)}")
+        for key in ("message_ttl", "visibility_timeout"):
+            if merged[key] is not None:
+                merged[key] = float(merged[key])
+        return cls(**merged)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def diff(self, other: QueueOptions) -> list[str]:
+        """Names of the options that differ."""
+        mine, theirs = self.to_dict(), other.to_dict()
+        return [key for key in mine if mine[key] != theirs[key]]
+
+
+@dataclass(slots=True, eq=False)
+class Message:
+    seq: int  # this node's store key
+    id: str
+    queue: str
+    body: bytes
+    headers: dict[str, Any]
+    hlc: int
+    node: str  # id of the node that stamped it; order is (hlc, node)
+    state: State = State.READY
+    delivery_count: int = 0
+    ready_at: float = 0.0  # when a DELAYED message becomes READY
+    expires_at: float | None = None
+    lease_deadline: float | None = None
+    # runtime only
+    owner: Any = field(default=None, repr=False)
+    token: int = field(default=0, repr=False)

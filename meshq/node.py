@@ -1,0 +1,86 @@
+"""The node: this daemon's identity and the status it reports (``meshq-ctl status``).
+
+State here: name, id, start time, and whether the node accepts writes (and why not).
+The mesh will add members and clock offsets here; for now the node is its only member.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import trio
+
+from meshq import __version__
+from meshq.broker import Broker
+from meshq.clock import Clock
+from meshq.errors import Unavailable
+from meshq.hlc import unpack
+from meshq.store import Store
+
+__all__ = ["Node"]
+
+
+class Node:
+    def __init__(self, *, name: str, node_id: str, address: str, broker: Broker, store: Store,
+                 clock: Clock) -> None:
+        self.name = name
+        self.id = node_id
+        self.address = address
+        self.broker = broker
+        self.store = store
+        self.clock = clock
+        self.version = __version__
+        self.started = time.monotonic()
+        self.accepting_writes = True
+        self.not_accepting_reason: str | None = None
+        self.stop_requested = trio.Event()
+
+    def stop(self) -> None:
+        """Ask ``serve`` to shut down gracefully."""
+        self.stop_requested.set()
+
+    def refuse_writes(self, reason: str) -> None:
+        self.accepting_writes, self.not_accepting_reason = False, reason
+
+    def check_writable(self) -> None:
+        if not self.accepting_writes:
+            raise Unavailable(f"this node accepts no writes: {self.not_accepting_reason}")
+
+    def status(self) -> dict[str, Any]:
+        wall, logical = unpack(self.broker.hlc.last)
+        store = self.store.statistics()
+        queues = []
+        for q in self.broker.stats():
+            q = dict(q)
+            q["replicas_effective"] = min(q["options"]["replicas"], 1)
+            queues.append(q)
+        return {
+            "node": {
+                "name": self.name,
+                "id": self.id,
+                "address": self.address,
+                "version": self.version,
+                "uptime_s": round(time.monotonic() - self.started, 3),
+                "hlc": {"wall_ms": wall, "logical": logical, "raw": self.broker.hlc.last},
+                "accepting_writes": self.accepting_writes,
+                "not_accepting_reason": self.not_accepting_reason,
+            },
+            "members": [{
+                "name": self.name,
+                "id": self.id,
+                "address": self.address,
+                "state": "alive",
+                "incarnation": 0,
+                "clock_offset_ms": 0.0,
+            }],
+            "queues": queues,
+            "store": {
+                "path": store.path,
+                "size_bytes": store.size_bytes,
+                "commits": store.commits,
+                "ops_committed": store.ops_committed,
+                "failed_commits": store.failed_commits,
+            },
+            "broker": {"redeliveries": self.broker.redeliveries},
+        }

@@ -1,0 +1,83 @@
+"""Length-prefixed msgpack frames, as a pure codec (no I/O; see docs/protocol.md).
+
+A frame is a 4-byte big-endian unsigned length, then that many bytes of msgpack that
+decode to a map. The decoder's buffer holds at most one partial frame beyond what it
+has handed out; any byte string fed to it yields frames or raises ProtocolError, never
+anything else, and a length above ``max_frame`` is refused before its body is read.
+"""
+
+from __future__ import annotations
+
+import struct
+from typing import Any
+
+import msgpack
+
+from meshq.errors import FrameTooLarge, ProtocolError
+
+__all__ = ["DEFAULT_MAX_FRAME", "HEADER", "FrameDecoder", "decode_frame", "encode_frame"]
+
+DEFAULT_MAX_FRAME = 8 * 1024 * 1024
+HEADER = struct.Struct(">I")
+_pack = msgpack.Packer(use_bin_type=True).pack
+
+
+def encode_frame(obj: dict[str, Any]) -> bytes:
+    """One frame holding ``obj`` (a map of str keys to msgpack-able values)."""
+    payload = _pack(obj)
+    return HEADER.pack(len(payload)) + payload
+
+
+def decode_frame(payload: bytes) -> dict[str, Any]:
+    """Decode one frame body; anything but a msgpack map raises ProtocolError."""
+    try:
+        obj = msgpack.unpackb(payload, raw=False, strict_map_key=True, use_list=True)
+    except Exception as exc:  # msgpack raises many types on garbage; we promise one.
+        raise ProtocolError(f"frame is not valid msgpack: {exc.__class__.__name__}") from None
+    if not isinstance(obj, dict):
+        raise ProtocolError(f"frame must hold a map, not {type(obj).__name__}")
+    return obj
+
+
+class FrameDecoder:
+    """Incremental decoder: ``feed`` bytes as they arrive, then iterate ``frames()``.
+
+    After a ProtocolError the stream cannot be resynchronised; the caller closes it.
+    """
+
+    def __init__(self, max_frame: int = DEFAULT_MAX_FRAME) -> None:
+        self.max_frame = max_frame
+        self._buf = bytearray()
+        self._pos = 0
+
+    def feed(self, data: bytes) -> None:
+        if self._pos:
+            del self._buf[: self._pos]
+            self._pos = 0
+        self._buf += data
+
+    def pending(self) -> int:
+        """Bytes buffered that are not yet a whole frame."""
+        return len(self._buf) - self._pos
+
+    def next_frame(self) -> dict[str, Any] | None:
+        """The next whole frame, or None when more bytes are needed."""
+        buf, pos = self._buf, self._pos
+        if len(buf) - pos < 4:
+            return None
+        (length,) = HEADER.unpack_from(buf, pos)
+        if length > self.max_frame:
+            raise FrameTooLarge(f"frame of {length} bytes exceeds the limit of {self.max_frame}")
+        end = pos + 4 + length
+        if len(buf) < end:
+            return None
+        payload = bytes(buf[pos + 4 : end])
+        self._pos = end
+        return decode_frame(payload)
+
+    def frames(self) -> list[dict[str, Any]]:
+        """Every whole frame buffered now (possibly none)."""
+        out = []
+        while (frame := self.next_frame()) is not None:
+            out.append(frame)
+        return out

@@ -1,0 +1,159 @@
+"""One client connection: frames in, requests to the op table, responses and pushes out.
+
+State here: the frame decoder, the outgoing buffer, and the broker Session (consumers and
+leases of this connection). Never: a response written before its Pending is durable; an
+unexpected exception that escapes and takes other connections down; a request read while
+the outgoing buffer is over its high-water mark (so a client that never reads is bounded).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable
+from typing import TYPE_CHECKING, Any
+
+import trio
+
+from meshq.broker import Broker, Pending, Session
+from meshq.errors import MeshqError, ProtocolError
+from meshq.model import Message
+from meshq.protocol.codec import FrameDecoder, encode_frame
+from meshq.server.ops import OPS, delivery
+
+if TYPE_CHECKING:
+    from meshq.node import Node
+
+__all__ = ["Connection"]
+
+log = logging.getLogger("meshq.server")
+HIGH_WATER = 4 * 1024 * 1024
+
+
+class Connection:
+    def __init__(self, stream: trio.abc.Stream, node: Node, max_frame: int) -> None:
+        self.stream = stream
+        self.node = node
+        self.broker: Broker = node.broker
+        self.max_frame = max_frame
+        self.session = Session(self._push, self._cancelled)
+        self._out = bytearray()
+        self._out_ready = trio.Event()
+        self._drained = trio.Event()
+        self._nursery: trio.Nursery | None = None
+
+    # -- outgoing --------------------------------------------------------------------
+    def _write(self, frame: dict[str, Any]) -> None:
+        self._out += encode_frame(frame)
+        self._out_ready.set()
+
+    def _respond(self, rid: Any, result: dict[str, Any]) -> None:
+        self._write({"id": rid, "result": result})
+
+    def _error(self, rid: Any, exc: MeshqError) -> None:
+        self._write({"id": rid, "error": {"code": exc.code, "message": exc.message}})
+
+    def _push(self, tag: str, msgs: list[Message]) -> None:
+        self._write({"push": "deliver", "consumer": tag, "messages": [delivery(m) for m in msgs]})
+
+    def _cancelled(self, tag: str) -> None:
+        self._write({"push": "cancel", "consumer": tag, "reason": "queue deleted"})
+
+    async def _writer(self) -> None:
+        while True:
+            await self._out_ready.wait()
+            self._out_ready = trio.Event()
+            while self._out:
+                data, self._out = bytes(self._out), bytearray()
+                await self.stream.send_all(data)
+            self._drained.set()
+
+    async def flush(self) -> None:
+        """Write out everything buffered (used at shutdown)."""
+        if self._out:
+            data, self._out = bytes(self._out), bytearray()
+            with trio.move_on_after(1):
+                await self.stream.send_all(data)
+
+    # -- incoming --------------------------------------------------------------------
+    def _handle(self, req: dict[str, Any]) -> None:
+        rid = req.get("id")
+        op = req.get("op")
+        handler = OPS.get(op) if isinstance(op, str) else None
+        if handler is None:
+            self._error(rid, ProtocolError(f"unknown op {op!r}"))
+            return
+        try:
+            result = handler(self, req)
+        except MeshqError as exc:
+            self._error(rid, exc)
+            return
+        except Exception:
+            log.exception("op %s failed", op)
+            self._error(rid, MeshqError("internal error; see the daemon's log"))
+            return
+        if isinstance(result, Pending):
+            result.then(lambda value, err: self._finish(rid, value, err))
+        elif isinstance(result, dict):
+            self._respond(rid, result)
+        else:
+            assert self._nursery is not None
+            self._nursery.start_soon(self._await, rid, result)
+
+    def _finish(self, rid: Any, value: Any, err: BaseException | None) -> None:
+        if err is None:
+            self._respond(rid, value)
+        elif isinstance(err, MeshqError):
+            self._error(rid, err)
+        else:
+            self._error(rid, MeshqError(f"commit failed: {err}"))
+
+    async def _await(self, rid: Any, work: Awaitable[dict[str, Any]]) -> None:
+        try:
+            self._respond(rid, await work)
+        except MeshqError as exc:
+            self._error(rid, exc)
+        except Exception:
+            log.exception("request %r failed", rid)
+            self._error(rid, MeshqError("internal error; see the daemon's log"))
+
+    async def _reader(self) -> None:
+        decoder = FrameDecoder(self.max_frame)
+        while True:
+            if len(self._out) > HIGH_WATER:
+                self._drained = trio.Event()
+                await self._drained.wait()
+                continue
+            data = await self.stream.receive_some(65536)
+            if not data:
+                return
+            decoder.feed(data)
+            try:
+                while (frame := decoder.next_frame()) is not None:
+                    self._handle(frame)
+            except ProtocolError as exc:
+                self._error(None, exc)
+                return
+
+    async def serve(self) -> None:
+        """Run until the client goes away or the server shuts down."""
+        try:
+            async with trio.open_nursery() as nursery:
+                self._nursery = nursery
+                nursery.start_soon(self._writer)
+                try:
+                    await self._reader()
+                finally:
+                    nursery.cancel_scope.cancel()
+            await self.flush()  # a final error frame, if the reader stopped on one
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass
+        finally:
+            self.broker.close_session(self.session)
+            with trio.CancelScope(shield=True):
+                await trio.aclose_forcefully(self.stream)
+
+    async def drain(self) -> None:
+        """Wait until the outgoing buffer has been written (used at shutdown)."""
+        while self._out:
+            self._drained = trio.Event()
+            await self._drained.wait()

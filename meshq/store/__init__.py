@@ -1,0 +1,50 @@
+"""The Store interface: durable state of one node, written in group-committed batches.
+
+Contract:
+- ``load()`` returns everything stored. It may block; call it once, before writing.
+- ``stage(op)`` appends a mutation to the open batch and returns that batch. It never
+  blocks. Ops apply in the order staged; batches commit in the order they were opened,
+  one transaction each, so a batch is all-or-nothing.
+- ``Batch.wait()`` / ``Batch.add_callback`` report when the batch is durable (error None)
+  or failed. Callbacks run on the event loop, in registration order.
+- ``run()`` is the writer loop and must be running for anything to commit. It never
+  blocks the event loop: a real store does its I/O in a worker thread.
+- ``flush()`` waits until everything staged so far is durable.
+Ops are plain tuples (see the OP_* constants) so that the hot path allocates little.
+"""
+
+from meshq.store.base import (
+    OP_DEDUP,
+    OP_DEDUP_PRUNE,
+    OP_DELETE,
+    OP_DROP_QUEUE,
+    OP_META,
+    OP_PUT,
+    OP_QUEUE,
+    OP_UPDATE,
+    Batch,
+    Snapshot,
+    Store,
+    StoreError,
+    StoreStatistics,
+)
+from meshq.store.memory import MemoryStore
+from meshq.store.sqlite import SQLiteStore
+
+__all__ = [
+    "OP_DEDUP",
+    "OP_DEDUP_PRUNE",
+    "OP_DELETE",
+    "OP_DROP_QUEUE",
+    "OP_META",
+    "OP_PUT",
+    "OP_QUEUE",
+    "OP_UPDATE",
+    "Batch",
+    "MemoryStore",
+    "SQLiteStore",
+    "Snapshot",
+    "Store",
+    "StoreError",
+    "StoreStatistics",
+]

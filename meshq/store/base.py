@@ -1,0 +1,190 @@
+"""Store base class: batching, the writer loop, and the op encoding shared by stores.
+
+State here: the open batch (collecting ops) and at most one batch being committed.
+Never: a batch reported durable before its transaction committed, or two in flight.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import msgpack
+import trio
+
+from meshq.errors import Unavailable
+from meshq.model import Message
+
+__all__ = [
+    "OP_DEDUP",
+    "OP_DEDUP_PRUNE",
+    "OP_DELETE",
+    "OP_DROP_QUEUE",
+    "OP_META",
+    "OP_PUT",
+    "OP_QUEUE",
+    "OP_UPDATE",
+    "Batch",
+    "Op",
+    "Snapshot",
+    "Store",
+    "StoreError",
+    "StoreStatistics",
+    "put_op",
+    "update_op",
+]
+
+# Op kinds; each op is (kind, params) with params a tuple in the kind's SQL order.
+OP_PUT = 0  # (seq, id, queue, hlc, node, body, headers_packed, state, count, ready_at, exp, lease)
+OP_UPDATE = 1  # (state, delivery_count, ready_at, lease_deadline, seq)
+OP_DELETE = 2  # (seq,)
+OP_QUEUE = 3  # (name, options_packed, dead_lettered, expired, dropped)
+OP_DROP_QUEUE = 4  # (name,)
+OP_DEDUP = 5  # (queue, dedup_id, message_id, expires_at)
+OP_DEDUP_PRUNE = 6  # (now,)
+OP_META = 7  # (key, value)
+
+Op = tuple[int, tuple[Any, ...]]
+_packb = msgpack.Packer(use_bin_type=True).pack
+
+
+def put_op(m: Message) -> Op:
+    return (OP_PUT, (m.seq, m.id, m.queue, m.hlc, m.node, m.body,
+                     _packb(m.headers) if m.headers else None, int(m.state),
+                     m.delivery_count, m.ready_at, m.expires_at, m.lease_deadline))
+
+
+def update_op(m: Message) -> Op:
+    return (OP_UPDATE, (int(m.state), m.delivery_count, m.ready_at, m.lease_deadline, m.seq))
+
+
+class StoreError(Unavailable):
+    """A commit failed (disk full, I/O error): nothing in that batch is durable."""
+
+
+Callback = Callable[[BaseException | None], None]
+
+
+class Batch:
+    """Ops that commit together. Durable once ``done`` with ``error`` None."""
+
+    __slots__ = ("_callbacks", "_event", "done", "error", "ops")
+
+    def __init__(self) -> None:
+        self.ops: list[Op] = []
+        self._callbacks: list[Callback] = []
+        self._event: trio.Event | None = None
+        self.done = False
+        self.error: BaseException | None = None
+
+    def add_callback(self, fn: Callback) -> None:
+        if self.done:
+            fn(self.error)
+        else:
+            self._callbacks.append(fn)
+
+    async def wait(self) -> None:
+        """Return once durable; raise StoreError if the commit failed."""
+        if not self.done:
+            if self._event is None:
+                self._event = trio.Event()
+            await self._event.wait()
+        if self.error is not None:
+            raise StoreError(f"commit failed: {self.error}") from self.error
+
+    def complete(self, error: BaseException | None) -> None:
+        self.done, self.error = True, error
+        callbacks, self._callbacks = self._callbacks, []
+        for fn in callbacks:
+            fn(error)
+        if self._event is not None:
+            self._event.set()
+
+
+@dataclass
+class Snapshot:
+    """Everything a store holds, as loaded at start-up."""
+
+    meta: dict[str, Any] = field(default_factory=dict)
+    queues: list[tuple[str, dict[str, Any], dict[str, int]]] = field(default_factory=list)
+    messages: list[Message] = field(default_factory=list)
+    dedup: list[tuple[str, str, str, float]] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class StoreStatistics:
+    path: str | None
+    size_bytes: int
+    commits: int
+    ops_committed: int
+    failed_commits: int
+
+
+class Store(abc.ABC):
+    def __init__(self) -> None:
+        self._open = Batch()
+        self._inflight: Batch | None = None
+        self._has_work = trio.Event()
+        self.commits = 0
+        self.ops_committed = 0
+        self.failed_commits = 0
+
+    # -- interface for the broker ------------------------------------------------------
+    def stage(self, op: Op) -> Batch:
+        batch = self._open
+        batch.ops.append(op)
+        if len(batch.ops) == 1:
+            self._has_work.set()
+        return batch
+
+    def current_batch(self) -> Batch:
+        """The open batch (possibly empty): a callback on it fires after the next commit."""
+        return self._open
+
+    async def flush(self) -> None:
+        """Wait until every op staged so far is durable (or its commit failed)."""
+        target = self._open if self._open.ops else self._inflight
+        if target is not None:
+            try:
+                await target.wait()
+            except StoreError:
+                pass
+
+    async def run(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+        """The writer loop: commit one batch at a time, forever."""
+        task_status.started()
+        while True:
+            await self._has_work.wait()
+            self._has_work = trio.Event()
+            batch = self._open
+            if not batch.ops:
+                continue
+            self._open = Batch()
+            self._inflight = batch
+            error: BaseException | None = None
+            try:
+                await self._commit(batch.ops)
+                self.commits += 1
+                self.ops_committed += len(batch.ops)
+            except trio.Cancelled:
+                raise
+            except Exception as exc:
+                self.failed_commits += 1
+                error = exc
+            self._inflight = None
+            batch.complete(error)
+
+    @abc.abstractmethod
+    def load(self) -> Snapshot: ...
+
+    @abc.abstractmethod
+    async def _commit(self, ops: list[Op]) -> None:
+        """Apply ops in order in one transaction, durably."""
+
+    @abc.abstractmethod
+    def statistics(self) -> StoreStatistics: ...
+
+    def close(self) -> None:  # noqa: B027 - optional hook
+        """Release resources; nothing staged after this commits."""
