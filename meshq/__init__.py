@@ -6,8 +6,8 @@ Programs talk to their local ``meshqd`` through a Unix socket with :class:`Clien
 
 __version__ = "0.1.0"
 
-from meshq.client import AsyncClient, Client, Delivery  # noqa: E402
-from meshq.errors import (  # noqa: E402
+from meshq.client import AsyncClient, Client, Delivery
+from meshq.errors import (
     BadRequest,
     MeshqError,
     NotFound,

@@ -28,5 +28,6 @@ class SystemClock:
         return _time.time()
 
     async def sleep_until(self, when: float) -> None:
-        while (delay := when - _time.time()) > 0:
+        # The wall clock may be stepped while we sleep: re-check, sleep the rest.
+        while (delay := when - _time.time()) > 0:  # noqa: ASYNC110 - a deadline
             await trio.sleep(delay)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-__all__ = ["LOGICAL_BITS", "HLC", "ClockOffsetError", "pack", "physical_ms", "unpack"]
+__all__ = ["HLC", "LOGICAL_BITS", "ClockOffsetError", "pack", "physical_ms", "unpack"]
 
 LOGICAL_BITS = 16
 _LOGICAL_MASK = (1 << LOGICAL_BITS) - 1

@@ -10,8 +10,8 @@ import math
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from meshq.states import State
 from meshq.errors import BadRequest
+from meshq.states import State
 
 __all__ = ["ORDERINGS", "Message", "QueueOptions"]
 

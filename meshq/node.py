@@ -81,6 +81,7 @@ class Node:
                 "commits": store.commits,
                 "ops_committed": store.ops_committed,
                 "failed_commits": store.failed_commits,
+                "commit_seconds": round(store.commit_seconds, 6),
             },
             "broker": {"redeliveries": self.broker.redeliveries},
         }

@@ -46,7 +46,7 @@ def test_encode_decode_round_trip(obj: dict[str, Any]) -> None:
     assert decode_frame(frame[4:]) == obj
     dec = FrameDecoder()
     dec.feed(frame)
-    assert dec.frames() == [obj]
+    assert list(dec.frames()) == [obj]
     assert dec.pending() == 0
 
 
@@ -68,9 +68,9 @@ def test_split_at_every_boundary() -> None:
     for cut in range(len(stream) + 1):
         dec = FrameDecoder()
         dec.feed(stream[:cut])
-        got = dec.frames()
+        got = list(dec.frames())
         dec.feed(stream[cut:])
-        got += dec.frames()
+        got += list(dec.frames())
         assert got == frames, f"cut at {cut}"
         assert dec.pending() == 0
 
@@ -108,7 +108,7 @@ def test_frame_of_exactly_max_frame_is_accepted() -> None:
     frame = encode_frame(obj)
     dec = FrameDecoder(max_frame=len(frame) - 4)
     dec.feed(frame)
-    assert dec.frames() == [obj]
+    assert list(dec.frames()) == [obj]
 
 
 def test_good_frames_before_a_bad_one_are_delivered() -> None:
@@ -157,8 +157,6 @@ def test_bad_payload_is_a_protocol_error(payload: bytes) -> None:
         dec.next_frame()
 
 
-@pytest.mark.xfail(reason="bug: decode_frame accepts bytes (bin) map keys; msgpack's "
-                          "strict_map_key allows str and bytes")
 @pytest.mark.parametrize("obj", [{b"k": 1}, {"a": {b"k": 1}}], ids=["top", "nested"])
 def test_bytes_map_key_is_a_protocol_error(obj: dict[Any, Any]) -> None:
     with pytest.raises(ProtocolError):

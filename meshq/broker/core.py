@@ -114,6 +114,7 @@ class Broker:
             q.expired = counters["expired"]
             q.dropped = counters["dropped"]
             self.queues[name] = q
+        spent: list[tuple[Queue, Message]] = []
         for msg in snap.messages:
             self._seq = max(self._seq, msg.seq + 1)
             high = max(high, msg.hlc)
@@ -122,12 +123,17 @@ class Broker:
                 continue
             if msg.state == State.LEASED:
                 msg.state, msg.lease_deadline = State.READY, None
+                limit = q.options.max_deliveries
+                if limit is not None and msg.delivery_count >= limit:
+                    spent.append((q, msg))
             q.add(msg)
             self._schedule_message(msg)
         for queue, dedup_id, mid, expires_at in snap.dedup:
             if expires_at > now:
                 self._dedup[queue, dedup_id] = (mid, expires_at, None)
         self.hlc.restore(high)
+        for q, msg in spent:  # a lost lease ends like any other: past max_deliveries, DLQ
+            self._dead_letter(q, msg, "max_deliveries", now)
 
     # -- the timer loop ------------------------------------------------------------------
     async def run(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
@@ -256,6 +262,7 @@ class Broker:
             q.dropped += 1
         self.store.stage((OP_DELETE, (msg.seq,)))
         if dlq is not None:
+            self._ensure_created(dlq)
             headers = dict(msg.headers)
             headers["x-death"] = {"queue": q.name, "reason": reason,
                                   "delivery_count": msg.delivery_count, "time": now}
@@ -341,12 +348,23 @@ class Broker:
                     f"queue {name!r} exists with different options: "
                     + ", ".join(f"{k}={getattr(q.options, k)!r} (asked {getattr(opts, k)!r})"
                                 for k in differ))
+            self._ensure_created(q)
             created = q.created if q.created is not None and not q.created.done else None
             return Pending(created, self.queue_stats(q))
         q = Queue(name, opts)
         self.queues[name] = q
         q.created = self._stage_counters(q)
         return Pending(q.created, self.queue_stats(q))
+
+    def _ensure_created(self, q: Queue) -> None:
+        """Stage the queue's row again unless it committed or commits with the open batch.
+
+        Its declare may have failed (or be in flight and fail); what is staged next for the
+        queue must not be confirmed without the row, or a restart would drop it."""
+        created = q.created
+        if (created is not None and (created.error is not None or not created.done)
+                and created is not self.store.current_batch()):
+            q.created = self._stage_counters(q)
 
     def delete_queue(self, name: Any) -> Pending:
         q = self._queue(name)
@@ -386,6 +404,7 @@ class Broker:
             raise TooLarge(f"a batch holds at most {self.limits.max_batch} messages")
         now = self.clock.time()
         parsed = [self._parse_message(m, i) for i, m in enumerate(messages)]
+        self._ensure_created(q)
         ids: list[str] = []
         fresh: list[Message] = []
         fresh_dedup: list[str | None] = []

@@ -50,7 +50,8 @@ class AsyncSubscription:
         return item
 
     async def ack(self, delivery: Delivery | str) -> None:
-        await self.client.ack(self.queue, [getattr(delivery, "id", delivery)])
+        mid = delivery.id if isinstance(delivery, Delivery) else delivery
+        await self.client.ack(self.queue, [mid])
 
 
 class AsyncClient:
@@ -231,8 +232,9 @@ class AsyncClient:
         """Dead-letter leased messages now (dropped and counted when there is no DLQ)."""
         return await self.nack(queue, ids, requeue=False)
 
-    async def extend(self, queue: str, ids: list[str], timeout: float) -> list[str]:
-        result = await self.request("extend", queue=queue, ids=list(ids), timeout=timeout)
+    async def extend(self, queue: str, ids: list[str], seconds: float) -> list[str]:
+        """Move the lease deadline of leased messages to now + ``seconds``."""
+        result = await self.request("extend", queue=queue, ids=list(ids), timeout=seconds)
         return check_failed(result, "extend")
 
     async def purge(self, queue: str) -> int:

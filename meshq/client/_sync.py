@@ -36,7 +36,7 @@ class Subscription:
             yield d
 
     def ack(self, delivery: Delivery | str) -> None:
-        self.client.ack(self.queue, [getattr(delivery, "id", delivery)])
+        self.client.ack(self.queue, [delivery.id if isinstance(delivery, Delivery) else delivery])
 
     def cancel(self) -> None:
         self.client.request("cancel", consumer=self.tag)
@@ -195,9 +195,10 @@ class Client:
     def reject(self, queue: str, ids: list[str]) -> list[str]:
         return self.nack(queue, ids, requeue=False)
 
-    def extend(self, queue: str, ids: list[str], timeout: float) -> list[str]:
+    def extend(self, queue: str, ids: list[str], seconds: float) -> list[str]:
+        """Move the lease deadline of leased messages to now + ``seconds``."""
         return check_failed(self.request("extend", queue=queue, ids=list(ids),
-                                         timeout=timeout), "extend")
+                                         timeout=seconds), "extend")
 
     def purge(self, queue: str) -> int:
         return self.request("purge", queue=queue)["purged"]

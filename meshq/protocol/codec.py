@@ -9,6 +9,7 @@ anything else, and a length above ``max_frame`` is refused before its body is re
 from __future__ import annotations
 
 import struct
+from collections.abc import Iterator
 from typing import Any
 
 import msgpack
@@ -36,7 +37,27 @@ def decode_frame(payload: bytes) -> dict[str, Any]:
         raise ProtocolError(f"frame is not valid msgpack: {exc.__class__.__name__}") from None
     if not isinstance(obj, dict):
         raise ProtocolError(f"frame must hold a map, not {type(obj).__name__}")
+    _check_keys(obj)
     return obj
+
+
+def _check_keys(obj: dict[Any, Any]) -> None:
+    """msgpack lets bytes keys through strict_map_key; the protocol wants str keys only."""
+    for key, value in obj.items():
+        if type(key) is not str:
+            raise ProtocolError(f"map keys must be strings, not {type(key).__name__}")
+        if type(value) is dict:
+            _check_keys(value)
+        elif type(value) is list:
+            _check_list(value)
+
+
+def _check_list(items: list[Any]) -> None:
+    for item in items:
+        if type(item) is dict:
+            _check_keys(item)
+        elif type(item) is list:
+            _check_list(item)
 
 
 class FrameDecoder:
@@ -50,7 +71,7 @@ class FrameDecoder:
         self._buf = bytearray()
         self._pos = 0
 
-    def feed(self, data: bytes) -> None:
+    def feed(self, data: bytes | bytearray) -> None:
         if self._pos:
             del self._buf[: self._pos]
             self._pos = 0
@@ -75,9 +96,8 @@ class FrameDecoder:
         self._pos = end
         return decode_frame(payload)
 
-    def frames(self) -> list[dict[str, Any]]:
-        """Every whole frame buffered now (possibly none)."""
-        out = []
+    def frames(self) -> Iterator[dict[str, Any]]:
+        """Each whole frame buffered now (possibly none), in order; a bad frame raises
+        ProtocolError only once the good frames before it have been yielded."""
         while (frame := self.next_frame()) is not None:
-            out.append(frame)
-        return out
+            yield frame

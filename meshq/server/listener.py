@@ -29,9 +29,14 @@ class SocketInUse(RuntimeError):
     pass
 
 
-async def _prepare(path: Path) -> None:
+def _prepare_dir(path: Path) -> bool:
+    """Make the socket's directory; True when a socket file is already there."""
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    if not (path.exists() or path.is_symlink()):
+    return path.exists() or path.is_symlink()
+
+
+async def _prepare(path: Path) -> None:
+    if not await trio.to_thread.run_sync(_prepare_dir, path):
         return
     probe = trio.socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM)
     try:
@@ -39,7 +44,7 @@ async def _prepare(path: Path) -> None:
     except OSError as exc:
         if exc.errno not in (errno.ECONNREFUSED, errno.ENOENT, errno.ENOTSOCK):
             raise
-        path.unlink()  # stale: nobody listens
+        await trio.to_thread.run_sync(path.unlink)  # stale: nobody listens
     else:
         raise SocketInUse(f"another meshqd is already listening on {path}")
     finally:

@@ -7,6 +7,7 @@ Never: a batch reported durable before its transaction committed, or two in flig
 from __future__ import annotations
 
 import abc
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -14,7 +15,7 @@ from typing import Any
 import msgpack
 import trio
 
-from meshq.errors import Unavailable
+from meshq.errors import MeshqError, Timeout, Unavailable
 from meshq.model import Message
 
 __all__ = [
@@ -31,6 +32,7 @@ __all__ = [
     "Snapshot",
     "Store",
     "StoreError",
+    "StoreFatal",
     "StoreStatistics",
     "put_op",
     "update_op",
@@ -64,6 +66,10 @@ class StoreError(Unavailable):
     """A commit failed (disk full, I/O error): nothing in that batch is durable."""
 
 
+class StoreFatal(RuntimeError):
+    """The store cannot commit anything any more; ``run`` raises it to stop the daemon."""
+
+
 Callback = Callable[[BaseException | None], None]
 
 
@@ -91,6 +97,8 @@ class Batch:
             if self._event is None:
                 self._event = trio.Event()
             await self._event.wait()
+        if isinstance(self.error, MeshqError):
+            raise self.error
         if self.error is not None:
             raise StoreError(f"commit failed: {self.error}") from self.error
 
@@ -120,6 +128,7 @@ class StoreStatistics:
     commits: int
     ops_committed: int
     failed_commits: int
+    commit_seconds: float  # total time spent committing (thread hop included)
 
 
 class Store(abc.ABC):
@@ -130,6 +139,7 @@ class Store(abc.ABC):
         self.commits = 0
         self.ops_committed = 0
         self.failed_commits = 0
+        self.commit_seconds = 0.0
 
     # -- interface for the broker ------------------------------------------------------
     def stage(self, op: Op) -> Batch:
@@ -164,11 +174,14 @@ class Store(abc.ABC):
             self._open = Batch()
             self._inflight = batch
             error: BaseException | None = None
+            started = time.perf_counter()
             try:
                 await self._commit(batch.ops)
+                self.commit_seconds += time.perf_counter() - started
                 self.commits += 1
                 self.ops_committed += len(batch.ops)
-            except trio.Cancelled:
+            except (trio.Cancelled, StoreFatal):
+                batch.complete(Timeout("the store stopped during a commit; outcome unknown"))
                 raise
             except Exception as exc:
                 self.failed_commits += 1

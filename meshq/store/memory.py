@@ -89,4 +89,5 @@ class MemoryStore(Store):
         self.meta, self.queues, self.messages, self.dedup = meta, queues, messages, dedup
 
     def statistics(self) -> StoreStatistics:
-        return StoreStatistics(None, 0, self.commits, self.ops_committed, self.failed_commits)
+        return StoreStatistics(None, 0, self.commits, self.ops_committed, self.failed_commits,
+                               self.commit_seconds)

@@ -1,104 +1,46 @@
 """SQLiteStore: the node's durable state in one SQLite file (WAL, synchronous=FULL).
 
-The schema is created with sqlite-utils; commits use sqlite3 directly in a worker thread,
-one transaction per batch, runs of same-kind ops as one executemany. Never: a batch
-reported durable before COMMIT returned, or a call into SQLite on the event loop thread.
+Schema and start-up load run in-process (sqlite-utils creates the schema); commits run in
+a writer process (meshq.store._writer), one transaction per batch. Never: a batch reported
+durable before the writer's COMMIT returned, or SQLite called on the event loop thread.
+If the writer dies, ``run`` raises and the daemon stops rather than confirm nothing.
 """
 
 from __future__ import annotations
 
 import os
-import sqlite3
-import threading
+import subprocess
+import sys
 from typing import Any
 
 import msgpack
-import sqlite_utils
 import trio
 
+from meshq.errors import ProtocolError
 from meshq.model import Message
+from meshq.protocol.codec import FrameDecoder, encode_frame
 from meshq.states import State
-from meshq.store.base import (
-    OP_DEDUP,
-    OP_DEDUP_PRUNE,
-    OP_DELETE,
-    OP_DROP_QUEUE,
-    OP_META,
-    OP_PUT,
-    OP_QUEUE,
-    OP_UPDATE,
-    Op,
-    Snapshot,
-    Store,
-    StoreStatistics,
-)
+from meshq.store._sql import MAX_BATCH_FRAME, SCHEMA_VERSION, connect
+from meshq.store.base import Op, Snapshot, Store, StoreFatal, StoreStatistics
 
-__all__ = ["SCHEMA_VERSION", "SQLiteStore"]
-
-SCHEMA_VERSION = 1
-
-_SQL: dict[int, tuple[str, ...]] = {
-    OP_PUT: ("INSERT OR REPLACE INTO messages (seq, id, queue, hlc, node, body, headers, state,"
-             " delivery_count, ready_at, expires_at, lease_deadline)"
-             " VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",),
-    OP_UPDATE: ("UPDATE messages SET state=?, delivery_count=?, ready_at=?, lease_deadline=?"
-                " WHERE seq=?",),
-    OP_DELETE: ("DELETE FROM messages WHERE seq=?",),
-    OP_QUEUE: ("INSERT OR REPLACE INTO queues (name, options, dead_lettered, expired, dropped)"
-               " VALUES (?,?,?,?,?)",),
-    OP_DROP_QUEUE: ("DELETE FROM queues WHERE name=?", "DELETE FROM messages WHERE queue=?",
-                    "DELETE FROM dedup WHERE queue=?"),
-    OP_DEDUP: ("INSERT OR REPLACE INTO dedup (queue, dedup_id, message_id, expires_at)"
-               " VALUES (?,?,?,?)",),
-    OP_DEDUP_PRUNE: ("DELETE FROM dedup WHERE expires_at < ?",),
-    OP_META: ("INSERT OR REPLACE INTO meta (key, value) VALUES (?,?)",),
-}
+__all__ = ["SCHEMA_VERSION", "SQLiteStore", "WriterDied"]
 
 
-def _create_schema(conn: sqlite3.Connection) -> None:
-    db = sqlite_utils.Database(conn)
-    db["meta"].create({"key": str, "value": str}, pk="key", if_not_exists=True)
-    db["queues"].create(
-        {"name": str, "options": bytes, "dead_lettered": int, "expired": int, "dropped": int},
-        pk="name", if_not_exists=True,
-    )
-    db["messages"].create(
-        {"seq": int, "id": str, "queue": str, "hlc": int, "node": str, "body": bytes,
-         "headers": bytes, "state": int, "delivery_count": int, "ready_at": float,
-         "expires_at": float, "lease_deadline": float},
-        pk="seq", not_null={"id", "queue", "hlc", "node", "state"}, if_not_exists=True,
-    )
-    db["dedup"].create(
-        {"queue": str, "dedup_id": str, "message_id": str, "expires_at": float},
-        pk=("queue", "dedup_id"), if_not_exists=True,
-    )
-    conn.execute("INSERT OR IGNORE INTO meta (key, value) VALUES ('schema_version', ?)",
-                 (str(SCHEMA_VERSION),))
+class WriterDied(StoreFatal):
+    """The writer process is gone; nothing more can be made durable."""
 
 
 class SQLiteStore(Store):
     def __init__(self, path: str | os.PathLike[str]) -> None:
         super().__init__()
         self.path = os.fspath(path)
-        self._conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
-        self._lock = threading.Lock()  # one thread in SQLite at a time
-        conn = self._conn
-        conn.execute("PRAGMA journal_mode=WAL")
-        conn.execute("PRAGMA synchronous=FULL")
-        conn.execute("PRAGMA foreign_keys=OFF")
-        conn.execute("PRAGMA cache_size=-65536")
-        _create_schema(conn)
-        version = int(conn.execute("SELECT value FROM meta WHERE key='schema_version'")
-                      .fetchone()[0])
-        if version > SCHEMA_VERSION:
-            raise RuntimeError(
-                f"{self.path} has schema version {version}; this meshqd knows up to "
-                f"{SCHEMA_VERSION}: upgrade meshqd"
-            )
+        connect(self.path).close()  # create the schema, check its version
+        self._proc: trio.Process | None = None
+        self._decoder = FrameDecoder(MAX_BATCH_FRAME)
 
     def load(self) -> Snapshot:
-        with self._lock:
-            conn = self._conn
+        conn = connect(self.path)
+        try:
             snap = Snapshot()
             snap.meta = dict(conn.execute("SELECT key, value FROM meta"))
             for name, options, dl, exp, dropped in conn.execute(
@@ -120,35 +62,46 @@ class SQLiteStore(Store):
             snap.dedup = list(conn.execute(
                 "SELECT queue, dedup_id, message_id, expires_at FROM dedup"))
             return snap
+        finally:
+            conn.close()
 
-    def _commit_sync(self, ops: list[Op]) -> None:
-        with self._lock:
-            conn = self._conn
-            conn.execute("BEGIN IMMEDIATE")
-            try:
-                i, n = 0, len(ops)
-                while i < n:
-                    kind = ops[i][0]
-                    j = i + 1
-                    while j < n and ops[j][0] == kind:
-                        j += 1
-                    params = [op[1] for op in ops[i:j]]
-                    for sql in _SQL[kind]:
-                        if kind == OP_DROP_QUEUE:
-                            conn.executemany(sql, params)
-                        elif j - i == 1:
-                            conn.execute(sql, params[0])
-                        else:
-                            conn.executemany(sql, params)
-                    i = j
-                conn.execute("COMMIT")
-            except BaseException:
-                if conn.in_transaction:
-                    conn.execute("ROLLBACK")
-                raise
+    async def run(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+        self._proc = await trio.lowlevel.open_process(
+            [sys.executable, "-m", "meshq.store._writer", self.path],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+        try:
+            await super().run(task_status=task_status)
+        finally:
+            with trio.CancelScope(shield=True):
+                await self._stop_writer()
+
+    async def _stop_writer(self) -> None:
+        proc = self._proc
+        if proc is None:
+            return
+        if proc.stdin is not None:
+            await proc.stdin.aclose()  # EOF: the writer exits after its current commit
+        with trio.move_on_after(5):
+            await proc.wait()
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
 
     async def _commit(self, ops: list[Op]) -> None:
-        await trio.to_thread.run_sync(self._commit_sync, ops)
+        proc = self._proc
+        if proc is None or proc.stdin is None or proc.stdout is None:
+            raise WriterDied("the store's writer process is not running")
+        try:
+            await proc.stdin.send_all(encode_frame({"ops": ops}))
+            while (reply := self._decoder.next_frame()) is None:
+                data = await proc.stdout.receive_some(65536)
+                if not data:
+                    raise WriterDied(f"the store's writer process exited ({proc.poll()})")
+                self._decoder.feed(data)
+        except (trio.BrokenResourceError, trio.ClosedResourceError, ProtocolError) as exc:
+            raise WriterDied(f"lost the store's writer process: {exc}") from None
+        if "error" in reply:
+            raise OSError(reply["error"])
 
     def statistics(self) -> StoreStatistics:
         size = 0
@@ -158,13 +111,4 @@ class SQLiteStore(Store):
             except OSError:
                 pass
         return StoreStatistics(self.path, size, self.commits, self.ops_committed,
-                               self.failed_commits)
-
-    def close(self) -> None:
-        with self._lock:
-            self._conn.close()
-
-    def meta_value(self, key: str) -> Any:
-        with self._lock:
-            row = self._conn.execute("SELECT value FROM meta WHERE key=?", (key,)).fetchone()
-        return row[0] if row else None
+                               self.failed_commits, self.commit_seconds)

@@ -1,0 +1,422 @@
+"""The broker core (SPEC section 2) in trio's virtual time: no sockets, no subprocess.
+
+Each test runs a Broker over a MemoryStore under MockClock(autojump_threshold=0), so times,
+counts and orders are exact. A fake connection is a Session whose pushes land in a channel,
+each stamped with the (virtual) time it arrived.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+import pytest
+import trio
+from trio.testing import MockClock
+
+from meshq.broker import Broker, Session
+from meshq.broker.core import DEDUP_PRUNE_INTERVAL
+from meshq.errors import NotFound, Unavailable
+from meshq.model import Message
+from meshq.states import State
+from meshq.store import MemoryStore, StoreError
+from meshq.testing import TrioClock
+
+
+@dataclass(frozen=True)
+class Delivery:
+    at: float
+    tag: str
+    id: str
+    count: int
+    headers: dict[str, Any]
+
+
+class Conn:
+    """A fake client connection: deliveries pushed to it are recorded and queued."""
+
+    def __init__(self, env: Env) -> None:
+        self.env = env
+        self.got: list[Delivery] = []
+        self.cancelled: list[str] = []
+        self._tx, self._rx = trio.open_memory_channel[Delivery](math.inf)
+        self.session = Session(push=self._push, cancelled=self.cancelled.append)
+
+    def _push(self, tag: str, msgs: list[Message]) -> None:
+        for m in msgs:
+            d = Delivery(self.env.clock.time(), tag, m.id, m.delivery_count, dict(m.headers))
+            self.got.append(d)
+            self._tx.send_nowait(d)
+
+    async def next(self) -> Delivery:
+        with trio.fail_after(10_000):  # virtual seconds: an upper bound, not a wait
+            return await self._rx.receive()
+
+    def consume(self, queue: str = "q", prefetch: int = 100) -> str:
+        return self.env.broker.consume(self.session, queue, prefetch)
+
+    async def receive(self, queue: str = "q", n: int = 1, **kw: Any) -> list[Message]:
+        return await self.env.broker.receive(self.session, queue, n, **kw)
+
+    async def ack(self, ids: list[str], queue: str = "q") -> dict[str, Any]:
+        return await self.env.broker.ack(self.session, queue, ids).wait()
+
+    async def nack(self, ids: list[str], queue: str = "q", **kw: Any) -> dict[str, Any]:
+        return await self.env.broker.nack(self.session, queue, ids, **kw).wait()
+
+
+class Env:
+    def __init__(self, nursery: trio.Nursery) -> None:
+        self.nursery = nursery
+        self.store = MemoryStore()
+        self.clock = TrioClock()
+        self.broker = Broker(self.store, self.clock, node_id="n1")
+        self.t0 = self.clock.time()
+        self._scope = trio.CancelScope()
+
+    async def start(self, broker: Broker) -> None:
+        scope = self._scope = trio.CancelScope()
+
+        async def run(task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+            with scope:
+                await broker.run(task_status=task_status)
+
+        await self.nursery.start(run)
+        self.broker = broker
+
+    async def restart(self) -> Broker:
+        """Stop the broker once its writes are durable; start a new one from the store."""
+        await self.store.flush()
+        self._scope.cancel()
+        broker = Broker(self.store, self.clock, node_id="n1")
+        broker.restore(self.store.load())
+        await self.start(broker)
+        return broker
+
+    async def declare(self, name: str = "q", **options: Any) -> None:
+        await self.broker.declare(name, options).wait()
+
+    async def send(self, *msgs: Any, queue: str = "q") -> list[str]:
+        batch = [m if isinstance(m, dict) else {"body": m} for m in msgs]
+        return await self.broker.send(queue, batch).wait()
+
+    def stats(self, name: str = "q") -> dict[str, Any]:
+        return self.broker.stats(name)[0]
+
+    def counts(self, name: str = "q") -> tuple[int, int, int]:
+        s = self.stats(name)
+        return s["ready"], s["leased"], s["delayed"]
+
+    def msg(self, mid: str, queue: str = "q") -> Message:
+        return self.broker.queues[queue].messages[mid]
+
+
+@pytest.fixture
+async def env() -> AsyncIterator[Env]:
+    async with trio.open_nursery() as nursery:
+        e = Env(nursery)
+        await nursery.start(e.store.run)
+        await e.start(e.broker)
+        yield e
+        nursery.cancel_scope.cancel()
+
+
+async def test_send_is_visible_only_once_committed(env: Env, autojump_clock: MockClock) -> None:
+    await env.declare()
+    conn = Conn(env)
+    conn.consume(prefetch=1)
+    pending = env.broker.send("q", [{"body": b"a"}, {"body": "b"}, {"body": b"c"}])
+    assert env.counts() == (0, 0, 0)
+    assert conn.got == [] and env.broker.queues["q"].messages == {}
+    ids = await pending.wait()
+    assert ids == pending.result and len(set(ids)) == 3
+    assert [env.msg(i).hlc for i in ids] == sorted(env.msg(i).hlc for i in ids)
+    assert env.counts() == (2, 1, 0)
+    assert [d.id for d in conn.got] == ids[:1]
+
+
+async def test_failed_commit_confirms_nothing(env: Env, autojump_clock: MockClock) -> None:
+    await env.declare()
+    conn = Conn(env)
+    conn.consume()
+    env.store.fail_next = True
+    pending = env.broker.send("q", [{"body": b"a", "dedup_id": "k"}, {"body": b"b"}])
+    with pytest.raises(StoreError) as info:
+        await pending.wait()
+    assert isinstance(info.value, Unavailable)
+    assert env.store.failed_commits == 1 and env.store.messages == {}
+    assert env.counts() == (0, 0, 0) and conn.got == []
+    # The dedup id was never confirmed, so a retry is a new message.
+    [retry] = await env.send({"body": b"a", "dedup_id": "k"})
+    assert retry not in pending.result
+    assert env.counts() == (0, 1, 0)
+    assert [d.id for d in conn.got] == [retry]
+
+
+async def test_failed_declare_does_not_lose_later_sends(env: Env,
+                                                      autojump_clock: MockClock) -> None:
+    env.store.fail_next = True
+    with pytest.raises(StoreError):
+        await env.declare()
+    await env.declare()  # the retry is confirmed only once the queue is durable
+    assert "q" in env.store.queues
+    env.store.fail_next = True
+    with pytest.raises(StoreError):
+        await env.declare("p")
+    [a] = await env.send(b"confirmed", queue="p")
+    await env.restart()
+    assert list(env.broker.queues["p"].messages) == [a]
+
+
+async def test_delay_holds_message_until_ready_at(env: Env, autojump_clock: MockClock) -> None:
+    await env.declare()
+    conn = Conn(env)
+    conn.consume()
+    [mid] = await env.send({"body": b"later", "delay": 5})
+    assert env.msg(mid).state == State.DELAYED and env.msg(mid).ready_at == env.t0 + 5
+    await trio.sleep(4.5)
+    assert env.counts() == (0, 0, 1) and conn.got == []
+    d = await conn.next()
+    assert (d.id, d.at, d.count) == (mid, env.t0 + 5, 1)
+    assert env.counts() == (0, 1, 0)
+
+
+async def test_lease_deadline_and_extend(env: Env, autojump_clock: MockClock) -> None:
+    await env.declare(visibility_timeout=30)
+    conn, other = Conn(env), Conn(env)
+    a, b = await env.send(b"a", b"b")
+    got = await conn.receive(n=2)
+    assert [(m.id, m.delivery_count, m.lease_deadline) for m in got] == [
+        (a, 1, env.t0 + 30), (b, 1, env.t0 + 30)]
+    await trio.sleep(20)
+    assert env.broker.extend(conn.session, "q", [b], 30) == {"extended": [b], "failed": {}}
+    assert env.broker.extend(other.session, "q", [a], 30)["failed"].keys() == {a}
+    assert env.msg(b).lease_deadline == env.t0 + 50
+    [again] = await other.receive(wait=100)
+    assert (again.id, again.delivery_count, env.clock.time()) == (a, 2, env.t0 + 30)
+    [again] = await other.receive(wait=100)
+    assert (again.id, again.delivery_count, env.clock.time()) == (b, 2, env.t0 + 50)
+    assert env.broker.redeliveries == 2
+    assert (await conn.ack([a]))["failed"].keys() == {a}  # the old lease is gone
+
+
+async def test_ttl_expires_ready_and_delayed_to_dlq(env: Env, autojump_clock: MockClock) -> None:
+    await env.declare("dlq")
+    await env.declare(message_ttl=10, dead_letter_queue="dlq")
+    dead = Conn(env)
+    dead.consume("dlq")
+    a, b, c, e = await env.send({"body": b"a", "ttl": 5}, {"body": b"b", "ttl": 20},
+                                b"c", {"body": b"e", "delay": 20})
+    assert [env.msg(i).expires_at for i in (a, b, c, e)] == [env.t0 + 5] + [env.t0 + 10] * 3
+    first = await dead.next()
+    assert (first.id, first.at) == (a, env.t0 + 5)
+    assert first.headers["x-death"] == {"queue": "q", "reason": "expired",
+                                        "delivery_count": 0, "time": env.t0 + 5}
+    rest = [await dead.next() for _ in range(3)]
+    assert [(d.id, d.at) for d in rest] == [(b, env.t0 + 10), (c, env.t0 + 10), (e, env.t0 + 10)]
+    s = env.stats()
+    assert (s["ready"], s["delayed"], s["expired"], s["dead_lettered"], s["dropped"]) == (
+        0, 0, 4, 4, 0)
+
+
+async def test_ttl_waits_for_the_lease_to_end(env: Env, autojump_clock: MockClock) -> None:
+    await env.declare("dlq")
+    await env.declare(dead_letter_queue="dlq")
+    conn, dead = Conn(env), Conn(env)
+    dead.consume("dlq")
+    a, b = await env.send({"body": b"a", "ttl": 5}, {"body": b"b", "ttl": 5})
+    await conn.receive(n=2, visibility_timeout=20)
+    await trio.sleep(10)
+    assert env.counts() == (0, 2, 0) and env.stats()["expired"] == 0
+    assert (await conn.ack([b]))["acked"] == [b]  # still leased, so still ackable
+    d = await dead.next()
+    assert (d.id, d.at, d.headers["x-death"]["reason"]) == (a, env.t0 + 20, "expired")
+    assert d.headers["x-death"]["delivery_count"] == 1
+    assert env.counts() == (0, 0, 0) and env.stats()["expired"] == 1
+
+
+@pytest.mark.parametrize("with_dlq", [True, False])
+async def test_max_deliveries(env: Env, autojump_clock: MockClock, with_dlq: bool) -> None:
+    await env.declare("dlq")
+    await env.declare(max_deliveries=2, dead_letter_queue="dlq" if with_dlq else None)
+    conn = Conn(env)
+    [a] = await env.send(b"poison")
+    for count in (1, 2):
+        [m] = await conn.receive()
+        assert (m.id, m.delivery_count) == (a, count)
+        await conn.nack([a])
+    assert env.counts() == (0, 0, 0) and await conn.receive() == []
+    assert env.stats()["dropped"] == (0 if with_dlq else 1)
+    if with_dlq:
+        assert env.stats()["dead_lettered"] == 1
+        [m] = await conn.receive("dlq")
+        assert m.id == a
+        assert m.headers["x-death"]["reason"] == "max_deliveries"
+        assert m.headers["x-death"]["delivery_count"] == 2
+    else:
+        assert env.counts("dlq") == (0, 0, 0)
+
+
+async def test_max_length_drops_the_head(env: Env, autojump_clock: MockClock) -> None:
+    await env.declare(max_length=2)
+    conn = Conn(env)
+    [a] = await env.send(b"a")
+    b, c, d = await env.send(b"b", b"c", b"d")
+    assert env.counts() == (2, 0, 0) and env.stats()["dropped"] == 2
+    assert [m.id for m in await conn.receive(n=10)] == [c, d]
+    assert a not in env.broker.queues["q"].messages
+
+
+async def test_round_robin_with_prefetch(env: Env, autojump_clock: MockClock) -> None:
+    await env.declare()
+    conns = [Conn(env) for _ in range(3)]
+    for c in conns:
+        c.consume(prefetch=2)
+    ids = [(await env.send(f"m{i}"))[0] for i in range(9)]
+    assert [[d.id for d in c.got] for c in conns] == [[ids[0], ids[3]], [ids[1], ids[4]],
+                                                      [ids[2], ids[5]]]
+    assert env.counts() == (3, 6, 0)  # every consumer is out of credit
+    # conns[2] never acks; the others keep going without it.
+    await conns[1].ack([ids[1], ids[4]])
+    assert [d.id for d in conns[1].got[2:]] == [ids[6], ids[7]]
+    await conns[0].ack([ids[0]])
+    assert [d.id for d in conns[0].got[2:]] == [ids[8]]
+    assert len(conns[2].got) == 2 and env.counts() == (0, 6, 0)
+
+
+async def test_close_session_releases_leases(env: Env, autojump_clock: MockClock) -> None:
+    await env.declare()
+    gone, conn = Conn(env), Conn(env)
+    gone.consume(prefetch=2)
+    ids = await env.send(b"a", b"b", b"c")
+    assert [d.id for d in gone.got] == ids[:2]
+    env.broker.close_session(gone.session)
+    assert env.counts() == (3, 0, 0) and env.stats()["consumers"] == 0
+    assert [(env.msg(i).state, env.msg(i).delivery_count) for i in ids[:2]] == [
+        (State.READY, 1), (State.READY, 1)]
+    got = await conn.receive(n=3)
+    assert [(m.id, m.delivery_count) for m in got] == [(ids[0], 2), (ids[1], 2), (ids[2], 1)]
+    assert len(gone.got) == 2 and env.broker.redeliveries == 2
+
+
+async def test_purge_keeps_leased(env: Env, autojump_clock: MockClock) -> None:
+    await env.declare()
+    conn = Conn(env)
+    a, _b, _c = await env.send(b"a", b"b", b"c")
+    await env.send({"body": b"d", "delay": 10})
+    [m] = await conn.receive()
+    assert await env.broker.purge("q").wait() == 3
+    assert env.counts() == (0, 1, 0) and m.id == a
+    await trio.sleep(11)
+    assert env.counts() == (0, 1, 0)
+    assert (await conn.ack([a]))["acked"] == [a]
+    await env.store.flush()
+    assert env.store.messages == {}
+
+
+async def test_delete_queue(env: Env, autojump_clock: MockClock) -> None:
+    await env.declare()
+    conn = Conn(env)
+    tag = conn.consume(prefetch=1)
+    a, _b = await env.send(b"a", b"b")
+    await env.send({"body": b"c", "delay": 10})
+    assert await env.broker.delete_queue("q").wait() == 3
+    assert conn.cancelled == [tag] and env.broker.stats() == []
+    assert env.store.queues == {} and env.store.messages == {}
+    with pytest.raises(NotFound):
+        env.broker.send("q", [{"body": b"x"}])
+    with pytest.raises(NotFound):
+        env.broker.ack(conn.session, "q", [a])
+    await env.declare()  # a new, empty queue: nothing of the old one comes back
+    await trio.sleep(11)
+    assert env.counts() == (0, 0, 0) and conn.got[0].id == a and len(conn.got) == 1
+
+
+async def test_dedup_window(env: Env, autojump_clock: MockClock) -> None:
+    await env.declare()
+    await env.declare("other")
+    window = env.broker.limits.dedup_window
+    p1 = env.broker.send("q", [{"body": b"a", "dedup_id": "k"}])
+    p2 = env.broker.send("q", [{"body": b"a", "dedup_id": "k"}])  # before p1 committed
+    [first] = await p1.wait()
+    assert await p2.wait() == [first]
+    await trio.sleep(window - 1)
+    assert await env.send({"body": b"a", "dedup_id": "k"}) == [first]
+    [elsewhere] = await env.send({"body": b"a", "dedup_id": "k"}, queue="other")
+    assert elsewhere != first
+    await trio.sleep(DEDUP_PRUNE_INTERVAL + 2)
+    [second] = await env.send({"body": b"a", "dedup_id": "k"})
+    assert second != first
+    assert env.counts() == (2, 0, 0)
+
+
+async def test_restart_restores_confirmed_state(env: Env, autojump_clock: MockClock) -> None:
+    await env.declare("dlq")
+    await env.declare("other")
+    opts = {"message_ttl": 100.0, "max_deliveries": 5, "dead_letter_queue": "dlq"}
+    await env.declare(**opts)
+    conn = Conn(env)
+    [x] = await env.send({"body": b"x", "ttl": 1})
+    assert [m.id for m in await conn.receive("dlq", wait=5)] == [x]  # expired at t0 + 1
+    a, b, c = await env.send(b"a", b"b", b"c")
+    [d] = await env.send({"body": b"d", "delay": 50})
+    [k] = await env.send({"body": b"k", "dedup_id": "k1"})
+    await conn.receive(n=2)
+    await conn.ack([a])
+    [z] = await env.send(b"z", queue="other")  # the newest timestamp, acked and deleted
+    await conn.receive("other")
+    await conn.ack([z], queue="other")
+    old, last = env.broker, env.broker.hlc.last
+    ready_at = env.msg(d).ready_at
+
+    new = await env.restart()
+    assert new is not old and new.hlc.last >= last
+    assert env.stats()["options"] == {**old.queues["q"].options.to_dict(), **opts}
+    s = env.stats()
+    assert (s["ready"], s["leased"], s["delayed"], s["expired"], s["dead_lettered"]) == (
+        3, 0, 1, 1, 1)
+    assert env.counts("dlq") == (1, 0, 0) and env.counts("other") == (0, 0, 0)  # x: was leased
+    assert sorted(new.queues["q"].messages) == sorted([b, c, d, k])
+    assert env.msg(d).ready_at == ready_at
+    got = await conn.receive(n=10, visibility_timeout=1000)
+    assert [(m.id, m.delivery_count) for m in got] == [(b, 2), (c, 1), (k, 1)]
+    [late] = await conn.receive(wait=100)
+    assert (late.id, env.clock.time()) == (d, ready_at)
+    assert await env.send({"body": b"k", "dedup_id": "k1"}) == [k]
+    [fresh] = await env.send(b"new")
+    assert env.msg(fresh).hlc > last
+
+
+async def test_restart_counts_a_lost_lease(env: Env, autojump_clock: MockClock) -> None:
+    """A lease that died with the process ends like any other: at max_deliveries, to the DLQ."""
+    await env.declare("dlq")
+    await env.declare(max_deliveries=1, dead_letter_queue="dlq")
+    conn = Conn(env)
+    [a] = await env.send(b"poison")
+    await conn.receive()
+    await env.restart()
+    conn = Conn(env)
+    [m] = await conn.receive("dlq", wait=5)
+    assert (m.id, m.headers["x-death"]["reason"]) == (a, "max_deliveries")
+    assert env.counts() == (0, 0, 0) and await conn.receive() == []
+
+
+@pytest.mark.parametrize("ordering", ["fifo", "fair"])
+async def test_single_consumer_sees_hlc_order(env: Env, autojump_clock: MockClock,
+                                              ordering: str) -> None:
+    await env.declare(ordering=ordering)
+    conn = Conn(env)
+    conn.consume(prefetch=1)
+    ids = await env.send(b"m0", b"m1", b"m2", b"m3")
+    seen = []
+    while len(seen) < 6:
+        d = await conn.next()
+        seen.append((ids.index(d.id), d.count))
+        if d.count == 1 and d.id in (ids[0], ids[2]):
+            await conn.nack([d.id])
+        else:
+            await conn.ack([d.id])
+    assert seen == [(0, 1), (0, 2), (1, 1), (2, 1), (2, 2), (3, 1)]
+    assert env.counts() == (0, 0, 0)
