@@ -4,9 +4,10 @@ Programs talk to their local ``meshqd`` through a Unix socket with :class:`Clien
 (blocking) or :class:`AsyncClient` (trio).
 """
 
-__version__ = "0.1.0"
+from typing import TYPE_CHECKING, Any
 
-from meshq.client import AsyncClient, Client, Delivery
+from meshq._version import __version__
+from meshq.client import Client, Delivery
 from meshq.errors import (
     BadRequest,
     MeshqError,
@@ -18,6 +19,19 @@ from meshq.errors import (
     Unauthorized,
     Unavailable,
 )
+
+if TYPE_CHECKING:
+    from meshq.client import AsyncClient
+
+
+def __getattr__(name: str) -> Any:
+    # AsyncClient pulls in trio; the command-line tools start faster without it.
+    if name == "AsyncClient":
+        from meshq.client import AsyncClient
+
+        return AsyncClient
+    raise AttributeError(f"module 'meshq' has no attribute {name!r}")
+
 
 __all__ = [
     "AsyncClient",

@@ -10,6 +10,7 @@ after its commit, or never confirmed.
 from __future__ import annotations
 
 import argparse
+import fcntl
 import logging
 import os
 import secrets
@@ -20,18 +21,30 @@ from typing import Any
 
 import trio
 
-from meshq import __version__
+from meshq._version import __version__
 from meshq.broker import Broker, BrokerLimits
 from meshq.clock import Clock, SystemClock
 from meshq.config import Config, ConfigError, add_daemon_arguments, load_config
+from meshq.errors import StartupError
 from meshq.node import Node
-from meshq.server.listener import SocketInUse, UnixServer
+from meshq.server.listener import UnixServer
 from meshq.store import SQLiteStore
 
 __all__ = ["main", "serve"]
 
 log = logging.getLogger("meshq")
 SHUTDOWN_GRACE = 5.0
+
+
+def _lock_data_dir(data_dir: Path) -> int:
+    """Hold an exclusive lock on the data dir for the life of the process."""
+    fd = os.open(data_dir / "meshqd.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise StartupError(f"another meshqd is using the data directory {data_dir}") from None
+    return fd
 
 
 def _node_id(data_dir: Path) -> str:
@@ -52,6 +65,14 @@ async def serve(config: Config, *, clock: Clock | None = None,
     """Run a node until cancelled or until ``node.stop_requested`` is set."""
     clock = clock or SystemClock()
     config.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    lock = await trio.to_thread.run_sync(_lock_data_dir, config.data_dir)
+    try:
+        await _serve_locked(config, clock, task_status)
+    finally:
+        os.close(lock)
+
+
+async def _serve_locked(config: Config, clock: Clock, task_status: Any) -> None:
     node_id = await trio.to_thread.run_sync(_node_id, config.data_dir)
     store = await trio.to_thread.run_sync(SQLiteStore, config.data_dir / "meshq.db")
     try:
@@ -64,6 +85,7 @@ async def serve(config: Config, *, clock: Clock | None = None,
         node = Node(name=config.node_name, node_id=node_id, address=config.bind,
                     broker=broker, store=store, clock=clock)
         server = UnixServer(node, config.socket, config.max_frame_bytes, config.max_connections)
+        await server.bind()
         async with trio.open_nursery() as nursery:
             await nursery.start(store.run)
             await nursery.start(broker.run)
@@ -93,7 +115,7 @@ async def _main_async(config: Config, banner: bool) -> int:
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
             try:
                 node: Node = await nursery.start(run_node)
-            except SocketInUse as exc:
+            except StartupError as exc:
                 print(f"meshqd: {exc}", file=sys.stderr)
                 return 1
             print(f"meshqd ready: socket={config.socket} node={config.node_name}", flush=True)

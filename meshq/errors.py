@@ -13,6 +13,7 @@ __all__ = [
     "NotFound",
     "PreconditionFailed",
     "ProtocolError",
+    "StartupError",
     "Timeout",
     "TooLarge",
     "Unauthorized",
@@ -64,6 +65,10 @@ class Timeout(MeshqError):
     """The outcome is unknown (the connection or the daemon went away mid-request)."""
 
     code = "TIMEOUT"
+
+
+class StartupError(RuntimeError):
+    """meshqd cannot start (socket or data dir in use, store too new); one line says why."""
 
 
 class ProtocolError(BadRequest):

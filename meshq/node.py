@@ -11,7 +11,7 @@ from typing import Any
 
 import trio
 
-from meshq import __version__
+from meshq._version import __version__
 from meshq.broker import Broker
 from meshq.clock import Clock
 from meshq.errors import Unavailable

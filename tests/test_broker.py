@@ -263,7 +263,7 @@ async def test_max_length_drops_the_head(env: Env, autojump_clock: MockClock) ->
     await env.declare(max_length=2)
     conn = Conn(env)
     [a] = await env.send(b"a")
-    b, c, d = await env.send(b"b", b"c", b"d")
+    _b, c, d = await env.send(b"b", b"c", b"d")
     assert env.counts() == (2, 0, 0) and env.stats()["dropped"] == 2
     assert [m.id for m in await conn.receive(n=10)] == [c, d]
     assert a not in env.broker.queues["q"].messages

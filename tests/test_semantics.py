@@ -6,6 +6,7 @@ response; timeouts are upper bounds only. The trio client twin is test_async_cli
 
 from __future__ import annotations
 
+import itertools
 import time
 
 import pytest
@@ -92,14 +93,14 @@ def test_batch_ids_in_order_bodies_and_headers_round_trip(daemon):
         c.declare("q")
         ids = c.send_batch("q", [b"b0", "s1", b"", {"body": "h3", "headers": headers}])
         one = c.send("q", "\u00e9t\u00e9", headers={"single": True})
-        assert len(set(ids + [one])) == 5
+        assert len(set([*ids, one])) == 5
         got = c.receive("q", max=10)
-        assert [d.id for d in got] == ids + [one]
+        assert [d.id for d in got] == [*ids, one]
         assert [d.body for d in got] == [b"b0", b"s1", b"", b"h3", "\u00e9t\u00e9".encode()]
         assert got[3].headers == headers and got[4].headers == {"single": True}
         assert all(d.delivery_count == 1 and not d.redelivered for d in got)
-        assert all(a.hlc < b.hlc for a, b in zip(got, got[1:]))
-        assert c.ack("q", [d.id for d in got]) == ids + [one]
+        assert all(a.hlc < b.hlc for a, b in itertools.pairwise(got))
+        assert c.ack("q", [d.id for d in got]) == [*ids, one]
         assert stats(c, "q")["ready"] == stats(c, "q")["leased"] == 0
 
 
@@ -353,7 +354,7 @@ def test_competing_consumers_round_robin(daemon):
         subs = [cl.consume("q", prefetch=100) for cl in clients]
         ids = clients[0].send_batch("q", [f"m{i}" for i in range(30)])
         got = [[sub.get(timeout=5).id for _ in range(10)] for sub in subs]
-        assert sorted(sum(got, [])) == sorted(ids)  # 3 x 10 distinct: nobody had more
+        assert sorted(itertools.chain(*got)) == sorted(ids)  # 3 x 10 distinct: nobody had more
         for k, mine in enumerate(got):
             assert mine == ids[k::3]
     finally:
@@ -377,7 +378,7 @@ def test_a_slow_consumer_does_not_hold_back_the_others(daemon):
                     assert d is not None, f"stalled after {len(seen)} messages"
                     seen.append(d.id)
                     sub.ack(d)
-        assert sorted(seen + [slow_id]) == sorted(ids)
+        assert sorted([*seen, slow_id]) == sorted(ids)
         s = stats(slow, "q")
         assert (s["ready"], s["leased"]) == (0, 1)
     finally:

@@ -1,10 +1,12 @@
-"""Load-generator workers for tools/bench.py: each runs in its own (spawned) process.
+"""What tools/bench.py runs and computes: load-generator workers, measurements, the report.
 
-A worker opens its connections, reports ("ready", wid), waits for the shared ``go``
-event, runs its load with trio + meshq.AsyncClient, and reports ("result", wid, dict)
-or ("error", wid, traceback). Progress goes to the parent as ("progress", wid, n).
-Timestamps that cross processes are ``time.monotonic_ns()`` (CLOCK_MONOTONIC, system
-wide on Linux); latency is measured inside one process with ``time.perf_counter_ns()``.
+Workers run in spawned processes: each opens its connections, reports ("ready", wid),
+waits for the shared ``go`` event, runs its load with trio + meshq.AsyncClient, and
+reports ("result", wid, dict) or ("error", wid, traceback); progress goes to the parent
+as ("progress", wid, n). Timestamps that cross processes are ``time.monotonic_ns()``
+(CLOCK_MONOTONIC, system wide on Linux); latency is measured inside one process with
+``time.perf_counter_ns()``. The rest is for the parent: percentiles, the SQLite ceiling,
+CPU accounting from /proc, and the pass/fail table.
 """
 
 from __future__ import annotations
@@ -41,14 +43,15 @@ class Reporter:
             self.q.put(("progress", self.wid, self.count - self._sent))
             self._sent = self.count
 
-    async def run(self, cancel: trio.CancelScope) -> None:
-        """Report progress until the parent sets ``stop``; then cancel the load."""
+    async def run(self, on_stop: Callable[[], None]) -> None:
+        """Report progress until cancelled; call ``on_stop`` once the parent says stop."""
+        stopped = False
         while True:
             await trio.sleep(REPORT_EVERY)
             self.flush()
-            if self.stop.is_set():
-                cancel.cancel()
-                return
+            if not stopped and self.stop.is_set():
+                stopped = True
+                on_stop()
 
 
 def _samples(values: array.array) -> bytes:
@@ -74,6 +77,35 @@ def _with_rest_of_push(sub: Any, first: Delivery) -> list[Delivery]:
 
 async def _connect(stack: AsyncExitStack, socket: str, n: int) -> list[AsyncClient]:
     return [await stack.enter_async_context(AsyncClient(socket)) for _ in range(n)]
+
+
+async def _subscribe(client: AsyncClient, queue: str, prefetch: int, ack_window: int,
+                     on_push: Callable[[list[Delivery]], bool], on_acked: Callable[[int], None],
+                     receiving: trio.CancelScope,
+                     task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+    """Subscribe; hand each push to ``on_push`` and ack it with one pipelined request (at
+    most ``ack_window`` in flight). It stops receiving when ``receiving`` is cancelled or
+    ``on_push`` returns True; then it cancels the subscription and waits for its acks, so
+    the connection closes with nothing left for the daemon to write."""
+    window = trio.Semaphore(ack_window)
+
+    async def ack(ids: list[str]) -> None:
+        try:
+            await client.ack(queue, ids)
+        finally:
+            window.release()
+        on_acked(len(ids))
+
+    async with trio.open_nursery() as acks, client.consume(queue, prefetch) as sub:
+        task_status.started()
+        with receiving:
+            async for d in sub:
+                batch = _with_rest_of_push(sub, d)
+                done = on_push(batch)
+                await window.acquire()
+                acks.start_soon(ack, [m.id for m in batch])
+                if done:
+                    break
 
 
 async def _publish(p: dict[str, Any], rep: Reporter, go: Callable[[], Awaitable[None]],
@@ -110,53 +142,45 @@ async def _publish(p: dict[str, Any], rep: Reporter, go: Callable[[], Awaitable[
                 rep.count += batch
 
         async with trio.open_nursery() as nursery:
-            done = trio.CancelScope()
-            nursery.start_soon(rep.run, done)
-            with done:
-                async with trio.open_nursery() as load:
-                    for i, client in enumerate(clients):
-                        for _ in range(window):
-                            load.start_soon(slot, i, client)
+            async with trio.open_nursery() as load:
+                nursery.start_soon(rep.run, load.cancel_scope.cancel)
+                for i, client in enumerate(clients):
+                    for _ in range(window):
+                        load.start_soon(slot, i, client)
             nursery.cancel_scope.cancel()
     return {**state, "t_first": t_first, "latency_ns": _samples(latencies)}
 
 
 async def _consume(p: dict[str, Any], rep: Reporter, go: Callable[[], Awaitable[None]],
                    ) -> dict[str, Any]:
-    """``conns`` subscriptions with ``prefetch``; each push is acked in one pipelined ack."""
-    queue, prefetch = p["queue"], p["prefetch"]
+    """``conns`` subscriptions with ``prefetch``, until the parent says all were acked."""
     state = {"acked": 0, "delivered": 0, "acks": 0, "t_last": 0}
+    scopes = [trio.CancelScope() for _ in range(p["conns"])]
+
+    def on_push(batch: list[Delivery]) -> bool:
+        state["delivered"] += len(batch)
+        return False
+
+    def on_acked(n: int) -> None:
+        state["acked"] += n
+        state["acks"] += 1
+        state["t_last"] = time.monotonic_ns()
+        rep.count += n
+
+    def stop() -> None:
+        for scope in scopes:
+            scope.cancel()
+
     async with AsyncExitStack() as stack:
         clients = await _connect(stack, p["socket"], p["conns"])
         await go()
         t_first = time.monotonic_ns()
-
-        async def ack(client: AsyncClient, ids: list[str], window: trio.Semaphore) -> None:
-            try:
-                await client.ack(queue, ids)
-            finally:
-                window.release()
-            state["acked"] += len(ids)
-            state["acks"] += 1
-            state["t_last"] = time.monotonic_ns()
-            rep.count += len(ids)
-
-        async def consumer(client: AsyncClient) -> None:
-            window = trio.Semaphore(p["ack_window"])
-            async with trio.open_nursery() as acks, client.consume(queue, prefetch) as sub:
-                async for d in sub:
-                    ids = [m.id for m in _with_rest_of_push(sub, d)]
-                    state["delivered"] += len(ids)
-                    await window.acquire()
-                    acks.start_soon(ack, client, ids, window)
-
         async with trio.open_nursery() as nursery:
-            done = trio.CancelScope()
-            nursery.start_soon(rep.run, done)
-            with done:
-                async with trio.open_nursery() as load:
-                    for client in clients:
-                        load.start_soon(consumer, client)
+            nursery.start_soon(rep.run, stop)
+            async with trio.open_nursery() as load:
+                for client, scope in zip(clients, scopes, strict=True):
+                    load.start_soon(_subscribe, client, p["queue"], p["prefetch"],
+                                    p["ack_window"], on_push, on_acked, scope)
             nursery.cancel_scope.cancel()
     return {**state, "t_first": t_first}
 
@@ -176,49 +200,43 @@ async def _latency(p: dict[str, Any], rep: Reporter, go: Callable[[], Awaitable[
     step = 1e9 / rate
     e2e, e2e_actual, confirm, lag = (array.array("q") for _ in range(4))
     state = {"sent": 0, "confirmed": 0, "received": 0, "errors": 0}
+    measure_from = 0
+    receiving = trio.CancelScope()
+
+    def on_push(batch: list[Delivery]) -> bool:
+        now = time.perf_counter_ns()
+        for m in batch:
+            sched, actual = m.headers["s"], m.headers["a"]
+            if sched >= measure_from:
+                e2e.append(now - sched)
+                e2e_actual.append(now - actual)
+        state["received"] += len(batch)
+        rep.count += len(batch)
+        return state["received"] >= total
+
+    async def send_one(producer: AsyncClient, sched: int) -> None:
+        actual = time.perf_counter_ns()
+        lag.append(actual - sched)
+        state["sent"] += 1
+        try:
+            await producer.send(queue, BODY, headers={"s": sched, "a": actual})
+        except Exception:
+            state["errors"] += 1
+            return
+        state["confirmed"] += 1
+        if sched >= measure_from:
+            confirm.append(time.perf_counter_ns() - sched)
+
     async with AsyncExitStack() as stack:
         producer, consumer = await _connect(stack, p["socket"], 2)
-        received_all = trio.Event()
-        measure_from = 0
-
-        async def consume(task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
-            async with trio.open_nursery() as acks, consumer.consume(queue, 100) as sub:
-                task_status.started()
-                async for d in sub:
-                    batch = _with_rest_of_push(sub, d)
-                    now = time.perf_counter_ns()
-                    for m in batch:
-                        sched, actual = m.headers["s"], m.headers["a"]
-                        if sched >= measure_from:
-                            e2e.append(now - sched)
-                            e2e_actual.append(now - actual)
-                    state["received"] += len(batch)
-                    rep.count += len(batch)
-                    acks.start_soon(consumer.ack, queue, [m.id for m in batch])
-                    if state["received"] >= total:
-                        received_all.set()
-
-        async def send_one(sched: int) -> None:
-            actual = time.perf_counter_ns()
-            lag.append(actual - sched)
-            state["sent"] += 1
-            try:
-                await producer.send(queue, BODY, headers={"s": sched, "a": actual})
-            except Exception:
-                state["errors"] += 1
-                return
-            state["confirmed"] += 1
-            if sched >= measure_from:
-                confirm.append(time.perf_counter_ns() - sched)
-
         async with trio.open_nursery() as nursery:
-            await nursery.start(consume)
-            done = trio.CancelScope()
-            nursery.start_soon(rep.run, done)
-            await go()
-            t0 = time.perf_counter_ns() + 1_000_000
-            measure_from = t0 + int(p["warmup"] * 1e9)
-            with done:
+            nursery.start_soon(rep.run, receiving.cancel)
+            async with trio.open_nursery() as load:
+                await load.start(_subscribe, consumer, queue, 100, 1 << 16, on_push,
+                                 lambda n: None, receiving)
+                await go()
+                t0 = time.perf_counter_ns() + 1_000_000
+                measure_from = t0 + int(p["warmup"] * 1e9)
                 async with trio.open_nursery() as sends:
                     for i in range(total):
                         sched = t0 + int(i * step)
@@ -227,9 +245,8 @@ async def _latency(p: dict[str, Any], rep: Reporter, go: Callable[[], Awaitable[
                             await trio.sleep(wait / 1e9)
                         else:  # behind schedule: catch up, but let the confirms in
                             await trio.lowlevel.checkpoint()
-                        sends.start_soon(send_one, sched)
-                with trio.move_on_after(p["drain_timeout"]):
-                    await received_all.wait()
+                        sends.start_soon(send_one, producer, sched)
+                receiving.deadline = trio.current_time() + p["drain_timeout"]
             nursery.cancel_scope.cancel()
     return {**state, "total": total, "e2e_ns": _samples(e2e),
             "e2e_actual_ns": _samples(e2e_actual), "confirm_ns": _samples(confirm),
@@ -345,6 +362,132 @@ def host_cpu() -> tuple[float, float]:
     total = sum(values[:8])  # guest time is already counted in user
     hz = os.sysconf("SC_CLK_TCK")
     return (total - idle) / hz, total / hz
+
+
+# ----------------------------------------------------------------------------- report
+# What the issue asks for; key -> (comparison, threshold).
+TARGETS: dict[str, tuple[str, float]] = {
+    "publish_p8_b1": (">=", 25_000),
+    "publish_p8_b100": (">=", 150_000),
+    "consume_c1": (">=", 40_000),
+    "consume_c4": (">=", 40_000),
+    "latency_p99_ms": ("<=", 2.0),
+}
+
+
+def judge(key: str, value: float) -> tuple[str, str]:
+    if key not in TARGETS:
+        return "", ""
+    op, threshold = TARGETS[key]
+    ok = value >= threshold if op == ">=" else value <= threshold
+    unit = " ms" if key.endswith("_ms") else ""
+    return f"{op} {threshold:,g}{unit}", "PASS" if ok else "FAIL"
+
+
+def annotate(result: dict[str, Any]) -> None:
+    """Ratios to the SQLite ceiling and pass/fail against the targets, in place."""
+    ceiling = result["sqlite_ceiling"]
+    c100, c1 = ceiling["batch_100"]["rows_per_s"], ceiling["batch_1"]["rows_per_s"]
+    for key, s in result["scenarios"].items():
+        if s["kind"] == "latency":
+            commit = ceiling["batch_1"]["commit_ms"]
+            if s["e2e_ms"] and commit:
+                s["ratio_to_sqlite_commit_latency"] = {
+                    q: round(s["e2e_ms"][q] / commit[q], 2) if commit[q] else None
+                    for q in ("p50", "p99")}
+                s["target"], s["pass"] = judge("latency_p99_ms", s["e2e_ms"]["p99"])
+            continue
+        s["ratio_to_ceiling"] = round(s["msg_per_s"] / c100, 3)
+        if s.get("batch") == 1:
+            s["ratio_to_ceiling_1_row_per_commit"] = round(s["msg_per_s"] / c1, 3)
+        s["target"], s["pass"] = judge(key, s["msg_per_s"])
+
+
+def _label(s: dict[str, Any]) -> str:
+    if s["kind"] == "publish":
+        return f"publish, {s['producers']} producer(s), batch {s['batch']}"
+    if s["kind"] == "consume":
+        return f"consume+ack, {s['consumers']} consumer(s), prefetch {s['prefetch']}"
+    return f"e2e latency @ {s['offered_msg_per_s']:,} msg/s"
+
+
+def _cpu(s: dict[str, Any]) -> str:
+    c = s.get("accounting")
+    if not c:
+        return ""
+    return (f"{c['daemon']:.2f} + {c['daemon_children']:.2f} / {c['load_generator']:.2f}"
+            f" / {c['other_processes']:.2f}")
+
+
+def _store(s: dict[str, Any]) -> str:
+    st = (s.get("accounting") or {}).get("store")
+    if not st:
+        return ""
+    return (f"{st['ops_per_commit']:,.0f} ops, {st['commit_ms_mean']:.1f} ms, "
+            f"{100 * st['committing_fraction']:.0f}%")
+
+
+def table(result: dict[str, Any]) -> str:
+    """The markdown summary: one row per figure."""
+    ceiling = result["sqlite_ceiling"]
+    c100, c1 = ceiling["batch_100"], ceiling["batch_1"]
+    rows = [["scenario", "msg/s", "ratio to SQLite ceiling", "target", "pass/fail",
+             "CPU cores: meshqd + writer / load gen / other",
+             "commits: ops/commit, mean time, time committing"],
+            ["SQLite ceiling: 100 rows/commit (commit p50 "
+             f"{c100['commit_ms']['p50']} ms)", f"{c100['rows_per_s']:,}", "1.00", "", "", "",
+             ""],
+            ["SQLite: 1 row/commit (commit p50 "
+             f"{c1['commit_ms']['p50']} ms, p99 {c1['commit_ms']['p99']} ms)",
+             f"{c1['rows_per_s']:,}", f"{c1['rows_per_s'] / c100['rows_per_s']:.2f}", "", "", "",
+             ""]]
+    for s in result["scenarios"].values():
+        if s["kind"] == "latency":
+            e2e, ratio = s["e2e_ms"] or {}, s.get("ratio_to_sqlite_commit_latency") or {}
+            for q in ("p50", "p99"):
+                target, ok = (s.get("target", ""), s.get("pass", "")) if q == "p99" else ("", "")
+                rows.append([f"{_label(s)}: {q}", f"{e2e.get(q)} ms",
+                             f"{ratio.get(q)} x SQLite 1-row commit {q}", target, ok, _cpu(s),
+                             _store(s)])
+            continue
+        extra = (f" ({s['ratio_to_ceiling_1_row_per_commit']:.2f} x 1 row/commit)"
+                 if "ratio_to_ceiling_1_row_per_commit" in s else "")
+        rows.append([_label(s), f"{s['msg_per_s']:,}", f"{s['ratio_to_ceiling']:.2f}{extra}",
+                     s.get("target", ""), s.get("pass", ""), _cpu(s), _store(s)])
+    out = ["| " + " | ".join(rows[0]) + " |", "|" + "---|" * len(rows[0])]
+    out += ["| " + " | ".join(r) + " |" for r in rows[1:]]
+    return "\n".join(out)
+
+
+def summarize_pyspy(raw: Path, top: int = 20) -> dict[str, dict[str, Any]]:
+    """Per process (the daemon, its writer), from py-spy's raw collapsed stacks of on-CPU
+    samples: the busiest functions by self time, and meshq's functions by inclusive time."""
+    procs: dict[str, dict[str, Any]] = {}
+    for line in raw.read_text().splitlines():
+        stack, _, n = line.rpartition(" ")
+        if not stack or not n.isdigit():
+            continue
+        frames = stack.split(";")
+        at = max(i for i, f in enumerate(frames) if f.startswith("process ")) if any(
+            f.startswith("process ") for f in frames) else -1
+        label = frames[at].split(" -m ", 1)[-1].split()[0] if at >= 0 else "main"
+        p = procs.setdefault(label, {"samples": 0, "self": {}, "incl": {}})
+        p["samples"] += int(n)
+        funcs = [f.rsplit(":", 1)[0] + ")" if ":" in f else f for f in frames[at + 1:]]
+        if funcs:
+            p["self"][funcs[-1]] = p["self"].get(funcs[-1], 0) + int(n)
+        for f in set(funcs):
+            if "meshq/" in f or "(ops.py" in f or "(connection.py" in f:
+                p["incl"][f] = p["incl"].get(f, 0) + int(n)
+
+    def ranked(d: dict[str, int], total: int) -> list[str]:
+        best = sorted(d.items(), key=lambda kv: -kv[1])[:top]
+        return [f"{100 * v / total:5.1f}%  {k}" for k, v in best]
+
+    return {label: {"on_cpu_samples": p["samples"],
+                    "top_self": ranked(p["self"], p["samples"]),
+                    "top_inclusive_meshq": ranked(p["incl"], p["samples"])}
+            for label, p in procs.items() if p["samples"]}
 
 
 KINDS = {"publish": _publish, "consume": _consume, "prefill": _prefill, "latency": _latency}

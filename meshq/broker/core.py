@@ -132,8 +132,8 @@ class Broker:
             if expires_at > now:
                 self._dedup[queue, dedup_id] = (mid, expires_at, None)
         self.hlc.restore(high)
-        for q, msg in spent:  # a lost lease ends like any other: past max_deliveries, DLQ
-            self._dead_letter(q, msg, "max_deliveries", now)
+        for queue_, msg in spent:  # a lost lease ends like any other: past max_deliveries
+            self._dead_letter(queue_, msg, "max_deliveries", now)
 
     # -- the timer loop ------------------------------------------------------------------
     async def run(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
@@ -476,14 +476,16 @@ class Broker:
             raise BadRequest(f"message {i}: 'dedup_id' must be a non-empty string")
         unknown = set(m) - {"body", "headers", "ttl", "delay", "dedup_id"}
         if unknown:
-            raise BadRequest(f"message {i}: unknown field(s) {', '.join(sorted(map(str, unknown)))}")
+            raise BadRequest(
+                f"message {i}: unknown field(s) {', '.join(sorted(map(str, unknown)))}")
         return body, headers, ttl, delay, dedup_id
 
     def consume(self, session: Session, name: Any, prefetch: Any,
                 sink: Callable[[Consumer, list[Message]], None] | None = None) -> str:
         """Subscribe: deliveries are pushed while the consumer has credit (prefetch)."""
         q = self._queue(name)
-        if isinstance(prefetch, bool) or not isinstance(prefetch, int) or not 1 <= prefetch <= 65535:
+        if (isinstance(prefetch, bool) or not isinstance(prefetch, int)
+                or not 1 <= prefetch <= 65535):
             raise BadRequest("'prefetch' must be an integer from 1 to 65535")
         c = Consumer(q, session, prefetch, replenish=True,
                      sink=sink or (lambda c, msgs: c.session.push(c.tag, msgs)))

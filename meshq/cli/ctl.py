@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import Any
 
-from meshq import __version__
+from meshq._version import __version__
 from meshq.cli._common import (
     EXIT_OK,
     QUEUE_COLUMNS,

@@ -14,7 +14,7 @@ import sys
 from collections.abc import Iterator, Sequence
 from typing import Any
 
-from meshq import __version__
+from meshq._version import __version__
 from meshq.cli._common import (
     EXIT_OK,
     add_socket_option,

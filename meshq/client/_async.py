@@ -84,14 +84,16 @@ class AsyncClient:
         return self
 
     async def __aexit__(self, *exc: object) -> None:
-        await self.aclose()
         self._nursery.cancel_scope.cancel()
-        await self._nursery_cm.__aexit__(None, None, None)
+        try:
+            await self._nursery_cm.__aexit__(None, None, None)
+        finally:
+            await self.aclose()
 
     async def aclose(self) -> None:
-        if self._stream is not None:
-            await self._stream.aclose()
         self._fail("connection closed")
+        if self._stream is not None:
+            await trio.aclose_forcefully(self._stream)
 
     def _fail(self, why: str) -> None:
         if self._dead is None:
@@ -150,6 +152,10 @@ class AsyncClient:
         elif push == "cancel" and ch is not None:
             ch.send_nowait(None)
 
+    def _enqueue(self, frame: dict[str, Any]) -> None:
+        self._out += encode_frame(frame)
+        self._out_ready.set()
+
     async def request(self, op: str, **fields: Any) -> dict[str, Any]:
         """Send one request and wait for its result (raising the daemon's error)."""
         if self._dead is not None:
@@ -158,8 +164,7 @@ class AsyncClient:
         fields["op"], fields["id"] = op, rid
         waiter = _Waiter()
         self._waiters[rid] = waiter
-        self._out += encode_frame(fields)
-        self._out_ready.set()
+        self._enqueue(fields)
         await waiter.event.wait()
         if waiter.frame is None:
             self._waiters.pop(rid, None)
@@ -210,13 +215,11 @@ class AsyncClient:
         try:
             yield AsyncSubscription(self, queue, tag, recv)
         finally:
+            # Fire and forget: waiting for the answer could hang when the same
+            # cancellation has already stopped this client's reader.
             self._subs.pop(tag, None)
             if self._dead is None:
-                with trio.CancelScope(shield=True):
-                    try:
-                        await self.request("cancel", consumer=tag)
-                    except Exception:
-                        pass
+                self._enqueue({"op": "cancel", "consumer": tag, "id": next(self._ids)})
 
     async def ack(self, queue: str, ids: list[str]) -> list[str]:
         """Ack leased messages; raises PreconditionFailed naming any it could not ack."""

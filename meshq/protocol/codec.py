@@ -19,6 +19,7 @@ from meshq.errors import FrameTooLarge, ProtocolError
 __all__ = ["DEFAULT_MAX_FRAME", "HEADER", "FrameDecoder", "decode_frame", "encode_frame"]
 
 DEFAULT_MAX_FRAME = 8 * 1024 * 1024
+MAX_DEPTH = 32  # nesting of maps and lists in one frame
 HEADER = struct.Struct(">I")
 _pack = msgpack.Packer(use_bin_type=True).pack
 
@@ -42,22 +43,23 @@ def decode_frame(payload: bytes) -> dict[str, Any]:
 
 
 def _check_keys(obj: dict[Any, Any]) -> None:
-    """msgpack lets bytes keys through strict_map_key; the protocol wants str keys only."""
-    for key, value in obj.items():
-        if type(key) is not str:
-            raise ProtocolError(f"map keys must be strings, not {type(key).__name__}")
-        if type(value) is dict:
-            _check_keys(value)
-        elif type(value) is list:
-            _check_list(value)
-
-
-def _check_list(items: list[Any]) -> None:
-    for item in items:
-        if type(item) is dict:
-            _check_keys(item)
-        elif type(item) is list:
-            _check_list(item)
+    """msgpack lets bytes keys through strict_map_key; the protocol wants str keys only.
+    Also bounds nesting, so that no later recursive walk can blow the stack."""
+    stack: list[tuple[Any, int]] = [(obj, 1)]
+    while stack:
+        node, depth = stack.pop()
+        if depth > MAX_DEPTH:
+            raise ProtocolError(f"frame nests deeper than {MAX_DEPTH} levels")
+        if type(node) is dict:
+            for key, value in node.items():
+                if type(key) is not str:
+                    raise ProtocolError(f"map keys must be strings, not {type(key).__name__}")
+                if type(value) is dict or type(value) is list:
+                    stack.append((value, depth + 1))
+        else:
+            for item in node:
+                if type(item) is dict or type(item) is list:
+                    stack.append((item, depth + 1))
 
 
 class FrameDecoder:

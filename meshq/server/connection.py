@@ -19,6 +19,7 @@ from meshq.errors import MeshqError, ProtocolError
 from meshq.model import Message
 from meshq.protocol.codec import FrameDecoder, encode_frame
 from meshq.server.ops import OPS, delivery
+from meshq.store import StoreError
 
 if TYPE_CHECKING:
     from meshq.node import Node
@@ -27,6 +28,7 @@ __all__ = ["Connection"]
 
 log = logging.getLogger("meshq.server")
 HIGH_WATER = 4 * 1024 * 1024
+FINAL_WRITE_TIMEOUT = 1.0
 
 
 class Connection:
@@ -40,6 +42,8 @@ class Connection:
         self._out_ready = trio.Event()
         self._drained = trio.Event()
         self._nursery: trio.Nursery | None = None
+        self._writing = False
+        self._gone = trio.Event()
 
     # -- outgoing --------------------------------------------------------------------
     def _write(self, frame: dict[str, Any]) -> None:
@@ -59,20 +63,28 @@ class Connection:
         self._write({"push": "cancel", "consumer": tag, "reason": "queue deleted"})
 
     async def _writer(self) -> None:
-        while True:
-            await self._out_ready.wait()
-            self._out_ready = trio.Event()
-            while self._out:
-                data, self._out = bytes(self._out), bytearray()
-                await self.stream.send_all(data)
+        try:
+            while True:
+                await self._out_ready.wait()
+                self._out_ready = trio.Event()
+                while self._out:
+                    data, self._out = bytes(self._out), bytearray()
+                    self._writing = True
+                    try:
+                        await self.stream.send_all(data)
+                    finally:
+                        self._writing = False
+                self._drained.set()
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            self._out.clear()  # nobody will read it
             self._drained.set()
+            self._gone.set()  # the client went away: stop reading too
 
-    async def flush(self) -> None:
-        """Write out everything buffered (used at shutdown)."""
-        if self._out:
-            data, self._out = bytes(self._out), bytearray()
-            with trio.move_on_after(1):
-                await self.stream.send_all(data)
+    async def drain(self) -> None:
+        """Wait until everything buffered has been written."""
+        while self._out or self._writing:
+            self._drained = trio.Event()
+            await self._drained.wait()
 
     # -- incoming --------------------------------------------------------------------
     def _handle(self, req: dict[str, Any]) -> None:
@@ -104,8 +116,8 @@ class Connection:
             self._respond(rid, value)
         elif isinstance(err, MeshqError):
             self._error(rid, err)
-        else:
-            self._error(rid, MeshqError(f"commit failed: {err}"))
+        else:  # the commit failed and was rolled back: nothing was written
+            self._error(rid, StoreError(f"commit failed: {err}"))
 
     async def _await(self, rid: Any, work: Awaitable[dict[str, Any]]) -> None:
         try:
@@ -118,21 +130,31 @@ class Connection:
 
     async def _reader(self) -> None:
         decoder = FrameDecoder(self.max_frame)
-        while True:
-            if len(self._out) > HIGH_WATER:
-                self._drained = trio.Event()
-                await self._drained.wait()
-                continue
-            data = await self.stream.receive_some(65536)
-            if not data:
-                return
-            decoder.feed(data)
-            try:
-                while (frame := decoder.next_frame()) is not None:
-                    self._handle(frame)
-            except ProtocolError as exc:
-                self._error(None, exc)
-                return
+        try:
+            while True:
+                if len(self._out) > HIGH_WATER:
+                    self._drained = trio.Event()
+                    await self._drained.wait()
+                    continue
+                data = await self.stream.receive_some(65536)
+                if not data:
+                    return
+                decoder.feed(data)
+                try:
+                    while (frame := decoder.next_frame()) is not None:
+                        self._handle(frame)
+                except ProtocolError as exc:
+                    # Answer, then close: the stream cannot be resynchronised.
+                    self._error(None, exc)
+                    with trio.move_on_after(FINAL_WRITE_TIMEOUT):
+                        await self.drain()
+                    return
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            return
+
+    async def _watch_gone(self, cancel_scope: trio.CancelScope) -> None:
+        await self._gone.wait()
+        cancel_scope.cancel()
 
     async def serve(self) -> None:
         """Run until the client goes away or the server shuts down."""
@@ -140,20 +162,12 @@ class Connection:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
                 nursery.start_soon(self._writer)
+                nursery.start_soon(self._watch_gone, nursery.cancel_scope)
                 try:
                     await self._reader()
                 finally:
                     nursery.cancel_scope.cancel()
-            await self.flush()  # a final error frame, if the reader stopped on one
-        except (trio.BrokenResourceError, trio.ClosedResourceError):
-            pass
         finally:
             self.broker.close_session(self.session)
             with trio.CancelScope(shield=True):
                 await trio.aclose_forcefully(self.stream)
-
-    async def drain(self) -> None:
-        """Wait until the outgoing buffer has been written (used at shutdown)."""
-        while self._out:
-            self._drained = trio.Event()
-            await self._drained.wait()

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 import trio
 
+from meshq.errors import StartupError
 from meshq.server.connection import Connection
 
 if TYPE_CHECKING:
@@ -25,7 +26,7 @@ __all__ = ["SocketInUse", "UnixServer"]
 log = logging.getLogger("meshq.server")
 
 
-class SocketInUse(RuntimeError):
+class SocketInUse(StartupError):
     pass
 
 
@@ -61,13 +62,20 @@ class UnixServer:
         self._listener: trio.SocketListener | None = None
         self.accepted = 0
 
-    async def run(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+    async def bind(self) -> None:
+        """Take over the socket path and listen; SocketInUse if a live daemon has it."""
         await _prepare(self.path)
         sock = trio.socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM)
         await sock.bind(os.fspath(self.path))
         os.chmod(self.path, 0o660)
         sock.listen(512)
         self._listener = trio.SocketListener(sock)
+
+    async def run(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+        """Accept clients (after ``bind``) until cancelled or ``stop_accepting``."""
+        if self._listener is None:
+            await self.bind()
+        assert self._listener is not None
         try:
             async with trio.open_nursery() as nursery:
                 task_status.started()

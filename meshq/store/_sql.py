@@ -15,6 +15,7 @@ from typing import Any
 
 import sqlite_utils
 
+from meshq.errors import StartupError
 from meshq.store.base import (
     OP_DEDUP,
     OP_DEDUP_PRUNE,
@@ -111,7 +112,7 @@ def connect(path: str | os.PathLike[str]) -> sqlite3.Connection:
     version = int(conn.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()[0])
     if version > SCHEMA_VERSION:
         conn.close()
-        raise RuntimeError(f"{path} has schema version {version}; this meshqd knows up to "
+        raise StartupError(f"{path} has schema version {version}; this meshqd knows up to "
                            f"{SCHEMA_VERSION}: upgrade meshqd")
     return conn
 
