@@ -18,12 +18,20 @@ __all__ = ["ORDERINGS", "Message", "QueueOptions"]
 ORDERINGS = ("fair", "fifo")
 
 
+def finite(value: float) -> bool:
+    """math.isfinite that says False (instead of raising) for ints too big for a float."""
+    try:
+        return math.isfinite(value)
+    except OverflowError:
+        return False
+
+
 def _number(opts: dict[str, Any], key: str, *, integer: bool, minimum: float) -> Any:
     value = opts[key]
     if value is None:
         return None
     ok_types = (int,) if integer else (int, float)
-    if isinstance(value, bool) or not isinstance(value, ok_types) or not math.isfinite(value):
+    if isinstance(value, bool) or not isinstance(value, ok_types) or not finite(value):
         kind = "an integer" if integer else "a number"
         raise BadRequest(f"option {key!r} must be {kind}, not {value!r}")
     if value < minimum:

@@ -226,9 +226,6 @@ def test_sigterm_exits_zero_within_10s_and_keeps_confirmed_sends(daemon: DaemonP
     assert_hlc_moves_on(daemon, ledger.max_hlc)
 
 
-@pytest.mark.xfail(reason="bug: broker/core.py _dispatch hands out a delivery before its "
-                   "lease (delivery_count) is durable, so after kill -9 a message the consumer "
-                   "already saw comes back with redelivered=False", strict=True)
 def test_delivered_unacked_message_comes_back_redelivered(daemon: DaemonProcess) -> None:
     with daemon.client(timeout=LIMIT) as c:
         c.declare(QUEUE)

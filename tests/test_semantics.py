@@ -327,8 +327,6 @@ def test_delete_ends_subscriptions_and_later_sends_are_not_found(daemon):
         assert stats(c, "q")["ready"] == 0 and c.receive("q") == []
 
 
-@pytest.mark.xfail(reason="bug: Subscription.__exit__ after a daemon cancel raises NotFound",
-                   strict=True)
 def test_leaving_a_subscription_ended_by_delete_is_quiet(daemon):
     with daemon.client() as c, daemon.client() as consumer:
         c.declare("q")
@@ -337,8 +335,8 @@ def test_leaving_a_subscription_ended_by_delete_is_quiet(daemon):
             assert sub.get(timeout=5) is None
 
 
-@pytest.mark.xfail(reason="bug: Subscription.get(timeout=0) drops the connection", strict=True)
 def test_subscription_get_with_zero_timeout_polls(daemon):
+    """Regression: get(timeout=0) made the socket non-blocking and dropped the connection."""
     with daemon.client() as c:
         c.declare("q")
         sub = c.consume("q", prefetch=1)

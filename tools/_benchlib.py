@@ -510,5 +510,7 @@ def worker_main(kind: str, wid: int, params: dict[str, Any], q: Any, go: Any,
         rep.flush()
         result["cpu_s"] = time.process_time() - cpu0[0]
         q.put(("result", wid, result))
-    except BaseException:
-        q.put(("error", wid, traceback.format_exc()))
+    except BaseException as exc:
+        while isinstance(exc, BaseExceptionGroup):  # 256 slots fail alike: show one
+            exc = exc.exceptions[0]
+        q.put(("error", wid, "".join(traceback.format_exception(exc))[-3000:]))

@@ -9,6 +9,7 @@ Methods are synchronous and never block; those that write return a Pending.
 
 from __future__ import annotations
 
+import functools
 import heapq
 import itertools
 import math
@@ -23,7 +24,7 @@ from meshq.broker.queue import Consumer, Queue, Session
 from meshq.clock import Clock
 from meshq.errors import BadRequest, NotFound, PreconditionFailed, TooLarge
 from meshq.hlc import HLC
-from meshq.model import Message, QueueOptions
+from meshq.model import Message, QueueOptions, finite
 from meshq.states import Event, State
 from meshq.store import (
     OP_DEDUP,
@@ -76,7 +77,7 @@ class BrokerLimits:
 
 
 def _number(value: Any, name: str, *, minimum: float = 0.0) -> float:
-    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+    if isinstance(value, bool) or not isinstance(value, int | float) or not finite(value):
         raise BadRequest(f"{name!r} must be a number, not {value!r}")
     if value < minimum:
         raise BadRequest(f"{name!r} must be >= {minimum}, not {value!r}")
@@ -118,22 +119,22 @@ class Broker:
         for msg in snap.messages:
             self._seq = max(self._seq, msg.seq + 1)
             high = max(high, msg.hlc)
-            q = self.queues.get(msg.queue)
-            if q is None:
+            home = self.queues.get(msg.queue)
+            if home is None:
                 continue
             if msg.state == State.LEASED:
                 msg.state, msg.lease_deadline = State.READY, None
-                limit = q.options.max_deliveries
+                limit = home.options.max_deliveries
                 if limit is not None and msg.delivery_count >= limit:
-                    spent.append((q, msg))
-            q.add(msg)
+                    spent.append((home, msg))
+            home.add(msg)
             self._schedule_message(msg)
         for queue, dedup_id, mid, expires_at in snap.dedup:
             if expires_at > now:
                 self._dedup[queue, dedup_id] = (mid, expires_at, None)
         self.hlc.restore(high)
-        for queue_, msg in spent:  # a lost lease ends like any other: past max_deliveries
-            self._dead_letter(queue_, msg, "max_deliveries", now)
+        for home, msg in spent:  # a lost lease ends like any other: past max_deliveries, DLQ
+            self._dead_letter(home, msg, "max_deliveries", now)
 
     # -- the timer loop ------------------------------------------------------------------
     async def run(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
@@ -326,8 +327,23 @@ class Broker:
                 out[c].append(msg)
             else:
                 out[c] = [msg]
+        if not out:
+            return
+        # A lease (and its delivery count) is durable before the consumer sees the message,
+        # so that after a crash the message comes back redelivered, counted.
+        batch = self.store.current_batch()
         for c, msgs in out.items():
-            c.sink(c, msgs)
+            c.pending += len(msgs)
+            batch.add_callback(functools.partial(self._deliver, c, msgs))
+
+    def _deliver(self, c: Consumer, msgs: list[Message], error: BaseException | None) -> None:
+        """Hand over messages whose lease committed, unless the lease ended meanwhile."""
+        c.pending -= len(msgs)
+        if c.session.closed:
+            return
+        still = [m for m in msgs if m.owner is c and m.state == State.LEASED]
+        if still or not c.replenish:  # a pull receive waits to hear, even of nothing
+            c.sink(c, still)
 
     # -- operations ----------------------------------------------------------------------
     def declare(self, name: Any, options: Any = None, *, passive: bool = False) -> Pending:
@@ -446,7 +462,9 @@ class Broker:
               error: BaseException | None) -> None:
         if error is not None:  # nothing was written: forget the dedup entries
             for msg, dedup_id in zip(msgs, dedup_ids, strict=True):
-                entry = self._dedup.get((q.name, dedup_id)) if dedup_id else None
+                if dedup_id is None:
+                    continue
+                entry = self._dedup.get((q.name, dedup_id))
                 if entry is not None and entry[0] == msg.id:
                     del self._dedup[q.name, dedup_id]
         self._committed(q, msgs, error)
@@ -516,27 +534,31 @@ class Broker:
         vt = None if visibility_timeout is None else _number(
             visibility_timeout, "visibility_timeout", minimum=0.001)
         got: list[Message] = []
-        arrived = trio.Event()
+        arrived, settled = trio.Event(), trio.Event()
 
         def sink(c: Consumer, msgs: list[Message]) -> None:
             got.extend(msgs)
             c.credit = 0
             arrived.set()
+            if c.pending == 0:
+                settled.set()
 
         c = Consumer(q, session, max_messages, replenish=False, sink=sink,
                      visibility_timeout=vt)
         q.consumers.append(c)
         try:
             self._dispatch(q, self.clock.time())
-            if not got and wait > 0:
+            if c.pending == 0 and wait > 0:
                 with trio.move_on_after(wait):
                     await arrived.wait()
         finally:
-            c.credit = 0
+            c.credit = 0  # no new leases from here on
             try:
                 q.consumers.remove(c)
             except ValueError:
                 pass
+        if c.pending:  # leases granted whose commit is still under way
+            await settled.wait()
         return got
 
     def _leased_by(self, session: Session, q: Queue, ids: Any,

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import itertools
 import os
+import select
 import socket as _socket
 from collections import deque
 from collections.abc import Iterable, Iterator
@@ -15,7 +16,7 @@ from typing import Any
 
 from meshq.client._common import Delivery, check_failed, message_fields, result_of
 from meshq.config import resolve_socket
-from meshq.errors import Timeout, Unavailable
+from meshq.errors import NotFound, Timeout, Unavailable
 from meshq.protocol.codec import FrameDecoder, encode_frame
 
 __all__ = ["Client", "Subscription"]
@@ -39,8 +40,14 @@ class Subscription:
         self.client.ack(self.queue, [delivery.id if isinstance(delivery, Delivery) else delivery])
 
     def cancel(self) -> None:
-        self.client.request("cancel", consumer=self.tag)
-        self.client._deliveries.pop(self.tag, None)
+        """Stop deliveries (a no-op when the daemon already ended it: queue deleted)."""
+        box = self.client._deliveries.pop(self.tag, None)
+        if box is not None and None in box:
+            return
+        try:
+            self.client.request("cancel", consumer=self.tag)
+        except NotFound:
+            pass
 
     def __enter__(self) -> Subscription:
         return self
@@ -85,11 +92,10 @@ class Client:
         """Read once; file frames away. False on timeout."""
         if self._sock is None:
             raise Unavailable("client is closed")
-        self._sock.settimeout(timeout)
         try:
+            if timeout is not None and not select.select([self._sock], [], [], timeout)[0]:
+                return False
             data = self._sock.recv(262144)
-        except TimeoutError:
-            return False
         except OSError as exc:
             self.close()
             raise Timeout(f"connection to meshqd lost: {exc}") from None
