@@ -130,8 +130,8 @@ async def test_send_is_visible_only_once_committed(env: Env, autojump_clock: Moc
     assert ids == pending.result and len(set(ids)) == 3
     assert [env.msg(i).hlc for i in ids] == sorted(env.msg(i).hlc for i in ids)
     assert env.counts() == (2, 1, 0)
-    assert conn.got == []  # leased, but the lease is not durable yet
-    assert (await conn.next()).id == ids[0]
+    # The first message was leased to the waiting consumer in the same commit.
+    assert [d.id for d in conn.got] == ids[:1]
 
 
 async def test_failed_commit_confirms_nothing(env: Env, autojump_clock: MockClock) -> None:
@@ -423,8 +423,8 @@ async def test_single_consumer_sees_hlc_order(env: Env, autojump_clock: MockCloc
 async def test_lease_is_durable_before_delivery(env: Env, autojump_clock: MockClock) -> None:
     await env.declare()
     conn = Conn(env)
-    conn.consume(prefetch=1)
     [mid] = await env.send(b"a")
+    conn.consume(prefetch=1)
     msg = env.msg(mid)
     assert msg.state == State.LEASED and conn.got == []
     assert (await conn.next()).id == mid
@@ -436,8 +436,55 @@ async def test_lease_released_before_it_is_durable_is_not_delivered(
         env: Env, autojump_clock: MockClock) -> None:
     await env.declare()
     gone, other = Conn(env), Conn(env)
-    gone.consume(prefetch=1)
     [mid] = await env.send(b"a")
+    gone.consume(prefetch=1)
     env.broker.close_session(gone.session)  # before the lease's batch commits
     [m] = await other.receive(wait=1)
     assert m.id == mid and m.delivery_count == 2 and gone.got == []
+
+
+async def test_send_to_a_waiting_consumer_leases_in_the_same_commit(
+        env: Env, autojump_clock: MockClock) -> None:
+    await env.declare()
+    conn = Conn(env)
+    conn.consume(prefetch=1)
+    commits = env.store.commits
+    [a, b] = await env.send(b"a", b"b")
+    assert env.store.commits == commits + 1
+    assert [d.id for d in conn.got] == [a]  # b waits: the consumer has no credit left
+    assert (env.msg(a).state, env.msg(b).state) == (State.LEASED, State.READY)
+    row = env.store.messages[env.msg(a).seq]
+    assert (State(row[7]), row[8]) == (State.LEASED, 1)
+
+
+async def test_direct_lease_of_a_consumer_gone_before_commit_goes_back_to_ready(
+        env: Env, autojump_clock: MockClock) -> None:
+    await env.declare()
+    gone, other = Conn(env), Conn(env)
+    gone.consume(prefetch=1)
+    pending = env.broker.send("q", [{"body": b"a"}])
+    env.broker.close_session(gone.session)
+    [mid] = await pending.wait()
+    assert env.msg(mid).state == State.READY and gone.got == []
+    [m] = await other.receive()
+    assert (m.id, m.delivery_count) == (mid, 1)
+
+
+async def test_failed_commit_refunds_a_direct_lease(env: Env, autojump_clock: MockClock) -> None:
+    await env.declare()
+    conn = Conn(env)
+    conn.consume(prefetch=1)
+    env.store.fail_next = True
+    with pytest.raises(StoreError):
+        await env.send(b"lost")
+    [mid] = await env.send(b"kept")
+    assert [d.id for d in conn.got] == [mid]
+
+
+async def test_fifo_queue_does_not_lease_at_send_time(env: Env, autojump_clock: MockClock) -> None:
+    await env.declare(ordering="fifo")
+    conn = Conn(env)
+    conn.consume(prefetch=5)
+    [a] = await env.send(b"a")
+    assert conn.got == []  # its lease commits in the next batch
+    assert (await conn.next()).id == a

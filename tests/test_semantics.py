@@ -162,7 +162,7 @@ def test_subscription_prefetch_limits_unacked_deliveries(daemon):
         ids = producer.send_batch("q", [f"m{i}" for i in range(5)])
         first = [sub.get(timeout=5), sub.get(timeout=5)]
         assert [d.id for d in first] == ids[:2]
-        s = stats(c, "q")  # answered after any delivery pushed before it
+        s = stats(c, "q")  # only 2 leased: the other 3 wait for credit
         assert (s["leased"], s["ready"], s["consumers"]) == (2, 3, 1)
         assert sub.get(timeout=0.05) is None
         sub.ack(first[0])
@@ -328,11 +328,13 @@ def test_delete_ends_subscriptions_and_later_sends_are_not_found(daemon):
 
 
 def test_leaving_a_subscription_ended_by_delete_is_quiet(daemon):
+    """Regression: Subscription.__exit__ after the daemon's cancel raised NotFound."""
     with daemon.client() as c, daemon.client() as consumer:
         c.declare("q")
         with consumer.consume("q", prefetch=1) as sub:
             c.delete("q")
             assert sub.get(timeout=5) is None
+        assert consumer.ping()
 
 
 def test_subscription_get_with_zero_timeout_polls(daemon):
@@ -340,6 +342,9 @@ def test_subscription_get_with_zero_timeout_polls(daemon):
     with daemon.client() as c:
         c.declare("q")
         sub = c.consume("q", prefetch=1)
+        assert sub.get(timeout=0) is None
+        mid = c.send("q", b"x")
+        assert sub.get(timeout=5).id == mid
         assert sub.get(timeout=0) is None
         assert c.ping()
 

@@ -59,7 +59,7 @@ class Pending:
         if self.batch is None:
             fn(self.result, None)
         else:
-            self.batch.add_callback(lambda err: fn(self.result, err))
+            self.batch.add_callback(functools.partial(fn, self.result))
 
     async def wait(self) -> Any:
         if self.batch is not None:
@@ -102,6 +102,8 @@ class Broker:
         self._next_prune = 0.0
         self._hlc_batch: Batch | None = None
         self._hlc_param: list[Any] = []
+        self._sends_batch: Batch | None = None
+        self._sends: list[tuple[Queue, list[Message], list[str | None]]] = []
         self.redeliveries = 0
 
     # -- start-up ----------------------------------------------------------------------
@@ -282,15 +284,35 @@ class Broker:
         return seq
 
     def _committed(self, q: Queue, msgs: list[Message], error: BaseException | None) -> None:
-        """Messages whose put committed become visible (unless their queue went away)."""
+        """Messages whose put committed become visible (unless their queue went away);
+        those leased at send time go to their consumer now."""
         if error is not None or self.queues.get(q.name) is not q:
+            for msg in msgs:
+                if msg.owner is not None:
+                    self._unreserve(msg)
             return
         now = self.clock.time()
+        out: dict[Consumer, list[Message]] = {}
         for msg in msgs:
+            c = msg.owner
             if msg.id in q.messages:  # a dedup race left a twin; keep the first
+                if c is not None:
+                    self._unreserve(msg)
                 continue
+            if c is not None:
+                c.pending -= 1
+                if c.session.closed or c.cancelled:  # gone before it could be handed over
+                    msg.owner, msg.lease_deadline = None, None
+                    msg.state, msg.delivery_count = State.READY, 0
+                    self.store.stage(update_op(msg))
+                else:
+                    c.session.leases.add(msg)
+                    self._add_timer(msg.lease_deadline, _T_LEASE, msg)  # type: ignore[arg-type]
+                    out.setdefault(c, []).append(msg)
             q.add(msg)
             self._schedule_message(msg)
+        for c, leased in out.items():
+            c.sink(c, leased)
         limit = q.options.max_length
         while limit is not None and q.ready > limit:
             head = q.pop_ready()
@@ -342,8 +364,27 @@ class Broker:
         if c.session.closed:
             return
         still = [m for m in msgs if m.owner is c and m.state == State.LEASED]
+        if c.cancelled:  # never handed over: back to ready
+            now = self.clock.time()
+            for m in still:
+                q = self.queues.get(m.queue)
+                if q is not None and q.messages.get(m.id) is m:
+                    m.delivery_count -= 1
+                    self._end_lease(q, m, now, Event.REQUEUE)
+                    self._dispatch(q, now)
+            return
         if still or not c.replenish:  # a pull receive waits to hear, even of nothing
             c.sink(c, still)
+
+    def _unreserve(self, msg: Message) -> None:
+        """Undo a lease taken at send time whose message never became durable."""
+        c: Consumer = msg.owner
+        msg.owner = None
+        c.pending -= 1
+        if not c.cancelled:
+            c.credit += 1
+            if not c.replenish and c.pending == 0:
+                c.sink(c, [])  # wake the pull receive that waits for it
 
     # -- operations ----------------------------------------------------------------------
     def declare(self, name: Any, options: Any = None, *, passive: bool = False) -> Pending:
@@ -428,6 +469,9 @@ class Broker:
         window = self.limits.dedup_window
         qttl = q.options.message_ttl
         store = self.store
+        # A fair queue with no backlog leases a new message to a waiting consumer in the
+        # same commit as the message itself: one commit from send to delivery.
+        direct = q.options.ordering == "fair" and bool(q.consumers)
         for body, headers, ttl, delay, dedup_id in parsed:
             if dedup_id is not None:
                 hit = self._dedup.get((name, dedup_id))
@@ -445,6 +489,16 @@ class Broker:
                 msg.expires_at = now + ttl
             if delay:
                 msg.state, msg.ready_at = State.DELAYED, now + delay
+            elif direct and q.ready == 0:
+                c = q.next_consumer()
+                if c is None:
+                    direct = False
+                else:
+                    c.credit -= 1
+                    c.pending += 1
+                    msg.state, msg.delivery_count, msg.owner = State.LEASED, 1, c
+                    msg.lease_deadline = now + (c.visibility_timeout
+                                                or q.options.visibility_timeout)
             batch = store.stage(put_op(msg))
             if dedup_id is not None:
                 self._dedup[name, dedup_id] = (msg.id, now + window, batch)
@@ -455,19 +509,23 @@ class Broker:
         if not fresh:
             return Pending(wait_for, ids)
         batch = store.current_batch()
-        batch.add_callback(lambda err: self._sent(q, fresh, fresh_dedup, err))
+        if batch is not self._sends_batch:  # one callback per batch, not per send
+            self._sends_batch, self._sends = batch, []
+            batch.add_callback(functools.partial(self._sent, self._sends))
+        self._sends.append((q, fresh, fresh_dedup))
         return Pending(batch, ids)
 
-    def _sent(self, q: Queue, msgs: list[Message], dedup_ids: list[str | None],
+    def _sent(self, sends: list[tuple[Queue, list[Message], list[str | None]]],
               error: BaseException | None) -> None:
-        if error is not None:  # nothing was written: forget the dedup entries
-            for msg, dedup_id in zip(msgs, dedup_ids, strict=True):
-                if dedup_id is None:
-                    continue
-                entry = self._dedup.get((q.name, dedup_id))
-                if entry is not None and entry[0] == msg.id:
-                    del self._dedup[q.name, dedup_id]
-        self._committed(q, msgs, error)
+        for q, msgs, dedup_ids in sends:
+            if error is not None:  # nothing was written: forget the dedup entries
+                for msg, dedup_id in zip(msgs, dedup_ids, strict=True):
+                    if dedup_id is None:
+                        continue
+                    entry = self._dedup.get((q.name, dedup_id))
+                    if entry is not None and entry[0] == msg.id:
+                        del self._dedup[q.name, dedup_id]
+            self._committed(q, msgs, error)
 
     def _parse_message(self, m: Any, i: int) -> tuple[bytes, dict[str, Any], Any, Any, Any]:
         if not isinstance(m, dict):
@@ -517,7 +575,7 @@ class Broker:
         c = session.consumers.pop(tag, None) if isinstance(tag, str) else None
         if c is None:
             raise NotFound(f"no consumer {tag!r} on this connection")
-        c.credit, c.replenish = 0, False
+        c.credit, c.replenish, c.cancelled = 0, False, True
         try:
             c.queue.consumers.remove(c)
         except ValueError:
@@ -626,7 +684,7 @@ class Broker:
         """The connection is gone: drop its consumers, release its leases."""
         session.closed = True
         for c in session.consumers.values():
-            c.credit, c.replenish = 0, False
+            c.credit, c.replenish, c.cancelled = 0, False, True
             try:
                 c.queue.consumers.remove(c)
             except ValueError:

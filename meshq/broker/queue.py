@@ -43,8 +43,8 @@ class Session:
 class Consumer:
     """A subscription (prefetch credit, refilled by acks) or a one-shot pull receive."""
 
-    __slots__ = ("credit", "pending", "queue", "replenish", "session", "sink", "tag",
-                 "visibility_timeout")
+    __slots__ = ("cancelled", "credit", "pending", "queue", "replenish", "session", "sink",
+                 "tag", "visibility_timeout")
 
     def __init__(self, queue: Queue, session: Session, credit: int, *, replenish: bool,
                  sink: Callable[[Consumer, list[Message]], None],
@@ -54,6 +54,7 @@ class Consumer:
         self.session = session
         self.credit = credit
         self.pending = 0  # leased, lease not yet durable, so not yet handed over
+        self.cancelled = False  # a subscription ended by cancel or disconnect
         self.replenish = replenish
         self.sink = sink
         self.visibility_timeout = visibility_timeout

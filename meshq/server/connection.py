@@ -8,6 +8,7 @@ the outgoing buffer is over its high-water mark (so a client that never reads is
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Awaitable
 from typing import TYPE_CHECKING, Any
@@ -104,7 +105,7 @@ class Connection:
             self._error(rid, MeshqError("internal error; see the daemon's log"))
             return
         if isinstance(result, Pending):
-            result.then(lambda value, err: self._finish(rid, value, err))
+            result.then(functools.partial(self._finish, rid))
         elif isinstance(result, dict):
             self._respond(rid, result)
         else:

@@ -29,7 +29,7 @@ from meshq.store.base import (
 
 __all__ = ["MAX_BATCH_FRAME", "SCHEMA_VERSION", "apply", "connect"]
 
-MAX_BATCH_FRAME = 1 << 30  # one batch, as sent to the writer process
+MAX_BATCH_FRAME = 1 << 30  # bytes of one batch, as sent to the writer process
 
 SCHEMA_VERSION = 1
 

@@ -2,8 +2,9 @@
 
 Why a process: SQLite steps drop and retake the GIL, and a busy event loop makes every
 retake wait, so a writer thread runs several times slower than SQLite can. Protocol on
-stdin/stdout: frames (meshq.protocol.codec) of {"ops": [[kind, params], ...]}, each
-answered by {"ok": true} once COMMIT has returned, or {"error": "..."} after a rollback.
+stdin: a stream of msgpack arrays of ops ([kind, params] pairs), one array per batch; on
+stdout each batch is answered by one byte, 0 once COMMIT has returned, or 1 followed by
+an error line after a rollback.
 On EOF it exits, so it never outlives its daemon by more than one commit.
 """
 
@@ -12,26 +13,29 @@ from __future__ import annotations
 import os
 import sys
 
-from meshq.protocol.codec import FrameDecoder, encode_frame
+import msgpack
+
 from meshq.store._sql import MAX_BATCH_FRAME, apply, connect
 
 
 def main(path: str) -> int:
     conn = connect(path)
-    decoder = FrameDecoder(MAX_BATCH_FRAME)
+    # The daemon is the only writer to this pipe: decode without the client codec's
+    # checks, which cost more than the unpacking itself on a large batch.
+    unpacker = msgpack.Unpacker(raw=False, use_list=False, max_buffer_size=MAX_BATCH_FRAME)
     stdin, stdout = sys.stdin.fileno(), sys.stdout.fileno()
     while True:
         data = os.read(stdin, 1 << 20)
         if not data:
             conn.close()
             return 0
-        decoder.feed(data)
-        for frame in decoder.frames():
+        unpacker.feed(data)
+        for ops in unpacker:
             try:
-                apply(conn, frame["ops"])
-                reply = encode_frame({"ok": True})
+                apply(conn, ops)
+                reply = b"\x00"
             except Exception as exc:
-                reply = encode_frame({"error": f"{exc.__class__.__name__}: {exc}"})
+                reply = b"\x01" + f"{exc.__class__.__name__}: {exc}".encode()[:4000] + b"\n"
             view = memoryview(reply)
             while view:
                 view = view[os.write(stdout, view):]

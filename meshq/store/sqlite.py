@@ -16,14 +16,15 @@ from typing import Any
 import msgpack
 import trio
 
-from meshq.errors import ProtocolError
 from meshq.model import Message
-from meshq.protocol.codec import FrameDecoder, encode_frame
 from meshq.states import State
-from meshq.store._sql import MAX_BATCH_FRAME, SCHEMA_VERSION, connect
+from meshq.store._sql import SCHEMA_VERSION, connect
 from meshq.store.base import Op, Snapshot, Store, StoreFatal, StoreStatistics
 
 __all__ = ["SCHEMA_VERSION", "SQLiteStore", "WriterDied"]
+
+
+_pack = msgpack.Packer(use_bin_type=True).pack
 
 
 class WriterDied(StoreFatal):
@@ -36,7 +37,7 @@ class SQLiteStore(Store):
         self.path = os.fspath(path)
         connect(self.path).close()  # create the schema, check its version
         self._proc: trio.Process | None = None
-        self._decoder = FrameDecoder(MAX_BATCH_FRAME)
+        self._reply = bytearray()
 
     def load(self) -> Snapshot:
         conn = connect(self.path)
@@ -92,16 +93,22 @@ class SQLiteStore(Store):
         if proc is None or proc.stdin is None or proc.stdout is None:
             raise WriterDied("the store's writer process is not running")
         try:
-            await proc.stdin.send_all(encode_frame({"ops": ops}))
-            while (reply := self._decoder.next_frame()) is None:
+            await proc.stdin.send_all(_pack(ops))
+            buf = self._reply
+            while not buf or (buf[0] != 0 and b"\n" not in buf):
                 data = await proc.stdout.receive_some(65536)
                 if not data:
                     raise WriterDied(f"the store's writer process exited ({proc.poll()})")
-                self._decoder.feed(data)
-        except (trio.BrokenResourceError, trio.ClosedResourceError, ProtocolError) as exc:
+                buf += data
+        except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
             raise WriterDied(f"lost the store's writer process: {exc}") from None
-        if "error" in reply:
-            raise OSError(reply["error"])
+        if buf[0] == 0:
+            del buf[:1]
+            return
+        end = buf.index(b"\n")
+        message = buf[1:end].decode(errors="replace")
+        del buf[: end + 1]
+        raise OSError(message)
 
     def statistics(self) -> StoreStatistics:
         size = 0
