@@ -28,7 +28,7 @@ from meshq.config import Config, ConfigError, add_daemon_arguments, load_config
 from meshq.errors import StartupError
 from meshq.node import Node
 from meshq.server.listener import UnixServer
-from meshq.store import SQLiteStore
+from meshq.store import SQLiteStore, StoreFatal
 
 __all__ = ["main", "serve"]
 
@@ -151,9 +151,17 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=config.log_level.upper(), stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
-        return trio.run(_main_async, config, args.banner)
+        return _run(config, args.banner)
     except KeyboardInterrupt:
         return 130
+
+
+def _run(config: Config, banner: bool) -> int:
+    try:
+        return trio.run(_main_async, config, banner)
+    except* StoreFatal as group:
+        print(f"meshqd: {group.exceptions[0]}; stopping", file=sys.stderr)
+    return 1
 
 
 if __name__ == "__main__":

@@ -488,3 +488,14 @@ async def test_fifo_queue_does_not_lease_at_send_time(env: Env, autojump_clock: 
     [a] = await env.send(b"a")
     assert conn.got == []  # its lease commits in the next batch
     assert (await conn.next()).id == a
+
+
+async def test_many_due_timers_are_handled_in_slices(env: Env, autojump_clock: MockClock) -> None:
+    await env.declare(visibility_timeout=5.0)
+    conn = Conn(env)
+    ids = await env.send(*[b"x"] * 10)
+    got = await conn.receive(n=10)
+    await conn.ack([m.id for m in got])  # their lease timers stay in the heap, stale
+    assert env.broker.tick(env.clock.time() + 10, budget=4) is True
+    assert env.broker.tick(env.clock.time() + 10, budget=100) is False
+    assert env.counts() == (0, 0, 0) and len(ids) == 10

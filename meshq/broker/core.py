@@ -43,6 +43,7 @@ __all__ = ["Broker", "BrokerLimits", "Pending"]
 
 _T_DUE, _T_LEASE, _T_TTL = 0, 1, 2
 DEDUP_PRUNE_INTERVAL = 60.0
+TICK_BUDGET = 2000  # timers handled per event-loop turn
 
 
 class Pending:
@@ -144,7 +145,9 @@ class Broker:
         task_status.started()
         while True:
             now = self.clock.time()
-            self.tick(now)
+            if self.tick(now):  # more is due: let the event loop breathe, then go on
+                await trio.lowlevel.checkpoint()
+                continue
             at = min(self._timers[0][0] if self._timers else math.inf, self._next_prune)
             with trio.CancelScope() as scope:
                 self._timer_scope, self._timer_at = scope, at
@@ -162,10 +165,14 @@ class Broker:
         if msg.expires_at is not None:
             self._add_timer(msg.expires_at, _T_TTL, msg)
 
-    def tick(self, now: float) -> None:
-        """Handle every timer due at ``now``."""
+    def tick(self, now: float, budget: int = TICK_BUDGET) -> bool:
+        """Handle timers due at ``now``, at most ``budget`` of them (most are stale: a
+        lease timer stays in the heap after its ack). True when more are due."""
         timers, touched = self._timers, set()
         while timers and timers[0][0] <= now:
+            budget -= 1
+            if budget < 0:
+                break
             when, _, kind, msg = heapq.heappop(timers)
             q = self.queues.get(msg.queue)
             if q is None or q.messages.get(msg.id) is not msg:
@@ -183,6 +190,7 @@ class Broker:
             self._prune_dedup(now)
         for q in touched:
             self._dispatch(q, now)
+        return budget < 0
 
     def _prune_dedup(self, now: float) -> None:
         self._next_prune = now + DEDUP_PRUNE_INTERVAL

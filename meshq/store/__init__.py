@@ -26,6 +26,7 @@ from meshq.store.base import (
     Snapshot,
     Store,
     StoreError,
+    StoreFatal,
     StoreStatistics,
 )
 from meshq.store.memory import MemoryStore
@@ -46,5 +47,6 @@ __all__ = [
     "Snapshot",
     "Store",
     "StoreError",
+    "StoreFatal",
     "StoreStatistics",
 ]

@@ -27,8 +27,9 @@ from meshq.store.base import (
     OP_UPDATE,
 )
 
-__all__ = ["MAX_BATCH_FRAME", "SCHEMA_VERSION", "apply", "connect"]
+__all__ = ["MAX_BATCH_FRAME", "SCHEMA_VERSION", "SKIPPED", "apply", "connect"]
 
+SKIPPED = "skipped: an earlier batch failed"  # the writer's answer after a failure
 MAX_BATCH_FRAME = 1 << 30  # bytes of one batch, as sent to the writer process
 
 SCHEMA_VERSION = 1

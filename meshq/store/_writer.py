@@ -4,8 +4,9 @@ Why a process: SQLite steps drop and retake the GIL, and a busy event loop makes
 retake wait, so a writer thread runs several times slower than SQLite can. Protocol on
 stdin: a stream of msgpack arrays of ops ([kind, params] pairs), one array per batch; on
 stdout each batch is answered by one byte, 0 once COMMIT has returned, or 1 followed by
-an error line after a rollback.
-On EOF it exits, so it never outlives its daemon by more than one commit.
+an error line after a rollback. After a failure it refuses every batch until it reads a
+nil marker: batches sent before the daemon learnt of the failure may build on the one
+that failed. On EOF it exits, so it never outlives its daemon by more than one commit.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import sys
 
 import msgpack
 
-from meshq.store._sql import MAX_BATCH_FRAME, apply, connect
+from meshq.store._sql import MAX_BATCH_FRAME, SKIPPED, apply, connect
 
 
 def main(path: str) -> int:
@@ -24,6 +25,7 @@ def main(path: str) -> int:
     # checks, which cost more than the unpacking itself on a large batch.
     unpacker = msgpack.Unpacker(raw=False, use_list=False, max_buffer_size=MAX_BATCH_FRAME)
     stdin, stdout = sys.stdin.fileno(), sys.stdout.fileno()
+    failed = False
     while True:
         data = os.read(stdin, 1 << 20)
         if not data:
@@ -31,11 +33,18 @@ def main(path: str) -> int:
             return 0
         unpacker.feed(data)
         for ops in unpacker:
-            try:
-                apply(conn, ops)
-                reply = b"\x00"
-            except Exception as exc:
-                reply = b"\x01" + f"{exc.__class__.__name__}: {exc}".encode()[:4000] + b"\n"
+            if ops is None:  # the daemon has seen our failure: commit again
+                failed = False
+                continue
+            if failed:
+                reply = b"\x01" + SKIPPED.encode() + b"\n"
+            else:
+                try:
+                    apply(conn, ops)
+                    reply = b"\x00"
+                except Exception as exc:
+                    failed = True
+                    reply = b"\x01" + f"{exc.__class__.__name__}: {exc}".encode()[:4000] + b"\n"
             view = memoryview(reply)
             while view:
                 view = view[os.write(stdout, view):]

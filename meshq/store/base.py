@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import abc
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -76,7 +77,7 @@ Callback = Callable[[BaseException | None], None]
 class Batch:
     """Ops that commit together. Durable once ``done`` with ``error`` None."""
 
-    __slots__ = ("_callbacks", "_event", "done", "error", "ops")
+    __slots__ = ("_callbacks", "_event", "done", "error", "ops", "started")
 
     def __init__(self) -> None:
         self.ops: list[Op] = []
@@ -84,6 +85,7 @@ class Batch:
         self._event: trio.Event | None = None
         self.done = False
         self.error: BaseException | None = None
+        self.started = 0.0
 
     def add_callback(self, fn: Callback) -> None:
         if self.done:
@@ -128,13 +130,13 @@ class StoreStatistics:
     commits: int
     ops_committed: int
     failed_commits: int
-    commit_seconds: float  # total time spent committing (thread hop included)
+    commit_seconds: float  # summed over batches, from hand-over to durable
 
 
 class Store(abc.ABC):
     def __init__(self) -> None:
         self._open = Batch()
-        self._inflight: Batch | None = None
+        self._inflight: deque[Batch] = deque()  # sent to be committed, oldest first
         self._has_work = trio.Event()
         self.commits = 0
         self.ops_committed = 0
@@ -155,39 +157,58 @@ class Store(abc.ABC):
 
     async def flush(self) -> None:
         """Wait until every op staged so far is durable (or its commit failed)."""
-        target = self._open if self._open.ops else self._inflight
+        target = self._open if self._open.ops else (self._inflight[-1] if self._inflight
+                                                     else None)
         if target is not None:
             try:
                 await target.wait()
             except StoreError:
                 pass
 
+    async def next_batch(self) -> Batch:
+        """Wait for staged ops; close the open batch and return it (now in flight)."""
+        while not self._open.ops:
+            await self._has_work.wait()
+            self._has_work = trio.Event()
+        batch, self._open = self._open, Batch()
+        batch.started = time.perf_counter()
+        self._inflight.append(batch)
+        return batch
+
+    def finish(self, batch: Batch, error: BaseException | None) -> None:
+        """Report the oldest in-flight batch committed (error None) or rolled back."""
+        assert self._inflight and self._inflight[0] is batch
+        self._inflight.popleft()
+        if error is None:
+            self.commit_seconds += time.perf_counter() - batch.started
+            self.commits += 1
+            self.ops_committed += len(batch.ops)
+        else:
+            self.failed_commits += 1
+        batch.complete(error)
+
+    def abandon(self) -> None:
+        """The store stopped: every batch in flight has an unknown outcome."""
+        while self._inflight:
+            self._inflight.popleft().complete(
+                Timeout("the store stopped during a commit; outcome unknown"))
+
     async def run(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
         """The writer loop: commit one batch at a time, forever."""
         task_status.started()
-        while True:
-            await self._has_work.wait()
-            self._has_work = trio.Event()
-            batch = self._open
-            if not batch.ops:
-                continue
-            self._open = Batch()
-            self._inflight = batch
-            error: BaseException | None = None
-            started = time.perf_counter()
-            try:
-                await self._commit(batch.ops)
-                self.commit_seconds += time.perf_counter() - started
-                self.commits += 1
-                self.ops_committed += len(batch.ops)
-            except (trio.Cancelled, StoreFatal):
-                batch.complete(Timeout("the store stopped during a commit; outcome unknown"))
-                raise
-            except Exception as exc:
-                self.failed_commits += 1
-                error = exc
-            self._inflight = None
-            batch.complete(error)
+        try:
+            while True:
+                batch = await self.next_batch()
+                try:
+                    await self._commit(batch.ops)
+                except (trio.Cancelled, StoreFatal):
+                    raise
+                except Exception as exc:
+                    self.finish(batch, exc)
+                else:
+                    self.finish(batch, None)
+        finally:
+            self.abandon()
 
     @abc.abstractmethod
     def load(self) -> Snapshot: ...

@@ -18,13 +18,14 @@ import trio
 
 from meshq.model import Message
 from meshq.states import State
-from meshq.store._sql import SCHEMA_VERSION, connect
-from meshq.store.base import Op, Snapshot, Store, StoreFatal, StoreStatistics
+from meshq.store._sql import SCHEMA_VERSION, SKIPPED, connect
+from meshq.store.base import Batch, Op, Snapshot, Store, StoreFatal, StoreStatistics
 
 __all__ = ["SCHEMA_VERSION", "SQLiteStore", "WriterDied"]
 
 
 _pack = msgpack.Packer(use_bin_type=True).pack
+PIPELINE_DEPTH = 2  # batches handed to the writer and not yet confirmed
 
 
 class WriterDied(StoreFatal):
@@ -37,7 +38,8 @@ class SQLiteStore(Store):
         self.path = os.fspath(path)
         connect(self.path).close()  # create the schema, check its version
         self._proc: trio.Process | None = None
-        self._reply = bytearray()
+        self._reply_buf = bytearray()
+        self._send_lock = trio.Lock()
 
     def load(self) -> Snapshot:
         conn = connect(self.path)
@@ -67,14 +69,34 @@ class SQLiteStore(Store):
             conn.close()
 
     async def run(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+        """Commit batches through the writer process, PIPELINE_DEPTH of them in flight:
+        the writer starts on the next batch while the daemon answers the last one."""
         self._proc = await trio.lowlevel.open_process(
             [sys.executable, "-m", "meshq.store._writer", self.path],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE)
         try:
-            await super().run(task_status=task_status)
+            sent, to_confirm = trio.open_memory_channel[Batch](PIPELINE_DEPTH - 2)
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._confirm, to_confirm)
+                task_status.started()
+                async with sent:
+                    while True:
+                        batch = await self.next_batch()
+                        await self._send(batch.ops)
+                        await sent.send(batch)
         finally:
+            self.abandon()
             with trio.CancelScope(shield=True):
                 await self._stop_writer()
+
+    async def _confirm(self, to_confirm: trio.MemoryReceiveChannel[Batch]) -> None:
+        async for batch in to_confirm:
+            error = await self._reply()
+            if error is not None and not str(error).startswith(SKIPPED):
+                # The writer now refuses what was sent after the failed batch (it may
+                # build on it) until this marker tells it that we know.
+                await self._send(None)
+            self.finish(batch, error)
 
     async def _stop_writer(self) -> None:
         proc = self._proc
@@ -88,13 +110,21 @@ class SQLiteStore(Store):
             proc.kill()
             await proc.wait()
 
-    async def _commit(self, ops: list[Op]) -> None:
+    async def _send(self, ops: list[Op] | None) -> None:
         proc = self._proc
-        if proc is None or proc.stdin is None or proc.stdout is None:
-            raise WriterDied("the store's writer process is not running")
+        assert proc is not None and proc.stdin is not None
         try:
-            await proc.stdin.send_all(_pack(ops))
-            buf = self._reply
+            async with self._send_lock:
+                await proc.stdin.send_all(_pack(ops))
+        except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+            raise WriterDied(f"lost the store's writer process: {exc}") from None
+
+    async def _reply(self) -> OSError | None:
+        """The writer's answer to the oldest batch sent: None once it committed."""
+        proc = self._proc
+        assert proc is not None and proc.stdout is not None
+        buf = self._reply_buf
+        try:
             while not buf or (buf[0] != 0 and b"\n" not in buf):
                 data = await proc.stdout.receive_some(65536)
                 if not data:
@@ -104,11 +134,17 @@ class SQLiteStore(Store):
             raise WriterDied(f"lost the store's writer process: {exc}") from None
         if buf[0] == 0:
             del buf[:1]
-            return
+            return None
         end = buf.index(b"\n")
         message = buf[1:end].decode(errors="replace")
         del buf[: end + 1]
-        raise OSError(message)
+        return OSError(message)
+
+    async def _commit(self, ops: list[Op]) -> None:
+        await self._send(ops)
+        error = await self._reply()
+        if error is not None:
+            raise error
 
     def statistics(self) -> StoreStatistics:
         size = 0

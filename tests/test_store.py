@@ -1,0 +1,82 @@
+"""SQLiteStore against a real file and a real writer process."""
+
+from __future__ import annotations
+
+import os
+import signal
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+import trio
+
+from meshq.errors import Timeout
+from meshq.model import Message
+from meshq.states import State
+from meshq.store import OP_DELETE, OP_META, OP_PUT, SQLiteStore, StoreError
+from meshq.store.base import put_op, update_op
+from meshq.store.sqlite import WriterDied
+
+
+def message(seq: int, body: bytes = b"b") -> Message:
+    return Message(seq, f"{seq:016x}-n1", "q", body, {"h": seq}, seq, "n1")
+
+
+@pytest.fixture
+async def store(tmp_path: Path) -> AsyncIterator[SQLiteStore]:
+    s = SQLiteStore(tmp_path / "meshq.db")
+    async with trio.open_nursery() as nursery:
+        await nursery.start(s.run)
+        yield s
+        nursery.cancel_scope.cancel()
+
+
+async def test_committed_ops_are_loaded_back(store: SQLiteStore) -> None:
+    msgs = [message(i) for i in range(1, 201)]
+    for m in msgs:
+        store.stage(put_op(m))
+    msgs[0].state, msgs[0].delivery_count = State.LEASED, 1
+    store.stage(update_op(msgs[0]))
+    msgs[0].delivery_count = 2  # two updates of one row in one batch: the last wins
+    store.stage(update_op(msgs[0]))
+    for m in msgs[100:]:
+        store.stage((OP_DELETE, (m.seq,)))
+    await store.stage((OP_META, ("hlc", 42))).wait()
+    snap = store.load()
+    assert [m.seq for m in snap.messages] == list(range(1, 101))
+    first = snap.messages[0]
+    assert (first.state, first.delivery_count, first.headers) == (State.LEASED, 2, {"h": 1})
+    assert snap.meta["hlc"] == "42"
+
+
+async def test_a_failed_batch_writes_nothing_and_the_store_goes_on(store: SQLiteStore) -> None:
+    bad = store.stage((OP_PUT, (1, "x", None, 1, "n1", b"", None, 0, 0, 0.0, None, None)))
+    store.stage(put_op(message(2)))  # same batch as the bad op: rolled back with it
+    with pytest.raises(StoreError):
+        await bad.wait()
+    later = store.stage(put_op(message(3)))
+    try:  # sent before the daemon saw the failure, it may be refused too, never half-done
+        await later.wait()
+    except StoreError as exc:
+        assert "earlier batch failed" in str(exc)
+        await store.stage(put_op(message(3))).wait()
+    assert [m.seq for m in store.load().messages] == [3]
+    assert store.statistics().failed_commits >= 1
+
+
+async def test_a_dead_writer_stops_the_store(tmp_path: Path) -> None:
+    s = SQLiteStore(tmp_path / "meshq.db")
+    outcome: list[BaseException] = []
+    try:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(s.run)
+            await s.stage(put_op(message(1))).wait()
+            assert s._proc is not None
+            os.kill(s._proc.pid, signal.SIGKILL)
+            pending = s.stage(put_op(message(2)))
+            with pytest.raises((Timeout, StoreError)):
+                await pending.wait()
+            await trio.sleep_forever()
+    except* WriterDied as group:
+        outcome.extend(group.exceptions)
+    assert len(outcome) == 1
