@@ -499,3 +499,17 @@ async def test_many_due_timers_are_handled_in_slices(env: Env, autojump_clock: M
     assert env.broker.tick(env.clock.time() + 10, budget=4) is True
     assert env.broker.tick(env.clock.time() + 10, budget=100) is False
     assert env.counts() == (0, 0, 0) and len(ids) == 10
+
+
+async def test_hlc_ceiling_is_written_ahead_not_with_every_commit(
+        env: Env, autojump_clock: MockClock) -> None:
+    await env.declare()
+    for _ in range(20):  # 20 commits within 10 virtual ms: the first ceiling covers them
+        await env.send(b"x")
+    ceiling = int(env.store.meta["hlc"])
+    assert env.broker.hlc.last < ceiling
+    assert ceiling - env.broker.hlc.last < (300 << 16)  # about HLC_CEILING_MS ahead
+    await env.store.flush()
+    broker2 = await env.restart()
+    [mid] = await env.send(b"after")
+    assert broker2.queues["q"].messages[mid].hlc > ceiling

@@ -23,7 +23,7 @@ import trio
 from meshq.broker.queue import Consumer, Queue, Session
 from meshq.clock import Clock
 from meshq.errors import BadRequest, NotFound, PreconditionFailed, TooLarge
-from meshq.hlc import HLC
+from meshq.hlc import HLC, pack, physical_ms
 from meshq.model import Message, QueueOptions, finite
 from meshq.states import Event, State
 from meshq.store import (
@@ -43,6 +43,8 @@ __all__ = ["Broker", "BrokerLimits", "Pending"]
 
 _T_DUE, _T_LEASE, _T_TTL = 0, 1, 2
 DEDUP_PRUNE_INTERVAL = 60.0
+HLC_CEILING_MS = 200  # how far the persisted HLC ceiling runs ahead (< max_clock_offset)
+HLC_REFRESH = pack(HLC_CEILING_MS // 2)  # renew the ceiling when this close to it
 TICK_BUDGET = 2000  # timers handled per event-loop turn
 
 
@@ -101,8 +103,9 @@ class Broker:
         self._timer_at = math.inf
         self._dedup: dict[tuple[str, str], tuple[str, float, Batch | None]] = {}
         self._next_prune = 0.0
-        self._hlc_batch: Batch | None = None
-        self._hlc_param: list[Any] = []
+        self._hlc_batch: Batch | None = None  # the batch holding the last ceiling staged
+        self._hlc_ceiling = 0  # that ceiling
+        self._hlc_durable = 0  # the highest ceiling committed
         self._sends_batch: Batch | None = None
         self._sends: list[tuple[Queue, list[Message], list[str | None]]] = []
         self.redeliveries = 0
@@ -111,7 +114,7 @@ class Broker:
     def restore(self, snap: Snapshot) -> None:
         """Rebuild memory from what the store holds. Leases die with the old process."""
         now = self.clock.time()
-        high = int(snap.meta.get("hlc", 0) or 0)
+        high = self._hlc_durable = int(snap.meta.get("hlc", 0) or 0)  # a ceiling
         for name, options, counters in snap.queues:
             q = Queue(name, QueueOptions.from_dict(options))
             q.dead_lettered = counters["dead_lettered"]
@@ -210,15 +213,24 @@ class Broker:
         return q
 
     def _stamp(self, now: float) -> int:
-        """A new HLC timestamp; its high-water mark commits with the open batch."""
+        """A new HLC timestamp, below a durable ceiling (CockroachDB's persisted upper
+        bound): a timestamp is handed out only under a ceiling already committed or
+        committing in the same batch, so a restart, which starts above the ceiling, never
+        repeats one. Ceilings run HLC_CEILING_MS ahead, so few commits carry one."""
         ts = self.hlc.now(int(now * 1000))
+        if ts < self._hlc_durable - HLC_REFRESH:
+            return ts
         batch = self.store.current_batch()
-        if batch is self._hlc_batch:
-            self._hlc_param[1] = ts
-        else:
-            self._hlc_param = ["hlc", ts]
-            self._hlc_batch = self.store.stage((OP_META, self._hlc_param))  # type: ignore[arg-type]
+        if batch is not self._hlc_batch or ts >= self._hlc_ceiling:
+            ceiling = pack(physical_ms(ts) + HLC_CEILING_MS)
+            self._hlc_batch, self._hlc_ceiling = batch, ceiling
+            self.store.stage((OP_META, ("hlc", ceiling)))
+            batch.add_callback(functools.partial(self._ceiling_committed, ceiling))
         return ts
+
+    def _ceiling_committed(self, ceiling: int, error: BaseException | None) -> None:
+        if error is None:
+            self._hlc_durable = max(self._hlc_durable, ceiling)
 
     def _stage_counters(self, q: Queue) -> Batch:
         return self.store.stage((OP_QUEUE, (q.name, _pack_options(q.options), q.dead_lettered,
@@ -536,6 +548,10 @@ class Broker:
             self._committed(q, msgs, error)
 
     def _parse_message(self, m: Any, i: int) -> tuple[bytes, dict[str, Any], Any, Any, Any]:
+        if type(m) is dict and len(m) == 1:  # the common case: a body and nothing else
+            body = m.get("body")
+            if type(body) is bytes and len(body) <= self.limits.max_message_bytes:
+                return body, {}, None, None, None
         if not isinstance(m, dict):
             raise BadRequest(f"message {i} must be a map")
         body = m.get("body")

@@ -42,24 +42,30 @@ def decode_frame(payload: bytes) -> dict[str, Any]:
     return obj
 
 
-def _check_keys(obj: dict[Any, Any]) -> None:
+def _check_keys(obj: dict[Any, Any], depth: int = 1) -> None:
     """msgpack lets bytes keys through strict_map_key; the protocol wants str keys only.
-    Also bounds nesting, so that no later recursive walk can blow the stack."""
-    stack: list[tuple[Any, int]] = [(obj, 1)]
-    while stack:
-        node, depth = stack.pop()
-        if depth > MAX_DEPTH:
-            raise ProtocolError(f"frame nests deeper than {MAX_DEPTH} levels")
-        if type(node) is dict:
-            for key, value in node.items():
-                if type(key) is not str:
-                    raise ProtocolError(f"map keys must be strings, not {type(key).__name__}")
-                if type(value) is dict or type(value) is list:
-                    stack.append((value, depth + 1))
-        else:
-            for item in node:
-                if type(item) is dict or type(item) is list:
-                    stack.append((item, depth + 1))
+    Also bounds nesting (MAX_DEPTH), so that no later walk can blow the stack."""
+    if depth > MAX_DEPTH:
+        raise ProtocolError(f"frame nests deeper than {MAX_DEPTH} levels")
+    for key, value in obj.items():
+        if type(key) is not str:
+            raise ProtocolError(f"map keys must be strings, not {type(key).__name__}")
+        kind = type(value)
+        if kind is dict:
+            _check_keys(value, depth + 1)
+        elif kind is list:
+            _check_list(value, depth + 1)
+
+
+def _check_list(items: list[Any], depth: int) -> None:
+    if depth > MAX_DEPTH:
+        raise ProtocolError(f"frame nests deeper than {MAX_DEPTH} levels")
+    for item in items:
+        kind = type(item)
+        if kind is dict:
+            _check_keys(item, depth + 1)
+        elif kind is list:
+            _check_list(item, depth + 1)
 
 
 class FrameDecoder:
