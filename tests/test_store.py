@@ -80,3 +80,25 @@ async def test_a_dead_writer_stops_the_store(tmp_path: Path) -> None:
     except* WriterDied as group:
         outcome.extend(group.exceptions)
     assert len(outcome) == 1
+
+
+async def test_batches_are_cut_between_requests_not_inside_one() -> None:
+    from meshq.store import MemoryStore
+    from meshq.store.base import MAX_BATCH_REQUESTS
+
+    s = MemoryStore()
+    batches = []
+    for i in range(MAX_BATCH_REQUESTS * 2 + 1):
+        s.seal_if_full()  # as the server does before each request
+        first = s.stage(put_op(message(2 * i + 1)))
+        second = s.stage(put_op(message(2 * i + 2)))  # one request's ops share a batch
+        assert first is second
+        if not batches or batches[-1] is not first:
+            batches.append(first)
+    assert len(batches) == 3
+    async with trio.open_nursery() as nursery:
+        await nursery.start(s.run)
+        await s.flush()
+        nursery.cancel_scope.cancel()
+    assert all(b.done and b.error is None for b in batches)
+    assert sorted(s.messages) == list(range(1, 2 * (MAX_BATCH_REQUESTS * 2 + 1) + 1))

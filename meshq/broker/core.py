@@ -537,6 +537,7 @@ class Broker:
 
     def _sent(self, sends: list[tuple[Queue, list[Message], list[str | None]]],
               error: BaseException | None) -> None:
+        by_queue: dict[Queue, list[Message]] = {}
         for q, msgs, dedup_ids in sends:
             if error is not None:  # nothing was written: forget the dedup entries
                 for msg, dedup_id in zip(msgs, dedup_ids, strict=True):
@@ -545,6 +546,11 @@ class Broker:
                     entry = self._dedup.get((q.name, dedup_id))
                     if entry is not None and entry[0] == msg.id:
                         del self._dedup[q.name, dedup_id]
+            if q in by_queue:
+                by_queue[q].extend(msgs)
+            else:
+                by_queue[q] = list(msgs)
+        for q, msgs in by_queue.items():  # one dispatch per queue, not per send
             self._committed(q, msgs, error)
 
     def _parse_message(self, m: Any, i: int) -> tuple[bytes, dict[str, Any], Any, Any, Any]:

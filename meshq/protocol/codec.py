@@ -16,17 +16,18 @@ import msgpack
 
 from meshq.errors import FrameTooLarge, ProtocolError
 
-__all__ = ["DEFAULT_MAX_FRAME", "HEADER", "FrameDecoder", "decode_frame", "encode_frame"]
+__all__ = ["DEFAULT_MAX_FRAME", "HEADER", "FrameDecoder", "decode_frame", "encode_frame",
+           "pack_payload"]
 
 DEFAULT_MAX_FRAME = 8 * 1024 * 1024
 MAX_DEPTH = 32  # nesting of maps and lists in one frame
 HEADER = struct.Struct(">I")
-_pack = msgpack.Packer(use_bin_type=True).pack
+pack_payload = msgpack.Packer(use_bin_type=True).pack  # a frame's body, without its length
 
 
 def encode_frame(obj: dict[str, Any]) -> bytes:
     """One frame holding ``obj`` (a map of str keys to msgpack-able values)."""
-    payload = _pack(obj)
+    payload = pack_payload(obj)
     return HEADER.pack(len(payload)) + payload
 
 

@@ -18,7 +18,7 @@ import trio
 from meshq.broker import Broker, Pending, Session
 from meshq.errors import MeshqError, ProtocolError
 from meshq.model import Message
-from meshq.protocol.codec import FrameDecoder, encode_frame
+from meshq.protocol.codec import HEADER, FrameDecoder, pack_payload
 from meshq.server.ops import OPS, delivery
 from meshq.store import StoreError
 
@@ -28,6 +28,7 @@ if TYPE_CHECKING:
 __all__ = ["Connection"]
 
 log = logging.getLogger("meshq.server")
+_pack = pack_payload
 HIGH_WATER = 4 * 1024 * 1024
 FINAL_WRITE_TIMEOUT = 1.0
 
@@ -37,6 +38,7 @@ class Connection:
         self.stream = stream
         self.node = node
         self.broker: Broker = node.broker
+        self.store = node.store
         self.max_frame = max_frame
         self.session = Session(self._push, self._cancelled)
         self._out = bytearray()
@@ -48,7 +50,10 @@ class Connection:
 
     # -- outgoing --------------------------------------------------------------------
     def _write(self, frame: dict[str, Any]) -> None:
-        self._out += encode_frame(frame)
+        payload = _pack(frame)
+        out = self._out
+        out += HEADER.pack(len(payload))
+        out += payload
         self._out_ready.set()
 
     def _respond(self, rid: Any, result: dict[str, Any]) -> None:
@@ -89,6 +94,7 @@ class Connection:
 
     # -- incoming --------------------------------------------------------------------
     def _handle(self, req: dict[str, Any]) -> None:
+        self.store.seal_if_full()  # between two requests: a safe place to cut a batch
         rid = req.get("id")
         op = req.get("op")
         handler = OPS.get(op) if isinstance(op, str) else None

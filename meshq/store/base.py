@@ -50,6 +50,8 @@ OP_DEDUP_PRUNE = 6  # (now,)
 OP_META = 7  # (key, value)
 
 Op = tuple[int, tuple[Any, ...]]
+MAX_BATCH_OPS = 8192  # a batch is sealed at an operation boundary past this many ops
+MAX_BATCH_REQUESTS = 256  # ... or past this many client requests
 _packb = msgpack.Packer(use_bin_type=True).pack
 
 
@@ -77,7 +79,7 @@ Callback = Callable[[BaseException | None], None]
 class Batch:
     """Ops that commit together. Durable once ``done`` with ``error`` None."""
 
-    __slots__ = ("_callbacks", "_event", "done", "error", "ops", "started")
+    __slots__ = ("_callbacks", "_event", "done", "error", "ops", "requests", "started")
 
     def __init__(self) -> None:
         self.ops: list[Op] = []
@@ -86,6 +88,7 @@ class Batch:
         self.done = False
         self.error: BaseException | None = None
         self.started = 0.0
+        self.requests = 0  # client requests handled while this batch was open
 
     def add_callback(self, fn: Callback) -> None:
         if self.done:
@@ -137,6 +140,7 @@ class Store(abc.ABC):
     def __init__(self) -> None:
         self._open = Batch()
         self._inflight: deque[Batch] = deque()  # sent to be committed, oldest first
+        self._sealed: deque[Batch] = deque()  # full, waiting for their turn
         self._has_work = trio.Event()
         self.commits = 0
         self.ops_committed = 0
@@ -151,14 +155,30 @@ class Store(abc.ABC):
             self._has_work.set()
         return batch
 
+    def seal_if_full(self) -> None:
+        """Call once per client request, before handling it: closes the open batch once
+        it holds MAX_BATCH_REQUESTS requests or MAX_BATCH_OPS ops.
+
+        Smaller batches let the writer commit one while the daemon answers another,
+        instead of the whole load moving in one wave. Never call it half-way through
+        an operation: an operation's ops must commit together."""
+        batch = self._open
+        if batch.ops and (batch.requests >= MAX_BATCH_REQUESTS
+                          or len(batch.ops) >= MAX_BATCH_OPS):
+            self._sealed.append(batch)
+            batch = self._open = Batch()
+        batch.requests += 1
+
     def current_batch(self) -> Batch:
         """The open batch (possibly empty): a callback on it fires after the next commit."""
         return self._open
 
     async def flush(self) -> None:
         """Wait until every op staged so far is durable (or its commit failed)."""
-        target = self._open if self._open.ops else (self._inflight[-1] if self._inflight
-                                                     else None)
+        if self._open.ops:
+            target: Batch | None = self._open
+        else:
+            target = (self._sealed or self._inflight or [None])[-1]
         if target is not None:
             try:
                 await target.wait()
@@ -167,10 +187,13 @@ class Store(abc.ABC):
 
     async def next_batch(self) -> Batch:
         """Wait for staged ops; close the open batch and return it (now in flight)."""
-        while not self._open.ops:
-            await self._has_work.wait()
-            self._has_work = trio.Event()
-        batch, self._open = self._open, Batch()
+        if self._sealed:
+            batch = self._sealed.popleft()
+        else:
+            while not self._open.ops:
+                await self._has_work.wait()
+                self._has_work = trio.Event()
+            batch, self._open = self._open, Batch()
         batch.started = time.perf_counter()
         self._inflight.append(batch)
         return batch
@@ -189,6 +212,8 @@ class Store(abc.ABC):
 
     def abandon(self) -> None:
         """The store stopped: every batch in flight has an unknown outcome."""
+        while self._sealed:  # never handed to the writer: nothing of them was written
+            self._sealed.popleft().complete(StoreError("the store stopped"))
         while self._inflight:
             self._inflight.popleft().complete(
                 Timeout("the store stopped during a commit; outcome unknown"))
