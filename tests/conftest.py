@@ -27,3 +27,23 @@ def daemon(tmp_path) -> Iterator[DaemonProcess]:
     d.start()
     yield d
     d.kill()
+
+
+@pytest.fixture(scope="module")
+def module_daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DaemonProcess]:
+    """One meshqd for a whole test module (start-up dominates otherwise)."""
+    d = DaemonProcess(tmp_path_factory.mktemp("meshqd") / "data")
+    d.start()
+    yield d
+    d.kill()
+
+
+@pytest.fixture
+def shared_daemon(module_daemon: DaemonProcess) -> Iterator[DaemonProcess]:
+    """The module's meshqd, checked alive after each test and emptied of queues."""
+    yield module_daemon
+    assert module_daemon.proc is not None and module_daemon.proc.poll() is None, (
+        module_daemon.log_tail())
+    with module_daemon.client() as c:
+        for s in c.stats():
+            c.delete(s["name"])

@@ -20,22 +20,9 @@ OPTIONS = dict(replicas=2, message_ttl=30.0, visibility_timeout=4.0, max_deliver
                dead_letter_queue="dead", max_length=50, ordering="fair")
 
 
-@pytest.fixture(scope="module")
-def daemon(tmp_path_factory):
-    """One meshqd for the module (start-up dominates otherwise); queues are per test."""
-    d = DaemonProcess(tmp_path_factory.mktemp("meshqd") / "data")
-    d.start()
-    yield d
-    d.kill()
-
-
-@pytest.fixture(autouse=True)
-def _fresh_queues(daemon):
-    yield
-    assert daemon.proc is not None and daemon.proc.poll() is None, daemon.log_tail()
-    with daemon.client() as c:
-        for s in c.stats():
-            c.delete(s["name"])
+@pytest.fixture
+def daemon(shared_daemon):
+    return shared_daemon
 
 
 def connect(daemon: DaemonProcess) -> meshq.AsyncClient:

@@ -12,28 +12,14 @@ import time
 import pytest
 
 import meshq
-from meshq.testing import DaemonProcess
 
 ALL_OPTIONS = dict(replicas=1, message_ttl=60.0, visibility_timeout=5.0, max_deliveries=3,
                    dead_letter_queue="dlq", max_length=100, ordering="fifo")
 
 
-@pytest.fixture(scope="module")
-def daemon(tmp_path_factory):
-    """One meshqd for the module (start-up dominates otherwise); queues are per test."""
-    d = DaemonProcess(tmp_path_factory.mktemp("meshqd") / "data")
-    d.start()
-    yield d
-    d.kill()
-
-
-@pytest.fixture(autouse=True)
-def _fresh_queues(daemon):
-    yield
-    assert daemon.proc is not None and daemon.proc.poll() is None, daemon.log_tail()
-    with daemon.client() as c:
-        for s in c.stats():
-            c.delete(s["name"])
+@pytest.fixture
+def daemon(shared_daemon):
+    return shared_daemon
 
 
 def collect(c: meshq.Client, queue: str, n: int) -> list[meshq.Delivery]:

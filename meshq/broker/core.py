@@ -204,6 +204,10 @@ class Broker:
             self.store.stage((OP_DEDUP_PRUNE, (now,)))
 
     # -- helpers -------------------------------------------------------------------------
+    def queue(self, name: Any) -> Queue:
+        """The queue called ``name``; NotFound (or BadRequest for a non-string) if none."""
+        return self._queue(name)
+
     def _queue(self, name: Any) -> Queue:
         if not isinstance(name, str):
             raise BadRequest(f"queue name must be a string, not {type(name).__name__}")

@@ -24,6 +24,7 @@ __all__ = [
     "EXIT_OTHER",
     "QUEUE_COLUMNS",
     "add_socket_option",
+    "cmd_queues",
     "connect",
     "exit_code",
     "format_table",
@@ -152,3 +153,10 @@ def print_queues(queues: Sequence[dict[str, Any]], *, as_json: bool) -> None:
         print(format_table(QUEUE_COLUMNS, queue_rows(queues)))
     else:
         print("no queues")
+
+
+def cmd_queues(args: argparse.Namespace) -> int:
+    with connect(args) as client:
+        queues = client.stats()
+    print_queues(queues, as_json=args.json)
+    return EXIT_OK

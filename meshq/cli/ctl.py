@@ -17,9 +17,9 @@ from meshq.cli._common import (
     EXIT_OK,
     QUEUE_COLUMNS,
     add_socket_option,
+    cmd_queues,
     connect,
     format_table,
-    print_queues,
     queue_rows,
     run,
     to_json,
@@ -142,12 +142,6 @@ def cmd_status(args: argparse.Namespace) -> int:
     print(to_json(status, indent=2) if args.json else format_status(status))
     return EXIT_OK
 
-
-def cmd_queues(args: argparse.Namespace) -> int:
-    with connect(args) as client:
-        queues = client.stats()
-    print_queues(queues, as_json=args.json)
-    return EXIT_OK
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -18,8 +18,8 @@ from meshq._version import __version__
 from meshq.cli._common import (
     EXIT_OK,
     add_socket_option,
+    cmd_queues,
     connect,
-    print_queues,
     run,
     to_json,
 )
@@ -222,12 +222,6 @@ def cmd_recv(args: argparse.Namespace) -> int:
         raise broken
     return EXIT_OK
 
-
-def cmd_queues(args: argparse.Namespace) -> int:
-    with connect(args) as client:
-        queues = client.stats()
-    print_queues(queues, as_json=args.json)
-    return EXIT_OK
 
 
 def cmd_purge(args: argparse.Namespace) -> int:

@@ -87,7 +87,7 @@ async def _receive_async(conn: Connection, req: dict[str, Any]) -> dict[str, Any
 
 
 def _receive(conn: Connection, req: dict[str, Any]) -> Result:
-    conn.broker._queue(_field(req, "queue"))  # fail fast, before spawning a task
+    conn.broker.queue(_field(req, "queue"))  # fail fast, before spawning a task
     return _receive_async(conn, req)
 
 
