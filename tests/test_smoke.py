@@ -16,3 +16,21 @@ def test_public_surface():
     assert set(meshq.__all__) >= {"Client", "AsyncClient", "MeshqError", "NotFound"}
     for name in meshq.__all__:
         assert hasattr(meshq, name)
+
+
+def test_every_module_declares_a_public_surface_that_exists():
+    import importlib
+    import pkgutil
+
+    missing = []
+    for info in pkgutil.walk_packages(meshq.__path__, "meshq."):
+        if info.name.endswith("__main__") or info.name == "meshq.store._writer":
+            continue
+        module = importlib.import_module(info.name)
+        names = getattr(module, "__all__", None)
+        if names is None:
+            missing.append(info.name)
+            continue
+        for name in names:
+            assert hasattr(module, name), f"{info.name}.__all__ names {name!r}, not defined"
+    assert missing == []
