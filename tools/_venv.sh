@@ -16,8 +16,14 @@ spec="$root"
 stamp="$root/.venv/.meshq-installed-$(echo "$extras" | tr ',' '-')"
 # Reinstall when pyproject.toml changed since the last install.
 if [ ! -f "$stamp" ] || [ "$root/pyproject.toml" -nt "$stamp" ]; then
-    "$root/.venv/bin/python" -m pip install --quiet --upgrade pip
-    "$root/.venv/bin/python" -m pip install --quiet -e "$spec"
+    echo "installing meshq${extras:+ [$extras]} into .venv ..." >&2
+    log="$root/.venv/install.log"
+    if ! { "$root/.venv/bin/python" -m pip install --upgrade pip \
+           && "$root/.venv/bin/python" -m pip install -e "$spec"; } >"$log" 2>&1; then
+        tail -n 30 "$log" >&2
+        echo "installing meshq failed; the whole log is in $log" >&2
+        exit 1
+    fi
     touch "$stamp"
 fi
 export PATH="$root/.venv/bin:$PATH"
