@@ -1,0 +1,433 @@
+"""How mesh nodes reach each other: the Transport contract and its UDP+TCP implementation.
+
+State here: one bound UDP socket and one listening TCP socket on the same host:port.
+Never: outgoing peer traffic from any other address, nor a packet silently cut short.
+"""
+
+from __future__ import annotations
+
+import errno
+import ipaddress
+import logging
+import socket as _socket
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any, NamedTuple, Protocol, runtime_checkable
+
+import trio
+
+from meshq.errors import ProtocolError, StartupError, Unavailable
+from meshq.protocol.codec import DEFAULT_MAX_FRAME, FrameDecoder, encode_frame
+
+__all__ = [
+    "DEFAULT_MAX_PACKET",
+    "BindError",
+    "FramedStream",
+    "Packet",
+    "PeerUnreachable",
+    "StreamHandler",
+    "Transport",
+    "TransportStatistics",
+    "UdpTcpTransport",
+    "format_address",
+    "parse_address",
+    "run_stream_handler",
+]
+
+log = logging.getLogger("meshq.mesh.transport")
+
+#: Largest packet ``send_packet`` accepts by default: fits one Ethernet frame with room for
+#: IP/UDP headers, as memberlist's UDPBufferSize does. The gossip layer packs up to this.
+DEFAULT_MAX_PACKET = 1400
+_RECV_BUFFER = 65536  # a UDP datagram is never larger, so recvfrom never truncates
+_PORT0_ATTEMPTS = 16
+_ACCEPT_CAPACITY_ERRNOS = {errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS}
+_UDP_IGNORABLE_RECV_ERRNOS = {errno.ECONNREFUSED, errno.ECONNRESET}
+
+
+class Packet(NamedTuple):
+    """One received datagram. ``source`` is the sender's ``host:port`` as the network saw
+    it; with meshq peers that is the sender's bind address (its ``local_address``)."""
+
+    source: str
+    data: bytes
+
+
+#: Serves one incoming stream: ``(stream, remote)``, where ``remote`` is the connection's
+#: far end as ``host:port``. For TCP its port is ephemeral: use it for logs, never as the
+#: peer's identity (the peer says who it is inside the stream).
+StreamHandler = Callable[[trio.abc.Stream, str], Awaitable[None]]
+
+
+class PeerUnreachable(Unavailable):
+    """``open_stream`` could not connect: refused, unreachable, or no answer in time.
+    Nothing was sent, so retrying (perhaps through another peer) is safe."""
+
+
+class BindError(StartupError):
+    """The bind address cannot be had for both UDP and TCP (in use, or not local)."""
+
+
+@dataclass(frozen=True)
+class TransportStatistics:
+    """Counters since the transport was created (see Transport.statistics)."""
+
+    local_address: str
+    packets_sent: int
+    packets_received: int
+    send_errors: int  # packets the OS refused to send (they count as dropped)
+    streams_opened: int  # by open_stream
+    streams_accepted: int  # handed to a serve_streams handler
+
+
+@runtime_checkable
+class Transport(Protocol):
+    """What the mesh needs from a network, after memberlist's Transport.
+
+    Addresses are strings ``host:port`` (``[v6]:port`` for IPv6); see parse_address.
+
+    Packets (gossip) are best effort:
+    - ``send_packet(addr, data)`` hands one datagram of at most ``max_packet_size`` bytes to
+      the network and returns; a larger one, or a malformed address, raises ValueError and
+      nothing is sent. It never raises because of the network (unreachable, unresolvable):
+      the packet is then lost (counted in ``send_errors`` when the OS said so). It may block
+      briefly while the OS send buffer is full; it never waits for the peer.
+    - A sent packet may be delivered once, never, or more than once, and packets may arrive
+      in any order. A delivered packet is whole and unmodified.
+    - ``receive_packet()`` waits for the next packet to this node and returns it with its
+      source address, which for meshq peers equals the sender's ``local_address``. Only one
+      task may wait in it at a time (else trio.BusyResourceError). Packets that arrive while
+      nobody receives wait in a bounded buffer and overflow is dropped. Take a receipt
+      timestamp right after it returns.
+
+    Streams (push-pull sync, replication) are reliable and ordered:
+    - ``open_stream(addr, timeout)`` connects to the peer's ``serve_streams`` and returns a
+      trio Stream; bytes arrive in order, whole, once, or the stream breaks
+      (trio.BrokenResourceError). Failing to connect within ``timeout`` seconds, or being
+      refused, raises PeerUnreachable. Connections that arrive before the peer runs
+      ``serve_streams`` wait in its backlog.
+    - A stream whose peer vanishes may break or may hang: bound every exchange with
+      trio.fail_after. The caller owns a stream it opened and must close it.
+    - ``serve_streams(handler, task_status=...)`` calls ``task_status.started()`` once it
+      accepts, then runs ``handler(stream, remote)`` in its own task for each incoming
+      stream, closing the stream when the handler returns; see run_stream_handler for which
+      handler errors end only that stream. It runs until cancelled, or returns once the
+      transport is closed and its handlers have finished. One at a time per transport.
+
+    Blocking, in short: ``receive_packet`` until a packet comes; ``open_stream`` at most
+    ``timeout``; ``serve_streams`` until cancelled; ``send_packet`` and ``aclose`` hardly;
+    ``statistics()`` (a frozen snapshot) and ``local_address`` never.
+
+    Lifetime: ``local_address`` is fixed once the transport exists. ``aclose()`` is
+    idempotent: it stops both kinds of traffic, wakes a pending ``receive_packet`` with
+    trio.ClosedResourceError, and makes every later call raise it. Streams already open
+    are not closed by it: their owners close them.
+    """
+
+    @property
+    def local_address(self) -> str: ...
+
+    @property
+    def max_packet_size(self) -> int: ...
+
+    async def send_packet(self, addr: str, data: bytes) -> None: ...
+
+    async def receive_packet(self) -> Packet: ...
+
+    # The timeout bounds the connect only and turns into PeerUnreachable (memberlist's
+    # DialTimeout), unlike a caller's cancel scope, which would also cover the exchange.
+    async def open_stream(self, addr: str, timeout: float) -> trio.abc.Stream: ...  # noqa: ASYNC109
+
+    async def serve_streams(
+        self, handler: StreamHandler, *, task_status: trio.TaskStatus[None] = ...
+    ) -> None: ...
+
+    def statistics(self) -> TransportStatistics: ...
+
+    async def aclose(self) -> None: ...
+
+
+def parse_address(addr: str) -> tuple[str, int]:
+    """``"host:port"`` or ``"[v6]:port"`` -> (host, port); ValueError when malformed."""
+    host, sep, port_text = addr.rpartition(":")
+    if not sep or not host or not port_text.isdigit():
+        raise ValueError(f"address must be HOST:PORT, not {addr!r}")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+        ipaddress.IPv6Address(host)  # raises ValueError for "[nonsense]"
+    elif ":" in host:
+        raise ValueError(f"an IPv6 address needs brackets: [{host}]:{port_text}")
+    port = int(port_text)
+    if port > 65535:
+        raise ValueError(f"port out of range in {addr!r}")
+    return host, port
+
+
+def format_address(host: str, port: int) -> str:
+    """The inverse of parse_address: brackets an IPv6 host."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def _sockaddr_text(sockaddr: Any) -> str:
+    host, port = sockaddr[0], sockaddr[1]
+    return format_address(host.split("%", 1)[0], int(port))
+
+
+async def run_stream_handler(handler: StreamHandler, stream: trio.abc.Stream, remote: str) -> None:
+    """How every Transport runs a handler: a handler ending with trio.BrokenResourceError
+    (the peer went away), ProtocolError (it sent garbage) or trio.TooSlowError (it was too
+    slow) ends only that stream, logged; any other exception is a bug and propagates out
+    of serve_streams. The stream is closed in every case."""
+    try:
+        await handler(stream, remote)
+    except (trio.BrokenResourceError, ProtocolError, trio.TooSlowError) as exc:
+        log.info("stream from %s ended: %s: %s", remote, type(exc).__name__, exc)
+    finally:
+        await trio.aclose_forcefully(stream)
+
+
+class FramedStream:
+    """Length-prefixed msgpack frames (meshq.protocol.codec) over any trio Stream.
+
+    ``receive`` returns None at a clean end of stream; an end inside a frame, or bytes that
+    are not a frame, raise ProtocolError. Not safe for two concurrent senders or receivers.
+    """
+
+    def __init__(self, stream: trio.abc.Stream, *, max_frame: int = DEFAULT_MAX_FRAME) -> None:
+        self.stream = stream
+        self._decoder = FrameDecoder(max_frame)
+
+    async def send(self, frame: dict[str, Any]) -> None:
+        await self.stream.send_all(encode_frame(frame))
+
+    async def receive(self) -> dict[str, Any] | None:
+        while True:
+            frame = self._decoder.next_frame()
+            if frame is not None:
+                return frame
+            chunk = await self.stream.receive_some()
+            if not chunk:
+                if self._decoder.pending():
+                    raise ProtocolError("stream ended inside a frame")
+                return None
+            self._decoder.feed(chunk)
+
+    def __aiter__(self) -> AsyncIterator[dict[str, Any]]:
+        return self._frames()
+
+    async def _frames(self) -> AsyncIterator[dict[str, Any]]:
+        while (frame := await self.receive()) is not None:
+            yield frame
+
+    async def aclose(self) -> None:
+        await self.stream.aclose()
+
+
+async def _resolve(host: str, port: int, family: int, kind: int) -> tuple[int, Any]:
+    """(family, sockaddr) of the first address for host:port in ``family`` (AF_UNSPEC: any);
+    OSError when there is none. Numeric hosts resolve without a thread."""
+    infos = await trio.socket.getaddrinfo(host, port, family=family, type=kind)
+    if not infos:
+        raise OSError(errno.EADDRNOTAVAIL, f"no address for {host}")
+    return infos[0][0], infos[0][4]
+
+
+async def _bind_tcp(family: int, sockaddr: Any, backlog: int) -> trio.socket.SocketType:
+    sock = trio.socket.socket(family, _socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(_socket.SOL_SOCKET, _socket.SO_REUSEADDR, 1)  # restart past TIME_WAIT
+        await sock.bind(sockaddr)
+        sock.listen(backlog)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+async def _bind_udp(family: int, sockaddr: Any) -> trio.socket.SocketType:
+    # No SO_REUSEADDR: on Linux it would let a second daemon share the gossip port.
+    sock = trio.socket.socket(family, _socket.SOCK_DGRAM)
+    try:
+        await sock.bind(sockaddr)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+class UdpTcpTransport:
+    """The real Transport: UDP gossip and TCP streams on one ``host:port`` (SPEC ``--bind``).
+
+    Create it with ``await UdpTcpTransport.bind("127.0.0.1:7946")``; port 0 picks a port
+    free for both protocols. Packets leave from the bound UDP socket, so peers see
+    ``local_address`` as their source; outgoing TCP connections are bound to the bind host
+    first. ``async with`` closes it. Bind a specific host in a cluster: with 0.0.0.0 the
+    source peers see is whichever interface address the route picks, not ``local_address``.
+    """
+
+    def __init__(
+        self,
+        udp: trio.socket.SocketType,
+        tcp: trio.socket.SocketType,
+        *,
+        max_packet_size: int = DEFAULT_MAX_PACKET,
+    ) -> None:
+        self._udp = udp
+        self._listener = trio.SocketListener(tcp)
+        self._family = udp.family
+        self._bind_host = udp.getsockname()[0]
+        self._local_address = _sockaddr_text(udp.getsockname())
+        self._max_packet_size = max_packet_size
+        self._closed = False
+        self._serving = False
+        self._sent = self._received = self._send_errors = 0
+        self._opened = self._accepted = 0
+
+    @classmethod
+    async def bind(
+        cls, address: str, *, max_packet_size: int = DEFAULT_MAX_PACKET, backlog: int = 128
+    ) -> UdpTcpTransport:
+        """Bind UDP and TCP on ``address``; BindError when either cannot be had. With port
+        0, TCP binds first on a fresh port and UDP takes the same one, retrying on clash."""
+        host, port = parse_address(address)
+        try:
+            family, sockaddr = await _resolve(host, port, _socket.AF_UNSPEC, _socket.SOCK_STREAM)
+        except OSError as exc:
+            raise BindError(f"cannot resolve bind address {address}: {exc}") from None
+        attempts = _PORT0_ATTEMPTS if port == 0 else 1
+        for attempt in range(attempts):
+            try:
+                tcp = await _bind_tcp(family, sockaddr, backlog)
+            except OSError as exc:
+                raise BindError(f"cannot bind TCP on {address}: {exc.strerror or exc}") from None
+            udp_addr = (sockaddr[0], tcp.getsockname()[1], *sockaddr[2:])
+            try:
+                udp = await _bind_udp(family, udp_addr)
+            except OSError as exc:
+                tcp.close()
+                if exc.errno == errno.EADDRINUSE and attempt + 1 < attempts:
+                    continue  # port 0 gave TCP a port that someone holds for UDP: again
+                raise BindError(f"cannot bind UDP on {address}: {exc.strerror or exc}") from None
+            return cls(udp, tcp, max_packet_size=max_packet_size)
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    @property
+    def local_address(self) -> str:
+        return self._local_address
+
+    @property
+    def max_packet_size(self) -> int:
+        return self._max_packet_size
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise trio.ClosedResourceError("transport is closed")
+
+    async def send_packet(self, addr: str, data: bytes) -> None:
+        self._check_open()
+        if len(data) > self._max_packet_size:
+            raise ValueError(f"packet of {len(data)} bytes exceeds {self._max_packet_size}")
+        host, port = parse_address(addr)
+        try:
+            _, sockaddr = await _resolve(host, port, self._family, _socket.SOCK_DGRAM)
+            await self._udp.sendto(data, sockaddr)
+        except OSError as exc:
+            if self._closed:
+                raise trio.ClosedResourceError("transport is closed") from None
+            self._send_errors += 1
+            log.debug("packet to %s lost: %s", addr, exc)
+            await trio.lowlevel.checkpoint()
+            return
+        self._sent += 1
+
+    async def receive_packet(self) -> Packet:
+        self._check_open()
+        while True:
+            try:
+                data, sockaddr = await self._udp.recvfrom(_RECV_BUFFER)
+            except OSError as exc:
+                if self._closed:
+                    raise trio.ClosedResourceError("transport is closed") from None
+                if exc.errno in _UDP_IGNORABLE_RECV_ERRNOS:
+                    continue  # an ICMP error for an earlier send, not a packet
+                raise
+            self._received += 1
+            return Packet(_sockaddr_text(sockaddr), data)
+
+    async def open_stream(self, addr: str, timeout: float) -> trio.abc.Stream:  # noqa: ASYNC109
+        self._check_open()
+        host, port = parse_address(addr)
+        sock = trio.socket.socket(self._family, _socket.SOCK_STREAM)
+        try:
+            with trio.fail_after(timeout):
+                await sock.bind((self._bind_host, 0))  # leave from the bind host (SPEC)
+                _, sockaddr = await _resolve(host, port, self._family, _socket.SOCK_STREAM)
+                await sock.connect(sockaddr)
+        except trio.TooSlowError:
+            sock.close()
+            raise PeerUnreachable(f"no stream to {addr} within {timeout} s") from None
+        except OSError as exc:
+            sock.close()
+            raise PeerUnreachable(f"no stream to {addr}: {exc.strerror or exc}") from None
+        except BaseException:
+            sock.close()
+            raise
+        self._opened += 1
+        return trio.SocketStream(sock)
+
+    async def serve_streams(
+        self,
+        handler: StreamHandler,
+        *,
+        task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        self._check_open()
+        if self._serving:
+            raise trio.BusyResourceError("serve_streams is already running")
+        self._serving = True
+        try:
+            async with trio.open_nursery() as nursery:
+                task_status.started()
+                while True:
+                    try:
+                        stream = await self._listener.accept()
+                    except trio.ClosedResourceError:
+                        return
+                    except OSError as exc:
+                        if exc.errno not in _ACCEPT_CAPACITY_ERRNOS:
+                            raise
+                        log.warning("accept failed: %s; retrying in 0.1 s", exc)
+                        await trio.sleep(0.1)
+                        continue
+                    try:
+                        remote = _sockaddr_text(stream.socket.getpeername())
+                    except OSError:  # reset before we looked
+                        await trio.aclose_forcefully(stream)
+                        continue
+                    self._accepted += 1
+                    nursery.start_soon(run_stream_handler, handler, stream, remote)
+        finally:
+            self._serving = False
+
+    def statistics(self) -> TransportStatistics:
+        return TransportStatistics(
+            local_address=self._local_address,
+            packets_sent=self._sent,
+            packets_received=self._received,
+            send_errors=self._send_errors,
+            streams_opened=self._opened,
+            streams_accepted=self._accepted,
+        )
+
+    async def aclose(self) -> None:
+        if not self._closed:
+            self._closed = True
+            self._udp.close()  # wakes a pending recvfrom with ClosedResourceError
+            await self._listener.aclose()  # and a pending accept
+        await trio.lowlevel.checkpoint()
+
+    async def __aenter__(self) -> UdpTcpTransport:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
