@@ -201,6 +201,10 @@ def _check_join(value: object) -> str | None:
     return None
 
 
+def _check_opt_name(value: object) -> str | None:
+    return None if value is None else _check_name(value)
+
+
 def _check_log_level(value: object) -> str | None:
     if value not in LOG_LEVELS:
         return f"must be one of {', '.join(LOG_LEVELS)}, got {value!r}"
@@ -209,6 +213,8 @@ def _check_log_level(value: object) -> str | None:
 
 _CHECKS: dict[str, Callable[[object], str | None]] = {
     "node_name": _check_name,
+    "cluster_name": _check_name,
+    "ntp_server": _check_opt_name,
     "data_dir": _check_path,
     "socket": _check_path,
     "bind": _check_bind,
@@ -240,6 +246,8 @@ class Config:
     """Everything meshqd needs to start. Construction validates every field."""
 
     node_name: str = field(default_factory=gethostname)
+    cluster_name: str = "meshq"  # peers of another cluster name are refused
+    ntp_server: str | None = None  # optional NTP check of this node's clock
     data_dir: Path = field(default_factory=default_data_dir)
     socket: Path = field(default_factory=default_socket)
     bind: str = DEFAULT_BIND

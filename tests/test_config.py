@@ -497,6 +497,8 @@ def test_to_dict_is_json_friendly() -> None:
     d = cfg.to_dict()
     assert d == {
         "node_name": "n1",
+        "cluster_name": "meshq",
+        "ntp_server": None,
         "data_dir": "/var/lib/meshq",
         "socket": "/run/meshq.sock",
         "bind": "127.0.0.1:7946",
