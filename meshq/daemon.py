@@ -14,6 +14,7 @@ import fcntl
 import gc
 import logging
 import os
+import random
 import secrets
 import signal
 import sys
@@ -27,6 +28,9 @@ from meshq.broker import Broker, BrokerLimits
 from meshq.clock import Clock, SystemClock
 from meshq.config import Config, ConfigError, add_daemon_arguments, load_config
 from meshq.errors import StartupError
+from meshq.mesh.membership import Membership, known_peers
+from meshq.mesh.swim import Swim, SwimConfig
+from meshq.mesh.transport import UdpTcpTransport
 from meshq.node import Node
 from meshq.server.listener import UnixServer
 from meshq.store import SQLiteStore, StoreFatal
@@ -35,6 +39,7 @@ __all__ = ["main", "serve"]
 
 log = logging.getLogger("meshq")
 SHUTDOWN_GRACE = 5.0
+LEAVE_GRACE = 2.0  # of SIGTERM's 10 s, for the news that we leave to spread
 GC_THRESHOLD = 50_000
 
 
@@ -86,27 +91,41 @@ async def _serve_locked(config: Config, clock: Clock, task_status: Any) -> None:
         broker.restore(snapshot)
         del snapshot
         gc.freeze()  # a restored backlog is long-lived: keep it out of every collection
-        node = Node(name=config.node_name, node_id=node_id, address=config.bind,
-                    broker=broker, store=store, clock=clock)
+        transport = await UdpTcpTransport.bind(config.bind)
+        membership = _membership(config, transport, clock)
+        node = Node(name=config.node_name, node_id=node_id, address=transport.local_address,
+                    broker=broker, store=store, clock=clock, membership=membership)
         server = UnixServer(node, config.socket, config.max_frame_bytes, config.max_connections)
         await server.bind()
         async with trio.open_nursery() as nursery:
             await nursery.start(store.run)
             await nursery.start(broker.run)
+            await nursery.start(membership.run)  # joined through a seed, or alone
             await nursery.start(server.run)
-            log.info("meshqd %s ready: node %s (%s), socket %s, data %s", __version__,
-                     config.node_name, node_id, config.socket, config.data_dir)
+            log.info("meshqd %s ready: node %s (%s), socket %s, bind %s, data %s", __version__,
+                     config.node_name, node_id, config.socket, node.address, config.data_dir)
             task_status.started(node)
             await node.stop_requested.wait()
             log.info("shutting down")
             await server.stop_accepting()
             node.refuse_writes("shutting down")
             with trio.move_on_after(SHUTDOWN_GRACE):
+                await membership.leave(LEAVE_GRACE)
                 await store.flush()
                 await server.drain()
             nursery.cancel_scope.cancel()
     finally:
         store.close()
+
+
+def _membership(config: Config, transport: UdpTcpTransport, clock: Clock) -> Membership:
+    members_file = config.data_dir / "members.json"
+    seeds = list(config.join) or known_peers(members_file)
+    swim = Swim(config.node_name, transport.local_address, SwimConfig(), random.Random(),
+                incarnation=int(clock.time()))  # a restart must outrank its old self
+    return Membership(swim=swim, transport=transport, cluster=config.cluster_name,
+                      clock=clock, seeds=seeds, max_offset_ms=config.max_clock_offset_ms,
+                      members_path=members_file)
 
 
 async def _main_async(config: Config, banner: bool) -> int:
@@ -122,7 +141,8 @@ async def _main_async(config: Config, banner: bool) -> int:
             except StartupError as exc:
                 print(f"meshqd: {exc}", file=sys.stderr)
                 return 1
-            print(f"meshqd ready: socket={config.socket} node={config.node_name}", flush=True)
+            print(f"meshqd ready: socket={config.socket} node={config.node_name} "
+                  f"bind={node.address}", flush=True)
             if banner:
                 print(f"\n  data:   {config.data_dir}\n  socket: {config.socket}\n\n"
                       "Try it from another terminal:\n"

@@ -16,6 +16,7 @@ from meshq.broker import Broker
 from meshq.clock import Clock
 from meshq.errors import Unavailable
 from meshq.hlc import unpack
+from meshq.mesh.membership import Membership
 from meshq.store import Store
 
 __all__ = ["Node"]
@@ -23,13 +24,14 @@ __all__ = ["Node"]
 
 class Node:
     def __init__(self, *, name: str, node_id: str, address: str, broker: Broker, store: Store,
-                 clock: Clock) -> None:
+                 clock: Clock, membership: Membership | None = None) -> None:
         self.name = name
         self.id = node_id
         self.address = address
         self.broker = broker
         self.store = store
         self.clock = clock
+        self.membership = membership
         self.version = __version__
         self.started = time.monotonic()
         self.accepting_writes = True
@@ -46,14 +48,42 @@ class Node:
     def check_writable(self) -> None:
         if not self.accepting_writes:
             raise Unavailable(f"this node accepts no writes: {self.not_accepting_reason}")
+        if self.membership is not None and not self.membership.clock_status.accepting_writes:
+            raise Unavailable(f"this node accepts no writes: "
+                              f"{self.membership.clock_status.reason}")
+
+    def writes(self) -> tuple[bool, str | None]:
+        """Whether writes are accepted now, and why not."""
+        try:
+            self.check_writable()
+        except Unavailable as exc:
+            return False, exc.message
+        return True, None
 
     def status(self) -> dict[str, Any]:
         wall, logical = unpack(self.broker.hlc.last)
         store = self.store.statistics()
+        accepting, why_not = self.writes()
+        if self.membership is not None:
+            members = self.membership.status(trio.current_time())
+            mesh: dict[str, Any] | None = {
+                "cluster": self.membership.cluster,
+                "health_score": self.membership.swim.health_score,
+                "median_clock_offset_ms": self.membership.clock_status.median_offset_ms,
+                "bad_packets": self.membership.bad_packets,
+                "bad_streams": self.membership.bad_streams,
+            }
+        else:
+            members = [{"name": self.name, "address": self.address, "state": "alive",
+                        "incarnation": 0, "clock_offset_ms": 0.0, "rtt_ms": None,
+                        "last_seen_s": None, "self": True}]
+            mesh = None
+        live = sum(1 for m in members if m["state"] == "alive")
         queues = []
         for q in self.broker.stats():
             q = dict(q)
-            q["replicas_effective"] = min(q["options"]["replicas"], 1)
+            # Replication comes with the mesh; until then every queue has one copy.
+            q["replicas_effective"] = min(q["options"]["replicas"], live, 1)
             queues.append(q)
         return {
             "node": {
@@ -63,17 +93,11 @@ class Node:
                 "version": self.version,
                 "uptime_s": round(time.monotonic() - self.started, 3),
                 "hlc": {"wall_ms": wall, "logical": logical, "raw": self.broker.hlc.last},
-                "accepting_writes": self.accepting_writes,
-                "not_accepting_reason": self.not_accepting_reason,
+                "accepting_writes": accepting,
+                "not_accepting_reason": why_not,
             },
-            "members": [{
-                "name": self.name,
-                "id": self.id,
-                "address": self.address,
-                "state": "alive",
-                "incarnation": 0,
-                "clock_offset_ms": 0.0,
-            }],
+            "members": members,
+            "mesh": mesh,
             "queues": queues,
             "store": {
                 "path": store.path,

@@ -27,7 +27,8 @@ from meshq.cli._common import (
 
 __all__ = ["build_parser", "format_status", "main"]
 
-MEMBER_COLUMNS = ("name", "address", "state", "incarnation", "clock_offset_ms")
+MEMBER_COLUMNS = ("name", "address", "state", "incarnation", "clock_offset_ms", "rtt_ms",
+                  "last_seen_s")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -42,6 +43,17 @@ def build_parser() -> argparse.ArgumentParser:
     add_socket_option(p, top=False)
     p.add_argument("--json", action="store_true", help="the status map as JSON")
     p.set_defaults(func=cmd_status)
+
+    p = sub.add_parser("members", help="the cluster's members as this node sees them",
+                       description="the cluster's members as this node sees them")
+    add_socket_option(p, top=False)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_members)
+
+    p = sub.add_parser("leave", help="leave the cluster gracefully and stop the daemon",
+                       description="leave the cluster gracefully and stop the daemon")
+    add_socket_option(p, top=False)
+    p.set_defaults(func=cmd_leave)
 
     p = sub.add_parser("queues", help="list queues and their counts",
                        description="list queues and their counts")
@@ -140,6 +152,24 @@ def cmd_status(args: argparse.Namespace) -> int:
     with connect(args) as client:
         status = client.status()
     print(to_json(status, indent=2) if args.json else format_status(status))
+    return EXIT_OK
+
+
+def cmd_members(args: argparse.Namespace) -> int:
+    with connect(args) as client:
+        members = client.status().get("members") or []
+    if args.json:
+        print(to_json(members, indent=2))
+    else:
+        print(format_table(MEMBER_COLUMNS, [[m.get(c) for c in MEMBER_COLUMNS]
+                                            for m in members]))
+    return EXIT_OK
+
+
+def cmd_leave(args: argparse.Namespace) -> int:
+    with connect(args) as client:
+        client.request("leave")
+    print("leaving the cluster; the daemon stops once the news has spread")
     return EXIT_OK
 
 

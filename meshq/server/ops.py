@@ -123,6 +123,12 @@ def _status(conn: Connection, req: dict[str, Any]) -> Result:
     return conn.node.status()
 
 
+def _leave(conn: Connection, req: dict[str, Any]) -> Result:
+    """Leave the cluster gracefully and stop the daemon (like ``consul leave``)."""
+    conn.node.stop()
+    return {"leaving": True}
+
+
 OPS: dict[str, Handler] = {
     "ping": _ping,
     "declare": _declare,
@@ -137,4 +143,5 @@ OPS: dict[str, Handler] = {
     "extend": _extend,
     "stats": _stats,
     "status": _status,
+    "leave": _leave,
 }

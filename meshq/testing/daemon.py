@@ -36,12 +36,16 @@ class DaemonProcess:
         self.env = env
         self.node_name = node_name
         self.proc: subprocess.Popen[str] | None = None
+        self.bind: str | None = None  # the peer address it bound, from its ready line
         self.stderr_path = self.data_dir.parent / f"{self.data_dir.name}-meshqd.log"
         self._stderr: IO[Any] | None = None
 
     def command(self) -> list[str]:
+        bind = [] if any(a.startswith("--bind") for a in self.args) else [
+            "--bind", "127.0.0.1:0"]  # a free port: tests run many daemons side by side
         return [sys.executable, "-m", "meshq.daemon", "--data-dir", str(self.data_dir),
-                "--socket", str(self.socket), "--node-name", self.node_name, *self.args]
+                "--socket", str(self.socket), "--node-name", self.node_name, *bind,
+                *self.args]
 
     def start(self, timeout: float = 30.0) -> DaemonProcess:
         env = dict(os.environ if self.env is None else self.env)
@@ -68,6 +72,8 @@ class DaemonProcess:
                     raise RuntimeError(f"meshqd exited with {code} before it was ready; "
                                        f"log: {self.log_tail()}")
                 if line.startswith(READY_PREFIX):
+                    fields = dict(f.split("=", 1) for f in line.split()[2:] if "=" in f)
+                    self.bind = fields.get("bind")
                     return self
         finally:
             sel.close()

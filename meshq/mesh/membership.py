@@ -1,0 +1,263 @@
+"""Membership: the daemon's driver of the pure SWIM core over a real (or simulated) Transport.
+
+State here: the Swim engine, the outgoing packet queue, counters of bad packets, and the
+clock verdict. Never: a packet of another cluster, version or shape merged into the
+engine (it is counted, not logged one by one); the event loop blocked on the network.
+The engine's ``now`` is trio's clock (monotonic, virtual under MockClock); ``wall`` is
+the daemon's Clock, used only for clock-offset timestamps.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import trio
+
+from meshq.clock import Clock
+from meshq.errors import ProtocolError, Unavailable
+from meshq.mesh.swim import (
+    Effect,
+    Member,
+    MemberChanged,
+    MemberState,
+    PushPull,
+    SendPacket,
+    StartStream,
+    Swim,
+    message_from_wire,
+)
+from meshq.mesh.transport import FramedStream, Transport
+from meshq.mesh.wire import (
+    PeerProtocolError,
+    check_hello,
+    decode_packet,
+    hello_frame,
+    split_messages,
+)
+
+__all__ = ["ClockStatus", "Membership", "known_peers"]
+
+log = logging.getLogger("meshq.mesh")
+
+STREAM_TIMEOUT = 5.0  # connect and answer, for one push-pull
+REJOIN_INTERVAL = 10.0  # while alone with known seeds, try them again this often
+
+
+@dataclass(frozen=True)
+class ClockStatus:
+    """Whether this node's clock is fit to stamp messages, and why not."""
+
+    accepting_writes: bool
+    reason: str | None
+    median_offset_ms: float | None
+
+
+def _clock_verdict(median_offset_s: float | None, max_offset_ms: float) -> ClockStatus:
+    """Refuse writes when the cluster median clock is more than max_offset_ms from ours."""
+    if median_offset_s is None:
+        return ClockStatus(True, None, None)
+    ms = median_offset_s * 1000.0
+    if abs(ms) > max_offset_ms:
+        side = "behind" if ms > 0 else "ahead of"
+        return ClockStatus(False, f"this node's clock is {abs(ms):.0f} ms {side} the cluster "
+                                  f"median (max_clock_offset is {max_offset_ms:.0f} ms)", ms)
+    return ClockStatus(True, None, ms)
+
+
+class Membership:
+    def __init__(self, *, swim: Swim, transport: Transport, cluster: str, clock: Clock,
+                 seeds: Iterable[str] = (), max_offset_ms: float = 500.0,
+                 members_path: Path | None = None,
+                 on_change: Callable[[Member, MemberState | None], None] | None = None) -> None:
+        self.swim = swim
+        self.transport = transport
+        self.cluster = cluster
+        self.clock = clock
+        self.seeds = [s for s in dict.fromkeys(seeds) if s != transport.local_address]
+        self.max_offset_ms = max_offset_ms
+        self.members_path = members_path
+        self.on_change = on_change
+        self.bad_packets = 0
+        self.bad_streams = 0
+        self.clock_status = ClockStatus(True, None, None)
+        self._outbox_send, self._outbox = trio.open_memory_channel[tuple[str, Any]](math.inf)
+        self._wake = trio.Event()
+        self._drained = trio.Event()  # after leave(): every broadcast went out
+        self._nursery: trio.Nursery | None = None
+        self._dirty = False
+
+    # -- running --------------------------------------------------------------------
+    async def run(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+        """Serve the mesh; report started once joined through a seed (or alone)."""
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            nursery.start_soon(self._sender)
+            nursery.start_soon(self._receiver)
+            await nursery.start(self.transport.serve_streams, self._serve_stream)
+            nursery.start_soon(self._ticker)
+            if self.seeds and not await self.join(self.seeds):
+                log.warning("no seed answered (%s); starting alone, will retry",
+                            ", ".join(self.seeds))
+            nursery.start_soon(self._rejoin_loop)
+            task_status.started()
+
+    async def join(self, addrs: Iterable[str]) -> bool:
+        """Push-pull with the seeds one by one until one answers; True if one did."""
+        for effect in self.swim.join(addrs, trio.current_time()):
+            if isinstance(effect, StartStream) and await self._push_pull(effect.addr,
+                                                                         effect.payload):
+                return True
+        return False
+
+    async def leave(self, grace: float = 2.0) -> None:
+        """Announce that we leave; wait (up to ``grace`` s) until the news has gone out."""
+        self._execute(self.swim.leave(trio.current_time()))
+        with trio.move_on_after(grace):
+            await self._drained.wait()
+
+    def _execute(self, effects: Iterable[Effect]) -> None:
+        for e in effects:
+            if isinstance(e, SendPacket):
+                self._outbox_send.send_nowait((e.addr, [m.to_wire() for m in e.messages]))
+            elif isinstance(e, StartStream):
+                assert self._nursery is not None
+                self._nursery.start_soon(self._push_pull, e.addr, e.payload)
+            elif isinstance(e, MemberChanged):
+                old = e.old_state.value if e.old_state else "new"
+                log.info("member %s (%s): %s -> %s", e.member.name, e.member.address, old,
+                         e.member.state.value)
+                self._dirty = True
+                if self.on_change is not None:
+                    self.on_change(e.member, e.old_state)
+        self._wake.set()
+
+    async def _sender(self) -> None:
+        limit = self.swim.config.max_packet_bytes
+        async for addr, messages in self._outbox:
+            for data in split_messages(messages, limit):
+                await self.transport.send_packet(addr, data)
+
+    async def _receiver(self) -> None:
+        while True:
+            src, data = await self.transport.receive_packet()
+            try:
+                packet = decode_packet(data)
+                messages = [message_from_wire(m) for m in packet.messages]
+            except (PeerProtocolError, ProtocolError, ValueError):
+                self.bad_packets += 1
+                continue
+            self._execute(self.swim.on_packet(src, messages, trio.current_time(),
+                                              self.clock.time()))
+
+    async def _ticker(self) -> None:
+        while True:
+            deadline = self.swim.next_deadline()
+            self._wake = trio.Event()
+            with trio.move_on_at(deadline):
+                await self._wake.wait()
+            now = trio.current_time()
+            if now >= deadline:
+                self._execute(self.swim.tick(now, self.clock.time()))
+                if self.swim.has_left and not self.swim.statistics().pending_broadcasts:
+                    self._drained.set()
+                self.clock_status = _clock_verdict(
+                    self.swim.statistics().median_clock_offset, self.max_offset_ms)
+            if self._dirty:
+                self._dirty = False
+                await self._save_members()
+
+    async def _rejoin_loop(self) -> None:
+        """Like Consul's retry_join: while we know no live peer, keep trying the seeds."""
+        while True:
+            await trio.sleep(REJOIN_INTERVAL)
+            alive = [m for m in self.swim.members()
+                     if m.name != self.swim.name and m.state is MemberState.ALIVE]
+            if not alive and self.seeds and not self.swim.has_left:
+                await self.join(self.seeds)
+
+    # -- push-pull streams ----------------------------------------------------------
+    async def _push_pull(self, addr: str, payload: PushPull) -> bool:
+        try:
+            with trio.fail_after(STREAM_TIMEOUT):
+                stream = FramedStream(await self.transport.open_stream(addr, STREAM_TIMEOUT))
+                try:
+                    await stream.send(hello_frame(self.cluster, self.swim.name))
+                    await stream.send(payload.to_wire())
+                    check_hello(_frame(await stream.receive()), self.cluster)
+                    answer = PushPull.from_wire(await stream.receive())
+                finally:
+                    await stream.aclose()
+        except (Unavailable, ProtocolError, ValueError, trio.TooSlowError,
+                trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
+            log.debug("push-pull with %s failed: %s", addr, exc)
+            return False
+        self._execute(self.swim.merge_push_pull(answer, trio.current_time()))
+        return True
+
+    async def _serve_stream(self, raw: trio.abc.Stream, remote: str) -> None:
+        stream = FramedStream(raw)
+        try:
+            with trio.fail_after(STREAM_TIMEOUT):
+                check_hello(_frame(await stream.receive()), self.cluster)
+                theirs = PushPull.from_wire(await stream.receive())
+                self._execute(self.swim.merge_push_pull(theirs, trio.current_time()))
+                await stream.send(hello_frame(self.cluster, self.swim.name))
+                await stream.send(self.swim.push_pull_payload().to_wire())
+        except (ProtocolError, ValueError, trio.TooSlowError) as exc:
+            self.bad_streams += 1
+            log.debug("refused a stream from %s: %s", remote, exc)
+
+    # -- persistence and status -----------------------------------------------------
+    async def _save_members(self) -> None:
+        """Remember peers' addresses, so that a restarted node rejoins without --join."""
+        if self.members_path is None:
+            return
+        peers = sorted({m.address for m in self.swim.members()
+                        if m.name != self.swim.name and m.state is MemberState.ALIVE})
+        if peers:
+            await trio.to_thread.run_sync(_write_json, self.members_path, {"peers": peers})
+
+    def status(self, now: float) -> list[dict[str, Any]]:
+        """Every known member, ourselves included (``meshq-ctl status`` members)."""
+        out = []
+        for m in sorted(self.swim.members(), key=lambda m: m.name):
+            out.append({
+                "name": m.name,
+                "address": m.address,
+                "state": m.state.value,
+                "incarnation": m.incarnation,
+                "clock_offset_ms": None if m.clock_offset is None
+                else round(m.clock_offset * 1000.0, 3),
+                "rtt_ms": None if m.rtt is None else round(m.rtt * 1000.0, 3),
+                "last_seen_s": None if m.last_seen is None else round(now - m.last_seen, 3),
+                "self": m.name == self.swim.name,
+            })
+        return out
+
+
+def _frame(frame: dict[str, Any] | None) -> dict[str, Any]:
+    if frame is None:
+        raise PeerProtocolError("the peer closed the stream early")
+    return frame
+
+
+def known_peers(path: Path) -> list[str]:
+    """Peers remembered by a previous run (empty when none or unreadable)."""
+    try:
+        peers = json.loads(path.read_text())["peers"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return []
+    return [p for p in peers if isinstance(p, str)]
+
+
+def _write_json(path: Path, data: dict[str, Any]) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(data))
+    os.replace(tmp, path)
