@@ -83,7 +83,7 @@ def test_sigterm_leaves_gracefully(trio_of_nodes: list[DaemonProcess]) -> None:
 
 def test_a_restarted_node_rejoins_its_known_peers_without_join(
         trio_of_nodes: list[DaemonProcess]) -> None:
-    a, b, c = trio_of_nodes
+    a, _b, c = trio_of_nodes
     eventually(lambda: all_alive(trio_of_nodes, {"a", "b", "c"}), 10, "all alive")
     eventually(lambda: (c.data_dir / "members.json").exists(), 5, "c remembered its peers")
     c.kill()
