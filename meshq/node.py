@@ -17,6 +17,7 @@ from meshq.clock import Clock
 from meshq.errors import Unavailable
 from meshq.hlc import unpack
 from meshq.mesh.membership import Membership
+from meshq.mesh.ring import DEFAULT_VNODES, Ring
 from meshq.store import Store
 
 __all__ = ["Node"]
@@ -79,6 +80,7 @@ class Node:
                         "last_seen_s": None, "self": True}]
             mesh = None
         live = sum(1 for m in members if m["state"] == "alive")
+        ring = Ring.build(m["name"] for m in members if m["state"] in ("alive", "suspect"))
         queues = []
         for q in self.broker.stats():
             q = dict(q)
@@ -98,6 +100,13 @@ class Node:
             },
             "members": members,
             "mesh": mesh,
+            "ring": {
+                "vnodes_per_node": DEFAULT_VNODES,
+                "ownership": {name: round(share, 6) for name, share
+                              in sorted(ring.ownership().items())},
+                "replica_ownership_n3": {name: round(share, 6) for name, share
+                                         in sorted(ring.replica_ownership(3).items())},
+            },
             "queues": queues,
             "store": {
                 "path": store.path,

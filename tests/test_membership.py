@@ -131,3 +131,16 @@ def test_garbage_packets_are_counted_and_the_node_keeps_serving(tmp_path: Path) 
 def _bad_packets(d: DaemonProcess) -> int:
     with d.client() as c:
         return int(c.status()["mesh"]["bad_packets"])
+
+
+def test_meshq_ctl_ring_shows_every_live_member_s_share(
+        trio_of_nodes: list[DaemonProcess]) -> None:
+    eventually(lambda: all_alive(trio_of_nodes, {"a", "b", "c"}), 10, "all alive")
+    out = subprocess.run(
+        [sys.executable, "-m", "meshq.cli.ctl", "--socket", str(trio_of_nodes[0].socket),
+         "ring", "--json"], capture_output=True, text=True, timeout=30, check=True)
+    ring = json.loads(out.stdout)
+    assert set(ring["ownership"]) == {"a", "b", "c"}
+    assert abs(sum(ring["ownership"].values()) - 1.0) < 1e-3
+    assert max(ring["ownership"].values()) / min(ring["ownership"].values()) < 1.5
+    assert abs(sum(ring["replica_ownership_n3"].values()) - 3.0) < 1e-3

@@ -50,6 +50,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_members)
 
+    p = sub.add_parser("ring", help="the share of the ring each live member owns",
+                       description="the share of the ring each live member owns")
+    add_socket_option(p, top=False)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_ring)
+
     p = sub.add_parser("leave", help="leave the cluster gracefully and stop the daemon",
                        description="leave the cluster gracefully and stop the daemon")
     add_socket_option(p, top=False)
@@ -163,6 +169,22 @@ def cmd_members(args: argparse.Namespace) -> int:
     else:
         print(format_table(MEMBER_COLUMNS, [[m.get(c) for c in MEMBER_COLUMNS]
                                             for m in members]))
+    return EXIT_OK
+
+
+def cmd_ring(args: argparse.Namespace) -> int:
+    with connect(args) as client:
+        ring = client.status().get("ring") or {}
+    if args.json:
+        print(to_json(ring, indent=2))
+        return EXIT_OK
+    primary = ring.get("ownership") or {}
+    replicas = ring.get("replica_ownership_n3") or {}
+    rows = [[name, f"{100 * share:.1f}%", f"{100 * replicas.get(name, 0.0):.1f}%"]
+            for name, share in primary.items()]
+    print(format_table(("name", "primary", "replica (N=3)"), rows))
+    print(f"\n{ring.get('vnodes_per_node')} virtual nodes per member; placement is not "
+          "used for data yet (replication comes with the mesh)")
     return EXIT_OK
 
 
