@@ -125,7 +125,7 @@ def _membership(config: Config, transport: UdpTcpTransport, clock: Clock) -> Mem
                 incarnation=int(clock.time()))  # a restart must outrank its old self
     return Membership(swim=swim, transport=transport, cluster=config.cluster_name,
                       clock=clock, seeds=seeds, max_offset_ms=config.max_clock_offset_ms,
-                      members_path=members_file)
+                      members_path=members_file, ntp_server=config.ntp_server)
 
 
 async def _main_async(config: Config, banner: bool) -> int:

@@ -23,6 +23,7 @@ from meshq.mesh.swim import (
     TRANSITIONS,
     Ack,
     Alive,
+    ClockSample,
     Dead,
     Effect,
     Event,
@@ -440,7 +441,8 @@ def test_ack_lowers_health_and_measures_the_clock() -> None:
     p = ping.messages[0]
     assert isinstance(p, Ping)
     now = p.t0 + 0.02
-    s.on_message(ping.addr, Ack(p.seq, p.t0 + 5.01, p.t0 + 5.01), now)
+    fx = s.on_message(ping.addr, Ack(p.seq, p.t0 + 5.01, p.t0 + 5.01), now)
+    assert fx == [ClockSample(p.target, p.t0, p.t0 + 5.01, p.t0 + 5.01, now)]
     assert s.health_score == 2
     m = s.member(p.target)
     assert m is not None and m.last_seen == now
@@ -631,7 +633,7 @@ class Net:
                 if not self._blocked(node.name, self._dst(e.addr)):
                     wire = msgpack.packb(packet_to_wire(e.messages), use_bin_type=True)
                     self._push(("packet", node.name, self._dst(e.addr), wire))
-            else:
+            elif isinstance(e, StartStream):
                 dst = self._dst(e.addr)
                 if not (self._blocked(node.name, dst) or self._blocked(dst, node.name)):
                     self._push(("stream", node.name, dst, e.payload.to_wire()))

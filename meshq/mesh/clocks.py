@@ -92,8 +92,9 @@ class ClockTracker:
     ones (at most ``max_age`` seconds old) is that peer's offset: the NTP clock filter,
     since the shortest round trip has the tightest error bound. ``verdict`` refuses
     writes when our offset to the median of {us: 0} and the peers' offsets, or a fresh
-    NTP offset, is beyond ``max_offset_ms`` in either direction. With no fresh peer
-    samples the peer check passes (a single node has no cluster to disagree with).
+    NTP offset, is beyond ``max_offset_ms`` in either direction. With fewer than
+    ``min_peers`` peers measured the peer check passes: a single node has no cluster to
+    disagree with, and with one peer there is no telling whose clock is wrong.
     """
 
     def __init__(
@@ -101,12 +102,14 @@ class ClockTracker:
         max_offset_ms: float = DEFAULT_MAX_OFFSET_MS,
         window: int = 8,
         max_age: float = DEFAULT_MAX_AGE,
+        min_peers: int = 2,
     ) -> None:
         if not max_offset_ms > 0 or window < 1 or not max_age > 0:
             raise ValueError("max_offset_ms and max_age must be positive, window at least 1")
         self.max_offset_ms = max_offset_ms
         self.window = window
         self.max_age = max_age
+        self.min_peers = min_peers  # fewer measured peers: no majority to judge our clock by
         self._samples: dict[str, deque[Sample]] = {}
         self._ntp: tuple[float, float] | None = None  # (offset ms, at)
 
@@ -176,7 +179,7 @@ class ClockTracker:
         ours = _ours_to_median(peer_offsets.values())
         reasons: list[str] = []
         limit = self.max_offset_ms
-        if abs(ours) > limit:
+        if abs(ours) > limit and len(peer_offsets) >= self.min_peers:
             reasons.append(
                 f"this node's clock is {abs(ours):.0f} ms {_side(ours)} the cluster median "
                 f"(of {len(peer_offsets) + 1} nodes), beyond max_clock_offset of {limit:g} ms"

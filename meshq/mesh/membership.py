@@ -22,7 +22,10 @@ import trio
 
 from meshq.clock import Clock
 from meshq.errors import ProtocolError, Unavailable
+from meshq.mesh.clocks import ClockTracker
+from meshq.mesh.ntp import NtpError, query_ntp
 from meshq.mesh.swim import (
+    ClockSample,
     Effect,
     Member,
     MemberChanged,
@@ -48,33 +51,23 @@ log = logging.getLogger("meshq.mesh")
 
 STREAM_TIMEOUT = 5.0  # connect and answer, for one push-pull
 REJOIN_INTERVAL = 10.0  # while alone with known seeds, try them again this often
+NTP_INTERVAL = 60.0  # between two NTP checks
 
 
 @dataclass(frozen=True)
 class ClockStatus:
-    """Whether this node's clock is fit to stamp messages, and why not."""
+    """Whether this node's clock is fit to stamp messages, and why not.
+    ``median_offset_ms`` is the cluster's median clock minus ours."""
 
     accepting_writes: bool
     reason: str | None
     median_offset_ms: float | None
 
 
-def _clock_verdict(median_offset_s: float | None, max_offset_ms: float) -> ClockStatus:
-    """Refuse writes when the cluster median clock is more than max_offset_ms from ours."""
-    if median_offset_s is None:
-        return ClockStatus(True, None, None)
-    ms = median_offset_s * 1000.0
-    if abs(ms) > max_offset_ms:
-        side = "behind" if ms > 0 else "ahead of"
-        return ClockStatus(False, f"this node's clock is {abs(ms):.0f} ms {side} the cluster "
-                                  f"median (max_clock_offset is {max_offset_ms:.0f} ms)", ms)
-    return ClockStatus(True, None, ms)
-
-
 class Membership:
     def __init__(self, *, swim: Swim, transport: Transport, cluster: str, clock: Clock,
                  seeds: Iterable[str] = (), max_offset_ms: float = 500.0,
-                 members_path: Path | None = None,
+                 members_path: Path | None = None, ntp_server: str | None = None,
                  on_change: Callable[[Member, MemberState | None], None] | None = None) -> None:
         self.swim = swim
         self.transport = transport
@@ -82,6 +75,8 @@ class Membership:
         self.clock = clock
         self.seeds = [s for s in dict.fromkeys(seeds) if s != transport.local_address]
         self.max_offset_ms = max_offset_ms
+        self.clocks = ClockTracker(max_offset_ms=max_offset_ms)
+        self.ntp_server = ntp_server
         self.members_path = members_path
         self.on_change = on_change
         self.bad_packets = 0
@@ -106,6 +101,8 @@ class Membership:
                 log.warning("no seed answered (%s); starting alone, will retry",
                             ", ".join(self.seeds))
             nursery.start_soon(self._rejoin_loop)
+            if self.ntp_server is not None:
+                nursery.start_soon(self._ntp_loop, self.ntp_server)
             task_status.started()
 
     async def join(self, addrs: Iterable[str]) -> bool:
@@ -129,7 +126,11 @@ class Membership:
             elif isinstance(e, StartStream):
                 assert self._nursery is not None
                 self._nursery.start_soon(self._push_pull, e.addr, e.payload)
+            elif isinstance(e, ClockSample):
+                self.clocks.observe(e.member, e.t0, e.t1, e.t2, e.t3, trio.current_time())
             elif isinstance(e, MemberChanged):
+                if e.member.state is not MemberState.ALIVE:
+                    self.clocks.forget(e.member.name)
                 old = e.old_state.value if e.old_state else "new"
                 log.info("member %s (%s): %s -> %s", e.member.name, e.member.address, old,
                          e.member.state.value)
@@ -167,11 +168,27 @@ class Membership:
                 self._execute(self.swim.tick(now, self.clock.time()))
                 if self.swim.has_left and not self.swim.statistics().pending_broadcasts:
                     self._drained.set()
-                self.clock_status = _clock_verdict(
-                    self.swim.statistics().median_clock_offset, self.max_offset_ms)
+                self._judge_clock()
             if self._dirty:
                 self._dirty = False
                 await self._save_members()
+
+    def _judge_clock(self) -> None:
+        v = self.clocks.verdict(trio.current_time())
+        median = -v.median_offset_ms if v.peers else None
+        self.clock_status = ClockStatus(v.accepting_writes, v.reason, median)
+
+    async def _ntp_loop(self, server: str) -> None:
+        """Check our clock against an NTP server now and then (config ``ntp_server``)."""
+        while True:
+            try:
+                offset_ms = await query_ntp(server)
+            except NtpError as exc:
+                log.warning("NTP check against %s failed: %s", server, exc)
+            else:
+                self.clocks.ntp_check(offset_ms, trio.current_time())
+                self._judge_clock()
+            await trio.sleep(NTP_INTERVAL)
 
     async def _rejoin_loop(self) -> None:
         """Like Consul's retry_join: while we know no live peer, keep trying the seeds."""

@@ -65,11 +65,39 @@ from meshq.mesh.wire import TYPE_KEY
 from meshq.states import IllegalTransition
 
 __all__ = [
-    "SELF_RULES", "TRANSITIONS", "Ack", "Alive", "Dead", "Effect", "Event", "IllegalTransition",
-    "IncRelation", "Member", "MemberChanged", "MemberState", "MemberSummary", "Message", "Nack",
-    "Ping", "PingReq", "PushPull", "SelfReaction", "SendPacket", "StartStream", "Suspect",
-    "Swim", "SwimConfig", "SwimStatistics", "WireError", "advance", "message_from_wire",
-    "packet_from_wire", "packet_to_wire", "relation", "wire_size",
+    "SELF_RULES",
+    "TRANSITIONS",
+    "Ack",
+    "Alive",
+    "ClockSample",
+    "Dead",
+    "Effect",
+    "Event",
+    "IllegalTransition",
+    "IncRelation",
+    "Member",
+    "MemberChanged",
+    "MemberState",
+    "MemberSummary",
+    "Message",
+    "Nack",
+    "Ping",
+    "PingReq",
+    "PushPull",
+    "SelfReaction",
+    "SendPacket",
+    "StartStream",
+    "Suspect",
+    "Swim",
+    "SwimConfig",
+    "SwimStatistics",
+    "WireError",
+    "advance",
+    "message_from_wire",
+    "packet_from_wire",
+    "packet_to_wire",
+    "relation",
+    "wire_size",
 ]
 
 META_MAX_BYTES = 512
@@ -414,6 +442,18 @@ class StartStream:
 
 
 @dataclass(frozen=True)
+class ClockSample:
+    """A direct probe's four wall times (seconds): our send, their receive and reply, our
+    receive; for a clock-offset estimator with a better filter than the EWMA here."""
+
+    member: str
+    t0: float
+    t1: float
+    t2: float
+    t3: float
+
+
+@dataclass(frozen=True)
 class MemberChanged:
     """A member was added (``old_state`` None) or changed state, address or meta."""
 
@@ -421,7 +461,7 @@ class MemberChanged:
     old_state: MemberState | None
 
 
-Effect: TypeAlias = SendPacket | StartStream | MemberChanged
+Effect: TypeAlias = SendPacket | StartStream | MemberChanged | ClockSample
 
 
 @dataclass(frozen=True)
@@ -792,6 +832,7 @@ class Swim:
             offset, rtt = m.clock_offset, m.rtt
             if msg.t1 is not None and msg.t2 is not None and src_addr == p.addr:
                 off_sample, rtt_sample = clock_offset(p.sent_wall, msg.t1, msg.t2, wall)
+                fx.append(ClockSample(p.target, p.sent_wall, msg.t1, msg.t2, wall))
                 offset = ewma(offset, off_sample, self.config.clock_offset_alpha)
                 rtt = ewma(rtt, rtt_sample, self.config.clock_offset_alpha)
             self._members[p.target] = replace(m, last_seen=now, clock_offset=offset, rtt=rtt)
