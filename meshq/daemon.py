@@ -92,30 +92,37 @@ async def _serve_locked(config: Config, clock: Clock, task_status: Any) -> None:
         del snapshot
         gc.freeze()  # a restored backlog is long-lived: keep it out of every collection
         transport = await UdpTcpTransport.bind(config.bind)
-        membership = _membership(config, transport, clock)
-        node = Node(name=config.node_name, node_id=node_id, address=transport.local_address,
-                    broker=broker, store=store, clock=clock, membership=membership)
-        server = UnixServer(node, config.socket, config.max_frame_bytes, config.max_connections)
-        await server.bind()
-        async with trio.open_nursery() as nursery:
-            await nursery.start(store.run)
-            await nursery.start(broker.run)
-            await nursery.start(membership.run)  # joined through a seed, or alone
-            await nursery.start(server.run)
-            log.info("meshqd %s ready: node %s (%s), socket %s, bind %s, data %s", __version__,
-                     config.node_name, node_id, config.socket, node.address, config.data_dir)
-            task_status.started(node)
-            await node.stop_requested.wait()
-            log.info("shutting down")
-            await server.stop_accepting()
-            node.refuse_writes("shutting down")
-            with trio.move_on_after(SHUTDOWN_GRACE):
-                await membership.leave(LEAVE_GRACE)
-                await store.flush()
-                await server.drain()
-            nursery.cancel_scope.cancel()
+        async with transport:
+            await _run_node(config, clock, task_status, node_id, store, broker, transport)
     finally:
         store.close()
+
+
+async def _run_node(config: Config, clock: Clock, task_status: Any, node_id: str,
+                    store: SQLiteStore, broker: Broker, transport: UdpTcpTransport) -> None:
+    """Everything runs here, under the nursery that owns it, until stop or cancel."""
+    membership = _membership(config, transport, clock)
+    node = Node(name=config.node_name, node_id=node_id, address=transport.local_address,
+                broker=broker, store=store, clock=clock, membership=membership)
+    server = UnixServer(node, config.socket, config.max_frame_bytes, config.max_connections)
+    await server.bind()
+    async with trio.open_nursery() as nursery:
+        await nursery.start(store.run)
+        await nursery.start(broker.run)
+        await nursery.start(membership.run)  # joined through a seed, or alone
+        await nursery.start(server.run)
+        log.info("meshqd %s ready: node %s (%s), socket %s, bind %s, data %s", __version__,
+                 config.node_name, node_id, config.socket, node.address, config.data_dir)
+        task_status.started(node)
+        await node.stop_requested.wait()
+        log.info("shutting down")
+        await server.stop_accepting()
+        node.refuse_writes("shutting down")
+        with trio.move_on_after(SHUTDOWN_GRACE):
+            await membership.leave(LEAVE_GRACE)
+            await store.flush()
+            await server.drain()
+        nursery.cancel_scope.cancel()
 
 
 def _membership(config: Config, transport: UdpTcpTransport, clock: Clock) -> Membership:
