@@ -18,6 +18,7 @@ import random
 import secrets
 import signal
 import sys
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -58,13 +59,24 @@ def _node_id(data_dir: Path) -> str:
     """This node's id: random, made once, kept in the data directory."""
     path = data_dir / "node-id"
     try:
-        return path.read_text().strip()
+        node_id = path.read_text().strip()
     except FileNotFoundError:
-        node_id = secrets.token_hex(4)
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(node_id + "\n")
-        os.replace(tmp, path)
+        node_id = ""
+    if node_id:
         return node_id
+    node_id = secrets.token_hex(4)  # new, or lost to a power cut before it reached disk
+    tmp = path.with_suffix(".tmp")
+    with open(tmp, "w") as f:
+        f.write(node_id + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    dir_fd = os.open(data_dir, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+    return node_id
 
 
 async def serve(config: Config, *, clock: Clock | None = None,
@@ -136,18 +148,29 @@ def _membership(config: Config, transport: UdpTcpTransport, clock: Clock) -> Mem
 
 
 async def _main_async(config: Config, banner: bool) -> int:
+    ready: list[Node] = []
     async with trio.open_nursery() as nursery:
 
         async def run_node(task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
             await serve(config, task_status=task_status)
             nursery.cancel_scope.cancel()  # stopped gracefully: end the signal watcher
 
+        async def watch_signals(signals: AsyncIterator[int]) -> None:
+            async for _ in signals:
+                if not ready or ready[0].stop_requested.is_set():
+                    nursery.cancel_scope.cancel()  # not started yet, or a second signal
+                    return
+                ready[0].stop()
+
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+            nursery.start_soon(watch_signals, signals)  # also during start-up (a slow join)
             try:
                 node: Node = await nursery.start(run_node)
             except StartupError as exc:
                 print(f"meshqd: {exc}", file=sys.stderr)
+                nursery.cancel_scope.cancel()
                 return 1
+            ready.append(node)
             print(f"meshqd ready: socket={config.socket} node={config.node_name} "
                   f"bind={node.address}", flush=True)
             if banner:
@@ -159,11 +182,7 @@ async def _main_async(config: Config, banner: bool) -> int:
                       "  meshq recv hello\n"
                       "  meshq-ctl status\n\n"
                       "Ctrl-C stops the daemon.", flush=True)
-            async for _ in signals:
-                if node.stop_requested.is_set():
-                    nursery.cancel_scope.cancel()  # second signal: stop now
-                    break
-                node.stop()
+            await trio.sleep_forever()  # keep the signal handlers until the node has stopped
     return 0
 
 

@@ -515,3 +515,39 @@ async def test_hlc_ceiling_is_written_ahead_not_with_every_commit(
     broker2 = await env.restart()
     [mid] = await env.send(b"after")
     assert broker2.queues["q"].messages[mid].hlc > ceiling
+
+
+async def test_a_dedup_hit_on_a_failed_send_fails_the_send_that_relied_on_it(
+        env: Env, autojump_clock: MockClock) -> None:
+    await env.declare()
+    env.store.fail_next = True
+    first = env.broker.send("q", [{"body": b"a", "dedup_id": "x"}])
+    second = env.broker.send("q", [{"body": b"a", "dedup_id": "x"}, {"body": b"b"}])
+    assert first.batch is second.also  # the hit waits for the first send's batch
+    with pytest.raises(StoreError):
+        await first.wait()
+    with pytest.raises(StoreError):
+        await second.wait()
+
+
+async def test_no_delivery_when_the_lease_commit_fails(env: Env, autojump_clock: MockClock,
+                                                       ) -> None:
+    await env.declare()
+    [mid] = await env.send(b"a")
+    conn = Conn(env)
+    env.store.fail_next = True
+    conn.consume(prefetch=1)  # its lease goes into the batch that fails
+    d = await conn.next()  # handed over only after a lease that did commit
+    assert (d.id, d.count) == (mid, 1)
+    assert env.store.failed_commits == 1
+
+
+async def test_expired_messages_leave_no_garbage_in_the_ready_heap(
+        env: Env, autojump_clock: MockClock) -> None:
+    await env.declare(message_ttl=1.0)
+    for _ in range(3):
+        await env.send(*[b"x"] * 2000)
+        await trio.sleep(2)
+    q = env.broker.queues["q"]
+    assert q.ready == 0 and env.stats()["expired"] == 6000
+    assert len(q._ready) < 2048

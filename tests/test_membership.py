@@ -144,3 +144,43 @@ def test_meshq_ctl_ring_shows_every_live_member_s_share(
     assert abs(sum(ring["ownership"].values()) - 1.0) < 1e-3
     assert max(ring["ownership"].values()) / min(ring["ownership"].values()) < 1.5
     assert abs(sum(ring["replica_ownership_n3"].values()) - 3.0) < 1e-3
+
+
+def test_hostile_addresses_and_names_in_gossip_do_not_take_the_node_down(
+        tmp_path: Path) -> None:
+    from meshq.mesh.wire import encode_packet
+
+    with DaemonProcess(tmp_path / "a", node_name="a") as a:
+        assert a.bind is not None
+        host, port = a.bind.rsplit(":", 1)
+        bad = [{"t": "ping_req", "seq": 1, "target": "x", "addr": addr}
+               for addr in ("a:b:1", "[zz]:1", "a..b:1", "never.resolves.example:1")]
+        bad.append({"t": "alive", "inc": 1, "node": "\U0001d51e" * 100, "addr": "10.0.0.1:1",
+                    "meta": {}})
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            for message in bad:
+                s.sendto(encode_packet([message]), (host, int(port)))
+        eventually(lambda: _bad_packets(a) >= len(bad), 5, "every hostile packet counted")
+        assert a.proc is not None and a.proc.poll() is None
+        assert set(states(a)) == {"a"}
+
+
+def test_sigterm_during_a_slow_join_stops_at_once(tmp_path: Path) -> None:
+    with socket.socket() as silent:  # accepts TCP connections, never answers
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(8)
+        seed = f"127.0.0.1:{silent.getsockname()[1]}"
+        d = DaemonProcess(tmp_path / "a", node_name="a", args=["--join", seed])
+        proc = subprocess.Popen(d.command(), stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL)
+        silent.settimeout(10)
+        try:
+            conn, _ = silent.accept()  # the join reached the seed and now waits on it
+            with conn:
+                started = time.monotonic()
+                proc.terminate()
+                proc.wait(10)
+                assert time.monotonic() - started < 2.0
+        finally:
+            proc.kill()
+            proc.wait()

@@ -102,3 +102,20 @@ async def test_batches_are_cut_between_requests_not_inside_one() -> None:
         nursery.cancel_scope.cancel()
     assert all(b.done and b.error is None for b in batches)
     assert sorted(s.messages) == list(range(1, 2 * (MAX_BATCH_REQUESTS * 2 + 1) + 1))
+
+
+async def test_batches_commit_in_the_order_they_were_cut() -> None:
+    from meshq.store import MemoryStore
+    from meshq.store.base import MAX_BATCH_REQUESTS
+
+    s = MemoryStore()
+    done: list[int] = []
+    async with trio.open_nursery() as nursery:
+        await nursery.start(s.run)  # the writer waits, idle
+        for i in range(MAX_BATCH_REQUESTS + 50):  # one burst: a batch is sealed meanwhile
+            s.seal_if_full()
+            s.stage(put_op(message(i + 1))).add_callback(
+                lambda err, i=i: done.append(i) if err is None else None)
+        await s.flush()
+        nursery.cancel_scope.cancel()
+    assert done == sorted(done) and len(done) == MAX_BATCH_REQUESTS + 50

@@ -255,7 +255,7 @@ def test_meta_change_is_reported() -> None:
 # ---------------------------------------------------------------------------- the wire
 MESSAGES: list[Message] = [
     Ping(1, "a", 1.5), Ack(2, 1.0, 1.25), Ack(3, None, None), Nack(4),
-    PingReq(5, "b", "host.example:7946"), Alive(1, "c", "[::1]:7946", {"zone": "x", "n": 3}),
+    PingReq(5, "b", "192.0.2.7:7946"), Alive(1, "c", "[::1]:7946", {"zone": "x", "n": 3}),
     Alive(2**63 - 1, "c", "10.0.0.1:1"), Suspect(2, "c", "d"), Dead(3, "c", "c"),
     PushPull(True, (MemberSummary("a", "10.0.0.1:7946", 1, A),
                     MemberSummary("b", "10.0.0.2:7946", 7, L, {"k": "v"}))),
@@ -839,3 +839,17 @@ def test_push_pull_runs_periodically_and_reconnects_to_the_dead() -> None:
     quiet.on_message(STRANGER, Alive(1, "x", X_ADDR), 0.0)
     quiet.on_message(STRANGER, Dead(1, "x", "p1"), 0.0)
     assert not [e for _, e, _ in run_alone(quiet, 30.0) if isinstance(e, StartStream)]
+
+
+@pytest.mark.parametrize("addr", ["host.example:7946", "a:b:1", "[zz]:1", "a..b:1",
+                                  "::1:7946", "[10.0.0.1]:7946", "10.0.0.1:0"])
+def test_addresses_from_the_network_must_be_numeric(addr: str) -> None:
+    with pytest.raises(WireError):
+        message_from_wire({"t": "ping_req", "seq": 1, "target": "x", "addr": addr})
+
+
+def test_names_are_bounded_in_bytes_so_every_message_fits_a_packet() -> None:
+    name = "\U0001d51e" * 64  # 256 bytes in UTF-8, 64 characters
+    with pytest.raises(WireError):
+        message_from_wire({"t": "alive", "inc": 1, "node": name, "addr": "10.0.0.1:1",
+                           "meta": {}})

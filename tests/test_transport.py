@@ -237,8 +237,9 @@ async def test_packet_limits(pair: tuple[UdpTcpTransport, UdpTcpTransport]) -> N
         await a.send_packet(b.local_address, b"x" * (a.max_packet_size + 1))
     with pytest.raises(ValueError):
         await a.send_packet("no-port", b"x")
+    await a.send_packet("a..b:7946", b"x")  # unresolvable (idna refuses it): lost, counted
     await a.send_packet("[::1]:7946", b"x")  # no IPv4 route to it: lost, counted, no raise
-    assert a.statistics().send_errors == 1
+    assert a.statistics().send_errors == 2
 
 
 async def echo(stream: trio.abc.Stream, remote: str) -> None:

@@ -49,24 +49,31 @@ TICK_BUDGET = 2000  # timers handled per event-loop turn
 
 
 class Pending:
-    """The result of a write: known now, valid once ``batch`` is durable."""
+    """The result of a write: known now, valid once ``batch`` is durable (and ``also``, an
+    earlier batch the result depends on: a dedup hit on a send not yet committed)."""
 
-    __slots__ = ("batch", "result")
+    __slots__ = ("also", "batch", "result")
 
-    def __init__(self, batch: Batch | None, result: Any) -> None:
+    def __init__(self, batch: Batch | None, result: Any, also: Batch | None = None) -> None:
         self.batch = batch
         self.result = result
+        self.also = also
 
     def then(self, fn: Callable[[Any, BaseException | None], None]) -> None:
         """Call ``fn(result, error)`` once durable (now, if nothing had to be written)."""
         if self.batch is None:
             fn(self.result, None)
-        else:
+        elif self.also is None:
             self.batch.add_callback(functools.partial(fn, self.result))
+        else:  # batches complete in order, so ``also`` is done when ``batch`` is
+            also = self.also
+            self.batch.add_callback(lambda err: fn(self.result, err or also.error))
 
     async def wait(self) -> Any:
         if self.batch is not None:
             await self.batch.wait()
+            if self.also is not None:
+                await self.also.wait()
         else:
             await trio.lowlevel.checkpoint()
         return self.result
@@ -189,6 +196,7 @@ class Broker:
                 touched.add(q)
             elif kind == _T_TTL and msg.state in (State.READY, State.DELAYED):
                 self._dead_letter(q, msg, "expired", now)
+                q.compact()  # its ready-heap entry is stale now
         if now >= self._next_prune:
             self._prune_dedup(now)
         for q in touched:
@@ -297,7 +305,7 @@ class Broker:
                             self._stamp(now), self.node_id)
             if dlq.options.message_ttl is not None:
                 moved.expires_at = now + dlq.options.message_ttl
-            self.store.stage(put_op(moved))
+            self.store.stage(put_op(moved)).body_bytes += len(moved.body)
             self.store.current_batch().add_callback(
                 lambda err: self._committed(dlq, [moved], err))
         return self._stage_counters(q)
@@ -388,7 +396,7 @@ class Broker:
         if c.session.closed:
             return
         still = [m for m in msgs if m.owner is c and m.state == State.LEASED]
-        if c.cancelled:  # never handed over: back to ready
+        if error is not None or c.cancelled:  # never handed over: back to ready
             now = self.clock.time()
             for m in still:
                 q = self.queues.get(m.queue)
@@ -396,6 +404,8 @@ class Broker:
                     m.delivery_count -= 1
                     self._end_lease(q, m, now, Event.REQUEUE)
                     self._dispatch(q, now)
+            if not c.replenish and c.pending == 0 and not c.cancelled:
+                c.sink(c, [])  # wake the pull receive that waits for them
             return
         if still or not c.replenish:  # a pull receive waits to hear, even of nothing
             c.sink(c, still)
@@ -524,6 +534,7 @@ class Broker:
                     msg.lease_deadline = now + (c.visibility_timeout
                                                 or q.options.visibility_timeout)
             batch = store.stage(put_op(msg))
+            batch.body_bytes += len(body)
             if dedup_id is not None:
                 self._dedup[name, dedup_id] = (msg.id, now + window, batch)
                 store.stage((OP_DEDUP, (name, dedup_id, msg.id, now + window)))
@@ -537,7 +548,7 @@ class Broker:
             self._sends_batch, self._sends = batch, []
             batch.add_callback(functools.partial(self._sent, self._sends))
         self._sends.append((q, fresh, fresh_dedup))
-        return Pending(batch, ids)
+        return Pending(batch, ids, also=wait_for)
 
     def _sent(self, sends: list[tuple[Queue, list[Message], list[str | None]]],
               error: BaseException | None) -> None:

@@ -50,6 +50,9 @@ __all__ = ["ClockStatus", "Membership", "known_peers"]
 log = logging.getLogger("meshq.mesh")
 
 STREAM_TIMEOUT = 5.0  # connect and answer, for one push-pull
+SEND_TIMEOUT = 1.0  # for one packet (address resolution included)
+MAX_INCOMING_STREAMS = 16  # push-pulls served at once; more wait
+PEER_MAX_FRAME = 1024 * 1024  # a push-pull of thousands of members fits
 REJOIN_INTERVAL = 10.0  # while alone with known seeds, try them again this often
 NTP_INTERVAL = 60.0  # between two NTP checks
 
@@ -81,11 +84,13 @@ class Membership:
         self.on_change = on_change
         self.bad_packets = 0
         self.bad_streams = 0
+        self.unsendable = 0
         self.clock_status = ClockStatus(True, None, None)
         self._outbox_send, self._outbox = trio.open_memory_channel[tuple[str, Any]](math.inf)
         self._wake = trio.Event()
         self._drained = trio.Event()  # after leave(): every broadcast went out
         self._nursery: trio.Nursery | None = None
+        self._stream_slots = trio.CapacityLimiter(MAX_INCOMING_STREAMS)
         self._dirty = False
 
     # -- running --------------------------------------------------------------------
@@ -106,16 +111,29 @@ class Membership:
             task_status.started()
 
     async def join(self, addrs: Iterable[str]) -> bool:
-        """Push-pull with the seeds one by one until one answers; True if one did."""
-        for effect in self.swim.join(addrs, trio.current_time()):
-            if isinstance(effect, StartStream) and await self._push_pull(effect.addr,
-                                                                         effect.payload):
-                return True
-        return False
+        """Push-pull with every seed at once; True as soon as one answered (at most
+        STREAM_TIMEOUT in all, however many seeds are silent)."""
+        joined = False
+        async with trio.open_nursery() as nursery:
+
+            async def one(addr: str, payload: PushPull) -> None:
+                nonlocal joined
+                if await self._push_pull(addr, payload):
+                    joined = True
+                    nursery.cancel_scope.cancel()
+
+            for effect in self.swim.join(addrs, trio.current_time()):
+                if isinstance(effect, StartStream):
+                    nursery.start_soon(one, effect.addr, effect.payload)
+        return joined
 
     async def leave(self, grace: float = 2.0) -> None:
         """Announce that we leave; wait (up to ``grace`` s) until the news has gone out."""
         self._execute(self.swim.leave(trio.current_time()))
+        others = [m for m in self.swim.members() if m.name != self.swim.name
+                  and m.state in (MemberState.ALIVE, MemberState.SUSPECT)]
+        if not others:
+            return  # nobody to tell
         with trio.move_on_after(grace):
             await self._drained.wait()
 
@@ -142,14 +160,23 @@ class Membership:
     async def _sender(self) -> None:
         limit = self.swim.config.max_packet_bytes
         async for addr, messages in self._outbox:
-            for data in split_messages(messages, limit):
-                await self.transport.send_packet(addr, data)
+            try:
+                packets = split_messages(messages, limit)
+            except ValueError:  # a message too big for any packet: gossip is best-effort
+                self.unsendable += 1
+                continue
+            for data in packets:
+                with trio.move_on_after(SEND_TIMEOUT):  # never let one peer stall the rest
+                    try:
+                        await self.transport.send_packet(addr, data)
+                    except ValueError:  # a malformed address: nothing to send it to
+                        self.unsendable += 1
 
     async def _receiver(self) -> None:
         while True:
             src, data = await self.transport.receive_packet()
             try:
-                packet = decode_packet(data)
+                packet = decode_packet(data, max_size=self.swim.config.max_packet_bytes)
                 messages = [message_from_wire(m) for m in packet.messages]
             except (PeerProtocolError, ProtocolError, ValueError):
                 self.bad_packets += 1
@@ -203,7 +230,8 @@ class Membership:
     async def _push_pull(self, addr: str, payload: PushPull) -> bool:
         try:
             with trio.fail_after(STREAM_TIMEOUT):
-                stream = FramedStream(await self.transport.open_stream(addr, STREAM_TIMEOUT))
+                stream = FramedStream(await self.transport.open_stream(addr, STREAM_TIMEOUT),
+                                      max_frame=PEER_MAX_FRAME)
                 try:
                     await stream.send(hello_frame(self.cluster, self.swim.name))
                     await stream.send(payload.to_wire())
@@ -219,17 +247,21 @@ class Membership:
         return True
 
     async def _serve_stream(self, raw: trio.abc.Stream, remote: str) -> None:
-        stream = FramedStream(raw)
+        stream = FramedStream(raw, max_frame=PEER_MAX_FRAME)
         try:
-            with trio.fail_after(STREAM_TIMEOUT):
-                check_hello(_frame(await stream.receive()), self.cluster)
-                theirs = PushPull.from_wire(await stream.receive())
-                self._execute(self.swim.merge_push_pull(theirs, trio.current_time()))
-                await stream.send(hello_frame(self.cluster, self.swim.name))
-                await stream.send(self.swim.push_pull_payload().to_wire())
+            async with self._stream_slots:
+                await self._serve_one_stream(stream)
         except (ProtocolError, ValueError, trio.TooSlowError) as exc:
             self.bad_streams += 1
             log.debug("refused a stream from %s: %s", remote, exc)
+
+    async def _serve_one_stream(self, stream: FramedStream) -> None:
+        with trio.fail_after(STREAM_TIMEOUT):
+            check_hello(_frame(await stream.receive()), self.cluster)
+            theirs = PushPull.from_wire(await stream.receive())
+            self._execute(self.swim.merge_push_pull(theirs, trio.current_time()))
+            await stream.send(hello_frame(self.cluster, self.swim.name))
+            await stream.send(self.swim.push_pull_payload().to_wire())
 
     # -- persistence and status -----------------------------------------------------
     async def _save_members(self) -> None:
@@ -239,24 +271,33 @@ class Membership:
         peers = sorted({m.address for m in self.swim.members()
                         if m.name != self.swim.name and m.state is MemberState.ALIVE})
         if peers:
-            await trio.to_thread.run_sync(_write_json, self.members_path, {"peers": peers})
+            try:
+                await trio.to_thread.run_sync(_write_json, self.members_path, {"peers": peers})
+            except OSError as exc:  # not fatal: we only lose a hint for the next start
+                log.warning("could not remember peers in %s: %s", self.members_path, exc)
+                self._dirty = True
 
     def status(self, now: float) -> list[dict[str, Any]]:
         """Every known member, ourselves included (``meshq-ctl status`` members)."""
         out = []
+        offsets = self.clocks.offsets()  # the estimates the write verdict uses, in ms
         for m in sorted(self.swim.members(), key=lambda m: m.name):
             out.append({
                 "name": m.name,
                 "address": m.address,
                 "state": m.state.value,
                 "incarnation": m.incarnation,
-                "clock_offset_ms": None if m.clock_offset is None
-                else round(m.clock_offset * 1000.0, 3),
-                "rtt_ms": None if m.rtt is None else round(m.rtt * 1000.0, 3),
+                "clock_offset_ms": 0.0 if m.name == self.swim.name
+                else _ms(offsets.get(m.name)),
+                "rtt_ms": None if m.rtt is None else _ms(m.rtt * 1000.0),
                 "last_seen_s": None if m.last_seen is None else round(now - m.last_seen, 3),
                 "self": m.name == self.swim.name,
             })
         return out
+
+
+def _ms(value: float | None) -> float | None:
+    return None if value is None or not math.isfinite(value) else round(value, 3)
 
 
 def _frame(frame: dict[str, Any] | None) -> dict[str, Any]:

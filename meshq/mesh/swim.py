@@ -38,6 +38,7 @@ refuted by taking incarnation max(ours, theirs) + 1 and broadcasting ALIVE.
 from __future__ import annotations
 
 import enum
+import ipaddress
 import math
 import random
 from collections import Counter
@@ -101,8 +102,10 @@ __all__ = [
 ]
 
 META_MAX_BYTES = 512
+MAX_PUSH_PULL_MEMBERS = 4096  # bounds the work one stream can cause
 _MAX_INT = 2**63 - 1
-_MAX_NAME = 256
+_MAX_NAME_BYTES = 255  # UTF-8: with the address and meta, any message fits one packet
+_MAX_ADDR_BYTES = 64
 NACK_FRACTION = 0.8  # a relay nacks after this share of its probe timeout (Lifeguard paper)
 
 
@@ -189,18 +192,30 @@ class WireError(ProtocolError, ValueError):
     """A SWIM message (as decoded from msgpack) that is not well-formed."""
 
 
-def _check_addr(addr: object) -> str:
-    if not isinstance(addr, str) or len(addr) > _MAX_NAME:
+def _check_addr(addr: object, *, numeric: bool = True) -> str:
+    """A 'host:port' string; from the network (``numeric``) the host must be an IP
+    literal: a name would make every packet to it wait on DNS, and a malformed one
+    could not be sent at all."""
+    if not isinstance(addr, str) or len(addr.encode()) > _MAX_ADDR_BYTES:
         raise WireError(f"address must be a short 'host:port' string, not {addr!r:.60}")
     host, sep, port = addr.rpartition(":")
     if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
         raise WireError(f"address must be 'host:port', not {addr!r:.60}")
+    if numeric:
+        literal = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+        try:
+            ip = ipaddress.ip_address(literal)
+        except ValueError:
+            raise WireError(f"address must be a numeric IP:port, not {addr!r:.60}") from None
+        if (ip.version == 6) != (literal != host):
+            raise WireError(f"IPv6 addresses go in brackets: {addr!r:.60}")
     return addr
 
 
 def _check_name(name: object) -> str:
-    if not isinstance(name, str) or not 0 < len(name) <= _MAX_NAME:
-        raise WireError(f"a node name must be a non-empty string, not {name!r:.60}")
+    if not isinstance(name, str) or not 0 < len(name.encode()) <= _MAX_NAME_BYTES:
+        raise WireError(f"a node name must be a non-empty string of at most "
+                        f"{_MAX_NAME_BYTES} bytes, not {name!r:.60}")
     return name
 
 
@@ -377,6 +392,8 @@ class PushPull:
         join, members = d.get("join"), d.get("members")
         if not isinstance(join, bool) or not isinstance(members, list | tuple):
             raise WireError("push_pull: 'join' must be a bool and 'members' a list")
+        if len(members) > MAX_PUSH_PULL_MEMBERS:
+            raise WireError(f"push_pull: more than {MAX_PUSH_PULL_MEMBERS} members")
         return cls(join, tuple(MemberSummary.from_wire(m) for m in members))
 
 
@@ -390,7 +407,8 @@ def message_from_wire(d: object) -> Message:
     """The message a wire dict holds; WireError (a ProtocolError and ValueError) if none."""
     if not isinstance(d, Mapping):
         raise WireError("a message must be a map")
-    decode = _TYPES.get(d.get(TYPE_KEY))  # type: ignore[arg-type]
+    kind = d.get(TYPE_KEY)
+    decode = _TYPES.get(kind) if isinstance(kind, str) else None
     if decode is None:
         raise WireError(f"unknown message type {d.get('type')!r:.30}")
     return decode(d)
@@ -717,7 +735,8 @@ class Swim:
         if self._left:
             return []
         payload = self.push_pull_payload(join=True)
-        addrs = [a for a in dict.fromkeys(_check_addr(a) for a in seed_addrs) if a != self.addr]
+        addrs = [a for a in dict.fromkeys(_check_addr(a, numeric=False) for a in seed_addrs)
+                 if a != self.addr]
         self._counts["push_pulls_started"] += len(addrs)
         return [StartStream(a, payload) for a in addrs]
 

@@ -331,7 +331,7 @@ class UdpTcpTransport:
         try:
             _, sockaddr = await _resolve(host, port, self._family, _socket.SOCK_DGRAM)
             await self._udp.sendto(data, sockaddr)
-        except OSError as exc:
+        except (OSError, UnicodeError) as exc:  # unresolvable names fail in idna too
             if self._closed:
                 raise trio.ClosedResourceError("transport is closed") from None
             self._send_errors += 1

@@ -44,7 +44,8 @@ def main(path: str) -> int:
                     reply = b"\x00"
                 except Exception as exc:
                     failed = True
-                    reply = b"\x01" + f"{exc.__class__.__name__}: {exc}".encode()[:4000] + b"\n"
+                    text = f"{exc.__class__.__name__}: {exc}".replace("\n", " ")
+                    reply = b"\x01" + text.encode()[:4000] + b"\n"
             view = memoryview(reply)
             while view:
                 view = view[os.write(stdout, view):]

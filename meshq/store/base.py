@@ -52,10 +52,12 @@ OP_META = 7  # (key, value)
 Op = tuple[int, tuple[Any, ...]]
 MAX_BATCH_OPS = 8192  # a batch is sealed at an operation boundary past this many ops
 MAX_BATCH_REQUESTS = 256  # ... or past this many client requests
+MAX_BATCH_BYTES = 64 * 1024 * 1024  # ... or past this many bytes of message bodies
 _packb = msgpack.Packer(use_bin_type=True).pack
 
 
 def put_op(m: Message) -> Op:
+    """The op writing a whole message (count its body with ``Batch.body_bytes``)."""
     return (OP_PUT, (m.seq, m.id, m.queue, m.hlc, m.node, m.body,
                      _packb(m.headers) if m.headers else None, int(m.state),
                      m.delivery_count, m.ready_at, m.expires_at, m.lease_deadline))
@@ -79,7 +81,8 @@ Callback = Callable[[BaseException | None], None]
 class Batch:
     """Ops that commit together. Durable once ``done`` with ``error`` None."""
 
-    __slots__ = ("_callbacks", "_event", "done", "error", "ops", "requests", "started")
+    __slots__ = ("_callbacks", "_event", "body_bytes", "done", "error", "ops", "requests",
+                 "started")
 
     def __init__(self) -> None:
         self.ops: list[Op] = []
@@ -89,6 +92,7 @@ class Batch:
         self.error: BaseException | None = None
         self.started = 0.0
         self.requests = 0  # client requests handled while this batch was open
+        self.body_bytes = 0  # message bodies staged in it (put_op counts them)
 
     def add_callback(self, fn: Callback) -> None:
         if self.done:
@@ -164,7 +168,8 @@ class Store(abc.ABC):
         an operation: an operation's ops must commit together."""
         batch = self._open
         if batch.ops and (batch.requests >= MAX_BATCH_REQUESTS
-                          or len(batch.ops) >= MAX_BATCH_OPS):
+                          or len(batch.ops) >= MAX_BATCH_OPS
+                          or batch.body_bytes >= MAX_BATCH_BYTES):
             self._sealed.append(batch)
             batch = self._open = Batch()
         batch.requests += 1
@@ -187,13 +192,15 @@ class Store(abc.ABC):
 
     async def next_batch(self) -> Batch:
         """Wait for staged ops; close the open batch and return it (now in flight)."""
-        if self._sealed:
-            batch = self._sealed.popleft()
-        else:
-            while not self._open.ops:
-                await self._has_work.wait()
-                self._has_work = trio.Event()
-            batch, self._open = self._open, Batch()
+        while True:  # the oldest first: a sealed batch always precedes the open one
+            if self._sealed:
+                batch = self._sealed.popleft()
+                break
+            if self._open.ops:
+                batch, self._open = self._open, Batch()
+                break
+            await self._has_work.wait()
+            self._has_work = trio.Event()
         batch.started = time.perf_counter()
         self._inflight.append(batch)
         return batch
