@@ -322,6 +322,8 @@ class Broker:
             for msg in msgs:
                 if msg.owner is not None:
                     self._unreserve(msg)
+            if self.queues.get(q.name) is q:  # the refunded credit may take a ready one
+                self._dispatch(q, self.clock.time())
             return
         now = self.clock.time()
         out: dict[Consumer, list[Message]] = {}
