@@ -54,9 +54,18 @@ class IllegalTransition(RuntimeError):
     pass
 
 
+# The same table by position, for the hot path: hashing an enum runs Python code, indexing
+# a list by an IntEnum or a plain int attribute does not. None marks an illegal pair.
+for _i, _event in enumerate(Event):
+    _event.index = _i  # type: ignore[attr-defined]
+del _i, _event
+_FAST: list[list[State | None]] = [[TRANSITIONS.get((state, event)) for event in Event]
+                                   for state in State]
+
+
 def advance(state: State, event: Event) -> State:
     """The state after ``event``; raises IllegalTransition when the event is not allowed."""
-    try:
-        return TRANSITIONS[state, event]
-    except KeyError:
-        raise IllegalTransition(f"{event.value} is not allowed in state {state.name}") from None
+    new = _FAST[state][event.index]  # type: ignore[attr-defined]
+    if new is None:
+        raise IllegalTransition(f"{event.value} is not allowed in state {state.name}")
+    return new
