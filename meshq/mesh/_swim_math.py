@@ -15,6 +15,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Generic, TypeVar
 
+from meshq.mesh.clocks import ntp_offset as clock_offset  # (offset, rtt), the NTP way
+
 __all__ = [
     "PUSH_PULL_SCALE_THRESHOLD",
     "Suspicion",
@@ -104,17 +106,6 @@ def push_pull_scale(interval: float, n: int) -> float:
         return interval
     mult = math.ceil(math.log2(n) - math.log2(PUSH_PULL_SCALE_THRESHOLD)) + 1
     return mult * interval
-
-
-def clock_offset(t0: float, t1: float, t2: float, t3: float) -> tuple[float, float]:
-    """(offset, rtt) the NTP way from one ping/ack exchange.
-
-    t0: our wall time when the ping left; t1: the peer's when it arrived; t2: the peer's
-    when the ack left; t3: ours when the ack arrived. ``offset`` is the peer's clock minus
-    ours, ``((t1 - t0) + (t2 - t3)) / 2``; ``rtt`` is ``(t3 - t0) - (t2 - t1)``. The
-    offset is exact when both directions take equal time; its error is at most rtt / 2.
-    """
-    return ((t1 - t0) + (t2 - t3)) / 2.0, (t3 - t0) - (t2 - t1)
 
 
 def median_offset(offsets: Iterable[float]) -> float | None:
