@@ -1,0 +1,283 @@
+"""A history checker for SPEC section 4, guarantees 1 to 3: record sends, deliveries and acks.
+
+State here: every recorded client event (with caller-supplied times), the drain's final contents
+and the intervals when membership was not stable. Never: an event silently dropped or reordered
+by recording; `check()` is a pure function of what was recorded and never mutates it.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+from collections import defaultdict
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+__all__ = ["DoubleLease", "History", "Report", "UnknownSend", "lease_end", "overlaps_any"]
+
+#: The one send failure that means "definitely not written"; any other code is an unknown outcome.
+DEFINITELY_NOT_WRITTEN = "UNAVAILABLE"
+_SHOWN = 5  # offending items listed per category by Report.assert_ok
+
+
+@dataclass(frozen=True)
+class UnknownSend:
+    """A send whose outcome the client never learned (timeout, crash, no reply at all)."""
+
+    client: str
+    body_key: str
+    error_code: str | None  # None: invoked and never completed
+
+
+@dataclass(frozen=True)
+class DoubleLease:
+    """`message_id` was delivered to `second_consumer` at `second_at` while `first_consumer`'s
+    lease from `first_at` still ran (not acked, ack not failed, deadline not reached)."""
+
+    message_id: str
+    first_consumer: str
+    first_at: float
+    second_consumer: str
+    second_at: float
+
+
+@dataclass(frozen=True)
+class Report:
+    """What `History.check()` found. `ok` covers guarantees 1-3; the rest is counted, not judged."""
+
+    lost: tuple[str, ...]
+    resurrected: tuple[str, ...]
+    double_leases: tuple[DoubleLease, ...]
+    duplicates_during_instability: tuple[DoubleLease, ...]
+    unknown_sends: tuple[UnknownSend, ...]
+    duplicate_deliveries: int
+    confirmed_sends: int
+    deliveries: int
+
+    @property
+    def ok(self) -> bool:
+        return not (self.lost or self.resurrected or self.double_leases)
+
+    def summary(self) -> str:
+        lines = [
+            f"confirmed sends={self.confirmed_sends} deliveries={self.deliveries} "
+            f"duplicate deliveries={self.duplicate_deliveries} "
+            f"duplicates during instability={len(self.duplicates_during_instability)} "
+            f"unknown sends={len(self.unknown_sends)}"
+        ]
+        if self.lost:
+            lines.append(f"LOST {len(self.lost)} confirmed send(s): {_few(self.lost)}")
+        if self.resurrected:
+            lines.append(
+                f"RESURRECTED {len(self.resurrected)} acked message(s): {_few(self.resurrected)}"
+            )
+        if self.double_leases:
+            shown = ", ".join(
+                f"{d.message_id} ({d.first_consumer}@{d.first_at:g} / "
+                f"{d.second_consumer}@{d.second_at:g})"
+                for d in self.double_leases[:_SHOWN]
+            )
+            more = len(self.double_leases) - _SHOWN
+            lines.append(
+                f"DOUBLE LEASES {len(self.double_leases)} while membership was stable: {shown}"
+                + (f" and {more} more" if more > 0 else "")
+            )
+        return "\n".join(lines)
+
+    def assert_ok(self) -> None:
+        """Raise AssertionError with a readable summary if a guarantee was broken."""
+        if not self.ok:
+            raise AssertionError("history check failed:\n" + self.summary())
+
+
+def _few(ids: tuple[str, ...]) -> str:
+    more = len(ids) - _SHOWN
+    return ", ".join(ids[:_SHOWN]) + (f" and {more} more" if more > 0 else "")
+
+
+@dataclass(frozen=True)
+class _Delivery:
+    consumer: str
+    delivery_count: int
+    redelivered: bool
+    lease_deadline: float | None
+    at: float
+
+
+@dataclass(frozen=True)
+class _AckEvent:
+    consumer: str
+    confirmed: bool
+    at: float
+
+
+@dataclass(frozen=True)
+class _Lease:
+    consumer: str
+    start: float
+    end: float  # exclusive: a delivery to someone else at `end` is fine
+
+
+def lease_end(
+    start: float,
+    deadline: float | None,
+    later_same_consumer: Iterable[float],
+    slack: float = 0.0,
+) -> float:
+    """When a lease stops counting as held: the earliest of its deadline (minus `slack`, the
+    clock tolerance), and any later ack (confirmed or failed) or redelivery to the same
+    consumer. `later_same_consumer` are the times of those events; earlier ones are ignored."""
+    end = math.inf if deadline is None else deadline - slack
+    for at in later_same_consumer:
+        if at >= start:
+            end = min(end, at)
+    return end
+
+
+def overlaps_any(start: float, end: float, intervals: Iterable[tuple[float, float]]) -> bool:
+    """True if the closed interval [start, end] meets any of the closed `intervals`."""
+    return any(s <= end and start <= e for s, e in intervals)
+
+
+class History:
+    """Records client-observed events; safe to feed from several threads (one lock).
+
+    Times are floats on one clock the caller chooses (e.g. `time.monotonic()`); lease deadlines
+    passed to `delivered` must be on that same clock. `lease_slack` shortens every lease by that
+    much, to tolerate clock error between the broker that set the deadline and the recorder.
+    """
+
+    def __init__(self, *, lease_slack: float = 0.0) -> None:
+        if lease_slack < 0:
+            raise ValueError("lease_slack must be >= 0")
+        self._lease_slack = lease_slack
+        self._lock = threading.Lock()
+        self._invoked: dict[tuple[str, str], None] = {}
+        self._confirmed: dict[tuple[str, str], str] = {}
+        self._failed: dict[tuple[str, str], str] = {}
+        self._deliveries: dict[str, list[_Delivery]] = defaultdict(list)
+        self._acks: dict[str, list[_AckEvent]] = defaultdict(list)
+        self._final: set[str] | None = None
+        self._unstable: list[tuple[float, float]] = []
+
+    # -- recorders ---------------------------------------------------------------------------
+
+    def send_invoked(self, client: str, body_key: str) -> None:
+        with self._lock:
+            self._invoked[(client, body_key)] = None
+
+    def send_confirmed(self, client: str, body_key: str, message_id: str, at: float) -> None:
+        with self._lock:
+            self._invoked[(client, body_key)] = None
+            self._confirmed[(client, body_key)] = message_id
+
+    def send_failed(self, client: str, body_key: str, error_code: str, at: float) -> None:
+        """UNAVAILABLE means definitely not written; any other code leaves the outcome unknown."""
+        with self._lock:
+            self._invoked[(client, body_key)] = None
+            self._failed[(client, body_key)] = error_code
+
+    def delivered(
+        self,
+        consumer: str,
+        message_id: str,
+        delivery_count: int,
+        redelivered: bool,
+        lease_deadline: float | None,
+        at: float,
+    ) -> None:
+        """A receive returned `message_id` to `consumer`; None deadline: the lease never lapses."""
+        d = _Delivery(consumer, delivery_count, redelivered, lease_deadline, at)
+        with self._lock:
+            self._deliveries[message_id].append(d)
+
+    def ack_confirmed(self, consumer: str, message_id: str, at: float) -> None:
+        with self._lock:
+            self._acks[message_id].append(_AckEvent(consumer, True, at))
+
+    def ack_failed(self, consumer: str, message_id: str, at: float) -> None:
+        """The ack was refused or its outcome is unknown; that consumer's lease is over."""
+        with self._lock:
+            self._acks[message_id].append(_AckEvent(consumer, False, at))
+
+    def final_contents(self, message_ids: Iterable[str]) -> None:
+        """What a drain after the run found. Calling it again adds to the set. Not calling it
+        at all means "the queue was found empty"."""
+        ids = list(message_ids)
+        with self._lock:
+            if self._final is None:
+                self._final = set()
+            self._final.update(ids)
+
+    def unstable(self, start: float, end: float) -> None:
+        """Membership was not stable during [start, end] (partition, kill, join, restart)."""
+        if end < start:
+            raise ValueError(f"unstable interval ends before it starts: {start} > {end}")
+        with self._lock:
+            self._unstable.append((start, end))
+
+    # -- the check ---------------------------------------------------------------------------
+
+    def check(self) -> Report:
+        with self._lock:
+            confirmed = dict(self._confirmed)
+            failed = dict(self._failed)
+            invoked = list(self._invoked)
+            deliveries = {m: list(ds) for m, ds in self._deliveries.items()}
+            acks = {m: list(a) for m, a in self._acks.items()}
+            final = set(self._final or ())
+            unstable = list(self._unstable)
+
+        acked = {m for m, events in acks.items() if any(a.confirmed for a in events)}
+        confirmed_ids = set(confirmed.values())
+        lost = sorted(confirmed_ids - acked - final)
+        resurrected = sorted(acked & final)
+        unknown = tuple(
+            UnknownSend(client, body_key, failed.get((client, body_key)))
+            for client, body_key in invoked
+            if (client, body_key) not in confirmed
+            and failed.get((client, body_key)) != DEFINITELY_NOT_WRITTEN
+        )
+
+        stable_doubles: list[DoubleLease] = []
+        unstable_doubles: list[DoubleLease] = []
+        for message_id in sorted(deliveries):
+            for dl in self._double_leases(message_id, deliveries[message_id], acks.get(message_id)):
+                if overlaps_any(dl.first_at, dl.second_at, unstable):
+                    unstable_doubles.append(dl)
+                else:
+                    stable_doubles.append(dl)
+
+        return Report(
+            lost=tuple(lost),
+            resurrected=tuple(resurrected),
+            double_leases=tuple(stable_doubles),
+            duplicates_during_instability=tuple(unstable_doubles),
+            unknown_sends=unknown,
+            duplicate_deliveries=sum(len(ds) - 1 for ds in deliveries.values()),
+            confirmed_sends=len(confirmed),
+            deliveries=sum(len(ds) for ds in deliveries.values()),
+        )
+
+    def _double_leases(
+        self, message_id: str, deliveries: list[_Delivery], acks: list[_AckEvent] | None
+    ) -> list[DoubleLease]:
+        """One DoubleLease per delivery that began while another consumer's lease still ran."""
+        ordered = sorted(deliveries, key=lambda d: d.at)
+        leases: list[_Lease] = []
+        for d in ordered:
+            ends = [a.at for a in acks or () if a.consumer == d.consumer]
+            ends += [o.at for o in ordered if o.consumer == d.consumer and o.at > d.at]
+            end = lease_end(d.at, d.lease_deadline, ends, self._lease_slack)
+            leases.append(_Lease(d.consumer, d.at, end))
+        found: list[DoubleLease] = []
+        for i, second in enumerate(leases):
+            for first in leases[:i]:
+                if first.consumer != second.consumer and first.start <= second.start < first.end:
+                    found.append(
+                        DoubleLease(
+                            message_id, first.consumer, first.start, second.consumer, second.start
+                        )
+                    )
+                    break
+        return found
