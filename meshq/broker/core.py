@@ -214,9 +214,6 @@ class Broker:
     # -- helpers -------------------------------------------------------------------------
     def queue(self, name: Any) -> Queue:
         """The queue called ``name``; NotFound (or BadRequest for a non-string) if none."""
-        return self._queue(name)
-
-    def _queue(self, name: Any) -> Queue:
         if not isinstance(name, str):
             raise BadRequest(f"queue name must be a string, not {type(name).__name__}")
         q = self.queues.get(name)
@@ -460,7 +457,7 @@ class Broker:
             q.created = self._stage_counters(q)
 
     def delete_queue(self, name: Any) -> Pending:
-        q = self._queue(name)
+        q = self.queue(name)
         del self.queues[name]
         for c in list(q.consumers):
             c.session.consumers.pop(c.tag, None)
@@ -479,7 +476,7 @@ class Broker:
 
     def purge(self, name: Any) -> Pending:
         """Drop every ready and delayed message (leased ones stay, as in RabbitMQ)."""
-        q = self._queue(name)
+        q = self.queue(name)
         doomed = [m for m in q.messages.values() if m.state in (State.READY, State.DELAYED)]
         for msg in doomed:
             q.move(msg, Event.DROP)
@@ -490,7 +487,7 @@ class Broker:
 
     def send(self, name: Any, messages: Any) -> Pending:
         """Stage a batch of messages; the Pending result is their ids, in order."""
-        q = self._queue(name)
+        q = self.queue(name)
         if not isinstance(messages, list) or not messages:
             raise BadRequest("'messages' must be a non-empty list")
         if len(messages) > self.limits.max_batch:
@@ -606,7 +603,7 @@ class Broker:
     def consume(self, session: Session, name: Any, prefetch: Any,
                 sink: Callable[[Consumer, list[Message]], None] | None = None) -> str:
         """Subscribe: deliveries are pushed while the consumer has credit (prefetch)."""
-        q = self._queue(name)
+        q = self.queue(name)
         if (isinstance(prefetch, bool) or not isinstance(prefetch, int)
                 or not 1 <= prefetch <= 65535):
             raise BadRequest("'prefetch' must be an integer from 1 to 65535")
@@ -631,7 +628,7 @@ class Broker:
     async def receive(self, session: Session, name: Any, max_messages: Any = 1,
                       wait: Any = 0.0, visibility_timeout: Any = None) -> list[Message]:
         """Pull up to ``max_messages``, waiting up to ``wait`` s for the first to arrive."""
-        q = self._queue(name)
+        q = self.queue(name)
         if (isinstance(max_messages, bool) or not isinstance(max_messages, int)
                 or not 1 <= max_messages <= self.limits.max_batch):
             raise BadRequest(f"'max' must be an integer from 1 to {self.limits.max_batch}")
@@ -683,7 +680,7 @@ class Broker:
 
     def ack(self, session: Session, name: Any, ids: Any) -> Pending:
         """Remove leased messages; result is {'acked': [...], 'failed': {id: why}}."""
-        q = self._queue(name)
+        q = self.queue(name)
         mine, failed = self._leased_by(session, q, ids)
         for msg in mine:
             self._detach(msg)
@@ -698,7 +695,7 @@ class Broker:
     def nack(self, session: Session, name: Any, ids: Any, *, requeue: Any = True,
              delay: Any = 0.0) -> Pending:
         """Requeue now or after ``delay`` s, or (requeue=False) dead-letter right away."""
-        q = self._queue(name)
+        q = self.queue(name)
         if not isinstance(requeue, bool):
             raise BadRequest("'requeue' must be a boolean")
         delay = _number(delay, "delay")
@@ -717,7 +714,7 @@ class Broker:
 
     def extend(self, session: Session, name: Any, ids: Any, timeout: Any) -> dict[str, Any]:
         """Move the lease deadline of leased messages to now + ``timeout`` s."""
-        q = self._queue(name)
+        q = self.queue(name)
         timeout = _number(timeout, "timeout", minimum=0.001)
         mine, failed = self._leased_by(session, q, ids)
         now = self.clock.time()
@@ -765,7 +762,7 @@ class Broker:
 
     def stats(self, name: Any = None) -> list[dict[str, Any]]:
         if name is not None:
-            return [self.queue_stats(self._queue(name))]
+            return [self.queue_stats(self.queue(name))]
         return [self.queue_stats(q) for q in sorted(self.queues.values(), key=lambda q: q.name)]
 
 
