@@ -40,7 +40,8 @@ class Conn:
         self.got: list[Delivery] = []
         self.cancelled: list[str] = []
         self._tx, self._rx = trio.open_memory_channel[Delivery](math.inf)
-        self.session = Session(push=self._push, cancelled=self.cancelled.append)
+        self.session = Session(push=self._push,
+                               cancelled=lambda tag, reason: self.cancelled.append(tag))
 
     def _push(self, tag: str, msgs: list[Message]) -> None:
         for m in msgs:

@@ -21,9 +21,12 @@ from meshq.store.base import (
     OP_DEDUP_PRUNE,
     OP_DELETE,
     OP_DROP_QUEUE,
+    OP_FORGET,
     OP_META,
     OP_PUT,
     OP_QUEUE,
+    OP_TOMBSTONE,
+    OP_TOMBSTONE_PRUNE,
     OP_UPDATE,
 )
 
@@ -34,16 +37,27 @@ MAX_BATCH_FRAME = 1 << 30  # bytes of one batch, as sent to the writer process
 
 SCHEMA_VERSION = 1
 
+# An acked, expired or dropped message leaves a tombstone (queue, id, time), so that a
+# replica that missed the deletion cannot bring the message back (meshq.mesh.replication).
+_NOW = "(julianday('now') - 2440587.5) * 86400.0"
+_TOMBSTONE_SELECT = ("INSERT OR REPLACE INTO tombstones (queue, id, at) SELECT queue, id, "
+                     + _NOW + " FROM messages")
+
 _SQL: dict[int, tuple[str, ...]] = {
     OP_PUT: ("INSERT OR REPLACE INTO messages (seq, id, queue, hlc, node, body, headers, state,"
              " delivery_count, ready_at, expires_at, lease_deadline)"
              " VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",),
     OP_UPDATE: ("UPDATE messages SET state=?, delivery_count=?, ready_at=?, lease_deadline=?"
                 " WHERE seq=?",),
-    OP_DELETE: ("DELETE FROM messages WHERE seq=?",),
+    OP_DELETE: (_TOMBSTONE_SELECT + " WHERE seq=?", "DELETE FROM messages WHERE seq=?"),
+    OP_TOMBSTONE: ("INSERT OR REPLACE INTO tombstones (queue, id, at) VALUES (?, ?, "
+                   + _NOW + ")",),
+    OP_TOMBSTONE_PRUNE: ("DELETE FROM tombstones WHERE at < ?",),
+    OP_FORGET: ("DELETE FROM messages WHERE seq=?",),
     OP_QUEUE: ("INSERT OR REPLACE INTO queues (name, options, dead_lettered, expired, dropped)"
                " VALUES (?,?,?,?,?)",),
     OP_DROP_QUEUE: ("DELETE FROM queues WHERE name=?", "DELETE FROM messages WHERE queue=?",
+                    "DELETE FROM tombstones WHERE queue=?",
                     "DELETE FROM dedup WHERE queue=?"),
     OP_DEDUP: ("INSERT OR REPLACE INTO dedup (queue, dedup_id, message_id, expires_at)"
                " VALUES (?,?,?,?)",),
@@ -56,6 +70,7 @@ _SQL: dict[int, tuple[str, ...]] = {
 # one per row. Each step drops and retakes the GIL, and with the event loop busy every
 # retake can wait a whole switch interval, so per-row steps starve the commit thread.
 _MULTI_CHUNK = {OP_PUT: 64, OP_DELETE: 256, OP_UPDATE: 128}
+_OP_TOMBSTONE_SEQS = -1  # the tombstones of a multi-row delete (not an op kind)
 _MULTI = frozenset(_MULTI_CHUNK)
 
 
@@ -66,6 +81,8 @@ def _multi_sql(kind: int, rows: int) -> str:
         return head + " VALUES " + ",".join(["(?,?,?,?,?,?,?,?,?,?,?,?)"] * rows)
     if kind == OP_DELETE:
         return "DELETE FROM messages WHERE seq IN (" + ",".join("?" * rows) + ")"
+    if kind == _OP_TOMBSTONE_SEQS:
+        return _TOMBSTONE_SELECT + " WHERE seq IN (" + ",".join("?" * rows) + ")"
     return ("UPDATE messages SET state=v.column1, delivery_count=v.column2, ready_at=v.column3,"
             " lease_deadline=v.column4 FROM (VALUES " + ",".join(["(?,?,?,?,?)"] * rows)
             + ") AS v WHERE messages.seq = v.column5")
@@ -77,7 +94,10 @@ def _execute_multi(conn: sqlite3.Connection, kind: int, params: list[Any]) -> No
     chunk = _MULTI_CHUNK[kind]
     for start in range(0, len(params), chunk):
         part = params[start:start + chunk]
-        conn.execute(_multi_sql(kind, len(part)), list(itertools.chain.from_iterable(part)))
+        flat = list(itertools.chain.from_iterable(part))
+        if kind == OP_DELETE:
+            conn.execute(_multi_sql(_OP_TOMBSTONE_SEQS, len(part)), flat)
+        conn.execute(_multi_sql(kind, len(part)), flat)
 
 
 def _create_schema(conn: sqlite3.Connection) -> None:
@@ -97,6 +117,8 @@ def _create_schema(conn: sqlite3.Connection) -> None:
         {"queue": str, "dedup_id": str, "message_id": str, "expires_at": float},
         pk=("queue", "dedup_id"), if_not_exists=True,
     )
+    db.table("tombstones").create({"queue": str, "id": str, "at": float},
+                                  pk=("queue", "id"), if_not_exists=True)
     conn.execute("INSERT OR IGNORE INTO meta (key, value) VALUES ('schema_version', ?)",
                  (str(SCHEMA_VERSION),))
 

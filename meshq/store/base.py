@@ -11,7 +11,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import msgpack
 import trio
@@ -24,9 +24,12 @@ __all__ = [
     "OP_DEDUP_PRUNE",
     "OP_DELETE",
     "OP_DROP_QUEUE",
+    "OP_FORGET",
     "OP_META",
     "OP_PUT",
     "OP_QUEUE",
+    "OP_TOMBSTONE",
+    "OP_TOMBSTONE_PRUNE",
     "OP_UPDATE",
     "Batch",
     "Op",
@@ -48,6 +51,9 @@ OP_DROP_QUEUE = 4  # (name,)
 OP_DEDUP = 5  # (queue, dedup_id, message_id, expires_at)
 OP_DEDUP_PRUNE = 6  # (now,)
 OP_META = 7  # (key, value)
+OP_TOMBSTONE = 8  # (queue, id): a deletion seen by a replica that lacked the message
+OP_TOMBSTONE_PRUNE = 9  # (before,): forget tombstones older than this
+OP_FORGET = 10  # (seq,): a copy handed off to its replicas; deleted without a tombstone
 
 Op = tuple[int, tuple[Any, ...]]
 MAX_BATCH_OPS = 8192  # a batch is sealed at an operation boundary past this many ops
@@ -81,8 +87,8 @@ Callback = Callable[[BaseException | None], None]
 class Batch:
     """Ops that commit together. Durable once ``done`` with ``error`` None."""
 
-    __slots__ = ("_callbacks", "_event", "body_bytes", "done", "error", "ops", "requests",
-                 "started")
+    __slots__ = ("_callbacks", "_event", "body_bytes", "done", "error", "on_local", "ops",
+                 "requests", "rops", "started")
 
     def __init__(self) -> None:
         self.ops: list[Op] = []
@@ -93,6 +99,9 @@ class Batch:
         self.started = 0.0
         self.requests = 0  # client requests handled while this batch was open
         self.body_bytes = 0  # message bodies staged in it (put_op counts them)
+        self.rops: list[tuple[str, list[Any]]] = []  # (queue, replica op) for the mesh
+        # Called once committed (or failed) on this node, before any replication wait.
+        self.on_local: list[Callback] = []
 
     def add_callback(self, fn: Callback) -> None:
         if self.done:
@@ -140,8 +149,22 @@ class StoreStatistics:
     commit_seconds: float  # summed over batches, from hand-over to durable
 
 
+class ReplicationGate(Protocol):
+    """The mesh's hold on batches (meshq.mesh.replication): ``ship`` sees each batch as
+    it goes to be committed locally; ``committed`` takes over a batch committed locally
+    (or failed: ``error``) and completes it, in order, once enough replicas have it;
+    ``abandon`` completes everything it holds with an unknown outcome."""
+
+    def ship(self, batch: Batch) -> None: ...
+
+    def committed(self, batch: Batch, error: BaseException | None) -> None: ...
+
+    def abandon(self) -> None: ...
+
+
 class Store(abc.ABC):
     def __init__(self) -> None:
+        self.gate: ReplicationGate | None = None
         self._open = Batch()
         self._inflight: deque[Batch] = deque()  # sent to be committed, oldest first
         self._sealed: deque[Batch] = deque()  # full, waiting for their turn
@@ -203,6 +226,8 @@ class Store(abc.ABC):
             self._has_work = trio.Event()
         batch.started = time.perf_counter()
         self._inflight.append(batch)
+        if self.gate is not None:
+            self.gate.ship(batch)
         return batch
 
     def finish(self, batch: Batch, error: BaseException | None) -> None:
@@ -215,6 +240,11 @@ class Store(abc.ABC):
             self.ops_committed += len(batch.ops)
         else:
             self.failed_commits += 1
+        if self.gate is not None:
+            for fn in batch.on_local:
+                fn(error)
+            self.gate.committed(batch, error)
+            return
         batch.complete(error)
 
     def abandon(self) -> None:
@@ -224,6 +254,8 @@ class Store(abc.ABC):
         while self._inflight:
             self._inflight.popleft().complete(
                 Timeout("the store stopped during a commit; outcome unknown"))
+        if self.gate is not None:
+            self.gate.abandon()
 
     async def run(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
         """The writer loop: commit one batch at a time, forever."""
@@ -244,6 +276,10 @@ class Store(abc.ABC):
 
     @abc.abstractmethod
     def load(self) -> Snapshot: ...
+
+    async def tombstoned(self, queue: str, ids: list[str]) -> set[str]:
+        """Which of ``ids`` were deleted from ``queue`` (within the tombstone window)."""
+        return set()
 
     @abc.abstractmethod
     async def _commit(self, ops: list[Op]) -> None:

@@ -7,6 +7,7 @@ what was confirmed survived. ``fail_next`` makes the next commit fail, as a full
 from __future__ import annotations
 
 import copy
+import time
 
 import msgpack
 import trio
@@ -18,9 +19,12 @@ from meshq.store.base import (
     OP_DEDUP_PRUNE,
     OP_DELETE,
     OP_DROP_QUEUE,
+    OP_FORGET,
     OP_META,
     OP_PUT,
     OP_QUEUE,
+    OP_TOMBSTONE,
+    OP_TOMBSTONE_PRUNE,
     OP_UPDATE,
     Op,
     Snapshot,
@@ -38,6 +42,7 @@ class MemoryStore(Store):
         self.queues: dict[str, tuple[bytes, int, int, int]] = {}
         self.messages: dict[int, tuple] = {}
         self.dedup: dict[tuple[str, str], tuple[str, float]] = {}
+        self.tombstones: dict[tuple[str, str], float] = {}
         self.fail_next = False
 
     def load(self) -> Snapshot:
@@ -62,6 +67,7 @@ class MemoryStore(Store):
         # Apply to copies so that a failure part-way leaves nothing applied.
         meta, queues = dict(self.meta), dict(self.queues)
         messages, dedup = dict(self.messages), dict(self.dedup)
+        tombs = dict(self.tombstones)
         for kind, p in ops:
             if kind == OP_PUT:
                 messages[p[0]] = copy.copy(p)
@@ -71,7 +77,9 @@ class MemoryStore(Store):
                     row[7:10], row[11] = p[0:3], p[3]
                     messages[p[4]] = tuple(row)
             elif kind == OP_DELETE:
-                messages.pop(p[0], None)
+                gone = messages.pop(p[0], None)
+                if gone is not None:
+                    tombs[gone[2], gone[1]] = time.time()
             elif kind == OP_QUEUE:
                 queues[p[0]] = p[1:]
             elif kind == OP_DROP_QUEUE:
@@ -84,9 +92,19 @@ class MemoryStore(Store):
                 dedup = {k: v for k, v in dedup.items() if v[1] >= p[0]}
             elif kind == OP_META:
                 meta[p[0]] = p[1]
+            elif kind == OP_FORGET:
+                messages.pop(p[0], None)
+            elif kind == OP_TOMBSTONE:
+                tombs[p[0], p[1]] = time.time()
+            elif kind == OP_TOMBSTONE_PRUNE:
+                tombs = {k: at for k, at in tombs.items() if at >= p[0]}
             else:
                 raise ValueError(f"unknown op kind {kind}")
         self.meta, self.queues, self.messages, self.dedup = meta, queues, messages, dedup
+        self.tombstones = tombs
+
+    async def tombstoned(self, queue: str, ids: list[str]) -> set[str]:
+        return {i for i in ids if (queue, i) in self.tombstones}
 
     def statistics(self) -> StoreStatistics:
         return StoreStatistics(None, 0, self.commits, self.ops_committed, self.failed_commits,

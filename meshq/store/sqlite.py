@@ -9,6 +9,7 @@ If the writer dies, ``run`` raises and the daemon stops rather than confirm noth
 from __future__ import annotations
 
 import os
+import sqlite3
 import subprocess
 import sys
 from typing import Any
@@ -65,6 +66,24 @@ class SQLiteStore(Store):
             snap.dedup = list(conn.execute(
                 "SELECT queue, dedup_id, message_id, expires_at FROM dedup"))
             return snap
+        finally:
+            conn.close()
+
+    async def tombstoned(self, queue: str, ids: list[str]) -> set[str]:
+        if not ids:
+            return set()
+        return await trio.to_thread.run_sync(self._tombstoned, queue, ids)
+
+    def _tombstoned(self, queue: str, ids: list[str]) -> set[str]:
+        conn = sqlite3.connect(f"file:{self.path}?mode=ro", uri=True)
+        try:
+            found: set[str] = set()
+            for start in range(0, len(ids), 500):
+                part = ids[start:start + 500]
+                found.update(row[0] for row in conn.execute(
+                    "SELECT id FROM tombstones WHERE queue=? AND id IN ("
+                    + ",".join("?" * len(part)) + ")", [queue, *part]))
+            return found
         finally:
             conn.close()
 
