@@ -44,6 +44,7 @@ class QueueOptions:
     """Options of a queue (SPEC section 2). Times are in seconds."""
 
     replicas: int = 3
+    write_quorum: int | None = None  # commits that confirm a write; None: a majority
     message_ttl: float | None = None
     visibility_timeout: float = 30.0
     max_deliveries: int | None = None
@@ -61,7 +62,7 @@ class QueueOptions:
         if unknown:
             raise BadRequest(f"unknown queue option(s): {', '.join(map(str, unknown))}")
         merged = {**asdict(cls()), **opts}
-        for key in ("replicas", "max_deliveries", "max_length"):
+        for key in ("replicas", "write_quorum", "max_deliveries", "max_length"):
             _number(merged, key, integer=True, minimum=1)
         for key in ("message_ttl", "visibility_timeout"):
             _number(merged, key, integer=False, minimum=0.001)

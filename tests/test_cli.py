@@ -65,7 +65,8 @@ def test_declare_sets_options_and_mismatch_is_precondition_failed(daemon):
     assert out.startswith("declared jobs") and out.count("\n") == 1
     with daemon.client() as c:
         [s] = c.stats("jobs")
-    assert s["options"] == {"replicas": 2, "message_ttl": 60.0, "visibility_timeout": 5.0,
+    assert s["options"] == {"replicas": 2, "write_quorum": None, "message_ttl": 60.0,
+                            "visibility_timeout": 5.0,
                             "max_deliveries": 3, "dead_letter_queue": "dlq",
                             "max_length": 10, "ordering": "fifo"}
     ok(cli(daemon, "declare", "jobs", "--ttl", "60", "--visibility-timeout", "5",

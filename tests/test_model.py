@@ -14,7 +14,7 @@ import pytest
 from meshq.errors import BadRequest
 from meshq.model import QueueOptions
 
-DEFAULTS = {"replicas": 3, "message_ttl": None, "visibility_timeout": 30.0,
+DEFAULTS = {"replicas": 3, "write_quorum": None, "message_ttl": None, "visibility_timeout": 30.0,
             "max_deliveries": None, "dead_letter_queue": None, "max_length": None,
             "ordering": "fair"}
 
@@ -94,7 +94,8 @@ def test_good_options(given: dict[str, Any], changed: dict[str, Any]) -> None:
 
 
 def test_every_option_at_once() -> None:
-    given = {"replicas": 2, "message_ttl": 5, "visibility_timeout": 7, "max_deliveries": 3,
+    given = {"replicas": 2, "write_quorum": 2, "message_ttl": 5, "visibility_timeout": 7,
+             "max_deliveries": 3,
              "dead_letter_queue": "dead", "max_length": 100, "ordering": "fifo"}
     assert QueueOptions.from_dict(given).to_dict() == {
         **given, "message_ttl": 5.0, "visibility_timeout": 7.0}

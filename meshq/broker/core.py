@@ -9,6 +9,7 @@ Methods are synchronous and never block; those that write return a Pending.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import heapq
 import itertools
@@ -23,7 +24,7 @@ import trio
 from meshq.broker.queue import Consumer, Queue, Session
 from meshq.clock import Clock
 from meshq.errors import BadRequest, NotFound, PreconditionFailed, TooLarge
-from meshq.hlc import HLC, pack, physical_ms
+from meshq.hlc import HLC, ClockOffsetError, pack, physical_ms
 from meshq.model import Message, QueueOptions, finite
 from meshq.states import Event, State
 from meshq.store import (
@@ -33,6 +34,8 @@ from meshq.store import (
     OP_DROP_QUEUE,
     OP_META,
     OP_QUEUE,
+    OP_TOMBSTONE,
+    OP_TOMBSTONE_PRUNE,
     Batch,
     Snapshot,
     Store,
@@ -46,6 +49,9 @@ DEDUP_PRUNE_INTERVAL = 60.0
 HLC_CEILING_MS = 200  # how far the persisted HLC ceiling runs ahead (< max_clock_offset)
 HLC_REFRESH = pack(HLC_CEILING_MS // 2)  # renew the ceiling when this close to it
 TICK_BUDGET = 2000  # timers handled per event-loop turn
+# How long a deleted message's tombstone is kept (see meshq.mesh.replication): a replica
+# away for longer must not bring back what it holds (docs/architecture.md, Replication).
+TOMBSTONE_WINDOW = 3600.0
 
 
 class Pending:
@@ -110,12 +116,16 @@ class Broker:
         self._timer_at = math.inf
         self._dedup: dict[tuple[str, str], tuple[str, float, Batch | None]] = {}
         self._next_prune = 0.0
+        self._pruned = False
         self._hlc_batch: Batch | None = None  # the batch holding the last ceiling staged
         self._hlc_ceiling = 0  # that ceiling
         self._hlc_durable = 0  # the highest ceiling committed
         self._sends_batch: Batch | None = None
         self._sends: list[tuple[Queue, list[Message], list[str | None]]] = []
         self.redeliveries = 0
+        # Set by the mesh: replica ops then go with each batch (see _put, _update, ...).
+        self.replicating = False
+        self.tag_prefix = ""  # consumer tags start with it (the daemon: its node name)
 
     # -- start-up ----------------------------------------------------------------------
     def restore(self, snap: Snapshot) -> None:
@@ -185,8 +195,8 @@ class Broker:
                 break
             when, _, kind, msg = heapq.heappop(timers)
             q = self.queues.get(msg.queue)
-            if q is None or q.messages.get(msg.id) is not msg:
-                continue
+            if q is None or not q.active or q.messages.get(msg.id) is not msg:
+                continue  # (activate() schedules an inactive queue's timers again)
             if kind == _T_DUE and msg.state == State.DELAYED and msg.ready_at == when:
                 self._become_ready(q, msg, now)
                 touched.add(q)
@@ -210,6 +220,9 @@ class Broker:
             del self._dedup[key]
         if stale:
             self.store.stage((OP_DEDUP_PRUNE, (now,)))
+        if self._pruned:  # (not at start-up: nothing is that old yet)
+            self.store.stage((OP_TOMBSTONE_PRUNE, (now - TOMBSTONE_WINDOW,)))
+        self._pruned = True
 
     # -- helpers -------------------------------------------------------------------------
     def queue(self, name: Any) -> Queue:
@@ -242,8 +255,34 @@ class Broker:
             self._hlc_durable = max(self._hlc_durable, ceiling)
 
     def _stage_counters(self, q: Queue) -> Batch:
-        return self.store.stage((OP_QUEUE, (q.name, _pack_options(q.options), q.dead_lettered,
-                                            q.expired, q.dropped)))
+        batch = self.store.stage((OP_QUEUE, (q.name, _pack_options(q.options), q.dead_lettered,
+                                             q.expired, q.dropped)))
+        if self.replicating:
+            batch.rops.append((q.name, ["q", q.name, q.options.to_dict(), q.dead_lettered,
+                                        q.expired, q.dropped]))
+        return batch
+
+    # Every change to a message goes through these three, which also hand the change to
+    # the replicator (when ``replicating``) as a replica op ("rop") of the same batch.
+    def _put(self, msg: Message) -> Batch:
+        op = put_op(msg)
+        batch = self.store.stage(op)
+        batch.body_bytes += len(msg.body)
+        if self.replicating:
+            batch.rops.append((msg.queue, ["p", *op[1][1:]]))
+        return batch
+
+    def _update(self, msg: Message) -> None:
+        batch = self.store.stage(update_op(msg))
+        if self.replicating:
+            batch.rops.append((msg.queue, ["u", msg.queue, msg.id, int(msg.state),
+                                           msg.delivery_count, msg.ready_at,
+                                           msg.lease_deadline]))
+
+    def _delete(self, msg: Message) -> None:
+        batch = self.store.stage((OP_DELETE, (msg.seq,)))
+        if self.replicating:
+            batch.rops.append((msg.queue, ["d", msg.queue, msg.id]))
 
     def _become_ready(self, q: Queue, msg: Message, now: float) -> None:
         q.move(msg, Event.DUE)
@@ -279,7 +318,7 @@ class Broker:
         else:
             q.move(msg, Event.REQUEUE)
             q.push_ready(msg)
-        self.store.stage(update_op(msg))
+        self._update(msg)
 
     def _dead_letter(self, q: Queue, msg: Message, reason: str, now: float) -> Batch:
         """Move a message to the queue's DLQ, or drop it (counted) when there is none."""
@@ -292,7 +331,7 @@ class Broker:
             q.expired += 1
         if dlq is None:
             q.dropped += 1
-        self.store.stage((OP_DELETE, (msg.seq,)))
+        self._delete(msg)
         if dlq is not None:
             self._ensure_created(dlq)
             headers = dict(msg.headers)
@@ -302,7 +341,7 @@ class Broker:
                             self._stamp(now), self.node_id)
             if dlq.options.message_ttl is not None:
                 moved.expires_at = now + dlq.options.message_ttl
-            self.store.stage(put_op(moved)).body_bytes += len(moved.body)
+            self._put(moved)
             self.store.current_batch().add_callback(
                 lambda err: self._committed(dlq, [moved], err))
         return self._stage_counters(q)
@@ -335,7 +374,7 @@ class Broker:
                 if c.session.closed or c.cancelled:  # gone before it could be handed over
                     msg.owner, msg.lease_deadline = None, None
                     msg.state, msg.delivery_count = State.READY, 0
-                    self.store.stage(update_op(msg))
+                    self._update(msg)
                 else:
                     c.session.leases.add(msg)
                     self._add_timer(msg.lease_deadline, _T_LEASE, msg)  # type: ignore[arg-type]
@@ -354,7 +393,7 @@ class Broker:
 
     def _dispatch(self, q: Queue, now: float) -> None:
         """Lease ready messages to consumers with credit, round-robin."""
-        if not q.consumers or not q.ready:
+        if not q.consumers or not q.ready or not q.active:
             return
         out: dict[Consumer, list[Message]] = {}
         while q.ready:
@@ -375,7 +414,7 @@ class Broker:
             c.credit -= 1
             c.session.leases.add(msg)
             self._add_timer(msg.lease_deadline, _T_LEASE, msg)
-            self.store.stage(update_op(msg))
+            self._update(msg)
             if c in out:
                 out[c].append(msg)
             else:
@@ -462,7 +501,7 @@ class Broker:
         for c in list(q.consumers):
             c.session.consumers.pop(c.tag, None)
             if c.replenish:
-                c.session.cancelled(c.tag)
+                c.session.cancelled(c.tag, "queue deleted")
         q.consumers.clear()
         for msg in q.messages.values():
             if msg.state == State.LEASED:
@@ -472,7 +511,10 @@ class Broker:
         q.messages.clear()
         for key in [k for k in self._dedup if k[0] == name]:
             del self._dedup[key]
-        return Pending(self.store.stage((OP_DROP_QUEUE, (name,))), count)
+        batch = self.store.stage((OP_DROP_QUEUE, (name,)))
+        if self.replicating:
+            batch.rops.append((name, ["x", name]))
+        return Pending(batch, count)
 
     def purge(self, name: Any) -> Pending:
         """Drop every ready and delayed message (leased ones stay, as in RabbitMQ)."""
@@ -481,7 +523,7 @@ class Broker:
         for msg in doomed:
             q.move(msg, Event.DROP)
             q.remove(msg)
-            self.store.stage((OP_DELETE, (msg.seq,)))
+            self._delete(msg)
         q.compact()
         return Pending(self.store.current_batch() if doomed else None, len(doomed))
 
@@ -532,11 +574,12 @@ class Broker:
                     msg.state, msg.delivery_count, msg.owner = State.LEASED, 1, c
                     msg.lease_deadline = now + (c.visibility_timeout
                                                 or q.options.visibility_timeout)
-            batch = store.stage(put_op(msg))
-            batch.body_bytes += len(body)
+            batch = self._put(msg)
             if dedup_id is not None:
                 self._dedup[name, dedup_id] = (msg.id, now + window, batch)
                 store.stage((OP_DEDUP, (name, dedup_id, msg.id, now + window)))
+                if self.replicating:
+                    batch.rops.append((name, ["k", name, dedup_id, msg.id, now + window]))
             ids.append(msg.id)
             fresh.append(msg)
             fresh_dedup.append(dedup_id)
@@ -609,6 +652,7 @@ class Broker:
             raise BadRequest("'prefetch' must be an integer from 1 to 65535")
         c = Consumer(q, session, prefetch, replenish=True,
                      sink=sink or (lambda c, msgs: c.session.push(c.tag, msgs)))
+        c.tag = self.tag_prefix + c.tag  # unique in the cluster: a client may relay
         session.consumers[c.tag] = c
         q.consumers.append(c)
         self._dispatch(q, self.clock.time())
@@ -686,7 +730,7 @@ class Broker:
             self._detach(msg)
             q.move(msg, Event.ACK)
             q.remove(msg)
-            self.store.stage((OP_DELETE, (msg.seq,)))
+            self._delete(msg)
         if mine:
             self._dispatch(q, self.clock.time())
         result = {"acked": [m.id for m in mine], "failed": failed}
@@ -721,7 +765,7 @@ class Broker:
         for msg in mine:
             msg.lease_deadline = now + timeout
             self._add_timer(msg.lease_deadline, _T_LEASE, msg)
-            self.store.stage(update_op(msg))
+            self._update(msg)
         return {"extended": [m.id for m in mine], "failed": failed}
 
     def close_session(self, session: Session) -> None:
@@ -745,6 +789,126 @@ class Broker:
         session.leases.clear()
         for q in touched:
             self._dispatch(q, now)
+
+    # -- the mesh: replicas that do not dispatch, and taking over ------------------------
+    def apply(self, rops: list[Any]) -> Batch:
+        """Apply replica ops (from the queue's dispatching node, or a repair) to memory and
+        the store; they are not replicated on. Ops on a queue or message this node does
+        not have are skipped: anti-entropy brings the whole record. Returns the batch."""
+        now = self.clock.time()
+        store = self.store
+        replicating, self.replicating = self.replicating, False
+        try:
+            for rop in rops:
+                kind = rop[0]
+                if kind == "p":
+                    (_, mid, qname, hlc, node, body, headers, state, count, ready_at, exp,
+                     lease) = rop
+                    q = self.queues.get(qname)
+                    if q is None:
+                        continue
+                    if hlc > self.hlc.last:  # a later takeover stamps above it (fifo)
+                        with contextlib.suppress(ClockOffsetError):
+                            self.hlc.receive(hlc, int(now * 1000))
+                    msg = q.messages.get(mid)
+                    if msg is None:
+                        msg = Message(self._next_seq(), mid, qname, body,
+                                      msgpack.unpackb(headers) if headers else {}, hlc, node,
+                                      State(state), count, ready_at, exp, lease)
+                        q.add(msg)
+                        if q.active:
+                            self._schedule_message(msg)
+                            self._schedule_lease(msg, now)
+                    else:
+                        self._set(q, msg, State(state), count, ready_at, lease, now)
+                    self._put(msg)
+                elif kind == "u":
+                    _, qname, mid, state, count, ready_at, lease = rop
+                    q = self.queues.get(qname)
+                    msg = q.messages.get(mid) if q is not None else None
+                    if q is None or msg is None:
+                        continue
+                    self._set(q, msg, State(state), count, ready_at, lease, now)
+                    self._update(msg)
+                elif kind == "d":
+                    _, qname, mid = rop
+                    q = self.queues.get(qname)
+                    msg = q.messages.get(mid) if q is not None else None
+                    if q is None or msg is None:
+                        store.stage((OP_TOMBSTONE, (qname, mid)))
+                        continue
+                    self._detach(msg)
+                    q.counts[msg.state] -= 1
+                    msg.state = State.ACKED
+                    q.remove(msg)
+                    self._delete(msg)
+                elif kind == "q":
+                    _, name, options, dead_lettered, expired, dropped = rop
+                    q = self.queues.get(name)
+                    if q is None:
+                        q = self.queues[name] = Queue(name, QueueOptions.from_dict(options))
+                        q.active = False
+                    else:
+                        q.options = QueueOptions.from_dict(options)
+                    q.dead_lettered, q.expired, q.dropped = dead_lettered, expired, dropped
+                    q.created = self._stage_counters(q)
+                elif kind == "x":
+                    if rop[1] in self.queues:
+                        self.delete_queue(rop[1])
+                elif kind == "k":
+                    _, qname, dedup_id, mid, expires_at = rop
+                    if expires_at > now:
+                        self._dedup[qname, dedup_id] = (mid, expires_at, None)
+                        store.stage((OP_DEDUP, (qname, dedup_id, mid, expires_at)))
+        finally:
+            self.replicating = replicating
+        return store.current_batch()
+
+    def _set(self, q: Queue, msg: Message, state: State, count: int, ready_at: float,
+             lease: float | None, now: float) -> None:
+        if msg.state == State.LEASED and state != State.LEASED:
+            self._detach(msg)
+        q.set_state(msg, state)
+        msg.delivery_count, msg.ready_at, msg.lease_deadline = count, ready_at, lease
+        if q.active:
+            self._schedule_message(msg)
+            self._schedule_lease(msg, now)
+
+    def _schedule_lease(self, msg: Message, now: float) -> None:
+        """A lease recorded without its consumer here (granted by another node, which may
+        be gone): it ends at its deadline, as any unacked lease does."""
+        if msg.state == State.LEASED and msg.owner is None:
+            if msg.lease_deadline is None:
+                msg.lease_deadline = now
+            self._add_timer(msg.lease_deadline, _T_LEASE, msg)
+
+    def activate(self, q: Queue) -> None:
+        """This node dispatches ``q`` from now on: its timers run and consumers get leases."""
+        if q.active:
+            return
+        q.active = True
+        now = self.clock.time()
+        for msg in q.messages.values():
+            self._schedule_message(msg)
+            self._schedule_lease(msg, now)
+        self._dispatch(q, now)
+
+    def deactivate(self, q: Queue, reason: str) -> None:
+        """Another node dispatches ``q`` now: end its consumers here (told ``reason``);
+        leases stay recorded until their deadline, for the new dispatcher to honour."""
+        if not q.active:
+            return
+        q.active = False
+        for c in list(q.consumers):
+            c.session.consumers.pop(c.tag, None)
+            c.credit, c.cancelled = 0, True
+            if c.replenish:
+                c.replenish = False
+                c.session.cancelled(c.tag, reason)
+        q.consumers.clear()
+        for msg in q.messages.values():
+            if msg.owner is not None:
+                self._detach(msg)
 
     # -- statistics ----------------------------------------------------------------------
     def queue_stats(self, q: Queue) -> dict[str, Any]:

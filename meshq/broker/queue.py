@@ -26,14 +26,15 @@ class Session:
     """A client connection as the broker sees it.
 
     ``push(tag, messages)`` hands deliveries for consumer ``tag`` to the connection and
-    ``cancelled(tag)`` says the broker ended a consumer (its queue was deleted); neither
-    may block. ``leases`` is every message leased through this session.
+    ``cancelled(tag, reason)`` says the broker ended a consumer (its queue was deleted, or
+    moved to another node); neither may block. ``leases`` is every message leased through
+    this session.
     """
 
     def __init__(self, push: Callable[[str, list[Message]], None] | None = None,
-                 cancelled: Callable[[str], None] | None = None, peer: str = "") -> None:
+                 cancelled: Callable[[str, str], None] | None = None, peer: str = "") -> None:
         self.push = push or (lambda tag, msgs: None)
-        self.cancelled = cancelled or (lambda tag: None)
+        self.cancelled = cancelled or (lambda tag, reason: None)
         self.peer = peer
         self.consumers: dict[str, Consumer] = {}
         self.leases: set[Message] = set()
@@ -72,6 +73,9 @@ class Queue:
         self.expired = 0
         self.dropped = 0
         self.created: Any = None  # the store batch that made it durable
+        # False on a node that holds a replica but does not dispatch this queue (the mesh):
+        # no leases, no timers; the replica ops of the dispatching node keep it current.
+        self.active = True
 
     # -- state changes -------------------------------------------------------------
     def move(self, msg: Message, event: Event) -> None:
@@ -88,6 +92,16 @@ class Queue:
         self.counts[msg.state] += 1
         if msg.state == State.READY:
             self.push_ready(msg)
+
+    def set_state(self, msg: Message, state: State) -> None:
+        """Put a message in ``state`` as a replica op says, whatever it was in before."""
+        old = msg.state
+        if old != state:
+            self.counts[old] -= 1
+            self.counts[state] += 1
+            msg.state = state
+            if state == State.READY:
+                self.push_ready(msg)
 
     def remove(self, msg: Message) -> None:
         """Forget a message that has reached a terminal state."""

@@ -32,6 +32,7 @@ READ_CHUNK = 1 << 16
 # declare flag (argparse dest) -> queue option name (SPEC section 2)
 _DECLARE_OPTIONS = {
     "replicas": "replicas",
+    "write_quorum": "write_quorum",
     "ttl": "message_ttl",
     "visibility_timeout": "visibility_timeout",
     "max_deliveries": "max_deliveries",
@@ -95,6 +96,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = command("declare", "create a queue, or check that it exists with these options")
     p.add_argument("queue", metavar="QUEUE")
     p.add_argument("--replicas", metavar="N", type=_positive_int)
+    p.add_argument("--write-quorum", metavar="W", type=_positive_int,
+                   help="replicas that must commit a send before it is confirmed "
+                        "(default: a majority of --replicas)")
     p.add_argument("--ttl", metavar="S", type=_positive_seconds, help="message TTL in seconds")
     p.add_argument("--visibility-timeout", metavar="S", type=_positive_seconds)
     p.add_argument("--max-deliveries", metavar="N", type=_positive_int)
