@@ -30,9 +30,13 @@ from meshq.clock import Clock, SystemClock
 from meshq.config import Config, ConfigError, add_daemon_arguments, load_config
 from meshq.errors import StartupError
 from meshq.mesh.membership import Membership, known_peers
+from meshq.mesh.placement import Placement
+from meshq.mesh.replication import Replicator
 from meshq.mesh.swim import Swim, SwimConfig
-from meshq.mesh.transport import UdpTcpTransport
+from meshq.mesh.transport import FramedStream, UdpTcpTransport
+from meshq.mesh.wire import hello_frame
 from meshq.node import Node
+from meshq.server.connection import Connection
 from meshq.server.listener import UnixServer
 from meshq.store import SQLiteStore, StoreFatal
 
@@ -116,12 +120,26 @@ async def _run_node(config: Config, clock: Clock, task_status: Any, node_id: str
     membership = _membership(config, transport, clock)
     node = Node(name=config.node_name, node_id=node_id, address=transport.local_address,
                 broker=broker, store=store, clock=clock, membership=membership)
+    placement = Placement(config.node_name, membership.swim.members)
+    broker.tag_prefix = f"{config.node_name}."
+    replicator = node.replicator = Replicator(
+        me=config.node_name, broker=broker, store=store, placement=placement,
+        transport=transport, cluster=config.cluster_name, membership=membership)
+    membership.on_change = lambda member, old: replicator.placement_changed()
+
+    async def serve_relayed(stream: FramedStream, hello: dict[str, Any]) -> None:
+        """A client of another node, for a queue this node dispatches (server/relay.py)."""
+        await stream.send(hello_frame(config.cluster_name, config.node_name))
+        await Connection(stream.stream, node, config.max_frame_bytes, relayed=True).serve()
+
+    membership.stream_handlers["client"] = serve_relayed
     server = UnixServer(node, config.socket, config.max_frame_bytes, config.max_connections)
     await server.bind()
     async with trio.open_nursery() as nursery:
+        await nursery.start(membership.run)  # joined through a seed, or alone
+        await nursery.start(replicator.run)  # queues dispatch here after their takeover
         await nursery.start(store.run)
         await nursery.start(broker.run)
-        await nursery.start(membership.run)  # joined through a seed, or alone
         await nursery.start(server.run)
         log.info("meshqd %s ready: node %s (%s), socket %s, bind %s, data %s", __version__,
                  config.node_name, node_id, config.socket, node.address, config.data_dir)

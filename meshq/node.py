@@ -17,6 +17,7 @@ from meshq.clock import Clock
 from meshq.errors import Unavailable
 from meshq.hlc import unpack
 from meshq.mesh.membership import Membership
+from meshq.mesh.replication import Replicator
 from meshq.mesh.ring import DEFAULT_VNODES, Ring
 from meshq.store import Store
 
@@ -38,6 +39,7 @@ class Node:
         self.accepting_writes = True
         self.not_accepting_reason: str | None = None
         self.stop_requested = trio.Event()
+        self.replicator: Replicator | None = None  # set by the daemon (the mesh)
 
     def stop(self) -> None:
         """Ask ``serve`` to shut down gracefully."""
@@ -79,13 +81,21 @@ class Node:
                         "incarnation": 0, "clock_offset_ms": 0.0, "rtt_ms": None,
                         "last_seen_s": None, "self": True}]
             mesh = None
-        live = sum(1 for m in members if m["state"] == "alive")
         ring = Ring.build(m["name"] for m in members if m["state"] in ("alive", "suspect"))
         queues = []
+        repl = self.replicator
         for q in self.broker.stats():
             q = dict(q)
-            # Replication comes with the mesh; until then every queue has one copy.
-            q["replicas_effective"] = min(q["options"]["replicas"], live, 1)
+            if repl is not None:
+                reps = repl.replicas(self.broker.queues[q["name"]])
+                q["primary"] = reps.primary
+                q["holders"] = list(reps.holders)
+                q["preferred"] = list(reps.preferred)
+                q["write_quorum"] = reps.write_quorum
+                q["replicas_effective"] = len(reps.holders)
+            else:
+                q["replicas_effective"] = 1
+            q["dispatching_here"] = self.broker.queues[q["name"]].active
             queues.append(q)
         return {
             "node": {
@@ -117,4 +127,5 @@ class Node:
                 "commit_seconds": round(store.commit_seconds, 6),
             },
             "broker": {"redeliveries": self.broker.redeliveries},
+            "replication": repl.status() if repl is not None else None,
         }

@@ -89,6 +89,17 @@ def after_ack_failed() -> History:
     return h
 
 
+def gone_after_unknown_ack(outcome: str) -> History:
+    h = History()
+    sent(h, "m1")
+    h.delivered("A", "m1", 1, False, 1 + L, 1.0)
+    if outcome == "unknown":  # the connection broke: the ack may have been applied
+        h.ack_unknown("A", "m1", 2.0)
+    else:  # refused: the message must come back
+        h.ack_failed("A", "m1", 2.0)
+    return h  # and the drain found the queue empty
+
+
 def no_deadline_overlap() -> History:
     h = History()
     sent(h, "m1")
@@ -118,6 +129,10 @@ CASES = [
     ("unstable elsewhere", lambda: overlapping((50.0, 60.0)), False, (), (), 1, 0, 0, 1),
     ("redelivery at deadline", after_deadline, True, (), (), 0, 0, 0, 1),
     ("redelivery after ack failed", after_ack_failed, True, (), (), 0, 0, 0, 1),
+    ("gone after an unknown ack", lambda: gone_after_unknown_ack("unknown"), True, (), (),
+     0, 0, 0, 0),
+    ("gone after a refused ack", lambda: gone_after_unknown_ack("refused"), False, ("m1",),
+     (), 0, 0, 0, 0),
     ("no deadline, never released", no_deadline_overlap, False, (), (), 1, 0, 0, 1),
     ("same consumer twice", same_consumer_redelivery, True, (), (), 0, 0, 0, 1),
 ]

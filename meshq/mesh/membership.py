@@ -13,7 +13,7 @@ import json
 import logging
 import math
 import os
-from collections.abc import Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -91,6 +91,9 @@ class Membership:
         self._drained = trio.Event()  # after leave(): every broadcast went out
         self._nursery: trio.Nursery | None = None
         self._stream_slots = trio.CapacityLimiter(MAX_INCOMING_STREAMS)
+        # hello "kind" -> handler(stream, hello) for streams other than push-pull
+        self.stream_handlers: dict[str, Callable[[FramedStream, dict[str, Any]],
+                                                 Awaitable[None]]] = {}
         self._dirty = False
 
     # -- running --------------------------------------------------------------------
@@ -247,17 +250,31 @@ class Membership:
         return True
 
     async def _serve_stream(self, raw: trio.abc.Stream, remote: str) -> None:
+        """A push-pull, or (by the hello's ``kind``) a stream for ``stream_handlers``: the
+        mesh's replication links and relayed client connections."""
         stream = FramedStream(raw, max_frame=PEER_MAX_FRAME)
+        handler = None
         try:
             async with self._stream_slots:
-                await self._serve_one_stream(stream)
+                with trio.fail_after(STREAM_TIMEOUT):
+                    hello = _frame(await stream.receive())
+                    check_hello(hello, self.cluster)
+                    kind = hello.get("kind")
+                    if kind is not None:
+                        handler = self.stream_handlers.get(kind)
+                        if handler is None:
+                            raise PeerProtocolError(f"unknown stream kind {kind!r:.40}")
+                    else:
+                        await self._serve_one_stream(stream)
         except (ProtocolError, ValueError, trio.TooSlowError) as exc:
             self.bad_streams += 1
             log.debug("refused a stream from %s: %s", remote, exc)
+            return
+        if handler is not None:  # long-lived: outside the push-pull slots and timeout
+            await handler(stream, hello)
 
     async def _serve_one_stream(self, stream: FramedStream) -> None:
         with trio.fail_after(STREAM_TIMEOUT):
-            check_hello(_frame(await stream.receive()), self.cluster)
             theirs = PushPull.from_wire(await stream.receive())
             self._execute(self.swim.merge_push_pull(theirs, trio.current_time()))
             await stream.send(hello_frame(self.cluster, self.swim.name))

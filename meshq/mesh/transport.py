@@ -197,6 +197,10 @@ class FramedStream:
         self.stream = stream
         self._decoder = FrameDecoder(max_frame)
 
+    def allow_frames(self, max_frame: int) -> None:
+        """Accept frames up to ``max_frame`` bytes from now on."""
+        self._decoder.max_frame = max_frame
+
     async def send(self, frame: dict[str, Any]) -> None:
         await self.stream.send_all(encode_frame(frame))
 

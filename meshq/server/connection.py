@@ -16,13 +16,15 @@ from typing import TYPE_CHECKING, Any
 import trio
 
 from meshq.broker import Broker, Pending, Session
-from meshq.errors import MeshqError, ProtocolError
+from meshq.errors import MeshqError, ProtocolError, Unavailable
 from meshq.model import Message
 from meshq.protocol.codec import HEADER, FrameDecoder, pack_payload
-from meshq.server.ops import OPS, delivery
+from meshq.server.ops import OPS, QUEUE_OPS, delivery
+from meshq.server.relay import Upstream
 from meshq.store import StoreError
 
 if TYPE_CHECKING:
+    from meshq.mesh.replication import Replicator
     from meshq.node import Node
 
 __all__ = ["Connection"]
@@ -34,7 +36,8 @@ FINAL_WRITE_TIMEOUT = 1.0
 
 
 class Connection:
-    def __init__(self, stream: trio.abc.Stream, node: Node, max_frame: int) -> None:
+    def __init__(self, stream: trio.abc.Stream, node: Node, max_frame: int, *,
+                 relayed: bool = False) -> None:
         self.stream = stream
         self.node = node
         self.broker: Broker = node.broker
@@ -47,6 +50,9 @@ class Connection:
         self._nursery: trio.Nursery | None = None
         self._writing = False
         self._gone = trio.Event()
+        self.relayed = relayed  # a client of another node, relayed here (server/relay.py)
+        self.upstreams: dict[str, Upstream] = {}
+        self.relayed_tags: dict[str, Upstream] = {}
 
     # -- outgoing --------------------------------------------------------------------
     def _write(self, frame: dict[str, Any]) -> None:
@@ -65,8 +71,8 @@ class Connection:
     def _push(self, tag: str, msgs: list[Message]) -> None:
         self._write({"push": "deliver", "consumer": tag, "messages": [delivery(m) for m in msgs]})
 
-    def _cancelled(self, tag: str) -> None:
-        self._write({"push": "cancel", "consumer": tag, "reason": "queue deleted"})
+    def _cancelled(self, tag: str, reason: str) -> None:
+        self._write({"push": "cancel", "consumer": tag, "reason": reason})
 
     async def _writer(self) -> None:
         try:
@@ -101,6 +107,79 @@ class Connection:
         if handler is None:
             self._error(rid, ProtocolError(f"unknown op {op!r}"))
             return
+        repl = self.node.replicator
+        if repl is not None and self._route(repl, op, rid, req):
+            return
+        self._run(rid, op, handler, req)
+
+    def _route(self, repl: Replicator, op: Any, rid: Any, req: dict[str, Any]) -> bool:
+        """Relay an op on a queue another node dispatches; True when it is taken care of."""
+        name = req.get("queue")
+        if op == "cancel":
+            up = self.relayed_tags.get(req.get("consumer"))  # type: ignore[arg-type]
+            if up is not None:
+                up.send(req)
+                return True
+            return False
+        if op not in QUEUE_OPS:
+            return False
+        if not isinstance(name, str):
+            if op == "stats" and name is None and not self.relayed:
+                assert self._nursery is not None
+                self._nursery.start_soon(self._await, rid, self._cluster_stats(repl))
+                return True
+            return False
+        target = repl.route(name)
+        if target != repl.me:
+            if self.relayed:
+                self._error(rid, Unavailable(
+                    f"this node does not dispatch queue {name!r} (node {target!r} does, as "
+                    "this node sees the membership, which is changing); retry"))
+            else:
+                self._upstream(target).send(req)
+            return True
+        q = self.broker.queues.get(name)
+        if q is not None and not q.active:  # taking it over: wait, then serve
+            assert self._nursery is not None
+            self._nursery.start_soon(self._await, rid, self._after_takeover(repl, op, req))
+            return True
+        return False
+
+    def _upstream(self, node: str) -> Upstream:
+        up = self.upstreams.get(node)
+        if up is None or up.closed:
+            up = self.upstreams[node] = Upstream(self, node)
+            assert self._nursery is not None
+            self._nursery.start_soon(up.run)
+        return up
+
+    async def _after_takeover(self, repl: Replicator, op: str,
+                              req: dict[str, Any]) -> dict[str, Any]:
+        await repl.until_active(req["queue"])
+        result = OPS[op](self, req)
+        if isinstance(result, Pending):
+            value: dict[str, Any] = await result.wait()
+            return value
+        if isinstance(result, dict):
+            return result
+        return await result
+
+    async def _cluster_stats(self, repl: Replicator) -> dict[str, Any]:
+        """Every queue's stats from the node that dispatches it."""
+        out = []
+        for name in sorted(self.broker.queues):
+            target = repl.route(name)
+            try:
+                if target == repl.me:
+                    out.extend(self.broker.stats(name))
+                else:
+                    got = await self._upstream(target).call({"op": "stats", "queue": name})
+                    out.extend(got["queues"])
+            except MeshqError:
+                continue  # deleted meanwhile, or its node is unreachable
+        return {"queues": out}
+
+    def _run(self, rid: Any, op: Any, handler: Any, req: dict[str, Any]) -> None:
         try:
             result = handler(self, req)
         except MeshqError as exc:
@@ -176,5 +255,7 @@ class Connection:
                     nursery.cancel_scope.cancel()
         finally:
             self.broker.close_session(self.session)
+            for up in list(self.upstreams.values()):
+                up.close()
             with trio.CancelScope(shield=True):
                 await trio.aclose_forcefully(self.stream)

@@ -17,7 +17,7 @@ from meshq.model import Message
 if TYPE_CHECKING:
     from meshq.server.connection import Connection
 
-__all__ = ["OPS", "delivery"]
+__all__ = ["OPS", "QUEUE_OPS", "delivery"]
 
 Result = dict[str, Any] | Pending | Awaitable[dict[str, Any]]
 Handler = Callable[["Connection", dict[str, Any]], Result]
@@ -71,6 +71,8 @@ def _wrap(pending: Pending, key: str) -> Pending:
 
 def _send(conn: Connection, req: dict[str, Any]) -> Result:
     conn.node.check_writable()
+    if conn.node.replicator is not None:
+        conn.node.replicator.check_writable(conn.broker.queue(_field(req, "queue")))
     return _wrap(conn.broker.send(_field(req, "queue"), _field(req, "messages")), "ids")
 
 
@@ -128,6 +130,10 @@ def _leave(conn: Connection, req: dict[str, Any]) -> Result:
     conn.node.stop()
     return {"leaving": True}
 
+
+# Ops on one queue ("queue" field): served by the node that dispatches the queue.
+QUEUE_OPS = frozenset({"declare", "delete", "purge", "send", "receive", "consume", "ack",
+                       "nack", "extend", "stats"})
 
 OPS: dict[str, Handler] = {
     "ping": _ping,

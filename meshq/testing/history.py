@@ -53,6 +53,9 @@ class Report:
     duplicate_deliveries: int
     confirmed_sends: int
     deliveries: int
+    # delivered, then an ack whose outcome is unknown (the connection broke), and gone:
+    # acked as far as anyone can tell, so not lost
+    gone_after_unknown_ack: tuple[str, ...] = ()
 
     @property
     def ok(self) -> bool:
@@ -63,7 +66,8 @@ class Report:
             f"confirmed sends={self.confirmed_sends} deliveries={self.deliveries} "
             f"duplicate deliveries={self.duplicate_deliveries} "
             f"duplicates during instability={len(self.duplicates_during_instability)} "
-            f"unknown sends={len(self.unknown_sends)}"
+            f"unknown sends={len(self.unknown_sends)} "
+            f"gone after an ack of unknown outcome={len(self.gone_after_unknown_ack)}"
         ]
         if self.lost:
             lines.append(f"LOST {len(self.lost)} confirmed send(s): {_few(self.lost)}")
@@ -159,6 +163,7 @@ class History:
         self._acks: dict[str, list[_AckEvent]] = defaultdict(list)
         self._final: set[str] | None = None
         self._unstable: list[tuple[float, float]] = []
+        self._unknown_acks: set[str] = set()
 
     # -- recorders ---------------------------------------------------------------------------
 
@@ -195,6 +200,13 @@ class History:
         with self._lock:
             self._acks[message_id].append(_AckEvent(consumer, True, at))
 
+    def ack_unknown(self, consumer: str, message_id: str, at: float) -> None:
+        """The ack's outcome is unknown (no answer: the connection broke). The lease is over
+        for this consumer; the message may or may not have been acked."""
+        with self._lock:
+            self._acks[message_id].append(_AckEvent(consumer, False, at))
+            self._unknown_acks.add(message_id)
+
     def ack_failed(self, consumer: str, message_id: str, at: float) -> None:
         """The ack was refused or its outcome is unknown; that consumer's lease is over."""
         with self._lock:
@@ -227,10 +239,12 @@ class History:
             acks = {m: list(a) for m, a in self._acks.items()}
             final = set(self._final or ())
             unstable = list(self._unstable)
+            unknown_acks = set(self._unknown_acks)
 
         acked = {m for m, events in acks.items() if any(a.confirmed for a in events)}
         confirmed_ids = set(confirmed.values())
-        lost = sorted(confirmed_ids - acked - final)
+        missing = confirmed_ids - acked - final
+        lost = sorted(missing - unknown_acks)
         resurrected = sorted(acked & final)
         unknown = tuple(
             UnknownSend(client, body_key, failed.get((client, body_key)))
@@ -257,6 +271,7 @@ class History:
             duplicate_deliveries=sum(len(ds) - 1 for ds in deliveries.values()),
             confirmed_sends=len(confirmed),
             deliveries=sum(len(ds) for ds in deliveries.values()),
+            gone_after_unknown_ack=tuple(sorted(missing & unknown_acks)),
         )
 
     def _double_leases(
