@@ -32,6 +32,7 @@ from meshq.store import (
     OP_DEDUP_PRUNE,
     OP_DELETE,
     OP_DROP_QUEUE,
+    OP_FORGET,
     OP_META,
     OP_QUEUE,
     OP_TOMBSTONE,
@@ -817,8 +818,7 @@ class Broker:
                                       State(state), count, ready_at, exp, lease)
                         q.add(msg)
                         if q.active:
-                            self._schedule_message(msg)
-                            self._schedule_lease(msg, now)
+                            self._schedule_all(msg, now)
                     else:
                         self._set(q, msg, State(state), count, ready_at, lease, now)
                     self._put(msg)
@@ -838,8 +838,7 @@ class Broker:
                         store.stage((OP_TOMBSTONE, (qname, mid)))
                         continue
                     self._detach(msg)
-                    q.counts[msg.state] -= 1
-                    msg.state = State.ACKED
+                    q.set_state(msg, State.ACKED)
                     q.remove(msg)
                     self._delete(msg)
                 elif kind == "q":
@@ -871,12 +870,13 @@ class Broker:
         q.set_state(msg, state)
         msg.delivery_count, msg.ready_at, msg.lease_deadline = count, ready_at, lease
         if q.active:
-            self._schedule_message(msg)
-            self._schedule_lease(msg, now)
+            self._schedule_all(msg, now)
 
-    def _schedule_lease(self, msg: Message, now: float) -> None:
-        """A lease recorded without its consumer here (granted by another node, which may
-        be gone): it ends at its deadline, as any unacked lease does."""
+    def _schedule_all(self, msg: Message, now: float) -> None:
+        """Its delay and TTL timers, and the deadline of a lease recorded without its
+        consumer here (granted by another node, which may be gone): it ends then, as any
+        unacked lease does."""
+        self._schedule_message(msg)
         if msg.state == State.LEASED and msg.owner is None:
             if msg.lease_deadline is None:
                 msg.lease_deadline = now
@@ -889,8 +889,7 @@ class Broker:
         q.active = True
         now = self.clock.time()
         for msg in q.messages.values():
-            self._schedule_message(msg)
-            self._schedule_lease(msg, now)
+            self._schedule_all(msg, now)
         self._dispatch(q, now)
 
     def deactivate(self, q: Queue, reason: str) -> None:
@@ -909,6 +908,14 @@ class Broker:
         for msg in q.messages.values():
             if msg.owner is not None:
                 self._detach(msg)
+
+    def forget(self, q: Queue) -> None:
+        """Drop this node's copy of an inactive queue's messages (handed to the holders):
+        no tombstones, since the messages live on elsewhere."""
+        for msg in list(q.messages.values()):
+            q.set_state(msg, State.DROPPED)
+            q.remove(msg)
+            self.store.stage((OP_FORGET, (msg.seq,)))
 
     # -- statistics ----------------------------------------------------------------------
     def queue_stats(self, q: Queue) -> dict[str, Any]:

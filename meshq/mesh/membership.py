@@ -274,11 +274,11 @@ class Membership:
             await handler(stream, hello)
 
     async def _serve_one_stream(self, stream: FramedStream) -> None:
-        with trio.fail_after(STREAM_TIMEOUT):
-            theirs = PushPull.from_wire(await stream.receive())
-            self._execute(self.swim.merge_push_pull(theirs, trio.current_time()))
-            await stream.send(hello_frame(self.cluster, self.swim.name))
-            await stream.send(self.swim.push_pull_payload().to_wire())
+        """The rest of a push-pull, after its hello (within the caller's time limit)."""
+        theirs = PushPull.from_wire(await stream.receive())
+        self._execute(self.swim.merge_push_pull(theirs, trio.current_time()))
+        await stream.send(hello_frame(self.cluster, self.swim.name))
+        await stream.send(self.swim.push_pull_payload().to_wire())
 
     # -- persistence and status -----------------------------------------------------
     async def _save_members(self) -> None:

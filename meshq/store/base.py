@@ -240,12 +240,12 @@ class Store(abc.ABC):
             self.ops_committed += len(batch.ops)
         else:
             self.failed_commits += 1
+        for fn in batch.on_local:
+            fn(error)
         if self.gate is not None:
-            for fn in batch.on_local:
-                fn(error)
             self.gate.committed(batch, error)
-            return
-        batch.complete(error)
+        else:
+            batch.complete(error)
 
     def abandon(self) -> None:
         """The store stopped: every batch in flight has an unknown outcome."""

@@ -85,6 +85,7 @@ class MemoryStore(Store):
             elif kind == OP_DROP_QUEUE:
                 queues.pop(p[0], None)
                 messages = {s: r for s, r in messages.items() if r[2] != p[0]}
+                tombs = {k: at for k, at in tombs.items() if k[0] != p[0]}
                 dedup = {k: v for k, v in dedup.items() if k[0] != p[0]}
             elif kind == OP_DEDUP:
                 dedup[p[0], p[1]] = (p[2], p[3])
