@@ -41,9 +41,9 @@ from meshq.errors import MeshqError, Unavailable
 from meshq.mesh.placement import Placement, Replicas
 from meshq.mesh.transport import FramedStream, Transport
 from meshq.mesh.wire import hello_frame
-from meshq.model import Message
+from meshq.model import Message, QueueOptions
 from meshq.states import State
-from meshq.store.base import OP_FORGET, Batch, Store, put_op
+from meshq.store.base import Batch, Store, put_op
 
 if TYPE_CHECKING:
     from meshq.mesh.membership import Membership
@@ -119,7 +119,8 @@ class _Held:
         self.batch = batch
         self.local = False
         self.error: BaseException | None = None
-        self.needs: dict[str, list[Any]] = {}  # queue -> [acks still needed, nodes tried]
+        # queue -> [acks still needed, nodes tried, nodes not answered yet]
+        self.needs: dict[str, list[Any]] = {}
         self.rops_by_queue: dict[str, list[list[Any]]] = {}
         self.shipped_at = trio.current_time()
 
@@ -246,7 +247,7 @@ class Replicator:
         """The node that serves client ops on queue ``name`` (this one: ``self.me``)."""
         q = self.broker.queues.get(name)
         if q is None:  # not declared (yet): its primary with the default replica count
-            return self.placement.replicas(name, 3).primary or self.me
+            return self.placement.replicas(name, QueueOptions().replicas).primary or self.me
         return self.replicas(q).primary or self.me
 
     def check_writable(self, q: Queue) -> None:
@@ -297,14 +298,14 @@ class Replicator:
         everyone = [n for n in self.placement.live if n != self.me]
         for qname, rops in by_queue.items():
             q = self.broker.queues.get(qname)
-            catalog = rops[0][0] in ("q", "x") or any(r[0] in ("q", "x") for r in rops)
+            catalog = any(r[0] in ("q", "x") for r in rops)
             if q is None:  # deleted in this batch: tell every node, wait for nobody
                 for node in everyone:
                     to_node.setdefault(node, []).extend(rops)
                 continue
             reps = self.replicas(q)
             targets = [n for n in reps.holders if n != self.me]
-            held.needs[qname] = [reps.write_quorum - 1, set(targets)]
+            held.needs[qname] = [reps.write_quorum - 1, set(targets), set(targets)]
             if reps.write_quorum - 1 > len(targets):
                 held.error = Unavailable(
                     f"queue {qname!r} needs {reps.write_quorum} replicas and "
@@ -321,21 +322,25 @@ class Replicator:
     def _acked(self, held: _Held, node: str, answer: dict[str, Any] | None) -> None:
         ok = answer is not None and "error" not in answer
         for qname, need in held.needs.items():
-            if node not in need[1]:
+            tried, waiting = need[1], need[2]
+            if node not in waiting:
                 continue
+            waiting.discard(node)
             if ok:
                 need[0] -= 1
-            elif need[0] > 0:  # sloppy quorum: try a holder we have not tried yet
+                continue
+            if need[0] > len(waiting):  # sloppy quorum: try a holder not tried yet
                 q = self.broker.queues.get(qname)
                 fresh = [] if q is None else [
-                    n for n in self.replicas(q).holders if n != self.me and n not in need[1]]
+                    n for n in self.replicas(q).holders if n != self.me and n not in tried]
                 if fresh:
-                    need[1].add(fresh[0])
+                    tried.add(fresh[0])
+                    waiting.add(fresh[0])
                     self._send_rops(held, fresh[0], held.rops_by_queue[qname])
-                elif need[0] > 0 and held.error is None:
-                    held.error = Unavailable(
-                        f"queue {qname!r}: fewer than its write quorum of replicas "
-                        f"confirmed (lost node {node!r})")
+            if need[0] > len(waiting) and held.error is None:
+                held.error = Unavailable(
+                    f"queue {qname!r}: fewer than its write quorum of replicas "
+                    f"confirmed (lost node {node!r})")
         self._release()
 
     def committed(self, batch: Batch, error: BaseException | None) -> None:
@@ -371,7 +376,7 @@ class Replicator:
                 head = self._held[0]
                 if trio.current_time() - head.shipped_at > REPLY_TIMEOUT:
                     for need in head.needs.values():
-                        for node in list(need[1]):
+                        for node in list(need[2]):
                             link = self.links.get(node)
                             if link is not None:
                                 link.close()
@@ -414,8 +419,10 @@ class Replicator:
         if kind == "rep":
             self._apply_then(frame["ops"], answer)
         elif kind == "digest":
-            self._apply_then([frame["qrow"]], lambda _: None)
             q = self.broker.queues.get(frame["qrow"][1])
+            if q is None or _qrow(q) != frame["qrow"]:  # new, or options/counters changed
+                self._apply_then([frame["qrow"]], lambda _: None)
+                q = self.broker.queues.get(frame["qrow"][1])
             theirs = frame["sums"]
             diff: list[list[Any]] = []  # [[bucket, items], ...] (map keys are strings)
             if q is not None:
@@ -460,12 +467,13 @@ class Replicator:
             elif rop[0] == "q":
                 self.dropped.pop(rop[1], None)
         batch = self.broker.apply(rops)
+        if any(rop[0] in ("q", "x") for rop in rops):
+            self.placement_changed()  # a new queue may need a takeover or a hand-off
         if not batch.ops:
             answer({})
             return
         batch.on_local.append(
             lambda err: answer({} if err is None else {"error": f"commit failed: {err}"}))
-        self.placement_changed()  # a new queue may need a takeover or a hand-off
 
     # -- anti-entropy, takeover, hand-off ------------------------------------------------
     async def _sync(self, q: Queue, node: str, *, merge: bool) -> None:
@@ -537,10 +545,7 @@ class Replicator:
             return
         if self.me in self.replicas(q).holders:
             return
-        for msg in list(q.messages.values()):  # forgotten, not deleted: no tombstones
-            q.counts[msg.state] -= 1
-            q.remove(msg)
-            self.store.stage((OP_FORGET, (msg.seq,)))
+        self.broker.forget(q)
         self.repaired["handed_off"] += 1
 
     def placement_changed(self) -> None:
