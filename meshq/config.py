@@ -18,6 +18,8 @@ from pathlib import Path
 from socket import gethostname
 from typing import Any
 
+from meshq.mesh.ring import DEFAULT_VNODES
+
 __all__ = [
     "DEFAULT_BIND",
     "DEFAULT_MAX_FRAME_BYTES",
@@ -35,6 +37,7 @@ __all__ = [
 ]
 
 DEFAULT_BIND = "127.0.0.1:7946"
+MAX_VNODES = 4096  # a ring point costs memory and start-up time on every node
 DEFAULT_MAX_FRAME_BYTES = 8 * 1024 * 1024
 DEFAULT_MAX_MESSAGE_BYTES = 1024 * 1024
 LOG_LEVELS: tuple[str, ...] = ("debug", "info", "warning", "error")
@@ -152,6 +155,17 @@ def _check_positive_int(value: object) -> str | None:
     return None
 
 
+def _check_opt_positive_int(value: object) -> str | None:
+    return None if value is None else _check_positive_int(value)
+
+
+def _check_vnodes(value: object) -> str | None:
+    problem = _check_positive_int(value)
+    if problem is None and value > MAX_VNODES:  # type: ignore[operator]
+        return f"must be at most {MAX_VNODES}, got {value}"
+    return problem
+
+
 def _check_positive_float(value: object) -> str | None:
     if not isinstance(value, int | float) or isinstance(value, bool):
         return f"expected a number, got {type(value).__name__} {value!r}"
@@ -225,6 +239,8 @@ _CHECKS: dict[str, Callable[[object], str | None]] = {
     "dedup_window": _check_positive_float,
     "max_clock_offset_ms": _check_positive_int,
     "max_connections": _check_positive_int,
+    "vnodes": _check_vnodes,
+    "write_quorum": _check_opt_positive_int,
     "log_level": _check_log_level,
 }
 
@@ -258,6 +274,10 @@ class Config:
     dedup_window: float = 300.0
     max_clock_offset_ms: int = 500
     max_connections: int = 1024
+    # Placement: points per node on the ring (the same on every node), and the default
+    # write quorum of queues that set none (None: a majority of their replicas).
+    vnodes: int = DEFAULT_VNODES
+    write_quorum: int | None = None
     log_level: str = "info"
 
     def __post_init__(self) -> None:
@@ -300,7 +320,8 @@ _FLAGS: dict[str, str] = {
 
 _PATH_FIELDS = frozenset({"data_dir", "socket", "cluster_key_file"})
 _INT_FIELDS = frozenset(
-    {"max_frame_bytes", "max_message_bytes", "max_clock_offset_ms", "max_connections"}
+    {"max_frame_bytes", "max_message_bytes", "max_clock_offset_ms", "max_connections",
+     "vnodes", "write_quorum"}
 )
 
 

@@ -120,11 +120,12 @@ async def _run_node(config: Config, clock: Clock, task_status: Any, node_id: str
     membership = _membership(config, transport, clock)
     node = Node(name=config.node_name, node_id=node_id, address=transport.local_address,
                 broker=broker, store=store, clock=clock, membership=membership)
-    placement = Placement(config.node_name, membership.swim.members)
+    placement = Placement(config.node_name, membership.swim.members, vnodes=config.vnodes)
     broker.tag_prefix = f"{config.node_name}."
     replicator = node.replicator = Replicator(
         me=config.node_name, broker=broker, store=store, placement=placement,
-        transport=transport, cluster=config.cluster_name, membership=membership)
+        transport=transport, cluster=config.cluster_name, membership=membership,
+        write_quorum=config.write_quorum)
     membership.on_change = lambda member, old: replicator.placement_changed()
 
     async def serve_relayed(stream: FramedStream, hello: dict[str, Any]) -> None:

@@ -81,9 +81,11 @@ class Node:
                         "incarnation": 0, "clock_offset_ms": 0.0, "rtt_ms": None,
                         "last_seen_s": None, "self": True}]
             mesh = None
-        ring = Ring.build(m["name"] for m in members if m["state"] in ("alive", "suspect"))
-        queues = []
         repl = self.replicator
+        vnodes = repl.placement.vnodes if repl is not None else DEFAULT_VNODES
+        ring = Ring.build((m["name"] for m in members if m["state"] in ("alive", "suspect")),
+                          vnodes)
+        queues = []
         for q in self.broker.stats():
             q = dict(q)
             if repl is not None:
@@ -111,7 +113,7 @@ class Node:
             "members": members,
             "mesh": mesh,
             "ring": {
-                "vnodes_per_node": DEFAULT_VNODES,
+                "vnodes_per_node": vnodes,
                 "ownership": {name: round(share, 6) for name, share
                               in sorted(ring.ownership().items())},
                 "replica_ownership_n3": {name: round(share, 6) for name, share

@@ -191,6 +191,8 @@ def test_each_layer_wins_over_the_ones_below(
         ("dedup_window", "12", "2.5", 12.0, 2.5),
         ("max_clock_offset_ms", "100", "250", 100, 250),
         ("max_connections", "10", "20", 10, 20),
+        ("vnodes", "64", "256", 64, 256),
+        ("write_quorum", "1", "2", 1, 2),
     ],
 )
 def test_numeric_fields_file_then_env(
@@ -325,6 +327,8 @@ def test_tables_in_toml_are_unknown_keys(tmp_path: Path, base_env: dict[str, str
         ("join = 'a:1'", "join", "expected a list"),
         ('log_level = "loud"', "log_level", "must be one of debug, info, warning, error"),
         ("max_connections = 0", "max_connections", "must be a positive integer"),
+        ("vnodes = 100000", "vnodes", "must be at most 4096"),
+        ("write_quorum = 0", "write_quorum", "must be a positive integer"),
         ("dedup_window = -1.0", "dedup_window", "positive finite"),
         ("dedup_window = inf", "dedup_window", "positive finite"),
     ],
@@ -509,6 +513,8 @@ def test_to_dict_is_json_friendly() -> None:
         "dedup_window": 60.0,
         "max_clock_offset_ms": 500,
         "max_connections": 1024,
+        "vnodes": 128,
+        "write_quorum": None,
         "log_level": "info",
     }
     assert json.loads(json.dumps(d)) == d

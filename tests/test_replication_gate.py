@@ -26,14 +26,15 @@ def _members(states: dict[str, MemberState]) -> list[Member]:
 
 
 class Env:
-    def __init__(self, nursery: trio.Nursery, states: dict[str, MemberState]) -> None:
+    def __init__(self, nursery: trio.Nursery, states: dict[str, MemberState],
+                 write_quorum: int | None = None) -> None:
         self.states = states
         self.store = MemoryStore()
         self.broker = Broker(self.store, TrioClock(), node_id="a")
         placement = Placement("a", lambda: _members(self.states))
         self.repl = Replicator(me="a", broker=self.broker, store=self.store,
                                placement=placement, transport=None,  # type: ignore[arg-type]
-                               cluster="test")
+                               cluster="test", write_quorum=write_quorum)
         self.sent: list[tuple[_Held, str]] = []
         self.repl._send_rops = lambda held, node, rops: self.sent.append(  # type: ignore[method-assign]
             (held, node))
@@ -83,6 +84,20 @@ async def test_both_holders_failing_is_unavailable(env: Env) -> None:
     env.answer("c", ok=False)
     with pytest.raises(Unavailable):
         await pending.wait()
+
+
+async def test_the_cluster_default_write_quorum_applies_to_queues_without_one(
+        nursery: trio.Nursery) -> None:
+    env = Env(nursery, {"a": ALIVE, "b": ALIVE, "c": ALIVE}, write_quorum=3)
+    env.broker.declare("all", {"replicas": 3})
+    env.broker.declare("own", {"replicas": 3, "write_quorum": 1})
+    assert env.repl.replicas(env.broker.queue("all")).write_quorum == 3
+    assert env.repl.replicas(env.broker.queue("own")).write_quorum == 1
+    await trio.testing.wait_all_tasks_blocked()
+    env.answer("b")
+    assert not env.sent[0][0].batch.done  # W = 3: c must confirm the declarations too
+    env.answer("c")
+    assert env.sent[0][0].batch.done
 
 
 async def test_batches_complete_in_order(env: Env) -> None:

@@ -211,7 +211,8 @@ class _Link:
 class Replicator:
     def __init__(self, *, me: str, broker: Broker, store: Store, placement: Placement,
                  transport: Transport, cluster: str,
-                 membership: Membership | None = None) -> None:
+                 membership: Membership | None = None,
+                 write_quorum: int | None = None) -> None:
         self.me = me
         self.broker = broker
         self.store = store
@@ -219,6 +220,7 @@ class Replicator:
         self.transport = transport
         self.cluster = cluster
         self.membership = membership
+        self.write_quorum = write_quorum  # for queues that set none (None: a majority)
         self.links: dict[str, _Link] = {}
         self._held: deque[_Held] = deque()
         self._by_batch: dict[int, _Held] = {}
@@ -240,8 +242,9 @@ class Replicator:
         return None if m is None else m.address
 
     def replicas(self, q: Queue) -> Replicas:
+        w = q.options.write_quorum
         return self.placement.replicas(q.name, q.options.replicas,
-                                       q.options.write_quorum)
+                                       self.write_quorum if w is None else w)
 
     def route(self, name: str) -> str:
         """The node that serves client ops on queue ``name`` (this one: ``self.me``)."""
