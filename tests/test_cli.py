@@ -240,11 +240,12 @@ def test_ctl_status_table(daemon):
         c.declare("orders")
         c.send("orders", b"x")
     out = ok(run("--socket", str(daemon.socket), "status", tool="meshq-ctl"))
-    for section in ("node", "members", "queues", "store"):
+    for section in ("node", "members", "queues", "replication", "store"):
         assert f"\n{section}\n" in f"\n{out}"
     assert "test-node" in out and "alive" in out and str(daemon.data_dir) in out
     [row] = [line.split() for line in out.splitlines() if line.strip().startswith("orders")]
-    assert row == ["orders", "1", "0", "0", "0", "0"]
+    assert row == ["orders", "1", "0", "0", "0", "0", "test-node", "test-node"]
+    assert "hinted messages" in out and "failed quorums" in out
 
 
 def test_ctl_status_json(daemon):

@@ -29,6 +29,7 @@ __all__ = ["build_parser", "format_status", "main"]
 
 MEMBER_COLUMNS = ("name", "address", "state", "incarnation", "clock_offset_ms", "rtt_ms",
                   "last_seen_s")
+PLACEMENT_COLUMNS = ("primary", "holders")  # status adds these to each queue's row
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -125,7 +126,7 @@ def _indent(text: str) -> str:
 
 
 def format_status(status: dict[str, Any]) -> str:
-    """The ``status`` table: node, members, queues, store."""
+    """The ``status`` table: node, members, queues, replication, store."""
     node = status.get("node") or {}
     parts = ["node", _pairs([
         ("name", str(node.get("name", "-"))),
@@ -141,8 +142,22 @@ def format_status(status: dict[str, Any]) -> str:
         MEMBER_COLUMNS, [[m.get(c) for c in MEMBER_COLUMNS] for m in members]))]
     queues = status.get("queues") or []
     parts += ["", "queues"]
-    parts.append(_indent(format_table(QUEUE_COLUMNS, queue_rows(queues))) if queues
+    rows = [[*row, q.get("primary"), ",".join(q.get("holders") or [])]
+            for row, q in zip(queue_rows(queues), queues, strict=True)]
+    parts.append(_indent(format_table(QUEUE_COLUMNS + PLACEMENT_COLUMNS, rows)) if queues
                  else "  (none)")
+    repl = status.get("replication")
+    if isinstance(repl, dict):
+        repaired = repl.get("repaired") or {}
+        parts += ["", "replication", _pairs([
+            ("hinted messages", str(repl.get("hinted_messages", "-"))),
+            ("taking over", ", ".join(repl.get("taking_over") or []) or "-"),
+            ("waiting batches", str(repl.get("waiting_batches", "-"))),
+            ("failed quorums", str(repl.get("failed_quorums", "-"))),
+            ("repair rounds", str(repl.get("repair_rounds", "-"))),
+            ("repaired", ", ".join(f"{k} {v}" for k, v in repaired.items()) or "-"),
+            ("links", ", ".join(repl.get("links") or []) or "-"),
+        ])]
     store = status.get("store") or {}
     parts += ["", "store", _pairs([
         ("path", str(store.get("path") or "-")),
