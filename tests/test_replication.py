@@ -1,7 +1,8 @@
 """Replication with real daemons (issue 3): three meshqd subprocesses on loopback, N = 3,
 W = 2. Sends on one node are received on another; a SIGKILLed node loses nothing
 confirmed and catches up after its restart; a wiped node is refilled by anti-entropy;
-competing consumers on all three nodes share a queue.
+a join moves a queue's copy to its new holder; competing consumers on all three nodes
+share a queue.
 
 Waiting across processes polls status (``eventually``, bounded): there is no event to
 await between processes.
@@ -29,10 +30,15 @@ NAMES = ("a", "b", "c")
 
 def queue_with_primary(node: str, prefix: str) -> str:
     """A queue name whose preference list starts with ``node`` (all three alive)."""
+    return queue_with_preference((node,), prefix, 3)
+
+
+def queue_with_preference(first: tuple[str, ...], prefix: str, n: int) -> str:
+    """A queue name whose preference list for ``n`` replicas over a, b, c starts ``first``."""
     ring = Ring.build(NAMES)
     for i in range(1000):
         name = f"{prefix}-{i}"
-        if ring.preference_list(name, 3)[0] == node:
+        if tuple(ring.preference_list(name, n)[:len(first)]) == first:
             return name
     raise AssertionError("no such name")
 
@@ -253,3 +259,32 @@ def test_competing_consumers_on_all_three_nodes_share_a_queue(cluster) -> None:
     assert sum(counts.values()) == total
     for node, n in counts.items():  # round-robin: about a third each
         assert total / 3 * 0.6 <= n <= total / 3 * 1.4, (node, counts)
+
+
+def test_a_join_moves_a_queue_to_its_new_holder(tmp_path: Path) -> None:
+    """replicas = 2: on a and b the queue lives on both; once c joins, its holders are
+    a and c, so b hands its copy over and forgets it, and c is filled."""
+    name = queue_with_preference(("a", "c"), "moved", 2)
+    a = DaemonProcess(tmp_path / "a", node_name="a").start()
+    assert a.bind is not None
+    b = DaemonProcess(tmp_path / "b", node_name="b", args=["--join", a.bind]).start()
+    nodes = [a, b]
+    try:
+        eventually(lambda: all_alive(nodes, {"a", "b"}), 15, "a and b alive")
+        with a.client() as ca:
+            ca.declare(name, replicas=2)
+            ids = ca.send_batch(name, [f"m{i}" for i in range(20)])
+        eventually(lambda: local_queue(b, name).get("ready") == 20, 15, "b holds a copy")
+        c = DaemonProcess(tmp_path / "c", node_name="c", args=["--join", a.bind]).start()
+        nodes.append(c)
+        eventually(lambda: local_queue(c, name).get("ready") == 20, 30, "c filled")
+        eventually(lambda: local_queue(b, name).get("ready") == 0, 30, "b forgot its copy")
+        assert local_queue(c, name)["holders"] == ["a", "c"]
+        assert replication(b)["hinted_messages"] == 0
+        assert replication(b)["repaired"]["handed_off"] >= 1
+        with b.client() as cb:  # still served from b, relayed to the primary a
+            got = cb.receive(name, max=20, wait=5)
+        assert sorted(d.id for d in got) == sorted(ids)
+    finally:
+        for d in nodes:
+            d.kill()
