@@ -7,17 +7,15 @@ as ("progress", wid, n). Timestamps that cross processes are ``time.monotonic_ns
 (CLOCK_MONOTONIC, system wide on Linux); latency is measured inside one process with
 ``time.perf_counter_ns()``. A worker's ``sockets`` list its connections' daemons,
 round-robin (one entry on a single node). The rest is for the parent: percentiles, the
-SQLite ceiling, CPU accounting from /proc, the simulated-mesh figures (SimCluster in
-virtual time), cluster figures as ratios to the single node, and the pass/fail tables.
+SQLite ceiling, CPU accounting from /proc, the targets, and the single-node tables (the
+cluster's and the simulated network's are in tools/_benchmesh.py).
 """
 
 from __future__ import annotations
 
 import array
-import math
 import os
 import sqlite3
-import statistics
 import time
 import traceback
 from collections.abc import Awaitable, Callable
@@ -26,14 +24,9 @@ from pathlib import Path
 from typing import Any
 
 import trio
-from trio.testing import MockClock
 
 from meshq import AsyncClient, Delivery, MeshqError
-from meshq.mesh._swim_math import suspicion_timeout
-from meshq.mesh.swim import MemberState, SwimConfig
 from meshq.store import SQLiteStore
-from meshq.testing.cluster import SimCluster, open_cluster
-from meshq.testing.simnet import SimNet
 
 BODY = b"m" * 256
 REPORT_EVERY = 0.2  # seconds between progress reports to the parent
@@ -351,93 +344,6 @@ def sqlite_ceiling(directory: Path, rows_per_commit: int, seconds: float) -> dic
             "wall_s": round(wall, 3), "rows_per_s": round(seq / wall), "commit_ms": pct(commits)}
 
 
-
-# ----------------------------------------------------------------------------- simulated mesh
-SIM_SETTLE = 10.0  # virtual seconds of steady state before each measurement
-
-
-async def _bounded(c: SimCluster, predicate: Callable[[], bool], bound: float) -> float:
-    """c.wait_until(predicate), raising trio.TooSlowError after ``bound`` virtual s."""
-    with trio.fail_after(bound):
-        return await c.wait_until(predicate)
-
-
-async def sim_run(n: int, seed: int) -> dict[str, float]:
-    """One SimCluster of ``n`` Membership nodes (SwimConfig() defaults, SimNet delay 1 ms)
-    in virtual time: the n-th node joins through n1 (until every other node sees it
-    alive), then one node is killed (its task cancelled, its endpoint closed: packets to
-    it are lost and streams refused) until the first other node marks it SUSPECT and all
-    others mark it DEAD. Virtual seconds from the join / the kill."""
-    cfg = SwimConfig()
-    async with open_cluster(SimNet(seed), config=cfg, seed=seed) as c:
-        await c.add_many(n - 1)
-        await _bounded(c, c.all_alive, cfg.push_pull_interval + 5.0)
-        await trio.sleep(SIM_SETTLE)
-        t_join = trio.current_time()
-        new = (await c.add()).name  # joins through n1, a single seed
-        others = [x for x in c.names() if x != new]
-        joined = await _bounded(c, lambda: c.views_are(others, {new: MemberState.ALIVE}),
-                                cfg.push_pull_interval + 5.0)
-        await _bounded(c, c.all_alive, cfg.push_pull_interval + 5.0)
-        await trio.sleep(SIM_SETTLE)
-        victim = c.names()[n // 2]  # neither the seed nor the newcomer
-        rest = [x for x in c.names() if x != victim]
-        t_kill = trio.current_time()
-        c[victim].scope.cancel()
-        await c[victim].transport.aclose()
-        longest = cfg.suspicion_max_timeout_mult * suspicion_timeout(
-            cfg.suspicion_mult, n, cfg.probe_interval)
-        all_dead = await _bounded(c, lambda: c.views_are(rest, {victim: MemberState.DEAD}),
-                                  n * cfg.probe_interval + longest + 5.0)
-        suspected = [ch.at for ch in c.changes_about(victim)
-                     if ch.at >= t_kill and ch.new is MemberState.SUSPECT]
-        out = {"dissemination_s": joined - t_join, "all_dead_s": all_dead - t_kill}
-        if suspected:  # else every node learnt DEAD without suspecting first
-            out["first_suspect_s"] = min(suspected) - t_kill
-        return out
-
-
-def simulate(sizes: list[int], seeds: int, budget_s: float,
-             log: Callable[[str], None]) -> dict[str, Any]:
-    """``sim_run`` for each size and seed 0..seeds-1 (each its own trio run on a
-    MockClock(autojump_threshold=0)); median and max per figure. A run that fails says
-    why in its entry; runs not started within ``budget_s`` of wall time are skipped."""
-    t0 = time.perf_counter()
-    out: dict[str, Any] = {
-        "time": "virtual seconds (trio MockClock, autojump)",
-        "network": "SimNet: 1 ms delay, no loss", "swim_config": "SwimConfig() defaults",
-        "join": "the n-th node joins through n1; until every other node sees it alive",
-        "failure": "node n/2 killed (task cancelled, endpoint closed); until the first "
-                   "other node marks it SUSPECT, and until all others mark it DEAD",
-        "sizes": {}}
-    for n in sizes:
-        runs: list[dict[str, Any]] = []
-        for seed in range(seeds):
-            if time.perf_counter() - t0 > budget_s:
-                runs.append({"seed": seed, "error": f"skipped: over the {budget_s:g} s budget"})
-                continue
-            w = time.perf_counter()
-            try:
-                r: dict[str, Any] = trio.run(sim_run, n, seed,
-                                             clock=MockClock(autojump_threshold=0))
-            except trio.TooSlowError:
-                r = {"error": "did not converge within its bound"}
-            except Exception as exc:  # the mesh code is young: report, and go on
-                r = {"error": f"{type(exc).__name__}: {exc}"}
-            runs.append({"seed": seed, **{k: round(v, 3) if isinstance(v, float) else v
-                                          for k, v in r.items()},
-                         "wall_s": round(time.perf_counter() - w, 2)})
-        entry: dict[str, Any] = {"nodes": n, "runs": runs}
-        for key in ("dissemination_s", "first_suspect_s", "all_dead_s"):
-            values = [r[key] for r in runs if key in r]
-            entry[key] = ({"median": round(statistics.median(values), 3),
-                           "max": round(max(values), 3), "n": len(values)} if values else None)
-        out["sizes"][str(n)] = entry
-        log(f"simulated {n} nodes: {len(runs)} seed(s), {time.perf_counter() - t0:.1f} s wall")
-    out["wall_s"] = round(time.perf_counter() - t0, 1)
-    return out
-
-
 def _ticks(fields: list[str]) -> int:
     return int(fields[11]) + int(fields[12])  # utime + stime, after "pid (comm)"
 
@@ -516,7 +422,7 @@ def annotate(result: dict[str, Any]) -> None:
         s["target"], s["pass"] = judge(key, s["msg_per_s"])
 
 
-def _label(s: dict[str, Any]) -> str:
+def scenario_label(s: dict[str, Any]) -> str:
     if s["kind"] == "publish":
         return f"publish, {s['producers']} producer(s), batch {s['batch']}"
     if s["kind"] == "consume":
@@ -524,7 +430,7 @@ def _label(s: dict[str, Any]) -> str:
     return f"e2e latency @ {s['offered_msg_per_s']:,} msg/s"
 
 
-def _cpu(s: dict[str, Any]) -> str:
+def cpu_cell(s: dict[str, Any]) -> str:
     c = s.get("accounting")
     if not c:
         return ""
@@ -559,15 +465,16 @@ def table(result: dict[str, Any]) -> str:
             e2e, ratio = s["e2e_ms"] or {}, s.get("ratio_to_sqlite_commit_latency") or {}
             for q in ("p50", "p99"):
                 target, ok = (s.get("target", ""), s.get("pass", "")) if q == "p99" else ("", "")
-                rows.append([f"{_label(s)}: {q}", f"{e2e.get(q)} ms",
-                             f"{ratio.get(q)} x SQLite 1-row commit {q}", target, ok, _cpu(s),
-                             _store(s)])
+                rows.append([f"{scenario_label(s)}: {q}", f"{e2e.get(q)} ms",
+                             f"{ratio.get(q)} x SQLite 1-row commit {q}", target, ok,
+                             cpu_cell(s), _store(s)])
             continue
         extra = (f" ({s['ratio_to_ceiling_1_row_per_commit']:.2f} x 1 row/commit)"
                  if "ratio_to_ceiling_1_row_per_commit" in s else "")
-        rows.append([_label(s), f"{s['msg_per_s']:,}", f"{s['ratio_to_ceiling']:.2f}{extra}",
-                     s.get("target", ""), s.get("pass", ""), _cpu(s), _store(s)])
-    return _markdown(rows)
+        rows.append([scenario_label(s), f"{s['msg_per_s']:,}",
+                     f"{s['ratio_to_ceiling']:.2f}{extra}", s.get("target", ""),
+                     s.get("pass", ""), cpu_cell(s), _store(s)])
+    return markdown(rows)
 
 
 def summarize_pyspy(raw: Path, top: int = 20) -> dict[str, dict[str, Any]]:
@@ -601,114 +508,7 @@ def summarize_pyspy(raw: Path, top: int = 20) -> dict[str, dict[str, Any]]:
             for label, p in procs.items() if p["samples"]}
 
 
-# ----------------------------------------------------------------------------- cluster report
-PREFERRED = {"publish": ("publish_p8_b1", "publish_p8_b100", "publish_p1_b1", "publish_p1_b100"),
-             "consume": ("consume_c4", "consume_c1"), "latency": ("latency",)}
-
-
-def _ratio(a: float | None, b: float | None) -> float | None:
-    return round(a / b, 3) if a is not None and b else None
-
-
-def compare(single: dict[str, Any], cluster: dict[str, Any]) -> dict[str, Any]:
-    """Each cluster figure as a ratio to the single-node figure of the same scenario in the
-    same run (publish and consume throughput; latency p50/p99), with the targets. A
-    scenario with an error fails its target: only confirmed, delivered messages count."""
-    out: dict[str, Any] = {}
-    for kind, preferred in PREFERRED.items():
-        key = next((k for k in preferred if k in single and k in cluster), None)
-        if key is None:
-            continue
-        one, many = single[key], cluster[key]
-        row: dict[str, Any] = {"scenario": key}
-        if kind == "latency":
-            a, b = one.get("e2e_ms") or {}, many.get("e2e_ms") or {}
-            for q in ("p50", "p99"):
-                row[f"single_{q}_ms"], row[f"cluster_{q}_ms"] = a.get(q), b.get(q)
-                row[f"{q}_ratio"] = _ratio(b.get(q), a.get(q))
-            target, value = "cluster_latency_p99_ms", row["cluster_p99_ms"]
-        else:
-            row["single_msg_per_s"] = one.get("msg_per_s")
-            row["cluster_msg_per_s"] = many.get("msg_per_s")
-            row["ratio"] = value = _ratio(many.get("msg_per_s"), one.get("msg_per_s"))
-            target = "cluster_publish_ratio" if kind == "publish" else ""
-        if target:
-            row["target"], row["pass"] = judge(target, value if value is not None else math.nan)
-            if many.get("error"):
-                row["pass"] = "FAIL"
-        if many.get("error"):
-            row["error"] = many["error"]
-        out[kind] = row
-    return out
-
-
-def brief(error: str) -> str:
-    """One line of an error, fit for a table cell: a worker's traceback shortened to its
-    first and last lines."""
-    lines = [ln.strip() for ln in error.replace("|", "/").splitlines() if ln.strip()]
-    return lines[0] if len(lines) == 1 else f"{lines[0]} ... {lines[-1]}" if lines else ""
-
-
-def _ms(v: float | None) -> str:
-    return "-" if v is None else f"{v:g} ms"
-
-
-def _n(v: float | None, fmt: str = ",") -> str:
-    return "-" if v is None else format(v, fmt)
-
-
-def cluster_table(result: dict[str, Any]) -> str:
-    """The markdown summary of the cluster: each figure beside the single node's."""
-    c = result["cluster"]
-    nodes = c.get("nodes")
-    head = [f"{nodes} nodes ({', '.join(c.get('names', []))}; queue options "
-            f"{c.get('queue_options')}) vs 1 node, same run", "1 node", f"{nodes} nodes",
-            "ratio", "target", "pass/fail", f"CPU cores ({nodes} nodes): meshqd + writers / "
-            "load gen / other"]
-    rows = []
-    vs = c.get("vs_single_node", {})
-    for key, s in c.get("scenarios", {}).items():
-        row = vs.get(s["kind"], {})
-        if row.get("scenario") != key:  # run, but not one of the compared figures
-            row = {}
-        try:
-            label = _label(s)
-        except KeyError:  # failed before it measured anything
-            label = key
-        target, ok = row.get("target", ""), row.get("pass", "")
-        if s["kind"] == "latency":
-            rows.append([f"{label}: p50", _ms(row.get("single_p50_ms")),
-                         _ms(row.get("cluster_p50_ms")), _n(row.get("p50_ratio"), ".2f"),
-                         "", "", _cpu(s)])
-            rows.append([f"{label}: p99", _ms(row.get("single_p99_ms")),
-                         _ms(row.get("cluster_p99_ms")), _n(row.get("p99_ratio"), ".2f"),
-                         target, ok, _cpu(s)])
-        else:
-            rows.append([label, _n(row.get("single_msg_per_s")), _n(s.get("msg_per_s")),
-                         _n(row.get("ratio"), ".2f"), target, ok, _cpu(s)])
-        if s.get("error"):
-            rows.append([f"{key} error: {brief(s['error'])}", "", "", "", "", "", ""])
-    if c.get("error"):
-        rows.append([f"cluster error: {brief(c['error'])}", "", "", "", "", "", ""])
-    return _markdown([head, *rows])
-
-
-def sim_table(sim: dict[str, Any]) -> str:
-    """The markdown summary of the simulated network (virtual seconds)."""
-    def mm(v: dict[str, Any] | None) -> str:
-        return "-" if not v else f"{v['median']:.2f} / {v['max']:.2f}"
-
-    head = ["simulated nodes (virtual s)", "seeds", "join: all see it alive, median / max",
-            "kill: first SUSPECT, median / max", "kill: all DEAD, median / max"]
-    rows = []
-    for n, e in sim["sizes"].items():
-        done = sum(1 for r in e["runs"] if "error" not in r)
-        rows.append([n, f"{done} of {len(e['runs'])}", mm(e["dissemination_s"]),
-                     mm(e["first_suspect_s"]), mm(e["all_dead_s"])])
-    return _markdown([head, *rows]) + f"\n(simulation: {sim['wall_s']} s wall)"
-
-
-def _markdown(rows: list[list[str]]) -> str:
+def markdown(rows: list[list[str]]) -> str:
     out = ["| " + " | ".join(rows[0]) + " |", "|" + "---|" * len(rows[0])]
     return "\n".join(out + ["| " + " | ".join(r) + " |" for r in rows[1:]])
 

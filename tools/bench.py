@@ -33,9 +33,10 @@ through one seed takes to reach every node, and how long after a node is killed 
 first other node suspects it and all of them hold it dead.
 
 The load runs in spawned worker processes (tools/_benchlib.py), all connections of a
-scenario in one process unless --producer-procs, so the daemon keeps a core. Each figure
-is a ratio to the ceiling, with the CPU used by meshqd, its writer, the load generator and
-everything else on the machine (a shared machine makes figures noisy: see --wait-idle).
+scenario in one process unless --producer-procs, so the daemon keeps a core (the cluster
+and the simulated network: tools/_benchmesh.py). Each figure is a ratio to the ceiling,
+with the CPU used by meshqd, its writer, the load generator and everything else on the
+machine (a shared machine makes figures noisy: see --wait-idle).
 Progress bars and a markdown table go to stderr, the JSON result to stdout (and --out).
 Everything it starts, it stops; only Unix sockets and a loopback peer port are used.
 """
@@ -60,7 +61,7 @@ import tempfile
 import time
 import uuid
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import AbstractContextManager, ExitStack, contextmanager, nullcontext
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -68,19 +69,23 @@ from typing import Any
 from _benchlib import (
     BODY,
     annotate,
-    brief,
-    cluster_table,
-    compare,
     host_cpu,
     merge,
     pct,
-    sim_table,
-    simulate,
     sqlite_ceiling,
     summarize_pyspy,
     table,
     tree_cpu,
     worker_main,
+)
+from _benchmesh import (
+    CLUSTER_SCENARIOS,
+    cluster_table,
+    compare,
+    queue_options,
+    run_cluster,
+    sim_table,
+    simulate,
 )
 from tqdm import tqdm
 
@@ -328,15 +333,11 @@ def run_workers(kind: str, params: list[dict[str, Any]], *, desc: str, total: in
 # whether queues are node-local or cluster-wide), producers and consumers connect
 # round-robin over the nodes, and the latency producer and consumer sit on the first and
 # the last node.
-def _queue_options(nodes: Sequence[BenchDaemon]) -> dict[str, Any]:
-    return {"replicas": min(3, len(nodes))} if len(nodes) > 1 else {}
-
-
 def _fresh_queue(nodes: Sequence[BenchDaemon], prefix: str) -> str:
     name = f"bench-{prefix}-{uuid.uuid4().hex[:8]}"
     for daemon in nodes:
         with daemon.client(timeout=60) as c:
-            c.declare(name, **_queue_options(nodes))
+            c.declare(name, **queue_options(nodes))
     return name
 
 
@@ -480,7 +481,6 @@ def latency(nodes: Sequence[BenchDaemon], args: argparse.Namespace,
 SCENARIOS = ("publish_p1_b1", "publish_p1_b100", "publish_p8_b1", "publish_p8_b100",
              "consume_c1", "consume_c4", "latency")
 PROFILED = ("publish_p8_b1", "publish_p8_b100", "consume_c1")
-CLUSTER_SCENARIOS = ("publish_p8_b1", "consume_c4", "latency")  # --nodes > 1, on both sides
 
 
 def _figure(r: dict[str, Any]) -> float | None:
@@ -512,84 +512,29 @@ def run_scenario(key: str, nodes: Sequence[BenchDaemon], args: argparse.Namespac
     return latency(nodes, args, measured)
 
 
-# ----------------------------------------------------------------------------- cluster
-class OutOfTime(BaseException):
-    """--max-time passed. Not an Exception, so no scenario's error handler swallows it."""
+def run_repeated(key: str, nodes: list[BenchDaemon], args: argparse.Namespace, what: str,
+                 on_error: Callable[[Exception], dict[str, Any]] | None = None,
+                 ) -> dict[str, Any]:
+    """--repeat runs of scenario ``key`` on ``nodes``, each after settle(args, what); the
+    median run. A run that raises is replaced by ``on_error``'s entry, if given."""
+    runs = []
+    for _ in range(args.repeat):
+        quiet = settle(args, what)
+        try:
+            runs.append(run_scenario(key, nodes, args))
+        except Exception as exc:
+            if on_error is None:
+                raise
+            runs.append(on_error(exc))
+        if quiet is not None:
+            runs[-1]["settle"] = quiet
+    return median_run(runs)
 
 
-@contextmanager
-def running_cluster(bench_dir: Path, n: int) -> Iterator[list[BenchDaemon]]:
-    """``n`` meshqd on loopback, bench-a, bench-b, ...: each its own data dir and a free
-    peer port; all but the first join through the first. Stopped (SIGTERM) on leaving."""
-    bench_dir.mkdir(parents=True, exist_ok=True)  # the daemons' logs go beside their dirs
-    with ExitStack() as stack:
-        nodes: list[BenchDaemon] = []
-        for i in range(n):
-            name = f"bench-{chr(ord('a') + i)}"
-            node = BenchDaemon(bench_dir / name, node_name=name, bind="127.0.0.1:0",
-                               join=nodes[0].bind if nodes else None)
-            nodes.append(stack.enter_context(node.running()))
-        yield nodes
-
-
-def _member_states(node: BenchDaemon) -> dict[str, str]:
-    with node.client(timeout=5) as c:
-        return {m["name"]: m["state"] for m in c.status()["members"]}
-
-
-def wait_converged(nodes: Sequence[BenchDaemon], timeout: float = 30.0) -> float:
-    """Seconds until every node sees every node alive. Across processes there is no event
-    to wait for: poll the daemons' status every 50 ms, up to ``timeout``."""
-    want = dict.fromkeys((d.node_name for d in nodes), "alive")
-    started = time.monotonic()
-    while True:
-        views = {d.node_name: _member_states(d) for d in nodes}
-        if all(v == want for v in views.values()):
-            return round(time.monotonic() - started, 3)
-        if time.monotonic() - started > timeout:
-            raise TimeoutError(f"the cluster did not converge within {timeout:g} s: {views}")
-        time.sleep(0.05)
-
-
-def _kind(key: str) -> str:
-    return key.split("_", 1)[0]
-
-
-def run_cluster(args: argparse.Namespace, bench_dir: Path, out: dict[str, Any]) -> None:
-    """The scenarios on a cluster of --nodes daemons, into ``out``. A scenario that fails
-    (a daemon's error, a stalled worker) is reported in its entry, and the next one runs."""
-    out["scenarios"] = {}
-    with running_cluster(bench_dir / "cluster", args.nodes) as nodes:
-        out["names"] = [d.node_name for d in nodes]
-        out["binds"] = [d.bind for d in nodes]
-        out["queue_options"] = _queue_options(nodes)
-        out["load"] = ("producers and consumers connect round-robin over the nodes; latency: "
-                       f"producer on {nodes[0].node_name}, consumer on {nodes[-1].node_name}")
-        log(f"{args.nodes}-node cluster: {', '.join(out['names'])}")
-        out["converged_s"] = wait_converged(nodes)
-        for key in args.scenarios:
-            runs = []
-            for _ in range(args.repeat):
-                quiet = settle(args, f"{key} ({args.nodes} nodes)")
-                try:
-                    runs.append(run_scenario(key, nodes, args))
-                except Exception as exc:
-                    failed: dict[str, Any] = {"kind": _kind(key),
-                                              "error": f"{type(exc).__name__}: {exc}"}
-                    for d in nodes:  # a node that died, or stopped serving its socket
-                        status = d.proc.poll() if d.proc is not None else None
-                        if status is not None or not d.socket.exists():
-                            failed.setdefault("down", {})[d.node_name] = {
-                                "exit_status": status, "log_tail": d.log_tail(2000)}
-                    runs.append(failed)
-                    log(f"{key} on {args.nodes} nodes failed: {brief(failed['error'])}")
-                    for name, e in failed.get("down", {}).items():
-                        how = ("its socket is gone" if e["exit_status"] is None
-                               else f"exited with status {e['exit_status']}")
-                        log(f"  {name}: {how} (log tail in the JSON)")
-                if quiet is not None:
-                    runs[-1]["settle"] = quiet
-            out["scenarios"][key] = median_run(runs)
+def cluster_node(data_dir: Path, name: str, join: str | None,
+                 ) -> AbstractContextManager[BenchDaemon]:
+    """One node of --nodes (see _benchmesh.running_cluster): a free loopback peer port."""
+    return BenchDaemon(data_dir, node_name=name, bind="127.0.0.1:0", join=join).running()
 
 
 # ----------------------------------------------------------------------------- profile
@@ -717,6 +662,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
+class OutOfTime(BaseException):
+    """--max-time passed. Not an Exception, so no scenario's error handler swallows it."""
+
+
 def _alarm(signum: int, frame: Any) -> None:
     raise OutOfTime("bench: --max-time exceeded")
 
@@ -735,13 +684,7 @@ def measure(args: argparse.Namespace, bench_dir: Path, result: dict[str, Any]) -
     try:
         with daemon.running():
             for key in args.scenarios:
-                runs = []
-                for _ in range(args.repeat):
-                    quiet = settle(args, key)
-                    runs.append(run_scenario(key, [daemon], args))
-                    if quiet is not None:
-                        runs[-1]["settle"] = quiet
-                result["scenarios"][key] = median_run(runs)
+                result["scenarios"][key] = run_repeated(key, [daemon], args, key)
     except BaseException:
         if daemon.proc is not None and daemon.proc.poll() not in (None, 0):
             result["daemon_exit_status"] = daemon.proc.returncode
@@ -750,13 +693,9 @@ def measure(args: argparse.Namespace, bench_dir: Path, result: dict[str, Any]) -
                 + daemon.log_tail(1500))
         raise
     if args.nodes > 1:
-        cluster = result["cluster"] = {"nodes": args.nodes}
-        try:
-            run_cluster(args, bench_dir, cluster)
-        except Exception as exc:  # start-up, convergence or shutdown: the sim still runs
-            cluster["error"] = f"{type(exc).__name__}: {exc}"
-            log(f"{args.nodes}-node cluster failed: {cluster['error']}")
-        if "error" in cluster or any("error" in s for s in cluster["scenarios"].values()):
+        result["cluster"] = {"nodes": args.nodes}
+        if not run_cluster(args, bench_dir, result["cluster"], start=cluster_node,
+                           repeat=run_repeated, log=log):
             code = 1
     if args.profile:
         out_dir = Path(args.profile_dir or tempfile.mkdtemp(prefix="meshq-bench-profile-"))
