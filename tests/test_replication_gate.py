@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import pytest
 import trio
+import trio.testing
 
 from meshq.broker import Broker
 from meshq.errors import Unavailable

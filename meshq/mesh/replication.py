@@ -32,18 +32,26 @@ from collections import deque
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-import mmh3
 import trio
 
 from meshq.broker.core import Broker
 from meshq.broker.queue import Queue
 from meshq.errors import MeshqError, Unavailable
+from meshq.mesh._rops import (
+    BUCKETS,
+    chunks,
+    digests,
+    item,
+    merged,
+    put_rop,
+    qrow,
+    update_rop,
+)
 from meshq.mesh.placement import Placement, Replicas
 from meshq.mesh.transport import FramedStream, Transport
 from meshq.mesh.wire import hello_frame
-from meshq.model import Message, QueueOptions
-from meshq.states import State
-from meshq.store.base import Batch, Store, put_op
+from meshq.model import QueueOptions
+from meshq.store.base import Batch, Store
 
 if TYPE_CHECKING:
     from meshq.mesh.membership import Membership
@@ -57,8 +65,6 @@ REPLY_TIMEOUT = 10.0  # a holder that has not answered a rop batch by then count
 CONNECT_TIMEOUT = 2.0
 TAKEOVER_WAIT = 10.0  # a client op waits this long for a takeover before UNAVAILABLE
 LINK_MAX_FRAME = 96 * 1024 * 1024  # a batch of rops: up to 64 MiB of bodies and change
-REPAIR_CHUNK_BYTES = 4 * 1024 * 1024
-BUCKETS = 64
 DROPPED_KEEP = 3600.0  # how long a deleted queue's name stays a tombstone
 
 
@@ -67,47 +73,9 @@ _LINK_ERRORS = (OSError, MeshqError, trio.BrokenResourceError, trio.ClosedResour
                 trio.TooSlowError)
 
 
-def bucket_of(mid: str) -> int:
-    return mmh3.hash(mid, signed=False) % BUCKETS
-
-
-def _fingerprint(item: tuple[Any, ...]) -> int:
-    return mmh3.hash64(repr(item).encode(), signed=False)[0]
-
-
-def _item(msg: Message) -> list[Any]:
-    """A message's replica-visible state, as compared by anti-entropy."""
-    return [msg.id, int(msg.state), msg.delivery_count, msg.ready_at, msg.lease_deadline]
-
-
-def digests(q: Queue) -> tuple[list[int], list[list[Message]]]:
-    sums = [0] * BUCKETS
-    members: list[list[Message]] = [[] for _ in range(BUCKETS)]
-    for msg in q.messages.values():
-        b = bucket_of(msg.id)
-        members[b].append(msg)
-        sums[b] = (sums[b] + _fingerprint(tuple(_item(msg)))) % (1 << 64)
-    return sums, members
-
-
-def _put_rop(msg: Message) -> list[Any]:
-    return ["p", *put_op(msg)[1][1:]]
-
-
-def _update_rop(q: str, item: list[Any]) -> list[Any]:
-    return ["u", q, *item]
-
-
-def _merged(mine: list[Any], theirs: list[Any]) -> list[Any]:
-    """Two holders disagree on a message: the one further along wins (more deliveries;
-    then a lease over no lease, the later deadline): never a lease forgotten."""
-    def rank(item: list[Any]) -> tuple[Any, ...]:
-        return (item[2], item[1] == State.LEASED, item[4] or 0.0)
-    return theirs if rank(theirs) > rank(mine) else mine
-
-
-def _qrow(q: Queue) -> list[Any]:
-    return ["q", q.name, q.options.to_dict(), q.dead_lettered, q.expired, q.dropped]
+# An exchange with a peer that fails, or whose answer is malformed, ends that exchange
+# (logged); the next round tries again.
+_EXCHANGE_ERRORS = (Unavailable, KeyError, TypeError, ValueError, IndexError)
 
 
 class _Held:
@@ -423,7 +391,7 @@ class Replicator:
             self._apply_then(frame["ops"], answer)
         elif kind == "digest":
             q = self.broker.queues.get(frame["qrow"][1])
-            if q is None or _qrow(q) != frame["qrow"]:  # new, or options/counters changed
+            if q is None or qrow(q) != frame["qrow"]:  # new, or options/counters changed
                 self._apply_then([frame["qrow"]], lambda _: None)
                 q = self.broker.queues.get(frame["qrow"][1])
             theirs = frame["sums"]
@@ -432,7 +400,7 @@ class Replicator:
                 sums, members = digests(q)
                 for b in range(BUCKETS):
                     if sums[b] != theirs[b]:
-                        diff.append([b, [_item(m) for m in members[b]]])
+                        diff.append([b, [item(m) for m in members[b]]])
             answer({"diff": diff})
         elif kind == "fetch":
             q = self.broker.queues.get(frame["q"])
@@ -441,7 +409,7 @@ class Replicator:
                 for mid in frame["ids"]:
                     msg = q.messages.get(mid)
                     if msg is not None:
-                        recs.append(_put_rop(msg))
+                        recs.append(put_rop(msg))
             answer({"records": recs})
         elif kind == "handoff":  # the peer holds a queue it is no longer a holder of
             q = self.broker.queues.get(frame["q"])
@@ -484,22 +452,22 @@ class Replicator:
         lack, unless tombstoned, and the further-along state of a message)."""
         sums, members = digests(q)
         link = self._link(node)
-        answer = await link.call({"t": "digest", "qrow": _qrow(q), "sums": sums})
+        answer = await link.call({"t": "digest", "qrow": qrow(q), "sums": sums})
         repairs: list[list[Any]] = []
         theirs_only: list[str] = []
         local: list[list[Any]] = []
         for b, items in answer["diff"]:
-            theirs = {item[0]: item for item in items}
+            theirs = {it[0]: it for it in items}
             for msg in members[int(b)]:
-                mine = _item(msg)
+                mine = item(msg)
                 t = theirs.pop(msg.id, None)
                 if t is None:
-                    repairs.append(_put_rop(msg))
+                    repairs.append(put_rop(msg))
                 elif t != mine:
-                    best = _merged(mine, t) if merge else mine
+                    best = merged(mine, t) if merge else mine
                     if best is not mine:
-                        local.append(_update_rop(q.name, best))
-                    repairs.append(_update_rop(q.name, best))
+                        local.append(update_rop(q.name, best))
+                    repairs.append(update_rop(q.name, best))
             theirs_only.extend(theirs)
         if theirs_only:
             gone = await self.store.tombstoned(q.name, theirs_only) if merge else set(
@@ -514,7 +482,7 @@ class Replicator:
         if local:
             await self._wait_local(self.broker.apply(local))
         self.repaired["sent"] += len(repairs)
-        for chunk in _chunks(repairs):
+        for chunk in chunks(repairs):
             await link.call({"t": "rep", "ops": chunk})
 
     async def _wait_local(self, batch: Batch) -> None:
@@ -529,7 +497,7 @@ class Replicator:
         for node in reps.followers:
             try:
                 await self._sync(q, node, merge=True)
-            except Unavailable as exc:
+            except _EXCHANGE_ERRORS as exc:
                 log.info("takeover of %s: %s", q.name, exc)
         if self.broker.queues.get(q.name) is q and self.replicas(q).primary == self.me:
             self.broker.activate(q)
@@ -541,7 +509,7 @@ class Replicator:
     async def _handoff(self, q: Queue, primary: str) -> None:
         try:
             await self._link(primary).call({"t": "handoff", "q": q.name}, timeout=60.0)
-        except Unavailable as exc:
+        except _EXCHANGE_ERRORS as exc:
             log.info("hand-off of %s to %s: %s", q.name, primary, exc)
             return
         if self.broker.queues.get(q.name) is not q or q.active:
@@ -560,7 +528,7 @@ class Replicator:
         async def guarded(key: str, fn: Callable[..., Any], *args: Any) -> None:
             try:
                 await fn(*args)
-            except Unavailable as exc:
+            except _EXCHANGE_ERRORS as exc:
                 log.info("%s: %s", key, exc)
             finally:
                 busy.discard(key)
@@ -612,7 +580,7 @@ class Replicator:
         for name, at in list(self.dropped.items()):
             if now - at > DROPPED_KEEP:
                 del self.dropped[name]
-        frame = {"t": "catalog", "queues": [_qrow(q) for q in self.broker.queues.values()],
+        frame = {"t": "catalog", "queues": [qrow(q) for q in self.broker.queues.values()],
                  "dropped": list(self.dropped)}
         for node in self.placement.live:
             if node != self.me:
@@ -648,16 +616,3 @@ class Replicator:
             "repaired": dict(self.repaired),
             "links": sorted(n for n, link in self.links.items() if not link.closed),
         }
-
-
-def _chunks(rops: list[list[Any]]) -> list[list[list[Any]]]:
-    out: list[list[list[Any]]] = []
-    size = 0
-    for rop in rops:
-        if not out or size > REPAIR_CHUNK_BYTES:
-            out.append([])
-            size = 0
-        out[-1].append(rop)
-        size += 64 + (len(rop[5]) if rop[0] == "p" else 0)
-    return out
-
