@@ -139,3 +139,19 @@ async def test_a_dead_holder_is_replaced_by_a_stand_in(nursery: trio.Nursery) ->
     env.answer(spare)
     assert pending.batch.done and pending.batch.error is None
 
+
+
+async def test_a_malformed_answer_from_a_holder_ends_only_that_exchange(env: Env) -> None:
+    name = next(f"t{i}" for i in range(1000)
+                if env.repl.placement.replicas(f"t{i}", 3).primary == "a")
+    env.broker.declare(name, {"replicas": 3})
+    q = env.broker.queue(name)
+    q.active = False  # as after a start: this node must take it over
+
+    class Garbage:
+        async def call(self, frame: dict, **_: object) -> dict:
+            return {"diff": [["not", "a", "bucket"]]}
+
+    env.repl._link = lambda node: Garbage()  # type: ignore[assignment, return-value]
+    await env.repl._takeover(q)  # both holders answer garbage: logged, skipped
+    assert q.active
