@@ -55,6 +55,7 @@ async def env(nursery: trio.Nursery) -> Env:
     e.broker.declare("q", {"replicas": 3})
     await trio.testing.wait_all_tasks_blocked()
     e.answer("b")  # the declaration's quorum
+    assert e.broker.queue("q").created.done
     e.sent.clear()
     return e
 
@@ -123,7 +124,9 @@ async def test_a_dead_holder_is_replaced_by_a_stand_in(nursery: trio.Nursery) ->
     env = Env(nursery, {n: ALIVE for n in "abcd"})
     env.broker.declare("q", {"replicas": 3})
     await trio.testing.wait_all_tasks_blocked()
-    env.answer(env.sent[0][1])
+    for _, node in list(env.sent):  # the declaration went to every node: all confirm
+        env.answer(node)
+    assert env.broker.queue("q").created.done
     env.sent.clear()
     holders = env.repl.replicas(env.broker.queue("q")).holders
     spare = next(n for n in "abcd" if n not in holders)
