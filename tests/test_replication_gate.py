@@ -14,6 +14,7 @@ import trio.testing
 
 from meshq.broker import Broker
 from meshq.errors import Unavailable
+from meshq.mesh._rops import bucket_of
 from meshq.mesh.placement import Placement
 from meshq.mesh.replication import Replicator, _Held
 from meshq.mesh.swim import Member, MemberState
@@ -158,3 +159,22 @@ async def test_a_malformed_answer_from_a_holder_ends_only_that_exchange(env: Env
     env.repl._link = lambda node: Garbage()  # type: ignore[assignment, return-value]
     await env.repl._takeover(q)  # both holders answer garbage: logged, skipped
     assert q.active
+
+
+async def test_anti_entropy_never_deletes_what_arrived_after_its_digest(env: Env) -> None:
+    """The holder lists a message sent after the primary took its digest, and not yet
+    confirmed here (holders apply at once): it must not be deleted there."""
+    q = env.broker.queue("q")
+    sent_rops: list[list] = []
+
+    class Holder:
+        async def call(self, frame: dict, **_: object) -> dict:
+            if frame["t"] == "digest":  # a send lands while the digest travels
+                [mid] = env.broker.send("q", [{"body": b"late"}]).result
+                return {"diff": [[bucket_of(mid), [[mid, 0, 0, 0.0, None]]]]}
+            sent_rops.extend(frame["ops"])
+            return {}
+
+    env.repl._link = lambda node: Holder()  # type: ignore[assignment, return-value]
+    await env.repl._sync(q, "b", merge=False)
+    assert [r for r in sent_rops if r[0] == "d"] == []

@@ -10,6 +10,7 @@ fingerprints of the messages' replica-visible state.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any
 
 import mmh3
@@ -19,8 +20,8 @@ from meshq.model import Message
 from meshq.states import State
 from meshq.store.base import put_op
 
-__all__ = ["BUCKETS", "bucket_of", "chunks", "digests", "fingerprint", "item", "merged",
-           "put_rop", "qrow", "update_rop"]
+__all__ = ["BUCKETS", "Digests", "add_to_digests", "bucket_of", "chunks", "digests",
+           "fingerprint", "item", "merged", "new_digests", "put_rop", "qrow", "update_rop"]
 
 BUCKETS = 64
 REPAIR_CHUNK_BYTES = 4 * 1024 * 1024
@@ -39,14 +40,25 @@ def item(msg: Message) -> list[Any]:
     return [msg.id, int(msg.state), msg.delivery_count, msg.ready_at, msg.lease_deadline]
 
 
-def digests(q: Queue) -> tuple[list[int], list[list[Message]]]:
-    sums = [0] * BUCKETS
-    members: list[list[Message]] = [[] for _ in range(BUCKETS)]
-    for msg in q.messages.values():
+Digests = tuple[list[int], list[list[Message]]]  # sums, and the messages, by range
+
+
+def new_digests() -> Digests:
+    return [0] * BUCKETS, [[] for _ in range(BUCKETS)]
+
+
+def add_to_digests(digests: Digests, msgs: Iterable[Message]) -> None:
+    sums, members = digests
+    for msg in msgs:
         b = bucket_of(msg.id)
         members[b].append(msg)
         sums[b] = (sums[b] + fingerprint(tuple(item(msg)))) % (1 << 64)
-    return sums, members
+
+
+def digests(q: Queue) -> Digests:
+    out = new_digests()
+    add_to_digests(out, q.messages.values())
+    return out
 
 
 def put_rop(msg: Message) -> list[Any]:

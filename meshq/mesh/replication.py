@@ -39,10 +39,12 @@ from meshq.broker.queue import Queue
 from meshq.errors import MeshqError, Unavailable
 from meshq.mesh._rops import (
     BUCKETS,
+    Digests,
+    add_to_digests,
     chunks,
-    digests,
     item,
     merged,
+    new_digests,
     put_rop,
     qrow,
     update_rop,
@@ -50,7 +52,7 @@ from meshq.mesh._rops import (
 from meshq.mesh.placement import Placement, Replicas
 from meshq.mesh.transport import FramedStream, Transport
 from meshq.mesh.wire import hello_frame
-from meshq.model import QueueOptions
+from meshq.model import Message, QueueOptions
 from meshq.store.base import Batch, Store
 
 if TYPE_CHECKING:
@@ -397,7 +399,7 @@ class Replicator:
             theirs = frame["sums"]
             diff: list[list[Any]] = []  # [[bucket, items], ...] (map keys are strings)
             if q is not None:
-                sums, members = digests(q)
+                sums, members = await _digests(q)
                 for b in range(BUCKETS):
                     if sums[b] != theirs[b]:
                         diff.append([b, [item(m) for m in members[b]]])
@@ -450,29 +452,46 @@ class Replicator:
     async def _sync(self, q: Queue, node: str, *, merge: bool) -> None:
         """Make ``node``'s copy of ``q`` equal ours (``merge``: take what it has that we
         lack, unless tombstoned, and the further-along state of a message)."""
-        sums, members = digests(q)
+        sums, members = await _digests(q)
         link = self._link(node)
         answer = await link.call({"t": "digest", "qrow": qrow(q), "sums": sums})
         repairs: list[list[Any]] = []
         theirs_only: list[str] = []
         local: list[list[Any]] = []
+
+        def compare(msg: Message, theirs: list[Any]) -> None:
+            mine = item(msg)
+            if theirs != mine:
+                best = merged(mine, theirs) if merge else mine
+                if best is not mine:
+                    local.append(update_rop(q.name, best))
+                repairs.append(update_rop(q.name, best))
+
+        # Both sides were read at different moments, and changes went on meanwhile, so
+        # what is compared is our state *now*: a message that arrived after our digest
+        # is not "theirs only", and one deleted since is not sent again.
+        messages = q.messages
         for b, items in answer["diff"]:
             theirs = {it[0]: it for it in items}
             for msg in members[int(b)]:
-                mine = item(msg)
+                if messages.get(msg.id) is not msg:
+                    continue  # deleted since our digest (the deletion is replicated)
                 t = theirs.pop(msg.id, None)
                 if t is None:
                     repairs.append(put_rop(msg))
-                elif t != mine:
-                    best = merged(mine, t) if merge else mine
-                    if best is not mine:
-                        local.append(update_rop(q.name, best))
-                    repairs.append(update_rop(q.name, best))
-            theirs_only.extend(theirs)
+                else:
+                    compare(msg, t)
+            for mid, t in theirs.items():
+                now = messages.get(mid)
+                if now is None:
+                    theirs_only.append(mid)
+                else:
+                    compare(now, t)
         if theirs_only:
-            gone = await self.store.tombstoned(q.name, theirs_only) if merge else set(
-                theirs_only)
-            wanted = [mid for mid in theirs_only if mid not in gone]
+            # Only a tombstone says that a message is gone: one the holder has and we do
+            # not may be a send still waiting for its quorum here (holders apply at once).
+            gone = await self.store.tombstoned(q.name, theirs_only)
+            wanted = [mid for mid in theirs_only if mid not in gone] if merge else []
             if wanted:
                 got = await link.call({"t": "fetch", "q": q.name, "ids": wanted})
                 local.extend(got["records"])
@@ -616,3 +635,16 @@ class Replicator:
             "repaired": dict(self.repaired),
             "links": sorted(n for n, link in self.links.items() if not link.closed),
         }
+
+
+DIGEST_SLICE = 2000  # messages digested per event-loop turn: a big queue never stalls it
+
+
+async def _digests(q: Queue) -> Digests:
+    """``digests(q)``, computed a slice at a time so that other tasks run meanwhile."""
+    out = new_digests()
+    msgs = list(q.messages.values())
+    for start in range(0, len(msgs), DIGEST_SLICE):
+        add_to_digests(out, msgs[start:start + DIGEST_SLICE])
+        await trio.lowlevel.checkpoint()
+    return out
