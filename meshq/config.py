@@ -219,6 +219,59 @@ def _check_opt_name(value: object) -> str | None:
     return None if value is None else _check_name(value)
 
 
+def _check_bool(value: object) -> str | None:
+    if not isinstance(value, bool):
+        return f"expected true or false, got {type(value).__name__} {value!r}"
+    return None
+
+
+def _check_socket_mode(value: object) -> str | None:
+    if not isinstance(value, int) or isinstance(value, bool):
+        return f"expected an octal integer such as 0o660, got {type(value).__name__} {value!r}"
+    if not 0 <= value <= 0o777:
+        return f"must be a permission mode from 0o000 to 0o777, got {oct(value)}"
+    if value & 0o600 != 0o600:
+        return f"must let the owner read and write (0o600 at least), got {oct(value)}"
+    return None
+
+
+def _check_opt_bind(value: object) -> str | None:
+    return None if value is None else _check_bind(value)
+
+
+_PRINCIPAL_KINDS = ("uid", "gid", "user", "group")
+
+
+def _check_access(value: object) -> str | None:
+    if not isinstance(value, Mapping):
+        return f"expected a table of operation = [principals], got {type(value).__name__}"
+    for op, principals in value.items():
+        if not isinstance(op, str) or not op:
+            return f"bad operation name {op!r}"
+        if not isinstance(principals, tuple):
+            return f"{op}: expected a list of principals, got {type(principals).__name__}"
+        for item in principals:
+            problem = _principal_problem(item)
+            if problem is not None:
+                return f"{op}: {problem}"
+    return None
+
+
+def _principal_problem(item: object) -> str | None:
+    """None if ``item`` is ``*``, ``uid:N``, ``gid:N``, ``user:NAME`` or ``group:NAME``."""
+    if item == "*":
+        return None
+    if not isinstance(item, str):
+        return f"expected a principal string, got {type(item).__name__} {item!r}"
+    kind, sep, rest = item.partition(":")
+    if not sep or kind not in _PRINCIPAL_KINDS or not rest:
+        return (f"bad principal {item!r}: expected '*', 'uid:N', 'gid:N', 'user:NAME' "
+                "or 'group:NAME'")
+    if kind in ("uid", "gid") and not (rest.isascii() and rest.isdigit()):
+        return f"bad principal {item!r}: {kind} must be a number"
+    return None
+
+
 def _check_log_level(value: object) -> str | None:
     if value not in LOG_LEVELS:
         return f"must be one of {', '.join(LOG_LEVELS)}, got {value!r}"
@@ -239,6 +292,13 @@ _CHECKS: dict[str, Callable[[object], str | None]] = {
     "dedup_window": _check_positive_float,
     "max_clock_offset_ms": _check_positive_int,
     "max_connections": _check_positive_int,
+    "allow_unkeyed_bind": _check_bool,
+    "socket_mode": _check_socket_mode,
+    "socket_group": _check_opt_name,
+    "access": _check_access,
+    "client_frame_timeout": _check_positive_float,
+    "udp_packets_per_second": _check_positive_int,
+    "metrics_bind": _check_opt_bind,
     "vnodes": _check_vnodes,
     "write_quorum": _check_opt_positive_int,
     "log_level": _check_log_level,
@@ -274,6 +334,20 @@ class Config:
     dedup_window: float = 300.0
     max_clock_offset_ms: int = 500
     max_connections: int = 1024
+    # Binding a non-loopback address with no cluster key needs this opt-out.
+    allow_unkeyed_bind: bool = False
+    # The client socket: its mode, its group, and which principals may run which
+    # operations (operation -> ("uid:0", "group:admins", ...); operations not listed are
+    # open to everyone who can open the socket).
+    socket_mode: int = 0o660
+    socket_group: str | None = None
+    access: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
+    # Hostile-input limits: seconds a client may take to finish a frame it has begun,
+    # and UDP packets a second taken from one source address before the rest are dropped.
+    client_frame_timeout: float = 30.0
+    udp_packets_per_second: int = 2000
+    # Prometheus text endpoint, HOST:PORT (loopback is the sane choice); None: off.
+    metrics_bind: str | None = None
     # Placement: points per node on the ring (the same on every node), and the default
     # write quorum of queues that set none (None: a majority of their replicas).
     vnodes: int = DEFAULT_VNODES
@@ -288,8 +362,9 @@ class Config:
         problem = _size_problem(self.max_message_bytes, self.max_frame_bytes)
         if problem is not None:
             raise ConfigError(problem)
-        if isinstance(self.dedup_window, int):
-            object.__setattr__(self, "dedup_window", float(self.dedup_window))
+        for name in _FLOAT_FIELDS:
+            if isinstance(getattr(self, name), int):
+                object.__setattr__(self, name, float(getattr(self, name)))
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-friendly view (paths as str, ``join`` as a list), for status output."""
@@ -300,6 +375,8 @@ class Config:
                 value = str(value)
             elif isinstance(value, tuple):
                 value = list(value)
+            elif isinstance(value, Mapping):
+                value = {k: list(v) for k, v in value.items()}
             out[f.name] = value
         return out
 
@@ -321,8 +398,12 @@ _FLAGS: dict[str, str] = {
 _PATH_FIELDS = frozenset({"data_dir", "socket", "cluster_key_file"})
 _INT_FIELDS = frozenset(
     {"max_frame_bytes", "max_message_bytes", "max_clock_offset_ms", "max_connections",
-     "vnodes", "write_quorum"}
+     "vnodes", "write_quorum", "udp_packets_per_second"}
 )
+_BOOL_FIELDS = frozenset({"allow_unkeyed_bind"})
+_FLOAT_FIELDS = frozenset({"dedup_window", "client_frame_timeout"})
+_BOOL_TEXT = {"true": True, "yes": True, "1": True, "on": True,
+              "false": False, "no": False, "0": False, "off": False}
 
 
 # --------------------------------------------------------------------------- argparse
@@ -398,13 +479,24 @@ def _text_to_value(name: str, text: str) -> Any:
             return int(text, 10)
         except ValueError:
             raise ValueError(f"expected an integer, got {text!r}") from None
-    if name == "dedup_window":
+    if name in _FLOAT_FIELDS:
         try:
             return float(text)
         except ValueError:
             raise ValueError(f"expected a number, got {text!r}") from None
     if name == "join":
         return tuple(item.strip() for item in text.split(",") if item.strip())
+    if name in _BOOL_FIELDS:
+        if text.lower() not in _BOOL_TEXT:
+            raise ValueError(f"expected true or false, got {text!r}")
+        return _BOOL_TEXT[text.lower()]
+    if name == "socket_mode":
+        try:
+            return int(text.removeprefix("0o"), 8)
+        except ValueError:
+            raise ValueError(f"expected an octal mode such as 0660, got {text!r}") from None
+    if name == "access":
+        raise ValueError("set access rules in the config file, not the environment")
     if name == "log_level":
         return text.lower()
     return text
@@ -423,7 +515,7 @@ def _toml_to_value(name: str, value: Any) -> Any:
         if not isinstance(value, int) or isinstance(value, bool):
             raise ValueError(f"expected an integer, {got}")
         return value
-    if name == "dedup_window":
+    if name in _FLOAT_FIELDS:
         if not isinstance(value, int | float) or isinstance(value, bool):
             raise ValueError(f"expected a number, {got}")
         return float(value)
@@ -431,6 +523,24 @@ def _toml_to_value(name: str, value: Any) -> Any:
         if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
             raise ValueError(f"expected a list of HOST:PORT strings, {got}")
         return tuple(v.strip() for v in value)
+    if name in _BOOL_FIELDS:
+        if not isinstance(value, bool):
+            raise ValueError(f"expected true or false, {got}")
+        return value
+    if name == "socket_mode":
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise ValueError(f"expected an octal integer such as 0o660, {got}")
+        return value
+    if name == "access":
+        if not isinstance(value, dict):
+            raise ValueError(f"expected a table such as [access], {got}")
+        rules: dict[str, tuple[str, ...]] = {}
+        for op, principals in value.items():
+            if not isinstance(principals, list):
+                raise ValueError(f"{op}: expected a list of principals, got "
+                                 f"{type(principals).__name__} {principals!r}")
+            rules[op] = tuple(principals)
+        return rules
     if not isinstance(value, str):
         raise ValueError(f"expected a string, {got}")
     return value.lower() if name == "log_level" else value

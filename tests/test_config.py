@@ -328,6 +328,16 @@ def test_tables_in_toml_are_unknown_keys(tmp_path: Path, base_env: dict[str, str
         ('log_level = "loud"', "log_level", "must be one of debug, info, warning, error"),
         ("max_connections = 0", "max_connections", "must be a positive integer"),
         ("vnodes = 100000", "vnodes", "must be at most 4096"),
+        ('allow_unkeyed_bind = "yes"', "allow_unkeyed_bind", "expected true or false"),
+        ("socket_mode = 0o1777", "socket_mode", "from 0o000 to 0o777"),
+        ("socket_mode = 0o066", "socket_mode", "0o600 at least"),
+        ('socket_mode = "0660"', "socket_mode", "expected an octal integer"),
+        ('metrics_bind = "nohost"', "metrics_bind", "expected HOST:PORT"),
+        ("client_frame_timeout = 0", "client_frame_timeout", "positive finite"),
+        ("access = 1", "access", "expected a table"),
+        ('[access]\ndelete_queue = "uid:0"', "access", "expected a list of principals"),
+        ('[access]\ndelete_queue = ["root"]', "access", "bad principal 'root'"),
+        ('[access]\ndelete_queue = ["uid:x"]', "access", "uid must be a number"),
         ("write_quorum = 0", "write_quorum", "must be a positive integer"),
         ("dedup_window = -1.0", "dedup_window", "positive finite"),
         ("dedup_window = inf", "dedup_window", "positive finite"),
@@ -513,6 +523,13 @@ def test_to_dict_is_json_friendly() -> None:
         "dedup_window": 60.0,
         "max_clock_offset_ms": 500,
         "max_connections": 1024,
+        "allow_unkeyed_bind": False,
+        "socket_mode": 0o660,
+        "socket_group": None,
+        "access": {},
+        "client_frame_timeout": 30.0,
+        "udp_packets_per_second": 2000,
+        "metrics_bind": None,
         "vnodes": 128,
         "write_quorum": None,
         "log_level": "info",
@@ -647,3 +664,25 @@ def test_load_config_defaults_follow_the_given_environ(tmp_path: Path) -> None:
     cfg = load_config(None, env)
     assert cfg.data_dir == tmp_path / "share" / "meshq"
     assert cfg.socket == runtime / "meshq" / "meshq.sock"
+
+
+def test_security_settings_from_file_and_env(tmp_path: Path, base_env: dict[str, str]) -> None:
+    path = write_toml(tmp_path, (
+        'socket_mode = 0o640\nsocket_group = "meshq"\nmetrics_bind = "127.0.0.1:9464"\n'
+        '[access]\ndelete_queue = ["uid:0", "group:admins"]\npurge = ["*"]\n'))
+    cfg = load_config(parse("--config", str(path)), base_env)
+    assert cfg.socket_mode == 0o640
+    assert cfg.socket_group == "meshq"
+    assert cfg.metrics_bind == "127.0.0.1:9464"
+    assert cfg.access == {"delete_queue": ("uid:0", "group:admins"), "purge": ("*",)}
+    assert cfg.to_dict()["access"] == {"delete_queue": ["uid:0", "group:admins"],
+                                       "purge": ["*"]}
+    env = {**base_env, "MESHQ_SOCKET_MODE": "0600", "MESHQ_ALLOW_UNKEYED_BIND": "yes",
+           "MESHQ_CLIENT_FRAME_TIMEOUT": "2.5"}
+    cfg = load_config(parse("--config", str(path)), env)
+    assert (cfg.socket_mode, cfg.allow_unkeyed_bind, cfg.client_frame_timeout) == (
+        0o600, True, 2.5)
+    with pytest.raises(ConfigError, match="MESHQ_ACCESS: set access rules in the config file"):
+        load_config(parse(), {**base_env, "MESHQ_ACCESS": "x"})
+    with pytest.raises(ConfigError, match="MESHQ_ALLOW_UNKEYED_BIND: expected true or false"):
+        load_config(parse(), {**base_env, "MESHQ_ALLOW_UNKEYED_BIND": "maybe"})
