@@ -9,6 +9,7 @@ from __future__ import annotations
 import errno
 import ipaddress
 import logging
+import math
 import socket as _socket
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
@@ -17,6 +18,8 @@ from typing import Any, NamedTuple, Protocol, runtime_checkable
 import trio
 
 from meshq.errors import ProtocolError, StartupError, Unavailable
+from meshq.mesh.keyring import ENVELOPE_HEADER, Keyring
+from meshq.mesh.secure import SecureStream
 from meshq.protocol.codec import DEFAULT_MAX_FRAME, FrameDecoder, encode_frame
 
 __all__ = [
@@ -25,6 +28,7 @@ __all__ = [
     "FramedStream",
     "Packet",
     "PeerUnreachable",
+    "Rejected",
     "StreamHandler",
     "Transport",
     "TransportStatistics",
@@ -43,6 +47,8 @@ _RECV_BUFFER = 65536  # a UDP datagram is never larger, so recvfrom never trunca
 _PORT0_ATTEMPTS = 16
 _ACCEPT_CAPACITY_ERRNOS = {errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS}
 _UDP_IGNORABLE_RECV_ERRNOS = {errno.ECONNREFUSED, errno.ECONNRESET}
+_MAX_RATE_SOURCES = 4096  # source addresses whose packet rate is tracked at once
+_REJECT_LOG_INTERVAL = 60.0
 
 
 class Packet(NamedTuple):
@@ -66,6 +72,56 @@ class PeerUnreachable(Unavailable):
 
 class BindError(StartupError):
     """The bind address cannot be had for both UDP and TCP (in use, or not local)."""
+
+
+class Rejected:
+    """Traffic refused before anyone read it, by reason; counted, never logged one by one
+    (a summary at most once a minute). ``unkeyed``: not encrypted, to a keyed node;
+    ``bad_key``: encrypted with no key in the ring; ``rate_limited``: over the per-source
+    UDP rate."""
+
+    def __init__(self) -> None:
+        self.packets = {"unkeyed": 0, "bad_key": 0, "rate_limited": 0}
+        self.streams = {"unkeyed": 0, "bad_key": 0}
+        self._logged_at = -math.inf
+        self._logged_total = 0
+
+    def packet(self, reason: str) -> None:
+        self.packets[reason] += 1
+        self._maybe_log()
+
+    def stream(self, reason: str) -> None:
+        self.streams[reason] += 1
+        self._maybe_log()
+
+    def _maybe_log(self) -> None:
+        now = trio.current_time()
+        if now - self._logged_at < _REJECT_LOG_INTERVAL:
+            return
+        total = sum(self.packets.values()) + sum(self.streams.values())
+        log.warning("refused peer traffic: %d more since the last report (packets %s, "
+                    "streams %s); see meshq-ctl status", total - self._logged_total,
+                    self.packets, self.streams)
+        self._logged_at, self._logged_total = now, total
+
+
+class _RateLimit:
+    """A token bucket per source address: ``rate`` packets a second, bursts of ``rate``."""
+
+    def __init__(self, rate: int) -> None:
+        self.rate = float(rate)
+        self._buckets: dict[str, tuple[float, float]] = {}
+
+    def allow(self, source: str, now: float) -> bool:
+        tokens, then = self._buckets.get(source, (self.rate, now))
+        tokens = min(self.rate, tokens + (now - then) * self.rate)
+        if tokens < 1.0:
+            self._buckets[source] = (tokens, now)
+            return False
+        if len(self._buckets) >= _MAX_RATE_SOURCES and source not in self._buckets:
+            self._buckets.clear()  # a spray of sources: forget them all, keep serving
+        self._buckets[source] = (tokens - 1.0, now)
+        return True
 
 
 @dataclass(frozen=True)
@@ -275,8 +331,13 @@ class UdpTcpTransport:
         tcp: trio.socket.SocketType,
         *,
         max_packet_size: int = DEFAULT_MAX_PACKET,
+        keyring: Keyring | None = None,
+        packets_per_second: int | None = None,
     ) -> None:
         self._udp = udp
+        self.keyring = keyring if keyring is not None else Keyring()
+        self.rejected = Rejected()
+        self._rate = _RateLimit(packets_per_second) if packets_per_second else None
         self._listener = trio.SocketListener(tcp)
         self._family = udp.family
         self._bind_host = udp.getsockname()[0]
@@ -289,10 +350,16 @@ class UdpTcpTransport:
 
     @classmethod
     async def bind(
-        cls, address: str, *, max_packet_size: int = DEFAULT_MAX_PACKET, backlog: int = 128
+        cls, address: str, *, max_packet_size: int = DEFAULT_MAX_PACKET, backlog: int = 128,
+        keyring: Keyring | None = None, packets_per_second: int | None = None,
     ) -> UdpTcpTransport:
         """Bind UDP and TCP on ``address``; BindError when either cannot be had. With port
-        0, TCP binds first on a fresh port and UDP takes the same one, retrying on clash."""
+        0, TCP binds first on a fresh port and UDP takes the same one, retrying on clash.
+
+        With a non-empty ``keyring`` every packet and stream is encrypted and only traffic
+        one of its keys authenticates gets through (see keyring.py and secure.py); the
+        ring may change while the transport runs. ``packets_per_second`` bounds the UDP
+        packets taken from one source address (the rest are dropped and counted)."""
         host, port = parse_address(address)
         try:
             family, sockaddr = await _resolve(host, port, _socket.AF_UNSPEC, _socket.SOCK_STREAM)
@@ -312,7 +379,8 @@ class UdpTcpTransport:
                 if exc.errno == errno.EADDRINUSE and attempt + 1 < attempts:
                     continue  # port 0 gave TCP a port that someone holds for UDP: again
                 raise BindError(f"cannot bind UDP on {address}: {exc.strerror or exc}") from None
-            return cls(udp, tcp, max_packet_size=max_packet_size)
+            return cls(udp, tcp, max_packet_size=max_packet_size, keyring=keyring,
+                       packets_per_second=packets_per_second)
         raise AssertionError("unreachable")  # pragma: no cover
 
     @property
@@ -332,6 +400,8 @@ class UdpTcpTransport:
         if len(data) > self._max_packet_size:
             raise ValueError(f"packet of {len(data)} bytes exceeds {self._max_packet_size}")
         host, port = parse_address(addr)
+        if self.keyring:
+            data = self.keyring.seal(data)
         try:
             _, sockaddr = await _resolve(host, port, self._family, _socket.SOCK_DGRAM)
             await self._udp.sendto(data, sockaddr)
@@ -355,8 +425,19 @@ class UdpTcpTransport:
                 if exc.errno in _UDP_IGNORABLE_RECV_ERRNOS:
                     continue  # an ICMP error for an earlier send, not a packet
                 raise
+            source = _sockaddr_text(sockaddr)
+            if self._rate is not None and not self._rate.allow(source, trio.current_time()):
+                self.rejected.packet("rate_limited")
+                continue
+            if self.keyring:
+                opened = self.keyring.open(data)
+                if opened is None:
+                    sealed = data[:len(ENVELOPE_HEADER)] == ENVELOPE_HEADER
+                    self.rejected.packet("bad_key" if sealed else "unkeyed")
+                    continue
+                data = opened
             self._received += 1
-            return Packet(_sockaddr_text(sockaddr), data)
+            return Packet(source, data)
 
     async def open_stream(self, addr: str, timeout: float) -> trio.abc.Stream:  # noqa: ASYNC109
         self._check_open()
@@ -377,7 +458,13 @@ class UdpTcpTransport:
             sock.close()
             raise
         self._opened += 1
-        return trio.SocketStream(sock)
+        return self._secure(trio.SocketStream(sock), initiator=True)
+
+    def _secure(self, stream: trio.abc.Stream, *, initiator: bool) -> trio.abc.Stream:
+        if not self.keyring:
+            return stream
+        return SecureStream(stream, self.keyring, initiator=initiator,
+                            on_refused=self.rejected.stream)
 
     async def serve_streams(
         self,
@@ -409,7 +496,8 @@ class UdpTcpTransport:
                         await trio.aclose_forcefully(stream)
                         continue
                     self._accepted += 1
-                    nursery.start_soon(run_stream_handler, handler, stream, remote)
+                    nursery.start_soon(run_stream_handler, handler,
+                                       self._secure(stream, initiator=False), remote)
         finally:
             self._serving = False
 

@@ -13,17 +13,16 @@ UDP packet (one datagram)::
 
 Bytes 0-2 (magic and version) keep their meaning in every version, forever, so any node
 can tell which version a packet speaks; everything after them is defined by the version.
-In version 1 the flags byte must be 0. Bit 0 (FLAG_ENCRYPTED) is reserved for the cluster
-key (issue 4): then the rest will be nonce || AES-GCM(msgpack array) || tag, with the four
-header bytes as associated data, so a node can still read a foreign version before it
-tries to decrypt. Until then a decoder refuses any non-zero flags.
+In version 1 the flags byte must be 0 here. Bit 0 (FLAG_ENCRYPTED) marks the envelope a
+keyed node sends instead (meshq/mesh/keyring.py): "MQ", 1, FLAG_ENCRYPTED, then a nonce
+and the whole plain packet sealed with AES-256-GCM. The transport opens envelopes before
+this decoder sees them; a node with no key that is handed one refuses it here.
 
 TCP stream: each side's first frame is a hello, ``{"t": "hello", "v": version,
 "cluster": name, "node": name}`` (see hello_frame / check_hello); after it, frames are
 the client protocol's length-prefixed msgpack maps (meshq.protocol.codec.encode_frame;
-read them with PeerFrameDecoder so that errors come out as PeerProtocolError). On
-streams the cluster key will go into the hello exchange and each frame's body, leaving
-the 4-byte length in clear.
+read them with PeerFrameDecoder so that errors come out as PeerProtocolError). On a keyed
+node the whole stream, hello included, runs inside meshq/mesh/secure.py's records.
 
 The version rule:
 - A node decodes every version from MIN_PROTOCOL_VERSION to PROTOCOL_VERSION (only 1
@@ -75,7 +74,7 @@ MAGIC = b"MQ"
 PROTOCOL_VERSION = 1  # the version this node speaks (and the highest it understands)
 MIN_PROTOCOL_VERSION = 1  # the oldest version this node still understands
 HEADER = struct.Struct(">2sBB")  # magic, version, flags (the flags byte as of version 1)
-FLAG_ENCRYPTED = 0x01  # reserved for issue 4 (cluster key); refused until then
+FLAG_ENCRYPTED = 0x01  # the keyed envelope (keyring.py); opened by the transport
 TYPE_KEY = "t"  # every message (and every stream frame) names its type under this key
 HELLO = "hello"
 DEFAULT_MAX_PACKET_BYTES = 1400  # what split_messages packs up to (one Ethernet frame)

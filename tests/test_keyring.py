@@ -1,0 +1,212 @@
+"""The cluster key ring, the sealed UDP envelope and encrypted streams (no daemons)."""
+
+from __future__ import annotations
+
+import base64
+import json
+import stat
+from pathlib import Path
+
+import pytest
+import trio
+import trio.testing
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from meshq.mesh.keyring import (
+    ENVELOPE_HEADER,
+    ENVELOPE_OVERHEAD,
+    Keyring,
+    KeyringError,
+    fingerprint,
+    generate_key,
+    parse_key,
+)
+from meshq.mesh.secure import SecureStream, StreamRefused
+from meshq.mesh.wire import PeerProtocolError, decode_packet, encode_packet
+
+K1, K2, K3 = (bytes([n]) * 32 for n in (1, 2, 3))
+PACKET = encode_packet([{"t": "ping", "seq": 7}])
+
+
+def test_generated_keys_parse_and_bad_keys_are_refused() -> None:
+    key = parse_key(generate_key())
+    assert len(key) == 32
+    assert parse_key(generate_key()) != key
+    with pytest.raises(KeyringError, match="base64"):
+        parse_key("not base64!")
+    with pytest.raises(KeyringError, match="32 bytes"):
+        parse_key(base64.b64encode(b"short").decode())
+    assert fingerprint(K1) != fingerprint(K2)
+    assert K1.hex() not in fingerprint(K1)
+
+
+def test_seal_and_open_with_the_ring() -> None:
+    ring = Keyring([K1])
+    sealed = ring.seal(PACKET)
+    assert sealed.startswith(ENVELOPE_HEADER)
+    assert len(sealed) == len(PACKET) + ENVELOPE_OVERHEAD
+    assert PACKET not in sealed
+    assert ring.open(sealed) == PACKET
+    assert ring.seal(PACKET) != sealed  # a fresh nonce each time
+    assert Keyring([K2]).open(sealed) is None  # the wrong key
+    assert Keyring([K2, K1]).open(sealed) == PACKET  # any installed key
+    tampered = bytearray(sealed)
+    tampered[-1] ^= 1
+    assert ring.open(bytes(tampered)) is None
+    assert ring.open(PACKET) is None  # in clear
+    with pytest.raises(PeerProtocolError, match="encrypted packet"):
+        decode_packet(sealed)  # what a node with no key makes of it
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=200))
+def test_opening_any_bytes_gives_none_or_a_packet(data: bytes) -> None:
+    ring = Keyring([K1, K2])
+    assert ring.open(data) is None
+    assert ring.open(ENVELOPE_HEADER + data) is None
+
+
+def test_install_use_remove_and_persistence(tmp_path: Path) -> None:
+    path = tmp_path / "keyring.json"
+    ring = Keyring.load(path, K1)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert ring.primary == K1
+    assert ring.install(K2) is True
+    assert ring.install(K2) is False
+    assert ring.primary == K1
+    ring.use(K2)
+    assert ring.primary == K2
+    with pytest.raises(KeyringError, match="primary"):
+        ring.remove(K2)
+    ring.remove(K1)
+    with pytest.raises(KeyringError, match="not installed"):
+        ring.use(K1)
+    with pytest.raises(KeyringError, match="not installed"):
+        ring.resolve(base64.b64encode(K3).decode())
+    assert ring.resolve(fingerprint(K2)) == K2
+    again = Keyring.load(path, K1)  # the file wins over the initial key
+    assert again.keys == (K2,)
+    assert json.loads(path.read_text())["keys"] == [base64.b64encode(K2).decode()]
+    path.write_text("{nonsense")
+    with pytest.raises(KeyringError, match="not a meshq keyring"):
+        Keyring.load(path)
+
+
+def test_an_empty_ring_refuses_install(tmp_path: Path) -> None:
+    ring = Keyring.load(tmp_path / "keyring.json")
+    assert not ring
+    assert not (tmp_path / "keyring.json").exists()
+    with pytest.raises(KeyringError, match="no cluster key"):
+        ring.install(K1)
+
+
+# ------------------------------------------------------------------ encrypted streams
+
+
+def _pair(a: Keyring, b: Keyring) -> tuple[SecureStream, SecureStream, list[str]]:
+    left, right = trio.testing.memory_stream_pair()
+    refused: list[str] = []
+    return (SecureStream(left, a, initiator=True, on_refused=refused.append),
+            SecureStream(right, b, initiator=False, on_refused=refused.append), refused)
+
+
+async def _read(stream: trio.abc.Stream, n: int) -> bytes:
+    out = b""
+    while len(out) < n:
+        chunk = await stream.receive_some()
+        if not chunk:
+            break
+        out += chunk
+    return out
+
+
+async def test_streams_carry_bytes_both_ways_with_any_shared_key() -> None:
+    a, b, refused = _pair(Keyring([K1, K2]), Keyring([K2, K1]))  # mid-rotation
+    big = bytes(range(256)) * 300  # several records
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(a.send_all, big)
+        assert await _read(b, len(big)) == big
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(b.send_all, b"answer")  # b sends with its primary, K2
+        assert await _read(a, 6) == b"answer"
+    assert refused == []
+
+
+async def test_a_stream_with_no_shared_key_is_refused() -> None:
+    a, b, refused = _pair(Keyring([K1]), Keyring([K2]))
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(a.send_all, b"secret")
+        with pytest.raises(StreamRefused) as info:
+            await b.receive_some()
+    assert info.value.reason == "bad_key"
+    assert refused == ["bad_key"]
+
+
+async def test_a_stream_in_clear_is_refused() -> None:
+    left, right = trio.testing.memory_stream_pair()
+    refused: list[str] = []
+    keyed = SecureStream(right, Keyring([K1]), initiator=False, on_refused=refused.append)
+    await left.send_all(b"\x00\x00\x00\x10" + b"x" * 16 + b"more")
+    with pytest.raises(StreamRefused) as info:
+        await keyed.receive_some()
+    assert info.value.reason == "unkeyed"
+    assert refused == ["unkeyed"]
+
+
+class Recorder(trio.abc.Stream):
+    """A stream that keeps a copy of what is sent through it."""
+
+    def __init__(self, inner: trio.abc.Stream) -> None:
+        self.inner = inner
+        self.sent: list[bytes] = []
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        self.sent.append(bytes(data))
+        await self.inner.send_all(data)
+
+    async def wait_send_all_might_not_block(self) -> None:
+        await self.inner.wait_send_all_might_not_block()
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes:
+        return await self.inner.receive_some(max_bytes)
+
+    async def aclose(self) -> None:
+        await self.inner.aclose()
+
+
+async def test_a_replayed_or_altered_record_is_refused() -> None:
+    left, right = trio.testing.memory_stream_pair()
+    ring = Keyring([K1])
+    wire = Recorder(left)
+    a = SecureStream(wire, ring, initiator=True)
+    b = SecureStream(right, ring, initiator=False)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(a.send_all, b"first")
+        assert await _read(b, 5) == b"first"
+    preamble, record = wire.sent
+    assert b"first" not in record
+    await left.send_all(record)  # the same record again: its nonce is used up
+    with pytest.raises(PeerProtocolError, match="authentication"):
+        await b.receive_some()
+
+    left, right = trio.testing.memory_stream_pair()
+    b = SecureStream(right, ring, initiator=False)
+    await left.send_all(preamble)
+    await left.send_all(record)  # a whole recorded stream, to a new one: new salts
+    with pytest.raises(StreamRefused):
+        await b.receive_some()
+
+
+async def test_a_stream_ends_when_its_key_is_removed() -> None:
+    ring_a, ring_b = Keyring([K1]), Keyring([K1])
+    a, b, _ = _pair(ring_a, ring_b)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(a.send_all, b"hi")
+        assert await _read(b, 2) == b"hi"
+    ring_b.install(K2)
+    ring_b.use(K2)
+    ring_b.remove(K1)
+    await a.send_all(b"more")
+    with pytest.raises(PeerProtocolError, match="removed"):
+        await b.receive_some()
