@@ -52,6 +52,8 @@ log = logging.getLogger("meshq.mesh")
 STREAM_TIMEOUT = 5.0  # connect and answer, for one push-pull
 SEND_TIMEOUT = 1.0  # for one packet (address resolution included)
 MAX_INCOMING_STREAMS = 16  # push-pulls served at once; more wait
+MAX_PENDING_STREAMS = 1024  # incoming streams not yet past their hello (unauthenticated)
+MAX_PENDING_PER_HOST = 64  # of those, from one host: one flooding host cannot block others
 PEER_MAX_FRAME = 1024 * 1024  # a push-pull of thousands of members fits
 REJOIN_INTERVAL = 10.0  # while alone with known seeds, try them again this often
 NTP_INTERVAL = 60.0  # between two NTP checks
@@ -91,6 +93,7 @@ class Membership:
         self._drained = trio.Event()  # after leave(): every broadcast went out
         self._nursery: trio.Nursery | None = None
         self._stream_slots = trio.CapacityLimiter(MAX_INCOMING_STREAMS)
+        self._pending_streams: dict[str, int] = {}  # host -> streams awaiting their hello
         # hello "kind" -> handler(stream, hello) for streams other than push-pull
         self.stream_handlers: dict[str, Callable[[FramedStream, dict[str, Any]],
                                                  Awaitable[None]]] = {}
@@ -254,24 +257,45 @@ class Membership:
         mesh's replication links and relayed client connections."""
         stream = FramedStream(raw, max_frame=PEER_MAX_FRAME)
         handler = None
+        host = remote.rpartition(":")[0]
+        pending = self._pending_streams
+        if sum(pending.values()) >= MAX_PENDING_STREAMS or \
+                pending.get(host, 0) >= MAX_PENDING_PER_HOST:
+            self.bad_streams += 1  # a flood of connections: drop at once, keep the fds
+            return
+        pending[host] = pending.get(host, 0) + 1
+        waiting = True
         try:
-            async with self._stream_slots:
+            with trio.fail_after(STREAM_TIMEOUT):  # unauthenticated until the hello
+                hello = _frame(await stream.receive())
+                check_hello(hello, self.cluster)
+            waiting = self._done_waiting(host)
+            kind = hello.get("kind")
+            if kind is not None:
+                handler = self.stream_handlers.get(kind)
+                if handler is None:
+                    raise PeerProtocolError(f"unknown stream kind {kind!r:.40}")
+            else:
                 with trio.fail_after(STREAM_TIMEOUT):
-                    hello = _frame(await stream.receive())
-                    check_hello(hello, self.cluster)
-                    kind = hello.get("kind")
-                    if kind is not None:
-                        handler = self.stream_handlers.get(kind)
-                        if handler is None:
-                            raise PeerProtocolError(f"unknown stream kind {kind!r:.40}")
-                    else:
+                    async with self._stream_slots:
                         await self._serve_one_stream(stream)
         except (ProtocolError, ValueError, trio.TooSlowError) as exc:
             self.bad_streams += 1
             log.debug("refused a stream from %s: %s", remote, exc)
             return
+        finally:
+            if waiting:
+                self._done_waiting(host)
         if handler is not None:  # long-lived: outside the push-pull slots and timeout
             await handler(stream, hello)
+
+    def _done_waiting(self, host: str) -> bool:
+        left = self._pending_streams[host] - 1
+        if left:
+            self._pending_streams[host] = left
+        else:
+            del self._pending_streams[host]
+        return False
 
     async def _serve_one_stream(self, stream: FramedStream) -> None:
         """The rest of a push-pull, after its hello (within the caller's time limit)."""
