@@ -34,3 +34,20 @@ def test_every_module_declares_a_public_surface_that_exists():
         for name in names:
             assert hasattr(module, name), f"{info.name}.__all__ names {name!r}, not defined"
     assert missing == []
+
+
+def test_the_client_works_with_descriptors_above_1023(daemon):
+    """select(2) cannot watch descriptor 1024 and up; a busy program reaches them."""
+    import os
+
+    pipes = [os.pipe() for _ in range(520)]  # 1040 descriptors
+    try:
+        with daemon.client(timeout=5) as c:
+            assert c._sock.fileno() > 1023
+            c.declare("many-fds")
+            msg_id = c.send("many-fds", "x")
+            assert [m.id for m in c.receive("many-fds", wait=1)] == [msg_id]
+    finally:
+        for r, w in pipes:
+            os.close(r)
+            os.close(w)

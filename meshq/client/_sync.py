@@ -22,6 +22,14 @@ from meshq.protocol.codec import FrameDecoder, encode_frame
 __all__ = ["Client", "Subscription"]
 
 
+def _readable(sock: _socket.socket, timeout: float) -> bool:
+    """Whether ``sock`` has bytes (or EOF) within ``timeout`` s; poll(2), unlike select(2),
+    works with descriptors above 1023 (a program with many files open)."""
+    poller = select.poll()
+    poller.register(sock, select.POLLIN)
+    return bool(poller.poll(max(0.0, timeout) * 1000))
+
+
 class Subscription:
     """Deliveries for one consumer: iterate, or ``get(timeout)`` one at a time."""
 
@@ -93,7 +101,7 @@ class Client:
         if self._sock is None:
             raise Unavailable("client is closed")
         try:
-            if timeout is not None and not select.select([self._sock], [], [], timeout)[0]:
+            if timeout is not None and not _readable(self._sock, timeout):
                 return False
             data = self._sock.recv(262144)
         except OSError as exc:
