@@ -51,3 +51,33 @@ def test_the_client_works_with_descriptors_above_1023(daemon):
         for r, w in pipes:
             os.close(r)
             os.close(w)
+
+
+def test_ctrl_c_to_the_process_group_stops_the_daemon_cleanly(tmp_path):
+    """A terminal's Ctrl-C signals meshqd and its SQLite writer together: the daemon
+    must still commit what it staged and exit 0 (the writer must not die first)."""
+    import os
+    import signal
+
+    from meshq.testing import DaemonProcess
+
+    d = DaemonProcess(tmp_path / "d", new_session=True).start()
+    try:
+        with d.client(timeout=5) as c:
+            c.declare("sigint")
+            rids = [c.submit("send", queue="sigint", messages=[{"body": b"x"}])
+                    for _ in range(200)]
+            os.killpg(d.pid, signal.SIGINT)
+            answered = 0
+            for rid in rids:
+                try:
+                    c.wait(rid)
+                    answered += 1
+                except Exception:
+                    break
+        assert d.proc is not None and d.proc.wait(15) == 0, d.log_tail()
+        assert "Traceback" not in d.log_tail(20000)
+    finally:
+        d.kill()
+    with DaemonProcess(tmp_path / "d") as again, again.client() as c:
+        assert c.stats("sigint")[0]["ready"] >= answered

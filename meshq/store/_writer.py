@@ -12,6 +12,7 @@ that failed. On EOF it exits, so it never outlives its daemon by more than one c
 from __future__ import annotations
 
 import os
+import signal
 import sys
 
 import msgpack
@@ -20,6 +21,9 @@ from meshq.store._sql import MAX_BATCH_FRAME, SKIPPED, apply, connect
 
 
 def main(path: str) -> int:
+    # Ctrl-C reaches the whole process group: the daemon stops us (EOF on stdin) once it
+    # has committed what it staged, so the writer must not die first.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     conn = connect(path)
     # The daemon is the only writer to this pipe: decode without the client codec's
     # checks, which cost more than the unpacking itself on a large batch.

@@ -27,7 +27,7 @@ class DaemonProcess:
     def __init__(self, data_dir: str | os.PathLike[str],
                  socket: str | os.PathLike[str] | None = None,
                  *, args: list[str] | None = None, env: dict[str, str] | None = None,
-                 node_name: str = "test-node") -> None:
+                 node_name: str = "test-node", new_session: bool = False) -> None:
         self.data_dir = Path(data_dir)
         if socket is None:  # AF_UNIX paths are short (108 bytes): keep it under /tmp
             socket = Path(tempfile.mkdtemp(prefix="meshq-")) / "meshq.sock"
@@ -35,6 +35,7 @@ class DaemonProcess:
         self.args = list(args or [])
         self.env = env
         self.node_name = node_name
+        self.new_session = new_session  # its own process group, as a terminal gives it
         self.proc: subprocess.Popen[str] | None = None
         self.bind: str | None = None  # the peer address it bound, from its ready line
         self.stderr_path = self.data_dir.parent / f"{self.data_dir.name}-meshqd.log"
@@ -53,7 +54,7 @@ class DaemonProcess:
         self._stderr = open(self.stderr_path, "a")  # noqa: SIM115 - closed in _reap
         self.proc = subprocess.Popen(self.command(), stdout=subprocess.PIPE,
                                      stderr=self._stderr, stdin=subprocess.DEVNULL, text=True,
-                                     env=env)
+                                     env=env, start_new_session=self.new_session)
         assert self.proc.stdout is not None
         sel = selectors.DefaultSelector()
         sel.register(self.proc.stdout, selectors.EVENT_READ)
