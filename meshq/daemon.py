@@ -19,6 +19,7 @@ import secrets
 import signal
 import sys
 from collections.abc import AsyncIterator
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -29,15 +30,20 @@ from meshq.broker import Broker, BrokerLimits
 from meshq.clock import Clock, SystemClock
 from meshq.config import Config, ConfigError, add_daemon_arguments, load_config
 from meshq.errors import StartupError
+from meshq.mesh.keys import KeyService, check_unkeyed_bind, load_keyring, security_status
 from meshq.mesh.membership import Membership, known_peers
 from meshq.mesh.placement import Placement
 from meshq.mesh.replication import Replicator
 from meshq.mesh.swim import Swim, SwimConfig
 from meshq.mesh.transport import FramedStream, UdpTcpTransport
 from meshq.mesh.wire import hello_frame
+from meshq.metrics import open_metrics_server
 from meshq.node import Node
+from meshq.sdnotify import Notifier, status_line
+from meshq.server.access import AccessConfigError, build_policy
 from meshq.server.connection import Connection
 from meshq.server.listener import UnixServer
+from meshq.server.ops import OPS
 from meshq.store import SQLiteStore, StoreFatal
 
 __all__ = ["main", "serve"]
@@ -107,15 +113,20 @@ async def _serve_locked(config: Config, clock: Clock, task_status: Any) -> None:
         broker.restore(snapshot)
         del snapshot
         gc.freeze()  # a restored backlog is long-lived: keep it out of every collection
-        transport = await UdpTcpTransport.bind(config.bind)
+        keyring = await trio.to_thread.run_sync(load_keyring, config)
+        exposed = await check_unkeyed_bind(config, keyring)
+        transport = await UdpTcpTransport.bind(
+            config.bind, keyring=keyring, packets_per_second=config.udp_packets_per_second)
         async with transport:
-            await _run_node(config, clock, task_status, node_id, store, broker, transport)
+            await _run_node(config, clock, task_status, node_id, store, broker, transport,
+                            exposed)
     finally:
         store.close()
 
 
 async def _run_node(config: Config, clock: Clock, task_status: Any, node_id: str,
-                    store: SQLiteStore, broker: Broker, transport: UdpTcpTransport) -> None:
+                    store: SQLiteStore, broker: Broker, transport: UdpTcpTransport,
+                    exposed: bool) -> None:
     """Everything runs here, under the nursery that owns it, until stop or cancel."""
     membership = _membership(config, transport, clock)
     node = Node(name=config.node_name, node_id=node_id, address=transport.local_address,
@@ -134,9 +145,22 @@ async def _run_node(config: Config, clock: Clock, task_status: Any, node_id: str
         await Connection(stream.stream, node, config.max_frame_bytes, relayed=True).serve()
 
     membership.stream_handlers["client"] = serve_relayed
-    server = UnixServer(node, config.socket, config.max_frame_bytes, config.max_connections)
+    node.keys = KeyService(me=config.node_name, cluster=config.cluster_name,
+                           keyring=transport.keyring, transport=transport,
+                           membership=membership)
+    membership.stream_handlers["keys"] = node.keys.serve
+    node.security = partial(security_status, config, transport, exposed)
+    node.access = await trio.to_thread.run_sync(build_policy, config, OPS)
+    server = UnixServer(node, config.socket, config.max_frame_bytes, config.max_connections,
+                        mode=config.socket_mode, group=config.socket_group,
+                        frame_timeout=config.client_frame_timeout)
+    node.server = server  # its counters go in the status ("server")
+    metrics = (None if config.metrics_bind is None  # StartupError when it cannot listen
+               else await open_metrics_server(config.metrics_bind, node))
     await server.bind()
     async with trio.open_nursery() as nursery:
+        if metrics is not None:
+            await nursery.start(metrics.run)  # GET /metrics (meshq/metrics.py)
         await nursery.start(membership.run)  # joined through a seed, or alone
         await nursery.start(replicator.run)  # queues dispatch here after their takeover
         await nursery.start(store.run)
@@ -168,7 +192,9 @@ def _membership(config: Config, transport: UdpTcpTransport, clock: Clock) -> Mem
 
 async def _main_async(config: Config, banner: bool) -> int:
     ready: list[Node] = []
+    notifier = Notifier.from_environ()  # and unset: children must not inherit NOTIFY_SOCKET
     async with trio.open_nursery() as nursery:
+        nursery.start_soon(notifier.run)  # WATCHDOG=1 from this loop: a stuck loop goes quiet
 
         async def run_node(task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
             await serve(config, task_status=task_status)
@@ -177,9 +203,14 @@ async def _main_async(config: Config, banner: bool) -> int:
         async def watch_signals(signals: AsyncIterator[int]) -> None:
             async for _ in signals:
                 if not ready or ready[0].stop_requested.is_set():
+                    notifier.stopping()
                     nursery.cancel_scope.cancel()  # not started yet, or a second signal
                     return
                 ready[0].stop()
+
+        async def announce_stop(node: Node) -> None:
+            await node.stop_requested.wait()  # SIGTERM, or node.stop from anywhere
+            notifier.stopping(status_line(node, config.socket))
 
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
             nursery.start_soon(watch_signals, signals)  # also during start-up (a slow join)
@@ -190,6 +221,8 @@ async def _main_async(config: Config, banner: bool) -> int:
                 nursery.cancel_scope.cancel()
                 return 1
             ready.append(node)
+            notifier.ready(lambda: status_line(node, config.socket))
+            nursery.start_soon(announce_stop, node)
             print(f"meshqd ready: socket={config.socket} node={config.node_name} "
                   f"bind={node.address}", flush=True)
             if banner:
@@ -214,7 +247,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         config = load_config(args)
-    except ConfigError as exc:
+        build_policy(config, OPS)  # an unknown op, user or group is a configuration error
+    except (ConfigError, AccessConfigError) as exc:
         print(f"meshqd: {exc}", file=sys.stderr)
         return 2
     # Every request allocates; the default gen-0 threshold (700) runs the collector

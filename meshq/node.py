@@ -6,8 +6,10 @@ The mesh will add members and clock offsets here; for now the node is its only m
 
 from __future__ import annotations
 
+import dataclasses
 import time
-from typing import Any
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 import trio
 
@@ -16,10 +18,15 @@ from meshq.broker import Broker
 from meshq.clock import Clock
 from meshq.errors import Unavailable
 from meshq.hlc import unpack
+from meshq.mesh.keys import KeyService
 from meshq.mesh.membership import Membership
 from meshq.mesh.replication import Replicator
 from meshq.mesh.ring import DEFAULT_VNODES, Ring
+from meshq.server.access import AccessPolicy
 from meshq.store import Store
+
+if TYPE_CHECKING:
+    from meshq.server.listener import UnixServer
 
 __all__ = ["Node"]
 
@@ -40,6 +47,10 @@ class Node:
         self.not_accepting_reason: str | None = None
         self.stop_requested = trio.Event()
         self.replicator: Replicator | None = None  # set by the daemon (the mesh)
+        self.access = AccessPolicy()  # who may run which op; the daemon sets config.access
+        self.keys: KeyService | None = None  # the cluster key ring's operations
+        self.security: Callable[[], dict[str, Any]] | None = None  # the status section
+        self.server: UnixServer | None = None  # the client socket, set by the daemon
 
     def stop(self) -> None:
         """Ask ``serve`` to shut down gracefully."""
@@ -62,6 +73,21 @@ class Node:
         except Unavailable as exc:
             return False, exc.message
         return True, None
+
+    def clock_status(self) -> dict[str, Any]:
+        """The status ``clock`` section: our wall clock and what the write check uses."""
+        wall_ms = int(self.clock.time() * 1000)
+        m = self.membership
+        if m is None:
+            return {"wall_ms": wall_ms, "max_clock_offset_ms": self.broker.hlc.max_offset_ms,
+                    "peers_measured": 0, "min_peers": None, "ntp_server": None,
+                    "ntp_offset_ms": None}
+        verdict = m.clocks.verdict(trio.current_time())
+        ntp = verdict.ntp_offset_ms
+        return {"wall_ms": wall_ms, "max_clock_offset_ms": m.max_offset_ms,
+                "peers_measured": verdict.peers, "min_peers": m.clocks.min_peers,
+                "ntp_server": m.ntp_server, "ntp_offset_ms": None if ntp is None
+                else round(ntp, 3)}
 
     def status(self) -> dict[str, Any]:
         wall, logical = unpack(self.broker.hlc.last)
@@ -112,6 +138,8 @@ class Node:
             },
             "members": members,
             "mesh": mesh,
+            "security": self.security() if self.security is not None else None,
+            "clock": self.clock_status(),
             "ring": {
                 "vnodes_per_node": vnodes,
                 "ownership": {name: round(share, 6) for name, share
@@ -129,5 +157,8 @@ class Node:
                 "commit_seconds": round(store.commit_seconds, 6),
             },
             "broker": {"redeliveries": self.broker.redeliveries},
+            "access": dataclasses.asdict(self.access.statistics()),
+            "server": (dataclasses.asdict(self.server.statistics())
+                       if self.server is not None else None),
             "replication": repl.status() if repl is not None else None,
         }

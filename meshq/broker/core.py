@@ -14,6 +14,7 @@ import functools
 import heapq
 import itertools
 import math
+from collections import Counter, defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -124,6 +125,9 @@ class Broker:
         self._sends_batch: Batch | None = None
         self._sends: list[tuple[Queue, list[Message], list[str | None]]] = []
         self.redeliveries = 0
+        # Since start, per queue: "published", "delivered", "redelivered" (delivered with
+        # delivery_count > 1) and "acked" on the node that dispatches it (meshq.metrics).
+        self.totals: defaultdict[str, Counter[str]] = defaultdict(Counter)
         # Set by the mesh: replica ops then go with each batch (see _put, _update, ...).
         self.replicating = False
         self.tag_prefix = ""  # consumer tags start with it (the daemon: its node name)
@@ -383,7 +387,7 @@ class Broker:
             q.add(msg)
             self._schedule_message(msg)
         for c, leased in out.items():
-            c.sink(c, leased)
+            self._hand_over(c, leased)
         limit = q.options.max_length
         while limit is not None and q.ready > limit:
             head = q.pop_ready()
@@ -447,7 +451,15 @@ class Broker:
                 c.sink(c, [])  # wake the pull receive that waits for them
             return
         if still or not c.replenish:  # a pull receive waits to hear, even of nothing
-            c.sink(c, still)
+            self._hand_over(c, still)
+
+    def _hand_over(self, c: Consumer, msgs: list[Message]) -> None:
+        """Give a consumer messages whose lease committed, counting them."""
+        if msgs:
+            totals = self.totals[c.queue.name]
+            totals["delivered"] += len(msgs)
+            totals["redelivered"] += sum(1 for m in msgs if m.delivery_count > 1)
+        c.sink(c, msgs)
 
     def _unreserve(self, msg: Message) -> None:
         """Undo a lease taken at send time whose message never became durable."""
@@ -499,6 +511,7 @@ class Broker:
     def delete_queue(self, name: Any) -> Pending:
         q = self.queue(name)
         del self.queues[name]
+        self.totals.pop(name, None)
         for c in list(q.consumers):
             c.session.consumers.pop(c.tag, None)
             if c.replenish:
@@ -609,6 +622,8 @@ class Broker:
             else:
                 by_queue[q] = list(msgs)
         for q, msgs in by_queue.items():  # one dispatch per queue, not per send
+            if error is None:
+                self.totals[q.name]["published"] += len(msgs)
             self._committed(q, msgs, error)
 
     def _parse_message(self, m: Any, i: int) -> tuple[bytes, dict[str, Any], Any, Any, Any]:
@@ -733,6 +748,7 @@ class Broker:
             q.remove(msg)
             self._delete(msg)
         if mine:
+            self.totals[q.name]["acked"] += len(mine)
             self._dispatch(q, self.clock.time())
         result = {"acked": [m.id for m in mine], "failed": failed}
         return Pending(self.store.current_batch() if mine else None, result)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import base64
 import json
+import math
 import os
 import sys
 from collections.abc import Callable, Sequence
@@ -110,9 +111,29 @@ def _json_default(value: Any) -> Any:
     return str(value)
 
 
+def _plain(value: Any) -> Any:
+    """``value`` with text keys only and no NaN or infinity (null instead), which
+    ``json.dumps`` would write as invalid JSON or refuse."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k if k is None or isinstance(k, str | int) else _key(k): _plain(v)
+                for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_plain(v) for v in value]
+    return value
+
+
+def _key(key: Any) -> str:
+    text = _json_default(key)
+    return text if isinstance(text, str) else json.dumps(text)
+
+
 def to_json(value: Any, *, indent: int | None = None) -> str:
-    """JSON text for ``value`` with no bytes in it (UTF-8 bytes become strings)."""
-    return json.dumps(value, indent=indent, default=_json_default, ensure_ascii=False)
+    """Valid JSON text for ``value`` with no bytes in it (UTF-8 bytes become strings,
+    other bytes ``{"b64": ...}``; NaN and infinity become null; keys become strings)."""
+    return json.dumps(_plain(value), indent=indent, default=_json_default,
+                      ensure_ascii=False, allow_nan=False)
 
 
 def _cell(value: Any) -> str:

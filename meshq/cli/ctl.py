@@ -1,14 +1,16 @@
 """``meshq-ctl``: the status of this node and its cluster, as a table or as ``--json``.
 
-The JSON is the daemon's status map as it is (with any bytes made text); the table is
-for people and may change. Errors and exit statuses are those of ``meshq.cli._common``.
+Every command prints a table for people (it may change) or, with ``--json``, one JSON
+value documented field by field in docs/ctl-json.md (any bytes made text). The tables
+tolerate missing status sections, so an older or newer daemon still gets a table.
+Errors and exit statuses are those of ``meshq.cli._common``.
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
@@ -24,12 +26,45 @@ from meshq.cli._common import (
     run,
     to_json,
 )
+from meshq.cli._keys import KEY_ACTIONS, cmd_keys, cmd_keys_generate
 
-__all__ = ["build_parser", "format_status", "main"]
+__all__ = ["add_command", "add_group", "build_parser", "clock_view", "format_clock",
+           "format_status", "main"]
+
+Command = Callable[[argparse.Namespace], int]
+SubParsers = Any  # argparse's _SubParsersAction, private in typeshed
 
 MEMBER_COLUMNS = ("name", "address", "state", "incarnation", "clock_offset_ms", "rtt_ms",
                   "last_seen_s")
+PEER_CLOCK_COLUMNS = ("name", "address", "state", "clock_offset_ms", "rtt_ms", "last_seen_s")
 PLACEMENT_COLUMNS = ("primary", "holders")  # status adds these to each queue's row
+# Sections the status table shows in its own way (or leaves to another command); any
+# other section is shown generically under its name.
+KNOWN_SECTIONS = frozenset({"node", "members", "mesh", "clock", "ring", "queues",
+                            "replication", "store", "security"})
+
+
+# --------------------------------------------------------------------------- parser
+
+
+def add_command(sub: SubParsers, name: str, help: str, func: Command, *,
+                json: bool = True) -> argparse.ArgumentParser:
+    """Add ``name`` (with ``--socket`` and, unless ``json`` is false, ``--json``) to a
+    subparsers group; returns its parser for command-specific arguments."""
+    p: argparse.ArgumentParser = sub.add_parser(name, help=help, description=help)
+    add_socket_option(p, top=False)
+    if json:
+        p.add_argument("--json", action="store_true",
+                       help="print JSON (docs/ctl-json.md) instead of a table")
+    p.set_defaults(func=func)
+    return p
+
+
+def add_group(sub: SubParsers, name: str, help: str) -> SubParsers:
+    """Add a command with subcommands of its own (``meshq-ctl NAME SUBCOMMAND``);
+    returns the group's subparsers, for ``add_command``."""
+    p: argparse.ArgumentParser = sub.add_parser(name, help=help, description=help)
+    return p.add_subparsers(dest=f"{name}_command", metavar="SUBCOMMAND", required=True)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -38,39 +73,39 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"meshq-ctl {__version__}")
     add_socket_option(parser, top=True)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-
-    p = sub.add_parser("status", help="node, members, queues and store",
-                       description="node, members, queues and store")
-    add_socket_option(p, top=False)
-    p.add_argument("--json", action="store_true", help="the status map as JSON")
-    p.set_defaults(func=cmd_status)
-
-    p = sub.add_parser("members", help="the cluster's members as this node sees them",
-                       description="the cluster's members as this node sees them")
-    add_socket_option(p, top=False)
-    p.add_argument("--json", action="store_true")
-    p.set_defaults(func=cmd_members)
-
-    p = sub.add_parser("ring", help="the share of the ring each live member owns",
-                       description="the share of the ring each live member owns")
-    add_socket_option(p, top=False)
-    p.add_argument("--json", action="store_true")
-    p.set_defaults(func=cmd_ring)
-
-    p = sub.add_parser("leave", help="leave the cluster gracefully and stop the daemon",
-                       description="leave the cluster gracefully and stop the daemon")
-    add_socket_option(p, top=False)
-    p.set_defaults(func=cmd_leave)
-
-    p = sub.add_parser("queues", help="list queues and their counts",
-                       description="list queues and their counts")
-    add_socket_option(p, top=False)
-    p.add_argument("--json", action="store_true")
-    p.set_defaults(func=cmd_queues)
+    add_command(sub, "status", "node, members, mesh, queues, replication, store and more",
+                cmd_status)
+    add_command(sub, "members", "the cluster's members as this node sees them", cmd_members)
+    add_command(sub, "ring", "the share of the ring each live member owns", cmd_ring)
+    add_command(sub, "queues", "list queues and their cluster-wide counts", cmd_queues)
+    add_command(sub, "clock", "this node's clock, its offsets to its peers, and whether "
+                "it accepts writes", cmd_clock)
+    keys = add_group(sub, "keys", "the cluster key ring, on every live member")
+    add_command(keys, "generate", "print a new random key (no daemon needed)",
+                cmd_keys_generate, json=False)
+    for action, text in KEY_ACTIONS.items():
+        p = add_command(keys, action, text, cmd_keys)
+        if action != "list":
+            p.add_argument("key", help="the key, base64" + (
+                "" if action == "install" else "; or its fingerprint"))
+    add_command(sub, "leave", "leave the cluster gracefully and stop the daemon", cmd_leave)
     return parser
 
 
 # --------------------------------------------------------------------------- formatting
+
+
+def _section(status: dict[str, Any], name: str) -> dict[str, Any]:
+    value = status.get(name)
+    return value if isinstance(value, dict) else {}
+
+
+def _list(value: Any) -> list[Any]:
+    return value if isinstance(value, list) else []
+
+
+def _dicts(value: Any) -> list[dict[str, Any]]:
+    return [v for v in _list(value) if isinstance(v, dict)]
 
 
 def _duration(seconds: Any) -> str:
@@ -89,14 +124,32 @@ def _duration(seconds: Any) -> str:
     return f"{seconds:.1f}s"
 
 
+def _iso(wall_ms: Any) -> str | None:
+    """``wall_ms`` (ms since the epoch) as ISO 8601 UTC; None if not a positive int."""
+    if not isinstance(wall_ms, int) or isinstance(wall_ms, bool) or wall_ms <= 0:
+        return None
+    try:
+        when = datetime.fromtimestamp(wall_ms / 1000, UTC)
+    except (OverflowError, OSError, ValueError):
+        return None
+    return when.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
 def _hlc(hlc: Any) -> str:
     if not isinstance(hlc, dict):
         return "-" if hlc is None else str(hlc)
-    wall, logical = hlc.get("wall_ms"), hlc.get("logical")
-    if not isinstance(wall, int):
-        return str(hlc.get("raw", "-"))
-    when = datetime.fromtimestamp(wall / 1000, UTC).isoformat(timespec="milliseconds")
-    return f"{when.replace('+00:00', 'Z')} +{logical} (raw {hlc.get('raw', '-')})"
+    if hlc.get("raw") == 0:
+        return "none yet (no message stamped)"
+    when = _iso(hlc.get("wall_ms"))
+    if when is None:
+        return _text(hlc.get("raw"))
+    return f"{when} +{hlc.get('logical')} (raw {hlc.get('raw', '-')})"
+
+
+def _ms(value: Any, *, signed: bool = True) -> str:
+    if not isinstance(value, int | float) or isinstance(value, bool):
+        return "-"
+    return f"{value + 0.0:+.3f} ms" if signed else f"{value:g} ms"
 
 
 def _size(n: Any) -> str:
@@ -111,9 +164,24 @@ def _size(n: Any) -> str:
 
 
 def _writes(node: dict[str, Any]) -> str:
+    if node.get("accepting_writes") is None:
+        return "-"
     if node.get("accepting_writes"):
         return "yes"
     return f"NO: {node.get('not_accepting_reason') or 'no reason given'}"
+
+
+def _text(value: Any) -> str:
+    """One value on one line: ``-`` for none, lists joined, small maps as ``k v``."""
+    if value is None:
+        return "-"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, list):
+        return ", ".join(_text(v) for v in value) or "-"
+    if isinstance(value, dict):
+        return ", ".join(f"{k} {_text(v)}" for k, v in value.items()) or "-"
+    return str(value)
 
 
 def _pairs(pairs: Sequence[tuple[str, str]]) -> str:
@@ -125,90 +193,209 @@ def _indent(text: str) -> str:
     return "\n".join("  " + line for line in text.splitlines())
 
 
+def _generic(value: Any) -> str:
+    """An unknown status section: a map as ``key value`` lines, a list of maps as a table."""
+    if isinstance(value, dict):
+        pairs = [(str(k).replace("_", " "), _text(v)) for k, v in value.items()]
+        return _pairs(pairs) if pairs else "  (empty)"
+    rows = _dicts(value)
+    if rows and len(rows) == len(value):
+        columns = list(dict.fromkeys(k for r in rows for k in r))
+        return _indent(format_table(columns, [[_text(r.get(c)) for c in columns]
+                                              for r in rows]))
+    return _indent(_text(value))
+
+
+def status_warnings(status: dict[str, Any]) -> list[str]:
+    """What an operator must see first: refused writes and every section's warnings."""
+    node = _section(status, "node")
+    out = [] if node.get("accepting_writes", True) else [
+        str(node.get("not_accepting_reason") or "this node accepts no writes")]
+    for section in status.values():
+        if isinstance(section, dict):
+            out += [str(w) for w in _list(section.get("warnings"))]
+    return out
+
+
+def _security(sec: dict[str, Any]) -> str:
+    return _pairs([
+        ("keyed", _text(sec.get("keyed"))),
+        ("primary key", _text(sec.get("primary_key"))),
+        ("keys", _text(sec.get("keys"))),
+        ("rejected packets", _text(_section(sec, "rejected_packets"))),
+        ("rejected streams", _text(_section(sec, "rejected_streams"))),
+    ])
+
+
 def format_status(status: dict[str, Any]) -> str:
-    """The ``status`` table: node, members, queues, replication, store."""
-    node = status.get("node") or {}
-    parts = ["node", _pairs([
-        ("name", str(node.get("name", "-"))),
-        ("id", str(node.get("id", "-"))),
-        ("address", str(node.get("address", "-"))),
-        ("version", str(node.get("version", "-"))),
+    """The ``status`` table: warnings first, then node, members, mesh, queues,
+    replication, store, security, and any other section generically."""
+    parts = [f"WARNING: {w}" for w in status_warnings(status)]
+    if parts:
+        parts.append("")
+    node = _section(status, "node")
+    parts += ["node", _pairs([
+        ("name", _text(node.get("name"))),
+        ("id", _text(node.get("id"))),
+        ("address", _text(node.get("address"))),
+        ("version", _text(node.get("version"))),
         ("uptime", _duration(node.get("uptime_s"))),
         ("hlc", _hlc(node.get("hlc"))),
         ("accepting writes", _writes(node)),
     ])]
-    members = status.get("members") or []
+    members = _dicts(status.get("members"))
     parts += ["", "members", _indent(format_table(
         MEMBER_COLUMNS, [[m.get(c) for c in MEMBER_COLUMNS] for m in members]))]
-    queues = status.get("queues") or []
+    mesh = _section(status, "mesh")
+    if mesh:
+        parts += ["", "mesh", _pairs([
+            ("cluster", _text(mesh.get("cluster"))),
+            ("health score", _text(mesh.get("health_score"))),
+            ("median clock offset", _ms(mesh.get("median_clock_offset_ms"))),
+            ("bad packets", _text(mesh.get("bad_packets"))),
+            ("bad streams", _text(mesh.get("bad_streams"))),
+        ])]
+    queues = _dicts(status.get("queues"))
     parts += ["", "queues"]
-    rows = [[*row, q.get("primary"), ",".join(q.get("holders") or [])]
+    rows = [[*row, q.get("primary"), ",".join(map(str, _list(q.get("holders"))))]
             for row, q in zip(queue_rows(queues), queues, strict=True)]
     parts.append(_indent(format_table(QUEUE_COLUMNS + PLACEMENT_COLUMNS, rows)) if queues
                  else "  (none)")
-    repl = status.get("replication")
-    if isinstance(repl, dict):
-        repaired = repl.get("repaired") or {}
+    repl = _section(status, "replication")
+    if repl:
         parts += ["", "replication", _pairs([
-            ("hinted messages", str(repl.get("hinted_messages", "-"))),
-            ("taking over", ", ".join(repl.get("taking_over") or []) or "-"),
-            ("waiting batches", str(repl.get("waiting_batches", "-"))),
-            ("failed quorums", str(repl.get("failed_quorums", "-"))),
-            ("repair rounds", str(repl.get("repair_rounds", "-"))),
-            ("repaired", ", ".join(f"{k} {v}" for k, v in repaired.items()) or "-"),
-            ("links", ", ".join(repl.get("links") or []) or "-"),
+            ("hinted messages", _text(repl.get("hinted_messages"))),
+            ("taking over", _text(repl.get("taking_over"))),
+            ("waiting batches", _text(repl.get("waiting_batches"))),
+            ("failed quorums", _text(repl.get("failed_quorums"))),
+            ("repair rounds", _text(repl.get("repair_rounds"))),
+            ("repaired", _text(repl.get("repaired"))),
+            ("links", _text(repl.get("links"))),
         ])]
-    store = status.get("store") or {}
+    store = _section(status, "store")
     parts += ["", "store", _pairs([
-        ("path", str(store.get("path") or "-")),
+        ("path", _text(store.get("path"))),
         ("size", _size(store.get("size_bytes"))),
+        ("commits", _text(store.get("commits"))),
+        ("failed commits", _text(store.get("failed_commits"))),
     ])]
+    security = _section(status, "security")
+    if security:
+        parts += ["", "security", _security(security)]
+    for name, value in status.items():
+        if name not in KNOWN_SECTIONS and value is not None:
+            parts += ["", str(name), _generic(value)]
     return "\n".join(parts)
+
+
+def clock_view(status: dict[str, Any]) -> dict[str, Any]:
+    """``meshq-ctl clock --json``: the clock facts gathered from the status map."""
+    node, mesh, clock = (_section(status, s) for s in ("node", "mesh", "clock"))
+    hlc = _section(node, "hlc")
+    median = mesh.get("median_clock_offset_ms")
+    return {
+        "node": node.get("name"),
+        "wall_ms": clock.get("wall_ms"),
+        "wall_iso": _iso(clock.get("wall_ms")),
+        "hlc": {"wall_ms": hlc.get("wall_ms"), "logical": hlc.get("logical"),
+                "raw": hlc.get("raw"), "iso": _iso(hlc.get("wall_ms"))},
+        "accepting_writes": node.get("accepting_writes"),
+        "not_accepting_reason": node.get("not_accepting_reason"),
+        "median_clock_offset_ms": round(median, 3) + 0.0 if isinstance(median, float)
+        else median,
+        "max_clock_offset_ms": clock.get("max_clock_offset_ms"),
+        "peers_measured": clock.get("peers_measured"),
+        "min_peers": clock.get("min_peers"),
+        "ntp_server": clock.get("ntp_server"),
+        "ntp_offset_ms": clock.get("ntp_offset_ms"),
+        "peers": [{c: m.get(c) for c in PEER_CLOCK_COLUMNS}
+                  for m in _dicts(status.get("members")) if not m.get("self")],
+    }
+
+
+def _ntp(view: dict[str, Any]) -> str:
+    server = view.get("ntp_server")
+    if not server:
+        return "not checked (no ntp_server set)"
+    offset = view.get("ntp_offset_ms")
+    if offset is None:
+        return f"{server}: no recent answer (see the daemon's log)"
+    return f"{server}: {_ms(offset)} (the server's clock minus ours)"
+
+
+def format_clock(view: dict[str, Any]) -> str:
+    """The ``clock`` table, from ``clock_view``."""
+    wall = view.get("wall_ms")
+    measured, needed = view.get("peers_measured"), view.get("min_peers")
+    median = _ms(view.get("median_clock_offset_ms"))
+    if median == "-":
+        median = "- (no recent peer measurement)"
+    else:
+        median += " (the cluster's median clock minus ours)"
+    limit = _ms(view.get("max_clock_offset_ms"), signed=False)
+    if needed is not None:
+        limit += f" (max_clock_offset_ms; the peer check needs {needed} measured peers)"
+    lines = ["clock", _pairs([
+        ("node", _text(view.get("node"))),
+        ("wall clock", f"{view.get('wall_iso')} ({wall} ms)" if wall is not None else "-"),
+        ("hlc", _hlc(view.get("hlc"))),
+        ("accepting writes", _writes(view)),
+        ("median offset", median),
+        ("peers measured", _text(measured)),
+        ("limit", limit),
+        ("ntp", _ntp(view)),
+    ]), "", "peers (clock_offset_ms: their clock minus ours)"]
+    peers = _dicts(view.get("peers"))
+    lines.append(_indent(format_table(PEER_CLOCK_COLUMNS, [
+        [p.get(c) for c in PEER_CLOCK_COLUMNS] for p in peers])) if peers else "  (none)")
+    return "\n".join(lines)
 
 
 # --------------------------------------------------------------------------- commands
 
 
-def cmd_status(args: argparse.Namespace) -> int:
+def _status(args: argparse.Namespace) -> dict[str, Any]:
     with connect(args) as client:
-        status = client.status()
-    print(to_json(status, indent=2) if args.json else format_status(status))
+        return client.status()
+
+
+def _emit(args: argparse.Namespace, value: Any, table: Callable[[Any], str]) -> int:
+    print(to_json(value, indent=2) if args.json else table(value))
     return EXIT_OK
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    return _emit(args, _status(args), format_status)
 
 
 def cmd_members(args: argparse.Namespace) -> int:
-    with connect(args) as client:
-        members = client.status().get("members") or []
-    if args.json:
-        print(to_json(members, indent=2))
-    else:
-        print(format_table(MEMBER_COLUMNS, [[m.get(c) for c in MEMBER_COLUMNS]
-                                            for m in members]))
-    return EXIT_OK
+    members = _dicts(_status(args).get("members"))
+    return _emit(args, members, lambda ms: format_table(
+        MEMBER_COLUMNS, [[m.get(c) for c in MEMBER_COLUMNS] for m in ms]))
+
+
+def _format_ring(ring: dict[str, Any]) -> str:
+    primary, replicas = _section(ring, "ownership"), _section(ring, "replica_ownership_n3")
+    rows = [[name, f"{100 * share:.1f}%", f"{100 * replicas.get(name, 0.0):.1f}%"]
+            for name, share in primary.items()]
+    return (format_table(("name", "primary", "replica (N=3)"), rows)
+            + f"\n\n{_text(ring.get('vnodes_per_node'))} virtual nodes per member; a "
+            "queue's replicas are the first distinct members clockwise from its name")
 
 
 def cmd_ring(args: argparse.Namespace) -> int:
-    with connect(args) as client:
-        ring = client.status().get("ring") or {}
-    if args.json:
-        print(to_json(ring, indent=2))
-        return EXIT_OK
-    primary = ring.get("ownership") or {}
-    replicas = ring.get("replica_ownership_n3") or {}
-    rows = [[name, f"{100 * share:.1f}%", f"{100 * replicas.get(name, 0.0):.1f}%"]
-            for name, share in primary.items()]
-    print(format_table(("name", "primary", "replica (N=3)"), rows))
-    print(f"\n{ring.get('vnodes_per_node')} virtual nodes per member; placement is not "
-          "used for data yet (replication comes with the mesh)")
-    return EXIT_OK
+    return _emit(args, _section(_status(args), "ring"), _format_ring)
+
+
+def cmd_clock(args: argparse.Namespace) -> int:
+    return _emit(args, clock_view(_status(args)), format_clock)
 
 
 def cmd_leave(args: argparse.Namespace) -> int:
     with connect(args) as client:
-        client.request("leave")
-    print("leaving the cluster; the daemon stops once the news has spread")
-    return EXIT_OK
-
+        result = client.request("leave")
+    return _emit(args, result, lambda _: "leaving the cluster; the daemon stops once the "
+                 "news has spread")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

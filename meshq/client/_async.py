@@ -70,6 +70,7 @@ class AsyncClient:
         self._nursery_cm: Any = None
         self._max_frame = max_frame
         self._dead: str | None = None
+        self._farewell: dict[str, Any] | None = None  # an error for no request, then EOF
 
     async def __aenter__(self) -> AsyncClient:
         try:
@@ -133,6 +134,9 @@ class AsyncClient:
     def _dispatch(self, frame: dict[str, Any]) -> None:
         push = frame.get("push")
         if push is None:
+            if frame.get("id") is None and "error" in frame:
+                self._farewell = frame  # why the daemon is closing the connection
+                return
             waiter = self._waiters.pop(frame.get("id"), None)  # type: ignore[arg-type]
             if waiter is not None:
                 waiter.frame = frame
@@ -168,6 +172,8 @@ class AsyncClient:
         await waiter.event.wait()
         if waiter.frame is None:
             self._waiters.pop(rid, None)
+            if self._farewell is not None:  # it said why: e.g. too many connections
+                result_of(self._farewell)
             raise Timeout(f"{op}: connection to meshqd lost; the outcome is unknown")
         return result_of(waiter.frame)
 

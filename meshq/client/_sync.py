@@ -75,6 +75,7 @@ class Client:
         self._ids = itertools.count(1)
         self._decoder = FrameDecoder(max_frame)
         self._responses: dict[int, dict[str, Any]] = {}
+        self._farewell: dict[str, Any] | None = None  # an error for no request, then EOF
         self._deliveries: dict[str, deque[Delivery | None]] = {}
         sock = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM)
         try:
@@ -105,10 +106,13 @@ class Client:
                 return False
             data = self._sock.recv(262144)
         except OSError as exc:
+            self._read_farewell()  # a reset is reported before the bytes that preceded it
             self.close()
             raise Timeout(f"connection to meshqd lost: {exc}") from None
         if not data:
             self.close()
+            if self._farewell is not None:  # why it closed: e.g. too many connections
+                result_of(self._farewell)
             raise Timeout("meshqd closed the connection; the outcome is unknown")
         self._decoder.feed(data)
         for frame in self._decoder.frames():
@@ -121,7 +125,23 @@ class Client:
                 self._deliveries.setdefault(tag, deque()).append(None)
             elif push is None and isinstance(frame.get("id"), int):
                 self._responses[frame["id"]] = frame
+            elif push is None and frame.get("id") is None and "error" in frame:
+                self._farewell = frame
         return True
+
+    def _read_farewell(self) -> None:
+        """After a failed send: if the daemon said why it closed (an error frame with no
+        id, such as "too many connections"), raise that."""
+        assert self._sock is not None
+        try:
+            while data := self._sock.recv(262144, _socket.MSG_DONTWAIT):
+                self._decoder.feed(data)
+        except OSError:
+            pass
+        for frame in self._decoder.frames():
+            if frame.get("id") is None and "error" in frame:
+                self.close()
+                result_of(frame)
 
     def submit(self, op: str, **fields: Any) -> int:
         """Send a request without waiting; returns its id for :meth:`wait`."""
@@ -132,6 +152,7 @@ class Client:
         try:
             self._sock.sendall(encode_frame(fields))
         except OSError as exc:
+            self._read_farewell()
             self.close()
             raise Timeout(f"connection to meshqd lost: {exc}") from None
         return rid

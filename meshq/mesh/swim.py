@@ -199,7 +199,8 @@ def _check_addr(addr: object, *, numeric: bool = True) -> str:
     if not isinstance(addr, str) or len(addr.encode()) > _MAX_ADDR_BYTES:
         raise WireError(f"address must be a short 'host:port' string, not {addr!r:.60}")
     host, sep, port = addr.rpartition(":")
-    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+    if not sep or not host or not (port.isascii() and port.isdigit()) \
+            or not 0 < int(port) < 65536:
         raise WireError(f"address must be 'host:port', not {addr!r:.60}")
     if numeric:
         literal = host[1:-1] if host.startswith("[") and host.endswith("]") else host

@@ -16,9 +16,11 @@ from typing import TYPE_CHECKING, Any
 import trio
 
 from meshq.broker import Broker, Pending, Session
-from meshq.errors import MeshqError, ProtocolError, Unavailable
+from meshq.errors import FrameTooLarge, MeshqError, ProtocolError, Unauthorized, Unavailable
+from meshq.metrics import request_timer
 from meshq.model import Message
 from meshq.protocol.codec import HEADER, FrameDecoder, pack_payload
+from meshq.server.access import UNKNOWN, PeerCreds
 from meshq.server.ops import OPS, QUEUE_OPS, delivery
 from meshq.server.relay import Upstream
 from meshq.store import StoreError
@@ -37,8 +39,15 @@ FINAL_WRITE_TIMEOUT = 1.0
 
 class Connection:
     def __init__(self, stream: trio.abc.Stream, node: Node, max_frame: int, *,
-                 relayed: bool = False) -> None:
+                 relayed: bool = False, creds: PeerCreds = UNKNOWN,
+                 frame_timeout: float | None = None) -> None:
         self.stream = stream
+        # Seconds a client may take to finish a frame it has begun (None: no limit), and
+        # why the reader closed the connection, for UnixServer's counters.
+        self.frame_timeout = frame_timeout
+        self.frame_timed_out = False
+        self.oversize_frame = False
+        self.creds = creds  # the peer process (SO_PEERCRED), judged by node.access
         self.node = node
         self.broker: Broker = node.broker
         self.store = node.store
@@ -53,6 +62,7 @@ class Connection:
         self.relayed = relayed  # a client of another node, relayed here (server/relay.py)
         self.upstreams: dict[str, Upstream] = {}
         self.relayed_tags: dict[str, Upstream] = {}
+        self._timer = request_timer(node)  # request latency per op (meshq.metrics)
 
     # -- outgoing --------------------------------------------------------------------
     def _write(self, frame: dict[str, Any]) -> None:
@@ -61,6 +71,7 @@ class Connection:
         out += HEADER.pack(len(payload))
         out += payload
         self._out_ready.set()
+        self._timer.done(frame.get("id"))  # a response (pushes have no id) is ready
 
     def _respond(self, rid: Any, result: dict[str, Any]) -> None:
         self._write({"id": rid, "result": result})
@@ -107,6 +118,13 @@ class Connection:
         if handler is None:
             self._error(rid, ProtocolError(f"unknown op {op!r}"))
             return
+        if not self.relayed:  # a relayed op was checked by the client's own node
+            try:
+                self.node.access.check(str(op), self.creds)
+            except Unauthorized as exc:
+                self._error(rid, exc)
+                return
+        self._timer.start(rid, op)
         repl = self.node.replicator
         if repl is not None and self._route(repl, op, rid, req):
             return
@@ -116,7 +134,8 @@ class Connection:
         """Relay an op on a queue another node dispatches; True when it is taken care of."""
         name = req.get("queue")
         if op == "cancel":
-            up = self.relayed_tags.get(req.get("consumer"))  # type: ignore[arg-type]
+            tag = req.get("consumer")  # any msgpack value: a list would not hash
+            up = self.relayed_tags.get(tag) if isinstance(tag, str) else None
             if up is not None:
                 up.send(req)
                 return True
@@ -216,27 +235,62 @@ class Connection:
 
     async def _reader(self) -> None:
         decoder = FrameDecoder(self.max_frame)
+        begun: float | None = None  # when the first bytes of the unfinished frame came
         try:
             while True:
                 if len(self._out) > HIGH_WATER:
                     self._drained = trio.Event()
                     await self._drained.wait()
+                    if begun is not None:  # our pause, not the client's stall: restart
+                        begun = trio.current_time()
                     continue
-                data = await self.stream.receive_some(65536)
+                if begun is None or self.frame_timeout is None:
+                    data = await self.stream.receive_some(65536)
+                else:
+                    data = None
+                    with trio.move_on_at(begun + self.frame_timeout):
+                        data = await self.stream.receive_some(65536)
+                    if data is None:
+                        self.frame_timed_out = True
+                        await self._fail(ProtocolError(
+                            f"frame not finished within client_frame_timeout "
+                            f"({self.frame_timeout:g} s)"))
+                        return
                 if not data:
                     return
                 decoder.feed(data)
+                finished = False
                 try:
                     while (frame := decoder.next_frame()) is not None:
-                        self._handle(frame)
+                        finished = True
+                        self._handle_safely(frame)
                 except ProtocolError as exc:
-                    # Answer, then close: the stream cannot be resynchronised.
-                    self._error(None, exc)
-                    with trio.move_on_after(FINAL_WRITE_TIMEOUT):
-                        await self.drain()
+                    self.oversize_frame = isinstance(exc, FrameTooLarge)
+                    await self._fail(exc)
                     return
+                if not decoder.pending():
+                    begun = None
+                elif begun is None or finished:  # a new frame began in this chunk
+                    begun = trio.current_time()
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             return
+
+    def _handle_safely(self, req: dict[str, Any]) -> None:
+        """``_handle``; an exception it lets out fails this request only (not the daemon)."""
+        try:
+            self._handle(req)
+        except MeshqError as exc:
+            self._error(req.get("id"), exc)
+        except Exception:
+            log.exception("request %.80r failed", req.get("id"))
+            self._error(req.get("id"), MeshqError("internal error; see the daemon's log"))
+
+    async def _fail(self, exc: ProtocolError) -> None:
+        """Answer with ``exc``, then let the caller close: the stream cannot be
+        resynchronised. Waits at most FINAL_WRITE_TIMEOUT for the client to read."""
+        self._error(None, exc)
+        with trio.move_on_after(FINAL_WRITE_TIMEOUT):
+            await self.drain()
 
     async def _watch_gone(self, cancel_scope: trio.CancelScope) -> None:
         await self._gone.wait()

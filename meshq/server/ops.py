@@ -11,7 +11,7 @@ from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
 from meshq.broker import Pending
-from meshq.errors import BadRequest
+from meshq.errors import BadRequest, Unavailable
 from meshq.model import Message
 
 if TYPE_CHECKING:
@@ -125,6 +125,13 @@ def _status(conn: Connection, req: dict[str, Any]) -> Result:
     return conn.node.status()
 
 
+def _keys(conn: Connection, req: dict[str, Any]) -> Result:
+    """The cluster key ring, here and on every live member (meshq/mesh/keys.py)."""
+    if conn.node.keys is None:
+        raise Unavailable("this node has no key service")
+    return conn.node.keys.request(_field(req, "action"), _field(req, "key", None))
+
+
 def _leave(conn: Connection, req: dict[str, Any]) -> Result:
     """Leave the cluster gracefully and stop the daemon (like ``consul leave``)."""
     conn.node.stop()
@@ -150,4 +157,5 @@ OPS: dict[str, Handler] = {
     "stats": _stats,
     "status": _status,
     "leave": _leave,
+    "keys": _keys,
 }
