@@ -180,9 +180,20 @@ def _n(v: float | None, fmt: str = ",") -> str:
     return "-" if v is None else format(v, fmt)
 
 
-def cluster_table(result: dict[str, Any]) -> str:
+def keyed_summary(vs_unkeyed: dict[str, Any]) -> str:
+    """One line: the keyed cluster's figures as ratios to the unkeyed cluster's."""
+    parts = []
+    for kind in ("publish", "consume"):
+        if kind in vs_unkeyed:
+            parts.append(f"{kind} {_n(vs_unkeyed[kind].get('ratio'), '.2f')}")
+    if "latency" in vs_unkeyed:
+        parts.append(f"p99 {_n(vs_unkeyed['latency'].get('p99_ratio'), '.2f')}")
+    return "keyed / unkeyed cluster, same run: " + (", ".join(parts) or "-")
+
+
+def cluster_table(result: dict[str, Any], which: str = "cluster") -> str:
     """The markdown summary of the cluster: each figure beside the single node's."""
-    c = result["cluster"]
+    c = result[which]
     nodes = c.get("nodes")
     head = [f"{nodes} nodes ({', '.join(c.get('names', []))}; queue options "
             f"{c.get('queue_options')}) vs 1 node, same run", "1 node", f"{nodes} nodes",

@@ -2,7 +2,7 @@
 """Benchmark meshqd: publish, consume+ack and latency, against a SQLite ceiling, on one
 daemon and (--nodes N) on a cluster of N, as ratios to the single daemon.
 
-Usage: .venv/bin/python tools/bench.py [--quick] [--nodes N] [--sim-only] [--out FILE]
+Usage: .venv/bin/python tools/bench.py [--quick] [--nodes N [--keyed]] [--sim-only] [--out FILE]
        [--profile] [--dir DIR]
 
 First the raw SQLite ceiling, in a scratch directory under --dir (default: the system
@@ -27,9 +27,11 @@ producer on the first node and its consumer on the last. Each figure is reported
 ratio to the single daemon's (targets: publish >= 0.40 of it, latency p99 <= 25 ms). A
 cluster scenario that fails (a daemon's error, unconfirmed sends, undelivered messages,
 no progress for a minute) is reported in its entry, the others still run, and the exit
-status is 1. Last, the simulated network (meshq.testing SimCluster, virtual time;
---sim-only runs just this): for 5, 20 and 50 nodes and a few seeds, how long a join
-through one seed takes to reach every node, and how long after a node is killed the
+status is 1. With --keyed the same cluster runs again with a cluster key (every peer
+packet and stream encrypted), reported beside the single daemon and as ratios to the
+unkeyed cluster of the same run. Last, the simulated network (meshq.testing SimCluster,
+virtual time; --sim-only runs just this): for 5, 20 and 50 nodes and a few seeds, how long
+a join through one seed takes to reach every node, and how long after a node is killed the
 first other node suspects it and all of them hold it dead.
 
 The load runs in spawned worker processes (tools/_benchlib.py), all connections of a
@@ -82,6 +84,7 @@ from _benchmesh import (
     CLUSTER_SCENARIOS,
     cluster_table,
     compare,
+    keyed_summary,
     queue_options,
     run_cluster,
     sim_table,
@@ -90,6 +93,7 @@ from _benchmesh import (
 from tqdm import tqdm
 
 import meshq
+from meshq.mesh.keyring import generate_key
 from meshq.testing import DaemonProcess
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -531,10 +535,14 @@ def run_repeated(key: str, nodes: list[BenchDaemon], args: argparse.Namespace, w
     return median_run(runs)
 
 
-def cluster_node(data_dir: Path, name: str, join: str | None,
+def cluster_node(data_dir: Path, name: str, join: str | None, key_file: Path | None = None,
                  ) -> AbstractContextManager[BenchDaemon]:
-    """One node of --nodes (see _benchmesh.running_cluster): a free loopback peer port."""
-    return BenchDaemon(data_dir, node_name=name, bind="127.0.0.1:0", join=join).running()
+    """One node of --nodes (see _benchmesh.running_cluster): a free loopback peer port;
+    with ``key_file``, keyed."""
+    daemon = BenchDaemon(data_dir, node_name=name, bind="127.0.0.1:0", join=join)
+    if key_file is not None:
+        daemon.args += ["--cluster-key-file", str(key_file)]
+    return daemon.running()
 
 
 # ----------------------------------------------------------------------------- profile
@@ -595,6 +603,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="with N > 1, after the single daemon: the same scenarios on a cluster "
                    "of N daemons, as ratios to the single daemon's figures; then the "
                    "simulated-network figures")
+    p.add_argument("--keyed", action="store_true",
+                   help="with --nodes N: then the same cluster again with a cluster key "
+                   "(encrypted peer traffic), as ratios to the unkeyed cluster")
     p.add_argument("--sim-only", action="store_true",
                    help="only the simulated-network figures (no daemon, no SQLite)")
     p.add_argument("--sim-sizes", default="5,20,50", help="simulated cluster sizes")
@@ -697,6 +708,14 @@ def measure(args: argparse.Namespace, bench_dir: Path, result: dict[str, Any]) -
         if not run_cluster(args, bench_dir, result["cluster"], start=cluster_node,
                            repeat=run_repeated, log=log):
             code = 1
+        if args.keyed:
+            key_file = bench_dir / "cluster.key"
+            key_file.write_text(generate_key())
+            result["cluster_keyed"] = {"nodes": args.nodes, "keyed": True}
+            if not run_cluster(args, bench_dir / "keyed", result["cluster_keyed"],
+                               start=partial(cluster_node, key_file=key_file),
+                               repeat=run_repeated, log=log):
+                code = 1
     if args.profile:
         out_dir = Path(args.profile_dir or tempfile.mkdtemp(prefix="meshq-bench-profile-"))
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -741,6 +760,12 @@ def main(argv: list[str] | None = None) -> int:
     if result.get("cluster", {}).get("scenarios"):
         result["cluster"]["vs_single_node"] = compare(result["scenarios"],
                                                       result["cluster"]["scenarios"])
+    if result.get("cluster_keyed", {}).get("scenarios"):
+        keyed = result["cluster_keyed"]
+        keyed["vs_single_node"] = compare(result["scenarios"], keyed["scenarios"])
+        # "single" in these rows is the unkeyed cluster of the same run
+        keyed["vs_unkeyed_cluster"] = compare(result["cluster"].get("scenarios", {}),
+                                              keyed["scenarios"])
     result["duration_s"] = round(time.monotonic() - started, 1)
     text = json.dumps(result, indent=2)
     print(text)
@@ -750,6 +775,9 @@ def main(argv: list[str] | None = None) -> int:
         log("\n" + table(result))
     if "cluster" in result:
         log("\n" + cluster_table(result))
+    if "cluster_keyed" in result:
+        log("\nkeyed (encrypted peer traffic):\n" + cluster_table(result, "cluster_keyed"))
+        log(keyed_summary(result["cluster_keyed"].get("vs_unkeyed_cluster", {})))
     if "simulated" in result:
         log("\n" + sim_table(result["simulated"]))
     if "profile" in result:
