@@ -121,6 +121,9 @@ class NodeCollector:
                          server["connections"])
             yield from (_counter(name, doc, server[key])
                         for key, name, doc in CLIENT_COUNTERS if key in server)
+        security = status.get("security")
+        if security is not None:
+            yield from self._security(security)
         access = status.get("access")
         if access is not None and "refused" in access:
             yield _counter("meshq_access_refused", "Requests refused by the access rules.",
@@ -193,6 +196,18 @@ class NodeCollector:
         yield _counter("meshq_bad_packets", "Malformed UDP packets dropped.",
                        mesh["bad_packets"])
         yield _counter("meshq_bad_streams", "Peer TCP streams refused.", mesh["bad_streams"])
+
+    def _security(self, sec: dict[str, Any]) -> Iterator[Metric]:
+        yield _gauge("meshq_cluster_keyed", "1 when peer traffic is encrypted and "
+                     "authenticated with a cluster key, else 0.", 1 if sec["keyed"] else 0)
+        yield _gauge("meshq_cluster_keys", "Keys in this node's ring.", len(sec["keys"]))
+        for kind, what in (("packets", "UDP packets"), ("streams", "peer streams")):
+            fam = CounterMetricFamily(f"meshq_peer_{kind}_rejected", f"{what} refused "
+                                      "before reading: unkeyed, bad_key or rate_limited.",
+                                      labels=["reason"])
+            for reason, n in sec[f"rejected_{kind}"].items():
+                fam.add_metric([reason], n)
+            yield fam
 
     def _replication(self, repl: dict[str, Any]) -> Iterator[Metric]:
         yield _gauge("meshq_hinted_messages", "Messages held for queues this node is not a "

@@ -131,6 +131,9 @@ def test_scrape_reports_what_the_client_did(node: tuple[DaemonProcess, int]) -> 
         assert value(s, "meshq_store_size_bytes") > 0
         assert ("meshq_request_duration_seconds_count",
                 frozenset({("op", "nonsense")})) not in s
+        assert value(s, "meshq_cluster_keyed") == 0  # a loopback node with no key
+        assert value(s, "meshq_peer_packets_rejected_total", reason="bad_key") == 0
+        assert value(s, "meshq_peer_streams_rejected_total", reason="unkeyed") == 0
         node_info = [k for k in s if k[0] == "meshq_node_info"]
         assert dict(node_info[0][1])["node"] == d.node_name
     # A lease released by the disconnect comes back redelivered, and is counted as such.
