@@ -210,3 +210,18 @@ async def test_a_stream_ends_when_its_key_is_removed() -> None:
     await a.send_all(b"more")
     with pytest.raises(PeerProtocolError, match="removed"):
         await b.receive_some()
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.binary(max_size=300), st.booleans())
+async def test_any_bytes_on_a_keyed_stream_are_refused(data: bytes, with_preamble: bool) -> None:
+    """Whatever an attacker without the key sends: a refusal or an end, never plaintext."""
+    left, right = trio.testing.memory_stream_pair()
+    keyed = SecureStream(right, Keyring([K1]), initiator=False)
+    await left.send_all((b"MQS\x01" + bytes(16) if with_preamble else b"") + data)
+    await left.send_eof()  # the keyed side can still send its own preamble
+    try:
+        got = await keyed.receive_some()
+    except (PeerProtocolError, trio.BrokenResourceError):
+        return
+    assert got == b"" and with_preamble and data == b"", data  # a clean, empty stream

@@ -154,6 +154,8 @@ class SecureStream(trio.abc.Stream):
         """Decrypt the next record into the plain buffer; False at a clean end."""
         while len(self._inbuf) < _LENGTH.size:
             if not await self._fill():
+                if self._inbuf:
+                    raise PeerProtocolError("stream ended inside a record")
                 return False
         (length,) = _LENGTH.unpack_from(self._inbuf)
         if not TAG_BYTES <= length <= RECORD_BYTES + TAG_BYTES:
