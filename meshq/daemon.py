@@ -155,9 +155,9 @@ async def _run_node(config: Config, clock: Clock, task_status: Any, node_id: str
                         mode=config.socket_mode, group=config.socket_group,
                         frame_timeout=config.client_frame_timeout)
     node.server = server  # its counters go in the status ("server")
+    await server.bind()
     metrics = (None if config.metrics_bind is None  # StartupError when it cannot listen
                else await open_metrics_server(config.metrics_bind, node))
-    await server.bind()
     async with trio.open_nursery() as nursery:
         if metrics is not None:
             await nursery.start(metrics.run)  # GET /metrics (meshq/metrics.py)

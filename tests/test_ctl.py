@@ -121,11 +121,8 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[list[DaemonPro
 def test_status_json_matches_the_documentation(cluster: list[DaemonProcess]) -> None:
     status = ctl_json(cluster[0], "status")
     for section in ("node", "members", "mesh", "clock", "ring", "queues", "store",
-                    "broker", "replication"):
+                    "broker", "replication", "security", "server", "access"):
         check_documented(section, status[section])
-    for section in ("security", "access"):  # present since the cluster key and access
-        if status.get(section) is not None:
-            check_documented(section, status[section])
     assert status["clock"]["max_clock_offset_ms"] == MAX_OFFSET_MS
     assert status["clock"]["ntp_server"] == NTP_SERVER
     assert status["clock"]["peers_measured"] == 1 and status["clock"]["min_peers"] == 2

@@ -23,6 +23,7 @@ from meshq.mesh.keyring import (
     parse_key,
 )
 from meshq.mesh.secure import SecureStream, StreamRefused
+from meshq.mesh.transport import RateLimit, source_host
 from meshq.mesh.wire import PeerProtocolError, decode_packet, encode_packet
 
 K1, K2, K3 = (bytes([n]) * 32 for n in (1, 2, 3))
@@ -82,8 +83,11 @@ def test_install_use_remove_and_persistence(tmp_path: Path) -> None:
     ring.remove(K1)
     with pytest.raises(KeyringError, match="not installed"):
         ring.use(K1)
-    with pytest.raises(KeyringError, match="not installed"):
-        ring.resolve(base64.b64encode(K3).decode())
+    assert ring.resolve(base64.b64encode(K3).decode()) is None  # valid, not installed
+    assert ring.resolve(fingerprint(K3)) is None
+    with pytest.raises(KeyringError, match="base64"):
+        ring.resolve("neither a key nor a fingerprint")
+    ring.remove(K1)  # already gone: a second run of a rotation step is harmless
     assert ring.resolve(fingerprint(K2)) == K2
     again = Keyring.load(path, K1)  # the file wins over the initial key
     assert again.keys == (K2,)
@@ -91,6 +95,13 @@ def test_install_use_remove_and_persistence(tmp_path: Path) -> None:
     path.write_text("{nonsense")
     with pytest.raises(KeyringError, match="not a meshq keyring"):
         Keyring.load(path)
+    path.write_text('{"keys": [1]}')
+    with pytest.raises(KeyringError, match="not a meshq keyring"):
+        Keyring.load(path)
+    path.write_text('{"keys": []}')  # would silently turn encryption off
+    with pytest.raises(KeyringError, match="holds no key"):
+        Keyring.load(path, K1)
+    assert list(tmp_path.glob("*.tmp")) == []
 
 
 def test_an_empty_ring_refuses_install(tmp_path: Path) -> None:
@@ -187,8 +198,8 @@ async def test_a_replayed_or_altered_record_is_refused() -> None:
     preamble, record = wire.sent
     assert b"first" not in record
     await left.send_all(record)  # the same record again: its nonce is used up
-    with pytest.raises(PeerProtocolError, match="authentication"):
-        await b.receive_some()
+    with pytest.raises(trio.BrokenResourceError, match="authentication"):
+        await b.receive_some()  # after the peer authenticated: a broken stream
 
     left, right = trio.testing.memory_stream_pair()
     b = SecureStream(right, ring, initiator=False)
@@ -198,7 +209,7 @@ async def test_a_replayed_or_altered_record_is_refused() -> None:
         await b.receive_some()
 
 
-async def test_a_stream_ends_when_its_key_is_removed() -> None:
+async def test_a_stream_outlives_the_removal_of_its_key_and_new_ones_need_the_new_key() -> None:
     ring_a, ring_b = Keyring([K1]), Keyring([K1])
     a, b, _ = _pair(ring_a, ring_b)
     async with trio.open_nursery() as nursery:
@@ -207,9 +218,33 @@ async def test_a_stream_ends_when_its_key_is_removed() -> None:
     ring_b.install(K2)
     ring_b.use(K2)
     ring_b.remove(K1)
-    await a.send_all(b"more")
-    with pytest.raises(PeerProtocolError, match="removed"):
-        await b.receive_some()
+    await a.send_all(b"more")  # its own stream keys: rotation does not cut it
+    assert await _read(b, 4) == b"more"
+    old, new, refused = _pair(Keyring([K1]), ring_b)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(old.send_all, b"late")
+        with pytest.raises(StreamRefused):
+            await new.receive_some()
+    assert refused == ["bad_key"]
+
+
+async def test_a_peer_that_connects_and_closes_is_counted_not_raised_as_broken() -> None:
+    left, right = trio.testing.memory_stream_pair()
+    refused: list[str] = []
+    keyed = SecureStream(right, Keyring([K1]), initiator=False, on_refused=refused.append)
+    await left.send_eof()
+    with pytest.raises(StreamRefused):
+        await keyed.receive_some()
+    assert refused == ["unkeyed"]
+
+
+async def test_a_silent_peer_breaks_the_handshake_in_time(autojump_clock: object) -> None:
+    left, right = trio.testing.memory_stream_pair()
+    keyed = SecureStream(left, Keyring([K1]), initiator=True, handshake_timeout=5)
+    with pytest.raises(trio.BrokenResourceError, match="no handshake"):
+        await keyed.send_all(b"hello?")
+    assert trio.current_time() == pytest.approx(5)
+    del right
 
 
 @settings(max_examples=200, deadline=None)
@@ -225,3 +260,26 @@ async def test_any_bytes_on_a_keyed_stream_are_refused(data: bytes, with_preambl
     except (PeerProtocolError, trio.BrokenResourceError):
         return
     assert got == b"" and with_preamble and data == b"", data  # a clean, empty stream
+
+
+# ------------------------------------------------------------------ the UDP rate limit
+
+
+def test_rate_limit_is_a_token_bucket_per_source() -> None:
+    limit = RateLimit(10)
+    assert sum(limit.allow("a", 0.0) for _ in range(15)) == 10  # a burst of one second
+    assert limit.allow("b", 0.0)  # another source has its own bucket
+    assert not limit.allow("a", 0.05)  # half a token
+    assert limit.allow("a", 0.1)  # one token refilled
+    assert sum(limit.allow("a", 5.0) for _ in range(15)) == 10  # refills up to the burst
+
+
+@pytest.mark.parametrize(("addr", "host"), [
+    ("10.0.0.5:7946", "10.0.0.5"),
+    ("10.0.0.5:1", "10.0.0.5"),
+    ("[2001:db8::1]:7946", "2001:db8::/64"),
+    ("[2001:db8::ffff:1]:5", "2001:db8::/64"),
+    ("[::1]:7946", "::/64"),
+])
+def test_limits_count_per_host_and_ipv6_per_64(addr: str, host: str) -> None:
+    assert source_host(addr) == host

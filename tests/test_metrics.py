@@ -355,7 +355,30 @@ async def test_server_refuses_clients_past_its_cap() -> None:
 
 
 def test_timer_ignores_frames_it_did_not_start() -> None:
-    timer = RequestTimer(None)
+    class Child:
+        def __init__(self) -> None:
+            self.seen: list[float] = []
+
+        def observe(self, seconds: float) -> None:
+            self.seen.append(seconds)
+
+    child = Child()
+
+    class FakeMetrics:
+        def child(self, op: Any) -> Any:
+            return child if op == "send" else None
+
+    timer = RequestTimer(FakeMetrics())  # type: ignore[arg-type]
     timer.start(1, "send")
+    timer.start(2, "nonsense")  # not an op: not measured
+    timer.start([3], "send")  # an id that cannot be a key: answered, not measured
+    timer.done(None)  # a frame for no request
+    timer.done(2)
+    timer.done([3])
+    assert child.seen == []
     timer.done(1)
-    timer.done(None)
+    timer.done(1)  # a second frame with the same id
+    assert len(child.seen) == 1 and child.seen[0] >= 0
+    idle = RequestTimer(None)  # metrics off: records nothing
+    idle.start(1, "send")
+    idle.done(1)

@@ -11,10 +11,14 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import trio
+from test_bad_input import Raw
 from test_membership import all_alive, eventually
 
-from meshq.mesh.keyring import ENVELOPE_HEADER, generate_key
-from meshq.mesh.transport import parse_address
+from meshq.mesh.keyring import ENVELOPE_HEADER, Keyring, generate_key, parse_key
+from meshq.mesh.ring import Ring
+from meshq.mesh.transport import FramedStream, UdpTcpTransport, parse_address
+from meshq.mesh.wire import hello_frame
 from meshq.testing import DaemonProcess
 
 
@@ -115,3 +119,60 @@ def test_idle_and_half_open_peer_connections_are_bounded(pair: list[DaemonProces
     with a.client() as c:
         assert c.status()["mesh"]["bad_streams"] >= len(conns) - 64
     assert drain(b, "idle") >= set(ids)
+
+
+async def _relay_as_a_peer(addr: str, key: str, ending: str) -> dict:
+    """A keyed peer opening a relayed-client stream: asks for ``leave`` (not relayed),
+    then ends the stream with a forged record or half a record."""
+    keyring = Keyring([parse_key(key)])
+    async with await UdpTcpTransport.bind("127.0.0.1:0", keyring=keyring) as t:
+        raw = await t.open_stream(addr, 5)
+        stream = FramedStream(raw)
+        hello = hello_frame("meshq", "ghost")
+        hello["kind"] = "client"
+        with trio.fail_after(10):
+            await stream.send(hello)
+            assert (await stream.receive() or {}).get("t") == "hello"
+            await stream.send({"op": "leave", "id": 1})
+            answer = await stream.receive() or {}
+            inner = raw.inner  # type: ignore[attr-defined]
+            if ending == "forged":
+                await inner.send_all(b"\x00\x00\x00\x20" + b"\x00" * 32)
+            else:  # a record header and part of its body, as a node killed mid-send
+                await inner.send_all(b"\x00\x00\x40\x10" + b"\x00" * 100)
+        await raw.aclose()
+        return answer
+
+
+@pytest.mark.parametrize("ending", ["forged", "cut"])
+def test_a_relayed_stream_runs_no_admin_op_and_its_bad_end_harms_nothing(
+        pair: list[DaemonProcess], tmp_path: Path, ending: str) -> None:
+    a, b = pair
+    assert a.bind is not None
+    key = (tmp_path / "cluster.key").read_text()
+    answer = trio.run(_relay_as_a_peer, a.bind, key, ending)
+    assert answer["error"]["code"] == "BAD_REQUEST", answer
+    assert "not relayed" in answer["error"]["message"]
+    with a.client() as c:  # still up, still a member, still serving
+        assert c.ping()
+        c.declare("after-" + ending, replicas=2)
+        ids = [c.send("after-" + ending, "x") for _ in range(5)]
+    assert a.proc is not None and a.proc.poll() is None
+    assert all_alive(pair, {"a", "b"})
+    assert drain(b, "after-" + ending) >= set(ids)
+
+
+def test_a_relayed_request_may_have_any_msgpack_id(pair: list[DaemonProcess]) -> None:
+    """Ids are any msgpack value (protocol.md); a list must not break the relay."""
+    a = pair[0]
+    ring = Ring.build(("a", "b"))
+    name = next(f"ids-{i}" for i in range(1000) if ring.preference_list(f"ids-{i}", 2)[0] == "b")
+    with a.client() as c:
+        c.declare(name, replicas=2)
+    raw = Raw(a.socket)
+    try:
+        answer = raw.request(op="stats", queue=name, id=[1, {"x": 2}])
+        assert answer["id"] == [1, {"x": 2}] and answer["result"]["queues"], answer
+    finally:
+        raw.close()
+    assert "Traceback" not in a.log_tail(20000)

@@ -238,7 +238,8 @@ async def test_meshqd_ready_status_watchdog_stopping(tmp_path: Path) -> None:
                     pings += fields == {"WATCHDOG": "1"}
                 await trio.to_thread.run_sync(_ask, d, "declare", "q")
                 while "1 queue," not in fields.get("STATUS", ""):
-                    messages.append((pid, fields := (await receive(sock))[1]))
+                    pid, fields = await receive(sock)
+                    messages.append((pid, fields))
 
             children = list(_children(d.pid))
             assert children, "meshqd runs its SQLite writer as a child process"

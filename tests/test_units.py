@@ -69,7 +69,7 @@ def test_unit_is_notify_with_watchdog_and_static_user() -> None:
     env = dict(e.split("=", 1) for e in s["Environment"])
     assert env["MESHQ_DATA_DIR"] == "/var/lib/" + s["StateDirectory"][0]
     assert Path(env["MESHQ_SOCKET"]).parent == Path("/run") / s["RuntimeDirectory"][0]
-    assert s["RuntimeDirectoryMode"] == ["0750"]  # group meshq reaches the 0660 socket
+    assert s["RuntimeDirectoryMode"] == ["0755"]  # meshq-clients reach the 0660 socket
     assert "--config /etc/meshq/meshq.toml" in s["ExecStart"][0]
 
 
@@ -78,6 +78,8 @@ def test_sysusers_and_tmpfiles_name_the_units_user() -> None:
              if line and not line.startswith("#")]
     assert ["u", "meshq"] in users and ["g", "meshq"] in users
     assert ["g", "meshq-admin"] in users  # the example config's [access] names it
+    assert ["g", "meshq-clients"] in users  # the example config's socket_group
+    assert ["m", "meshq"] in users  # the daemon may give its socket to meshq-clients
     tmpfiles = (SYSTEMD / "meshq.tmpfiles").read_text()
     assert "d /etc/meshq 0750 root meshq -" in tmpfiles
 
@@ -110,7 +112,7 @@ def test_example_config_loads() -> None:
     assert config.cluster_key_file == Path("/etc/meshq/cluster.key")
     assert config.bind == "10.0.0.11:7946"
     assert config.join == ("10.0.0.12:7946", "10.0.0.13:7946")
-    assert (config.socket_mode, config.socket_group) == (0o660, "meshq")
+    assert (config.socket_mode, config.socket_group) == (0o660, "meshq-clients")
     assert config.metrics_bind == "127.0.0.1:9464"
     assert config.log_level == "info"
     assert set(config.access) == {"delete", "purge", "leave", "keys"}

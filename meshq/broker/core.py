@@ -622,7 +622,7 @@ class Broker:
             else:
                 by_queue[q] = list(msgs)
         for q, msgs in by_queue.items():  # one dispatch per queue, not per send
-            if error is None:
+            if error is None and self.queues.get(q.name) is q:  # not deleted meanwhile
                 self.totals[q.name]["published"] += len(msgs)
             self._committed(q, msgs, error)
 
@@ -748,10 +748,17 @@ class Broker:
             q.remove(msg)
             self._delete(msg)
         if mine:
-            self.totals[q.name]["acked"] += len(mine)
             self._dispatch(q, self.clock.time())
         result = {"acked": [m.id for m in mine], "failed": failed}
-        return Pending(self.store.current_batch() if mine else None, result)
+        pending = Pending(self.store.current_batch() if mine else None, result)
+        if mine:  # counted once durable, as sends are
+            pending.then(functools.partial(self._count_acked, q, len(mine)))
+        return pending
+
+    def _count_acked(self, q: Queue, n: int, _result: Any,
+                     error: BaseException | None) -> None:
+        if error is None and self.queues.get(q.name) is q:
+            self.totals[q.name]["acked"] += n
 
     def nack(self, session: Session, name: Any, ids: Any, *, requeue: Any = True,
              delay: Any = 0.0) -> Pending:

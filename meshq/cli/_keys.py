@@ -9,6 +9,7 @@ otherwise it is UNAVAILABLE's (5), and the table or ``--json`` says which node d
 from __future__ import annotations
 
 import argparse
+import sys
 from typing import Any
 
 from meshq.cli._common import EXIT_OK, connect, format_table, to_json
@@ -33,8 +34,11 @@ def cmd_keys_generate(args: argparse.Namespace) -> int:
 
 def cmd_keys(args: argparse.Namespace) -> int:
     action = args.keys_command
+    key = getattr(args, "key", None)
+    if key == "-":  # from stdin: a key on the command line shows in ps and the history
+        key = sys.stdin.readline().strip()
     with connect(args) as client:
-        result = client.request("keys", action=action, key=getattr(args, "key", None))
+        result = client.request("keys", action=action, key=key)
     print(to_json(result, indent=2) if args.json else format_keys(action, result))
     return EXIT_OK if result.get("ok") == result.get("total") else EXIT_PARTIAL
 

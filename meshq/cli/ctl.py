@@ -87,7 +87,8 @@ def build_parser() -> argparse.ArgumentParser:
         p = add_command(keys, action, text, cmd_keys)
         if action != "list":
             p.add_argument("key", help="the key, base64" + (
-                "" if action == "install" else "; or its fingerprint"))
+                "" if action == "install" else ", or its fingerprint")
+                + "; - reads it from stdin (not shown by ps)")
     add_command(sub, "leave", "leave the cluster gracefully and stop the daemon", cmd_leave)
     return parser
 

@@ -18,10 +18,13 @@ from __future__ import annotations
 
 import base64
 import binascii
+import contextlib
 import hashlib
 import json
 import os
+import re
 import secrets
+import tempfile
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -37,6 +40,7 @@ __all__ = [
     "fingerprint",
     "generate_key",
     "parse_key",
+    "write_keys",
 ]
 
 KEY_BYTES = 32  # AES-256
@@ -44,6 +48,7 @@ NONCE_BYTES = 12
 TAG_BYTES = 16
 ENVELOPE_HEADER = b"MQ\x01\x01"  # magic, envelope version 1, FLAG_ENCRYPTED (wire.py)
 ENVELOPE_OVERHEAD = len(ENVELOPE_HEADER) + NONCE_BYTES + TAG_BYTES
+_FINGERPRINT = re.compile(r"[0-9a-f]{16}")
 
 
 class KeyringError(ValueError):
@@ -73,6 +78,28 @@ def fingerprint(key: bytes) -> str:
     return hashlib.sha256(b"meshq key fingerprint\0" + key).hexdigest()[:16]
 
 
+def write_keys(path: Path, keys: list[bytes]) -> None:
+    """Write ``keys`` to ``path`` atomically: a fresh 0600 temp file, fsync, rename, fsync
+    of the directory. Safe to call from a worker thread; concurrent calls do not mix."""
+    data = json.dumps({"keys": [base64.b64encode(k).decode() for k in keys]})
+    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
 class Keyring:
     """The keys this node accepts; ``primary`` is the one it sends with (None: no key,
     and traffic is in clear). ``path``, when set, is rewritten (mode 0600) on each change.
@@ -89,7 +116,7 @@ class Keyring:
     @classmethod
     def load(cls, path: Path, initial: bytes | None = None) -> Keyring:
         """The ring persisted at ``path``; if there is none, a ring of ``initial`` (saved
-        there) or an empty one (not saved). KeyringError for a damaged file."""
+        there) or an empty one (not saved). KeyringError for a damaged or empty file."""
         try:
             text = path.read_text()
         except FileNotFoundError:
@@ -100,21 +127,16 @@ class Keyring:
         try:
             data = json.loads(text)
             keys = [parse_key(k) for k in data["keys"]]
-        except (ValueError, KeyError, TypeError) as exc:
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:
             raise KeyringError(f"{path}: not a meshq keyring ({exc})") from None
+        if not keys:
+            raise KeyringError(f"{path}: the keyring holds no key (delete the file to start "
+                               "again from cluster_key_file)")
         return cls(keys, path)
 
     def save(self) -> None:
-        if self.path is None:
-            return
-        data = {"keys": [base64.b64encode(k).decode() for k in self._keys]}
-        tmp = self.path.with_name(self.path.name + ".tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
-        with os.fdopen(fd, "w") as f:
-            json.dump(data, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, self.path)
+        if self.path is not None:
+            write_keys(self.path, self._keys)
 
     # -- the keys ----------------------------------------------------------------
     @property
@@ -138,46 +160,67 @@ class Keyring:
             self._keys.append(key)
             self._ciphers[key] = AESGCM(key)
 
-    def resolve(self, text: str) -> bytes:
-        """The installed key named by ``text``: its base64 form or its fingerprint."""
+    def resolve(self, text: str) -> bytes | None:
+        """The key named by ``text``, its base64 form or its fingerprint: the key if it
+        is installed, None if it is not. KeyringError if ``text`` is neither form."""
+        text = text.strip()
         for key in self._keys:
-            if text.strip() == fingerprint(key):
+            if text == fingerprint(key):
                 return key
+        if _FINGERPRINT.fullmatch(text):
+            return None
         key = parse_key(text)
-        if key not in self._ciphers:
-            raise KeyringError(f"key {fingerprint(key)} is not installed on this node")
-        return key
+        return key if key in self._ciphers else None
+
+    def planned(self, action: str, key: bytes | None) -> list[bytes] | None:
+        """The keys after ``action`` ("install", "use", "remove"), primary first; None
+        when it changes nothing. KeyringError when it is not allowed. Pure: see replace."""
+        keys = list(self._keys)
+        if action == "install":
+            assert key is not None
+            if not keys:
+                raise KeyringError("this node has no cluster key: start every node with "
+                                   "cluster_key_file to turn encryption on")
+            return None if key in keys else [*keys, key]
+        if action == "use":
+            if key is None:
+                raise KeyringError("that key is not installed on this node; install it "
+                                   "first")
+            return None if key == keys[0] else [key, *(k for k in keys if k != key)]
+        if action == "remove":
+            if key is None or key not in keys:
+                return None  # not there: done already (a second run is harmless)
+            if key == keys[0]:
+                raise KeyringError(f"key {fingerprint(key)} is the primary key: use another "
+                                   "key first")
+            return [k for k in keys if k != key]
+        raise ValueError(f"unknown keyring action {action!r}")
+
+    def replace(self, keys: list[bytes]) -> None:
+        """Take ``keys`` (primary first) at once: readers never see a half-changed ring."""
+        ciphers = {k: self._ciphers.get(k) or AESGCM(k) for k in keys}
+        self._keys, self._ciphers = list(keys), ciphers
 
     def install(self, key: bytes) -> bool:
         """Accept ``key`` too (sending still uses the primary); False if it was there."""
-        if not self._keys:
-            raise KeyringError("this node has no cluster key: start every node with "
-                               "cluster_key_file to turn encryption on")
-        if key in self._ciphers:
-            return False
-        self._add(key)
-        self.save()
-        return True
+        return self._apply("install", key)
 
     def use(self, key: bytes) -> None:
         """Send with ``key`` (it must be installed) from now on."""
-        if key not in self._ciphers:
-            raise KeyringError(f"key {fingerprint(key)} is not installed on this node; "
-                               "install it first")
-        self._keys.remove(key)
-        self._keys.insert(0, key)
-        self.save()
+        self._apply("use", key if key in self._ciphers else None)
 
     def remove(self, key: bytes) -> None:
-        """Stop accepting ``key``; the primary cannot be removed."""
-        if key not in self._ciphers:
-            raise KeyringError(f"key {fingerprint(key)} is not installed on this node")
-        if key == self._keys[0]:
-            raise KeyringError(f"key {fingerprint(key)} is the primary key: use another "
-                               "key first")
-        self._keys.remove(key)
-        del self._ciphers[key]
-        self.save()
+        """Stop accepting ``key``; the primary cannot be removed; an absent key is fine."""
+        self._apply("remove", key)
+
+    def _apply(self, action: str, key: bytes | None) -> bool:
+        keys = self.planned(action, key)
+        if keys is None:
+            return False
+        if self.path is not None:
+            write_keys(self.path, keys)
+        self.replace(keys)
+        return True
 
     def cipher(self, key: bytes) -> AESGCM:
         return self._ciphers[key]

@@ -21,7 +21,7 @@ import trio
 
 from meshq.config import Config, parse_host_port
 from meshq.errors import BadRequest, MeshqError, StartupError
-from meshq.mesh.keyring import Keyring, KeyringError, fingerprint, parse_key
+from meshq.mesh.keyring import Keyring, KeyringError, fingerprint, parse_key, write_keys
 from meshq.mesh.swim import MemberState
 from meshq.mesh.transport import FramedStream, UdpTcpTransport
 from meshq.mesh.wire import check_hello, hello_frame
@@ -100,6 +100,9 @@ def security_status(config: Config, transport: UdpTcpTransport,
         warnings.append(f"no cluster key and bind {config.bind} allowed by "
                         "allow_unkeyed_bind: peer traffic is neither authenticated nor "
                         "encrypted")
+    if config.access and not ring:
+        warnings.append("access rules hold on the socket only: with no cluster key, any "
+                        "local user can relay queue ops through the peer port")
     return {"keyed": bool(ring),
             "primary_key": fingerprint(ring.primary) if ring.primary else None,
             "keys": [fingerprint(k) for k in ring.keys],
@@ -109,6 +112,17 @@ def security_status(config: Config, transport: UdpTcpTransport,
 
 
 # ---------------------------------------------------------------------------- the ring ops
+def _answer(answer: dict[str, Any]) -> dict[str, Any]:
+    """A peer's answer, checked: a malformed one counts as that node saying no."""
+    keys, primary, error = answer.get("keys"), answer.get("primary"), answer.get("error")
+    if not (isinstance(keys, list) and all(isinstance(k, str) for k in keys)
+            and isinstance(primary, str | None) and isinstance(error, str | None)):
+        return {"ok": False, "error": "a malformed answer", "changed": False, "keys": [],
+                "primary": None}
+    return {"ok": answer.get("ok") is True, "error": error,
+            "changed": answer.get("changed") is True, "keys": keys, "primary": primary}
+
+
 class KeyService:
     def __init__(self, *, me: str, cluster: str, keyring: Keyring, transport: Transport,
                  membership: Membership | None) -> None:
@@ -117,6 +131,7 @@ class KeyService:
         self.keyring = keyring
         self.transport = transport
         self.membership = membership
+        self._lock = trio.Lock()
 
     # -- this node ---------------------------------------------------------------------
     def describe(self) -> dict[str, Any]:
@@ -128,25 +143,22 @@ class KeyService:
         """Apply one action to this node's ring: {"ok", "error", "changed", "keys",
         "primary"}. A refused action changes nothing."""
         ring = self.keyring
-        changed = False
-        try:
-            if action == "install":
-                key = parse_key(key_text or "")
-                changed = await trio.to_thread.run_sync(ring.install, key)
-            elif action == "use":
-                key = ring.resolve(key_text or "")
-                changed = key != ring.primary
-                if changed:
-                    await trio.to_thread.run_sync(ring.use, key)
-            elif action == "remove":
-                key = ring.resolve(key_text or "")
-                await trio.to_thread.run_sync(ring.remove, key)
-                changed = True
-        except (KeyringError, OSError) as exc:
-            return {"ok": False, "error": str(exc), "changed": False, **self.describe()}
-        if changed:
-            log.info("keyring: %s %s", action, self.describe())
-        return {"ok": True, "error": None, "changed": changed, **self.describe()}
+        async with self._lock:  # one change at a time: each plans from the last one's ring
+            try:
+                if action == "list":
+                    keys = None
+                elif action == "install":
+                    keys = ring.planned(action, parse_key(key_text or ""))
+                else:
+                    keys = ring.planned(action, ring.resolve(key_text or ""))
+                if keys is not None and ring.path is not None:
+                    await trio.to_thread.run_sync(write_keys, ring.path, keys)
+            except (KeyringError, OSError) as exc:
+                return {"ok": False, "error": str(exc), "changed": False, **self.describe()}
+            if keys is not None:
+                ring.replace(keys)  # on the event loop: packets never see half a change
+                log.info("keyring: %s %s", action, self.describe())
+        return {"ok": True, "error": None, "changed": keys is not None, **self.describe()}
 
     # -- the cluster -------------------------------------------------------------------
     async def request(self, action: Any, key_text: Any) -> dict[str, Any]:
@@ -192,10 +204,7 @@ class KeyService:
                     await trio.aclose_forcefully(raw)
             if answer is None or answer.get("t") != "keys":
                 raise MeshqError("no answer")
-            nodes[name] = {"ok": bool(answer.get("ok")), "error": answer.get("error"),
-                           "changed": bool(answer.get("changed")),
-                           "keys": list(answer.get("keys") or []),
-                           "primary": answer.get("primary")}
+            nodes[name] = _answer(answer)
         except (OSError, MeshqError, trio.BrokenResourceError, trio.TooSlowError) as exc:
             nodes[name] = {"ok": False, "error": f"no answer: {exc}", "changed": False,
                            "keys": [], "primary": None}
@@ -212,7 +221,8 @@ class KeyService:
                                             else None)
             await stream.send({"t": "keys", **result})
 
-    def _summary(self, nodes: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    @staticmethod
+    def _summary(nodes: dict[str, dict[str, Any]]) -> dict[str, Any]:
         counts: dict[str, int] = {}
         primaries: dict[str, int] = {}
         for result in nodes.values():

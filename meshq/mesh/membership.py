@@ -36,7 +36,7 @@ from meshq.mesh.swim import (
     Swim,
     message_from_wire,
 )
-from meshq.mesh.transport import FramedStream, Transport
+from meshq.mesh.transport import FramedStream, Transport, source_host
 from meshq.mesh.wire import (
     PeerProtocolError,
     check_hello,
@@ -257,7 +257,7 @@ class Membership:
         mesh's replication links and relayed client connections."""
         stream = FramedStream(raw, max_frame=PEER_MAX_FRAME)
         handler = None
-        host = remote.rpartition(":")[0]
+        host = source_host(remote)
         pending = self._pending_streams
         if sum(pending.values()) >= MAX_PENDING_STREAMS or \
                 pending.get(host, 0) >= MAX_PENDING_PER_HOST:

@@ -2,8 +2,9 @@
 
 State here: one stream's salts, direction keys and record counters. Never: a byte handed
 to the caller that was not authenticated by a key in the ring; a record replayed,
-reordered or carried over from another stream; a stream kept up after its key was
-removed from the ring.
+reordered or carried over from another stream. A stream cut at a record boundary reads
+as a clean end (there is no authenticated close): every protocol above treats an end
+like a reset, so a cut gives an attacker on the path nothing a TCP reset does not.
 
 Handshake: each side first sends ``"MQS" | 1 | salt`` (16 random bytes) and reads the
 other's. Each direction's key is HKDF-SHA256 of a cluster key, salted with the opener's
@@ -19,6 +20,7 @@ from __future__ import annotations
 import secrets
 import struct
 from collections.abc import Callable
+from typing import NoReturn
 
 import trio
 from cryptography.exceptions import InvalidTag
@@ -34,6 +36,8 @@ __all__ = ["PREAMBLE", "RECORD_BYTES", "SecureStream", "StreamRefused"]
 PREAMBLE = b"MQS\x01"
 SALT_BYTES = 16
 RECORD_BYTES = 16 * 1024  # plaintext per record
+SEND_BYTES = 256 * 1024  # what send_all hands the inner stream at once, at most
+HANDSHAKE_TIMEOUT = 5.0  # for the peer's preamble
 _LENGTH = struct.Struct(">I")
 
 
@@ -54,22 +58,30 @@ def _derive(key: bytes, salts: bytes, direction: bytes) -> AESGCM:
 
 class SecureStream(trio.abc.Stream):
     """``inner`` wrapped; ``initiator`` is True on the side that opened the connection.
-    ``on_refused(reason)`` is called once when the peer fails the handshake."""
+    ``on_refused(reason)`` is called once when the peer fails the handshake.
+
+    Errors: until the peer's first record is authenticated, StreamRefused (a
+    PeerProtocolError: the peer is not one of us). After it, anything wrong on the wire
+    (a forged, altered or truncated record) is trio.BrokenResourceError, as with a broken
+    connection, which is what every user of a peer stream already handles. A key
+    removed from the ring does not end the streams it opened: their keys are their own.
+    """
 
     def __init__(self, inner: trio.abc.Stream, keyring: Keyring, *, initiator: bool,
-                 on_refused: Callable[[str], None] | None = None) -> None:
+                 on_refused: Callable[[str], None] | None = None,
+                 handshake_timeout: float = HANDSHAKE_TIMEOUT) -> None:
         self.inner = inner
         self.keyring = keyring
         self.initiator = initiator
         self._on_refused = on_refused
+        self._handshake_timeout = handshake_timeout
         self._salt = secrets.token_bytes(SALT_BYTES)
         self._lock = trio.Lock()
+        self._preamble_sent = False
         self._ready = False
         self._salts = b""
-        self._send_key: bytes | None = None  # the cluster key each direction rests on
         self._send: AESGCM | None = None
-        self._recv_key: bytes | None = None
-        self._recv: AESGCM | None = None
+        self._recv: AESGCM | None = None  # set once the peer's first record checks out
         self._sent = self._received = 0
         self._inbuf = bytearray()  # raw bytes not yet a whole record
         self._plain = bytearray()  # decrypted bytes not yet handed out
@@ -83,58 +95,67 @@ class SecureStream(trio.abc.Stream):
             primary = self.keyring.primary
             if primary is None:
                 raise PeerProtocolError("no cluster key to open an encrypted stream with")
-            await self.inner.send_all(PREAMBLE + self._salt)
-            theirs = await self._read_exact(len(PREAMBLE) + SALT_BYTES)
+            with trio.move_on_after(self._handshake_timeout) as scope:
+                if not self._preamble_sent:  # once, even if a first try was cancelled
+                    self._preamble_sent = True
+                    await self.inner.send_all(PREAMBLE + self._salt)
+                theirs = await self._read_exact(len(PREAMBLE) + SALT_BYTES)
+            if scope.cancelled_caught:
+                raise trio.BrokenResourceError(
+                    f"no handshake from the peer within {self._handshake_timeout:g} s")
             if theirs[:len(PREAMBLE)] != PREAMBLE:
                 self._refuse("unkeyed", "peer did not open an encrypted stream "
                              "(it has no cluster key, or is not a meshq node)")
             peer_salt = theirs[len(PREAMBLE):]
             self._salts = (self._salt + peer_salt) if self.initiator else \
                 (peer_salt + self._salt)
-            self._send_key = primary
             self._send = _derive(primary, self._salts, self._direction(sending=True))
             self._ready = True
 
     def _direction(self, *, sending: bool) -> bytes:
         return b"opener" if sending == self.initiator else b"answerer"
 
-    def _refuse(self, reason: str, message: str) -> None:
+    def _refuse(self, reason: str, message: str) -> NoReturn:
         if self._on_refused is not None:
             self._on_refused(reason)
             self._on_refused = None
         raise StreamRefused(reason, message)
 
+    def _broken(self, message: str) -> NoReturn:
+        """Wrong bytes: a refusal before the peer authenticated, a broken stream after."""
+        if self._recv is None:
+            self._refuse("bad_key", message)
+        raise trio.BrokenResourceError(message)
+
     async def _read_exact(self, n: int) -> bytes:
         while len(self._inbuf) < n:
-            chunk = await self.inner.receive_some()
+            chunk = await self.inner.receive_some(n - len(self._inbuf))
             if not chunk:
-                raise trio.BrokenResourceError("peer closed the stream during its handshake")
+                self._refuse("unkeyed", "peer closed the stream before its handshake")
             self._inbuf += chunk
         out = bytes(self._inbuf[:n])
         del self._inbuf[:n]
         return out
 
-    def _check_keys(self) -> None:
-        for key in (self._send_key, self._recv_key):
-            if key is not None and key not in self.keyring:
-                raise PeerProtocolError("the stream's cluster key was removed from the ring")
-
     # -- trio.abc.Stream -------------------------------------------------------------
     async def send_all(self, data: bytes | bytearray | memoryview) -> None:
         if not self._ready:
             await self._handshake()
-        self._check_keys()
         assert self._send is not None
         view = memoryview(data)
-        out = bytearray()
         async with self._send_lock:
+            out = bytearray()
             for start in range(0, max(len(view), 1), RECORD_BYTES):
                 chunk = view[start:start + RECORD_BYTES]
                 header = _LENGTH.pack(len(chunk) + TAG_BYTES)
                 nonce = self._sent.to_bytes(12, "big")
                 self._sent += 1
                 out += header + self._send.encrypt(nonce, bytes(chunk), header)
-            await self.inner.send_all(out)
+                if len(out) >= SEND_BYTES:  # a big frame: in pieces, letting others run
+                    await self.inner.send_all(out)
+                    out = bytearray()
+            if out:
+                await self.inner.send_all(out)
 
     async def wait_send_all_might_not_block(self) -> None:
         await self.inner.wait_send_all_might_not_block()
@@ -153,16 +174,16 @@ class SecureStream(trio.abc.Stream):
     async def _next_record(self) -> bool:
         """Decrypt the next record into the plain buffer; False at a clean end."""
         while len(self._inbuf) < _LENGTH.size:
-            if not await self._fill():
+            if not await self._fill(_LENGTH.size - len(self._inbuf)):
                 if self._inbuf:
-                    raise PeerProtocolError("stream ended inside a record")
+                    self._broken("stream ended inside a record")
                 return False
         (length,) = _LENGTH.unpack_from(self._inbuf)
         if not TAG_BYTES <= length <= RECORD_BYTES + TAG_BYTES:
-            self._refuse("bad_key", f"record of {length} bytes on an encrypted stream")
+            self._broken(f"record of {length} bytes on an encrypted stream")
         while len(self._inbuf) < _LENGTH.size + length:
-            if not await self._fill():
-                raise PeerProtocolError("stream ended inside a record")
+            if not await self._fill(_LENGTH.size + length - len(self._inbuf)):
+                self._broken("stream ended inside a record")
         header = bytes(self._inbuf[:_LENGTH.size])
         body = bytes(self._inbuf[_LENGTH.size:_LENGTH.size + length])
         del self._inbuf[:_LENGTH.size + length]
@@ -171,11 +192,10 @@ class SecureStream(trio.abc.Stream):
         if self._recv is None:
             self._plain += self._first_record(nonce, body, header)
         else:
-            self._check_keys()
             try:
                 self._plain += self._recv.decrypt(nonce, body, header)
             except InvalidTag:
-                raise PeerProtocolError("a record failed authentication") from None
+                self._broken("a record failed authentication")
         return True
 
     def _first_record(self, nonce: bytes, body: bytes, header: bytes) -> bytes:
@@ -186,13 +206,13 @@ class SecureStream(trio.abc.Stream):
                 plain = cipher.decrypt(nonce, body, header)
             except InvalidTag:
                 continue
-            self._recv, self._recv_key = cipher, key
+            self._recv = cipher
             return plain
         self._refuse("bad_key", "no key in the ring authenticates the peer")
-        raise AssertionError("unreachable")  # pragma: no cover
 
-    async def _fill(self) -> bool:
-        chunk = await self.inner.receive_some()
+    async def _fill(self, needed: int) -> bool:
+        # Until the peer is authenticated, read no more than the record needs.
+        chunk = await self.inner.receive_some(needed if self._recv is None else None)
         if not chunk:
             return False
         self._inbuf += chunk

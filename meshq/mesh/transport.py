@@ -28,6 +28,7 @@ __all__ = [
     "FramedStream",
     "Packet",
     "PeerUnreachable",
+    "RateLimit",
     "Rejected",
     "StreamHandler",
     "Transport",
@@ -36,6 +37,7 @@ __all__ = [
     "format_address",
     "parse_address",
     "run_stream_handler",
+    "source_host",
 ]
 
 log = logging.getLogger("meshq.mesh.transport")
@@ -78,7 +80,7 @@ class Rejected:
     """Traffic refused before anyone read it, by reason; counted, never logged one by one
     (a summary at most once a minute). ``unkeyed``: not encrypted, to a keyed node;
     ``bad_key``: encrypted with no key in the ring; ``rate_limited``: over the per-source
-    UDP rate."""
+    UDP rate (on a keyed node only failed packets count against it)."""
 
     def __init__(self) -> None:
         self.packets = {"unkeyed": 0, "bad_key": 0, "rate_limited": 0}
@@ -105,8 +107,8 @@ class Rejected:
         self._logged_at, self._logged_total = now, total
 
 
-class _RateLimit:
-    """A token bucket per source address: ``rate`` packets a second, bursts of ``rate``."""
+class RateLimit:
+    """A token bucket per source: ``rate`` packets a second, bursts of ``rate``."""
 
     def __init__(self, rate: int) -> None:
         self.rate = float(rate)
@@ -219,6 +221,19 @@ def parse_address(addr: str) -> tuple[str, int]:
     return host, port
 
 
+def source_host(addr: str) -> str:
+    """What limits count per source: the host of ``host:port``, an IPv6 host as its /64
+    (one machine usually has a whole /64 to send from)."""
+    host = addr.rpartition(":")[0].strip("[]")
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        return host
+    if ip.version == 6:
+        return str(ipaddress.IPv6Network((ip, 64), strict=False))
+    return host
+
+
 def format_address(host: str, port: int) -> str:
     """The inverse of parse_address: brackets an IPv6 host."""
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
@@ -232,11 +247,13 @@ def _sockaddr_text(sockaddr: Any) -> str:
 async def run_stream_handler(handler: StreamHandler, stream: trio.abc.Stream, remote: str) -> None:
     """How every Transport runs a handler: a handler ending with trio.BrokenResourceError
     (the peer went away), ProtocolError (it sent garbage) or trio.TooSlowError (it was too
-    slow) ends only that stream, logged; any other exception is a bug and propagates out
-    of serve_streams. The stream is closed in every case."""
+    slow), alone or in an exception group from a nursery inside the handler, ends only
+    that stream, logged; any other exception is a bug and propagates out of
+    serve_streams. The stream is closed in every case."""
     try:
         await handler(stream, remote)
-    except (trio.BrokenResourceError, ProtocolError, trio.TooSlowError) as exc:
+    except* (trio.BrokenResourceError, ProtocolError, trio.TooSlowError) as group:
+        exc = group.exceptions[0]  # from the handler itself or from a nursery inside it
         log.info("stream from %s ended: %s: %s", remote, type(exc).__name__, exc)
     finally:
         await trio.aclose_forcefully(stream)
@@ -337,7 +354,7 @@ class UdpTcpTransport:
         self._udp = udp
         self.keyring = keyring if keyring is not None else Keyring()
         self.rejected = Rejected()
-        self._rate = _RateLimit(packets_per_second) if packets_per_second else None
+        self._rate = RateLimit(packets_per_second) if packets_per_second else None
         self._listener = trio.SocketListener(tcp)
         self._family = udp.family
         self._bind_host = udp.getsockname()[0]
@@ -391,6 +408,10 @@ class UdpTcpTransport:
     def max_packet_size(self) -> int:
         return self._max_packet_size
 
+    def _over_rate(self, source: str) -> bool:
+        return self._rate is not None and not self._rate.allow(source_host(source),
+                                                                 trio.current_time())
+
     def _check_open(self) -> None:
         if self._closed:
             raise trio.ClosedResourceError("transport is closed")
@@ -426,16 +447,21 @@ class UdpTcpTransport:
                     continue  # an ICMP error for an earlier send, not a packet
                 raise
             source = _sockaddr_text(sockaddr)
-            if self._rate is not None and not self._rate.allow(source, trio.current_time()):
-                self.rejected.packet("rate_limited")
-                continue
             if self.keyring:
+                # Authenticated packets are never limited (a forged source address must
+                # not silence a real peer); what fails is, per source host.
                 opened = self.keyring.open(data)
                 if opened is None:
-                    sealed = data[:len(ENVELOPE_HEADER)] == ENVELOPE_HEADER
-                    self.rejected.packet("bad_key" if sealed else "unkeyed")
+                    if self._over_rate(source):
+                        self.rejected.packet("rate_limited")
+                    else:
+                        sealed = data[:len(ENVELOPE_HEADER)] == ENVELOPE_HEADER
+                        self.rejected.packet("bad_key" if sealed else "unkeyed")
                     continue
                 data = opened
+            elif self._over_rate(source):
+                self.rejected.packet("rate_limited")
+                continue
             self._received += 1
             return Packet(source, data)
 

@@ -10,18 +10,26 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
 from collections.abc import Awaitable
 from typing import TYPE_CHECKING, Any
 
 import trio
 
 from meshq.broker import Broker, Pending, Session
-from meshq.errors import FrameTooLarge, MeshqError, ProtocolError, Unauthorized, Unavailable
+from meshq.errors import (
+    BadRequest,
+    FrameTooLarge,
+    MeshqError,
+    ProtocolError,
+    Unauthorized,
+    Unavailable,
+)
 from meshq.metrics import request_timer
 from meshq.model import Message
 from meshq.protocol.codec import HEADER, FrameDecoder, pack_payload
 from meshq.server.access import UNKNOWN, PeerCreds
-from meshq.server.ops import OPS, QUEUE_OPS, delivery
+from meshq.server.ops import OPS, QUEUE_OPS, RELAYED_OPS, delivery
 from meshq.server.relay import Upstream
 from meshq.store import StoreError
 
@@ -35,6 +43,20 @@ log = logging.getLogger("meshq.server")
 _pack = pack_payload
 HIGH_WATER = 4 * 1024 * 1024
 FINAL_WRITE_TIMEOUT = 1.0
+
+
+def _read_now(stream: trio.abc.Stream) -> bytes | None:
+    """What the kernel already holds for a Unix-socket client, without waiting: a client
+    whose bytes came while this loop was busy did finish in time. None: nothing there."""
+    sock = getattr(stream, "socket", None)
+    if sock is None:
+        return None
+    try:
+        return os.read(sock.fileno(), 65536)  # trio sockets are non-blocking
+    except (BlockingIOError, InterruptedError):
+        return None
+    except OSError:
+        return b""  # reset: the reader treats it as gone
 
 
 class Connection:
@@ -71,7 +93,8 @@ class Connection:
         out += HEADER.pack(len(payload))
         out += payload
         self._out_ready.set()
-        self._timer.done(frame.get("id"))  # a response (pushes have no id) is ready
+        if "push" not in frame:
+            self._timer.done(frame.get("id"))  # a response is ready
 
     def _respond(self, rid: Any, result: dict[str, Any]) -> None:
         self._write({"id": rid, "result": result})
@@ -118,9 +141,15 @@ class Connection:
         if handler is None:
             self._error(rid, ProtocolError(f"unknown op {op!r}"))
             return
-        if not self.relayed:  # a relayed op was checked by the client's own node
+        if self.relayed:  # checked by the client's own node; only what relay.py sends
+            if op not in RELAYED_OPS:
+                self._error(rid, BadRequest(f"op {op!r} is not relayed between nodes"))
+                return
+        else:
             try:
                 self.node.access.check(str(op), self.creds)
+                if op == "receive" and req.get("auto_ack") is True:
+                    self.node.access.check("ack", self.creds)  # it acks too
             except Unauthorized as exc:
                 self._error(rid, exc)
                 return
@@ -250,6 +279,8 @@ class Connection:
                     data = None
                     with trio.move_on_at(begun + self.frame_timeout):
                         data = await self.stream.receive_some(65536)
+                    if data is None:  # bytes already here are not the client's fault
+                        data = _read_now(self.stream)
                     if data is None:
                         self.frame_timed_out = True
                         await self._fail(ProtocolError(

@@ -78,6 +78,9 @@ def _bind(path: Path, mode: int, gid: int | None, group: str | None) -> _socket.
         try:
             sock.bind(os.fspath(path))
             bound = True
+        except OSError as exc:
+            raise StartupError(f"cannot listen on the socket {path}: "
+                               f"{exc.strerror or exc}") from None
         finally:
             os.umask(old)
         try:
@@ -144,7 +147,7 @@ class UnixServer:
                 raise AccessConfigError(f"socket_group: {exc}") from None
         try:
             await _prepare(self.path, gid)
-        except PermissionError as exc:
+        except (PermissionError, NotADirectoryError, FileExistsError) as exc:
             raise StartupError(f"cannot prepare the socket directory {self.path.parent}: "
                                f"{exc.strerror or exc}") from None
         sock = _bind(self.path, self.mode, gid, self.group)

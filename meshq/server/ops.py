@@ -17,7 +17,7 @@ from meshq.model import Message
 if TYPE_CHECKING:
     from meshq.server.connection import Connection
 
-__all__ = ["OPS", "QUEUE_OPS", "delivery"]
+__all__ = ["OPS", "QUEUE_OPS", "RELAYED_OPS", "delivery"]
 
 Result = dict[str, Any] | Pending | Awaitable[dict[str, Any]]
 Handler = Callable[["Connection", dict[str, Any]], Result]
@@ -141,6 +141,10 @@ def _leave(conn: Connection, req: dict[str, Any]) -> Result:
 # Ops on one queue ("queue" field): served by the node that dispatches the queue.
 QUEUE_OPS = frozenset({"declare", "delete", "purge", "send", "receive", "consume", "ack",
                        "nack", "extend", "stats"})
+
+# What one node relays to another for a client (server/relay.py); a relayed connection
+# runs nothing else (not leave, keys or status: the peer port is not the socket).
+RELAYED_OPS = QUEUE_OPS | {"cancel", "ping"}
 
 OPS: dict[str, Handler] = {
     "ping": _ping,

@@ -19,6 +19,7 @@ import logging
 import math
 from typing import TYPE_CHECKING, Any
 
+import msgpack
 import trio
 
 from meshq.errors import MeshqError, Unavailable
@@ -36,12 +37,17 @@ CONNECT_TIMEOUT = 2.0
 _internal_ids = itertools.count(1)
 
 
+def _key(rid: Any) -> bytes:
+    """A request id as a dict key: ids are any msgpack value, lists and maps included."""
+    return msgpack.packb(rid, use_bin_type=True)
+
+
 class Upstream:
     def __init__(self, conn: Connection, node: str) -> None:
         self.conn = conn
         self.node = node
         self.closed = False
-        self.pending: set[Any] = set()
+        self.pending: dict[bytes, Any] = {}  # packed id -> id: a client's id may be a list
         self.tags: set[str] = set()
         self._internal: dict[str, list[Any]] = {}
         self._out_send, self._out_recv = trio.open_memory_channel[dict[str, Any]](math.inf)
@@ -50,7 +56,8 @@ class Upstream:
         if self.closed:
             self.conn._error(req.get("id"), self._lost())
             return
-        self.pending.add(req.get("id"))
+        rid = req.get("id")
+        self.pending[_key(rid)] = rid
         self._out_send.send_nowait(req)
 
     async def call(self, req: dict[str, Any]) -> dict[str, Any]:
@@ -107,7 +114,7 @@ class Upstream:
     def _from_upstream(self, frame: dict[str, Any]) -> None:
         if "push" not in frame:
             rid = frame.get("id")
-            self.pending.discard(rid)
+            self.pending.pop(_key(rid), None)
             box = self._internal.pop(rid, None) if isinstance(rid, str) else None
             if box is not None:
                 box.append(frame)
@@ -129,7 +136,7 @@ class Upstream:
         if self.conn.upstreams.get(self.node) is self:
             del self.conn.upstreams[self.node]
         lost = self._lost()
-        for rid in self.pending:
+        for rid in self.pending.values():
             box = self._internal.pop(rid, None) if isinstance(rid, str) else None
             if box is not None:
                 box.append({"error": {"message": lost.message}})
