@@ -297,6 +297,7 @@ _CHECKS: dict[str, Callable[[object], str | None]] = {
     "socket_group": _check_opt_name,
     "access": _check_access,
     "client_frame_timeout": _check_positive_float,
+    "max_inflight_requests": _check_positive_int,
     "udp_packets_per_second": _check_positive_int,
     "metrics_bind": _check_opt_bind,
     "vnodes": _check_vnodes,
@@ -345,6 +346,7 @@ class Config:
     # Hostile-input limits: seconds a client may take to finish a frame it has begun,
     # and UDP packets a second taken from one source address before the rest are dropped.
     client_frame_timeout: float = 30.0
+    max_inflight_requests: int = 4096  # per connection; past it, its requests wait
     udp_packets_per_second: int = 2000
     # Prometheus text endpoint, HOST:PORT (loopback is the sane choice); None: off.
     metrics_bind: str | None = None
@@ -398,7 +400,7 @@ _FLAGS: dict[str, str] = {
 _PATH_FIELDS = frozenset({"data_dir", "socket", "cluster_key_file"})
 _INT_FIELDS = frozenset(
     {"max_frame_bytes", "max_message_bytes", "max_clock_offset_ms", "max_connections",
-     "vnodes", "write_quorum", "udp_packets_per_second"}
+     "vnodes", "write_quorum", "udp_packets_per_second", "max_inflight_requests"}
 )
 _BOOL_FIELDS = frozenset({"allow_unkeyed_bind"})
 _FLOAT_FIELDS = frozenset({"dedup_window", "client_frame_timeout"})

@@ -153,7 +153,8 @@ async def _run_node(config: Config, clock: Clock, task_status: Any, node_id: str
     node.access = await trio.to_thread.run_sync(build_policy, config, OPS)
     server = UnixServer(node, config.socket, config.max_frame_bytes, config.max_connections,
                         mode=config.socket_mode, group=config.socket_group,
-                        frame_timeout=config.client_frame_timeout)
+                        frame_timeout=config.client_frame_timeout,
+                        max_inflight=config.max_inflight_requests)
     node.server = server  # its counters go in the status ("server")
     await server.bind()
     metrics = (None if config.metrics_bind is None  # StartupError when it cannot listen

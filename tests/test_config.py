@@ -528,6 +528,7 @@ def test_to_dict_is_json_friendly() -> None:
         "socket_group": None,
         "access": {},
         "client_frame_timeout": 30.0,
+        "max_inflight_requests": 4096,
         "udp_packets_per_second": 2000,
         "metrics_bind": None,
         "vnodes": 128,

@@ -28,6 +28,7 @@ from meshq.testing import DaemonProcess
 LIMIT = 10.0  # upper bound on any one wait; never the thing a test waits for
 FRAME_TIMEOUT = 1.5  # long enough for a round trip on a loaded machine
 MAX_CONNECTIONS = 2000
+MAX_INFLIGHT = 100
 MAX_FRAME = 256 * 1024
 _names = itertools.count()
 
@@ -45,6 +46,7 @@ def daemon_(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DaemonProcess]
     _raise_fd_limit(8000)  # before the start: the daemon inherits it
     env = {**os.environ, "MESHQ_CLIENT_FRAME_TIMEOUT": str(FRAME_TIMEOUT),
            "MESHQ_MAX_CONNECTIONS": str(MAX_CONNECTIONS),
+           "MESHQ_MAX_INFLIGHT_REQUESTS": str(MAX_INFLIGHT),
            "MESHQ_MAX_FRAME_BYTES": str(MAX_FRAME),
            "MESHQ_MAX_MESSAGE_BYTES": str(MAX_FRAME // 2)}
     with DaemonProcess(tmp_path_factory.mktemp("hostile") / "data", env=env) as d:
@@ -295,3 +297,29 @@ def test_client_that_never_reads(daemon_: DaemonProcess, witness: Witness) -> No
     assert section["connections"] == 2
     raw.close()
     witness.until("connections", lambda n: n == 1)
+
+
+def test_a_client_pipelining_without_end_is_read_no_further(daemon_: DaemonProcess,
+                                                            witness: Witness) -> None:
+    """Past max_inflight_requests unanswered requests the daemon reads no more of that
+    client: the rest wait in its socket, not in the daemon's memory, and are read as
+    answers go out."""
+    name = f"inflight-{next(_names)}"
+    witness.client.declare(name)
+    extra = 50
+    raw = Raw(daemon_.socket)
+    try:
+        raw.send(b"".join(encode_frame({"op": "receive", "queue": name, "wait": LIMIT * 3,
+                                        "id": i}) for i in range(MAX_INFLIGHT + extra))
+                 + encode_frame({"op": "ping", "id": "ping"}))
+        for _ in range(extra):  # each answers one waiting receive and lets one more in
+            witness.client.send(name, b"m")
+        while len(raw.frames) < extra:
+            raw.read()
+        first = raw.frames[:extra]
+        assert all(isinstance(f["id"], int) and f["id"] < MAX_INFLIGHT + extra for f in first)
+        assert "ping" not in [f["id"] for f in first]  # not even read yet: 150 ahead of it
+        witness.client.send(name, b"m")  # one more answer: the ping is read, and answered
+        assert raw.response("ping")["result"]["node"]
+    finally:
+        raw.close()

@@ -62,11 +62,16 @@ def _read_now(stream: trio.abc.Stream) -> bytes | None:
 class Connection:
     def __init__(self, stream: trio.abc.Stream, node: Node, max_frame: int, *,
                  relayed: bool = False, creds: PeerCreds = UNKNOWN,
-                 frame_timeout: float | None = None) -> None:
+                 frame_timeout: float | None = None, max_inflight: int | None = None) -> None:
         self.stream = stream
         # Seconds a client may take to finish a frame it has begun (None: no limit), and
         # why the reader closed the connection, for UnixServer's counters.
         self.frame_timeout = frame_timeout
+        # Requests read and not yet answered, and how many may be (None: no limit): past
+        # it the reader waits, so a client pipelining without end is bounded.
+        self.max_inflight = max_inflight
+        self._inflight = 0
+        self._room = trio.Event()
         self.frame_timed_out = False
         self.oversize_frame = False
         self.creds = creds  # the peer process (SO_PEERCRED), judged by node.access
@@ -87,6 +92,12 @@ class Connection:
         self._timer = request_timer(node)  # request latency per op (meshq.metrics)
 
     # -- outgoing --------------------------------------------------------------------
+    def _answered(self) -> None:
+        if self._inflight:
+            self._inflight -= 1
+            if self.max_inflight is not None and self._inflight < self.max_inflight:
+                self._room.set()
+
     def _write(self, frame: dict[str, Any]) -> None:
         payload = _pack(frame)
         out = self._out
@@ -95,6 +106,7 @@ class Connection:
         self._out_ready.set()
         if "push" not in frame:
             self._timer.done(frame.get("id"))  # a response is ready
+            self._answered()
 
     def _respond(self, rid: Any, result: dict[str, Any]) -> None:
         self._write({"id": rid, "result": result})
@@ -290,9 +302,16 @@ class Connection:
                 if not data:
                     return
                 decoder.feed(data)
-                finished = False
+                finished = waited = False
                 try:
-                    while (frame := decoder.next_frame()) is not None:
+                    while True:
+                        if self.max_inflight is not None and \
+                                self._inflight >= self.max_inflight:
+                            self._room = trio.Event()
+                            await self._room.wait()  # answers first, then more requests
+                            waited = True
+                        if (frame := decoder.next_frame()) is None:
+                            break
                         finished = True
                         self._handle_safely(frame)
                 except ProtocolError as exc:
@@ -301,13 +320,14 @@ class Connection:
                     return
                 if not decoder.pending():
                     begun = None
-                elif begun is None or finished:  # a new frame began in this chunk
+                elif begun is None or finished or waited:  # a new frame, or our pause
                     begun = trio.current_time()
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             return
 
     def _handle_safely(self, req: dict[str, Any]) -> None:
         """``_handle``; an exception it lets out fails this request only (not the daemon)."""
+        self._inflight += 1
         try:
             self._handle(req)
         except MeshqError as exc:

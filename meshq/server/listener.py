@@ -114,7 +114,8 @@ class ServerStatistics:
 class UnixServer:
     def __init__(self, node: Node, path: Path, max_frame: int, max_connections: int, *,
                  mode: int = 0o660, group: str | None = None,
-                 frame_timeout: float | None = None) -> None:
+                 frame_timeout: float | None = None,
+                 max_inflight: int | None = None) -> None:
         self.node = node
         self.path = path
         self.mode = mode  # socket file mode (config socket_mode)
@@ -125,6 +126,7 @@ class UnixServer:
         self._listener: trio.SocketListener | None = None
         self.accepted = 0
         self.frame_timeout = frame_timeout  # config client_frame_timeout
+        self.max_inflight = max_inflight  # config max_inflight_requests, per connection
         self.refused_over_limit = 0
         self.frame_timeouts = 0
         self.oversize_frames = 0
@@ -229,7 +231,7 @@ class UnixServer:
             await trio.aclose_forcefully(stream)
             raise
         conn = Connection(stream, self.node, self.max_frame, creds=creds,
-                          frame_timeout=self.frame_timeout)
+                          frame_timeout=self.frame_timeout, max_inflight=self.max_inflight)
         self.connections.add(conn)
         try:
             await conn.serve()
