@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import json
+import os
 import stat
 from pathlib import Path
 
@@ -22,6 +23,7 @@ from meshq.mesh.keyring import (
     generate_key,
     parse_key,
 )
+from meshq.mesh.keys import KeyService
 from meshq.mesh.secure import SecureStream, StreamRefused
 from meshq.mesh.transport import RateLimit, source_host
 from meshq.mesh.wire import PeerProtocolError, decode_packet, encode_packet
@@ -283,3 +285,27 @@ def test_rate_limit_is_a_token_bucket_per_source() -> None:
 ])
 def test_limits_count_per_host_and_ipv6_per_64(addr: str, host: str) -> None:
     assert source_host(addr) == host
+
+
+async def test_concurrent_key_changes_are_taken_one_at_a_time(tmp_path: Path) -> None:
+    """Two operators at once: every change lands, and the file says what memory says."""
+    path = tmp_path / "keyring.json"
+    ring = Keyring.load(path, K1)
+    service = KeyService(me="a", cluster="meshq", keyring=ring,
+                         transport=None, membership=None)  # type: ignore[arg-type]
+    new = [bytes([n]) * 32 for n in range(10, 30)]
+    results: list[dict] = []
+
+    async def install(key: bytes) -> None:
+        results.append(await service.apply_local("install", base64.b64encode(key).decode()))
+
+    async with trio.open_nursery() as nursery:
+        for key in new:
+            nursery.start_soon(install, key)
+    assert all(r["ok"] and r["changed"] for r in results)
+    assert set(ring.keys) == {K1, *new} and ring.primary == K1
+    assert Keyring.load(path).keys == ring.keys
+    assert [p.name for p in os.scandir(tmp_path)] == ["keyring.json"]  # no temp files left
+    removed = await service.apply_local("remove", fingerprint(new[0]))
+    again = await service.apply_local("remove", fingerprint(new[0]))
+    assert (removed["changed"], again["ok"], again["changed"]) == (True, True, False)
