@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import trio
 from test_membership import all_alive, eventually
 
 from meshq.client import Client
@@ -382,3 +383,27 @@ def test_a_group_rule_sees_the_groups_of_the_peers_account(
     finally:
         d.kill()
 
+
+
+async def test_a_hung_group_lookup_judges_by_the_gid_alone(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """NSS (LDAP, sssd) that hangs must not hold up new connections."""
+    import time as _time
+
+    from meshq.server import access
+
+    started = trio.Event()
+
+    def hung(uid: int, gid: int) -> frozenset[int]:
+        trio.from_thread.run_sync(started.set)
+        _time.sleep(1.0)
+        return frozenset({gid, 4242})
+
+    monkeypatch.setattr(access, "_lookup_groups", hung)
+    monkeypatch.setattr(access, "GROUPS_LOOKUP_TIMEOUT", 0.1)
+    cache = access.GroupCache()
+    creds = PeerCreds(pid=1, uid=1000, gid=100, groups=frozenset({100}))
+    with trio.fail_after(0.8):
+        got = await cache.complete(creds)
+    assert started.is_set()
+    assert got.groups == frozenset({100})  # not 4242: unknown, so not granted

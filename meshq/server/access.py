@@ -44,6 +44,7 @@ log = logging.getLogger("meshq.server.access")
 _UCRED = struct.Struct("3i")  # struct ucred: pid, uid, gid (Linux)
 GROUPS_TTL = 30.0  # seconds a user's supplementary groups are remembered
 GROUPS_CACHE_MAX = 1024
+GROUPS_LOOKUP_TIMEOUT = 2.0  # seconds; past it a connection is judged by its gid only
 
 
 class AccessConfigError(StartupError):
@@ -109,7 +110,16 @@ class GroupCache:
         if hit is not None and hit[0] > now:
             groups = hit[1]
         else:
-            groups = await trio.to_thread.run_sync(_lookup_groups, creds.uid, creds.gid)
+            found = None
+            with trio.move_on_after(GROUPS_LOOKUP_TIMEOUT):  # a hung NSS (LDAP, sssd)
+                found = await trio.to_thread.run_sync(_lookup_groups, creds.uid, creds.gid,
+                                                      abandon_on_cancel=True)
+            if found is None:  # judge by the process's own gid alone; not remembered
+                log.warning("group lookup for uid %d took over %g s; using its gid only",
+                            creds.uid, GROUPS_LOOKUP_TIMEOUT)
+                return PeerCreds(pid=creds.pid, uid=creds.uid, gid=creds.gid,
+                                 groups=frozenset({creds.gid}))
+            groups = found
             if len(self._cache) >= GROUPS_CACHE_MAX:
                 self._cache.clear()
             self._cache[key] = (now + self.ttl, groups)
