@@ -89,7 +89,7 @@ def test_a_restarted_node_rejoins_its_known_peers_without_join(
     c.kill()
     c.args = []  # no --join: the peers come from the data dir
     c.start()
-    eventually(lambda: states(c).get("a") == "alive" and states(a).get("c") == "alive", 15,
+    eventually(lambda: states(c).get("a") == "alive" and states(a).get("c") == "alive", 30,
                "c back in a's view and a in c's")
 
 
