@@ -13,12 +13,13 @@ import re
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import pytest
+from test_membership import eventually
 
 from meshq.cli import ctl
 from meshq.cli._common import to_json
@@ -38,14 +39,6 @@ def ctl_run(d: DaemonProcess, *args: str) -> str:
 
 def ctl_json(d: DaemonProcess, *args: str) -> Any:
     return json.loads(ctl_run(d, *args, "--json"))
-
-
-def eventually(check: Callable[[], bool], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not check():
-        if time.monotonic() > deadline:
-            pytest.fail(f"not within {timeout} s: {what}")
-        time.sleep(0.05)
 
 
 def documented() -> dict[str, list[str]]:
