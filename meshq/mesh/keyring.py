@@ -222,9 +222,6 @@ class Keyring:
         self.replace(keys)
         return True
 
-    def cipher(self, key: bytes) -> AESGCM:
-        return self._ciphers[key]
-
     # -- the packet envelope -----------------------------------------------------
     def seal(self, packet: bytes) -> bytes:
         """``packet`` in the envelope, with the primary key (which must exist)."""
