@@ -10,6 +10,7 @@ from meshq._version import __version__
 from meshq.client import Client, Delivery
 from meshq.errors import (
     BadRequest,
+    ConsumerCancelled,
     MeshqError,
     NotFound,
     PreconditionFailed,
@@ -37,6 +38,7 @@ __all__ = [
     "AsyncClient",
     "BadRequest",
     "Client",
+    "ConsumerCancelled",
     "Delivery",
     "MeshqError",
     "NotFound",

@@ -14,7 +14,6 @@ import fcntl
 import gc
 import logging
 import os
-import random
 import secrets
 import signal
 import sys
@@ -26,25 +25,21 @@ from typing import Any
 import trio
 
 from meshq._version import __version__
-from meshq.broker import Broker, BrokerLimits
+from meshq.broker import BrokerLimits
 from meshq.clock import Clock, SystemClock
+from meshq.cluster.lattice import TOMBSTONE_WINDOW
 from meshq.config import Config, ConfigError, add_daemon_arguments, load_config
 from meshq.errors import StartupError
 from meshq.mesh.keys import KeyService, check_unkeyed_bind, load_keyring, security_status
-from meshq.mesh.membership import Membership, known_peers
-from meshq.mesh.placement import Placement
-from meshq.mesh.replication import Replicator
-from meshq.mesh.swim import Swim, SwimConfig
-from meshq.mesh.transport import FramedStream, UdpTcpTransport
-from meshq.mesh.wire import hello_frame
+from meshq.mesh.membership import known_peers
+from meshq.mesh.transport import UdpTcpTransport
 from meshq.metrics import open_metrics_server
-from meshq.node import Node
+from meshq.node import Node, NodeSettings, build_node
 from meshq.sdnotify import Notifier, status_line
 from meshq.server.access import AccessConfigError, build_policy
-from meshq.server.connection import Connection
 from meshq.server.listener import UnixServer
 from meshq.server.ops import OPS
-from meshq.store import SQLiteStore, StoreFatal
+from meshq.store import OP_META, Snapshot, SQLiteStore, StoreFatal
 
 __all__ = ["main", "serve"]
 
@@ -89,6 +84,32 @@ def _node_id(data_dir: Path) -> str:
     return node_id
 
 
+ALIVE_EVERY = 60.0  # how often a running node notes in its store that it is alive
+
+
+def check_away_too_long(config: Config, snapshot: Snapshot, clock: Clock) -> None:
+    """Refuse to start a node that was away for longer than the tombstone window and
+    holds data, when it has peers: what was deleted meanwhile could come back through
+    it (as with Cassandra's gc_grace_seconds). Wipe its data directory to rejoin."""
+    last = float(snapshot.meta.get("last_alive", 0) or 0)
+    has_data = bool(snapshot.messages or snapshot.catalog)
+    has_peers = bool(config.join) or bool(known_peers(config.data_dir / "members.json"))
+    away = clock.time() - last
+    if last and has_data and has_peers and away > TOMBSTONE_WINDOW:
+        raise StartupError(
+            f"this node was away for {away / 3600:.1f} h, longer than the "
+            f"{TOMBSTONE_WINDOW / 3600:g} h tombstone window: messages and queues deleted "
+            "meanwhile could come back through its copy. Remove its data directory "
+            f"({config.data_dir}) and start it again; its peers refill it.")
+
+
+async def _remember_alive(node: Node) -> None:
+    """Note in the store, now and then, that this node is alive (check_away_too_long)."""
+    while True:
+        node.store.stage((OP_META, ("last_alive", repr(node.clock.time()))))
+        await trio.sleep(ALIVE_EVERY)
+
+
 async def serve(config: Config, *, clock: Clock | None = None,
                 task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
     """Run a node until cancelled or until ``node.stop_requested`` is set."""
@@ -106,49 +127,41 @@ async def _serve_locked(config: Config, clock: Clock, task_status: Any) -> None:
     store = await trio.to_thread.run_sync(SQLiteStore, config.data_dir / "meshq.db")
     try:
         snapshot = await trio.to_thread.run_sync(store.load)
-        limits = BrokerLimits(max_message_bytes=config.max_message_bytes,
-                              dedup_window=config.dedup_window)
-        broker = Broker(store, clock, node_id=node_id, limits=limits,
-                        max_clock_offset_ms=config.max_clock_offset_ms)
-        broker.restore(snapshot)
-        del snapshot
-        gc.freeze()  # a restored backlog is long-lived: keep it out of every collection
+        check_away_too_long(config, snapshot, clock)
         keyring = await trio.to_thread.run_sync(load_keyring, config)
         exposed = await check_unkeyed_bind(config, keyring)
         transport = await UdpTcpTransport.bind(
             config.bind, keyring=keyring, packets_per_second=config.udp_packets_per_second)
         async with transport:
-            await _run_node(config, clock, task_status, node_id, store, broker, transport,
-                            exposed)
+            node = build_node(_settings(config), node_id=node_id, store=store,
+                              snapshot=snapshot, clock=clock, transport=transport)
+            del snapshot
+            gc.freeze()  # a restored backlog is long-lived: keep it out of every collection
+            await _run_node(config, task_status, node, transport, exposed)
     finally:
         store.close()
 
 
-async def _run_node(config: Config, clock: Clock, task_status: Any, node_id: str,
-                    store: SQLiteStore, broker: Broker, transport: UdpTcpTransport,
-                    exposed: bool) -> None:
+def _settings(config: Config) -> NodeSettings:
+    members_file = config.data_dir / "members.json"
+    return NodeSettings(
+        name=config.node_name, cluster_name=config.cluster_name,
+        seeds=list(config.join) or known_peers(members_file),
+        max_clock_offset_ms=config.max_clock_offset_ms, ntp_server=config.ntp_server,
+        members_path=members_file, vnodes=config.vnodes, write_quorum=config.write_quorum,
+        limits=BrokerLimits(max_message_bytes=config.max_message_bytes,
+                            dedup_window=config.dedup_window),
+        max_frame_bytes=config.max_frame_bytes)
+
+
+async def _run_node(config: Config, task_status: Any, node: Node,
+                    transport: UdpTcpTransport, exposed: bool) -> None:
     """Everything runs here, under the nursery that owns it, until stop or cancel."""
-    membership = _membership(config, transport, clock)
-    node = Node(name=config.node_name, node_id=node_id, address=transport.local_address,
-                broker=broker, store=store, clock=clock, membership=membership)
-    placement = Placement(config.node_name, membership.swim.members, vnodes=config.vnodes)
-    broker.tag_prefix = f"{config.node_name}."
-    replicator = node.replicator = Replicator(
-        me=config.node_name, broker=broker, store=store, placement=placement,
-        transport=transport, cluster=config.cluster_name, membership=membership,
-        write_quorum=config.write_quorum)
-    membership.on_change = lambda member, old: replicator.placement_changed()
-
-    async def serve_relayed(stream: FramedStream, hello: dict[str, Any]) -> None:
-        """A client of another node, for a queue this node dispatches (server/relay.py)."""
-        await stream.send(hello_frame(config.cluster_name, config.node_name))
-        await Connection(stream.stream, node, config.max_frame_bytes, relayed=True).serve()
-
-    membership.stream_handlers["client"] = serve_relayed
+    assert node.membership is not None
     node.keys = KeyService(me=config.node_name, cluster=config.cluster_name,
                            keyring=transport.keyring, transport=transport,
-                           membership=membership)
-    membership.stream_handlers["keys"] = node.keys.serve
+                           membership=node.membership)
+    node.membership.stream_handlers["keys"] = node.keys.serve
     node.security = partial(security_status, config, transport, exposed)
     node.access = await trio.to_thread.run_sync(build_policy, config, OPS)
     server = UnixServer(node, config.socket, config.max_frame_bytes, config.max_connections,
@@ -162,33 +175,21 @@ async def _run_node(config: Config, clock: Clock, task_status: Any, node_id: str
     async with trio.open_nursery() as nursery:
         if metrics is not None:
             await nursery.start(metrics.run)  # GET /metrics (meshq/metrics.py)
-        await nursery.start(membership.run)  # joined through a seed, or alone
-        await nursery.start(replicator.run)  # queues dispatch here after their takeover
-        await nursery.start(store.run)
-        await nursery.start(broker.run)
+        await nursery.start(node.run)  # membership, links, cluster layer, store, broker
+        nursery.start_soon(_remember_alive, node)
         await nursery.start(server.run)
         log.info("meshqd %s ready: node %s (%s), socket %s, bind %s, data %s", __version__,
-                 config.node_name, node_id, config.socket, node.address, config.data_dir)
+                 config.node_name, node.id, config.socket, node.address, config.data_dir)
         task_status.started(node)
         await node.stop_requested.wait()
         log.info("shutting down")
         await server.stop_accepting()
         node.refuse_writes("shutting down")
         with trio.move_on_after(SHUTDOWN_GRACE):
-            await membership.leave(LEAVE_GRACE)
-            await store.flush()
+            await node.membership.leave(LEAVE_GRACE)
+            await node.store.flush()
             await server.drain()
         nursery.cancel_scope.cancel()
-
-
-def _membership(config: Config, transport: UdpTcpTransport, clock: Clock) -> Membership:
-    members_file = config.data_dir / "members.json"
-    seeds = list(config.join) or known_peers(members_file)
-    swim = Swim(config.node_name, transport.local_address, SwimConfig(), random.Random(),
-                incarnation=int(clock.time()))  # a restart must outrank its old self
-    return Membership(swim=swim, transport=transport, cluster=config.cluster_name,
-                      clock=clock, seeds=seeds, max_offset_ms=config.max_clock_offset_ms,
-                      members_path=members_file, ntp_server=config.ntp_server)
 
 
 async def _main_async(config: Config, banner: bool) -> int:

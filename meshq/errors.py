@@ -9,6 +9,7 @@ from __future__ import annotations
 __all__ = [
     "EXIT_CODES",
     "BadRequest",
+    "ConsumerCancelled",
     "MeshqError",
     "NotFound",
     "PreconditionFailed",
@@ -67,6 +68,13 @@ class Timeout(MeshqError):
     code = "TIMEOUT"
 
 
+class ConsumerCancelled(MeshqError):
+    """The daemon ended a subscription for good (its queue was deleted); the message is
+    the daemon's reason. Raised by a subscription's ``get`` and iteration."""
+
+    code = "CANCELLED"
+
+
 class StartupError(RuntimeError):
     """meshqd cannot start (socket or data dir in use, store too new); one line says why."""
 
@@ -82,7 +90,7 @@ class FrameTooLarge(ProtocolError, TooLarge):
 _BY_CODE: dict[str, type[MeshqError]] = {
     cls.code: cls
     for cls in (NotFound, PreconditionFailed, BadRequest, TooLarge, Unavailable, Unauthorized,
-                Timeout)
+                Timeout, ConsumerCancelled)
 }
 
 #: Exit status of the command-line tools per error code (SPEC section 5).

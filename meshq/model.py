@@ -103,6 +103,12 @@ class Message:
     ready_at: float = 0.0  # when a DELAYED message becomes READY
     expires_at: float | None = None
     lease_deadline: float | None = None
+    index: int = 0  # its queue partition
+    inc: int = 0  # the incarnation of its queue it was sent to
+    lease_id: int = 0  # the current lease's id (its receipt), 0 when not leased
+    holder: str = ""  # "node/boot" of the leasing consumer's connection ("" when none)
+    epoch: int = 0  # progress version: the dispatch epoch of its last change ...
+    vn: int = 0  # ... and the changes within that epoch (meshq.cluster.lattice)
     # runtime only
     owner: Any = field(default=None, repr=False)
     token: int = field(default=0, repr=False)

@@ -1,61 +1,134 @@
-"""The node: this daemon's identity and the status it reports (``meshq-ctl status``).
+"""The node: one daemon's parts, assembled once, and the status it reports.
 
-State here: name, id, start time, and whether the node accepts writes (and why not).
-The mesh will add members and clock offsets here; for now the node is its only member.
+``build_node`` wires a store (already loaded), a broker restored from it, membership over
+a transport, the peer links and the cluster layer; ``Node.run`` starts them. The daemon
+(meshq.daemon) and the simulation (meshq.testing.sim) both assemble nodes this way, so
+what the simulation proves is what the daemon runs. Listeners (the Unix socket, metrics,
+keys) are the daemon's additions.
+
+State here: name, id, boot id, start time, whether the node accepts writes (and why not),
+and a nursery for tasks that outlive a client connection (relays saying ``bye``).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import random
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import trio
 
 from meshq._version import __version__
-from meshq.broker import Broker
+from meshq.broker import Broker, BrokerLimits
 from meshq.clock import Clock
+from meshq.cluster.driver import Cluster
+from meshq.cluster.peers import LINK_KIND, LinkPeers, serve_link
+from meshq.cluster.placement import Placement
 from meshq.errors import Unavailable
 from meshq.hlc import unpack
-from meshq.mesh.keys import KeyService
 from meshq.mesh.membership import Membership
-from meshq.mesh.replication import Replicator
 from meshq.mesh.ring import DEFAULT_VNODES, Ring
+from meshq.mesh.swim import Swim, SwimConfig
+from meshq.mesh.transport import FramedStream, Transport
+from meshq.mesh.wire import hello_frame
 from meshq.server.access import AccessPolicy
-from meshq.store import Store
+from meshq.server.connection import Connection
+from meshq.store import Snapshot, Store
 
 if TYPE_CHECKING:
+    from meshq.mesh.keys import KeyService
     from meshq.server.listener import UnixServer
 
-__all__ = ["Node"]
+__all__ = ["Node", "NodeSettings", "build_node"]
+
+
+@dataclass(frozen=True)
+class NodeSettings:
+    """What build_node needs beyond its parts (the daemon takes these from its Config)."""
+
+    name: str
+    cluster_name: str = "meshq"
+    seeds: Sequence[str] = ()
+    max_clock_offset_ms: int = 500
+    ntp_server: str | None = None
+    members_path: Path | None = None
+    vnodes: int = DEFAULT_VNODES
+    write_quorum: int | None = None
+    limits: BrokerLimits = field(default_factory=BrokerLimits)
+    swim: SwimConfig = field(default_factory=SwimConfig)
+    max_frame_bytes: int = 8 * 1024 * 1024
 
 
 class Node:
     def __init__(self, *, name: str, node_id: str, address: str, broker: Broker, store: Store,
-                 clock: Clock, membership: Membership | None = None) -> None:
+                 clock: Clock, membership: Membership | None = None,
+                 transport: Transport | None = None, cluster: Cluster | None = None,
+                 peers: LinkPeers | None = None, cluster_name: str = "meshq",
+                 boot: str = "", max_frame_bytes: int = 8 * 1024 * 1024) -> None:
         self.name = name
         self.id = node_id
+        self.boot = boot
         self.address = address
         self.broker = broker
         self.store = store
         self.clock = clock
         self.membership = membership
+        self.transport = transport
+        self.cluster = cluster
+        self.peers = peers
+        self.cluster_name = cluster_name
+        self.max_frame_bytes = max_frame_bytes
         self.version = __version__
         self.started = time.monotonic()
         self.accepting_writes = True
         self.not_accepting_reason: str | None = None
         self.stop_requested = trio.Event()
-        self.replicator: Replicator | None = None  # set by the daemon (the mesh)
         self.access = AccessPolicy()  # who may run which op; the daemon sets config.access
         self.keys: KeyService | None = None  # the cluster key ring's operations
         self.security: Callable[[], dict[str, Any]] | None = None  # the status section
         self.server: UnixServer | None = None  # the client socket, set by the daemon
+        self._nursery: trio.Nursery | None = None
+
+    # -- running ---------------------------------------------------------------------------
+    async def run(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+        """Run membership (joined through a seed, or alone), the peer links, the cluster
+        layer, the store's writer and the broker's timers; started() once all run."""
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            if self.membership is not None:
+                await nursery.start(self.membership.run)
+            if self.peers is not None:
+                await nursery.start(self.peers.run)
+            if self.cluster is not None:
+                await nursery.start(self.cluster.run)
+            await nursery.start(self.store.run)
+            await nursery.start(self.broker.run)
+            task_status.started()
+
+    def spawn(self, fn: Callable[..., Awaitable[Any]], *args: Any) -> None:
+        """Run a task that may outlive the client connection that asked for it."""
+        assert self._nursery is not None
+        self._nursery.start_soon(fn, *args)
 
     def stop(self) -> None:
         """Ask ``serve`` to shut down gracefully."""
         self.stop_requested.set()
 
+    def address_of(self, node: str) -> str | None:
+        if self.membership is None:
+            return None
+        m = self.membership.swim.member(node)
+        return None if m is None else m.address
+
+    def hint_unreachable(self, node: str) -> None:
+        if self.membership is not None:
+            self.membership.hint_unreachable(node)
+
+    # -- writes ----------------------------------------------------------------------------
     def refuse_writes(self, reason: str) -> None:
         self.accepting_writes, self.not_accepting_reason = False, reason
 
@@ -74,6 +147,7 @@ class Node:
             return False, exc.message
         return True, None
 
+    # -- status ----------------------------------------------------------------------------
     def clock_status(self) -> dict[str, Any]:
         """The status ``clock`` section: our wall clock and what the write check uses."""
         wall_ms = int(self.clock.time() * 1000)
@@ -90,6 +164,8 @@ class Node:
                 else round(ntp, 3)}
 
     def status(self) -> dict[str, Any]:
+        """This node's status map (``meshq-ctl status``); queue counts are this node's
+        copy (a client session replaces them with the dispatching nodes')."""
         wall, logical = unpack(self.broker.hlc.last)
         store = self.store.statistics()
         accepting, why_not = self.writes()
@@ -107,15 +183,16 @@ class Node:
                         "incarnation": 0, "clock_offset_ms": 0.0, "rtt_ms": None,
                         "last_seen_s": None, "self": True}]
             mesh = None
-        repl = self.replicator
-        vnodes = repl.placement.vnodes if repl is not None else DEFAULT_VNODES
+        cluster = self.cluster
+        vnodes = cluster.placement.vnodes if cluster is not None else DEFAULT_VNODES
         ring = Ring.build((m["name"] for m in members if m["state"] in ("alive", "suspect")),
                           vnodes)
         queues = []
         for q in self.broker.stats():
             q = dict(q)
-            if repl is not None:
-                reps = repl.replicas(self.broker.queues[q["name"]])
+            part = self.broker.queues[q["name"]]
+            if cluster is not None:
+                reps = cluster.replicas(part)
                 q["primary"] = reps.primary
                 q["holders"] = list(reps.holders)
                 q["preferred"] = list(reps.preferred)
@@ -123,7 +200,10 @@ class Node:
                 q["replicas_effective"] = len(reps.holders)
             else:
                 q["replicas_effective"] = 1
-            q["dispatching_here"] = self.broker.queues[q["name"]].active
+            q["dispatching_here"] = part.active
+            q["copy_here"] = {"ready": part.ready, "leased": part.leased,
+                              "delayed": part.delayed, "tombstones": len(part.tombs)}
+            q["counted_by"] = self.name if part.active else None
             queues.append(q)
         return {
             "node": {
@@ -160,5 +240,61 @@ class Node:
             "access": dataclasses.asdict(self.access.statistics()),
             "server": (dataclasses.asdict(self.server.statistics())
                        if self.server is not None else None),
-            "replication": repl.status() if repl is not None else None,
+            "replication": (_replication(cluster) if cluster is not None else None),
         }
+
+
+def _replication(cluster: Cluster) -> dict[str, Any]:
+    st = dataclasses.asdict(cluster.statistics())
+    st["taking_over"] = list(st["taking_over"])
+    st["links"] = list(st["links"])
+    return st
+
+
+def build_node(settings: NodeSettings, *, node_id: str, store: Store, snapshot: Snapshot,
+               clock: Clock, transport: Transport, rng: random.Random | None = None,
+               boot: str | None = None, incarnation: int | None = None) -> Node:
+    """Assemble a node from its parts (see the module docstring). ``rng`` seeds every
+    random choice (membership, lease ids, the boot id when none is given)."""
+    rng = rng or random.Random()
+    boot = boot or f"{rng.getrandbits(32):08x}"
+    name = settings.name
+    broker = Broker(store, clock, node_id=node_id, limits=settings.limits,
+                    max_clock_offset_ms=settings.max_clock_offset_ms, rng=rng,
+                    holder=f"{name}/{boot}")
+    broker.tag_prefix = f"{name}."
+    broker.dispatch_by_default = False
+    broker.restore(snapshot)
+    swim = Swim(name, transport.local_address, settings.swim, rng, meta={"b": boot},
+                incarnation=int(clock.time()) if incarnation is None else incarnation,
+                now=trio.current_time())
+    membership = Membership(swim=swim, transport=transport, cluster=settings.cluster_name,
+                            clock=clock, seeds=list(settings.seeds),
+                            max_offset_ms=settings.max_clock_offset_ms,
+                            members_path=settings.members_path, ntp_server=settings.ntp_server)
+    placement = Placement(name, swim.members, vnodes=settings.vnodes)
+    peers = LinkPeers(name, settings.cluster_name, transport, membership)
+    cluster = Cluster(me=name, broker=broker, store=store, placement=placement, peers=peers,
+                      members=swim.member, write_quorum=settings.write_quorum, boot=boot)
+    membership.on_change = cluster.membership_changed
+    peers.on_link_failure = membership.hint_unreachable
+    node = Node(name=name, node_id=node_id, address=transport.local_address, broker=broker,
+                store=store, clock=clock, membership=membership, transport=transport,
+                cluster=cluster, peers=peers, cluster_name=settings.cluster_name, boot=boot,
+                max_frame_bytes=settings.max_frame_bytes)
+
+    async def serve_repl(stream: FramedStream, hello: dict[str, Any]) -> None:
+        await serve_link(stream, hello, cluster.handle)
+
+    async def serve_relayed(stream: FramedStream, hello: dict[str, Any]) -> None:
+        """A client of another node, for a partition this node dispatches."""
+        holder = hello.get("holder")
+        if not isinstance(holder, str) or not holder or len(holder) > 512:
+            holder = f"{hello.get('node')}/?"
+        await stream.send(hello_frame(settings.cluster_name, name))
+        await Connection(stream.stream, node, settings.max_frame_bytes,
+                         relayed_holder=holder).serve()
+
+    membership.stream_handlers[LINK_KIND] = serve_repl
+    membership.stream_handlers["client"] = serve_relayed
+    return node

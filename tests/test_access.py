@@ -30,6 +30,7 @@ import trio
 from test_membership import all_alive, eventually
 
 from meshq.client import Client
+from meshq.cluster.placement import ring_key
 from meshq.errors import EXIT_CODES, MeshqError, Unauthorized
 from meshq.mesh.ring import Ring
 from meshq.server import listener
@@ -239,7 +240,7 @@ def test_relayed_ops_are_checked_only_where_the_client_connected(tmp_path: Path)
         eventually(lambda: all_alive([a, b], {"a", "b"}), 15, "a and b alive")
         ring = Ring.build(("a", "b"))
         name = next(f"relay-{i}" for i in range(1000)
-                    if ring.preference_list(f"relay-{i}", 2)[0] == "b")
+                    if ring.preference_list(ring_key(f"relay-{i}", 0), 2)[0] == "b")
         with a.client(timeout=10) as c:
             c.declare(name, replicas=2)
             assert c.delete(name) == 0  # a allows it; b, which runs it, does not ask

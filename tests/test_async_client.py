@@ -194,6 +194,50 @@ async def test_nack_reject_extend_and_foreign_ack(daemon):
             await c.ack("q", [a])
 
 
+async def test_ack_by_receipt_from_another_connection(daemon):
+    async with connect(daemon) as c, connect(daemon) as other:
+        await c.declare("q")
+        a, b, x = await c.send_batch("q", [b"a", b"b", b"x"])
+        da, db, _ = await c.receive("q", max=3)
+        assert da.receipt is not None and da.receipt.startswith(f"{a}~")
+        with pytest.raises(meshq.PreconditionFailed, match="not leased to this connection"):
+            await other.ack("q", [db.id])  # a bare id: only on the leasing connection
+        assert await other.ack("q", [da]) == [a]  # the Delivery carries its receipt
+        assert await other.extend("q", [db.receipt], 30) == [b]
+        assert await other.nack("q", [db.receipt]) == [b]
+        assert await c.ack("q", [x]) == [x]  # an id: the client sends the receipt it knows
+        [again] = await c.receive("q", wait=5)
+        assert again.id == b and again.receipt != db.receipt
+        with pytest.raises(meshq.PreconditionFailed, match="lease"):
+            await other.ack("q", [db.receipt])  # the old lease's receipt
+        assert await other.ack("q", [again]) == [b]
+        assert (await stats(c, "q"))["ready"] == 0
+
+
+async def test_a_daemon_restart_costs_latency_not_errors(tmp_path):
+    """meshqd is killed and started again under a producer and a consumer: the next send
+    connects again, and the subscription subscribes again behind the same object."""
+    d = DaemonProcess(tmp_path / "data")
+    await trio.to_thread.run_sync(d.start)
+    try:
+        with trio.fail_after(60):  # an upper bound only
+            async with meshq.AsyncClient(d.socket) as c:
+                await c.declare("q")
+                async with c.consume("q", prefetch=5) as sub:
+                    before = await c.send("q", b"before")
+                    assert (await anext(sub)).id == before
+                    await trio.to_thread.run_sync(d.kill)
+                    await trio.to_thread.run_sync(d.start)
+                    after = await c.send("q", b"after")
+                    seen = [await anext(sub)]
+                    while seen[-1].id != after:
+                        seen.append(await anext(sub))
+                    assert {m.consumer for m in seen} == {sub.tag}  # a new daemon's tag
+                    assert await c.ack("q", seen) == [m.id for m in seen]
+    finally:
+        await trio.to_thread.run_sync(d.kill)
+
+
 async def test_lease_deadline_and_disconnect_redeliver(daemon):
     async with connect(daemon) as other:
         await other.declare("short", visibility_timeout=0.3)
@@ -248,8 +292,9 @@ async def test_purge_and_delete(daemon):
             async with consumer.consume("q", prefetch=1) as sub:
                 assert (await anext(sub)).body == b"d"
                 assert await c.delete("q") == 2
-                async for d in sub:  # the daemon ends the subscription
-                    pytest.fail(f"delivery after delete: {d}")
+                with pytest.raises(meshq.ConsumerCancelled, match="deleted"):
+                    async for d in sub:  # the daemon ends the subscription
+                        pytest.fail(f"delivery after delete: {d}")
         with pytest.raises(meshq.NotFound):
             await c.send("q", b"x")
         with pytest.raises(meshq.NotFound):

@@ -157,6 +157,7 @@ def test_recv_json_text_and_binary_bodies(daemon):
     assert first["headers"] == {"h": "1"}
     assert isinstance(first["hlc"], int) and first["hlc"] > 0
     assert (first["delivery_count"], first["redelivered"]) == (1, False)
+    assert first["receipt"].startswith(f"{text_id}~")
     assert second["id"] == bin_id and "body" not in second
     assert base64.b64decode(second["body_b64"]) == b"\xff\x00\xfe"
     assert second["hlc"] > first["hlc"]
@@ -282,6 +283,7 @@ def test_socket_from_environment_and_flag_wins(daemon, tmp_path):
 
 @pytest.mark.parametrize("tool,args", [
     ("meshq", ["send", "q", "body"]),
+    ("meshq", ["send", "q", "-", "--retry-for", "0"]),
     ("meshq", ["recv", "q"]),
     ("meshq-ctl", ["status"]),
 ])
@@ -306,6 +308,7 @@ def test_usage_error_exits_2_without_traceback():
     (meshq_main, ["declare", "q", "--ttl", "soon"]),
     (meshq_main, ["send", "q", "body", "--header", "novalue"]),
     (meshq_main, ["send", "q", "-", "--ttl", "5"]),
+    (meshq_main, ["send", "q", "body", "--retry-for", "-1"]),
     (ctl_main, []),
     (ctl_main, ["status", "--yaml"]),
 ])

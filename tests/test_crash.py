@@ -83,7 +83,7 @@ def stream_producer(d: DaemonProcess, ledger: Ledger, tag: str) -> None:
             submitted.append(body)
             yield body
 
-    with d.client(timeout=LIMIT) as c:
+    with d.client(timeout=LIMIT, retry_for=0) as c:  # the daemon's end ends it
         for i, mid in enumerate(c.send_stream(QUEUE, bodies(), window=64)):
             ledger.confirm(mid, submitted[i])
 
@@ -91,7 +91,7 @@ def stream_producer(d: DaemonProcess, ledger: Ledger, tag: str) -> None:
 def batch_producer(d: DaemonProcess, ledger: Ledger, tag: str, rng: random.Random) -> None:
     """send_batch calls of random sizes, with a single send now and then."""
     n = itertools.count()
-    with d.client(timeout=LIMIT) as c:
+    with d.client(timeout=LIMIT, retry_for=0) as c:  # the daemon's end ends it
         while True:  # until the daemon goes away
             bodies = [f"{tag}-{next(n)}".encode() for _ in range(rng.choice((1, 5, 40)))]
             with ledger.lock:
@@ -103,7 +103,7 @@ def batch_producer(d: DaemonProcess, ledger: Ledger, tag: str, rng: random.Rando
 
 def consumer(d: DaemonProcess, ledger: Ledger, rng: random.Random) -> None:
     """Receive and ack most messages; keep some leased, nack a few."""
-    with d.client(timeout=LIMIT) as c:
+    with d.client(timeout=LIMIT, retry_for=0) as c:  # the daemon's end ends it
         while True:  # until the daemon goes away
             got = c.receive(QUEUE, max=rng.randint(1, 100), wait=0.5)
             with ledger.lock:

@@ -133,7 +133,8 @@ def test_members_ring_queues_json(cluster: list[DaemonProcess]) -> None:
     assert set(ring["ownership"]) == {"a", "b"}
     [q] = ctl_json(a, "queues")
     assert set(q) == {"name", "ready", "leased", "delayed", "dead_lettered", "expired",
-                      "dropped", "consumers", "options"}  # as docs/ctl-json.md lists them
+                      "dropped", "consumers", "options",
+                      "counted_by"}  # as docs/ctl-json.md lists them
     assert (q["name"], q["ready"], q["options"]["dead_letter_queue"]) == ("orders", 1, "dlq")
 
 

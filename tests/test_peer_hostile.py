@@ -15,6 +15,7 @@ import trio
 from test_bad_input import Raw
 from test_membership import all_alive, eventually
 
+from meshq.cluster.placement import ring_key
 from meshq.mesh.keyring import ENVELOPE_HEADER, Keyring, generate_key, parse_key
 from meshq.mesh.ring import Ring
 from meshq.mesh.transport import FramedStream, UdpTcpTransport, parse_address
@@ -166,7 +167,8 @@ def test_a_relayed_request_may_have_any_msgpack_id(pair: list[DaemonProcess]) ->
     """Ids are any msgpack value (protocol.md); a list must not break the relay."""
     a = pair[0]
     ring = Ring.build(("a", "b"))
-    name = next(f"ids-{i}" for i in range(1000) if ring.preference_list(f"ids-{i}", 2)[0] == "b")
+    name = next(f"ids-{i}" for i in range(1000)
+                if ring.preference_list(ring_key(f"ids-{i}", 0), 2)[0] == "b")
     with a.client() as c:
         c.declare(name, replicas=2)
     raw = Raw(a.socket)

@@ -305,7 +305,8 @@ def test_delete_ends_subscriptions_and_later_sends_are_not_found(daemon):
         sub = consumer.consume("q", prefetch=1)
         assert sub.get(timeout=5) is not None
         assert c.delete("q") == 2
-        assert sub.get(timeout=5) is None  # the daemon ended it
+        with pytest.raises(meshq.ConsumerCancelled):  # the daemon ended it, for good
+            sub.get(timeout=5)
         with pytest.raises(meshq.NotFound):
             c.send("q", b"x")
         with pytest.raises(meshq.NotFound):
@@ -320,7 +321,8 @@ def test_leaving_a_subscription_ended_by_delete_is_quiet(daemon):
         c.declare("q")
         with consumer.consume("q", prefetch=1) as sub:
             c.delete("q")
-            assert sub.get(timeout=5) is None
+            with pytest.raises(meshq.ConsumerCancelled):
+                sub.get(timeout=5)
         assert consumer.ping()
 
 

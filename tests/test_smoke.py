@@ -81,3 +81,58 @@ def test_ctrl_c_to_the_process_group_stops_the_daemon_cleanly(tmp_path):
         d.kill()
     with DaemonProcess(tmp_path / "d") as again, again.client() as c:
         assert c.stats("sigint")[0]["ready"] >= answered
+
+
+def test_no_import_cycles_between_meshq_modules():
+    """Module-level imports (not those under TYPE_CHECKING or inside functions) form no
+    cycle: every layer can be imported, and tested, without the ones above it."""
+    import ast
+    from pathlib import Path
+
+    root = Path(meshq.__file__).parent
+    modules = {}
+    for path in root.rglob("*.py"):
+        parts = path.relative_to(root.parent).with_suffix("").parts
+        name = ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+        modules[name] = path
+
+    def imports(path: Path) -> set[str]:
+        found: set[str] = set()
+
+        def visit(node: ast.AST) -> None:
+            for child in ast.iter_child_nodes(node):
+                if isinstance(child, ast.If) and "TYPE_CHECKING" in ast.unparse(child.test):
+                    continue
+                if isinstance(child, ast.FunctionDef | ast.AsyncFunctionDef):
+                    continue
+                if isinstance(child, ast.ImportFrom) and (child.module or "").startswith("meshq"):
+                    found.add(child.module)  # type: ignore[arg-type]
+                    found.update(f"{child.module}.{a.name}" for a in child.names)
+                elif isinstance(child, ast.Import):
+                    found.update(a.name for a in child.names if a.name.startswith("meshq"))
+                visit(child)
+
+        visit(ast.parse(path.read_text()))
+        return found
+
+    graph = {name: {m for m in imports(path) if m in modules and m != name}
+             for name, path in modules.items()}
+    state: dict[str, int] = {}
+    path_: list[str] = []
+
+    def cycle_from(u: str) -> list[str] | None:
+        state[u] = 1
+        path_.append(u)
+        for v in sorted(graph[u]):
+            if state.get(v) == 1:
+                return [*path_[path_.index(v):], v]
+            if v not in state and (found := cycle_from(v)):
+                return found
+        path_.pop()
+        state[u] = 2
+        return None
+
+    for name in sorted(graph):
+        if name not in state:
+            found = cycle_from(name)
+            assert found is None, "import cycle: " + " -> ".join(found)

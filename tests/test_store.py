@@ -13,8 +13,8 @@ import trio
 from meshq.errors import Timeout
 from meshq.model import Message
 from meshq.states import State
-from meshq.store import OP_DELETE, OP_META, OP_PUT, SQLiteStore, StoreError
-from meshq.store.base import put_op, update_op
+from meshq.store import OP_META, OP_PUT, SQLiteStore, StoreError
+from meshq.store.base import delete_op, put_op, update_op
 from meshq.store.sqlite import WriterDied
 
 
@@ -40,13 +40,14 @@ async def test_committed_ops_are_loaded_back(store: SQLiteStore) -> None:
     msgs[0].delivery_count = 2  # two updates of one row in one batch: the last wins
     store.stage(update_op(msgs[0]))
     for m in msgs[100:]:
-        store.stage((OP_DELETE, (m.seq,)))
+        store.stage(delete_op(m, 5.0))
     await store.stage((OP_META, ("hlc", 42))).wait()
     snap = store.load()
     assert [m.seq for m in snap.messages] == list(range(1, 101))
     first = snap.messages[0]
     assert (first.state, first.delivery_count, first.headers) == (State.LEASED, 2, {"h": 1})
     assert snap.meta["hlc"] == "42"
+    assert len(snap.tombstones) == 100 and snap.tombstones[0][1:] == (0, msgs[100].id, 5.0)
 
 
 async def test_a_failed_batch_writes_nothing_and_the_store_goes_on(store: SQLiteStore) -> None:
@@ -119,3 +120,39 @@ async def test_batches_commit_in_the_order_they_were_cut() -> None:
         await s.flush()
         nursery.cancel_scope.cancel()
     assert done == sorted(done) and len(done) == MAX_BATCH_REQUESTS + 50
+
+
+def test_a_version_1_file_is_migrated(tmp_path: Path) -> None:
+    """0.1.0's schema: queues with counters, unpartitioned tombstones."""
+    import sqlite3
+
+    import msgpack
+
+    path = tmp_path / "old.db"
+    conn = sqlite3.connect(path, isolation_level=None)
+    conn.executescript("""
+        CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT);
+        CREATE TABLE queues (name TEXT PRIMARY KEY, options BLOB, dead_lettered INTEGER,
+                             expired INTEGER, dropped INTEGER);
+        CREATE TABLE messages (seq INTEGER PRIMARY KEY, id TEXT NOT NULL, queue TEXT NOT NULL,
+            hlc INTEGER NOT NULL, node TEXT NOT NULL, body BLOB, headers BLOB,
+            state INTEGER NOT NULL, delivery_count INTEGER, ready_at FLOAT, expires_at FLOAT,
+            lease_deadline FLOAT);
+        CREATE TABLE dedup (queue TEXT, dedup_id TEXT, message_id TEXT, expires_at FLOAT,
+                            PRIMARY KEY (queue, dedup_id));
+        CREATE TABLE tombstones (queue TEXT, id TEXT, at FLOAT, PRIMARY KEY (queue, id));
+        INSERT INTO meta VALUES ('schema_version', '1'), ('hlc', '77');
+        INSERT INTO tombstones VALUES ('jobs', 'gone-1', 5.0);
+    """)
+    conn.execute("INSERT INTO queues VALUES ('jobs', ?, 2, 1, 0)",
+                 (msgpack.packb({"replicas": 3}),))
+    conn.execute("INSERT INTO messages VALUES (1, 'm-1', 'jobs', 9, 'n1', x'6869', NULL, 0, 0,"
+                 " 0.0, NULL, NULL)")
+    conn.close()
+    snap = SQLiteStore(path).load()
+    assert snap.catalog == [("jobs", 1, {"replicas": 3}, 0, 0.0)]
+    assert snap.partitions == [("jobs", 0, 0, {"v1": [2, 1, 0]})]
+    [m] = snap.messages
+    assert (m.id, m.body, m.index, m.inc, m.epoch, m.vn) == ("m-1", b"hi", 0, 1, 0, 0)
+    assert snap.tombstones == [("jobs", 0, "gone-1", 5.0)]
+    assert snap.meta["schema_version"] == "2" and snap.meta["hlc"] == "77"

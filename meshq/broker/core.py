@@ -1,19 +1,26 @@
 """The broker core: queue semantics of SPEC section 2 over a Store and a Clock.
 
-State here: queues and their messages (in memory, mirrored durably by the store), the HLC,
-the timer heap (delays, lease deadlines, TTLs) and dedup entries. Never: a message visible
-to consumers before the batch that wrote it committed; a send, ack, nack or declare
-confirmed before its batch committed; a message leased to two consumers at once.
+State here: the catalog (every queue name this node knows, live or deleted, with its
+incarnation), the queue partitions and their messages (in memory, mirrored durably by the
+store), the HLC, the timer heap (delays, lease deadlines, TTLs) and dedup entries. Never:
+a message visible to consumers before the batch that wrote it committed; a send, ack,
+nack or declare confirmed before its batch committed; a message leased to two consumers
+at once; a change to a message's progress without a new version (meshq.cluster.lattice).
 Methods are synchronous and never block; those that write return a Pending.
+
+The broker has single-node semantics. The cluster layer (meshq.cluster) decides which
+partitions this node dispatches (``activate``/``deactivate``), ships the typed changes
+each batch collects while ``replicating``, and merges other replicas' changes through the
+replica surface in meshq.broker.replica.
 """
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import heapq
 import itertools
 import math
+import random
 from collections import Counter, defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -23,37 +30,37 @@ import msgpack
 import trio
 
 from meshq.broker.queue import Consumer, Queue, Session
+from meshq.broker.replica import Moved, Replica, progress_of, record_of
 from meshq.clock import Clock
+from meshq.cluster.changes import Decl, Dedup, Drop, Put, Step, Tally, Tomb
+from meshq.cluster.lattice import TOMBSTONE_WINDOW, CatalogEntry, join_catalog
 from meshq.errors import BadRequest, NotFound, PreconditionFailed, TooLarge
-from meshq.hlc import HLC, ClockOffsetError, pack, physical_ms
+from meshq.hlc import HLC, pack, physical_ms
 from meshq.model import Message, QueueOptions, finite
 from meshq.states import Event, State
 from meshq.store import (
+    OP_CATALOG_PRUNE,
     OP_DEDUP,
     OP_DEDUP_PRUNE,
-    OP_DELETE,
     OP_DROP_QUEUE,
-    OP_FORGET,
     OP_META,
+    OP_PARTITION,
     OP_QUEUE,
-    OP_TOMBSTONE,
     OP_TOMBSTONE_PRUNE,
     Batch,
     Snapshot,
     Store,
 )
-from meshq.store.base import put_op, update_op
+from meshq.store.base import delete_op, put_op, update_op
 
-__all__ = ["Broker", "BrokerLimits", "Pending"]
+__all__ = ["TOMBSTONE_WINDOW", "Broker", "BrokerLimits", "Moved", "Pending", "parse_receipt"]
 
 _T_DUE, _T_LEASE, _T_TTL = 0, 1, 2
 DEDUP_PRUNE_INTERVAL = 60.0
 HLC_CEILING_MS = 200  # how far the persisted HLC ceiling runs ahead (< max_clock_offset)
 HLC_REFRESH = pack(HLC_CEILING_MS // 2)  # renew the ceiling when this close to it
 TICK_BUDGET = 2000  # timers handled per event-loop turn
-# How long a deleted message's tombstone is kept (see meshq.mesh.replication): a replica
-# away for longer must not bring back what it holds (docs/architecture.md, Replication).
-TOMBSTONE_WINDOW = 3600.0
+RECEIPT_SEP = "~"  # a receipt is "<message id>~<lease id in hex>"
 
 
 class Pending:
@@ -102,15 +109,32 @@ def _number(value: Any, name: str, *, minimum: float = 0.0) -> float:
     return float(value)
 
 
+def parse_receipt(item: str) -> tuple[str, int | None]:
+    """A message id, or a receipt ``id~lease``: (id, lease id or None)."""
+    mid, sep, lease = item.partition(RECEIPT_SEP)
+    if not sep:
+        return mid, None
+    try:
+        return mid, int(lease, 16)
+    except ValueError:
+        return mid, -1  # matches no lease
+
+
 class Broker:
     def __init__(self, store: Store, clock: Clock, *, node_id: str,
-                 limits: BrokerLimits | None = None, max_clock_offset_ms: int = 500) -> None:
+                 limits: BrokerLimits | None = None, max_clock_offset_ms: int = 500,
+                 rng: random.Random | None = None, holder: str | None = None) -> None:
         self.store = store
         self.clock = clock
         self.node_id = node_id
         self.limits = limits or BrokerLimits()
         self.hlc = HLC(max_offset_ms=max_clock_offset_ms)
-        self.queues: dict[str, Queue] = {}
+        self.rng = rng or random.Random()
+        # Who this process's consumers are, in lease records: "node/boot" (meshq.cluster
+        # sets it from the node's name and boot id).
+        self.holder = holder or f"{node_id}/{self.rng.getrandbits(32):08x}"
+        self.catalog: dict[str, CatalogEntry] = {}
+        self.queues: dict[str, Queue] = {}  # live queues (their one partition, index 0)
         self._seq = 1
         self._timers: list[tuple[float, int, int, Message]] = []
         self._timer_ids = itertools.count()
@@ -128,41 +152,55 @@ class Broker:
         # Since start, per queue: "published", "delivered", "redelivered" (delivered with
         # delivery_count > 1) and "acked" on the node that dispatches it (meshq.metrics).
         self.totals: defaultdict[str, Counter[str]] = defaultdict(Counter)
-        # Set by the mesh: replica ops then go with each batch (see _put, _update, ...).
+        # Set by the cluster layer: typed changes then go with each batch (_put, ...).
         self.replicating = False
+        # Without a cluster layer every partition dispatches here; with one, only those
+        # it activates (and a new queue's, through ``on_declare``).
+        self.dispatch_by_default = True
+        self.on_declare: Callable[[Queue], None] | None = None
+        self.on_catalog: Callable[[str], None] | None = None  # a queue appeared or went
         self.tag_prefix = ""  # consumer tags start with it (the daemon: its node name)
+        self.replica = Replica(self)  # the surface the cluster layer uses
 
     # -- start-up ----------------------------------------------------------------------
     def restore(self, snap: Snapshot) -> None:
-        """Rebuild memory from what the store holds. Leases die with the old process."""
+        """Rebuild memory from what the store holds. Leases stay recorded until their
+        deadline; those of this node's own consumers (a previous process's connections,
+        gone now) are released when the partition is activated."""
         now = self.clock.time()
         high = self._hlc_durable = int(snap.meta.get("hlc", 0) or 0)  # a ceiling
-        for name, options, counters in snap.queues:
-            q = Queue(name, QueueOptions.from_dict(options))
-            q.dead_lettered = counters["dead_lettered"]
-            q.expired = counters["expired"]
-            q.dropped = counters["dropped"]
-            self.queues[name] = q
-        spent: list[tuple[Queue, Message]] = []
+        for name, inc, options, dropped, dropped_at in snap.catalog:
+            entry = CatalogEntry(name, inc, options or {}, dropped, dropped_at)
+            self.catalog[name] = entry
+            high = max(high, inc, dropped)
+            if entry.live:
+                fresh = Queue(name, QueueOptions.from_dict(entry.options), inc)
+                fresh.active = False
+                self.queues[name] = fresh
+        for name, idx, promised, tally in snap.partitions:
+            q = self.queues.get(name)
+            if q is not None and idx == q.index:
+                q.promised = promised
+                q.tally = {node: (int(v[0]), int(v[1]), int(v[2])) for node, v in tally.items()}
         for msg in snap.messages:
             self._seq = max(self._seq, msg.seq + 1)
             high = max(high, msg.hlc)
             home = self.queues.get(msg.queue)
-            if home is None:
+            if home is None or msg.index != home.index or self.catalog[msg.queue].absorbs(
+                    msg.inc):
                 continue
-            if msg.state == State.LEASED:
-                msg.state, msg.lease_deadline = State.READY, None
-                limit = home.options.max_deliveries
-                if limit is not None and msg.delivery_count >= limit:
-                    spent.append((home, msg))
             home.add(msg)
-            self._schedule_message(msg)
+        for queue, idx, mid, at in sorted(snap.tombstones, key=lambda t: t[3]):
+            home = self.queues.get(queue)
+            if home is not None and idx == home.index:
+                home.tombs[mid] = at
         for queue, dedup_id, mid, expires_at in snap.dedup:
             if expires_at > now:
                 self._dedup[queue, dedup_id] = (mid, expires_at, None)
         self.hlc.restore(high)
-        for home, msg in spent:  # a lost lease ends like any other: past max_deliveries, DLQ
-            self._dead_letter(home, msg, "max_deliveries", now)
+        if self.dispatch_by_default:
+            for q in self.queues.values():
+                self.replica.activate(q, q.promised)
 
     # -- the timer loop ------------------------------------------------------------------
     async def run(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
@@ -193,7 +231,8 @@ class Broker:
     def tick(self, now: float, budget: int = TICK_BUDGET) -> bool:
         """Handle timers due at ``now``, at most ``budget`` of them (most are stale: a
         lease timer stays in the heap after its ack). True when more are due."""
-        timers, touched = self._timers, set()
+        timers = self._timers
+        touched: dict[Queue, None] = {}  # (a dict: deterministic order)
         while timers and timers[0][0] <= now:
             budget -= 1
             if budget < 0:
@@ -201,33 +240,48 @@ class Broker:
             when, _, kind, msg = heapq.heappop(timers)
             q = self.queues.get(msg.queue)
             if q is None or not q.active or q.messages.get(msg.id) is not msg:
-                continue  # (activate() schedules an inactive queue's timers again)
+                continue  # (activate() schedules an inactive partition's timers again)
             if kind == _T_DUE and msg.state == State.DELAYED and msg.ready_at == when:
                 self._become_ready(q, msg, now)
-                touched.add(q)
+                touched[q] = None
             elif kind == _T_LEASE and msg.state == State.LEASED and msg.lease_deadline == when:
                 self.redeliveries += 1
                 self._end_lease(q, msg, now, Event.REQUEUE)
-                touched.add(q)
+                touched[q] = None
             elif kind == _T_TTL and msg.state in (State.READY, State.DELAYED):
                 self._dead_letter(q, msg, "expired", now)
                 q.compact()  # its ready-heap entry is stale now
         if now >= self._next_prune:
-            self._prune_dedup(now)
+            self._prune(now)
         for q in touched:
             self._dispatch(q, now)
         return budget < 0
 
-    def _prune_dedup(self, now: float) -> None:
+    def _prune(self, now: float) -> None:
+        """Dedup entries past their window; tombstones and deleted queues past theirs."""
         self._next_prune = now + DEDUP_PRUNE_INTERVAL
         stale = [k for k, (_, exp, _) in self._dedup.items() if exp <= now]
         for key in stale:
             del self._dedup[key]
         if stale:
             self.store.stage((OP_DEDUP_PRUNE, (now,)))
-        if self._pruned:  # (not at start-up: nothing is that old yet)
-            self.store.stage((OP_TOMBSTONE_PRUNE, (now - TOMBSTONE_WINDOW,)))
-        self._pruned = True
+        if not self._pruned:  # (not at start-up: nothing is that old yet)
+            self._pruned = True
+            return
+        before = now - TOMBSTONE_WINDOW
+        for q in self.queues.values():
+            tombs = q.tombs
+            while tombs:
+                mid, at = next(iter(tombs.items()))
+                if at >= before:
+                    break
+                del tombs[mid]
+        self.store.stage((OP_TOMBSTONE_PRUNE, (before,)))
+        gone = [n for n, e in self.catalog.items() if not e.live and e.dropped_at < before]
+        for name in gone:
+            del self.catalog[name]
+        if gone:
+            self.store.stage((OP_CATALOG_PRUNE, (before,)))
 
     # -- helpers -------------------------------------------------------------------------
     def queue(self, name: Any) -> Queue:
@@ -259,35 +313,63 @@ class Broker:
         if error is None:
             self._hlc_durable = max(self._hlc_durable, ceiling)
 
-    def _stage_counters(self, q: Queue) -> Batch:
-        batch = self.store.stage((OP_QUEUE, (q.name, _pack_options(q.options), q.dead_lettered,
-                                             q.expired, q.dropped)))
+    def _lease_id(self) -> int:
+        return self.rng.getrandbits(32) | 1
+
+    # Every change goes through these, which also add the typed change to the batch when
+    # the cluster layer replicates (its epoch fences the partition's changes).
+    def _emit(self, batch: Batch, q: Queue | None, change: Any) -> None:
+        batch.changes.append(change)
+        if q is not None and q.active:
+            batch.epochs.setdefault(q.part, q.epoch)
+
+    def _stage_catalog(self, name: str) -> Batch:
+        e = self.catalog[name]
+        batch = self.store.stage((OP_QUEUE, (name, e.inc, msgpack.packb(
+            e.options, use_bin_type=True), e.dropped, e.dropped_at)))
         if self.replicating:
-            batch.rops.append((q.name, ["q", q.name, q.options.to_dict(), q.dead_lettered,
-                                        q.expired, q.dropped]))
+            q = self.queues.get(name)
+            for change in e.changes():
+                self._emit(batch, q, change)
         return batch
 
-    # Every change to a message goes through these three, which also hand the change to
-    # the replicator (when ``replicating``) as a replica op ("rop") of the same batch.
-    def _put(self, msg: Message) -> Batch:
+    def _stage_partition(self, q: Queue) -> Batch:
+        return self.store.stage((OP_PARTITION, (q.name, q.index, q.promised, msgpack.packb(
+            {node: list(v) for node, v in q.tally.items()}, use_bin_type=True))))
+
+    def _count(self, q: Queue, dead_lettered: int = 0, expired: int = 0,
+               dropped: int = 0) -> None:
+        old = q.tally.get(self.node_id, (0, 0, 0))
+        new = (old[0] + dead_lettered, old[1] + expired, old[2] + dropped)
+        q.tally[self.node_id] = new
+        batch = self._stage_partition(q)
+        if self.replicating:
+            self._emit(batch, q, Tally(q.name, q.index, self.node_id, *new))
+
+    def _put(self, q: Queue, msg: Message) -> Batch:
         op = put_op(msg)
         batch = self.store.stage(op)
         batch.body_bytes += len(msg.body)
         if self.replicating:
-            batch.rops.append((msg.queue, ["p", *op[1][1:]]))
+            self._emit(batch, q, Put(record_of(msg, op[1][8])))
         return batch
 
-    def _update(self, msg: Message) -> None:
+    def _progress(self, q: Queue, msg: Message) -> None:
+        """The message's progress moved: a new version, staged and replicated."""
+        if msg.epoch == q.epoch:
+            msg.vn += 1
+        else:
+            msg.epoch, msg.vn = q.epoch, 1
         batch = self.store.stage(update_op(msg))
         if self.replicating:
-            batch.rops.append((msg.queue, ["u", msg.queue, msg.id, int(msg.state),
-                                           msg.delivery_count, msg.ready_at,
-                                           msg.lease_deadline]))
+            self._emit(batch, q, Step(q.name, q.index, msg.id, progress_of(msg)))
 
-    def _delete(self, msg: Message) -> None:
-        batch = self.store.stage((OP_DELETE, (msg.seq,)))
+    def _delete(self, q: Queue, msg: Message, now: float) -> None:
+        """The message leaves the partition for good: a tombstone."""
+        q.tombs[msg.id] = now
+        batch = self.store.stage(delete_op(msg, now))
         if self.replicating:
-            batch.rops.append((msg.queue, ["d", msg.queue, msg.id]))
+            self._emit(batch, q, Tomb(q.name, q.index, msg.id, now))
 
     def _become_ready(self, q: Queue, msg: Message, now: float) -> None:
         q.move(msg, Event.DUE)
@@ -295,12 +377,13 @@ class Broker:
             self._dead_letter(q, msg, "expired", now)
         else:
             q.push_ready(msg)
+            self._progress(q, msg)
 
     def _detach(self, msg: Message) -> None:
         c: Consumer | None = msg.owner
         if c is not None:
             msg.owner = None
-            c.session.leases.discard(msg)
+            c.session.leases.pop(msg, None)
             if c.replenish:
                 c.credit += 1
 
@@ -308,7 +391,7 @@ class Broker:
                    delay: float = 0.0) -> None:
         """Back to ready (or delayed), or on to the DLQ past max_deliveries."""
         self._detach(msg)
-        msg.lease_deadline = None
+        msg.lease_deadline, msg.lease_id, msg.holder = None, 0, ""
         limit = q.options.max_deliveries
         if limit is not None and msg.delivery_count >= limit:
             self._dead_letter(q, msg, "max_deliveries", now)
@@ -323,42 +406,49 @@ class Broker:
         else:
             q.move(msg, Event.REQUEUE)
             q.push_ready(msg)
-        self._update(msg)
+        self._progress(q, msg)
 
-    def _dead_letter(self, q: Queue, msg: Message, reason: str, now: float) -> Batch:
+    def _dead_letter(self, q: Queue, msg: Message, reason: str, now: float) -> None:
         """Move a message to the queue's DLQ, or drop it (counted) when there is none."""
         self._detach(msg)
         dlq = self.queues.get(q.options.dead_letter_queue or "")
         q.move(msg, Event.DEAD_LETTER if dlq is not None else Event.DROP)
         q.remove(msg)
-        q.dead_lettered += 1
-        if reason == "expired":
-            q.expired += 1
-        if dlq is None:
-            q.dropped += 1
-        self._delete(msg)
+        self._count(q, dead_lettered=1, expired=1 if reason == "expired" else 0,
+                    dropped=1 if dlq is None else 0)
+        self._delete(q, msg, now)
         if dlq is not None:
             self._ensure_created(dlq)
             headers = dict(msg.headers)
             headers["x-death"] = {"queue": q.name, "reason": reason,
                                   "delivery_count": msg.delivery_count, "time": now}
             moved = Message(self._next_seq(), msg.id, dlq.name, msg.body, headers,
-                            self._stamp(now), self.node_id)
+                            self._stamp(now), self.node_id, index=dlq.index, inc=dlq.inc,
+                            epoch=dlq.epoch, vn=1)
             if dlq.options.message_ttl is not None:
                 moved.expires_at = now + dlq.options.message_ttl
-            self._put(moved)
-            self.store.current_batch().add_callback(
-                lambda err: self._committed(dlq, [moved], err))
-        return self._stage_counters(q)
+            batch = self._put(dlq, moved)
+            batch.add_callback(functools.partial(self._committed, dlq, [moved], batch))
 
     def _next_seq(self) -> int:
         seq = self._seq
         self._seq += 1
         return seq
 
-    def _committed(self, q: Queue, msgs: list[Message], error: BaseException | None) -> None:
+    def _committed(self, q: Queue, msgs: list[Message], batch: Batch,
+                   error: BaseException | None) -> None:
         """Messages whose put committed become visible (unless their queue went away);
-        those leased at send time go to their consumer now."""
+        those leased at send time go to their consumer now. A put durable here whose
+        write quorum failed is visible too (the client heard "outcome unknown"), but a
+        lease taken at send time is not handed over unconfirmed."""
+        if error is not None and batch.local_ok:
+            for msg in msgs:
+                if msg.owner is not None:
+                    self._unreserve(msg)
+                    msg.state, msg.delivery_count = State.READY, 0
+                    msg.lease_deadline, msg.lease_id, msg.holder = None, 0, ""
+                    self._progress(q, msg)
+            error = None
         if error is not None or self.queues.get(q.name) is not q:
             for msg in msgs:
                 if msg.owner is not None:
@@ -370,31 +460,41 @@ class Broker:
         out: dict[Consumer, list[Message]] = {}
         for msg in msgs:
             c = msg.owner
-            if msg.id in q.messages:  # a dedup race left a twin; keep the first
+            if msg.id in q.messages or msg.id in q.tombs:  # a twin (dedup race, a merge)
                 if c is not None:
                     self._unreserve(msg)
                 continue
             if c is not None:
                 c.pending -= 1
                 if c.session.closed or c.cancelled:  # gone before it could be handed over
-                    msg.owner, msg.lease_deadline = None, None
+                    msg.owner, msg.lease_deadline, msg.lease_id, msg.holder = None, None, 0, ""
                     msg.state, msg.delivery_count = State.READY, 0
-                    self._update(msg)
+                    self._progress(q, msg)
                 else:
-                    c.session.leases.add(msg)
+                    c.session.leases[msg] = None
                     self._add_timer(msg.lease_deadline, _T_LEASE, msg)  # type: ignore[arg-type]
                     out.setdefault(c, []).append(msg)
             q.add(msg)
-            self._schedule_message(msg)
+            if q.active:
+                self._schedule_message(msg)
         for c, leased in out.items():
             self._hand_over(c, leased)
         limit = q.options.max_length
-        while limit is not None and q.ready > limit:
+        while limit is not None and q.ready > limit and q.active:
             head = q.pop_ready()
             if head is None:
                 break
             self._dead_letter(q, head, "maxlen", now)
         self._dispatch(q, now)
+
+    def _lease(self, q: Queue, msg: Message, c: Consumer, now: float) -> None:
+        msg.delivery_count += 1
+        vt = c.visibility_timeout or q.options.visibility_timeout
+        msg.lease_deadline = now + vt
+        msg.lease_id = self._lease_id()
+        msg.holder = c.session.holder or self.holder
+        msg.owner = c
+        c.credit -= 1
 
     def _dispatch(self, q: Queue, now: float) -> None:
         """Lease ready messages to consumers with credit, round-robin."""
@@ -412,14 +512,10 @@ class Broker:
                 self._dead_letter(q, msg, "expired", now)
                 continue
             q.move(msg, Event.LEASE)
-            msg.delivery_count += 1
-            vt = c.visibility_timeout or q.options.visibility_timeout
-            msg.lease_deadline = now + vt
-            msg.owner = c
-            c.credit -= 1
-            c.session.leases.add(msg)
-            self._add_timer(msg.lease_deadline, _T_LEASE, msg)
-            self._update(msg)
+            self._lease(q, msg, c, now)
+            c.session.leases[msg] = None
+            self._add_timer(msg.lease_deadline, _T_LEASE, msg)  # type: ignore[arg-type]
+            self._progress(q, msg)
             if c in out:
                 out[c].append(msg)
             else:
@@ -431,27 +527,38 @@ class Broker:
         batch = self.store.current_batch()
         for c, msgs in out.items():
             c.pending += len(msgs)
-            batch.add_callback(functools.partial(self._deliver, c, msgs))
+            batch.add_callback(functools.partial(self._deliver, c, msgs,
+                                                 [m.lease_id for m in msgs]))
 
-    def _deliver(self, c: Consumer, msgs: list[Message], error: BaseException | None) -> None:
+    def _deliver(self, c: Consumer, msgs: list[Message], leases: list[int],
+                 error: BaseException | None) -> None:
         """Hand over messages whose lease committed, unless the lease ended meanwhile."""
         c.pending -= len(msgs)
-        if c.session.closed:
+        if error is None and not c.session.closed and (not c.cancelled or c.moved):
+            # Durable on the quorum: hand over, even when the partition moved to another
+            # node meanwhile (this node detached the lease then): the lease is valid there
+            # too, and the consumer acks it by receipt.
+            still = [m for m, lease in zip(msgs, leases, strict=True)
+                     if m.state == State.LEASED and m.lease_id == lease
+                     and (m.owner is c or m.owner is None)]
+            if still or not c.replenish:  # a pull receive waits to hear, even of nothing
+                self._hand_over(c, still)
             return
-        still = [m for m in msgs if m.owner is c and m.state == State.LEASED]
-        if error is not None or c.cancelled:  # never handed over: back to ready
-            now = self.clock.time()
-            for m in still:
-                q = self.queues.get(m.queue)
-                if q is not None and q.messages.get(m.id) is m:
-                    m.delivery_count -= 1
-                    self._end_lease(q, m, now, Event.REQUEUE)
-                    self._dispatch(q, now)
-            if not c.replenish and c.pending == 0 and not c.cancelled:
-                c.sink(c, [])  # wake the pull receive that waits for them
-            return
-        if still or not c.replenish:  # a pull receive waits to hear, even of nothing
-            self._hand_over(c, still)
+        # Never handed over: back to ready. Also when the partition stopped being
+        # dispatched here meanwhile: the change goes to the replicas, where it wins
+        # unless the new dispatcher moved on.
+        now = self.clock.time()
+        for m, lease in zip(msgs, leases, strict=True):
+            q = self.queues.get(m.queue)
+            if (q is None or q.messages.get(m.id) is not m or m.state != State.LEASED
+                    or m.lease_id != lease or (m.owner is not c and m.owner is not None)):
+                continue
+            m.delivery_count -= 1  # it was never delivered
+            self._end_lease(q, m, now, Event.REQUEUE)
+            self._dispatch(q, now)
+        if (not c.replenish and c.pending == 0 and not c.cancelled
+                and not c.session.closed):
+            c.sink(c, [])  # wake the pull receive that waits for them
 
     def _hand_over(self, c: Consumer, msgs: list[Message]) -> None:
         """Give a consumer messages whose lease committed, counting them."""
@@ -493,9 +600,15 @@ class Broker:
             self._ensure_created(q)
             created = q.created if q.created is not None and not q.created.done else None
             return Pending(created, self.queue_stats(q))
-        q = Queue(name, opts)
+        entry = self.catalog.get(name) or CatalogEntry(name)
+        inc = max(self._stamp(self.clock.time()), entry.dropped + 1, entry.inc + 1)
+        self.catalog[name] = join_catalog(entry, Decl(name, inc, opts.to_dict()))
+        q = Queue(name, opts, inc)
+        q.active = self.dispatch_by_default
         self.queues[name] = q
-        q.created = self._stage_counters(q)
+        if self.on_declare is not None:
+            self.on_declare(q)  # the cluster layer: dispatch it here, at a new epoch
+        q.created = self._stage_catalog(name)
         return Pending(q.created, self.queue_stats(q))
 
     def _ensure_created(self, q: Queue) -> None:
@@ -506,38 +619,50 @@ class Broker:
         created = q.created
         if (created is not None and (created.error is not None or not created.done)
                 and created is not self.store.current_batch()):
-            q.created = self._stage_counters(q)
+            q.created = self._stage_catalog(q.name)
 
     def delete_queue(self, name: Any) -> Pending:
         q = self.queue(name)
-        del self.queues[name]
-        self.totals.pop(name, None)
+        now = self.clock.time()
+        self.catalog[name] = join_catalog(self.catalog[name], Drop(name, q.inc, now))
+        count = len(q.messages)
+        self._drop(q, "queue deleted")
+        batch = self.store.stage((OP_DROP_QUEUE, (name, q.inc, now)))
+        if self.replicating:
+            self._emit(batch, None, Drop(name, q.inc, now))
+        return Pending(batch, count)
+
+    def _drop(self, q: Queue, reason: str) -> None:
+        """Forget a deleted queue in memory: its consumers are told, for good."""
+        del self.queues[q.name]
+        self.totals.pop(q.name, None)
         for c in list(q.consumers):
             c.session.consumers.pop(c.tag, None)
+            c.credit, c.cancelled = 0, True
             if c.replenish:
-                c.session.cancelled(c.tag, "queue deleted")
+                c.session.cancelled(c.tag, reason, True)
+            else:
+                c.sink(c, [])
         q.consumers.clear()
         for msg in q.messages.values():
             if msg.state == State.LEASED:
                 self._detach(msg)
             q.move(msg, Event.DROP)
-        count = len(q.messages)
         q.messages.clear()
-        for key in [k for k in self._dedup if k[0] == name]:
+        for key in [k for k in self._dedup if k[0] == q.name]:
             del self._dedup[key]
-        batch = self.store.stage((OP_DROP_QUEUE, (name,)))
-        if self.replicating:
-            batch.rops.append((name, ["x", name]))
-        return Pending(batch, count)
+        if self.on_catalog is not None:
+            self.on_catalog(q.name)
 
     def purge(self, name: Any) -> Pending:
         """Drop every ready and delayed message (leased ones stay, as in RabbitMQ)."""
         q = self.queue(name)
         doomed = [m for m in q.messages.values() if m.state in (State.READY, State.DELAYED)]
+        now = self.clock.time()
         for msg in doomed:
             q.move(msg, Event.DROP)
             q.remove(msg)
-            self._delete(msg)
+            self._delete(q, msg, now)
         q.compact()
         return Pending(self.store.current_batch() if doomed else None, len(doomed))
 
@@ -560,7 +685,7 @@ class Broker:
         store = self.store
         # A fair queue with no backlog leases a new message to a waiting consumer in the
         # same commit as the message itself: one commit from send to delivery.
-        direct = q.options.ordering == "fair" and bool(q.consumers)
+        direct = q.options.ordering == "fair" and bool(q.consumers) and q.active
         for body, headers, ttl, delay, dedup_id in parsed:
             if dedup_id is not None:
                 hit = self._dedup.get((name, dedup_id))
@@ -568,10 +693,14 @@ class Broker:
                     ids.append(hit[0])
                     if hit[2] is not None and not hit[2].done:
                         wait_for = hit[2]
+                    elif hit[2] is not None and hit[2].error is not None:
+                        # Its first send was not confirmed (the quorum failed after the
+                        # local commit): replicate it again, and confirm it this time.
+                        wait_for = self._resend(q, hit[0], dedup_id, hit[1])
                     continue
             hlc = self._stamp(now)
             msg = Message(self._next_seq(), f"{hlc:016x}-{self.node_id}", name, body, headers,
-                          hlc, self.node_id)
+                          hlc, self.node_id, index=q.index, inc=q.inc, epoch=q.epoch, vn=1)
             if qttl is not None:
                 ttl = qttl if ttl is None else min(ttl, qttl)
             if ttl is not None:
@@ -583,17 +712,15 @@ class Broker:
                 if c is None:
                     direct = False
                 else:
-                    c.credit -= 1
                     c.pending += 1
-                    msg.state, msg.delivery_count, msg.owner = State.LEASED, 1, c
-                    msg.lease_deadline = now + (c.visibility_timeout
-                                                or q.options.visibility_timeout)
-            batch = self._put(msg)
+                    msg.state = State.LEASED
+                    self._lease(q, msg, c, now)
+            batch = self._put(q, msg)
             if dedup_id is not None:
                 self._dedup[name, dedup_id] = (msg.id, now + window, batch)
                 store.stage((OP_DEDUP, (name, dedup_id, msg.id, now + window)))
                 if self.replicating:
-                    batch.rops.append((name, ["k", name, dedup_id, msg.id, now + window]))
+                    self._emit(batch, q, Dedup(name, dedup_id, msg.id, now + window))
             ids.append(msg.id)
             fresh.append(msg)
             fresh_dedup.append(dedup_id)
@@ -602,15 +729,23 @@ class Broker:
         batch = store.current_batch()
         if batch is not self._sends_batch:  # one callback per batch, not per send
             self._sends_batch, self._sends = batch, []
-            batch.add_callback(functools.partial(self._sent, self._sends))
+            batch.add_callback(functools.partial(self._sent, self._sends, batch))
         self._sends.append((q, fresh, fresh_dedup))
         return Pending(batch, ids, also=wait_for)
 
-    def _sent(self, sends: list[tuple[Queue, list[Message], list[str | None]]],
+    def _resend(self, q: Queue, mid: str, dedup_id: str, expires_at: float) -> Batch | None:
+        msg = q.messages.get(mid)
+        if msg is None:  # delivered and acked (or expired) since: nothing to confirm
+            return None
+        batch = self._put(q, msg)
+        self._dedup[q.name, dedup_id] = (mid, expires_at, batch)
+        return batch
+
+    def _sent(self, sends: list[tuple[Queue, list[Message], list[str | None]]], batch: Batch,
               error: BaseException | None) -> None:
         by_queue: dict[Queue, list[Message]] = {}
         for q, msgs, dedup_ids in sends:
-            if error is not None:  # nothing was written: forget the dedup entries
+            if error is not None and not batch.local_ok:  # not written: forget the entries
                 for msg, dedup_id in zip(msgs, dedup_ids, strict=True):
                     if dedup_id is None:
                         continue
@@ -624,7 +759,7 @@ class Broker:
         for q, msgs in by_queue.items():  # one dispatch per queue, not per send
             if error is None and self.queues.get(q.name) is q:  # not deleted meanwhile
                 self.totals[q.name]["published"] += len(msgs)
-            self._committed(q, msgs, error)
+            self._committed(q, msgs, batch, error)
 
     def _parse_message(self, m: Any, i: int) -> tuple[bytes, dict[str, Any], Any, Any, Any]:
         if type(m) is dict and len(m) == 1:  # the common case: a body and nothing else
@@ -651,8 +786,10 @@ class Broker:
         if delay is not None:
             delay = _number(delay, "delay")
         dedup_id = m.get("dedup_id")
-        if dedup_id is not None and (not isinstance(dedup_id, str) or not dedup_id):
-            raise BadRequest(f"message {i}: 'dedup_id' must be a non-empty string")
+        if dedup_id is not None and (not isinstance(dedup_id, str) or not dedup_id
+                                     or len(dedup_id) > 1024):
+            raise BadRequest(f"message {i}: 'dedup_id' must be a non-empty string "
+                             "(at most 1024 characters)")
         unknown = set(m) - {"body", "headers", "ttl", "delay", "dedup_id"}
         if unknown:
             raise BadRequest(
@@ -660,7 +797,8 @@ class Broker:
         return body, headers, ttl, delay, dedup_id
 
     def consume(self, session: Session, name: Any, prefetch: Any,
-                sink: Callable[[Consumer, list[Message]], None] | None = None) -> str:
+                sink: Callable[[Consumer, list[Message]], None] | None = None,
+                tag: str | None = None) -> str:
         """Subscribe: deliveries are pushed while the consumer has credit (prefetch)."""
         q = self.queue(name)
         if (isinstance(prefetch, bool) or not isinstance(prefetch, int)
@@ -668,7 +806,7 @@ class Broker:
             raise BadRequest("'prefetch' must be an integer from 1 to 65535")
         c = Consumer(q, session, prefetch, replenish=True,
                      sink=sink or (lambda c, msgs: c.session.push(c.tag, msgs)))
-        c.tag = self.tag_prefix + c.tag  # unique in the cluster: a client may relay
+        c.tag = tag or self.tag_prefix + c.tag  # unique in the cluster: a client may relay
         session.consumers[c.tag] = c
         q.consumers.append(c)
         self._dispatch(q, self.clock.time())
@@ -687,7 +825,8 @@ class Broker:
 
     async def receive(self, session: Session, name: Any, max_messages: Any = 1,
                       wait: Any = 0.0, visibility_timeout: Any = None) -> list[Message]:
-        """Pull up to ``max_messages``, waiting up to ``wait`` s for the first to arrive."""
+        """Pull up to ``max_messages``, waiting up to ``wait`` s for the first to arrive.
+        Raises Moved if the partition moved to another node before anything came."""
         q = self.queue(name)
         if (isinstance(max_messages, bool) or not isinstance(max_messages, int)
                 or not 1 <= max_messages <= self.limits.max_batch):
@@ -696,6 +835,20 @@ class Broker:
         vt = None if visibility_timeout is None else _number(
             visibility_timeout, "visibility_timeout", minimum=0.001)
         got: list[Message] = []
+        deadline = trio.current_time() + wait
+        while True:
+            moved = await self._receive_once(q, session, max_messages, deadline, vt, got)
+            if got or moved or trio.current_time() >= deadline or self.queues.get(
+                    q.name) is not q:
+                break
+            # Leases were granted and not confirmed (their batch failed): wait on.
+        if not got and moved:
+            raise Moved(f"queue {q.name!r} moved to another node")
+        return got
+
+    async def _receive_once(self, q: Queue, session: Session, max_messages: int,
+                            deadline: float, vt: float | None, got: list[Message]) -> bool:
+        """One try of ``receive``; True when the partition moved meanwhile."""
         arrived, settled = trio.Event(), trio.Event()
 
         def sink(c: Consumer, msgs: list[Message]) -> None:
@@ -710,8 +863,8 @@ class Broker:
         q.consumers.append(c)
         try:
             self._dispatch(q, self.clock.time())
-            if c.pending == 0 and wait > 0:
-                with trio.move_on_after(wait):
+            if c.pending == 0 and deadline > trio.current_time():
+                with trio.move_on_at(deadline):
                     await arrived.wait()
         finally:
             c.credit = 0  # no new leases from here on
@@ -721,19 +874,32 @@ class Broker:
                 pass
         if c.pending:  # leases granted whose commit is still under way
             await settled.wait()
-        return got
+        return c.moved or not q.active
 
     def _leased_by(self, session: Session, q: Queue, ids: Any,
                    ) -> tuple[list[Message], dict[str, str]]:
+        """The messages of ``ids`` this caller holds the lease of: by receipt (``id~lease``,
+        from any connection, until the lease's deadline), or by a bare id leased through
+        this very connection."""
         if not isinstance(ids, list) or not all(isinstance(i, str) for i in ids):
-            raise BadRequest("'ids' must be a list of message ids")
+            raise BadRequest("'ids' must be a list of message ids or receipts")
         mine, failed = [], {}
-        for mid in ids:
+        now = self.clock.time()
+        for item in ids:
+            mid, lease = parse_receipt(item)
             msg = q.messages.get(mid)
             if msg is None:
-                failed[mid] = "no such message (already acked, expired or deleted)"
-            elif msg.state != State.LEASED or msg.owner is None or msg.owner.session is not session:
-                failed[mid] = "not leased to this connection (lease expired or released)"
+                failed[item] = "no such message (already acked, expired or deleted)"
+            elif msg.state != State.LEASED:
+                failed[item] = "not leased (lease expired or released)"
+            elif lease is not None:
+                if lease != msg.lease_id or (msg.lease_deadline is not None
+                                             and msg.lease_deadline <= now):
+                    failed[item] = "lease expired or released (another lease holds it now)"
+                else:
+                    mine.append(msg)
+            elif msg.owner is None or msg.owner.session is not session:
+                failed[item] = "not leased to this connection (lease expired or released)"
             else:
                 mine.append(msg)
         return mine, failed
@@ -742,13 +908,14 @@ class Broker:
         """Remove leased messages; result is {'acked': [...], 'failed': {id: why}}."""
         q = self.queue(name)
         mine, failed = self._leased_by(session, q, ids)
+        now = self.clock.time()
         for msg in mine:
             self._detach(msg)
             q.move(msg, Event.ACK)
             q.remove(msg)
-            self._delete(msg)
+            self._delete(q, msg, now)
         if mine:
-            self._dispatch(q, self.clock.time())
+            self._dispatch(q, now)
         result = {"acked": [m.id for m in mine], "failed": failed}
         pending = Pending(self.store.current_batch() if mine else None, result)
         if mine:  # counted once durable, as sends are
@@ -789,11 +956,13 @@ class Broker:
         for msg in mine:
             msg.lease_deadline = now + timeout
             self._add_timer(msg.lease_deadline, _T_LEASE, msg)
-            self._update(msg)
+            self._progress(q, msg)
         return {"extended": [m.id for m in mine], "failed": failed}
 
-    def close_session(self, session: Session) -> None:
-        """The connection is gone: drop its consumers, release its leases."""
+    def close_session(self, session: Session, *, release: bool = True) -> None:
+        """The connection is gone: drop its consumers and (``release``) its leases. A
+        relayed connection that broke keeps its leases: its client may ack them by
+        receipt through another path until their deadline."""
         session.closed = True
         for c in session.consumers.values():
             c.credit, c.replenish, c.cancelled = 0, False, True
@@ -803,142 +972,20 @@ class Broker:
                 pass
         session.consumers.clear()
         now = self.clock.time()
-        touched = set()
+        touched: dict[Queue, None] = {}
         for msg in list(session.leases):
             q = self.queues.get(msg.queue)
-            if q is not None and q.messages.get(msg.id) is msg and msg.state == State.LEASED:
+            if q is None or q.messages.get(msg.id) is not msg or msg.state != State.LEASED:
+                continue
+            if release and q.active:
                 self.redeliveries += 1
                 self._end_lease(q, msg, now, Event.REQUEUE)
-                touched.add(q)
+                touched[q] = None
+            else:
+                self._detach(msg)
         session.leases.clear()
         for q in touched:
             self._dispatch(q, now)
-
-    # -- the mesh: replicas that do not dispatch, and taking over ------------------------
-    def apply(self, rops: list[Any]) -> Batch:
-        """Apply replica ops (from the queue's dispatching node, or a repair) to memory and
-        the store; they are not replicated on. Ops on a queue or message this node does
-        not have are skipped: anti-entropy brings the whole record. Returns the batch."""
-        now = self.clock.time()
-        store = self.store
-        replicating, self.replicating = self.replicating, False
-        try:
-            for rop in rops:
-                kind = rop[0]
-                if kind == "p":
-                    (_, mid, qname, hlc, node, body, headers, state, count, ready_at, exp,
-                     lease) = rop
-                    q = self.queues.get(qname)
-                    if q is None:
-                        continue
-                    if hlc > self.hlc.last:  # a later takeover stamps above it (fifo)
-                        with contextlib.suppress(ClockOffsetError):
-                            self.hlc.receive(hlc, int(now * 1000))
-                    msg = q.messages.get(mid)
-                    if msg is None:
-                        msg = Message(self._next_seq(), mid, qname, body,
-                                      msgpack.unpackb(headers) if headers else {}, hlc, node,
-                                      State(state), count, ready_at, exp, lease)
-                        q.add(msg)
-                        if q.active:
-                            self._schedule_all(msg, now)
-                    else:
-                        self._set(q, msg, State(state), count, ready_at, lease, now)
-                    self._put(msg)
-                elif kind == "u":
-                    _, qname, mid, state, count, ready_at, lease = rop
-                    q = self.queues.get(qname)
-                    msg = q.messages.get(mid) if q is not None else None
-                    if q is None or msg is None:
-                        continue
-                    self._set(q, msg, State(state), count, ready_at, lease, now)
-                    self._update(msg)
-                elif kind == "d":
-                    _, qname, mid = rop
-                    q = self.queues.get(qname)
-                    msg = q.messages.get(mid) if q is not None else None
-                    if q is None or msg is None:
-                        store.stage((OP_TOMBSTONE, (qname, mid)))
-                        continue
-                    self._detach(msg)
-                    q.set_state(msg, State.ACKED)
-                    q.remove(msg)
-                    self._delete(msg)
-                elif kind == "q":
-                    _, name, options, dead_lettered, expired, dropped = rop
-                    q = self.queues.get(name)
-                    if q is None:
-                        q = self.queues[name] = Queue(name, QueueOptions.from_dict(options))
-                        q.active = False
-                    else:
-                        q.options = QueueOptions.from_dict(options)
-                    q.dead_lettered, q.expired, q.dropped = dead_lettered, expired, dropped
-                    q.created = self._stage_counters(q)
-                elif kind == "x":
-                    if rop[1] in self.queues:
-                        self.delete_queue(rop[1])
-                elif kind == "k":
-                    _, qname, dedup_id, mid, expires_at = rop
-                    if expires_at > now:
-                        self._dedup[qname, dedup_id] = (mid, expires_at, None)
-                        store.stage((OP_DEDUP, (qname, dedup_id, mid, expires_at)))
-        finally:
-            self.replicating = replicating
-        return store.current_batch()
-
-    def _set(self, q: Queue, msg: Message, state: State, count: int, ready_at: float,
-             lease: float | None, now: float) -> None:
-        if msg.state == State.LEASED and state != State.LEASED:
-            self._detach(msg)
-        q.set_state(msg, state)
-        msg.delivery_count, msg.ready_at, msg.lease_deadline = count, ready_at, lease
-        if q.active:
-            self._schedule_all(msg, now)
-
-    def _schedule_all(self, msg: Message, now: float) -> None:
-        """Its delay and TTL timers, and the deadline of a lease recorded without its
-        consumer here (granted by another node, which may be gone): it ends then, as any
-        unacked lease does."""
-        self._schedule_message(msg)
-        if msg.state == State.LEASED and msg.owner is None:
-            if msg.lease_deadline is None:
-                msg.lease_deadline = now
-            self._add_timer(msg.lease_deadline, _T_LEASE, msg)
-
-    def activate(self, q: Queue) -> None:
-        """This node dispatches ``q`` from now on: its timers run and consumers get leases."""
-        if q.active:
-            return
-        q.active = True
-        now = self.clock.time()
-        for msg in q.messages.values():
-            self._schedule_all(msg, now)
-        self._dispatch(q, now)
-
-    def deactivate(self, q: Queue, reason: str) -> None:
-        """Another node dispatches ``q`` now: end its consumers here (told ``reason``);
-        leases stay recorded until their deadline, for the new dispatcher to honour."""
-        if not q.active:
-            return
-        q.active = False
-        for c in list(q.consumers):
-            c.session.consumers.pop(c.tag, None)
-            c.credit, c.cancelled = 0, True
-            if c.replenish:
-                c.replenish = False
-                c.session.cancelled(c.tag, reason)
-        q.consumers.clear()
-        for msg in q.messages.values():
-            if msg.owner is not None:
-                self._detach(msg)
-
-    def forget(self, q: Queue) -> None:
-        """Drop this node's copy of an inactive queue's messages (handed to the holders):
-        no tombstones, since the messages live on elsewhere."""
-        for msg in list(q.messages.values()):
-            q.set_state(msg, State.DROPPED)
-            q.remove(msg)
-            self.store.stage((OP_FORGET, (msg.seq,)))
 
     # -- statistics ----------------------------------------------------------------------
     def queue_stats(self, q: Queue) -> dict[str, Any]:
@@ -959,6 +1006,3 @@ class Broker:
             return [self.queue_stats(self.queue(name))]
         return [self.queue_stats(q) for q in sorted(self.queues.values(), key=lambda q: q.name)]
 
-
-def _pack_options(options: QueueOptions) -> bytes:
-    return msgpack.packb(options.to_dict(), use_bin_type=True)

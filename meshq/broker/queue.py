@@ -1,7 +1,8 @@
-"""One queue's in-memory index, and the consumer / session records that lease from it.
+"""One queue partition's in-memory index, and the consumer / session records that lease from it.
 
-State here: every live message of the queue by id, a heap of READY messages in
-(HLC, node) order, per-state counts, and the consumers in round-robin order.
+State here: every live message of the partition by id, its tombstones, a heap of READY
+messages in (HLC, node) order, per-state counts, the consumers in round-robin order, and
+its replication state (incarnation, dispatch epoch, promised epoch, counters).
 Never: a heap entry counted as ready unless its token matches the message's token and the
 message is READY (entries go stale instead of being removed, which keeps pushes O(log n)).
 """
@@ -26,26 +27,29 @@ class Session:
     """A client connection as the broker sees it.
 
     ``push(tag, messages)`` hands deliveries for consumer ``tag`` to the connection and
-    ``cancelled(tag, reason)`` says the broker ended a consumer (its queue was deleted, or
-    moved to another node); neither may block. ``leases`` is every message leased through
+    ``cancelled(tag, reason, final)`` says the broker ended a consumer: ``final`` when its
+    queue was deleted, else because the partition moved to another node (subscribe
+    again, there); neither may block. ``leases`` is every message leased through
     this session.
     """
 
     def __init__(self, push: Callable[[str, list[Message]], None] | None = None,
-                 cancelled: Callable[[str, str], None] | None = None, peer: str = "") -> None:
+                 cancelled: Callable[[str, str, bool], None] | None = None,
+                 peer: str = "") -> None:
         self.push = push or (lambda tag, msgs: None)
-        self.cancelled = cancelled or (lambda tag, reason: None)
+        self.cancelled = cancelled or (lambda tag, reason, final: None)
         self.peer = peer
+        self.holder = ""  # "node/boot" its leases are recorded under ("": this process)
         self.consumers: dict[str, Consumer] = {}
-        self.leases: set[Message] = set()
+        self.leases: dict[Message, None] = {}  # (a dict: deterministic order)
         self.closed = False
 
 
 class Consumer:
     """A subscription (prefetch credit, refilled by acks) or a one-shot pull receive."""
 
-    __slots__ = ("cancelled", "credit", "pending", "queue", "replenish", "session", "sink",
-                 "tag", "visibility_timeout")
+    __slots__ = ("cancelled", "credit", "moved", "pending", "queue", "replenish", "session",
+                 "sink", "tag", "visibility_timeout")
 
     def __init__(self, queue: Queue, session: Session, credit: int, *, replenish: bool,
                  sink: Callable[[Consumer, list[Message]], None],
@@ -56,26 +60,49 @@ class Consumer:
         self.credit = credit
         self.pending = 0  # leased, lease not yet durable, so not yet handed over
         self.cancelled = False  # a subscription ended by cancel or disconnect
+        self.moved = False  # ended because the partition is dispatched elsewhere now
         self.replenish = replenish
         self.sink = sink
         self.visibility_timeout = visibility_timeout
 
 
 class Queue:
-    def __init__(self, name: str, options: QueueOptions) -> None:
+    """One queue partition as this node holds it (every queue has one, index 0, for now)."""
+
+    def __init__(self, name: str, options: QueueOptions, inc: int = 1, index: int = 0) -> None:
         self.name = name
         self.options = options
+        self.inc = inc  # the queue's incarnation (meshq.cluster.lattice.CatalogEntry)
+        self.index = index
         self.messages: dict[str, Message] = {}
+        self.tombs: dict[str, float] = {}  # deleted message id -> when (insertion order)
         self._ready: list[tuple[int, str, int, int, Message]] = []
         self.counts = [0] * len(State)
         self.consumers: deque[Consumer] = deque()
-        self.dead_lettered = 0
-        self.expired = 0
-        self.dropped = 0
+        # A G-counter: per dispatching node id, (dead_lettered, expired, dropped).
+        self.tally: dict[str, tuple[int, int, int]] = {}
         self.created: Any = None  # the store batch that made it durable
-        # False on a node that holds a replica but does not dispatch this queue (the mesh):
-        # no leases, no timers; the replica ops of the dispatching node keep it current.
+        # False on a node that holds a replica but does not dispatch this partition (the
+        # cluster): no leases, no timers; merged changes keep it current.
         self.active = True
+        self.epoch = 0  # the dispatch epoch while active (versions its changes)
+        self.promised = 0  # no change from a dispatcher of an earlier epoch is accepted
+
+    @property
+    def part(self) -> tuple[str, int]:
+        return (self.name, self.index)
+
+    @property
+    def dead_lettered(self) -> int:
+        return sum(t[0] for t in self.tally.values())
+
+    @property
+    def expired(self) -> int:
+        return sum(t[1] for t in self.tally.values())
+
+    @property
+    def dropped(self) -> int:
+        return sum(t[2] for t in self.tally.values())
 
     # -- state changes -------------------------------------------------------------
     def move(self, msg: Message, event: Event) -> None:

@@ -59,8 +59,11 @@ def add_socket_option(parser: argparse.ArgumentParser, *, top: bool) -> None:
 
 
 def connect(args: argparse.Namespace) -> Client:
-    """A client on the socket chosen by the rule of SPEC section 5."""
-    return Client(resolve_socket(getattr(args, "socket", None)))
+    """A client on the socket chosen by the rule of SPEC section 5, retrying for
+    ``args.retry_for`` seconds when the command has that option (else the client's
+    default)."""
+    return Client(resolve_socket(getattr(args, "socket", None)),
+                  retry_for=getattr(args, "retry_for", None))
 
 
 def exit_code(err: MeshqError) -> int:

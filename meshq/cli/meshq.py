@@ -1,8 +1,9 @@
 """``meshq``: declare queues, send and receive messages, list, purge and delete queues.
 
 Scripts rely on the output: ``send`` prints one id per confirmed message, in input
-order, as each is confirmed; ``recv`` prints bodies (or ``--json`` lines) and acks only
-what it printed. Errors and exit statuses are those of ``meshq.cli._common``.
+order, as each is confirmed (retrying for ``--retry-for`` seconds, with a dedup id per
+message); ``recv`` prints bodies (or ``--json`` lines) and acks, by receipt, only what it
+printed. Errors and exit statuses are those of ``meshq.cli._common``.
 """
 
 from __future__ import annotations
@@ -113,7 +114,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--header", metavar="K=V", type=_header, action="append", default=[])
     p.add_argument("--ttl", metavar="S", type=_positive_seconds)
     p.add_argument("--delay", metavar="S", type=_positive_seconds)
-    p.add_argument("--dedup-id", metavar="ID")
+    p.add_argument("--dedup-id", metavar="ID",
+                   help="a resend with the same ID within the dedup window creates no "
+                        "second message (default: a fresh id per message)")
+    p.add_argument("--retry-for", metavar="S", type=_wait_seconds, default=10.0,
+                   help="keep retrying for up to S seconds while the daemon is unavailable "
+                        "or the connection breaks (default 10; 0: fail at once). Every "
+                        "message carries a dedup id, so a retry never sends one twice")
     p.set_defaults(func=cmd_send)
 
     p = command("recv", "receive messages, print them, and ack what was printed")
@@ -124,7 +131,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="wait up to S seconds for a message (default 0)")
     p.add_argument("--no-ack", action="store_true",
                    help="do not ack: the messages come back once this command exits")
-    p.add_argument("--json", action="store_true", help="one JSON object per message")
+    p.add_argument("--json", action="store_true",
+                   help="one JSON object per message: id, body (or body_b64), headers, hlc, "
+                        "delivery_count, redelivered, receipt")
     p.set_defaults(func=cmd_recv)
 
     p = command("queues", "list queues and their counts")
@@ -200,7 +209,7 @@ def delivery_json(d: Delivery) -> dict[str, Any]:
     except UnicodeDecodeError:
         out["body_b64"] = base64.b64encode(d.body).decode("ascii")
     out.update(headers=d.headers, hlc=d.hlc, delivery_count=d.delivery_count,
-               redelivered=d.redelivered)
+               redelivered=d.redelivered, receipt=d.receipt)
     return out
 
 
@@ -209,7 +218,7 @@ def cmd_recv(args: argparse.Namespace) -> int:
     with connect(args) as client:
         # A plain receive: with --no-ack the leases end when this connection closes.
         got = client.receive(args.queue, max=args.max, wait=args.wait)
-        printed: list[str] = []
+        printed: list[Delivery] = []
         broken: BrokenPipeError | None = None
         for d in got:
             line = (to_json(delivery_json(d)).encode() if args.json else d.body) + b"\n"
@@ -219,9 +228,9 @@ def cmd_recv(args: argparse.Namespace) -> int:
             except BrokenPipeError as exc:
                 broken = exc
                 break
-            printed.append(d.id)
+            printed.append(d)
         if printed and not args.no_ack:
-            client.ack(args.queue, printed)
+            client.ack(args.queue, printed)  # by receipt
     if broken is not None:
         raise broken
     return EXIT_OK

@@ -1,12 +1,18 @@
-"""Where a queue lives: its replicas on the ring, its dispatching node, its write quorum.
+"""Where a queue partition lives: its replicas on the ring, its dispatching node, its quorum.
 
-The placement unit is the queue: a queue's key on the ring is its name, so every message
-of a queue has the same preference list and one dispatching node at a time (the first
-live replica). See docs/architecture.md ("Replication") for why.
+The unit is the queue partition ``(queue, index)``: its key on the ring is
+``ring_key(queue, index)``, its replicas the first N distinct nodes clockwise from it.
+The ring is built from every member that has not left (alive, suspect and dead), so a
+crash does not reshuffle placement; the *holders* are the first N *live* (alive or
+suspect) nodes of the same walk, a holder outside the preferred N standing in for a down
+one (sloppy quorum), and the *spares* the live nodes after them (stand-ins for a holder
+that fails a write). The *primary*, the one node that dispatches, is the first holder
+that is alive (not suspect: a suspected primary hands over at once) and whose clock is
+accepted (its gossiped meta does not say ``w: 0``).
 
-State here: the ring built from the members that have not left (alive, suspect, dead),
-rebuilt when that set changes, and which of them are live (alive or suspect).
-Never: two nodes with the same membership view computing different placements.
+State here: the ring and the live and dispatch-eligible sets of the current membership
+view, rebuilt when that view changes. Never: two nodes with the same view computing
+different placements.
 """
 
 from __future__ import annotations
@@ -17,35 +23,39 @@ from dataclasses import dataclass
 from meshq.mesh.ring import DEFAULT_VNODES, Ring
 from meshq.mesh.swim import Member, MemberState
 
-__all__ = ["Placement", "Replicas", "majority"]
+__all__ = ["Placement", "Replicas", "majority", "ring_key"]
+
+MAX_SPARES = 2
 
 
 def majority(n: int) -> int:
     return n // 2 + 1
 
 
+def ring_key(queue: str, index: int) -> str:
+    """A partition's key on the ring."""
+    return f"{queue}#{index}"
+
+
 @dataclass(frozen=True)
 class Replicas:
-    """One queue's placement in one membership view.
+    """One partition's placement in one membership view.
 
-    ``preferred``: the first N distinct ring nodes from the queue's key (N = replicas,
-    capped by the ring's size). ``holders``: the first N *live* nodes in the same walk;
-    a holder outside ``preferred`` stands in for a preferred node that is down (sloppy
-    quorum) and keeps what it gets as a hint. ``primary`` is holders[0]: it dispatches.
-    ``write_quorum``: commits needed to confirm a write, capped by N.
+    ``preferred``: the first N distinct ring nodes from its key (N = replicas, capped by
+    the ring's size). ``holders``: the first N live nodes of the same walk. ``spares``:
+    the next live nodes. ``primary``: the first holder eligible to dispatch, or None.
+    ``write_quorum``: durable copies that confirm a write, capped by N.
     """
 
     preferred: tuple[str, ...]
     holders: tuple[str, ...]
     write_quorum: int
-
-    @property
-    def primary(self) -> str | None:
-        return self.holders[0] if self.holders else None
+    primary: str | None
+    spares: tuple[str, ...] = ()
 
     @property
     def followers(self) -> tuple[str, ...]:
-        return self.holders[1:]
+        return tuple(h for h in self.holders if h != self.primary)
 
     @property
     def writable(self) -> bool:
@@ -60,48 +70,68 @@ class Placement:
         self.me = me
         self._members = members
         self.vnodes = vnodes
-        self.epoch = 0  # bumped whenever the ring or the live set changes
-        self._key: tuple[tuple[str, bool], ...] = ()
+        self.epoch = 0  # bumped whenever the ring, the live or the eligible set changes
+        self._key: tuple[tuple[str, int], ...] = ()
         self.ring = Ring.build([me], vnodes)
         self.live: frozenset[str] = frozenset([me])
-        self._cache: dict[tuple[str, int, int | None], Replicas] = {}
+        self.eligible: frozenset[str] = frozenset([me])
+        self._cache: dict[tuple[str, int, int, int | None], Replicas] = {}
         self.refresh()
 
     def refresh(self) -> bool:
         """Re-read the membership view; True when the placement changed."""
         if self._members is None:
             return False
-        view = sorted((m.name, m.state in (MemberState.ALIVE, MemberState.SUSPECT))
-                      for m in self._members() if m.state is not MemberState.LEFT)
-        key = tuple(view)
+        view = []
+        for m in self._members():
+            if m.state is MemberState.LEFT:
+                continue
+            rank = 0  # dead
+            if m.state is MemberState.SUSPECT:
+                rank = 1
+            elif m.state is MemberState.ALIVE:
+                rank = 2 if m.meta.get("w", 1) != 0 else 1
+            view.append((m.name, rank))
+        key = tuple(sorted(view))
         if key == self._key:
             return False
         self._key = key
-        names = [name for name, _ in view] or [self.me]
+        names = [name for name, _ in key] or [self.me]
         self.ring = Ring.build(names, self.vnodes)
-        self.live = frozenset(name for name, live in view if live) | {self.me}
+        self.live = frozenset(name for name, rank in key if rank >= 1)
+        self.eligible = frozenset(name for name, rank in key if rank == 2)
+        if self.me not in {name for name, _ in key}:
+            self.live |= {self.me}
+            self.eligible |= {self.me}
         self._cache.clear()
         self.epoch += 1
         return True
 
-    def replicas(self, queue: str, n: int, write_quorum: int | None = None) -> Replicas:
-        key = (queue, n, write_quorum)
-        hit = self._cache.get(key)
+    def replicas(self, queue: str, index: int, n: int,
+                 write_quorum: int | None = None) -> Replicas:
+        cache_key = (queue, index, n, write_quorum)
+        hit = self._cache.get(cache_key)
         if hit is not None:
             return hit
+        key = ring_key(queue, index)
         n = max(1, min(n, len(self.ring)))
-        preferred = tuple(self.ring.preference_list(queue, n))
-        holders = []
-        for node in self.ring.successors(queue):
+        preferred = tuple(self.ring.preference_list(key, n))
+        holders: list[str] = []
+        spares: list[str] = []
+        for node in self.ring.successors(key):
             if node in self.live:
-                holders.append(node)
-                if len(holders) == n:
+                if len(holders) < n:
+                    holders.append(node)
+                elif len(spares) < MAX_SPARES:
+                    spares.append(node)
+                else:
                     break
+        primary = next((h for h in holders if h in self.eligible), None)
         w = majority(n) if write_quorum is None else min(write_quorum, n)
-        result = Replicas(preferred, tuple(holders), w)
+        result = Replicas(preferred, tuple(holders), w, primary, tuple(spares))
         if len(self._cache) > 100_000:
             self._cache.clear()
-        self._cache[key] = result
+        self._cache[cache_key] = result
         return result
 
     def nodes(self) -> tuple[str, ...]:

@@ -209,7 +209,18 @@ class Membership:
     def _judge_clock(self) -> None:
         v = self.clocks.verdict(trio.current_time())
         median = -v.median_offset_ms if v.peers else None
+        was = self.clock_status.accepting_writes
         self.clock_status = ClockStatus(v.accepting_writes, v.reason, median)
+        if v.accepting_writes != was:  # tell the others: may this node dispatch?
+            me = self.swim.member(self.swim.name)
+            meta = dict(me.meta) if me is not None else {}
+            meta["w"] = 1 if v.accepting_writes else 0
+            self._execute(self.swim.set_meta(meta, trio.current_time()))
+
+    def hint_unreachable(self, name: str) -> None:
+        """Another path to ``name`` failed (a stream): probe it now, not in its turn."""
+        self.swim.probe_soon(name, trio.current_time())
+        self._wake.set()
 
     async def _ntp_loop(self, server: str) -> None:
         """Check our clock against an NTP server now and then (config ``ntp_server``)."""

@@ -755,6 +755,36 @@ class Swim:
         self._gossip(now, fx)
         return fx
 
+    def set_meta(self, meta: Mapping[str, Any], now: float) -> list[Effect]:
+        """Change our own meta (gossiped as an Alive at a new incarnation)."""
+        own = _check_meta(dict(meta))
+        me = self._members[self.name]
+        if self._left or own == me.meta:
+            return []
+        new = replace(me, incarnation=me.incarnation + 1, meta=own)
+        self._members[self.name] = new
+        self._broadcast(Alive(new.incarnation, self.name, self.addr, dict(own)))
+        return [MemberChanged(_snapshot(new), me.state)]
+
+    def probe_soon(self, name: str, now: float) -> None:
+        """Probe ``name`` next, and now if no probe is under way: something else (a broken
+        stream to it) suggests it is down, so find out at once instead of in its turn."""
+        m = self._members.get(name)
+        if m is None or name == self.name or m.state is not _A or self._left:
+            return
+        if self._probe is not None and self._probe.target == name:
+            return
+        try:
+            pos = self._order.index(name)
+        except ValueError:
+            return
+        del self._order[pos]
+        if pos < self._index:
+            self._index -= 1
+        self._order.insert(self._index, name)
+        if self._probe is None:
+            self._next_probe = min(self._next_probe, now)
+
     def push_pull_payload(self, join: bool = False) -> PushPull:
         return PushPull(join, tuple(MemberSummary(m.name, m.address, m.incarnation, m.state,
                                                   dict(m.meta)) for m in self._members.values()))

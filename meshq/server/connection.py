@@ -1,40 +1,29 @@
-"""One client connection: frames in, requests to the op table, responses and pushes out.
+"""One client connection: frames in, requests to its ClientSession, responses and pushes out.
 
-State here: the frame decoder, the outgoing buffer, and the broker Session (consumers and
-leases of this connection). Never: a response written before its Pending is durable; an
+State here: the frame decoder, the outgoing buffer, and the back-pressure counters; where
+each op is served is the ClientSession's business (meshq.server.session). Never: an
 unexpected exception that escapes and takes other connections down; a request read while
 the outgoing buffer is over its high-water mark (so a client that never reads is bounded).
 """
 
 from __future__ import annotations
 
-import functools
 import logging
 import os
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
 import trio
 
-from meshq.broker import Broker, Pending, Session
-from meshq.errors import (
-    BadRequest,
-    FrameTooLarge,
-    MeshqError,
-    ProtocolError,
-    Unauthorized,
-    Unavailable,
-)
+from meshq.broker import Broker
+from meshq.errors import BadRequest, FrameTooLarge, MeshqError, ProtocolError, Unauthorized
 from meshq.metrics import request_timer
-from meshq.model import Message
 from meshq.protocol.codec import HEADER, FrameDecoder, pack_payload
 from meshq.server.access import UNKNOWN, PeerCreds
-from meshq.server.ops import OPS, QUEUE_OPS, RELAYED_OPS, delivery
-from meshq.server.relay import Upstream
-from meshq.store import StoreError
+from meshq.server.ops import OPS, RELAYED_OPS
+from meshq.server.session import ClientSession
 
 if TYPE_CHECKING:
-    from meshq.mesh.replication import Replicator
     from meshq.node import Node
 
 __all__ = ["Connection"]
@@ -61,7 +50,7 @@ def _read_now(stream: trio.abc.Stream) -> bytes | None:
 
 class Connection:
     def __init__(self, stream: trio.abc.Stream, node: Node, max_frame: int, *,
-                 relayed: bool = False, creds: PeerCreds = UNKNOWN,
+                 relayed_holder: str | None = None, creds: PeerCreds = UNKNOWN,
                  frame_timeout: float | None = None, max_inflight: int | None = None) -> None:
         self.stream = stream
         # Seconds a client may take to finish a frame it has begun (None: no limit), and
@@ -79,16 +68,14 @@ class Connection:
         self.broker: Broker = node.broker
         self.store = node.store
         self.max_frame = max_frame
-        self.session = Session(self._push, self._cancelled)
+        self.session = ClientSession(node, self, relayed_holder=relayed_holder)
         self._out = bytearray()
         self._out_ready = trio.Event()
         self._drained = trio.Event()
         self._nursery: trio.Nursery | None = None
         self._writing = False
         self._gone = trio.Event()
-        self.relayed = relayed  # a client of another node, relayed here (server/relay.py)
-        self.upstreams: dict[str, Upstream] = {}
-        self.relayed_tags: dict[str, Upstream] = {}
+        self.relayed = relayed_holder is not None  # another node's client (relay.py)
         self._timer = request_timer(node)  # request latency per op (meshq.metrics)
 
     # -- outgoing --------------------------------------------------------------------
@@ -113,12 +100,6 @@ class Connection:
 
     def _error(self, rid: Any, exc: MeshqError) -> None:
         self._write({"id": rid, "error": {"code": exc.code, "message": exc.message}})
-
-    def _push(self, tag: str, msgs: list[Message]) -> None:
-        self._write({"push": "deliver", "consumer": tag, "messages": [delivery(m) for m in msgs]})
-
-    def _cancelled(self, tag: str, reason: str) -> None:
-        self._write({"push": "cancel", "consumer": tag, "reason": reason})
 
     async def _writer(self) -> None:
         try:
@@ -150,6 +131,10 @@ class Connection:
         rid = req.get("id")
         op = req.get("op")
         handler = OPS.get(op) if isinstance(op, str) else None
+        if self.relayed and op == "_bye":  # the client's node: its client is gone
+            self.session.graceful = True
+            self._answered()
+            return
         if handler is None:
             self._error(rid, ProtocolError(f"unknown op {op!r}"))
             return
@@ -166,113 +151,21 @@ class Connection:
                 self._error(rid, exc)
                 return
         self._timer.start(rid, op)
-        repl = self.node.replicator
-        if repl is not None and self._route(repl, op, rid, req):
-            return
-        self._run(rid, op, handler, req)
+        self.session.handle(rid, str(op), req, handler)
 
-    def _route(self, repl: Replicator, op: Any, rid: Any, req: dict[str, Any]) -> bool:
-        """Relay an op on a queue another node dispatches; True when it is taken care of."""
-        name = req.get("queue")
-        if op == "cancel":
-            tag = req.get("consumer")  # any msgpack value: a list would not hash
-            up = self.relayed_tags.get(tag) if isinstance(tag, str) else None
-            if up is not None:
-                up.send(req)
-                return True
-            return False
-        if op not in QUEUE_OPS:
-            return False
-        if not isinstance(name, str):
-            if op == "stats" and name is None and not self.relayed:
-                assert self._nursery is not None
-                self._nursery.start_soon(self._await, rid, self._cluster_stats(repl))
-                return True
-            return False
-        target = repl.route(name)
-        if target != repl.me:
-            if self.relayed:
-                self._error(rid, Unavailable(
-                    f"this node does not dispatch queue {name!r} (node {target!r} does, as "
-                    "this node sees the membership, which is changing); retry"))
-            else:
-                self._upstream(target).send(req)
-            return True
-        q = self.broker.queues.get(name)
-        if q is not None and not q.active:  # taking it over: wait, then serve
-            assert self._nursery is not None
-            self._nursery.start_soon(self._await, rid, self._after_takeover(repl, op, req))
-            return True
-        return False
+    # Out, for the session
+    def respond(self, rid: Any, result: dict[str, Any]) -> None:
+        self._respond(rid, result)
 
-    def _upstream(self, node: str) -> Upstream:
-        up = self.upstreams.get(node)
-        if up is None or up.closed:
-            up = self.upstreams[node] = Upstream(self, node)
-            assert self._nursery is not None
-            self._nursery.start_soon(up.run)
-        return up
+    def error(self, rid: Any, exc: MeshqError) -> None:
+        self._error(rid, exc)
 
-    async def _after_takeover(self, repl: Replicator, op: str,
-                              req: dict[str, Any]) -> dict[str, Any]:
-        await repl.until_active(req["queue"])
-        result = OPS[op](self, req)
-        if isinstance(result, Pending):
-            value: dict[str, Any] = await result.wait()
-            return value
-        if isinstance(result, dict):
-            return result
-        return await result
+    def push(self, frame: dict[str, Any]) -> None:
+        self._write(frame)
 
-    async def _cluster_stats(self, repl: Replicator) -> dict[str, Any]:
-        """Every queue's stats from the node that dispatches it."""
-        out = []
-        for name in sorted(self.broker.queues):
-            target = repl.route(name)
-            try:
-                if target == repl.me:
-                    out.extend(self.broker.stats(name))
-                else:
-                    got = await self._upstream(target).call({"op": "stats", "queue": name})
-                    out.extend(got["queues"])
-            except MeshqError:
-                continue  # deleted meanwhile, or its node is unreachable
-        return {"queues": out}
-
-    def _run(self, rid: Any, op: Any, handler: Any, req: dict[str, Any]) -> None:
-        try:
-            result = handler(self, req)
-        except MeshqError as exc:
-            self._error(rid, exc)
-            return
-        except Exception:
-            log.exception("op %s failed", op)
-            self._error(rid, MeshqError("internal error; see the daemon's log"))
-            return
-        if isinstance(result, Pending):
-            result.then(functools.partial(self._finish, rid))
-        elif isinstance(result, dict):
-            self._respond(rid, result)
-        else:
-            assert self._nursery is not None
-            self._nursery.start_soon(self._await, rid, result)
-
-    def _finish(self, rid: Any, value: Any, err: BaseException | None) -> None:
-        if err is None:
-            self._respond(rid, value)
-        elif isinstance(err, MeshqError):
-            self._error(rid, err)
-        else:  # the commit failed and was rolled back: nothing was written
-            self._error(rid, StoreError(f"commit failed: {err}"))
-
-    async def _await(self, rid: Any, work: Awaitable[dict[str, Any]]) -> None:
-        try:
-            self._respond(rid, await work)
-        except MeshqError as exc:
-            self._error(rid, exc)
-        except Exception:
-            log.exception("request %r failed", rid)
-            self._error(rid, MeshqError("internal error; see the daemon's log"))
+    def spawn(self, fn: Callable[..., Awaitable[Any]], *args: Any) -> None:
+        assert self._nursery is not None
+        self._nursery.start_soon(fn, *args)
 
     async def _reader(self) -> None:
         decoder = FrameDecoder(self.max_frame)
@@ -359,8 +252,6 @@ class Connection:
                 finally:
                     nursery.cancel_scope.cancel()
         finally:
-            self.broker.close_session(self.session)
-            for up in list(self.upstreams.values()):
-                up.close()
+            self.session.close()
             with trio.CancelScope(shield=True):
                 await trio.aclose_forcefully(self.stream)

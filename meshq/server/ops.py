@@ -1,8 +1,9 @@
 """The op table: each client op's fields, checked, mapped onto a broker call.
 
-A handler takes (connection, request map) and returns a result map, a Pending (answered
+A handler takes (session, request map) and returns a result map, a Pending (answered
 once durable) or an awaitable (answered when it finishes). Validation errors raise the
-project's errors; nothing here touches the socket.
+project's errors; nothing here touches the socket or decides where an op is served
+(meshq.server.session does).
 """
 
 from __future__ import annotations
@@ -12,28 +13,15 @@ from typing import TYPE_CHECKING, Any
 
 from meshq.broker import Pending
 from meshq.errors import BadRequest, Unavailable
-from meshq.model import Message
+from meshq.server.session import delivery
 
 if TYPE_CHECKING:
-    from meshq.server.connection import Connection
+    from meshq.server.session import ClientSession
 
 __all__ = ["OPS", "QUEUE_OPS", "RELAYED_OPS", "delivery"]
 
 Result = dict[str, Any] | Pending | Awaitable[dict[str, Any]]
-Handler = Callable[["Connection", dict[str, Any]], Result]
-
-
-def delivery(msg: Message) -> dict[str, Any]:
-    """A message as it travels to a consumer."""
-    return {
-        "id": msg.id,
-        "queue": msg.queue,
-        "body": msg.body,
-        "headers": msg.headers,
-        "hlc": msg.hlc,
-        "delivery_count": msg.delivery_count,
-        "redelivered": msg.delivery_count > 1,
-    }
+Handler = Callable[["ClientSession", dict[str, Any]], Result]
 
 
 def _field(req: dict[str, Any], name: str, default: Any = ..., *, types: Any = None) -> Any:
@@ -47,21 +35,21 @@ def _field(req: dict[str, Any], name: str, default: Any = ..., *, types: Any = N
     return value
 
 
-def _ping(conn: Connection, req: dict[str, Any]) -> Result:
-    return {"version": conn.node.version, "node": conn.node.name}
+def _ping(s: ClientSession, req: dict[str, Any]) -> Result:
+    return {"version": s.node.version, "node": s.node.name}
 
 
-def _declare(conn: Connection, req: dict[str, Any]) -> Result:
-    return conn.broker.declare(_field(req, "queue"), _field(req, "options", None),
-                               passive=bool(_field(req, "passive", False, types=bool)))
+def _declare(s: ClientSession, req: dict[str, Any]) -> Result:
+    return s.broker.declare(_field(req, "queue"), _field(req, "options", None),
+                            passive=bool(_field(req, "passive", False, types=bool)))
 
 
-def _delete(conn: Connection, req: dict[str, Any]) -> Result:
-    return _wrap(conn.broker.delete_queue(_field(req, "queue")), "deleted")
+def _delete(s: ClientSession, req: dict[str, Any]) -> Result:
+    return _wrap(s.broker.delete_queue(_field(req, "queue")), "deleted")
 
 
-def _purge(conn: Connection, req: dict[str, Any]) -> Result:
-    return _wrap(conn.broker.purge(_field(req, "queue")), "purged")
+def _purge(s: ClientSession, req: dict[str, Any]) -> Result:
+    return _wrap(s.broker.purge(_field(req, "queue")), "purged")
 
 
 def _wrap(pending: Pending, key: str) -> Pending:
@@ -69,72 +57,72 @@ def _wrap(pending: Pending, key: str) -> Pending:
     return pending
 
 
-def _send(conn: Connection, req: dict[str, Any]) -> Result:
-    conn.node.check_writable()
-    if conn.node.replicator is not None:
-        conn.node.replicator.check_writable(conn.broker.queue(_field(req, "queue")))
-    return _wrap(conn.broker.send(_field(req, "queue"), _field(req, "messages")), "ids")
+def _send(s: ClientSession, req: dict[str, Any]) -> Result:
+    s.node.check_writable()
+    return _wrap(s.broker.send(_field(req, "queue"), _field(req, "messages")), "ids")
 
 
-async def _receive_async(conn: Connection, req: dict[str, Any]) -> dict[str, Any]:
-    broker = conn.broker
+async def _receive_async(s: ClientSession, req: dict[str, Any]) -> dict[str, Any]:
+    broker = s.broker
     name = _field(req, "queue")
     auto_ack = _field(req, "auto_ack", False, types=bool)
-    msgs = await broker.receive(conn.session, name, _field(req, "max", 1),
+    msgs = await broker.receive(s.session, name, _field(req, "max", 1),
                                 _field(req, "wait", 0.0), _field(req, "visibility_timeout", None))
     out = [delivery(m) for m in msgs]
     if auto_ack and msgs:
-        await broker.ack(conn.session, name, [m.id for m in msgs]).wait()
+        await broker.ack(s.session, name, [m.id for m in msgs]).wait()
     return {"messages": out}
 
 
-def _receive(conn: Connection, req: dict[str, Any]) -> Result:
-    conn.broker.queue(_field(req, "queue"))  # fail fast, before spawning a task
-    return _receive_async(conn, req)
+def _receive(s: ClientSession, req: dict[str, Any]) -> Result:
+    s.broker.queue(_field(req, "queue"))  # fail fast, before spawning a task
+    return _receive_async(s, req)
 
 
-def _consume(conn: Connection, req: dict[str, Any]) -> Result:
-    tag = conn.broker.consume(conn.session, _field(req, "queue"), _field(req, "prefetch", 100))
+def _consume(s: ClientSession, req: dict[str, Any]) -> Result:
+    tag = _field(req, "tag", None, types=str) if s.relayed else None
+    tag = s.broker.consume(s.session, _field(req, "queue"), _field(req, "prefetch", 100),
+                           tag=tag or s.new_tag())
     return {"consumer": tag}
 
 
-def _cancel(conn: Connection, req: dict[str, Any]) -> Result:
-    conn.broker.cancel(conn.session, _field(req, "consumer"))
+def _cancel(s: ClientSession, req: dict[str, Any]) -> Result:
+    s.broker.cancel(s.session, _field(req, "consumer"))
     return {}
 
 
-def _ack(conn: Connection, req: dict[str, Any]) -> Result:
-    return conn.broker.ack(conn.session, _field(req, "queue"), _field(req, "ids"))
+def _ack(s: ClientSession, req: dict[str, Any]) -> Result:
+    return s.broker.ack(s.session, _field(req, "queue"), _field(req, "ids"))
 
 
-def _nack(conn: Connection, req: dict[str, Any]) -> Result:
-    return conn.broker.nack(conn.session, _field(req, "queue"), _field(req, "ids"),
-                            requeue=_field(req, "requeue", True), delay=_field(req, "delay", 0.0))
+def _nack(s: ClientSession, req: dict[str, Any]) -> Result:
+    return s.broker.nack(s.session, _field(req, "queue"), _field(req, "ids"),
+                         requeue=_field(req, "requeue", True), delay=_field(req, "delay", 0.0))
 
 
-def _extend(conn: Connection, req: dict[str, Any]) -> Result:
-    return conn.broker.extend(conn.session, _field(req, "queue"), _field(req, "ids"),
-                              _field(req, "timeout"))
+def _extend(s: ClientSession, req: dict[str, Any]) -> Result:
+    return s.broker.extend(s.session, _field(req, "queue"), _field(req, "ids"),
+                           _field(req, "timeout"))
 
 
-def _stats(conn: Connection, req: dict[str, Any]) -> Result:
-    return {"queues": conn.broker.stats(_field(req, "queue", None))}
+def _stats(s: ClientSession, req: dict[str, Any]) -> Result:
+    return {"queues": s.broker.stats(_field(req, "queue", None))}
 
 
-def _status(conn: Connection, req: dict[str, Any]) -> Result:
-    return conn.node.status()
+def _status(s: ClientSession, req: dict[str, Any]) -> Result:
+    return s.node.status()
 
 
-def _keys(conn: Connection, req: dict[str, Any]) -> Result:
+def _keys(s: ClientSession, req: dict[str, Any]) -> Result:
     """The cluster key ring, here and on every live member (meshq/mesh/keys.py)."""
-    if conn.node.keys is None:
+    if s.node.keys is None:
         raise Unavailable("this node has no key service")
-    return conn.node.keys.request(_field(req, "action"), _field(req, "key", None))
+    return s.node.keys.request(_field(req, "action"), _field(req, "key", None))
 
 
-def _leave(conn: Connection, req: dict[str, Any]) -> Result:
+def _leave(s: ClientSession, req: dict[str, Any]) -> Result:
     """Leave the cluster gracefully and stop the daemon (like ``consul leave``)."""
-    conn.node.stop()
+    s.node.stop()
     return {"leaving": True}
 
 
@@ -142,9 +130,10 @@ def _leave(conn: Connection, req: dict[str, Any]) -> Result:
 QUEUE_OPS = frozenset({"declare", "delete", "purge", "send", "receive", "consume", "ack",
                        "nack", "extend", "stats"})
 
-# What one node relays to another for a client (server/relay.py); a relayed connection
-# runs nothing else (not leave, keys or status: the peer port is not the socket).
-RELAYED_OPS = QUEUE_OPS | {"cancel", "ping"}
+# What one node relays to another for a client (meshq/server/relay.py); a relayed
+# connection runs nothing else (not leave, keys or status: the peer port is not the
+# socket). ``_bye``: the client's node says its client is gone (no answer).
+RELAYED_OPS = QUEUE_OPS | {"cancel", "ping", "_bye"}
 
 OPS: dict[str, Handler] = {
     "ping": _ping,

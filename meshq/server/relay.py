@@ -1,15 +1,15 @@
-"""Relaying a client's ops on a queue to the node that dispatches it.
+"""Upstream: one client connection's peer stream to the node that dispatches its queue.
 
-A client talks to its local meshqd only. An op on a queue whose primary (first live
-replica) is another node goes there over a peer stream opened for this client connection
-(hello kind "client"), where a Connection serves it as if the client were local: its
-leases and subscriptions belong to that stream and end with it. Responses and pushes come
-back unchanged (request ids are the client's own).
+A client talks to its local meshqd only; an op on a partition another node dispatches
+goes there over a peer stream opened for this client connection (hello kind ``client``,
+carrying the client's lease holder ``node/boot``), where a relayed ClientSession serves
+it as if local. Requests carry ids of this upstream's own (a client's id may be any
+msgpack value, and one client request may be retried on another upstream); answers and
+pushes come back to the ClientSession, which owns the client's view.
 
-State here: one Upstream per (client connection, node): its outgoing frames, the request
-ids waiting for an answer, the consumer tags it owns.
-Never: a relayed request left unanswered when its upstream breaks (UNAVAILABLE), a
-subscription left silent (a cancel push).
+State here: the outgoing frames, the requests waiting for an answer, whether the stream
+is up. Never: a request left unanswered when the stream ends (its callback learns whether
+the request had been written, so the caller knows if the outcome is unknown).
 """
 
 from __future__ import annotations
@@ -17,87 +17,80 @@ from __future__ import annotations
 import itertools
 import logging
 import math
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable
+from typing import Any
 
-import msgpack
 import trio
 
 from meshq.errors import MeshqError, Unavailable
-from meshq.mesh.transport import FramedStream
+from meshq.mesh.transport import FramedStream, Transport
 from meshq.mesh.wire import check_hello, hello_frame
 from meshq.protocol.codec import DEFAULT_MAX_FRAME
 
-if TYPE_CHECKING:
-    from meshq.server.connection import Connection
-
-__all__ = ["Upstream"]
+__all__ = ["CONNECT_TIMEOUT", "OnReply", "Upstream"]
 
 log = logging.getLogger("meshq.server.relay")
 CONNECT_TIMEOUT = 2.0
-_internal_ids = itertools.count(1)
-
-
-def _key(rid: Any) -> bytes:
-    """A request id as a dict key: ids are any msgpack value, lists and maps included."""
-    return msgpack.packb(rid, use_bin_type=True)
+# on_reply(frame, sent): the answer frame, or None when the stream ended first; ``sent``
+# tells whether the request had been written to the stream (then its outcome is unknown).
+OnReply = Callable[[dict[str, Any] | None, bool], None]
 
 
 class Upstream:
-    def __init__(self, conn: Connection, node: str) -> None:
-        self.conn = conn
+    def __init__(self, node: str, *, me: str, cluster: str, holder: str, transport: Transport,
+                 address: Callable[[str], str | None],
+                 on_push: Callable[[Upstream, dict[str, Any]], None],
+                 on_close: Callable[[Upstream], None]) -> None:
         self.node = node
+        self.me = me
+        self.cluster = cluster
+        self.holder = holder
+        self.transport = transport
+        self.address = address
+        self.on_push = on_push
+        self.on_close = on_close
         self.closed = False
-        self.pending: dict[bytes, Any] = {}  # packed id -> id: a client's id may be a list
-        self.tags: set[str] = set()
-        self._internal: dict[str, list[Any]] = {}
+        self._ids = itertools.count(1)
+        self._waiting: dict[int, OnReply] = {}
+        self._written: set[int] = set()
         self._out_send, self._out_recv = trio.open_memory_channel[dict[str, Any]](math.inf)
 
-    def send(self, req: dict[str, Any]) -> None:
+    def request(self, frame: dict[str, Any], on_reply: OnReply) -> None:
         if self.closed:
-            self.conn._error(req.get("id"), self._lost())
+            on_reply(None, False)
             return
-        rid = req.get("id")
-        self.pending[_key(rid)] = rid
-        self._out_send.send_nowait(req)
+        rid = next(self._ids)
+        self._waiting[rid] = on_reply
+        self._out_send.send_nowait({**frame, "id": rid})
 
-    async def call(self, req: dict[str, Any]) -> dict[str, Any]:
-        """An op of our own (not the client's) through this upstream."""
-        rid = f"_relay{next(_internal_ids)}"
-        box: list[Any] = [trio.Event()]
-        self._internal[rid] = box
-        self.send({**req, "id": rid})
-        await box[0].wait()
-        frame = box[1]
-        if "error" in frame:
-            raise MeshqError(frame["error"].get("message", "relay error"))
-        result: dict[str, Any] = frame["result"]
-        return result
-
-    def _lost(self) -> Unavailable:
-        return Unavailable(f"lost the connection to node {self.node!r}, which dispatches "
-                           "this queue; retry")
+    def finish(self) -> None:
+        """The client went away: say ``bye`` (the other side releases its leases) and end
+        once it is written."""
+        if not self.closed:
+            self._out_send.send_nowait({"op": "_bye"})
 
     async def run(self) -> None:
-        repl = self.conn.node.replicator
+        """Connect, then relay until the stream ends, ``finish`` is done, or cancelled.
+        Runs in a node-wide nursery, so that a ``bye`` goes out after the client left."""
         try:
-            addr = repl.address_of(self.node) if repl is not None else None
+            addr = self.address(self.node)
             if addr is None:
                 raise Unavailable(f"node {self.node!r} is unknown")
-            raw = await repl.transport.open_stream(addr, CONNECT_TIMEOUT)  # type: ignore[union-attr]
+            raw = await self.transport.open_stream(addr, CONNECT_TIMEOUT)
             stream = FramedStream(raw, max_frame=DEFAULT_MAX_FRAME)
             try:
-                hello = hello_frame(repl.cluster, repl.me)  # type: ignore[union-attr]
+                hello = hello_frame(self.cluster, self.me)
                 hello["kind"] = "client"
+                hello["holder"] = self.holder
                 await stream.send(hello)
                 with trio.fail_after(CONNECT_TIMEOUT * 2):
                     answer = await stream.receive()
                 if answer is None:
                     raise Unavailable(f"node {self.node!r} refused the relay")
-                check_hello(answer, repl.cluster)  # type: ignore[union-attr]
+                check_hello(answer, self.cluster)
                 async with trio.open_nursery() as nursery:
-                    nursery.start_soon(self._writer, stream)
-                    while (frame := await stream.receive()) is not None:
-                        self._from_upstream(frame)
+                    nursery.start_soon(self._reader, stream, nursery.cancel_scope)
+                    await self._writer(stream)  # returns once ``bye`` is written
                     nursery.cancel_scope.cancel()
             finally:
                 await trio.aclose_forcefully(raw)
@@ -107,45 +100,37 @@ class Upstream:
         finally:
             self.close()
 
+    async def _reader(self, stream: FramedStream, scope: trio.CancelScope) -> None:
+        while (frame := await stream.receive()) is not None:
+            self._from_upstream(frame)
+        scope.cancel()
+
     async def _writer(self, stream: FramedStream) -> None:
-        async for req in self._out_recv:
-            await stream.send(req)
+        async for frame in self._out_recv:
+            rid = frame.get("id")
+            await stream.send(frame)
+            if isinstance(rid, int):
+                self._written.add(rid)
+            if frame.get("op") == "_bye":
+                return
 
     def _from_upstream(self, frame: dict[str, Any]) -> None:
-        if "push" not in frame:
-            rid = frame.get("id")
-            self.pending.pop(_key(rid), None)
-            box = self._internal.pop(rid, None) if isinstance(rid, str) else None
-            if box is not None:
-                box.append(frame)
-                box[0].set()
-                return
-            result = frame.get("result")
-            if isinstance(result, dict) and isinstance(result.get("consumer"), str):
-                self.tags.add(result["consumer"])
-                self.conn.relayed_tags[result["consumer"]] = self
-        elif frame.get("push") == "cancel":
-            self.tags.discard(frame.get("consumer"))
-            self.conn.relayed_tags.pop(frame.get("consumer"), None)  # type: ignore[arg-type]
-        self.conn._write(frame)
+        if "push" in frame:
+            self.on_push(self, frame)
+            return
+        rid = frame.get("id")
+        fn = self._waiting.pop(rid, None) if isinstance(rid, int) else None
+        self._written.discard(rid)
+        if fn is not None:
+            fn(frame, True)
 
     def close(self) -> None:
         if self.closed:
             return
         self.closed = True
-        if self.conn.upstreams.get(self.node) is self:
-            del self.conn.upstreams[self.node]
-        lost = self._lost()
-        for rid in self.pending.values():
-            box = self._internal.pop(rid, None) if isinstance(rid, str) else None
-            if box is not None:
-                box.append({"error": {"message": lost.message}})
-                box[0].set()
-            else:
-                self.conn._error(rid, lost)
-        self.pending.clear()
-        for tag in self.tags:
-            self.conn.relayed_tags.pop(tag, None)
-            self.conn._cancelled(tag, f"lost node {self.node!r}, which dispatched the queue; "
-                                      "subscribe again")
-        self.tags.clear()
+        self._out_send.close()
+        waiting, self._waiting = self._waiting, {}
+        for rid, fn in waiting.items():
+            fn(None, rid in self._written)
+        self._written.clear()
+        self.on_close(self)

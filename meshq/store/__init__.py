@@ -14,12 +14,14 @@ Ops are plain tuples (see the OP_* constants) so that the hot path allocates lit
 """
 
 from meshq.store.base import (
+    OP_CATALOG_PRUNE,
     OP_DEDUP,
     OP_DEDUP_PRUNE,
     OP_DELETE,
     OP_DROP_QUEUE,
     OP_FORGET,
     OP_META,
+    OP_PARTITION,
     OP_PUT,
     OP_QUEUE,
     OP_TOMBSTONE,
@@ -36,12 +38,14 @@ from meshq.store.memory import MemoryStore
 from meshq.store.sqlite import SQLiteStore
 
 __all__ = [
+    "OP_CATALOG_PRUNE",
     "OP_DEDUP",
     "OP_DEDUP_PRUNE",
     "OP_DELETE",
     "OP_DROP_QUEUE",
     "OP_FORGET",
     "OP_META",
+    "OP_PARTITION",
     "OP_PUT",
     "OP_QUEUE",
     "OP_TOMBSTONE",

@@ -2,6 +2,12 @@
 
 No trio here. ``apply`` runs one batch of ops as one transaction; runs of same-kind ops
 become multi-row statements. Never: a partial batch committed (any error rolls back).
+
+Schema version 2 (replication as a lattice, meshq.cluster.lattice): ``catalog`` holds
+every queue name with its newest incarnation and its newest drop; ``partitions`` each
+queue partition's promised dispatch epoch and its counters (a G-counter per dispatching
+node); ``messages`` carry their partition, incarnation, lease id and progress version;
+``tombstones`` are per partition. A version 1 file is migrated on open.
 """
 
 from __future__ import annotations
@@ -10,19 +16,22 @@ import functools
 import itertools
 import os
 import sqlite3
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
+import msgpack
 import sqlite_utils
 
 from meshq.errors import StartupError
 from meshq.store.base import (
+    OP_CATALOG_PRUNE,
     OP_DEDUP,
     OP_DEDUP_PRUNE,
     OP_DELETE,
     OP_DROP_QUEUE,
     OP_FORGET,
     OP_META,
+    OP_PARTITION,
     OP_PUT,
     OP_QUEUE,
     OP_TOMBSTONE,
@@ -35,108 +44,164 @@ __all__ = ["MAX_BATCH_FRAME", "SCHEMA_VERSION", "SKIPPED", "apply", "connect"]
 SKIPPED = "skipped: an earlier batch failed"  # the writer's answer after a failure
 MAX_BATCH_FRAME = 1 << 30  # bytes of one batch, as sent to the writer process
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
-# An acked, expired or dropped message leaves a tombstone (queue, id, time), so that a
-# replica that missed the deletion cannot bring the message back (meshq.mesh.replication).
-_NOW = "(julianday('now') - 2440587.5) * 86400.0"
-_TOMBSTONE_SELECT = ("INSERT OR REPLACE INTO tombstones (queue, id, at) SELECT queue, id, "
-                     + _NOW + " FROM messages")
+_MSG_COLUMNS = ("seq, id, queue, idx, inc, hlc, node, body, headers, state, delivery_count,"
+                " ready_at, expires_at, lease_deadline, lease_id, holder, epoch, vn")
+_MSG_MARKS = "(" + ",".join("?" * 18) + ")"
 
-_SQL: dict[int, tuple[str, ...]] = {
-    OP_PUT: ("INSERT OR REPLACE INTO messages (seq, id, queue, hlc, node, body, headers, state,"
-             " delivery_count, ready_at, expires_at, lease_deadline)"
-             " VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",),
-    OP_UPDATE: ("UPDATE messages SET state=?, delivery_count=?, ready_at=?, lease_deadline=?"
-                " WHERE seq=?",),
-    OP_DELETE: (_TOMBSTONE_SELECT + " WHERE seq=?", "DELETE FROM messages WHERE seq=?"),
-    OP_TOMBSTONE: ("INSERT OR REPLACE INTO tombstones (queue, id, at) VALUES (?, ?, "
-                   + _NOW + ")",),
-    OP_TOMBSTONE_PRUNE: ("DELETE FROM tombstones WHERE at < ?",),
-    OP_FORGET: ("DELETE FROM messages WHERE seq=?",),
-    OP_QUEUE: ("INSERT OR REPLACE INTO queues (name, options, dead_lettered, expired, dropped)"
-               " VALUES (?,?,?,?,?)",),
-    OP_DROP_QUEUE: ("DELETE FROM queues WHERE name=?", "DELETE FROM messages WHERE queue=?",
-                    "DELETE FROM tombstones WHERE queue=?",
-                    "DELETE FROM dedup WHERE queue=?"),
-    OP_DEDUP: ("INSERT OR REPLACE INTO dedup (queue, dedup_id, message_id, expires_at)"
-               " VALUES (?,?,?,?)",),
-    OP_DEDUP_PRUNE: ("DELETE FROM dedup WHERE expires_at < ?",),
-    OP_META: ("INSERT OR REPLACE INTO meta (key, value) VALUES (?,?)",),
+Pick = Callable[[Sequence[Any]], Sequence[Any]] | None
+
+# Each op kind: its statements, each with a function picking its parameters from the
+# op's params (None: all of them, in order).
+_SQL: dict[int, tuple[tuple[str, Pick], ...]] = {
+    OP_PUT: ((f"INSERT OR REPLACE INTO messages ({_MSG_COLUMNS}) VALUES {_MSG_MARKS}",
+              None),),
+    OP_UPDATE: (("UPDATE messages SET state=?, delivery_count=?, ready_at=?,"
+                 " lease_deadline=?, lease_id=?, holder=?, epoch=?, vn=? WHERE seq=?", None),),
+    OP_DELETE: (("INSERT OR REPLACE INTO tombstones (queue, idx, id, at) VALUES (?,?,?,?)",
+                 lambda p: p[1:]),
+                ("DELETE FROM messages WHERE seq=?", lambda p: p[:1])),
+    OP_TOMBSTONE: (("INSERT OR REPLACE INTO tombstones (queue, idx, id, at) VALUES (?,?,?,?)",
+                    None),),
+    OP_TOMBSTONE_PRUNE: (("DELETE FROM tombstones WHERE at < ?", None),),
+    OP_FORGET: (("DELETE FROM messages WHERE queue=? AND idx=?", None),
+                ("DELETE FROM tombstones WHERE queue=? AND idx=?", None)),
+    OP_QUEUE: (("INSERT OR REPLACE INTO catalog (name, inc, options, dropped, dropped_at)"
+                " VALUES (?,?,?,?,?)", None),),
+    OP_DROP_QUEUE: (("DELETE FROM messages WHERE queue=? AND inc<=?", lambda p: p[:2]),
+                    ("DELETE FROM tombstones WHERE queue=?", lambda p: p[:1]),
+                    ("DELETE FROM dedup WHERE queue=?", lambda p: p[:1]),
+                    ("INSERT INTO catalog (name, inc, options, dropped, dropped_at)"
+                     " VALUES (?, 0, NULL, ?, ?) ON CONFLICT(name) DO UPDATE SET"
+                     " dropped=max(dropped, excluded.dropped),"
+                     " dropped_at=excluded.dropped_at", None)),
+    OP_PARTITION: (("INSERT OR REPLACE INTO partitions (queue, idx, promised, tally)"
+                    " VALUES (?,?,?,?)", None),),
+    OP_CATALOG_PRUNE: (("DELETE FROM catalog WHERE dropped >= inc AND dropped_at < ?", None),
+                       ("DELETE FROM partitions WHERE queue NOT IN (SELECT name FROM catalog)",
+                        lambda p: ())),
+    OP_DEDUP: (("INSERT OR REPLACE INTO dedup (queue, dedup_id, message_id, expires_at)"
+                " VALUES (?,?,?,?)", None),),
+    OP_DEDUP_PRUNE: (("DELETE FROM dedup WHERE expires_at < ?", None),),
+    OP_META: (("INSERT OR REPLACE INTO meta (key, value) VALUES (?,?)", None),),
 }
 
 
 # Runs of these op kinds become multi-row statements: one sqlite3_step per chunk instead of
 # one per row. Each step drops and retakes the GIL, and with the event loop busy every
 # retake can wait a whole switch interval, so per-row steps starve the commit thread.
-_MULTI_CHUNK = {OP_PUT: 64, OP_DELETE: 256, OP_UPDATE: 128}
-_OP_TOMBSTONE_SEQS = -1  # the tombstones of a multi-row delete (not an op kind)
+_MULTI_CHUNK = {OP_PUT: 48, OP_DELETE: 128, OP_UPDATE: 96}
+_TOMBSTONES_OF_DELETES = -1  # the tombstones of a multi-row delete (not an op kind)
 _MULTI = frozenset(_MULTI_CHUNK)
 
 
 @functools.cache
 def _multi_sql(kind: int, rows: int) -> str:
     if kind == OP_PUT:
-        head = _SQL[OP_PUT][0].split(" VALUES ")[0]
-        return head + " VALUES " + ",".join(["(?,?,?,?,?,?,?,?,?,?,?,?)"] * rows)
+        return (f"INSERT OR REPLACE INTO messages ({_MSG_COLUMNS}) VALUES "
+                + ",".join([_MSG_MARKS] * rows))
     if kind == OP_DELETE:
         return "DELETE FROM messages WHERE seq IN (" + ",".join("?" * rows) + ")"
-    if kind == _OP_TOMBSTONE_SEQS:
-        return _TOMBSTONE_SELECT + " WHERE seq IN (" + ",".join("?" * rows) + ")"
-    return ("UPDATE messages SET state=v.column1, delivery_count=v.column2, ready_at=v.column3,"
-            " lease_deadline=v.column4 FROM (VALUES " + ",".join(["(?,?,?,?,?)"] * rows)
-            + ") AS v WHERE messages.seq = v.column5")
+    if kind == _TOMBSTONES_OF_DELETES:
+        return ("INSERT OR REPLACE INTO tombstones (queue, idx, id, at) VALUES "
+                + ",".join(["(?,?,?,?)"] * rows))
+    return ("UPDATE messages SET state=v.column1, delivery_count=v.column2,"
+            " ready_at=v.column3, lease_deadline=v.column4, lease_id=v.column5,"
+            " holder=v.column6, epoch=v.column7, vn=v.column8 FROM (VALUES "
+            + ",".join(["(?,?,?,?,?,?,?,?,?)"] * rows) + ") AS v WHERE messages.seq = v.column9")
 
 
 def _execute_multi(conn: sqlite3.Connection, kind: int, params: list[Any]) -> None:
     if kind == OP_UPDATE:  # one row per seq, the last update winning (UPDATE FROM picks any)
-        params = list({p[4]: p for p in params}.values())
+        params = list({p[8]: p for p in params}.values())
     chunk = _MULTI_CHUNK[kind]
     for start in range(0, len(params), chunk):
         part = params[start:start + chunk]
-        flat = list(itertools.chain.from_iterable(part))
         if kind == OP_DELETE:
-            conn.execute(_multi_sql(_OP_TOMBSTONE_SEQS, len(part)), flat)
-        conn.execute(_multi_sql(kind, len(part)), flat)
+            conn.execute(_multi_sql(_TOMBSTONES_OF_DELETES, len(part)),
+                         list(itertools.chain.from_iterable(p[1:] for p in part)))
+            conn.execute(_multi_sql(kind, len(part)), [p[0] for p in part])
+        else:
+            conn.execute(_multi_sql(kind, len(part)), list(itertools.chain.from_iterable(part)))
 
 
 def _create_schema(conn: sqlite3.Connection) -> None:
     db = sqlite_utils.Database(conn)
     db.table("meta").create({"key": str, "value": str}, pk="key", if_not_exists=True)
-    db.table("queues").create(
-        {"name": str, "options": bytes, "dead_lettered": int, "expired": int, "dropped": int},
-        pk="name", if_not_exists=True,
-    )
+    db.table("catalog").create(
+        {"name": str, "inc": int, "options": bytes, "dropped": int, "dropped_at": float},
+        pk="name", if_not_exists=True)
+    db.table("partitions").create(
+        {"queue": str, "idx": int, "promised": int, "tally": bytes},
+        pk=("queue", "idx"), if_not_exists=True)
     db.table("messages").create(
-        {"seq": int, "id": str, "queue": str, "hlc": int, "node": str, "body": bytes,
-         "headers": bytes, "state": int, "delivery_count": int, "ready_at": float,
-         "expires_at": float, "lease_deadline": float},
-        pk="seq", not_null={"id", "queue", "hlc", "node", "state"}, if_not_exists=True,
-    )
+        {"seq": int, "id": str, "queue": str, "idx": int, "inc": int, "hlc": int,
+         "node": str, "body": bytes, "headers": bytes, "state": int, "delivery_count": int,
+         "ready_at": float, "expires_at": float, "lease_deadline": float, "lease_id": int,
+         "holder": str, "epoch": int, "vn": int},
+        pk="seq", not_null={"id", "queue", "hlc", "node", "state"}, if_not_exists=True)
     db.table("dedup").create(
         {"queue": str, "dedup_id": str, "message_id": str, "expires_at": float},
-        pk=("queue", "dedup_id"), if_not_exists=True,
-    )
-    db.table("tombstones").create({"queue": str, "id": str, "at": float},
-                                  pk=("queue", "id"), if_not_exists=True)
+        pk=("queue", "dedup_id"), if_not_exists=True)
+    db.table("tombstones").create({"queue": str, "idx": int, "id": str, "at": float},
+                                  pk=("queue", "idx", "id"), if_not_exists=True)
     conn.execute("INSERT OR IGNORE INTO meta (key, value) VALUES ('schema_version', ?)",
                  (str(SCHEMA_VERSION),))
 
 
+def _migrate_1_to_2(conn: sqlite3.Connection) -> None:
+    """Version 1 had ``queues`` (with counters) and unpartitioned tombstones."""
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        for column, default in (("idx", 0), ("inc", 1), ("lease_id", 0), ("epoch", 0),
+                                ("vn", 0)):
+            conn.execute(f"ALTER TABLE messages ADD COLUMN {column} INTEGER DEFAULT {default}")
+        conn.execute("ALTER TABLE messages ADD COLUMN holder TEXT DEFAULT ''")
+        conn.execute("UPDATE messages SET idx=0, inc=1, lease_id=0, holder='', epoch=0, vn=0")
+        conn.execute("CREATE TABLE catalog (name TEXT PRIMARY KEY, inc INTEGER, options BLOB,"
+                     " dropped INTEGER, dropped_at FLOAT)")
+        conn.execute("CREATE TABLE partitions (queue TEXT, idx INTEGER, promised INTEGER,"
+                     " tally BLOB, PRIMARY KEY (queue, idx))")
+        rows = conn.execute(
+            "SELECT name, options, dead_lettered, expired, dropped FROM queues").fetchall()
+        for name, options, dl, exp, dropped in rows:
+            conn.execute("INSERT INTO catalog VALUES (?, 1, ?, 0, 0.0)", (name, options))
+            tally = msgpack.packb({"v1": [dl or 0, exp or 0, dropped or 0]})
+            conn.execute("INSERT INTO partitions VALUES (?, 0, 0, ?)", (name, tally))
+        conn.execute("DROP TABLE queues")
+        conn.execute("CREATE TABLE tombstones2 (queue TEXT, idx INTEGER, id TEXT, at FLOAT,"
+                     " PRIMARY KEY (queue, idx, id))")
+        conn.execute("INSERT INTO tombstones2 SELECT queue, 0, id, at FROM tombstones")
+        conn.execute("DROP TABLE tombstones")
+        conn.execute("ALTER TABLE tombstones2 RENAME TO tombstones")
+        conn.execute("UPDATE meta SET value='2' WHERE key='schema_version'")
+        conn.execute("COMMIT")
+    except BaseException:
+        if conn.in_transaction:
+            conn.execute("ROLLBACK")
+        raise
+
 
 def connect(path: str | os.PathLike[str]) -> sqlite3.Connection:
-    """Open (and if new, create) the store file with the pragmas meshq relies on."""
+    """Open (and if new, create; if version 1, migrate) the store file with the pragmas
+    meshq relies on."""
     conn = sqlite3.connect(os.fspath(path), isolation_level=None, check_same_thread=False)
     conn.execute("PRAGMA busy_timeout=10000")
     conn.execute("PRAGMA journal_mode=WAL")
     conn.execute("PRAGMA synchronous=FULL")
     conn.execute("PRAGMA cache_size=-65536")
+    tables = {row[0] for row in conn.execute("SELECT name FROM sqlite_master")}
+    if "meta" in tables:
+        row = conn.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()
+        version = int(row[0]) if row else SCHEMA_VERSION
+        if version > SCHEMA_VERSION:
+            conn.close()
+            raise StartupError(f"{path} has schema version {version}; this meshqd knows up "
+                               f"to {SCHEMA_VERSION}: upgrade meshqd")
+        if version == 1:
+            _migrate_1_to_2(conn)
     _create_schema(conn)
-    version = int(conn.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()[0])
-    if version > SCHEMA_VERSION:
-        conn.close()
-        raise StartupError(f"{path} has schema version {version}; this meshqd knows up to "
-                           f"{SCHEMA_VERSION}: upgrade meshqd")
     return conn
 
 
@@ -154,8 +219,8 @@ def apply(conn: sqlite3.Connection, ops: Sequence[Sequence[Any]]) -> None:
             if kind in _MULTI and len(params) > 1:
                 _execute_multi(conn, kind, params)
             else:
-                for sql in _SQL[kind]:
-                    conn.executemany(sql, params)
+                for sql, pick in _SQL[kind]:
+                    conn.executemany(sql, params if pick is None else [pick(p) for p in params])
             i = j
         conn.execute("COMMIT")
     except BaseException:

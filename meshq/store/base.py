@@ -20,12 +20,14 @@ from meshq.errors import MeshqError, Timeout, Unavailable
 from meshq.model import Message
 
 __all__ = [
+    "OP_CATALOG_PRUNE",
     "OP_DEDUP",
     "OP_DEDUP_PRUNE",
     "OP_DELETE",
     "OP_DROP_QUEUE",
     "OP_FORGET",
     "OP_META",
+    "OP_PARTITION",
     "OP_PUT",
     "OP_QUEUE",
     "OP_TOMBSTONE",
@@ -38,22 +40,26 @@ __all__ = [
     "StoreError",
     "StoreFatal",
     "StoreStatistics",
+    "delete_op",
     "put_op",
     "update_op",
 ]
 
 # Op kinds; each op is (kind, params) with params a tuple in the kind's SQL order.
-OP_PUT = 0  # (seq, id, queue, hlc, node, body, headers_packed, state, count, ready_at, exp, lease)
-OP_UPDATE = 1  # (state, delivery_count, ready_at, lease_deadline, seq)
-OP_DELETE = 2  # (seq,)
-OP_QUEUE = 3  # (name, options_packed, dead_lettered, expired, dropped)
-OP_DROP_QUEUE = 4  # (name,)
+OP_PUT = 0  # (seq, id, queue, idx, inc, hlc, node, body, headers_packed, state, count,
+#             ready_at, expires_at, lease_deadline, lease_id, holder, epoch, vn)
+OP_UPDATE = 1  # (state, count, ready_at, lease_deadline, lease_id, holder, epoch, vn, seq)
+OP_DELETE = 2  # (seq, queue, idx, id, at): the row goes, a tombstone stays
+OP_QUEUE = 3  # (name, inc, options_packed, dropped, dropped_at): a catalog entry
+OP_DROP_QUEUE = 4  # (name, upto, at): the queue's incarnations up to ``upto`` are gone
 OP_DEDUP = 5  # (queue, dedup_id, message_id, expires_at)
 OP_DEDUP_PRUNE = 6  # (now,)
 OP_META = 7  # (key, value)
-OP_TOMBSTONE = 8  # (queue, id): a deletion seen by a replica that lacked the message
+OP_TOMBSTONE = 8  # (queue, idx, id, at): a deletion of a message not held here
 OP_TOMBSTONE_PRUNE = 9  # (before,): forget tombstones older than this
-OP_FORGET = 10  # (seq,): a copy handed off to its replicas; deleted without a tombstone
+OP_FORGET = 10  # (queue, idx): a partition handed to its replicas; no tombstones left
+OP_PARTITION = 11  # (queue, idx, promised, tally_packed)
+OP_CATALOG_PRUNE = 12  # (before,): forget queues dropped before this (and their partitions)
 
 Op = tuple[int, tuple[Any, ...]]
 MAX_BATCH_OPS = 8192  # a batch is sealed at an operation boundary past this many ops
@@ -64,13 +70,19 @@ _packb = msgpack.Packer(use_bin_type=True).pack
 
 def put_op(m: Message) -> Op:
     """The op writing a whole message (count its body with ``Batch.body_bytes``)."""
-    return (OP_PUT, (m.seq, m.id, m.queue, m.hlc, m.node, m.body,
+    return (OP_PUT, (m.seq, m.id, m.queue, m.index, m.inc, m.hlc, m.node, m.body,
                      _packb(m.headers) if m.headers else None, int(m.state),
-                     m.delivery_count, m.ready_at, m.expires_at, m.lease_deadline))
+                     m.delivery_count, m.ready_at, m.expires_at, m.lease_deadline,
+                     m.lease_id, m.holder, m.epoch, m.vn))
 
 
 def update_op(m: Message) -> Op:
-    return (OP_UPDATE, (int(m.state), m.delivery_count, m.ready_at, m.lease_deadline, m.seq))
+    return (OP_UPDATE, (int(m.state), m.delivery_count, m.ready_at, m.lease_deadline,
+                        m.lease_id, m.holder, m.epoch, m.vn, m.seq))
+
+
+def delete_op(m: Message, at: float) -> Op:
+    return (OP_DELETE, (m.seq, m.queue, m.index, m.id, at))
 
 
 class StoreError(Unavailable):
@@ -87,8 +99,8 @@ Callback = Callable[[BaseException | None], None]
 class Batch:
     """Ops that commit together. Durable once ``done`` with ``error`` None."""
 
-    __slots__ = ("_callbacks", "_event", "body_bytes", "done", "error", "on_local", "ops",
-                 "requests", "rops", "started")
+    __slots__ = ("_callbacks", "_event", "body_bytes", "changes", "done", "epochs", "error",
+                 "local_ok", "on_local", "ops", "requests", "started")
 
     def __init__(self) -> None:
         self.ops: list[Op] = []
@@ -99,9 +111,15 @@ class Batch:
         self.started = 0.0
         self.requests = 0  # client requests handled while this batch was open
         self.body_bytes = 0  # message bodies staged in it (put_op counts them)
-        self.rops: list[tuple[str, list[Any]]] = []  # (queue, replica op) for the mesh
+        # For replication (meshq.cluster): the typed changes of this batch, and the dispatch
+        # epoch of each partition they were made under (which fences them).
+        self.changes: list[Any] = []
+        self.epochs: dict[tuple[str, int], int] = {}
         # Called once committed (or failed) on this node, before any replication wait.
         self.on_local: list[Callback] = []
+        # Whether it committed here (None: not yet). A batch can be durable here and still
+        # fail (its write quorum did not confirm it): its outcome is then unknown.
+        self.local_ok: bool | None = None
 
     def add_callback(self, fn: Callback) -> None:
         if self.done:
@@ -134,9 +152,14 @@ class Snapshot:
     """Everything a store holds, as loaded at start-up."""
 
     meta: dict[str, Any] = field(default_factory=dict)
-    queues: list[tuple[str, dict[str, Any], dict[str, int]]] = field(default_factory=list)
+    # (name, inc, options or None, dropped, dropped_at): every catalog entry, live or not
+    catalog: list[tuple[str, int, dict[str, Any] | None, int, float]] = field(
+        default_factory=list)
+    # (queue, idx, promised, tally {node: [dead_lettered, expired, dropped]})
+    partitions: list[tuple[str, int, int, dict[str, list[int]]]] = field(default_factory=list)
     messages: list[Message] = field(default_factory=list)
     dedup: list[tuple[str, str, str, float]] = field(default_factory=list)
+    tombstones: list[tuple[str, int, str, float]] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -150,7 +173,7 @@ class StoreStatistics:
 
 
 class ReplicationGate(Protocol):
-    """The mesh's hold on batches (meshq.mesh.replication): ``ship`` sees each batch as
+    """The cluster layer's hold on batches (meshq.cluster): ``ship`` sees each batch as
     it goes to be committed locally; ``committed`` takes over a batch committed locally
     (or failed: ``error``) and completes it, in order, once enough replicas have it;
     ``abandon`` completes everything it holds with an unknown outcome."""
@@ -240,6 +263,7 @@ class Store(abc.ABC):
             self.ops_committed += len(batch.ops)
         else:
             self.failed_commits += 1
+        batch.local_ok = error is None
         for fn in batch.on_local:
             fn(error)
         if self.gate is not None:
@@ -276,10 +300,6 @@ class Store(abc.ABC):
 
     @abc.abstractmethod
     def load(self) -> Snapshot: ...
-
-    async def tombstoned(self, queue: str, ids: list[str]) -> set[str]:
-        """Which of ``ids`` were deleted from ``queue`` (within the tombstone window)."""
-        return set()
 
     @abc.abstractmethod
     async def _commit(self, ops: list[Op]) -> None:

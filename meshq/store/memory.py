@@ -1,13 +1,16 @@
 """MemoryStore: the fake Store for deterministic tests. Same contract, nothing on disk.
 
 It applies ops to dicts, so a test can "restart" a broker from ``load()`` and check that
-what was confirmed survived. ``fail_next`` makes the next commit fail, as a full disk would.
+what was confirmed survived (the simulation keeps a killed node's MemoryStore and
+restarts from it). ``fail_next`` makes the next commit fail, as a full disk would;
+``commit_delay`` (seconds of trio time, from ``delays``) makes commits take time, so that
+a simulated crash can fall between staging and durability.
 """
 
 from __future__ import annotations
 
 import copy
-import time
+from collections.abc import Callable
 
 import msgpack
 import trio
@@ -15,12 +18,14 @@ import trio
 from meshq.model import Message
 from meshq.states import State
 from meshq.store.base import (
+    OP_CATALOG_PRUNE,
     OP_DEDUP,
     OP_DEDUP_PRUNE,
     OP_DELETE,
     OP_DROP_QUEUE,
     OP_FORGET,
     OP_META,
+    OP_PARTITION,
     OP_PUT,
     OP_QUEUE,
     OP_TOMBSTONE,
@@ -36,76 +41,94 @@ __all__ = ["MemoryStore"]
 
 
 class MemoryStore(Store):
-    def __init__(self) -> None:
+    def __init__(self, delays: Callable[[], float] | None = None) -> None:
         super().__init__()
         self.meta: dict[str, str] = {}
-        self.queues: dict[str, tuple[bytes, int, int, int]] = {}
+        self.catalog: dict[str, tuple] = {}
+        self.partitions: dict[tuple[str, int], tuple] = {}
         self.messages: dict[int, tuple] = {}
         self.dedup: dict[tuple[str, str], tuple[str, float]] = {}
-        self.tombstones: dict[tuple[str, str], float] = {}
+        self.tombstones: dict[tuple[str, int, str], float] = {}
         self.fail_next = False
+        self.delays = delays
+
+    def reset(self) -> None:
+        """Forget the batches of a process that was killed (what committed stays)."""
+        Store.__init__(self)
 
     def load(self) -> Snapshot:
         snap = Snapshot(meta=dict(self.meta))
-        for name, (options, dl, exp, dropped) in self.queues.items():
-            counters = {"dead_lettered": dl, "expired": exp, "dropped": dropped}
-            snap.queues.append((name, msgpack.unpackb(options), counters))
+        for name, (inc, options, dropped, dropped_at) in self.catalog.items():
+            snap.catalog.append((name, inc, msgpack.unpackb(options) if options else None,
+                                 dropped, dropped_at))
+        for (queue, idx), (promised, tally) in self.partitions.items():
+            snap.partitions.append((queue, idx, promised,
+                                    msgpack.unpackb(tally) if tally else {}))
         for seq in sorted(self.messages):
-            (_, mid, queue, hlc, node, body, headers, state, count, ready_at, expires_at,
-             lease) = self.messages[seq]
+            (_, mid, queue, idx, inc, hlc, node, body, headers, state, count, ready_at,
+             expires_at, lease, lease_id, holder, epoch, vn) = self.messages[seq]
             snap.messages.append(Message(seq, mid, queue, body,
                                          msgpack.unpackb(headers) if headers else {}, hlc, node,
-                                         State(state), count, ready_at, expires_at, lease))
+                                         State(state), count, ready_at, expires_at, lease,
+                                         idx, inc, lease_id, holder, epoch, vn))
         snap.dedup = [(q, d, mid, exp) for (q, d), (mid, exp) in self.dedup.items()]
+        snap.tombstones = [(q, i, mid, at) for (q, i, mid), at in self.tombstones.items()]
         return snap
 
     async def _commit(self, ops: list[Op]) -> None:
-        await trio.lowlevel.checkpoint()
+        if self.delays is not None:
+            await trio.sleep(self.delays())
+        else:
+            await trio.lowlevel.checkpoint()
         if self.fail_next:
             self.fail_next = False
             raise OSError("simulated disk failure")
         # Apply to copies so that a failure part-way leaves nothing applied.
-        meta, queues = dict(self.meta), dict(self.queues)
-        messages, dedup = dict(self.messages), dict(self.dedup)
-        tombs = dict(self.tombstones)
+        meta, catalog, partitions = dict(self.meta), dict(self.catalog), dict(self.partitions)
+        messages, dedup, tombs = dict(self.messages), dict(self.dedup), dict(self.tombstones)
         for kind, p in ops:
             if kind == OP_PUT:
                 messages[p[0]] = copy.copy(p)
             elif kind == OP_UPDATE:
-                if p[4] in messages:
-                    row = list(messages[p[4]])
-                    row[7:10], row[11] = p[0:3], p[3]
-                    messages[p[4]] = tuple(row)
+                if p[8] in messages:
+                    row = list(messages[p[8]])
+                    row[9:12], row[13:18] = p[0:3], p[3:8]
+                    messages[p[8]] = tuple(row)
             elif kind == OP_DELETE:
-                gone = messages.pop(p[0], None)
-                if gone is not None:
-                    tombs[gone[2], gone[1]] = time.time()
+                messages.pop(p[0], None)
+                tombs[p[1], p[2], p[3]] = p[4]
+            elif kind == OP_TOMBSTONE:
+                tombs[p[0], p[1], p[2]] = p[3]
+            elif kind == OP_TOMBSTONE_PRUNE:
+                tombs = {k: at for k, at in tombs.items() if at >= p[0]}
+            elif kind == OP_FORGET:
+                messages = {s: r for s, r in messages.items() if (r[2], r[3]) != (p[0], p[1])}
+                tombs = {k: at for k, at in tombs.items() if (k[0], k[1]) != (p[0], p[1])}
             elif kind == OP_QUEUE:
-                queues[p[0]] = p[1:]
+                catalog[p[0]] = p[1:]
             elif kind == OP_DROP_QUEUE:
-                queues.pop(p[0], None)
-                messages = {s: r for s, r in messages.items() if r[2] != p[0]}
-                tombs = {k: at for k, at in tombs.items() if k[0] != p[0]}
-                dedup = {k: v for k, v in dedup.items() if k[0] != p[0]}
+                name, upto, at = p
+                messages = {s: r for s, r in messages.items()
+                            if not (r[2] == name and r[4] <= upto)}
+                tombs = {k: t for k, t in tombs.items() if k[0] != name}
+                dedup = {k: v for k, v in dedup.items() if k[0] != name}
+                inc, options, dropped, _ = catalog.get(name, (0, None, 0, 0.0))
+                catalog[name] = (inc, options, max(dropped, upto), at)
+            elif kind == OP_PARTITION:
+                partitions[p[0], p[1]] = p[2:]
+            elif kind == OP_CATALOG_PRUNE:
+                catalog = {n: r for n, r in catalog.items() if not (r[2] >= r[0] and r[3] < p[0])}
+                partitions = {k: v for k, v in partitions.items() if k[0] in catalog}
             elif kind == OP_DEDUP:
                 dedup[p[0], p[1]] = (p[2], p[3])
             elif kind == OP_DEDUP_PRUNE:
                 dedup = {k: v for k, v in dedup.items() if v[1] >= p[0]}
             elif kind == OP_META:
                 meta[p[0]] = p[1]
-            elif kind == OP_FORGET:
-                messages.pop(p[0], None)
-            elif kind == OP_TOMBSTONE:
-                tombs[p[0], p[1]] = time.time()
-            elif kind == OP_TOMBSTONE_PRUNE:
-                tombs = {k: at for k, at in tombs.items() if at >= p[0]}
             else:
                 raise ValueError(f"unknown op kind {kind}")
-        self.meta, self.queues, self.messages, self.dedup = meta, queues, messages, dedup
-        self.tombstones = tombs
-
-    async def tombstoned(self, queue: str, ids: list[str]) -> set[str]:
-        return {i for i in ids if (queue, i) in self.tombstones}
+        self.meta, self.catalog, self.partitions = meta, catalog, partitions
+        self.messages, self.dedup, self.tombstones = messages, dedup, tombs
 
     def statistics(self) -> StoreStatistics:
         return StoreStatistics(None, 0, self.commits, self.ops_committed, self.failed_commits,

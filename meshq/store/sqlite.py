@@ -9,7 +9,6 @@ If the writer dies, ``run`` raises and the daemon stops rather than confirm noth
 from __future__ import annotations
 
 import os
-import sqlite3
 import subprocess
 import sys
 from typing import Any
@@ -46,44 +45,30 @@ class SQLiteStore(Store):
         conn = connect(self.path)
         try:
             snap = Snapshot()
-            snap.meta = dict(conn.execute("SELECT key, value FROM meta"))
-            for name, options, dl, exp, dropped in conn.execute(
-                "SELECT name, options, dead_lettered, expired, dropped FROM queues"
-            ):
-                counters = {"dead_lettered": dl or 0, "expired": exp or 0, "dropped": dropped or 0}
-                snap.queues.append((name, msgpack.unpackb(options), counters))
             unpack = msgpack.unpackb
+            snap.meta = dict(conn.execute("SELECT key, value FROM meta"))
+            for name, inc, options, dropped, dropped_at in conn.execute(
+                    "SELECT name, inc, options, dropped, dropped_at FROM catalog"):
+                snap.catalog.append((name, inc or 0, unpack(options) if options else None,
+                                     dropped or 0, dropped_at or 0.0))
+            for queue, idx, promised, tally in conn.execute(
+                    "SELECT queue, idx, promised, tally FROM partitions"):
+                snap.partitions.append((queue, idx, promised or 0,
+                                        unpack(tally) if tally else {}))
             for row in conn.execute(
-                "SELECT seq, id, queue, body, headers, hlc, node, state, delivery_count,"
-                " ready_at, expires_at, lease_deadline FROM messages ORDER BY seq"
-            ):
+                    "SELECT seq, id, queue, body, headers, hlc, node, state, delivery_count,"
+                    " ready_at, expires_at, lease_deadline, idx, inc, lease_id, holder, epoch,"
+                    " vn FROM messages ORDER BY seq"):
                 (seq, mid, queue, body, headers, hlc, node, state, count, ready_at, expires_at,
-                 lease) = row
+                 lease, idx, inc, lease_id, holder, epoch, vn) = row
                 snap.messages.append(Message(
                     seq, mid, queue, body, unpack(headers) if headers else {}, hlc, node,
-                    State(state), count or 0, ready_at or 0.0, expires_at, lease,
-                ))
+                    State(state), count or 0, ready_at or 0.0, expires_at, lease, idx or 0,
+                    inc or 0, lease_id or 0, holder or "", epoch or 0, vn or 0))
             snap.dedup = list(conn.execute(
                 "SELECT queue, dedup_id, message_id, expires_at FROM dedup"))
+            snap.tombstones = list(conn.execute("SELECT queue, idx, id, at FROM tombstones"))
             return snap
-        finally:
-            conn.close()
-
-    async def tombstoned(self, queue: str, ids: list[str]) -> set[str]:
-        if not ids:
-            return set()
-        return await trio.to_thread.run_sync(self._tombstoned, queue, ids)
-
-    def _tombstoned(self, queue: str, ids: list[str]) -> set[str]:
-        conn = sqlite3.connect(f"file:{self.path}?mode=ro", uri=True)
-        try:
-            found: set[str] = set()
-            for start in range(0, len(ids), 500):
-                part = ids[start:start + 500]
-                found.update(row[0] for row in conn.execute(
-                    "SELECT id FROM tombstones WHERE queue=? AND id IN ("
-                    + ",".join("?" * len(part)) + ")", [queue, *part]))
-            return found
         finally:
             conn.close()
 

@@ -1,0 +1,411 @@
+"""The broker's replica surface: what the cluster layer (and only it) calls.
+
+``merge`` joins typed changes from other replicas into this node's partitions, memory and
+store, by the rules of meshq.cluster.lattice; ``promise``, ``activate`` and ``deactivate``
+move dispatch; ``forget`` drops a copy handed to its replicas; ``records`` reads a
+partition for repair. State lives in the Broker; this class only holds a reference to it
+(``broker.replica``). Never: a merge that undoes anything (a tombstone, a drop, later
+progress), a merged change shipped on again (merges are not replicated: anti-entropy
+carries them), or a partition that keeps dispatching after it learnt of a later epoch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import msgpack
+
+from meshq.broker.queue import Queue
+from meshq.cluster.changes import (
+    Change,
+    Decl,
+    Dedup,
+    Drop,
+    PartKey,
+    Progress,
+    Put,
+    Record,
+    Step,
+    Tally,
+    Tomb,
+)
+from meshq.cluster.lattice import (
+    CatalogEntry,
+    join_catalog,
+    join_dedup,
+    join_tally,
+    part_of,
+    progress_key,
+)
+from meshq.errors import BadRequest, Unavailable
+from meshq.hlc import ClockOffsetError
+from meshq.model import Message, QueueOptions
+from meshq.states import Event, State
+from meshq.store import OP_DEDUP, OP_DROP_QUEUE, OP_FORGET, OP_TOMBSTONE, Batch
+from meshq.store.base import delete_op, put_op, update_op
+
+if TYPE_CHECKING:
+    from meshq.broker.core import Broker
+
+__all__ = ["Merged", "Moved", "Replica", "message_key", "progress_of", "record_of"]
+
+_packb = msgpack.Packer(use_bin_type=True).pack
+
+
+class Moved(Unavailable):
+    """The partition is dispatched by another node now (the caller may route again)."""
+
+
+def progress_of(m: Message) -> Progress:
+    return Progress(int(m.state), m.delivery_count, m.ready_at, m.lease_deadline, m.lease_id,
+                    m.epoch, m.vn, m.holder)
+
+
+def message_key(m: Message) -> tuple[Any, ...]:
+    """progress_key(progress_of(m)) without building the Progress."""
+    return (m.epoch, m.vn, m.delivery_count, int(m.state),
+            -1.0 if m.lease_deadline is None else m.lease_deadline, m.ready_at, m.lease_id,
+            m.holder)
+
+
+def record_of(m: Message, headers: bytes | Any | None = ...) -> Record:
+    if headers is ...:
+        headers = _packb(m.headers) if m.headers else None
+    return Record(m.id, m.queue, m.index, m.inc, m.hlc, m.node, m.body, headers,
+                  m.expires_at, progress_of(m))
+
+
+def _message_of(r: Record, seq: int) -> Message:
+    p = r.progress
+    return Message(seq, r.id, r.queue, r.body, msgpack.unpackb(r.headers) if r.headers else {},
+                   r.hlc, r.node, State(p.state), p.count, p.ready_at, r.expires_at,
+                   p.deadline, r.index, r.inc, p.lease, p.holder, p.epoch, p.vn)
+
+
+@dataclass
+class Merged:
+    """What a merge did: the batch it staged into (``batch.ops`` empty: nothing to make
+    durable), partitions refused for a later promise (part -> promised epoch), Steps for
+    records not held here, Puts and Steps refused by a tombstone (sent back), and whether
+    anything changed."""
+
+    batch: Batch
+    fenced: dict[PartKey, int] = field(default_factory=dict)
+    missing: list[tuple[str, int, str]] = field(default_factory=list)
+    tombs: list[Tomb] = field(default_factory=list)
+    changed: bool = False
+
+
+class Replica:
+    """The replica surface of one Broker; see the module docstring."""
+
+    def __init__(self, broker: Broker) -> None:
+        self.b = broker
+        # Called with a partition this node stopped dispatching because another node took
+        # it over at a later epoch (the cluster layer re-homes its consumers).
+        self.on_deposed: Callable[[Queue], None] | None = None
+        # Whether the consumer connection a lease names ("node/boot") may still be alive;
+        # leases of connections certainly gone are released when a partition is activated.
+        self.holder_alive: Callable[[str], bool] | None = None
+
+    # -- dispatch --------------------------------------------------------------------------
+    def promise(self, q: Queue, epoch: int) -> bool:
+        """Accept no change from a dispatcher of an epoch below ``epoch`` any more (staged:
+        durable with the open batch). False when a later epoch was promised already."""
+        if epoch < q.promised:
+            return False
+        if epoch > q.promised:
+            q.promised = epoch
+            self.b._stage_partition(q)
+            if q.active and epoch > q.epoch:
+                self.deactivate(q, "taken over by another node")
+                if self.on_deposed is not None:
+                    self.on_deposed(q)
+        return True
+
+    def activate(self, q: Queue, epoch: int) -> None:
+        """Dispatch ``q`` here from now on, at ``epoch``: its timers run, consumers get
+        leases, and leases whose consumer connection is certainly gone are released."""
+        if q.active and q.epoch == epoch:
+            return
+        q.active = True
+        q.epoch = epoch
+        if epoch > q.promised:
+            q.promised = epoch
+            self.b._stage_partition(q)
+        if self.b.replicating:
+            self.b.store.current_batch().epochs[q.part] = epoch
+        now = self.b.clock.time()
+        for msg in q.messages.values():
+            self._schedule_all(msg, now)
+        self.release_leases(q)
+        self.b._dispatch(q, now)
+
+    def deactivate(self, q: Queue, reason: str) -> None:
+        """Another node dispatches ``q`` now: end its consumers here (told ``reason``, not
+        final: they may subscribe again where it went); leases stay recorded until their
+        deadline, for the new dispatcher to honour."""
+        if not q.active:
+            return
+        q.active = False
+        for c in list(q.consumers):
+            c.session.consumers.pop(c.tag, None)
+            c.credit, c.cancelled, c.moved = 0, True, True
+            if c.replenish:
+                c.replenish = False
+                c.session.cancelled(c.tag, reason, False)
+            elif c.pending == 0:
+                c.sink(c, [])  # a waiting pull receive: it ends (and is routed again)
+        q.consumers.clear()
+        for msg in q.messages.values():
+            if msg.owner is not None:
+                self.b._detach(msg)
+
+    def release_leases(self, q: Queue) -> int:
+        """End the leases recorded without a consumer here whose holder is certainly gone
+        (a previous process of this node, a node that died or restarted)."""
+        if not q.active:
+            return 0
+        alive = self.holder_alive or (lambda h: h == self.b.holder)
+        now = self.b.clock.time()
+        gone = [m for m in q.messages.values()
+                if m.state == State.LEASED and m.owner is None and not alive(m.holder)]
+        for msg in gone:
+            self.b.redeliveries += 1
+            self.b._end_lease(q, msg, now, Event.REQUEUE)
+        if gone:
+            self.b._dispatch(q, now)
+        return len(gone)
+
+    def _schedule_all(self, msg: Message, now: float) -> None:
+        """Its delay and TTL timers, and the deadline of a lease recorded without its
+        consumer here (granted by another node or process): it ends then, as any unacked
+        lease does."""
+        self.b._schedule_message(msg)
+        if msg.state == State.LEASED and msg.owner is None:
+            if msg.lease_deadline is None:
+                msg.lease_deadline = now
+            self.b._add_timer(msg.lease_deadline, 1, msg)  # _T_LEASE
+
+    def forget(self, q: Queue) -> None:
+        """Drop this node's copy of an inactive partition (handed to its replicas): no
+        tombstones, since the messages live on there."""
+        for msg in list(q.messages.values()):
+            if msg.owner is not None:
+                self.b._detach(msg)
+            q.set_state(msg, State.DROPPED)
+            q.remove(msg)
+        q.tombs.clear()
+        q.compact()
+        self.b.store.stage((OP_FORGET, (q.name, q.index)))
+
+    # -- reading a partition -------------------------------------------------------------
+    def part(self, queue: str, index: int) -> Queue | None:
+        q = self.b.queues.get(queue)
+        return q if q is not None and q.index == index else None
+
+    def records(self, q: Queue, ids: Iterable[str]) -> tuple[list[Record], list[Tomb]]:
+        """The records of ``ids`` held here, and tombstones of those deleted here."""
+        recs, tombs = [], []
+        for mid in ids:
+            msg = q.messages.get(mid)
+            if msg is not None:
+                recs.append(record_of(msg))
+            elif mid in q.tombs:
+                tombs.append(Tomb(q.name, q.index, mid, q.tombs[mid]))
+        return recs, tombs
+
+    def catalog_entries(self) -> list[CatalogEntry]:
+        return list(self.b.catalog.values())
+
+    # -- merging -----------------------------------------------------------------------------
+    def merge(self, changes: Iterable[Change],
+              epochs: dict[PartKey, int] | None = None) -> Merged:
+        """Join ``changes`` into this replica; see Merged. ``epochs``: the sender's dispatch
+        epoch per partition, which fences (a partition promised to a later epoch refuses
+        the changes) and promises (a later epoch is accepted and promised from now on)."""
+        out = Merged(self.b.store.current_batch())
+        replicating, self.b.replicating = self.b.replicating, False
+        touched: dict[Queue, None] = {}
+        try:
+            rest = []
+            for c in changes:
+                if type(c) is Decl or type(c) is Drop:
+                    out.changed |= self._merge_catalog(c)
+                else:
+                    rest.append(c)
+            for (qname, idx), epoch in (epochs or {}).items():
+                q = self.part(qname, idx)
+                if q is None:
+                    continue
+                if epoch < q.promised:
+                    out.fenced[q.part] = q.promised
+                elif epoch > q.promised:
+                    self.promise(q, epoch)
+                    out.changed = True
+            now = self.b.clock.time()
+            for c in rest:
+                part = part_of(c)
+                if part is not None and part in out.fenced:
+                    continue
+                t = type(c)
+                if t is Put:
+                    out.changed |= self._merge_put(c.record, now, out, touched)  # type: ignore[union-attr]
+                elif t is Step:
+                    out.changed |= self._merge_step(c, now, out, touched)  # type: ignore[arg-type]
+                elif t is Tomb:
+                    out.changed |= self._merge_tomb(c, touched)  # type: ignore[arg-type]
+                elif t is Dedup:
+                    out.changed |= self._merge_dedup(c, now)  # type: ignore[arg-type]
+                elif t is Tally:
+                    q = self.part(c.queue, c.index)  # type: ignore[union-attr]
+                    if q is not None:
+                        new = join_tally(q.tally, c.node, (c.dead_lettered, c.expired,  # type: ignore[union-attr]
+                                                           c.dropped))  # type: ignore[union-attr]
+                        if new is not q.tally:
+                            q.tally = new
+                            self.b._stage_partition(q)
+                            out.changed = True
+        finally:
+            self.b.replicating = replicating
+        for q in touched:
+            if q.active and self.b.queues.get(q.name) is q:
+                self.b._dispatch(q, now)
+        out.batch = self.b.store.current_batch()
+        return out
+
+    def _merge_catalog(self, c: Decl | Drop) -> bool:
+        name = c.queue
+        old = self.b.catalog.get(name) or CatalogEntry(name)
+        new = join_catalog(old, c)
+        if new == old:
+            return False
+        if isinstance(c, Decl) and new.inc != old.inc:
+            try:
+                options = QueueOptions.from_dict(dict(new.options))
+            except BadRequest:
+                return False  # a peer's options we cannot read: leave the entry as it was
+        self.b.catalog[name] = new
+        q = self.b.queues.get(name)
+        if isinstance(c, Drop):
+            self.b.store.stage((OP_DROP_QUEUE, (name, new.dropped, new.dropped_at)))
+            if q is not None:
+                if new.absorbs(q.inc):
+                    self.b._drop(q, "queue deleted")
+                else:  # a later incarnation lives on; the dropped one's messages go
+                    for msg in [m for m in q.messages.values() if new.absorbs(m.inc)]:
+                        self.b._detach(msg)
+                        q.set_state(msg, State.DROPPED)
+                        q.remove(msg)
+                    q.compact()
+            return True
+        self.b._stage_catalog(name)
+        if new.live and (q is None or q.inc < new.inc):
+            if q is None:
+                q = Queue(name, options, new.inc)
+                q.active = False
+                self.b.queues[name] = q
+                if self.b.on_catalog is not None:
+                    self.b.on_catalog(name)
+            else:
+                q.inc, q.options = new.inc, options
+        return True
+
+    def _merge_put(self, rec: Record, now: float, out: Merged,
+                   touched: dict[Queue, None]) -> bool:
+        entry = self.b.catalog.get(rec.queue)
+        q = self.part(rec.queue, rec.index)
+        if entry is None or q is None or entry.absorbs(rec.inc):
+            return False
+        if rec.id in q.tombs:
+            out.tombs.append(Tomb(q.name, q.index, rec.id, q.tombs[rec.id]))
+            return False
+        msg = q.messages.get(rec.id)
+        if msg is not None:
+            return self._merge_progress(q, msg, rec.progress, now, touched)
+        msg = _message_of(rec, self.b._next_seq())
+        if msg.hlc > self.b.hlc.last:  # a later takeover stamps above it (fifo)
+            try:
+                self.b.hlc.receive(msg.hlc, int(now * 1000))
+            except ClockOffsetError:
+                pass
+        q.add(msg)
+        if q.active:
+            self._schedule_all(msg, now)
+            touched[q] = None
+        op = put_op(msg)
+        self.b.store.stage(op).body_bytes += len(msg.body)
+        return True
+
+    def _merge_step(self, c: Step, now: float, out: Merged,
+                    touched: dict[Queue, None]) -> bool:
+        q = self.part(c.queue, c.index)
+        if q is None:
+            return False
+        msg = q.messages.get(c.id)
+        if msg is None:
+            if c.id in q.tombs:
+                out.tombs.append(Tomb(q.name, q.index, c.id, q.tombs[c.id]))
+            else:
+                out.missing.append((q.name, q.index, c.id))
+            return False
+        return self._merge_progress(q, msg, c.progress, now, touched)
+
+    def _merge_progress(self, q: Queue, msg: Message, p: Progress, now: float,
+                        touched: dict[Queue, None]) -> bool:
+        if progress_key(p) <= message_key(msg):
+            return False
+        if q.active and p.epoch > q.epoch:  # someone dispatched it at a later epoch
+            self.deactivate(q, "taken over by another node")
+            if self.on_deposed is not None:
+                self.on_deposed(q)
+        if msg.state == State.LEASED and (p.state != State.LEASED or p.lease != msg.lease_id):
+            self.b._detach(msg)
+        q.set_state(msg, State(p.state))
+        msg.delivery_count, msg.ready_at, msg.lease_deadline = p.count, p.ready_at, p.deadline
+        msg.lease_id, msg.holder, msg.epoch, msg.vn = p.lease, p.holder, p.epoch, p.vn
+        if q.active:
+            self._schedule_all(msg, now)
+            touched[q] = None
+        self.b.store.stage(update_op(msg))
+        return True
+
+    def _merge_tomb(self, c: Tomb, touched: dict[Queue, None]) -> bool:
+        q = self.part(c.queue, c.index)
+        if q is None:
+            return False
+        msg = q.messages.get(c.id)
+        if msg is not None:
+            self.b._detach(msg)
+            q.set_state(msg, State.ACKED)
+            q.remove(msg)
+            q.compact()
+            q.tombs[c.id] = c.at
+            self.b.store.stage(delete_op(msg, c.at))
+            touched[q] = None
+            return True
+        if c.id in q.tombs and q.tombs[c.id] >= c.at:
+            return False
+        q.tombs[c.id] = c.at
+        self.b.store.stage((OP_TOMBSTONE, (q.name, q.index, c.id, c.at)))
+        return True
+
+    def _merge_dedup(self, c: Dedup, now: float) -> bool:
+        if c.expires_at <= now or c.queue not in self.b.queues:
+            return False
+        old = self.b._dedup.get((c.queue, c.dedup_id))
+        new = join_dedup(None if old is None else (old[0], old[1]), (c.id, c.expires_at))
+        if old is not None and new == (old[0], old[1]):
+            return False
+        self.b._dedup[c.queue, c.dedup_id] = (new[0], new[1], None)
+        self.b.store.stage((OP_DEDUP, (c.queue, c.dedup_id, new[0], new[1])))
+        return True
+
+    def dedup_entries(self, queue: str) -> list[Dedup]:
+        """The live dedup entries of a queue (handed over with its partition)."""
+        now = self.b.clock.time()
+        return [Dedup(q, d, mid, exp) for (q, d), (mid, exp, _) in self.b._dedup.items()
+                if q == queue and exp > now]
+

@@ -1,0 +1,610 @@
+"""The cluster layer's driver: replication of this node's broker, as one component.
+
+It is the store's gate (every batch's typed changes go to the holders of their
+partitions, and the batch completes once the quorum gate says so), it serves other
+nodes' requests (apply, promise, digest, fetch, catalog) by merging, and it runs the
+rounds: on every membership change and every ROUND seconds it takes over the partitions
+this node is now first for, stops dispatching those it is not, repairs holders by
+digests in both directions, hands off copies it should not hold, exchanges the catalog,
+and releases leases whose consumer's node died.
+
+State here: the batches held by the gate, the tasks under way per partition, counters.
+Never: a batch completed before the gate says so; a partition dispatched here without a
+takeover at an epoch a quorum promised; two tasks on one partition at once.
+"""
+
+from __future__ import annotations
+
+import functools
+import itertools
+import logging
+from collections import defaultdict
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+import trio
+
+from meshq.broker.core import Broker
+from meshq.broker.queue import Queue
+from meshq.broker.replica import message_key
+from meshq.cluster import gate as gates
+from meshq.cluster.changes import (
+    Answer,
+    ApplyAnswer,
+    ApplyReq,
+    CatalogAnswer,
+    CatalogReq,
+    Change,
+    Decl,
+    DigestAnswer,
+    DigestReq,
+    Drop,
+    FetchAnswer,
+    FetchReq,
+    PartKey,
+    PromiseAnswer,
+    PromiseReq,
+    Request,
+)
+from meshq.cluster.lattice import BUCKETS, catalog_digest, part_of
+from meshq.cluster.peers import Peers
+from meshq.cluster.placement import Placement, Replicas
+from meshq.cluster.repair import digest, durable, next_epoch, sync, take_over
+from meshq.errors import MeshqError, Timeout, Unavailable
+from meshq.mesh.swim import MemberState
+from meshq.model import QueueOptions
+from meshq.store import Batch, Store, StoreError
+
+__all__ = ["ROUND", "Cluster", "ClusterStatistics"]
+
+log = logging.getLogger("meshq.cluster")
+
+ROUND = 5.0  # seconds between anti-entropy rounds
+TAKEOVER_WAIT = 10.0  # a client op waits this long for a takeover before UNAVAILABLE
+CATALOG_WAIT = 5.0  # an op on an unknown queue waits this long for the first catalog sync
+HAND_BACK_DELAY = 0.2  # a deposed dispatcher pushes its last changes after this long
+
+
+@dataclass(frozen=True)
+class ClusterStatistics:
+    """The ``replication`` section of ``meshq-ctl status``."""
+
+    hinted_messages: int  # held here for partitions this node is not a holder of
+    taking_over: tuple[str, ...]
+    dispatching: int  # partitions dispatched here
+    waiting_batches: int
+    failed_quorums: int
+    fenced_batches: int
+    takeovers: int
+    repair_rounds: int
+    repaired: dict[str, int]
+    links: tuple[str, ...]
+
+
+class Cluster:
+    def __init__(self, *, me: str, broker: Broker, store: Store, placement: Placement,
+                 peers: Peers, members: Callable[[str], Any] | None = None,
+                 write_quorum: int | None = None, boot: str = "",
+                 now: Callable[[], float] = trio.current_time) -> None:
+        self.me = me
+        self.broker = broker
+        self.store = store
+        self.placement = placement
+        self.peers = peers
+        self.members = members  # name -> Member (or None), for lease holders' liveness
+        self.write_quorum = write_quorum
+        self.boot = boot
+        self._now = now
+        self.node_int = (int(broker.node_id, 16) if _is_hex(broker.node_id)
+                         else hash(me)) & 0xFFFFFFFF
+        self.gate = gates.Gate()
+        self._rng = broker.rng
+        self._ids = itertools.count(1)
+        self._batches: dict[int, Batch] = {}
+        self._batch_ids: dict[int, int] = {}  # id(batch) -> gate id
+        self._shipped: dict[int, tuple[dict[PartKey, list[Change]], list[Change],
+                                       dict[PartKey, int]]] = {}
+        self._local_errors: dict[int, BaseException] = {}
+        self._busy: set[Any] = set()
+        self._takeovers: dict[PartKey, trio.Event] = {}
+        self._wake = trio.Event()
+        self._gate_wake = trio.Event()
+        self.changed = trio.Event()  # set (and replaced) whenever placement changes
+        self.catalog_ready = trio.Event()
+        self._nursery: trio.Nursery | None = None
+        self.rounds = 0
+        self.takeovers = 0
+        self.repaired = {"sent": 0, "fetched": 0, "deleted": 0, "handed_off": 0}
+        store.gate = self
+        broker.dispatch_by_default = False
+        broker.holder = f"{me}/{boot}" if boot else broker.holder
+        broker.on_declare = self._declared
+        broker.on_catalog = lambda name: self.wake()
+        broker.replica.on_deposed = self._deposed
+        broker.replica.holder_alive = self._holder_alive
+        for q in broker.queues.values():
+            q.active = False
+
+    # -- placement ---------------------------------------------------------------------
+    def replicas(self, q: Queue) -> Replicas:
+        w = q.options.write_quorum
+        return self.placement.replicas(q.name, q.index, q.options.replicas,
+                                       self.write_quorum if w is None else w)
+
+    def replicas_of(self, name: str, options: QueueOptions | None = None) -> Replicas:
+        """A queue's partition 0 placement, known or not (a declare's, default options)."""
+        q = self.broker.queues.get(name)
+        if q is not None:
+            return self.replicas(q)
+        opts = options or QueueOptions()
+        w = opts.write_quorum
+        return self.placement.replicas(name, 0, opts.replicas,
+                                       self.write_quorum if w is None else w)
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    def membership_changed(self, *_: Any) -> None:
+        self._wake.set()
+
+    async def until_active(self, q: Queue) -> None:
+        """Wait (bounded) until this node dispatches ``q`` after its takeover."""
+        if q.active:
+            return
+        self.wake()
+        with trio.move_on_after(TAKEOVER_WAIT):
+            while not q.active and self.broker.queues.get(q.name) is q:
+                if self.replicas(q).primary != self.me:
+                    return  # not ours any more: the caller routes again
+                event = self._takeovers.get(q.part)
+                if event is None:
+                    event = self._takeovers[q.part] = trio.Event()
+                    self.wake()
+                await event.wait()
+        if not q.active and self.broker.queues.get(q.name) is q \
+                and self.replicas(q).primary == self.me:
+            raise Unavailable(f"queue {q.name!r} is being taken over by this node; retry")
+
+    async def until_catalog(self) -> None:
+        with trio.move_on_after(CATALOG_WAIT):
+            await self.catalog_ready.wait()
+
+    # -- hooks from the broker ---------------------------------------------------------
+    def _declared(self, q: Queue) -> None:
+        """A queue declared here (this node routes declares to the primary): dispatch its
+        partition at once, at a new epoch (the declare's batch carries it)."""
+        reps = self.replicas(q)
+        if reps.primary == self.me:
+            self.broker.replica.activate(q, next_epoch(q.promised, self.node_int))
+        self.wake()
+
+    def _deposed(self, q: Queue) -> None:
+        log.info("%s: partition %s/%d taken over elsewhere (epoch %x)", self.me, q.name,
+                 q.index, q.promised)
+        self._spawn(("handback", q.part), self._hand_back, q)
+        self.wake()
+
+    async def _hand_back(self, q: Queue) -> None:
+        """We stopped dispatching ``q``: what we changed last (leases whose batch was
+        refused, and their release) goes to the new dispatcher now, not at the next
+        round, so that it does not wait for those leases' deadlines."""
+        await trio.sleep(HAND_BACK_DELAY)  # the refused batches complete (and requeue)
+        primary = self.replicas(q).primary
+        if primary is None or primary == self.me or self.broker.queues.get(q.name) is not q:
+            return
+        stats = await sync(self.peers, self.broker, q, primary, pull=False)
+        self.repaired["sent"] += stats.sent
+
+    def _holder_alive(self, holder: str) -> bool:
+        node, _, boot = holder.partition("/")
+        if node == self.me:
+            return boot == self.boot or not self.boot
+        if self.members is None:
+            return True
+        m = self.members(node)
+        if m is None:
+            return False
+        if m.state in (MemberState.DEAD, MemberState.LEFT):
+            return False
+        theirs = m.meta.get("b")
+        return theirs is None or theirs == boot
+
+    # -- the gate (Store.gate) -----------------------------------------------------------
+    def ship(self, batch: Batch) -> None:
+        bid = next(self._ids)
+        self._batches[bid] = batch
+        self._batch_ids[id(batch)] = bid
+        now = self._now()
+        if not batch.changes:
+            self._run(self.gate.shipped(bid, {}, now))
+            return
+        by_part: dict[PartKey, list[Change]] = defaultdict(list)
+        catalog: list[Change] = []
+        for c in batch.changes:
+            part = part_of(c)
+            if part is not None:
+                by_part[part].append(c)
+            elif isinstance(c, Decl | Drop):
+                catalog.append(c)
+                by_part.setdefault((c.queue, 0), [])  # a declare waits for its holders
+            else:  # Dedup: with its queue's partition 0
+                by_part[(c.queue, 0)].append(c)
+        live_others = sorted(self.placement.live - {self.me})
+        needs: dict[PartKey, gates.Need] = {}
+        to_node: dict[str, list[Change]] = defaultdict(list)
+        parts_of: dict[str, set[PartKey]] = defaultdict(set)
+        for part, changes in by_part.items():
+            q = self.broker.replica.part(*part)
+            if q is None:  # deleted in this very batch: the Drop goes to every live node,
+                reps = self._replicas_of_dropped(part[0])  # and W holders confirm it
+                if reps is None:
+                    continue
+                targets = [h for h in reps.holders if h != self.me]
+                wanted = reps.write_quorum - (1 if self.me in reps.holders else 0)
+                needs[part] = gates.Need(max(0, wanted), tuple(targets),
+                                         tuple(s for s in reps.spares if s != self.me))
+                for node in targets:
+                    parts_of[node].add(part)
+                continue
+            reps = self.replicas(q)
+            targets = [h for h in reps.holders if h != self.me]
+            wanted = reps.write_quorum - (1 if self.me in reps.holders else 0)
+            needs[part] = gates.Need(max(0, wanted), tuple(targets),
+                                     tuple(s for s in reps.spares if s != self.me))
+            decl = self._decl_of(q)
+            for node in targets:
+                if decl is not None and not catalog:
+                    to_node[node].append(decl)
+                to_node[node].extend(changes)
+                parts_of[node].add(part)
+        for node in live_others:
+            if catalog:
+                to_node[node][:0] = catalog
+        self._shipped[bid] = (dict(by_part), catalog, dict(batch.epochs))
+        for node, changes in to_node.items():
+            self._send(bid, node, changes, parts_of[node], batch.epochs)
+        self._run(self.gate.shipped(bid, needs, now))
+        self._gate_wake.set()
+
+    def _replicas_of_dropped(self, name: str) -> Replicas | None:
+        entry = self.broker.catalog.get(name)
+        if entry is None or entry.live:
+            return None
+        try:
+            options = QueueOptions.from_dict(dict(entry.options))
+        except MeshqError:
+            options = QueueOptions()
+        return self.replicas_of(name, options)
+
+    def _decl_of(self, q: Queue) -> Decl | None:
+        e = self.broker.catalog.get(q.name)
+        return None if e is None or not e.inc else Decl(q.name, e.inc, e.options)
+
+    def _send(self, bid: int, node: str, changes: list[Change], parts: set[PartKey],
+              epochs: dict[PartKey, int]) -> None:
+        fence = tuple((p[0], p[1], e) for p, e in epochs.items() if p in parts)
+        self.peers.send(node, ApplyReq(fence, tuple(changes)),
+                        functools.partial(self._answered, bid, node, frozenset(parts)))
+
+    def _answered(self, bid: int, node: str, parts: frozenset[PartKey],
+                  answer: Answer | None) -> None:
+        log.debug("%s: batch %d answered by %s: %s", self.me, bid, node,
+                  type(answer).__name__ if not isinstance(answer, ApplyAnswer) else
+                  f"fenced={answer.fenced} missing={len(answer.missing)}")
+        if not isinstance(answer, ApplyAnswer):
+            self._run(self.gate.failed(bid, node))
+            return
+        fenced = {(q, i): e for q, i, e in answer.fenced}
+        missing = {(q, i) for q, i, _ in answer.missing}
+        if answer.tombs:  # we sent what it has deleted: its tombstones win here too
+            self.broker.replica.merge(list(answer.tombs))
+        if missing:
+            self.wake()  # a holder lacks records: the next round repairs it
+        self._run(self.gate.answered(bid, node, set(parts - missing - fenced.keys()), fenced))
+
+    def committed(self, batch: Batch, error: BaseException | None) -> None:
+        bid = self._batch_ids.get(id(batch))
+        if bid is None:
+            batch.complete(error)
+            return
+        if error is not None:
+            self._local_errors[bid] = error
+        self._run(self.gate.local_done(bid, error))
+
+    def abandon(self) -> None:
+        self._run(self.gate.abandon())
+
+    def _run(self, effects: list[gates.Effect]) -> None:
+        for e in effects:
+            if isinstance(e, gates.Complete):
+                self._complete(e)
+            elif isinstance(e, gates.Ship):
+                shipped = self._shipped.get(e.batch)
+                if shipped is None:
+                    continue
+                by_part, _, epochs = shipped
+                changes: list[Change] = []
+                for part in e.parts:
+                    q = self.broker.replica.part(*part)
+                    decl = self._decl_of(q) if q is not None else None
+                    if decl is not None:
+                        changes.append(decl)
+                    changes.extend(by_part.get(part, ()))
+                self._send(e.batch, e.node, changes, set(e.parts), epochs)
+            elif isinstance(e, gates.Fenced):
+                q = self.broker.replica.part(*e.part)
+                if q is not None:
+                    self.broker.replica.promise(q, e.epoch)  # (_deposed if it was active)
+                self.wake()
+
+    def _complete(self, e: gates.Complete) -> None:
+        if e.failure is not None:
+            log.debug("%s: batch %d failed: %s", self.me, e.batch, e.failure)
+        batch = self._batches.pop(e.batch, None)
+        self._shipped.pop(e.batch, None)
+        local = self._local_errors.pop(e.batch, None)
+        if batch is None:
+            return
+        self._batch_ids.pop(id(batch), None)
+        error: BaseException | None = None
+        if e.failure == "local":
+            remote = any(batch.changes)
+            error = (Timeout(f"the local commit failed ({local}) after the changes went to "
+                             "the replicas; outcome unknown") if remote and local is not None
+                     else (local or StoreError("the local commit failed")))
+        elif e.failure == "quorum":
+            error = Timeout("fewer replicas than the write quorum confirmed the write; "
+                            "outcome unknown (retry with the same dedup id)")
+        elif e.failure == "fenced":
+            error = Timeout("another node took over dispatch of this queue meanwhile; "
+                            "outcome unknown (retry with the same dedup id)")
+        elif e.failure == "stopped":
+            error = Timeout("the node stopped; outcome unknown")
+        batch.complete(error)
+
+    async def _gate_timer(self) -> None:
+        while True:
+            at = self.gate.next_deadline()
+            self._gate_wake = trio.Event()
+            with trio.move_on_at(at):
+                await self._gate_wake.wait()
+            if self._now() >= at:
+                self._run(self.gate.tick(self._now()))
+
+    # -- serving other nodes -------------------------------------------------------------
+    def handle(self, peer: str, request: Request) -> Answer | Awaitable[Answer]:
+        """Serve one request of ``peer`` (meshq.cluster.peers.serve_link calls it)."""
+        replica = self.broker.replica
+        if isinstance(request, ApplyReq):
+            epochs = {(q, i): e for q, i, e in request.epochs}
+            merged = replica.merge(request.changes, epochs)
+            answer = ApplyAnswer(tuple((p[0], p[1], e) for p, e in merged.fenced.items()),
+                                 tuple(merged.missing), tuple(merged.tombs))
+            if merged.changed and any(isinstance(c, Decl | Drop) for c in request.changes):
+                self.wake()
+            return self._after(merged.batch, answer)
+        if isinstance(request, PromiseReq):
+            if request.decl is not None:
+                replica.merge([request.decl])
+            q = replica.part(request.queue, request.index)
+            if q is None:
+                return PromiseAnswer(False, 0, False)
+            if self.replicas(q).primary != peer:
+                # Promise only to the node this one's view makes the primary: while views
+                # disagree (a suspicion on one side only), no node steals dispatch from a
+                # primary that the others still reach -- they would take turns forever.
+                return PromiseAnswer(False, q.promised, bool(q.messages or q.tombs))
+            ok = replica.promise(q, request.epoch)
+            has_copy = bool(q.messages or q.tombs)
+            return self._after(self.store.current_batch(),
+                               PromiseAnswer(ok, q.promised, has_copy))
+        if isinstance(request, DigestReq):
+            return self._digest(request)
+        if isinstance(request, FetchReq):
+            q = replica.part(request.queue, request.index)
+            if q is None:
+                return FetchAnswer((), ())
+            recs, tombs = replica.records(q, request.ids)
+            return FetchAnswer(tuple(recs), tuple(tombs))
+        if isinstance(request, CatalogReq):
+            return self._catalog(request)
+        raise ValueError(f"unexpected request {type(request).__name__}")
+
+    async def _after(self, batch: Batch, answer: Answer) -> Answer:
+        """The answer, once what the request staged is durable here."""
+        await durable(batch)
+        if batch.ops and batch.error is not None:
+            raise Unavailable(f"commit failed: {batch.error}")
+        return answer
+
+    async def _digest(self, req: DigestReq) -> DigestAnswer:
+        if req.decl is not None:
+            merged = self.broker.replica.merge([req.decl])
+            await durable(merged.batch)
+        q = self.broker.replica.part(req.queue, req.index)
+        if q is None or len(req.sums) != BUCKETS:
+            return DigestAnswer((), 0)
+        d = await digest(q)
+        diff = []
+        for b in range(BUCKETS):
+            if d.sums[b] != req.sums[b]:
+                diff.append((b, tuple((m.id, message_key(m)) for m in d.members[b]
+                                      if q.messages.get(m.id) is m)))
+        # The epoch it promised, when another node's: a dispatcher of an earlier epoch
+        # learns that it was taken over. Not its own: a takeover of its own that failed
+        # (the others saw another primary) must not stop the primary they saw.
+        foreign = q.promised if (q.promised & 0xFFFFFFFF) != self.node_int else 0
+        return DigestAnswer(tuple(diff), foreign)
+
+    async def _catalog(self, req: CatalogReq) -> CatalogAnswer:
+        if req.entries is not None:
+            merged = self.broker.replica.merge(list(req.entries))
+            if merged.changed:
+                self.wake()
+            await durable(merged.batch)
+        entries = self.broker.replica.catalog_entries()
+        mine = catalog_digest(entries)
+        if mine == req.digest:
+            return CatalogAnswer(mine, None)
+        return CatalogAnswer(mine, tuple(c for e in entries for c in e.changes()))
+
+    # -- the rounds --------------------------------------------------------------------
+    async def run(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            self.placement.refresh()
+            nursery.start_soon(self._gate_timer)
+            nursery.start_soon(self._rounds)
+            task_status.started()
+
+    def _spawn(self, key: Any, fn: Callable[..., Awaitable[Any]], *args: Any) -> None:
+        if key in self._busy:
+            return
+        self._busy.add(key)
+        assert self._nursery is not None
+        self._nursery.start_soon(self._guarded, key, fn, *args)
+
+    async def _guarded(self, key: Any, fn: Callable[..., Awaitable[Any]], *args: Any) -> None:
+        try:
+            await fn(*args)
+        except (MeshqError, ValueError, TypeError, KeyError) as exc:
+            log.info("%s: %s", key, exc)
+        finally:
+            self._busy.discard(key)
+            self.wake()
+
+    async def _rounds(self) -> None:
+        next_full = 0.0
+        while True:
+            if self.placement.refresh():
+                self.changed.set()
+                self.changed = trio.Event()
+                self._release_dead_holders()
+            others = self.placement.live - {self.me}
+            self.broker.replicating = bool(others)
+            if not others:
+                self.catalog_ready.set()
+            now = self._now()
+            full = now >= next_full
+            if full:
+                next_full = now + ROUND
+                self.rounds += 1
+                for node in sorted(others):
+                    self._spawn(("catalog", node), self._exchange_catalog, node)
+            for q in list(self.broker.queues.values()):
+                self._tend(q, full)
+            with trio.move_on_at(next_full):
+                await self._wake.wait()
+            self._wake = trio.Event()
+
+    def _tend(self, q: Queue, full: bool) -> None:
+        reps = self.replicas(q)
+        part = q.part
+        if reps.primary == self.me:
+            if not q.active:
+                self._spawn(("takeover", part), self._take_over, q)
+            elif full:
+                for node in reps.followers:
+                    self._spawn(("sync", part, node), self._sync, q, node)
+            return
+        if q.active:
+            self.broker.replica.deactivate(
+                q, f"queue moved to node {reps.primary}; subscribe again")
+        event = self._takeovers.pop(part, None)
+        if event is not None:
+            event.set()  # waiters route again
+        if (full and (q.messages or q.tombs) and self.me not in reps.holders
+                and reps.primary is not None):
+            self._spawn(("handoff", part), self._hand_off, q, reps.primary)
+
+    async def _take_over(self, q: Queue) -> None:
+        reps = self.replicas(q)
+        others = sorted(self.placement.live - {self.me})
+        result = await take_over(self.peers, self.broker, q, reps, others, self.node_int)
+        if result.higher:
+            self.broker.replica.promise(q, result.higher)  # remember; next try goes above
+        if result.ok:
+            self.takeovers += 1
+            log.info("%s: dispatching %s/%d at epoch %x (promised by %s, read %s)", self.me,
+                     q.name, q.index, result.epoch, ", ".join(result.promised_by) or "-",
+                     ", ".join(result.read_from) or "-")
+            if self.replicas(q).primary != self.me:  # the view moved on meanwhile
+                self.broker.replica.deactivate(q, "queue moved; subscribe again")
+        else:
+            log.info("%s: takeover of %s/%d failed: %s", self.me, q.name, q.index,
+                     result.reason)
+            # The next round tries again: views may be settling. Not in lockstep with
+            # another node that tries too.
+            await trio.sleep(0.2 + 0.4 * self._rng.random())
+        event = self._takeovers.pop(q.part, None)
+        if event is not None:
+            event.set()
+
+    async def _sync(self, q: Queue, node: str) -> None:
+        stats = await sync(self.peers, self.broker, q, node)
+        self.repaired["sent"] += stats.sent
+        self.repaired["fetched"] += stats.fetched
+        self.repaired["deleted"] += stats.deleted
+
+    async def _hand_off(self, q: Queue, primary: str) -> None:
+        """A copy this node should not hold (a stand-in's hints, or a partition whose
+        replicas moved): push it to the primary, then forget it."""
+        stats = await sync(self.peers, self.broker, q, primary, pull=False)
+        self.repaired["sent"] += stats.sent
+        if self.broker.queues.get(q.name) is not q or q.active:
+            return
+        if self.me in self.replicas(q).holders:
+            return
+        self.broker.replica.forget(q)
+        self.repaired["handed_off"] += 1
+
+    async def _exchange_catalog(self, node: str) -> None:
+        entries = self.broker.replica.catalog_entries()
+        mine = catalog_digest(entries)
+        answer = await self.peers.call(node, CatalogReq(mine, None))
+        if not isinstance(answer, CatalogAnswer):
+            raise Unavailable(f"node {node!r} answered a catalog with {type(answer).__name__}")
+        if answer.entries is not None:
+            merged = self.broker.replica.merge(list(answer.entries))
+            await durable(merged.batch)
+            entries = self.broker.replica.catalog_entries()
+            if catalog_digest(entries) != answer.digest:  # it lacks some of ours
+                await self.peers.call(node, CatalogReq(
+                    catalog_digest(entries), tuple(c for e in entries for c in e.changes())))
+        self.catalog_ready.set()
+
+    def _release_dead_holders(self) -> None:
+        """Membership changed: leases of consumers whose node died or restarted end."""
+        for q in self.broker.queues.values():
+            if q.active and q.leased:
+                self.broker.replica.release_leases(q)
+
+    # -- status -------------------------------------------------------------------------
+    def statistics(self) -> ClusterStatistics:
+        hints = 0
+        taking_over = []
+        dispatching = 0
+        for q in self.broker.queues.values():
+            reps = self.replicas(q)
+            if q.messages and self.me not in reps.holders:
+                hints += len(q.messages)
+            if reps.primary == self.me and not q.active:
+                taking_over.append(q.name)
+            dispatching += q.active
+        open_links: list[str] = getattr(self.peers, "open_links", list)()
+        return ClusterStatistics(
+            hinted_messages=hints, taking_over=tuple(sorted(taking_over)),
+            dispatching=dispatching, waiting_batches=len(self.gate),
+            failed_quorums=self.gate.failed_quorums, fenced_batches=self.gate.fenced,
+            takeovers=self.takeovers, repair_rounds=self.rounds,
+            repaired=dict(self.repaired), links=tuple(open_links))
+
+
+def _is_hex(text: str) -> bool:
+    try:
+        int(text, 16)
+    except ValueError:
+        return False
+    return True
+

@@ -1,0 +1,258 @@
+"""Repair and takeover, written against Peers and the broker's replica surface.
+
+Every read of another replica's state is a merge in both directions (read-repair):
+``sync`` compares one partition with one node by range digests and sends each side what
+the other lacks or holds behind -- records, later progress, tombstones. ``take_over``
+makes this node the partition's dispatcher: it takes an epoch above every epoch promised,
+gets it promised by a write quorum of the holders (from then on they refuse the changes of
+any earlier dispatcher), reads every live copy, and only then dispatches.
+
+State here: none between calls. Never: a record pushed over a tombstone without the
+tombstone winning (the receiver answers with it), a takeover that dispatches before a
+quorum promised its epoch and a quorum's copies were merged.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import trio
+
+from meshq.broker.core import Broker
+from meshq.broker.queue import Queue
+from meshq.broker.replica import message_key, progress_of, record_of
+from meshq.cluster.changes import (
+    ApplyAnswer,
+    ApplyReq,
+    Change,
+    Decl,
+    DigestAnswer,
+    DigestReq,
+    FetchAnswer,
+    FetchReq,
+    PromiseAnswer,
+    PromiseReq,
+    Put,
+    Step,
+    Tally,
+    Tomb,
+)
+from meshq.cluster.lattice import BUCKETS, bucket_of, fingerprint
+from meshq.cluster.peers import Peers
+from meshq.cluster.placement import Replicas
+from meshq.errors import Unavailable
+from meshq.model import Message
+from meshq.store import Batch
+
+__all__ = ["DIGEST_SLICE", "SyncStats", "digest", "next_epoch", "sync", "take_over"]
+
+log = logging.getLogger("meshq.cluster.repair")
+
+DIGEST_SLICE = 2000  # messages digested per event-loop turn: a big queue never stalls it
+CHUNK_BYTES = 4 * 1024 * 1024  # bodies per repair request
+
+
+@dataclass
+class SyncStats:
+    sent: int = 0  # records, progress and tombstones pushed to the other node
+    fetched: int = 0  # records and tombstones merged from it
+    deleted: int = 0  # of which tombstones (either way)
+
+
+@dataclass
+class Digest:
+    sums: list[int] = field(default_factory=lambda: [0] * BUCKETS)
+    members: list[list[Message]] = field(default_factory=lambda: [[] for _ in range(BUCKETS)])
+
+
+def next_epoch(known: int, node_int: int) -> int:
+    """An epoch above ``known``: the next round number, with this node's id as tiebreak."""
+    return (((known >> 32) + 1) << 32) | (node_int & 0xFFFFFFFF)
+
+
+async def digest(q: Queue) -> Digest:
+    """Per bucket of ids, the sum of the fingerprints of the live records; computed a
+    slice at a time so that other tasks run meanwhile."""
+    out = Digest()
+    msgs = list(q.messages.values())
+    for start in range(0, len(msgs), DIGEST_SLICE):
+        for msg in msgs[start:start + DIGEST_SLICE]:
+            b = bucket_of(msg.id)
+            out.members[b].append(msg)
+            out.sums[b] = (out.sums[b] + fingerprint(msg.id, message_key(msg))) % (1 << 64)
+        await trio.lowlevel.checkpoint()
+    return out
+
+
+async def durable(batch: Batch) -> None:
+    """Wait until a batch of merges is durable here (not for replication: merges are not
+    replicated)."""
+    if not batch.ops or batch.done:
+        await trio.lowlevel.checkpoint()
+        return
+    done = trio.Event()
+    batch.on_local.append(lambda err: done.set())
+    await done.wait()
+
+
+def _chunks(changes: Sequence[Change]) -> list[list[Change]]:
+    out: list[list[Change]] = []
+    size = 0
+    for c in changes:
+        if not out or size > CHUNK_BYTES:
+            out.append([])
+            size = 0
+        out[-1].append(c)
+        size += 64 + (len(c.record.body) if isinstance(c, Put) else 0)
+    return out
+
+
+def _decl(broker: Broker, q: Queue) -> Decl | None:
+    entry = broker.catalog.get(q.name)
+    return None if entry is None or not entry.inc else Decl(q.name, entry.inc, entry.options)
+
+
+async def sync(peers: Peers, broker: Broker, q: Queue, node: str, *,
+               pull: bool = True) -> SyncStats:
+    """Make ``node``'s copy of ``q`` and ours equal: it gets what we hold that it lacks or
+    holds behind, and (``pull``) we get what it holds that we lack or hold behind.
+    Raises Unavailable when the node does not answer usably."""
+    stats = SyncStats()
+    mine = await digest(q)
+    answer = await peers.call(node, DigestReq(q.name, q.index, _decl(broker, q),
+                                              tuple(mine.sums)))
+    if not isinstance(answer, DigestAnswer):
+        raise Unavailable(f"node {node!r} answered a digest with {type(answer).__name__}")
+    if answer.promised > q.promised:  # it promised a later dispatcher (another node:
+        broker.replica.promise(q, answer.promised)  # see Cluster._digest): so do we
+    push: list[Change] = []
+    wanted: list[str] = []
+    messages = q.messages
+
+    def compare(msg: Message, theirs: tuple[Any, ...]) -> None:
+        key = message_key(msg)
+        if theirs < key:
+            push.append(Step(q.name, q.index, msg.id, progress_of(msg)))
+        elif theirs > key:
+            wanted.append(msg.id)
+
+    # Both sides were read at different moments and changes went on meanwhile, so what is
+    # compared is our state *now*.
+    for b, items in answer.diff:
+        if not 0 <= b < BUCKETS:
+            continue
+        theirs = dict(items)
+        for msg in mine.members[b]:
+            if messages.get(msg.id) is not msg:
+                continue  # deleted since our digest: its tombstone is compared below
+            t = theirs.pop(msg.id, None)
+            if t is None:
+                push.append(Put(record_of(msg)))
+            else:
+                compare(msg, t)
+        for mid, t in theirs.items():
+            now_msg = messages.get(mid)
+            if now_msg is not None:
+                compare(now_msg, t)
+            elif mid in q.tombs:
+                push.append(Tomb(q.name, q.index, mid, q.tombs[mid]))
+            else:
+                wanted.append(mid)
+    if wanted and pull:
+        got = await peers.call(node, FetchReq(q.name, q.index, tuple(wanted)))
+        if not isinstance(got, FetchAnswer):
+            raise Unavailable(f"node {node!r} answered a fetch with {type(got).__name__}")
+        changes: list[Change] = [Put(r) for r in got.records if r.part == q.part]
+        changes += [t for t in got.tombs if (t.queue, t.index) == q.part]
+        merged = broker.replica.merge(changes)
+        stats.fetched += len(changes)
+        stats.deleted += len(got.tombs)
+        await durable(merged.batch)
+    if push:
+        push += [Tally(q.name, q.index, node_id, *values) for node_id, values in q.tally.items()]
+    decl = _decl(broker, q)
+    for chunk in _chunks(push):
+        if decl is not None:
+            chunk.insert(0, decl)
+        answer2 = await peers.call(node, ApplyReq((), tuple(chunk)))
+        if not isinstance(answer2, ApplyAnswer):
+            raise Unavailable(f"node {node!r} answered an apply with {type(answer2).__name__}")
+        if answer2.tombs:  # it had deleted what we pushed: its tombstones win here too
+            merged = broker.replica.merge(list(answer2.tombs))
+            stats.deleted += len(answer2.tombs)
+            await durable(merged.batch)
+        stats.sent += len(chunk) - (1 if decl is not None else 0)
+    stats.deleted += sum(1 for c in push if isinstance(c, Tomb))
+    return stats
+
+
+@dataclass
+class Takeover:
+    ok: bool
+    epoch: int
+    promised_by: tuple[str, ...] = ()
+    read_from: tuple[str, ...] = ()
+    higher: int = 0  # an epoch promised elsewhere above ours (retry above it)
+    reason: str = ""
+
+
+async def take_over(peers: Peers, broker: Broker, q: Queue, reps: Replicas,
+                    others: Sequence[str], node_int: int,
+                    timeout: float = 3.0) -> Takeover:  # noqa: ASYNC109
+    """Become ``q``'s dispatcher: promise a new epoch on this node and on the live
+    ``others``, merge every copy they hold, then activate. Needs promises and reads from
+    a write quorum of the holders (this node included)."""
+    epoch = next_epoch(q.promised, node_int)
+    if not broker.replica.promise(q, epoch):
+        return Takeover(False, epoch, reason="a later epoch was promised here")
+    await durable(broker.store.current_batch())
+    decl = _decl(broker, q)
+    answers: dict[str, PromiseAnswer] = {}
+
+    async def ask(node: str) -> None:
+        try:
+            a = await peers.call(node, PromiseReq(q.name, q.index, epoch, decl), timeout)
+        except Unavailable as exc:
+            log.info("%s: promise of %s/%d at %x: %s", peers.me, q.name, q.index, epoch, exc)
+            return
+        if isinstance(a, PromiseAnswer):
+            answers[node] = a
+
+    async with trio.open_nursery() as nursery:
+        for node in others:
+            nursery.start_soon(ask, node)
+    higher = max((a.promised for a in answers.values() if not a.ok), default=0)
+    refused = sorted(n for n, a in answers.items() if not a.ok and a.promised <= epoch)
+    if higher > epoch:
+        return Takeover(False, epoch, higher=higher, reason="a later epoch was promised")
+    promised = [n for n, a in answers.items() if a.ok]
+    log.debug("%s: promises of %s/%d at %x: %s", peers.me, q.name, q.index, epoch, answers)
+    holders_ok = 1 + sum(1 for n in promised if n in reps.holders)
+    if holders_ok < reps.write_quorum:
+        why = f" ({', '.join(refused)} see another primary)" if refused else ""
+        return Takeover(False, epoch, tuple(promised),
+                        reason=f"{holders_ok} of the {reps.write_quorum} holders needed "
+                               f"promised{why}")
+    read: list[str] = []
+    for node in sorted(promised, key=lambda n: n not in reps.holders):
+        if not answers[node].has_copy:
+            read.append(node)  # nothing to read: an empty copy is read already
+            continue
+        try:
+            await sync(peers, broker, q, node)
+        except Unavailable as exc:
+            log.info("takeover of %s: reading %s failed: %s", q.name, node, exc)
+            continue
+        read.append(node)
+    holders_read = 1 + sum(1 for n in read if n in reps.holders)
+    if holders_read < reps.write_quorum:
+        return Takeover(False, epoch, tuple(promised), tuple(read),
+                        reason=f"read {holders_read} of the {reps.write_quorum} holders needed")
+    if q.promised != epoch or broker.queues.get(q.name) is not q:
+        return Takeover(False, epoch, tuple(promised), tuple(read),
+                        reason="another node took over meanwhile")
+    broker.replica.activate(q, epoch)
+    return Takeover(True, epoch, tuple(promised), tuple(read))
