@@ -1,0 +1,296 @@
+"""The bugs of issue 9, each as a named scenario on the simulation of whole nodes
+(meshq/testing/sim.py): three real nodes (build_node: broker, cluster layer, membership)
+on a simulated network, in virtual time, driven by the real AsyncClient. Each scenario is
+deterministic; the many-seed runs with random faults are in tests/test_sim.py.
+"""
+
+from __future__ import annotations
+
+import pytest
+import trio
+
+from meshq.errors import MeshqError, NotFound, Unavailable
+from meshq.testing.sim import Simulation, run_scenario
+
+Q = "jobs"
+BOUND = 300.0  # virtual seconds: a scenario that hangs fails instead
+
+
+def scenario(script, *, seed: int, nodes: int = 3):
+    """run_scenario with a bound on the script's virtual time."""
+    async def bounded(sim: Simulation):
+        with trio.fail_after(BOUND):
+            return await script(sim)
+    return run_scenario(bounded, seed=seed, nodes=nodes)
+
+
+async def declare(sim: Simulation, node: str = "n1", **options) -> None:
+    async with sim.client(node) as c:
+        await c.declare(Q, replicas=3, visibility_timeout=10, **options)
+    await sim.wait_converged()
+
+
+def others(sim: Simulation, *not_these: str | None) -> list[str]:
+    return [n for n in sorted(sim.nodes) if n not in not_these]
+
+
+async def drain(sim: Simulation, node: str, *, wait: float = 1.0) -> list[str]:
+    """Receive and ack everything there is now, through ``node``."""
+    got: list[str] = []
+    async with sim.client(node) as c:
+        while batch := await c.receive(Q, max=100, wait=wait):
+            await c.ack(Q, batch)
+            got += [d.id for d in batch]
+    return got
+
+
+def test_confirmed_acks_do_not_come_back_after_a_failover() -> None:
+    """Bug 1: 50 sent; the primary SIGKILLed; all 50 received and acked through another
+    node; the old primary restarted: nothing is ready again."""
+
+    async def script(sim: Simulation) -> None:
+        await declare(sim)
+        async with sim.client("n2") as c:
+            ids = await c.send_batch(Q, [f"m{i}" for i in range(50)])
+        await sim.wait_converged()
+        old = sim.primary(Q)
+        assert old is not None
+        sim.nodes[old].kill()
+        via = others(sim, old)[0]
+        got = await drain(sim, via, wait=5.0)
+        assert sorted(got) == sorted(ids)
+        await sim.nodes[old].start([sim.nodes[n].address for n in others(sim, old)])
+        await sim.wait_whole()
+        await sim.wait_converged()
+        for node in sorted(sim.nodes):
+            assert await drain(sim, node, wait=0.5) == [], node
+            live = sim.nodes[node].node
+            assert live is not None and not live.broker.queues[Q].messages
+
+    scenario(script, seed=11)
+
+
+def test_acks_made_while_a_holder_was_down_stay_acked() -> None:
+    async def script(sim: Simulation) -> None:
+        await declare(sim)
+        async with sim.client("n1") as c:
+            await c.send_batch(Q, [f"m{i}" for i in range(30)])
+        await sim.wait_converged()
+        primary = sim.primary(Q)
+        holder = others(sim, primary)[0]
+        sim.nodes[holder].kill()
+        assert len(await drain(sim, others(sim, holder)[0], wait=5.0)) == 30
+        await sim.nodes[holder].start([sim.nodes[n].address for n in others(sim, holder)])
+        await sim.wait_whole()
+        await sim.wait_converged()
+        assert await drain(sim, holder, wait=0.5) == []
+
+    scenario(script, seed=12)
+
+
+def test_a_deleted_queue_stays_deleted_when_a_replica_returns() -> None:
+    """Bug 2: one replica SIGKILLed, the queue deleted, the replica restarted: the queue
+    does not come back anywhere, and a send to it is NOT_FOUND."""
+
+    async def script(sim: Simulation) -> None:
+        await declare(sim)
+        async with sim.client("n1") as c:
+            await c.send_batch(Q, [f"m{i}" for i in range(10)])
+        await sim.wait_converged()
+        victim = others(sim, sim.primary(Q))[-1]
+        sim.nodes[victim].kill()
+        async with sim.client(others(sim, victim)[0]) as c:
+            assert await c.delete(Q) == 10
+        await sim.nodes[victim].start([sim.nodes[n].address for n in others(sim, victim)])
+        await sim.wait_whole()
+        await trio.sleep(12.0)  # two rounds of catalog exchange and anti-entropy
+        for name, sn in sorted(sim.nodes.items()):
+            assert sn.node is not None and Q not in sn.node.broker.queues, name
+            async with sim.client(name) as c:
+                with pytest.raises(NotFound):
+                    await c.send(Q, "after")
+        async with sim.client(victim) as c:  # declared again: a new, empty queue
+            await c.declare(Q, replicas=3, visibility_timeout=10)
+            assert await c.receive(Q, max=10, wait=1.0) == []
+
+    scenario(script, seed=13)
+
+
+def test_sends_confirmed_in_a_partition_are_delivered_after_the_heal() -> None:
+    """Bug 3: the primary is cut off while producers on the other nodes go on; after the
+    heal every confirmed message is delivered and the copies converge."""
+
+    async def script(sim: Simulation) -> None:
+        await declare(sim)
+        old = sim.primary(Q)
+        assert old is not None
+        rest = others(sim, old)
+        confirmed: list[str] = []
+        async with sim.client(old) as c:  # before the cut, through the old primary
+            confirmed += await c.send_batch(Q, [f"before{i}" for i in range(10)])
+        sim.net.partition([sim.nodes[old].address])
+        async with sim.client(rest[0]) as c:
+            for i in range(40):
+                confirmed.append(await c.send(Q, f"during{i}"))
+        await trio.sleep(5.0)
+        sim.net.heal()
+        await sim.wait_whole()
+        whole = trio.current_time()
+        at = await sim.wait_converged()
+        assert at - whole < 15.0
+        got = await drain(sim, rest[1], wait=2.0)
+        assert sorted(got) == sorted(confirmed)
+
+    scenario(script, seed=14)
+
+
+def test_one_sided_suspicion_does_not_strand_or_duel() -> None:
+    """Bug 3, the way it happened: the nodes disagree for a while about who is alive
+    (one node's packets are lost one way), producers and consumers go on; afterwards
+    nothing confirmed is stranded."""
+
+    async def script(sim: Simulation) -> None:
+        await declare(sim)
+        sender, odd = "n1", sim.primary(Q)
+        assert odd is not None
+        for other in others(sim, odd):
+            sim.net.set_link(sim.nodes[odd].address, sim.nodes[other].address, drop=1.0,
+                             both_ways=False)
+        confirmed: list[str] = []
+        async with sim.client(sender) as c:
+            for i in range(30):
+                try:
+                    confirmed.append(await c.send(Q, f"m{i}"))
+                except MeshqError:
+                    pass
+                await trio.sleep(0.2)
+        for other in others(sim, odd):
+            sim.net.clear_link(sim.nodes[odd].address, sim.nodes[other].address,
+                               both_ways=False)
+        await sim.wait_whole()
+        await sim.wait_converged()
+        got = await drain(sim, "n3", wait=2.0)
+        assert set(confirmed) <= set(got)
+        assert len(confirmed) >= 20
+
+    scenario(script, seed=15)
+
+
+def test_failover_costs_latency_not_errors() -> None:
+    """Bug 4: a consumer (on a node that is not the primary) holds leases when the primary
+    is SIGKILLed: its acks succeed afterwards, its subscription goes on by itself, and a
+    producer sees no error; first send and first delivery within 5 s of the kill."""
+
+    async def script(sim: Simulation) -> dict[str, float]:
+        await declare(sim)
+        primary = sim.primary(Q)
+        assert primary is not None
+        consumer_node, producer_node = others(sim, primary)
+        async with sim.client(producer_node) as p, sim.client(consumer_node) as c:
+            await p.send_batch(Q, [f"m{i}" for i in range(10)])
+            async with c.consume(Q, prefetch=5) as sub:
+                held = []
+                async for d in sub:
+                    held.append(d)
+                    if len(held) == 5:
+                        break
+                killed = trio.current_time()
+                sim.nodes[primary].kill()
+                first_send = None
+                mid = await p.send(Q, "after the kill")  # retried, deduplicated
+                first_send = trio.current_time() - killed
+                acked = await c.ack(Q, held)  # by receipt, through the new primary
+                assert sorted(acked) == sorted(d.id for d in held)
+                first_delivery = None
+                seen = []
+                async for d in sub:  # the same subscription, re-homed by the daemon
+                    if first_delivery is None:
+                        first_delivery = trio.current_time() - killed
+                    seen.append(d.id)
+                    await c.ack(Q, [d])
+                    if mid in seen:
+                        break
+        return {"send": first_send, "delivery": first_delivery}
+
+    times = scenario(script, seed=16)
+    assert times["send"] < 5.0 and times["delivery"] < 5.0, times
+
+
+def test_a_primary_whose_clock_is_refused_hands_over() -> None:
+    """Bug 5: a primary 2 s ahead of the others stops dispatching and another node takes
+    the queue; writes go on."""
+
+    async def script(sim: Simulation) -> None:
+        await declare(sim)
+        old = sim.primary(Q)
+        assert old is not None
+        sim.nodes[old].clock.offset = 2.0
+        await sim.until(lambda: sim.primary(Q) not in (old, None), 30, "another primary")
+        async with sim.client(old) as c:  # relayed by the refused node to the new one
+            await c.send(Q, "after")
+        assert len(await drain(sim, others(sim, old)[0])) == 1
+
+    scenario(script, seed=17)
+
+
+def test_a_join_moves_data_without_not_found_or_failed_acks() -> None:
+    """Bug 5: while a join moves the queue to a new node, receives and acks go on."""
+
+    async def script(sim: Simulation) -> None:
+        await declare(sim)
+        async with sim.client("n1") as c:
+            ids = await c.send_batch(Q, [f"m{i}" for i in range(40)])
+        await sim.wait_converged()
+        from meshq.testing.sim import SimNode
+
+        got: list[str] = []
+        async with sim.client("n2") as c:
+            first = await c.receive(Q, max=20, wait=1.0)
+            for i in range(4, 8):  # join nodes until the queue's placement changes
+                name = f"n{i}"
+                sim.nodes[name] = SimNode(sim, name, i)
+                await sim.nodes[name].start([sim.nodes["n1"].address])
+            await c.ack(Q, first)  # during the move
+            got += [d.id for d in first]
+            while batch := await c.receive(Q, max=20, wait=2.0):
+                await c.ack(Q, batch)
+                got += [d.id for d in batch]
+        assert set(got) == set(ids), (len(got), len(set(got)), set(ids) - set(got))
+        await sim.wait_whole()
+        await sim.wait_converged()
+
+    scenario(script, seed=18)
+
+
+def test_receive_without_a_write_quorum_is_unavailable() -> None:
+    async def script(sim: Simulation) -> None:
+        await declare(sim)
+        survivor = "n1"
+        for name in others(sim, survivor):
+            sim.nodes[name].kill()
+        with trio.fail_after(30):
+            while True:  # until the survivor sees them dead
+                async with sim.client(survivor) as c:
+                    c.retry_for = 0.0
+                    try:
+                        await c.receive(Q, max=1, wait=0.5)
+                    except Unavailable as exc:  # first "being taken over", then:
+                        if "needs 2" in exc.message:
+                            return
+                await trio.sleep(1.0)
+
+    scenario(script, seed=19)
+
+
+def test_status_counts_are_the_clusters() -> None:
+    async def script(sim: Simulation) -> None:
+        await declare(sim)
+        async with sim.client("n1") as c:
+            await c.send_batch(Q, [f"m{i}" for i in range(7)])
+        for name in sorted(sim.nodes):
+            async with sim.client(name) as c:
+                status = await c.status()
+            [q] = [q for q in status["queues"] if q["name"] == Q]
+            assert (q["ready"], q["counted_by"]) == (7, sim.primary(Q)), name
+
+    scenario(script, seed=20)
