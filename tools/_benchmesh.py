@@ -326,3 +326,152 @@ def sim_table(sim: dict[str, Any]) -> str:
         rows.append([n, f"{done} of {len(e['runs'])}", mm(e["dissemination_s"]),
                      mm(e["first_suspect_s"]), mm(e["all_dead_s"])])
     return markdown([head, *rows]) + f"\n(simulation: {sim['wall_s']} s wall)"
+
+
+# ----------------------------------------------------------------------------- failover
+FAILOVER_QUEUE = "failover"
+FAILOVER_TARGETS = {"median_s": 2.0, "max_s": 5.0}  # issue 9: first send / delivery
+
+
+def _primary(node: DaemonProcess, name: str) -> str | None:
+    with node.client(timeout=5, retry_for=0) as c:
+        for q in c.status()["queues"]:
+            if q["name"] == name:
+                return q.get("primary")
+    return None
+
+
+def _wait(check: Callable[[], bool], timeout: float, what: str) -> None:
+    """Poll ``check`` every 20 ms (across processes there is no event to wait for)."""
+    deadline = time.monotonic() + timeout
+    while not check():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"not within {timeout:g} s: {what}")
+        time.sleep(0.02)
+
+
+def _one_kill(nodes: list[Any], k: int) -> dict[str, Any]:
+    """Kill the queue's primary under a producer and a consumer on the other nodes; the
+    seconds from the SIGKILL to the first send started after it being confirmed, and to
+    the first delivery of such a message; then restart it on its address."""
+    import threading
+
+    from meshq.client import Client
+
+    primary = _primary(nodes[0], FAILOVER_QUEUE)
+    victim = next(d for d in nodes if d.node_name == primary)
+    rest = [d for d in nodes if d is not victim]
+    started: dict[bytes, float] = {}
+    confirmed: list[tuple[float, float]] = []  # (started, confirmed)
+    delivered: list[tuple[float, bytes]] = []
+    stop = threading.Event()
+    errors: list[BaseException] = []
+
+    def produce() -> None:
+        try:
+            with Client(rest[0].socket, timeout=30) as c:
+                i = 0
+                while not stop.is_set():
+                    body = f"k{k}-{i}".encode()
+                    i += 1
+                    started[body] = t = time.monotonic()
+                    c.send(FAILOVER_QUEUE, body)
+                    confirmed.append((t, time.monotonic()))
+                    time.sleep(0.005)
+        except BaseException as exc:  # reported below
+            errors.append(exc)
+
+    def consume() -> None:
+        try:
+            with Client(rest[-1].socket, timeout=30) as c, \
+                    c.consume(FAILOVER_QUEUE, prefetch=50) as sub:
+                while not stop.is_set():
+                    d = sub.get(timeout=0.2)
+                    if d is not None:
+                        delivered.append((time.monotonic(), d.body))
+                        sub.ack(d)
+        except BaseException as exc:  # reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=produce), threading.Thread(target=consume)]
+    for t in threads:
+        t.start()
+    try:
+        _wait(lambda: (len(confirmed) >= 50 and len(delivered) >= 20) or bool(errors), 60,
+              "traffic flowing before the kill")
+        t0 = time.monotonic()
+        victim.kill()
+
+        def after() -> tuple[float | None, float | None]:
+            send = min((c - t0 for s, c in confirmed if s >= t0), default=None)
+            dlv = min((at - t0 for at, body in list(delivered)
+                       if started.get(body, -1.0) >= t0), default=None)
+            return send, dlv
+
+        _wait(lambda: None not in after() or bool(errors), 60, "a send and a delivery after")
+        first_send, first_delivery = after()
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(60)
+    if errors:
+        raise errors[0]
+    victim.args = [a if a != "127.0.0.1:0" else str(victim.bind) for a in victim.args]
+    if "--bind" in victim.args:
+        victim.args[victim.args.index("--bind") + 1] = str(victim.bind)
+    victim.start()
+    return {"killed": victim.node_name, "first_send_s": round(first_send or 0, 3),
+            "first_delivery_s": round(first_delivery or 0, 3)}
+
+
+def failover(args: argparse.Namespace, bench_dir: Path,
+             start: Callable[[Path, str, str | None], AbstractContextManager[D]],
+             log: Callable[[str], None]) -> dict[str, Any]:
+    """--failover-kills times: SIGKILL the queue's primary under load (a producer and a
+    consumer on the other nodes, N = 3, W = 2), on a cluster of its own; median and max
+    of the seconds to the first confirmed send and the first delivery after the kill."""
+    out: dict[str, Any] = {"nodes": args.nodes, "kills": [],
+                           "method": "producer (one send at a time, the client retries) and "
+                                     "consumer (prefetch 50) on the two other nodes; SIGKILL "
+                                     "of the primary; seconds from the kill to the first "
+                                     "confirmed send started after it, and to the first "
+                                     "delivery of such a message; then the node restarts on "
+                                     "its address and the next kill waits for convergence"}
+    try:
+        with running_cluster(bench_dir / "failover", args.nodes, start) as nodes:
+            wait_converged(nodes)
+            with nodes[0].client(timeout=30) as c:
+                c.declare(FAILOVER_QUEUE, replicas=min(3, len(nodes)), visibility_timeout=60)
+            for k in range(args.failover_kills):
+                _wait(lambda: _primary(nodes[0], FAILOVER_QUEUE) is not None, 30, "a primary")
+                run = _one_kill(nodes, k)
+                out["kills"].append(run)
+                log(f"failover {k + 1}/{args.failover_kills}: killed {run['killed']}: first "
+                    f"send {run['first_send_s']} s, first delivery {run['first_delivery_s']} s")
+                wait_converged(nodes, timeout=60)
+    except Exception as exc:
+        out["error"] = f"{type(exc).__name__}: {exc}"
+        log(f"failover failed: {out['error']}")
+    for key in ("first_send_s", "first_delivery_s"):
+        values = [r[key] for r in out["kills"]]
+        if values:
+            median, worst = statistics.median(values), max(values)
+            out[key] = {"median": round(median, 3), "max": round(worst, 3), "n": len(values),
+                        "pass": "PASS" if median <= FAILOVER_TARGETS["median_s"]
+                        and worst <= FAILOVER_TARGETS["max_s"] else "FAIL"}
+    return out
+
+
+def failover_table(f: dict[str, Any]) -> str:
+    head = [f"failover: SIGKILL of the primary, {f['nodes']} nodes (s)", "kills", "median",
+            "max", "target", "pass/fail"]
+    rows = []
+    for key, label in (("first_send_s", "first confirmed send"),
+                       ("first_delivery_s", "first delivery")):
+        e = f.get(key)
+        if e:
+            rows.append([label, e["n"], e["median"], e["max"], "median <= 2, max <= 5",
+                         e["pass"]])
+    if f.get("error"):
+        rows.append([f"error: {_brief(f['error'])}", "", "", "", "", ""])
+    return markdown([head, *rows])
