@@ -17,6 +17,8 @@ from trio.testing import MockClock
 
 from meshq.broker import Broker, Session
 from meshq.broker.core import DEDUP_PRUNE_INTERVAL
+from meshq.broker.replica import record_of
+from meshq.cluster.changes import Put
 from meshq.errors import NotFound, Unavailable
 from meshq.model import Message
 from meshq.states import State
@@ -553,3 +555,24 @@ async def test_expired_messages_leave_no_garbage_in_the_ready_heap(
     q = env.broker.queues["q"]
     assert q.ready == 0 and env.stats()["expired"] == 6000
     assert len(q._ready) < 2048
+
+
+async def test_a_holders_copy_of_a_send_not_yet_committed_is_not_a_second_message(
+        env: Env, autojump_clock: MockClock) -> None:
+    """Anti-entropy can read a send on a holder before the primary's own commit of it
+    completes (the holder's copy already leased to a waiting consumer): merging that copy
+    back must neither make a second message nor keep the lease from its consumer."""
+    await env.declare()
+    conn = Conn(env)
+    conn.consume()
+    pending = env.broker.send("q", [{"body": b"a"}, {"body": b"b"}])
+    staged = list(env.broker.in_flight.values())
+    assert len(staged) == 2 and all(m.owner is not None for m in staged)
+    env.broker.replica.merge([Put(record_of(m)) for m in staged])
+    ids = await pending.wait()
+    assert env.broker.in_flight == {}
+    with trio.fail_after(1):  # (virtual) handed over with the commit, not at the deadline
+        got = [(await conn.next()).id for _ in ids]
+    assert sorted(got) == sorted(ids)
+    await trio.sleep(1)
+    assert len(conn.got) == 2 and env.counts() == (0, 2, 0)

@@ -146,6 +146,10 @@ class Broker:
         self._hlc_batch: Batch | None = None  # the batch holding the last ceiling staged
         self._hlc_ceiling = 0  # that ceiling
         self._hlc_durable = 0  # the highest ceiling committed
+        # Messages this node staged (sent, dead-lettered) whose batch has not completed:
+        # not visible yet, but already on the holders that applied it. A merge must not
+        # bring them in as a second copy (anti-entropy sees them on a holder first).
+        self.in_flight: dict[str, Message] = {}
         self._sends_batch: Batch | None = None
         self._sends: list[tuple[Queue, list[Message], list[str | None]]] = []
         self.redeliveries = 0
@@ -428,6 +432,7 @@ class Broker:
             if dlq.options.message_ttl is not None:
                 moved.expires_at = now + dlq.options.message_ttl
             batch = self._put(dlq, moved)
+            self.in_flight[moved.id] = moved
             batch.add_callback(functools.partial(self._committed, dlq, [moved], batch))
 
     def _next_seq(self) -> int:
@@ -441,6 +446,9 @@ class Broker:
         those leased at send time go to their consumer now. A put durable here whose
         write quorum failed is visible too (the client heard "outcome unknown"), but a
         lease taken at send time is not handed over unconfirmed."""
+        for msg in msgs:
+            if self.in_flight.get(msg.id) is msg:
+                del self.in_flight[msg.id]
         if error is not None and batch.local_ok:
             for msg in msgs:
                 if msg.owner is not None:
@@ -724,6 +732,7 @@ class Broker:
             ids.append(msg.id)
             fresh.append(msg)
             fresh_dedup.append(dedup_id)
+            self.in_flight[msg.id] = msg
         if not fresh:
             return Pending(wait_for, ids)
         batch = store.current_batch()

@@ -322,6 +322,9 @@ class Replica:
         if rec.id in q.tombs:
             out.tombs.append(Tomb(q.name, q.index, rec.id, q.tombs[rec.id]))
             return False
+        pending = self.b.in_flight.get(rec.id)
+        if pending is not None and pending.queue == rec.queue:
+            return False  # ours, staged and not yet confirmed: it is added then
         msg = q.messages.get(rec.id)
         if msg is not None:
             return self._merge_progress(q, msg, rec.progress, now, touched)

@@ -159,7 +159,7 @@ async def sync(peers: Peers, broker: Broker, q: Queue, node: str, *,
                 compare(now_msg, t)
             elif mid in q.tombs:
                 push.append(Tomb(q.name, q.index, mid, q.tombs[mid]))
-            else:
+            elif mid not in broker.in_flight:  # (ours and not yet confirmed: not theirs)
                 wanted.append(mid)
     if wanted and pull:
         got = await peers.call(node, FetchReq(q.name, q.index, tuple(wanted)))
