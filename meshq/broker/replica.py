@@ -109,6 +109,8 @@ class Replica:
         # Whether the consumer connection a lease names ("node/boot") may still be alive;
         # leases of connections certainly gone are released when a partition is activated.
         self.holder_alive: Callable[[str], bool] | None = None
+        # Told which partitions a merge changed here (the other copies may lack it now).
+        self.on_merged: Callable[[set[PartKey]], None] | None = None
 
     # -- dispatch --------------------------------------------------------------------------
     def promise(self, q: Queue, epoch: int) -> bool:
@@ -246,17 +248,22 @@ class Replica:
                     self.promise(q, epoch)
                     out.changed = True
             now = self.b.clock.time()
+            changed_parts: set[PartKey] = set()
             for c in rest:
                 part = part_of(c)
                 if part is not None and part in out.fenced:
                     continue
                 t = type(c)
-                if t is Put:
-                    out.changed |= self._merge_put(c.record, now, out, touched)  # type: ignore[union-attr]
-                elif t is Step:
-                    out.changed |= self._merge_step(c, now, out, touched)  # type: ignore[arg-type]
-                elif t is Tomb:
-                    out.changed |= self._merge_tomb(c, touched)  # type: ignore[arg-type]
+                if t is Put or t is Step or t is Tomb:
+                    if t is Put:
+                        did = self._merge_put(c.record, now, out, touched)  # type: ignore[union-attr]
+                    elif t is Step:
+                        did = self._merge_step(c, now, out, touched)  # type: ignore[arg-type]
+                    else:
+                        did = self._merge_tomb(c, touched)  # type: ignore[arg-type]
+                    if did:
+                        out.changed = True
+                        changed_parts.add(part)  # type: ignore[arg-type]
                 elif t is Dedup:
                     out.changed |= self._merge_dedup(c, now)  # type: ignore[arg-type]
                 elif t is Tally:
@@ -273,12 +280,18 @@ class Replica:
         for q in touched:
             if q.active and self.b.queues.get(q.name) is q:
                 self.b._dispatch(q, now)
+        if changed_parts and self.on_merged is not None:
+            self.on_merged(changed_parts)
         out.batch = self.b.store.current_batch()
         return out
 
     def _merge_catalog(self, c: Decl | Drop) -> bool:
         name = c.queue
-        old = self.b.catalog.get(name) or CatalogEntry(name)
+        known = self.b.catalog.get(name)
+        if (known is not None and type(c) is Decl and c.inc == known.inc
+                and c.options == known.options):
+            return False  # the usual case: every batch carries its queue's declaration
+        old = known or CatalogEntry(name)
         new = join_catalog(old, c)
         if new == old:
             return False

@@ -61,6 +61,7 @@ __all__ = ["ROUND", "Cluster", "ClusterStatistics"]
 log = logging.getLogger("meshq.cluster")
 
 ROUND = 5.0  # seconds between anti-entropy rounds
+FULL_EVERY = 12  # rounds: a holder kept current by replication is compared this seldom
 TAKEOVER_WAIT = 10.0  # a client op waits this long for a takeover before UNAVAILABLE
 CATALOG_WAIT = 5.0  # an op on an unknown queue waits this long for the first catalog sync
 HAND_BACK_DELAY = 0.2  # a deposed dispatcher pushes its last changes after this long
@@ -107,6 +108,12 @@ class Cluster:
                                        dict[PartKey, int]]] = {}
         self._local_errors: dict[int, BaseException] = {}
         self._busy: set[Any] = set()
+        # (partition, holder) pairs known equal since their last sync: every batch sent
+        # to the holder since was applied there. Any failure (or a placement change)
+        # takes the pair out; anti-entropy skips the pairs in it but every FULL_EVERY
+        # rounds, so that a busy queue is not digested whole every round for nothing.
+        self._current: set[tuple[PartKey, str]] = set()
+        self._misses: dict[tuple[PartKey, str], int] = defaultdict(int)
         self._takeovers: dict[PartKey, trio.Event] = {}
         self._wake = trio.Event()
         self._gate_wake = trio.Event()
@@ -123,6 +130,7 @@ class Cluster:
         broker.on_catalog = lambda name: self.wake()
         broker.replica.on_deposed = self._deposed
         broker.replica.holder_alive = self._holder_alive
+        broker.replica.on_merged = self._merged
         for q in broker.queues.values():
             q.active = False
 
@@ -293,15 +301,31 @@ class Cluster:
                   type(answer).__name__ if not isinstance(answer, ApplyAnswer) else
                   f"fenced={answer.fenced} missing={len(answer.missing)}")
         if not isinstance(answer, ApplyAnswer):
+            for part in parts:
+                self._missed(part, node)
             self._run(self.gate.failed(bid, node))
             return
         fenced = {(q, i): e for q, i, e in answer.fenced}
         missing = {(q, i) for q, i, _ in answer.missing}
+        for part in fenced.keys() | missing:
+            self._missed(part, node)
         if answer.tombs:  # we sent what it has deleted: its tombstones win here too
             self.broker.replica.merge(list(answer.tombs))
         if missing:
             self.wake()  # a holder lacks records: the next round repairs it
         self._run(self.gate.answered(bid, node, set(parts - missing - fenced.keys()), fenced))
+
+    def _merged(self, parts: set[PartKey]) -> None:
+        """A merge changed these partitions here: the other copies may lack it."""
+        if self._current:
+            self._current = {pn for pn in self._current if pn[0] not in parts}
+        for part in parts:
+            self._misses[part, self.me] += 1  # (a sync under way cannot vouch for it)
+
+    def _missed(self, part: PartKey, node: str) -> None:
+        """``node`` may lack some of ``part``'s changes: compare it at the next round."""
+        self._current.discard((part, node))
+        self._misses[part, node] += 1
 
     def committed(self, batch: Batch, error: BaseException | None) -> None:
         bid = self._batch_ids.get(id(batch))
@@ -478,6 +502,7 @@ class Cluster:
         next_full = 0.0
         while True:
             if self.placement.refresh():
+                self._current.clear()  # new holders, or holders back: compare them all
                 self.changed.set()
                 self.changed = trio.Event()
                 self._release_dead_holders()
@@ -505,8 +530,10 @@ class Cluster:
             if not q.active:
                 self._spawn(("takeover", part), self._take_over, q)
             elif full:
+                every = self.rounds % FULL_EVERY == 0
                 for node in reps.followers:
-                    self._spawn(("sync", part, node), self._sync, q, node)
+                    if every or (part, node) not in self._current:
+                        self._spawn(("sync", part, node), self._sync, q, node)
             return
         if q.active:
             self.broker.replica.deactivate(
@@ -542,7 +569,10 @@ class Cluster:
             event.set()
 
     async def _sync(self, q: Queue, node: str) -> None:
+        before = (self._misses[q.part, node], self._misses[q.part, self.me])
         stats = await sync(self.peers, self.broker, q, node)
+        if (self._misses[q.part, node], self._misses[q.part, self.me]) == before:
+            self._current.add((q.part, node))  # nothing failed to reach it, or came in
         self.repaired["sent"] += stats.sent
         self.repaired["fetched"] += stats.fetched
         self.repaired["deleted"] += stats.deleted
