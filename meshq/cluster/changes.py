@@ -291,7 +291,50 @@ def _enc_progress(p: Progress) -> list[Any]:
     return [p.state, p.count, p.ready_at, p.deadline, p.lease, p.epoch, p.vn, p.holder]
 
 
+_U64 = 1 << 64
+
+
+def _finite(x: Any) -> bool:
+    return (type(x) is float or type(x) is int) and math.isfinite(x)
+
+
+def _fast_progress(v: Any) -> Progress | None:
+    """The common, well-formed case without a call per field (None: check it slowly)."""
+    if type(v) is not list or len(v) != 8:
+        return None
+    state, count, ready_at, deadline, lease, epoch, vn, holder = v
+    if (type(state) is int and 0 <= state <= 2 and type(count) is int and 0 <= count < _U64
+            and _finite(ready_at) and (deadline is None or _finite(deadline))
+            and type(lease) is int and 0 <= lease < _U64 and type(epoch) is int
+            and 0 <= epoch < _U64 and type(vn) is int and 0 <= vn < _U64
+            and type(holder) is str and len(holder) <= MAX_NAME + MAX_ID):
+        return Progress(state, count, float(ready_at),
+                        None if deadline is None else float(deadline), lease, epoch, vn,
+                        holder)
+    return None
+
+
+def _fast_record(v: Any) -> Record | None:
+    if type(v) is not list or len(v) != 10:
+        return None
+    mid, queue, index, inc, hlc, node, body, headers, expires, prog = v
+    if (type(mid) is str and 0 < len(mid) <= MAX_ID and type(queue) is str
+            and 0 < len(queue) <= MAX_NAME and type(index) is int and 0 <= index < _U64
+            and type(inc) is int and 0 <= inc < _U64 and type(hlc) is int and 0 <= hlc < _U64
+            and type(node) is str and 0 < len(node) <= MAX_ID and type(body) is bytes
+            and (headers is None or type(headers) is bytes)
+            and (expires is None or _finite(expires))):
+        p = _fast_progress(prog)
+        if p is not None:
+            return Record(mid, queue, index, inc, hlc, node, body, headers,
+                          None if expires is None else float(expires), p)
+    return None
+
+
 def _dec_progress(v: Any) -> Progress:
+    fast = _fast_progress(v)
+    if fast is not None:
+        return fast
     state, count, ready_at, deadline, lease, epoch, vn, holder = _list(v, "progress", 8)
     if _int(state, "state") > 2:
         raise _bad("progress state")
@@ -308,6 +351,9 @@ def _enc_record(r: Record) -> list[Any]:
 
 
 def _dec_record(v: Any) -> Record:
+    fast = _fast_record(v)
+    if fast is not None:
+        return fast
     mid, queue, index, inc, hlc, node, body, headers, expires, prog = _list(v, "record", 10)
     if not isinstance(body, bytes) or not (headers is None or isinstance(headers, bytes)):
         raise _bad("record body")
