@@ -217,8 +217,13 @@ class NodeCollector:
         yield _gauge("meshq_replication_waiting_batches", "Local batches waiting for their "
                      "write quorum.", repl["waiting_batches"])
         yield _gauge("meshq_replication_links", "Open replication links.", len(repl["links"]))
-        yield _counter("meshq_failed_quorums", "Batches answered UNAVAILABLE for want of "
-                       "their write quorum.", repl["failed_quorums"])
+        yield _counter("meshq_failed_quorums", "Batches answered TIMEOUT (outcome unknown) "
+                       "for want of their write quorum, or fenced.", repl["failed_quorums"])
+        yield _counter("meshq_fenced_batches", "Batches refused by a replica that promised "
+                       "a later dispatch epoch.", repl["fenced_batches"])
+        yield _counter("meshq_takeovers", "Partitions this node took over.", repl["takeovers"])
+        yield _gauge("meshq_dispatching_partitions", "Queue partitions this node dispatches.",
+                     repl["dispatching"])
         yield _counter("meshq_repair_rounds", "Anti-entropy rounds.", repl["repair_rounds"])
         repaired = CounterMetricFamily("meshq_repaired", "Repair work by kind (ctl-json.md: "
                                        "replication.repaired).", labels=["kind"])
