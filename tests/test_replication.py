@@ -160,7 +160,12 @@ def test_a_deleted_queue_does_not_come_back_with_a_replica(cluster) -> None:
         assert b.delete(name) == 10
     cluster["c"] = restarted(cluster["c"], cluster["a"])
     eventually(lambda: all_alive(list(cluster.values()), set(NAMES)), 30, "c back")
-    time.sleep(11)  # two catalog exchanges (every 5 s): what could bring it back, has
+    # Two rounds of catalog exchange and repair on every node (each round compares the
+    # catalog with every live node): whatever could bring the queue back, has had its go.
+    rounds = {n: replication(d)["repair_rounds"] for n, d in cluster.items()}
+    for n, d in cluster.items():
+        eventually(lambda d=d, n=n: replication(d)["repair_rounds"] >= rounds[n] + 2, 30,
+                   f"two repair rounds on {n}")
     for d in cluster.values():
         assert status_of(d, name) == {}, d.node_name
         with d.client(retry_for=0) as c, pytest.raises(NotFound):

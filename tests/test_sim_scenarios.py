@@ -30,6 +30,16 @@ async def declare(sim: Simulation, node: str = "n1", **options) -> None:
     await sim.wait_converged()
 
 
+async def two_rounds(sim: Simulation) -> None:
+    """Until every running node has run two more rounds of catalog exchange and repair."""
+    def rounds() -> dict[str, int]:
+        return {n: sn.node.cluster.rounds for n, sn in sim.nodes.items()
+                if sn.node is not None and sn.node.cluster is not None}
+    start = rounds()
+    await sim.until(lambda: all(r >= start.get(n, 0) + 2 for n, r in rounds().items()),
+                    30.0, "two repair rounds everywhere")
+
+
 def others(sim: Simulation, *not_these: str | None) -> list[str]:
     return [n for n in sorted(sim.nodes) if n not in not_these]
 
@@ -103,7 +113,7 @@ def test_a_deleted_queue_stays_deleted_when_a_replica_returns() -> None:
             assert await c.delete(Q) == 10
         await sim.nodes[victim].start([sim.nodes[n].address for n in others(sim, victim)])
         await sim.wait_whole()
-        await trio.sleep(12.0)  # two rounds of catalog exchange and anti-entropy
+        await two_rounds(sim)  # of catalog exchange and repair, everywhere
         for name, sn in sorted(sim.nodes.items()):
             assert sn.node is not None and Q not in sn.node.broker.queues, name
             async with sim.client(name) as c:
