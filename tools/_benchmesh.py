@@ -470,8 +470,8 @@ def failover_table(f: dict[str, Any]) -> str:
                        ("first_delivery_s", "first delivery")):
         e = f.get(key)
         if e:
-            rows.append([label, e["n"], e["median"], e["max"], "median <= 2, max <= 5",
-                         e["pass"]])
+            rows.append([label, str(e["n"]), f"{e['median']:g}", f"{e['max']:g}",
+                         "median <= 2, max <= 5", e["pass"]])
     if f.get("error"):
         rows.append([f"error: {_brief(f['error'])}", "", "", "", "", ""])
     return markdown([head, *rows])
