@@ -7,6 +7,7 @@ each stamped with the (virtual) time it arrived.
 
 from __future__ import annotations
 
+import gc
 import math
 from collections.abc import AsyncIterator
 from typing import Any, NamedTuple
@@ -22,7 +23,7 @@ from meshq.cluster.changes import Put
 from meshq.errors import NotFound, Unavailable
 from meshq.model import Message
 from meshq.states import State
-from meshq.store import MemoryStore, StoreError
+from meshq.store import Batch, MemoryStore, StoreError
 from meshq.testing import TrioClock
 
 
@@ -576,3 +577,18 @@ async def test_a_holders_copy_of_a_send_not_yet_committed_is_not_a_second_messag
     assert sorted(got) == sorted(ids)
     await trio.sleep(1)
     assert len(conn.got) == 2 and env.counts() == (0, 2, 0)
+
+
+async def test_a_dedup_entry_does_not_keep_its_confirmed_send_alive(
+        env: Env, autojump_clock: MockClock) -> None:
+    """Every client send carries a dedup id, kept for the dedup window (minutes): once
+    the send is confirmed, the entry must not hold on to its batch (ops, bodies,
+    callbacks), or memory and garbage-collection pauses grow with the send rate."""
+    await env.declare()
+    ids = [await env.send({"body": b"a", "dedup_id": f"d{i}"}) for i in range(50)]
+    gc.collect()
+    done = [o for o in gc.get_objects() if isinstance(o, Batch) and o.done]
+    assert len(done) < 5  # the last few a queue or the store names, not one per send
+    # and the entries still answer a retry with the first message
+    assert await env.send({"body": b"a", "dedup_id": "d7"}) == ids[7]
+    assert env.counts() == (50, 0, 0)

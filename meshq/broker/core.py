@@ -748,7 +748,23 @@ class Broker:
             return None
         batch = self._put(q, msg)
         self._dedup[q.name, dedup_id] = (mid, expires_at, batch)
+        batch.add_callback(functools.partial(self._dedup_settled, q.name, [dedup_id], batch))
         return batch
+
+    def _dedup_settled(self, queue: str, dedup_ids: list[str | None], batch: Batch,
+                       error: BaseException | None) -> None:
+        """A send's batch completed: its dedup entries stop naming it, unless it failed
+        after the local commit (a later hit replicates the message again). An entry
+        holding its batch for the whole window would keep the batch's ops, changes and
+        messages alive for minutes, for the garbage collector to walk again and again."""
+        if error is not None:
+            return
+        for dedup_id in dedup_ids:
+            if dedup_id is None:
+                continue
+            entry = self._dedup.get((queue, dedup_id))
+            if entry is not None and entry[2] is batch:
+                self._dedup[queue, dedup_id] = (entry[0], entry[1], None)
 
     def _sent(self, sends: list[tuple[Queue, list[Message], list[str | None]]], batch: Batch,
               error: BaseException | None) -> None:
@@ -761,6 +777,8 @@ class Broker:
                     entry = self._dedup.get((q.name, dedup_id))
                     if entry is not None and entry[0] == msg.id:
                         del self._dedup[q.name, dedup_id]
+            else:
+                self._dedup_settled(q.name, dedup_ids, batch, error)
             if q in by_queue:
                 by_queue[q].extend(msgs)
             else:
