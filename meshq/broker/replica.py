@@ -88,15 +88,14 @@ def _message_of(r: Record, seq: int) -> Message:
 class Merged:
     """What a merge did: the batch it staged into (``batch.ops`` empty: nothing to make
     durable), partitions refused for a later promise (part -> promised epoch), Steps for
-    records not held here, Puts and Steps refused by a tombstone (sent back), whether
-    anything changed, and whether the catalog did (a queue came, went or changed)."""
+    records not held here, Puts and Steps refused by a tombstone (sent back), and whether
+    anything changed."""
 
     batch: Batch
     fenced: dict[PartKey, int] = field(default_factory=dict)
     missing: list[tuple[str, int, str]] = field(default_factory=list)
     tombs: list[Tomb] = field(default_factory=list)
     changed: bool = False
-    catalog: bool = False
 
 
 class Replica:
@@ -236,8 +235,7 @@ class Replica:
             rest = []
             for c in changes:
                 if type(c) is Decl or type(c) is Drop:
-                    if self._merge_catalog(c):
-                        out.changed = out.catalog = True
+                    out.changed |= self._merge_catalog(c)
                 else:
                     rest.append(c)
             for (qname, idx), epoch in (epochs or {}).items():
