@@ -109,9 +109,11 @@ class Cluster:
         self._local_errors: dict[int, BaseException] = {}
         self._busy: set[Any] = set()
         # (partition, holder) pairs known equal since their last sync: every batch sent
-        # to the holder since was applied there. Any failure (or a placement change)
-        # takes the pair out; anti-entropy skips the pairs in it but every FULL_EVERY
-        # rounds, so that a busy queue is not digested whole every round for nothing.
+        # to the holder since was applied there. A failed or fenced batch, a merge that
+        # changed the partition here, a batch from another dispatcher, a takeover or
+        # deposition, a placement change, or a sync that left an unconfirmed send of ours
+        # alone takes the pair out; anti-entropy skips the pairs in it but every
+        # FULL_EVERY rounds, so that a busy queue is not digested whole every round.
         self._current: set[tuple[PartKey, str]] = set()
         self._misses: dict[tuple[PartKey, str], int] = defaultdict(int)
         self._takeovers: dict[PartKey, trio.Event] = {}
@@ -190,6 +192,7 @@ class Cluster:
     def _deposed(self, q: Queue) -> None:
         log.info("%s: partition %s/%d taken over elsewhere (epoch %x)", self.me, q.name,
                  q.index, q.promised)
+        self._merged({q.part})  # the copies are the new dispatcher's to vouch for now
         self._spawn(("handback", q.part), self._hand_back, q)
         self.wake()
 
@@ -316,7 +319,8 @@ class Cluster:
         self._run(self.gate.answered(bid, node, set(parts - missing - fenced.keys()), fenced))
 
     def _merged(self, parts: set[PartKey]) -> None:
-        """A merge changed these partitions here: the other copies may lack it."""
+        """A merge changed these partitions here, or another node dispatched them: the
+        other copies may differ from this one."""
         if self._current:
             self._current = {pn for pn in self._current if pn[0] not in parts}
         for part in parts:
@@ -366,7 +370,9 @@ class Cluster:
         if e.failure is not None:
             log.debug("%s: batch %d failed: %s", self.me, e.batch, e.failure)
         batch = self._batches.pop(e.batch, None)
-        self._shipped.pop(e.batch, None)
+        shipped = self._shipped.pop(e.batch, None)
+        if e.failure is not None and shipped is not None:
+            self._merged(set(shipped[0]))  # its copies may differ now: compare them again
         local = self._local_errors.pop(e.batch, None)
         if batch is None:
             return
@@ -402,6 +408,8 @@ class Cluster:
         replica = self.broker.replica
         if isinstance(request, ApplyReq):
             epochs = {(q, i): e for q, i, e in request.epochs}
+            if self._current:  # another node dispatches these (or did): compare them again
+                self._merged(set(epochs))
             merged = replica.merge(request.changes, epochs)
             answer = ApplyAnswer(tuple((p[0], p[1], e) for p, e in merged.fenced.items()),
                                  tuple(merged.missing), tuple(merged.tombs))
@@ -553,6 +561,7 @@ class Cluster:
             self.broker.replica.promise(q, result.higher)  # remember; next try goes above
         if result.ok:
             self.takeovers += 1
+            self._merged({q.part})  # compare every copy at the next round
             log.info("%s: dispatching %s/%d at epoch %x (promised by %s, read %s)", self.me,
                      q.name, q.index, result.epoch, ", ".join(result.promised_by) or "-",
                      ", ".join(result.read_from) or "-")
@@ -571,7 +580,8 @@ class Cluster:
     async def _sync(self, q: Queue, node: str) -> None:
         before = (self._misses[q.part, node], self._misses[q.part, self.me])
         stats = await sync(self.peers, self.broker, q, node)
-        if (self._misses[q.part, node], self._misses[q.part, self.me]) == before:
+        if (self._misses[q.part, node], self._misses[q.part, self.me]) == before \
+                and not stats.skipped:
             self._current.add((q.part, node))  # nothing failed to reach it, or came in
         self.repaired["sent"] += stats.sent
         self.repaired["fetched"] += stats.fetched

@@ -60,6 +60,7 @@ class SyncStats:
     sent: int = 0  # records, progress and tombstones pushed to the other node
     fetched: int = 0  # records and tombstones merged from it
     deleted: int = 0  # of which tombstones (either way)
+    skipped: int = 0  # ids it holds that are ours and not yet confirmed (left alone)
 
 
 @dataclass
@@ -159,7 +160,9 @@ async def sync(peers: Peers, broker: Broker, q: Queue, node: str, *,
                 compare(now_msg, t)
             elif mid in q.tombs:
                 push.append(Tomb(q.name, q.index, mid, q.tombs[mid]))
-            elif mid not in broker.in_flight:  # (ours and not yet confirmed: not theirs)
+            elif mid in broker.in_flight:  # ours and not yet confirmed: not theirs
+                stats.skipped += 1
+            else:
                 wanted.append(mid)
     if wanted and pull:
         got = await peers.call(node, FetchReq(q.name, q.index, tuple(wanted)))
