@@ -592,3 +592,24 @@ async def test_a_dedup_entry_does_not_keep_its_confirmed_send_alive(
     # and the entries still answer a retry with the first message
     assert await env.send({"body": b"a", "dedup_id": "d7"}) == ids[7]
     assert env.counts() == (50, 0, 0)
+
+
+async def test_a_lease_handed_over_late_runs_its_whole_visibility_timeout(
+        env: Env, autojump_clock: MockClock) -> None:
+    """A message leased at send time to a waiting consumer reaches it once its commit (and
+    write quorum) completes: when that takes a while, the consumer still gets the whole
+    visibility timeout from the moment it has the message."""
+    await env.declare(visibility_timeout=5.0)
+    first, second = Conn(env), Conn(env)
+    first.consume(prefetch=1)
+    env.store.delays = lambda: 2.0  # a slow commit (a slow write quorum looks the same)
+    [mid] = await env.send(b"a")
+    got = await first.next()
+    assert got.id == mid and got.at >= env.t0 + 2.0
+    env.store.delays = None
+    assert env.msg(mid).lease_deadline == pytest.approx(got.at + 5.0)
+    second.consume(prefetch=1)
+    again = await second.next()  # the lease ends, and the message goes out again
+    later = [d for d in first.got + second.got if d is not got]
+    assert again.id == mid and again.count >= 2
+    assert later and all(d.at >= got.at + 5.0 for d in later)

@@ -60,6 +60,7 @@ DEDUP_PRUNE_INTERVAL = 60.0
 HLC_CEILING_MS = 200  # how far the persisted HLC ceiling runs ahead (< max_clock_offset)
 HLC_REFRESH = pack(HLC_CEILING_MS // 2)  # renew the ceiling when this close to it
 TICK_BUDGET = 2000  # timers handled per event-loop turn
+LATE_HAND_OVER = 0.25  # s: a lease taken at send time and handed over later runs from then
 RECEIPT_SEP = "~"  # a receipt is "<message id>~<lease id in hex>"
 
 
@@ -479,6 +480,7 @@ class Broker:
                     msg.state, msg.delivery_count = State.READY, 0
                     self._progress(q, msg)
                 else:
+                    self._renew_if_late(q, msg, c, now)
                     c.session.leases[msg] = None
                     self._add_timer(msg.lease_deadline, _T_LEASE, msg)  # type: ignore[arg-type]
                     out.setdefault(c, []).append(msg)
@@ -549,6 +551,12 @@ class Broker:
             still = [m for m, lease in zip(msgs, leases, strict=True)
                      if m.state == State.LEASED and m.lease_id == lease
                      and (m.owner is c or m.owner is None)]
+            now = self.clock.time()
+            for m in still:
+                q = self.queues.get(m.queue)
+                if (q is not None and q.active and q.messages.get(m.id) is m
+                        and self._renew_if_late(q, m, c, now)):
+                    self._add_timer(m.lease_deadline, _T_LEASE, m)  # type: ignore[arg-type]
             if still or not c.replenish:  # a pull receive waits to hear, even of nothing
                 self._hand_over(c, still)
             return
@@ -567,6 +575,18 @@ class Broker:
         if (not c.replenish and c.pending == 0 and not c.cancelled
                 and not c.session.closed):
             c.sink(c, [])  # wake the pull receive that waits for them
+
+    def _renew_if_late(self, q: Queue, msg: Message, c: Consumer, now: float) -> bool:
+        """A lease handed over well after it was taken (its write quorum took a while)
+        runs the consumer's whole visibility timeout from now, not what is left of it: a
+        new version, replicated like any step. True if renewed (its timer is the
+        caller's to set)."""
+        vt = c.visibility_timeout or q.options.visibility_timeout
+        if msg.lease_deadline is None or msg.lease_deadline - vt >= now - LATE_HAND_OVER:
+            return False
+        msg.lease_deadline = now + vt
+        self._progress(q, msg)
+        return True
 
     def _hand_over(self, c: Consumer, msgs: list[Message]) -> None:
         """Give a consumer messages whose lease committed, counting them."""
