@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import math
 import socket
 from collections.abc import AsyncIterator
 from typing import Any
@@ -23,6 +24,7 @@ from meshq.mesh.transport import (
     Transport,
     UdpTcpTransport,
     format_address,
+    next_frames,
     parse_address,
     run_stream_handler,
 )
@@ -122,6 +124,37 @@ async def test_framed_stream_byte_at_a_time_and_clean_eof() -> None:
     async with trio.open_nursery() as nursery:
         nursery.start_soon(dribble)
         assert [f async for f in FramedStream(right)] == frames
+
+
+async def test_a_writer_sends_what_is_queued_in_order_with_one_write() -> None:
+    """next_frames takes the frames queued behind the first (up to COALESCE), and
+    send_many writes them at once; a closed channel still yields what it held."""
+    left, right = trio.testing.memory_stream_pair()
+    writes: list[int] = []
+    inner = left.send_all
+
+    async def counting(data: bytes) -> None:
+        writes.append(len(data))
+        await inner(data)
+
+    left.send_all = counting  # type: ignore[method-assign]
+    tx, rx = trio.open_memory_channel[dict[str, Any]](math.inf)
+    frames: list[dict[str, Any]] = [{"n": i} for i in range(transport.COALESCE + 3)]
+    for f in frames:
+        tx.send_nowait(f)
+    tx.close()
+    out = FramedStream(left)
+    batches = []
+    while True:
+        try:
+            batch = await next_frames(rx)
+        except trio.EndOfChannel:
+            break
+        batches.append(len(batch))
+        await out.send_many(batch)
+    await left.aclose()
+    assert batches == [transport.COALESCE, 3] and len(writes) == 2
+    assert [f async for f in FramedStream(right)] == frames
 
 
 async def test_framed_stream_eof_inside_a_frame_is_a_protocol_error() -> None:

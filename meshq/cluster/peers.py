@@ -29,7 +29,7 @@ import trio
 
 from meshq.cluster.changes import Answer, Request, decode, encode
 from meshq.errors import MeshqError, ProtocolError, Unavailable
-from meshq.mesh.transport import FramedStream, Transport
+from meshq.mesh.transport import FramedStream, Transport, next_frames
 from meshq.mesh.wire import PeerProtocolError, hello_frame
 
 if TYPE_CHECKING:
@@ -131,8 +131,12 @@ class _Link:
         fn(answer)  # type: ignore[arg-type]
 
     async def _writer(self, stream: FramedStream) -> None:
-        async for frame in self.out_recv:
-            await stream.send(frame)
+        while True:
+            try:
+                frames = await next_frames(self.out_recv)
+            except trio.EndOfChannel:
+                return
+            await stream.send_many(frames)
 
     def close(self) -> None:
         if self.closed:
@@ -225,8 +229,12 @@ async def serve_link(stream: FramedStream, hello: dict[str, Any], handler: Handl
     out_send, out_recv = trio.open_memory_channel[dict[str, Any]](math.inf)
 
     async def writer() -> None:
-        async for frame in out_recv:
-            await stream.send(frame)
+        while True:
+            try:
+                frames = await next_frames(out_recv)
+            except trio.EndOfChannel:
+                return
+            await stream.send_many(frames)
 
     async def finish(rid: Any, work: Awaitable[Answer]) -> None:
         try:

@@ -23,7 +23,7 @@ from typing import Any
 import trio
 
 from meshq.errors import MeshqError, Unavailable
-from meshq.mesh.transport import FramedStream, Transport
+from meshq.mesh.transport import FramedStream, Transport, next_frames
 from meshq.mesh.wire import check_hello, hello_frame
 from meshq.protocol.codec import DEFAULT_MAX_FRAME
 
@@ -106,12 +106,21 @@ class Upstream:
         scope.cancel()
 
     async def _writer(self, stream: FramedStream) -> None:
-        async for frame in self._out_recv:
-            rid = frame.get("id")
-            await stream.send(frame)
-            if isinstance(rid, int):
-                self._written.add(rid)
-            if frame.get("op") == "_bye":
+        while True:
+            try:
+                frames = await next_frames(self._out_recv)
+            except trio.EndOfChannel:
+                return
+            for i, frame in enumerate(frames):
+                if frame.get("op") == "_bye":
+                    del frames[i + 1:]  # nothing goes after it
+                    break
+            for frame in frames:  # from now on they may have reached the primary
+                rid = frame.get("id")
+                if isinstance(rid, int):
+                    self._written.add(rid)
+            await stream.send_many(frames)
+            if frames[-1].get("op") == "_bye":
                 return
 
     def _from_upstream(self, frame: dict[str, Any]) -> None:
