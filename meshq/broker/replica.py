@@ -88,14 +88,15 @@ def _message_of(r: Record, seq: int) -> Message:
 class Merged:
     """What a merge did: the batch it staged into (``batch.ops`` empty: nothing to make
     durable), partitions refused for a later promise (part -> promised epoch), Steps for
-    records not held here, Puts and Steps refused by a tombstone (sent back), and whether
-    anything changed."""
+    records not held here, Puts and Steps refused by a tombstone (sent back), whether
+    anything changed, and whether the catalog did (a queue came, went or changed)."""
 
     batch: Batch
     fenced: dict[PartKey, int] = field(default_factory=dict)
     missing: list[tuple[str, int, str]] = field(default_factory=list)
     tombs: list[Tomb] = field(default_factory=list)
     changed: bool = False
+    catalog: bool = False
 
 
 class Replica:
@@ -235,7 +236,8 @@ class Replica:
             rest = []
             for c in changes:
                 if type(c) is Decl or type(c) is Drop:
-                    out.changed |= self._merge_catalog(c)
+                    if self._merge_catalog(c):
+                        out.changed = out.catalog = True
                 else:
                     rest.append(c)
             for (qname, idx), epoch in (epochs or {}).items():

@@ -413,7 +413,7 @@ class Cluster:
             merged = replica.merge(request.changes, epochs)
             answer = ApplyAnswer(tuple((p[0], p[1], e) for p, e in merged.fenced.items()),
                                  tuple(merged.missing), tuple(merged.tombs))
-            if merged.changed and any(isinstance(c, Decl | Drop) for c in request.changes):
+            if merged.catalog:  # (not for the Decl every batch repeats)
                 self.wake()
             return self._after(merged.batch, answer)
         if isinstance(request, PromiseReq):
@@ -472,7 +472,7 @@ class Cluster:
     async def _catalog(self, req: CatalogReq) -> CatalogAnswer:
         if req.entries is not None:
             merged = self.broker.replica.merge(list(req.entries))
-            if merged.changed:
+            if merged.catalog:
                 self.wake()
             await durable(merged.batch)
         entries = self.broker.replica.catalog_entries()
