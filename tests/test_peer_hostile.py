@@ -15,6 +15,7 @@ import trio
 from test_bad_input import Raw
 from test_membership import all_alive, eventually
 
+from meshq.cluster.peers import LINK_KIND
 from meshq.cluster.placement import ring_key
 from meshq.mesh.keyring import ENVELOPE_HEADER, Keyring, generate_key, parse_key
 from meshq.mesh.ring import Ring
@@ -177,4 +178,50 @@ def test_a_relayed_request_may_have_any_msgpack_id(pair: list[DaemonProcess]) ->
         assert answer["id"] == [1, {"x": 2}] and answer["result"]["queues"], answer
     finally:
         raw.close()
+    assert "Traceback" not in a.log_tail(20000)
+
+
+async def _garbage_on_a_link(addr: str, key: str) -> list[dict]:
+    """A keyed peer on a replication link: requests whose fields are wrong in depth
+    (bytes map keys, junk changes) each get an error answer; a frame nested past what
+    msgpack unpacks ends the link."""
+    keyring = Keyring([parse_key(key)])
+    answers = []
+    async with await UdpTcpTransport.bind("127.0.0.1:0", keyring=keyring) as t:
+        stream = FramedStream(await t.open_stream(addr, 5))
+        hello = hello_frame("meshq", "ghost")
+        hello["kind"] = LINK_KIND
+        with trio.fail_after(10):
+            try:
+                await stream.send(hello)
+                for rid, frame in enumerate([
+                        {"t": "apply", "e": [], "c": [["P", {b"bytes": {b"k": 1}}]]},
+                        {"t": "apply", "e": [["q", 0, {b"x": 1}]], "c": []},
+                        {"t": "apply", "e": [], "c": [["Q", "q", 1, {b"opt": [1]}]]},
+                        {"t": "digest", "q": "q", "i": 0, "s": [[[]]]}], start=1):
+                    await stream.send({**frame, "rid": rid})
+                    answers.append(await stream.receive() or {})
+                nested = b"\x91" * 5000 + b"\xc0"
+                payload = b"\x82\xa1t\xa5apply\xa1c" + nested
+                await stream.stream.send_all(len(payload).to_bytes(4, "big") + payload)
+                answers.append({"end": await stream.receive()})
+            finally:
+                await stream.aclose()
+    return answers
+
+
+def test_a_replication_link_refuses_malformed_requests_one_by_one(
+        pair: list[DaemonProcess], tmp_path: Path) -> None:
+    a, b = pair
+    assert a.bind is not None
+    key = (tmp_path / "cluster.key").read_text()
+    answers = trio.run(_garbage_on_a_link, a.bind, key)
+    assert [x.get("rid") for x in answers[:4]] == [1, 2, 3, 4], answers
+    assert all("error" in x for x in answers[:4]), answers
+    assert answers[4] == {"end": None}, answers  # the link closed, nothing else
+    with a.client() as c:  # still up, still a member, still replicating
+        c.declare("after-garbage", replicas=2)
+        ids = [c.send("after-garbage", "x") for _ in range(5)]
+    assert all_alive(pair, {"a", "b"})
+    assert drain(b, "after-garbage") >= set(ids)
     assert "Traceback" not in a.log_tail(20000)

@@ -94,6 +94,7 @@ class _Link:
                 raise
             self.peers._down_until.pop(self.node, None)
             stream = FramedStream(raw, max_frame=LINK_MAX_FRAME)
+            stream.allow_frames(LINK_MAX_FRAME, check_keys=False)  # (decode() checks)
             try:
                 hello = hello_frame(self.peers.cluster, self.peers.me)
                 hello["kind"] = LINK_KIND
@@ -225,7 +226,7 @@ async def serve_link(stream: FramedStream, hello: dict[str, Any], handler: Handl
     A request that cannot be decoded or fails gets an error answer; the link goes on. The
     synchronous part of each request runs in arrival order (merges stage in order)."""
     peer = str(hello.get("node"))
-    stream.allow_frames(LINK_MAX_FRAME)
+    stream.allow_frames(LINK_MAX_FRAME, check_keys=False)  # (decode() checks each field)
     out_send, out_recv = trio.open_memory_channel[dict[str, Any]](math.inf)
 
     async def writer() -> None:

@@ -20,7 +20,13 @@ import trio
 from meshq.errors import ProtocolError, StartupError, Unavailable
 from meshq.mesh.keyring import ENVELOPE_HEADER, Keyring
 from meshq.mesh.secure import SecureStream
-from meshq.protocol.codec import DEFAULT_MAX_FRAME, FrameDecoder, encode_frame
+from meshq.protocol.codec import (
+    DEFAULT_MAX_FRAME,
+    FrameDecoder,
+    decode_frame,
+    decode_frame_unchecked,
+    encode_frame,
+)
 
 __all__ = [
     "COALESCE",
@@ -272,9 +278,12 @@ class FramedStream:
         self.stream = stream
         self._decoder = FrameDecoder(max_frame)
 
-    def allow_frames(self, max_frame: int) -> None:
-        """Accept frames up to ``max_frame`` bytes from now on."""
+    def allow_frames(self, max_frame: int, *, check_keys: bool = True) -> None:
+        """Accept frames up to ``max_frame`` bytes from now on; ``check_keys=False``: do
+        not walk each frame for str keys and depth (a peer link's decoder checks every
+        field it reads)."""
         self._decoder.max_frame = max_frame
+        self._decoder.decode = decode_frame if check_keys else decode_frame_unchecked
 
     async def send(self, frame: dict[str, Any]) -> None:
         await self.stream.send_all(encode_frame(frame))

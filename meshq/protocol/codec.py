@@ -16,8 +16,8 @@ import msgpack
 
 from meshq.errors import FrameTooLarge, ProtocolError
 
-__all__ = ["DEFAULT_MAX_FRAME", "HEADER", "FrameDecoder", "decode_frame", "encode_frame",
-           "pack_payload"]
+__all__ = ["DEFAULT_MAX_FRAME", "HEADER", "FrameDecoder", "decode_frame",
+           "decode_frame_unchecked", "encode_frame", "pack_payload"]
 
 DEFAULT_MAX_FRAME = 8 * 1024 * 1024
 MAX_DEPTH = 32  # nesting of maps and lists in one frame
@@ -33,13 +33,20 @@ def encode_frame(obj: dict[str, Any]) -> bytes:
 
 def decode_frame(payload: bytes) -> dict[str, Any]:
     """Decode one frame body; anything but a msgpack map raises ProtocolError."""
+    obj = decode_frame_unchecked(payload)
+    _check_keys(obj)
+    return obj
+
+
+def decode_frame_unchecked(payload: bytes) -> dict[str, Any]:
+    """decode_frame without the walk over every key and list: for a peer link, whose
+    decoder checks the type of every field it reads (msgpack itself bounds nesting)."""
     try:
         obj = msgpack.unpackb(payload, raw=False, strict_map_key=True, use_list=True)
     except Exception as exc:  # msgpack raises many types on garbage; we promise one.
         raise ProtocolError(f"frame is not valid msgpack: {exc.__class__.__name__}") from None
     if not isinstance(obj, dict):
         raise ProtocolError(f"frame must hold a map, not {type(obj).__name__}")
-    _check_keys(obj)
     return obj
 
 
@@ -77,6 +84,7 @@ class FrameDecoder:
 
     def __init__(self, max_frame: int = DEFAULT_MAX_FRAME) -> None:
         self.max_frame = max_frame
+        self.decode = decode_frame  # (or decode_frame_unchecked)
         self._buf = bytearray()
         self._pos = 0
 
@@ -103,7 +111,7 @@ class FrameDecoder:
             return None
         payload = bytes(buf[pos + 4 : end])
         self._pos = end
-        return decode_frame(payload)
+        return self.decode(payload)
 
     def frames(self) -> Iterator[dict[str, Any]]:
         """Each whole frame buffered now (possibly none), in order; a bad frame raises
