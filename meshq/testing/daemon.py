@@ -94,10 +94,15 @@ class DaemonProcess:
         return self.proc.pid
 
     def kill(self) -> None:
-        """SIGKILL: the daemon gets no chance to clean up."""
+        """SIGKILL: the daemon gets no chance to clean up. Its store's writer process
+        finishes the commit it is in and exits (as after a real crash); this returns once
+        it has, so that the data directory is quiet (a test may wipe it)."""
         if self.proc is not None and self.proc.poll() is None:
+            children = _children(self.proc.pid)
             self.proc.send_signal(signal.SIGKILL)
             self.proc.wait()
+            for pid in children:
+                _wait_gone(pid, 30.0)
         self._reap()
 
     def stop(self, timeout: float = 15.0) -> int:
@@ -131,3 +136,40 @@ class DaemonProcess:
 
     def __exit__(self, *exc: object) -> None:
         self.kill()
+
+
+def _children(pid: int) -> list[int]:
+    """The processes whose parent is ``pid`` now (Linux /proc; empty elsewhere)."""
+    out: list[int] = []
+    try:
+        entries = os.listdir("/proc")
+    except OSError:
+        return out
+    for entry in entries:
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                stat = f.read()
+        except OSError:
+            continue
+        fields = stat[stat.rfind(")") + 2:].split()  # after "pid (comm) "
+        if len(fields) > 1 and fields[1] == str(pid):
+            out.append(int(entry))
+    return out
+
+
+def _wait_gone(pid: int, timeout: float) -> None:
+    """Until process ``pid`` (not our child: no waitpid) has exited, at most ``timeout``
+    seconds: a pidfd becomes readable when it does."""
+    try:
+        fd = os.pidfd_open(pid)
+    except (OSError, AttributeError):  # gone already, or no pidfd here
+        return
+    try:
+        sel = selectors.DefaultSelector()
+        sel.register(fd, selectors.EVENT_READ)
+        sel.select(timeout)
+        sel.close()
+    finally:
+        os.close(fd)
