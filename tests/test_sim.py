@@ -40,6 +40,20 @@ def test_many_seeds_keep_every_guarantee(seeds: range) -> None:
         assert {"kill", "pause", "isolate", "skew", "leave", "join"} <= kinds
 
 
+# Heavy seeds (tools/simulate.py --heavy) that once failed, kept as regressions: 28 and
+# 37, an ack applied by its first attempt and answered UNAVAILABLE ("nothing written") on
+# a repeat, so the consumer took it for refused. tools/simulate.py --seeds N --heavy
+# still finds failing seeds (see docs/performance.md): they are work in progress.
+HEAVY_REGRESSIONS = [28, 37]
+
+
+def test_heavy_seeds_that_once_failed_keep_every_guarantee() -> None:
+    outcomes = run_seeds(HEAVY_REGRESSIONS, jobs=os.cpu_count() or 2, heavy=True)
+    failed = [o for o in outcomes if not o.ok]
+    assert not failed, "\n\n".join(f"{o.summary}\nreplay: {replay_command(o.seed, True)}"
+                                   for o in failed)
+
+
 def test_a_seed_replays_exactly() -> None:
     first, second = simulate(7), simulate(7)
     assert first.trace == second.trace

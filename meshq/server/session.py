@@ -272,6 +272,10 @@ class ClientSession:
                 repeated = repeated or isinstance(exc, Timeout)
                 if (not retry or self.relayed or self.closed
                         or trio.current_time() + backoff > deadline):
+                    if repeated and isinstance(exc, Unavailable):
+                        # An earlier attempt's outcome is unknown: not "nothing written".
+                        raise Timeout(f"{exc.message}; an earlier attempt may have been "
+                                      "applied (outcome unknown)") from None
                     raise
                 with trio.move_on_after(backoff):
                     await cluster.changed.wait()
