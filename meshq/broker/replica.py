@@ -256,19 +256,10 @@ class Replica:
                 if part is not None and part in out.fenced:
                     continue
                 t = type(c)
-                if t is Put or t is Step or t is Tomb:
-                    if t is Put:
-                        did = self._merge_put(c.record, now, out, touched)  # type: ignore[union-attr]
-                    elif t is Step:
-                        did = self._merge_step(c, now, out, touched)  # type: ignore[arg-type]
-                    else:
-                        did = self._merge_tomb(c, touched)  # type: ignore[arg-type]
-                    if did:
-                        out.changed = True
-                        changed_parts.add(part)  # type: ignore[arg-type]
-                elif t is Dedup:
+                if t is Dedup:
                     out.changed |= self._merge_dedup(c, now)  # type: ignore[arg-type]
-                elif t is Tally:
+                    continue
+                if t is Tally:
                     q = self.part(c.queue, c.index)  # type: ignore[union-attr]
                     if q is not None:
                         new = join_tally(q.tally, c.node, (c.dead_lettered, c.expired,  # type: ignore[union-attr]
@@ -277,6 +268,18 @@ class Replica:
                             q.tally = new
                             self.b._stage_partition(q)
                             out.changed = True
+                    continue
+                if t is Put:
+                    did = self._merge_put(c.record, now, out, touched)  # type: ignore[union-attr]
+                elif t is Step:
+                    did = self._merge_step(c, now, out, touched)  # type: ignore[arg-type]
+                elif t is Tomb:
+                    did = self._merge_tomb(c, touched)  # type: ignore[arg-type]
+                else:
+                    continue
+                if did:  # a record's state here moved: the partition's other copies lag
+                    out.changed = True
+                    changed_parts.add(part)  # type: ignore[arg-type]
         finally:
             self.b.replicating = replicating
         for q in touched:

@@ -108,13 +108,14 @@ class Cluster:
                                        dict[PartKey, int]]] = {}
         self._local_errors: dict[int, BaseException] = {}
         self._busy: set[Any] = set()
-        # (partition, holder) pairs known equal since their last sync: every batch sent
-        # to the holder since was applied there. A failed or fenced batch, a merge that
-        # changed the partition here, a batch from another dispatcher, a takeover or
-        # deposition, a placement change, or a sync that left an unconfirmed send of ours
-        # alone takes the pair out; anti-entropy skips the pairs in it but every
-        # FULL_EVERY rounds, so that a busy queue is not digested whole every round.
-        self._current: set[tuple[PartKey, str]] = set()
+        # Per partition, the holders known equal to it since their last sync: every batch
+        # sent to them since was applied there. A failed or fenced batch takes the holder
+        # out; a merge that changed the partition here, a batch from another dispatcher,
+        # a takeover or deposition, or a sync that left an unconfirmed send of ours alone
+        # takes the partition out; a placement change empties it. Anti-entropy skips the
+        # holders in it but every FULL_EVERY rounds, so that a busy queue is not digested
+        # whole every round.
+        self._current: dict[PartKey, set[str]] = {}
         self._misses: dict[tuple[PartKey, str], int] = defaultdict(int)
         self._takeovers: dict[PartKey, trio.Event] = {}
         self._wake = trio.Event()
@@ -321,14 +322,13 @@ class Cluster:
     def _merged(self, parts: set[PartKey]) -> None:
         """A merge changed these partitions here, or another node dispatched them: the
         other copies may differ from this one."""
-        if self._current:
-            self._current = {pn for pn in self._current if pn[0] not in parts}
         for part in parts:
+            self._current.pop(part, None)
             self._misses[part, self.me] += 1  # (a sync under way cannot vouch for it)
 
     def _missed(self, part: PartKey, node: str) -> None:
         """``node`` may lack some of ``part``'s changes: compare it at the next round."""
-        self._current.discard((part, node))
+        self._current.get(part, set()).discard(node)
         self._misses[part, node] += 1
 
     def committed(self, batch: Batch, error: BaseException | None) -> None:
@@ -540,7 +540,7 @@ class Cluster:
             elif full:
                 every = self.rounds % FULL_EVERY == 0
                 for node in reps.followers:
-                    if every or (part, node) not in self._current:
+                    if every or node not in self._current.get(part, ()):
                         self._spawn(("sync", part, node), self._sync, q, node)
             return
         if q.active:
@@ -582,7 +582,8 @@ class Cluster:
         stats = await sync(self.peers, self.broker, q, node)
         if (self._misses[q.part, node], self._misses[q.part, self.me]) == before \
                 and not stats.skipped:
-            self._current.add((q.part, node))  # nothing failed to reach it, or came in
+            # nothing failed to reach it, or came in
+            self._current.setdefault(q.part, set()).add(node)
         self.repaired["sent"] += stats.sent
         self.repaired["fetched"] += stats.fetched
         self.repaired["deleted"] += stats.deleted

@@ -29,7 +29,7 @@ import trio
 
 from meshq.cluster.changes import Answer, Request, decode, encode
 from meshq.errors import MeshqError, ProtocolError, Unavailable
-from meshq.mesh.transport import FramedStream, Transport, next_frames
+from meshq.mesh.transport import FramedStream, Transport
 from meshq.mesh.wire import PeerProtocolError, hello_frame
 
 if TYPE_CHECKING:
@@ -132,12 +132,7 @@ class _Link:
         fn(answer)  # type: ignore[arg-type]
 
     async def _writer(self, stream: FramedStream) -> None:
-        while True:
-            try:
-                frames = await next_frames(self.out_recv)
-            except trio.EndOfChannel:
-                return
-            await stream.send_many(frames)
+        await stream.send_from(self.out_recv)
 
     def close(self) -> None:
         if self.closed:
@@ -230,12 +225,7 @@ async def serve_link(stream: FramedStream, hello: dict[str, Any], handler: Handl
     out_send, out_recv = trio.open_memory_channel[dict[str, Any]](math.inf)
 
     async def writer() -> None:
-        while True:
-            try:
-                frames = await next_frames(out_recv)
-            except trio.EndOfChannel:
-                return
-            await stream.send_many(frames)
+        await stream.send_from(out_recv)
 
     async def finish(rid: Any, work: Awaitable[Answer]) -> None:
         try:

@@ -295,6 +295,16 @@ class FramedStream:
         else:
             await self.stream.send_all(b"".join([encode_frame(f) for f in frames]))
 
+    async def send_from(self, channel: trio.MemoryReceiveChannel[dict[str, Any]]) -> None:
+        """Send what arrives on ``channel`` until it is closed, the frames queued behind
+        one with the same write (next_frames)."""
+        while True:
+            try:
+                frames = await next_frames(channel)
+            except trio.EndOfChannel:
+                return
+            await self.send_many(frames)
+
     async def receive(self) -> dict[str, Any] | None:
         while True:
             frame = self._decoder.next_frame()

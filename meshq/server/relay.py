@@ -111,14 +111,13 @@ class Upstream:
                 frames = await next_frames(self._out_recv)
             except trio.EndOfChannel:
                 return
-            for i, frame in enumerate(frames):
-                if frame.get("op") == "_bye":
-                    del frames[i + 1:]  # nothing goes after it
-                    break
-            for frame in frames:  # from now on they may have reached the primary
+            for i, frame in enumerate(frames):  # from now on they may reach the primary
                 rid = frame.get("id")
                 if isinstance(rid, int):
                     self._written.add(rid)
+                if frame.get("op") == "_bye":
+                    del frames[i + 1:]  # nothing goes after it
+                    break
             await stream.send_many(frames)
             if frames[-1].get("op") == "_bye":
                 return

@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import os
+import select
 import selectors
 import signal
 import subprocess
@@ -167,9 +168,6 @@ def _wait_gone(pid: int, timeout: float) -> None:
     except (OSError, AttributeError):  # gone already, or no pidfd here
         return
     try:
-        sel = selectors.DefaultSelector()
-        sel.register(fd, selectors.EVENT_READ)
-        sel.select(timeout)
-        sel.close()
+        select.select([fd], [], [], timeout)
     finally:
         os.close(fd)
