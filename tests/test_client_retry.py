@@ -14,6 +14,7 @@ import shutil
 import socket
 import tempfile
 import threading
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -29,9 +30,13 @@ from meshq.protocol.codec import FrameDecoder, encode_frame
 GONE = "no such message (already acked, expired or deleted)"
 
 
-def delivery(mid: str, lease: int, queue: str = "q") -> dict[str, Any]:
-    return {"id": mid, "queue": queue, "body": mid.encode(), "headers": {}, "hlc": 1,
-            "delivery_count": 1, "redelivered": False, "receipt": f"{mid}~{lease:x}"}
+def delivery(mid: str, lease: int, queue: str = "q", left: float | None = None,
+             ) -> dict[str, Any]:
+    d = {"id": mid, "queue": queue, "body": mid.encode(), "headers": {}, "hlc": 1,
+         "delivery_count": 1, "redelivered": False, "receipt": f"{mid}~{lease:x}"}
+    if left is not None:
+        d["lease_left"] = left
+    return d
 
 
 class Script:
@@ -422,6 +427,21 @@ def test_a_final_cancel_raises_consumer_cancelled(fake, script):
     assert script.of("cancel") == []
 
 
+def test_a_subscription_skips_deliveries_whose_lease_ended_unread(fake, script):
+    """A delivery that waited in the client past its lease may be another consumer's by
+    now (its lease ended, the daemon gave it out again): get() never returns it."""
+    with client(fake) as c, c.consume("q", prefetch=5) as sub:
+        fake.push(0, {"push": "deliver", "consumer": sub.tag, "messages": [
+            delivery("late", 1, left=0.0), delivery("fresh", 2, left=30.0),
+            delivery("old-daemon", 3)]})
+        fresh = sub.get(timeout=10)
+        assert fresh.id == "fresh"
+        assert 0 < fresh.lease_deadline - time.monotonic() <= 30.0
+        unstated = sub.get(timeout=10)  # a daemon that does not say: never skipped
+        assert (unstated.id, unstated.lease_deadline) == ("old-daemon", None)
+        assert sub.get(timeout=0) is None
+
+
 def test_a_lost_connection_subscribes_again_under_a_new_tag(fake, script):
     script.ready = ["m1"]
     with client(fake) as c, c.consume("q", prefetch=7) as sub:
@@ -604,6 +624,20 @@ async def test_async_ack_by_receipt_and_after_a_lost_connection(tfake, script, a
         assert await c.ack("q", [d2.id, d3.receipt]) == ["m2", "m3"]
         assert [n for n, _ in script.of("ack")] == [0, 0, 1]
         assert script.of("ack")[-1][1]["ids"] == [d2.receipt, d3.receipt]
+
+
+async def test_async_subscription_skips_deliveries_whose_lease_ended_unread(
+        tfake, script, autojump_clock):
+    async with aclient(tfake) as c, c.consume("q", prefetch=5) as sub:
+        await tfake.push(0, {"push": "deliver", "consumer": sub.tag, "messages": [
+            delivery("m1", 1, left=5.0), delivery("m2", 2, left=5.0),
+            delivery("m3", 3, left=60.0)]})
+        arrived = trio.current_time()
+        first = await anext(sub)
+        assert first.id == "m1" and first.lease_deadline == pytest.approx(arrived + 5.0)
+        await trio.sleep(10.0)  # the work outlasts the lease of m2, still unread
+        third = await anext(sub)
+        assert third.id == "m3" and third.lease_deadline == pytest.approx(arrived + 60.0)
 
 
 async def test_async_final_cancel_ends_iteration_with_consumer_cancelled(tfake, script,

@@ -105,10 +105,14 @@ class AsyncSubscription:
         return self
 
     async def __anext__(self) -> Delivery:
-        try:
-            item = await self._receive.receive()
-        except trio.EndOfChannel:
-            item = None
+        while True:
+            try:
+                item = await self._receive.receive()
+            except trio.EndOfChannel:
+                item = None
+            if item is None or not item.lapsed(trio.current_time()):
+                break
+            # Waited here past its lease: another consumer's by now.
         if item is None:  # the end: why is in _ended (None: the client was closed)
             if self._ended is not None:
                 raise copy.copy(self._ended)
@@ -332,7 +336,8 @@ class AsyncClient:
             return
         sub = conn.subs.get(tag)
         if push == "deliver":
-            items = [Delivery.from_wire(d, tag) for d in frame.get("messages", [])]
+            now = trio.current_time()
+            items = [Delivery.from_wire(d, now, tag) for d in frame.get("messages", [])]
             for d in items:
                 self._receipts.learn(d)
             if sub is not None:
@@ -482,7 +487,8 @@ class AsyncClient:
             return await self._once("receive", fields)
 
         result = await self._retrying(Retry.PLAIN, attempt)
-        got = [Delivery.from_wire(d) for d in result["messages"]]
+        now = trio.current_time()
+        got = [Delivery.from_wire(d, now) for d in result["messages"]]
         if not auto_ack:
             for d in got:
                 self._receipts.learn(d)

@@ -51,7 +51,14 @@ MAX_BACKOFF = 0.5
 class Delivery:
     """One message handed to a consumer. Settle it (ack, nack, extend) with the Delivery
     itself or its ``receipt``, from any connection while the lease runs; a bare ``id``
-    works only on the connection that received it."""
+    works only on the connection that received it.
+
+    ``received_at``: when it reached this client, on this client's clock
+    (``trio.current_time()`` under AsyncClient, ``time.monotonic()`` under Client).
+    ``lease_deadline``: when the lease ends, on the same clock, reckoned from the time
+    left that the daemon stated; None when it did not. After it the message may be
+    delivered to another consumer, so subscriptions skip deliveries that waited past it
+    unread."""
 
     id: str
     queue: str
@@ -62,19 +69,29 @@ class Delivery:
     redelivered: bool = False
     consumer: str | None = None
     receipt: str | None = None
+    received_at: float | None = None
+    lease_deadline: float | None = None
 
     @classmethod
-    def from_wire(cls, d: dict[str, Any], consumer: str | None = None) -> Delivery:
+    def from_wire(cls, d: dict[str, Any], now: float, consumer: str | None = None,
+                  ) -> Delivery:
+        """Parse a delivery that arrived at ``now`` (this client's clock)."""
         try:
             receipt = d.get("receipt")
+            left = d.get("lease_left")
             return cls(d["id"], d["queue"], d["body"], d.get("headers") or {}, d["hlc"],
                        d["delivery_count"], d["redelivered"], consumer,
-                       receipt if isinstance(receipt, str) else None)
+                       receipt if isinstance(receipt, str) else None, now,
+                       now + left if isinstance(left, int | float) else None)
         except (KeyError, TypeError, AttributeError) as exc:
             raise ProtocolError(f"malformed delivery from the daemon: {exc}") from None
 
     def text(self) -> str:
         return self.body.decode()
+
+    def lapsed(self, now: float) -> bool:
+        """Whether its lease ended by ``now`` (this client's clock)."""
+        return self.lease_deadline is not None and self.lease_deadline <= now
 
 
 def message_id(item: str) -> str:

@@ -339,7 +339,8 @@ class Client:
         push = frame.get("push")
         tag = frame.get("consumer")
         if push == "deliver" and isinstance(tag, str):
-            items = [Delivery.from_wire(d, tag) for d in frame.get("messages", [])]
+            now = time.monotonic()
+            items = [Delivery.from_wire(d, now, tag) for d in frame.get("messages", [])]
             for d in items:
                 self._receipts.learn(d)
             sub = conn.subs.get(tag)
@@ -477,7 +478,12 @@ class Client:
 
     def _next_delivery(self, sub: Subscription, timeout: float | None) -> Delivery | None:
         deadline = None if timeout is None else time.monotonic() + timeout
-        while not sub._box:
+        while True:
+            box = sub._box
+            while box and box[0].lapsed(time.monotonic()):  # another consumer's by now
+                box.popleft()
+            if box:
+                return box.popleft()
             if sub._ended is not None:
                 raise copy.copy(sub._ended)
             if sub._cancelled:
@@ -490,7 +496,6 @@ class Client:
             left = None if deadline is None else max(0.0, deadline - time.monotonic())
             if not self._read(conn, left):
                 return None
-        return sub._box.popleft()
 
     def _restore(self, deadline: float | None) -> bool:
         """Connect again and subscribe again, or wait before the next attempt; False when
@@ -575,7 +580,8 @@ class Client:
             return self._once("receive", fields, timeout)
 
         result = self._retrying(Retry.PLAIN, attempt)
-        got = [Delivery.from_wire(d) for d in result["messages"]]
+        now = time.monotonic()
+        got = [Delivery.from_wire(d, now) for d in result["messages"]]
         if not auto_ack:
             for d in got:
                 self._receipts.learn(d)

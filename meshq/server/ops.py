@@ -68,7 +68,8 @@ async def _receive_async(s: ClientSession, req: dict[str, Any]) -> dict[str, Any
     auto_ack = _field(req, "auto_ack", False, types=bool)
     msgs = await broker.receive(s.session, name, _field(req, "max", 1),
                                 _field(req, "wait", 0.0), _field(req, "visibility_timeout", None))
-    out = [delivery(m) for m in msgs]
+    now = broker.clock.time()
+    out = [delivery(m, now) for m in msgs]
     if auto_ack and msgs:
         await broker.ack(s.session, name, [m.id for m in msgs]).wait()
     return {"messages": out}

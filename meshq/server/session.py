@@ -73,9 +73,10 @@ class Out(Protocol):
     def spawn(self, fn: Callable[..., Awaitable[Any]], *args: Any) -> None: ...
 
 
-def delivery(msg: Message) -> dict[str, Any]:
+def delivery(msg: Message, now: float) -> dict[str, Any]:
     """A message as it travels to a consumer; ``receipt`` acks it from any connection
-    while its lease runs."""
+    while its lease runs, ``lease_left`` seconds from ``now`` (the broker's clock)."""
+    left = None if msg.lease_deadline is None else round(max(0.0, msg.lease_deadline - now), 3)
     return {
         "id": msg.id,
         "queue": msg.queue,
@@ -85,6 +86,7 @@ def delivery(msg: Message) -> dict[str, Any]:
         "delivery_count": msg.delivery_count,
         "redelivered": msg.delivery_count > 1,
         "receipt": f"{msg.id}~{msg.lease_id:x}",
+        "lease_left": left,
     }
 
 
@@ -408,8 +410,9 @@ class ClientSession:
 
     # -- subscriptions -------------------------------------------------------------------
     def _deliver(self, tag: str, msgs: list[Message]) -> None:
+        now = self.broker.clock.time()
         self.out.push({"push": "deliver", "consumer": tag,
-                       "messages": [delivery(m) for m in msgs]})
+                       "messages": [delivery(m, now) for m in msgs]})
 
     def _cancelled(self, tag: str, reason: str, final: bool) -> None:
         """The broker ended one of our consumers here."""

@@ -316,6 +316,8 @@ class Simulation:
                         except MeshqError:
                             await trio.sleep(0.2)
                             continue
+                        for d in got:  # a batch: each lease runs from now
+                            self._got(name, d)
                         for d in got:
                             await self._handle(c, name, d, rng)
                 else:
@@ -323,6 +325,7 @@ class Simulation:
                         try:
                             async with c.consume(QUEUE, prefetch=5) as sub:
                                 async for d in sub:
+                                    self._got(name, d)
                                     await self._handle(c, name, d, rng)
                         except MeshqError:
                             await trio.sleep(0.2)
@@ -330,18 +333,24 @@ class Simulation:
         for mid in self._holding.pop(name):
             self.history.ack_failed(name, mid, trio.current_time())
 
-    async def _handle(self, c: AsyncClient, name: str, d: Any, rng: random.Random,
-                      work: float = 0.3) -> None:
-        now = trio.current_time()
-        self.history.delivered(name, d.id, d.delivery_count, d.redelivered,
-                               now + VISIBILITY, now)
-        holding = self._holding.setdefault(name, {})
-        holding[d.id] = None
+    def _got(self, name: str, d: Any) -> None:
+        """A consumer got a delivery (a receive returned it, or a subscription yielded
+        it): its lease ran from when it reached the client until the deadline the client
+        reckoned."""
+        at = trio.current_time() if d.received_at is None else d.received_at
+        deadline = at + VISIBILITY if d.lease_deadline is None else d.lease_deadline
+        self.history.delivered(name, d.id, d.delivery_count, d.redelivered, deadline, at)
+        self._holding.setdefault(name, {})[d.id] = None
         self._record("delivered", name, d.id, d.delivery_count)
         acked_at = self._acked.get(d.id)
-        if acked_at is not None and not self._unstable_at(now):
-            self.problems.append(f"ack undone: {d.id} delivered to {name} at {now:.2f} after "
+        if acked_at is not None and acked_at < at and not self._unstable_at(at):
+            self.problems.append(f"ack undone: {d.id} delivered to {name} at {at:.2f} after "
                                  f"its ack was confirmed at {acked_at:.2f}")
+
+    async def _handle(self, c: AsyncClient, name: str, d: Any, rng: random.Random,
+                      work: float = 0.3) -> None:
+        """Work on a delivery, then ack it (a pull consumer works through its batch)."""
+        holding = self._holding[name]
         await trio.sleep(rng.uniform(0.0, work))  # the work
         holding.pop(d.id, None)
         outcome = "unknown"  # also when this consumer is stopped while its ack is out
@@ -602,6 +611,8 @@ class Simulation:
                     got = await c.receive(QUEUE, max=100, wait=0.5)
                 except MeshqError:
                     continue
+                for d in got:
+                    self._got("drain", d)
                 for d in got:
                     await self._handle(c, "drain", d, rng, work=0.0)
         # What is still there (it should be nothing) is not lost.
