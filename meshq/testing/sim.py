@@ -391,16 +391,21 @@ class Simulation:
     # -- faults ---------------------------------------------------------------------------
     async def _monitor(self) -> None:
         """Record when membership was not stable: from a fault's start until every running
-        node sees every running node alive again (and a takeover could finish)."""
-        while True:
-            now = trio.current_time()
-            whole = self._whole() and not self._faulty
-            if not whole and self._unstable_since is None:
-                self._unstable_since = now
-            elif whole and self._unstable_since is not None:
-                self.history.unstable(self._unstable_since, now + 1.0)
-                self._unstable_since = None
-            await trio.sleep(0.1)
+        node sees every running node alive again (and a takeover could finish). An
+        instability still open when the run's clients stop counts until then."""
+        try:
+            while True:
+                now = trio.current_time()
+                whole = self._whole() and not self._faulty
+                if not whole and self._unstable_since is None:
+                    self._unstable_since = now
+                elif whole and self._unstable_since is not None:
+                    self.history.unstable(self._unstable_since, now + 1.0)
+                    self._unstable_since = None
+                await trio.sleep(0.1)
+        finally:
+            if self._unstable_since is not None:
+                self.history.unstable(self._unstable_since, trio.current_time() + 1.0)
 
     _faulty = False
 
