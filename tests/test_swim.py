@@ -139,6 +139,8 @@ def test_self_rules_are_what_we_expect() -> None:
         (Event.ALIVE, N), (Event.SUSPECT, SAME), (Event.SUSPECT, N), (Event.DEAD, SAME),
         (Event.DEAD, N), (Event.LEAVE, SAME), (Event.LEAVE, N),
     }
+    reannounce = {k for k, v in SELF_RULES.items() if v is SelfReaction.REANNOUNCE}
+    assert reannounce == {(Event.SUSPECT, OLD), (Event.DEAD, OLD), (Event.LEAVE, OLD)}
 
 
 @pytest.mark.parametrize(("incoming", "known", "expected"), [(1, 2, OLD), (2, 2, SAME), (3, 2, N)])
@@ -195,6 +197,21 @@ def test_engine_follows_self_rules(event: Event, rel: IncRelation) -> None:
     else:
         assert me.incarnation == 5
         assert s.statistics().refutations == 0 and s.health_score == 0
+        again = Alive(5, "self", SELF_ADDR, {}) in piggybacked(s)
+        assert again is (SELF_RULES[event, rel] is SelfReaction.REANNOUNCE)
+
+
+@pytest.mark.parametrize("state", [S, D, L, A])
+def test_a_ping_from_a_member_held_down_is_answered_with_the_suspicion(
+        state: MemberState) -> None:
+    s = make()
+    put_in_state(s, "x", state, 3)
+    drain(s)
+    (pkt,) = s.on_message(X_ADDR, Ping(9, "self", 1.0), 1.0)
+    assert isinstance(pkt, SendPacket) and pkt.addr == X_ADDR
+    assert isinstance(pkt.messages[0], Ack) and pkt.messages[0].seq == 9
+    told = [m for m in pkt.messages[1:] if isinstance(m, Suspect) and m.node == "x"]
+    assert told == ([Suspect(3, "x", "self")] if state in (S, D) else [])
 
 
 @pytest.mark.parametrize("alive", [Alive(5, "self", "10.7.7.7:1"), Alive(5, "self", SELF_ADDR,
@@ -853,3 +870,20 @@ def test_names_are_bounded_in_bytes_so_every_message_fits_a_packet() -> None:
     with pytest.raises(WireError):
         message_from_wire({"t": "alive", "inc": 1, "node": name, "addr": "10.0.0.1:1",
                            "meta": {}})
+
+
+def test_a_node_back_from_a_long_pause_is_seen_alive_without_waiting_for_push_pull() -> None:
+    """Paused (SIGSTOP) until it was declared dead: every Dead about it was gossiped while
+    it slept, and on waking it times out its own probes of the others. The members that
+    hold it dead tell it so when it pings them, it refutes, and everyone sees everyone
+    alive within a few probe rounds, not at the next push-pull (made far off here)."""
+    net = cluster(3, seed=5, config=SwimConfig(push_pull_interval=600.0))
+    net.run(10.0)
+    net.down.add("n2")
+    net.run(60.0)
+    assert net.view("n0")["n2"][0] is D and net.view("n1")["n2"][0] is D
+    net.down.discard("n2")
+    net.run(70.0)
+    for name in net.nodes:
+        assert {m: st for m, (st, _) in net.view(name).items()} == {
+            "n0": A, "n1": A, "n2": A}, name

@@ -32,7 +32,11 @@ member said why it went). Every other triple is an IllegalTransition: the engine
 such a message as stale or redundant and counts it. Only ALIVE adds an unknown member.
 About ourselves SELF_RULES apply instead: a SUSPECT, DEAD or LEAVE at our incarnation
 or newer, or an ALIVE newer than ours (or equal but with another address or meta), is
-refuted by taking incarnation max(ours, theirs) + 1 and broadcasting ALIVE.
+refuted by taking incarnation max(ours, theirs) + 1 and broadcasting ALIVE; an older
+SUSPECT, DEAD or LEAVE is someone's stale view of us, answered by broadcasting our ALIVE
+again at our incarnation. A ping from a member we hold SUSPECT or DEAD is answered with
+that Suspect attached: a node back from a pause (every Dead about it gossiped while it
+slept) learns of it from the first member it probes, instead of at the next push-pull.
 """
 
 from __future__ import annotations
@@ -132,7 +136,8 @@ class IncRelation(enum.Enum):
 
 class SelfReaction(enum.Enum):
     IGNORE = "ignore"
-    REFUTE = "refute"
+    REFUTE = "refute"  # a new incarnation, broadcast
+    REANNOUNCE = "reannounce"  # our ALIVE again, at the incarnation we have
 
 
 def relation(incoming: int, known: int) -> IncRelation:
@@ -165,12 +170,14 @@ TRANSITIONS: dict[tuple[MemberState, Event, IncRelation], MemberState] = {
     (_D, _E.LEAVE, _R.NEWER): _L,
 }
 #: About ourselves: refute what accuses us at our incarnation or later, and an ALIVE newer
-#: than ours (someone replays our old name); the rest is our own news coming back.
+#: than ours (someone replays our old name); an older accusation is a stale view that
+#: missed our last refutation: announce ourselves again; older or equal ALIVEs are our own
+#: news coming back.
 SELF_RULES: dict[tuple[Event, IncRelation], SelfReaction] = {
     (_E.ALIVE, _R.OLDER): SelfReaction.IGNORE,
     (_E.ALIVE, _R.SAME): SelfReaction.IGNORE,  # unless its address or meta differ
     (_E.ALIVE, _R.NEWER): SelfReaction.REFUTE,
-    **{(ev, _R.OLDER): SelfReaction.IGNORE for ev in (_E.SUSPECT, _E.DEAD, _E.LEAVE)},
+    **{(ev, _R.OLDER): SelfReaction.REANNOUNCE for ev in (_E.SUSPECT, _E.DEAD, _E.LEAVE)},
     **{(ev, _R.SAME): SelfReaction.REFUTE for ev in (_E.SUSPECT, _E.DEAD, _E.LEAVE)},
     **{(ev, _R.NEWER): SelfReaction.REFUTE for ev in (_E.SUSPECT, _E.DEAD, _E.LEAVE)},
 }
@@ -703,7 +710,11 @@ class Swim:
         if isinstance(msg, Ping):
             self._counts["pings_received"] += 1
             if msg.target == self.name:  # else a stale address: stay quiet
-                fx.append(self._packet(src_addr, [Ack(msg.seq, wall, wall)]))
+                answer: list[Message] = [Ack(msg.seq, wall, wall)]
+                sender = self._held_down(src_addr)
+                if sender is not None:  # tell it, so that it refutes
+                    answer.append(Suspect(sender.incarnation, sender.name, self.name))
+                fx.append(self._packet(src_addr, answer))
         elif isinstance(msg, Ack):
             self._on_ack(src_addr, msg, now, wall, fx)
         elif isinstance(msg, Nack):
@@ -958,6 +969,9 @@ class Swim:
             reaction = SelfReaction.REFUTE  # someone else claims our name, or an old meta
         if self._left or reaction is SelfReaction.IGNORE:
             return self._ignored()
+        if reaction is SelfReaction.REANNOUNCE:
+            self._broadcast(Alive(me.incarnation, self.name, self.addr, dict(me.meta)))
+            return []
         self._counts["refutations"] += 1
         self._awareness = apply_awareness_delta(
             self._awareness, 1, self.config.awareness_max_multiplier)
@@ -973,6 +987,13 @@ class Swim:
         if (new.state, new.address, new.meta) == (old.state, old.address, old.meta):
             return []
         return [MemberChanged(_snapshot(new), old.state)]
+
+    def _held_down(self, addr: str) -> Member | None:
+        """The member at ``addr`` if we hold it SUSPECT or DEAD (not LEFT)."""
+        for m in self._members.values():
+            if m.address == addr and m.name != self.name and m.state in (_S, _D):
+                return m
+        return None
 
     def _ignored(self) -> list[Effect]:
         self._counts["updates_ignored"] += 1
