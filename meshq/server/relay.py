@@ -50,6 +50,8 @@ class Upstream:
         self.on_push = on_push
         self.on_close = on_close
         self.closed = False
+        # Queue -> the incarnation whose declaration a request on this stream carried.
+        self.declared: dict[str, int] = {}
         self._ids = itertools.count(1)
         self._waiting: dict[int, OnReply] = {}
         self._written: set[int] = set()

@@ -120,6 +120,24 @@ def _safe_to_repeat(op: str, req: dict[str, Any]) -> bool:
     return False
 
 
+def _remote_result(node: str, answer: dict[str, Any] | None, sent: bool) -> dict[str, Any]:
+    """The result in an upstream's answer (None: the stream ended first), or its error."""
+    if answer is None:
+        if sent:
+            raise Timeout(f"lost the connection to node {node!r}, which dispatches the "
+                          "queue, after sending; outcome unknown")
+        raise Unavailable(f"could not reach node {node!r}, which dispatches the queue")
+    err = answer.get("error")
+    if err is not None:
+        if not isinstance(err, dict):
+            raise Unavailable(f"node {node!r} sent a malformed error")
+        raise error_from_code(str(err.get("code")), str(err.get("message", "")))
+    result = answer.get("result")
+    if not isinstance(result, dict):
+        raise Unavailable(f"node {node!r} sent a malformed answer")
+    return result
+
+
 def _after_repeat(op: str, result: dict[str, Any]) -> dict[str, Any]:
     """An ack repeated after an unknown outcome: a receipt whose message is gone was most
     likely acked by the first attempt (its tombstone is what says "no such message")."""
@@ -167,6 +185,8 @@ class ClientSession:
             if isinstance(r, Local) and (name in self.broker.queues or op == "declare"
                                          or self.cluster.catalog_ready.is_set()):
                 self._run_local(rid, op, req, handler)
+            elif isinstance(r, Relay) and op != "consume":
+                self._relay_once(rid, op, req, handler, r.node)
             else:
                 self.out.spawn(self._routed, rid, op, req, handler, r)
             return
@@ -214,16 +234,31 @@ class ClientSession:
         if isinstance(decl, Decl) and decl.queue == req.get("queue"):
             self.broker.replica.merge([decl])
 
-    def _decl_for(self, name: str) -> list[Any] | None:
-        entry = self.broker.catalog.get(name)
-        if entry is None or not entry.live:
-            return None
-        return encode_change(Decl(name, entry.inc, entry.options))
+    def _relay_once(self, rid: Any, op: str, req: dict[str, Any], handler: Handler,
+                    node: str) -> None:
+        """The usual relayed request, with no task of its own: answered from the upstream's
+        callback. A refusal or a lost stream goes on in ``_routed`` (route again, retry)."""
+        up = self._upstream(node)
+
+        def got(answer: dict[str, Any] | None, sent: bool) -> None:
+            try:
+                result = _remote_result(node, answer, sent)
+            except (Unavailable, Timeout) as exc:
+                if not self.closed:
+                    self.out.spawn(self._routed, rid, op, req, handler,
+                                   self._route(op, req["queue"], req), exc)
+                return
+            except MeshqError as exc:
+                self.out.error(rid, exc)
+                return
+            self.out.respond(rid, result)
+
+        up.request(self._relay_frame(up, op, req), got)
 
     async def _routed(self, rid: Any, op: str, req: dict[str, Any], handler: Handler,
-                      first: Route) -> None:
+                      first: Route, failed: MeshqError | None = None) -> None:
         try:
-            result = await self._serve(op, req, handler, first)
+            result = await self._serve(op, req, handler, first, failed)
         except MeshqError as exc:
             self.out.error(rid, exc)
             return
@@ -239,9 +274,11 @@ class ClientSession:
         self.out.error(rid, MeshqError("internal error; see the daemon's log"))
 
     async def _serve(self, op: str, req: dict[str, Any], handler: Handler,
-                     first: Route) -> dict[str, Any]:
+                     first: Route, failed: MeshqError | None = None) -> dict[str, Any]:
         """Serve ``op`` where it must go, routing again while it is refused UNAVAILABLE
-        (and, when safe, after an unknown outcome), for up to ROUTE_RETRY seconds."""
+        (and, when safe, after an unknown outcome), for up to ROUTE_RETRY seconds.
+        ``failed``: how a first attempt (``_relay_once``) ended; ``first`` is the route
+        after it."""
         cluster = self.cluster
         assert cluster is not None
         name = req["queue"]
@@ -251,6 +288,10 @@ class ClientSession:
         repeated = False
         while True:
             try:
+                if failed is not None:
+                    first_error: MeshqError = failed
+                    failed = None
+                    raise first_error
                 if isinstance(r, Refuse):
                     raise Unavailable(r.reason)
                 if isinstance(r, AwaitTakeover):
@@ -305,21 +346,8 @@ class ClientSession:
 
     async def _call_remote(self, node: str, op: str, req: dict[str, Any], *,
                            register: bool = True) -> dict[str, Any]:
-        frame = {k: v for k, v in req.items() if k != "id"}
-        decl = self._decl_for(req["queue"])
-        if decl is not None:
-            frame["_decl"] = decl
-        if op == "consume":
-            frame.setdefault("tag", self.new_tag())
-        result = await self._request(node, frame)
-        if op == "consume" and register:
-            tag = result.get("consumer")
-            if isinstance(tag, str):
-                self.subs[tag] = _Sub(tag, req["queue"], req.get("prefetch", 100), node)
-        return result
-
-    async def _request(self, node: str, frame: dict[str, Any]) -> dict[str, Any]:
         up = self._upstream(node)
+        frame = self._relay_frame(up, op, req)
         done = trio.Event()
         box: list[Any] = []
 
@@ -329,21 +357,25 @@ class ClientSession:
 
         up.request(frame, got)
         await done.wait()
-        answer, sent = box
-        if answer is None:
-            if sent:
-                raise Timeout(f"lost the connection to node {node!r}, which dispatches the "
-                              "queue, after sending; outcome unknown")
-            raise Unavailable(f"could not reach node {node!r}, which dispatches the queue")
-        err = answer.get("error")
-        if err is not None:
-            if not isinstance(err, dict):
-                raise Unavailable(f"node {node!r} sent a malformed error")
-            raise error_from_code(str(err.get("code")), str(err.get("message", "")))
-        result = answer.get("result")
-        if not isinstance(result, dict):
-            raise Unavailable(f"node {node!r} sent a malformed answer")
+        result = _remote_result(node, *box)
+        if op == "consume" and register:
+            tag = result.get("consumer")
+            if isinstance(tag, str):
+                self.subs[tag] = _Sub(tag, req["queue"], req.get("prefetch", 100), node)
         return result
+
+    def _relay_frame(self, up: Upstream, op: str, req: dict[str, Any]) -> dict[str, Any]:
+        """``req`` as it goes upstream; the first request of a queue on that stream carries
+        the queue's declaration (the node there may not have heard of it yet)."""
+        frame = {k: v for k, v in req.items() if k != "id"}
+        name = req["queue"]
+        entry = self.broker.catalog.get(name)
+        if entry is not None and entry.live and up.declared.get(name) != entry.inc:
+            frame["_decl"] = encode_change(Decl(name, entry.inc, entry.options))
+            up.declared[name] = entry.inc
+        if op == "consume":
+            frame.setdefault("tag", self.new_tag())
+        return frame
 
     def _upstream(self, node: str) -> Upstream:
         up = self.upstreams.get(node)
@@ -528,8 +560,7 @@ class ClientSession:
         r = self._route("stats", name, {})
         try:
             if isinstance(r, Relay):
-                got = await self._request(r.node, {"op": "stats", "queue": name,
-                                                   "_decl": self._decl_for(name)})
+                got = await self._call_remote(r.node, "stats", {"op": "stats", "queue": name})
                 stats: dict[str, Any] = got["queues"][0]
                 stats["counted_by"] = r.node
                 return stats
