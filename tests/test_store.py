@@ -14,7 +14,7 @@ from meshq.errors import Timeout
 from meshq.model import Message
 from meshq.states import State
 from meshq.store import OP_META, OP_PUT, SQLiteStore, StoreError
-from meshq.store.base import delete_op, put_op, update_op
+from meshq.store.base import OP_DEDUP, OP_DEDUP_PRUNE, OP_DROP_QUEUE, delete_op, put_op, update_op
 from meshq.store.sqlite import WriterDied
 
 
@@ -48,6 +48,26 @@ async def test_committed_ops_are_loaded_back(store: SQLiteStore) -> None:
     assert (first.state, first.delivery_count, first.headers) == (State.LEASED, 2, {"h": 1})
     assert snap.meta["hlc"] == "42"
     assert len(snap.tombstones) == 100 and snap.tombstones[0][1:] == (0, msgs[100].id, 5.0)
+
+
+async def test_dedup_entries_keep_their_order_with_what_else_touches_their_table(
+        store: SQLiteStore) -> None:
+    """A send stages a message and its dedup entry in turn; the writer groups the entries
+    into multi-row statements, but never across a prune (or a queue drop)."""
+    for i in range(1, 61):
+        store.stage(put_op(message(i)))
+        store.stage((OP_DEDUP, ("q", f"d{i}", f"m{i}", 5.0 if i % 2 else 100.0)))
+    store.stage((OP_DEDUP, ("q", "d2", "m2-again", 100.0)))  # the same key: the last wins
+    store.stage((OP_DEDUP_PRUNE, (10.0,)))  # the odd ones expired
+    store.stage((OP_DEDUP, ("q", "d1", "m1-after-prune", 8.0)))  # staged after: stays
+    store.stage((OP_DEDUP, ("gone", "x", "m", 100.0)))
+    await store.stage((OP_DROP_QUEUE, ("gone", 1, 1.0))).wait()
+    snap = store.load()
+    assert len(snap.messages) == 60
+    dedup = {(q, d): (mid, exp) for q, d, mid, exp in snap.dedup}
+    assert dedup[("q", "d1")] == ("m1-after-prune", 8.0)
+    assert dedup[("q", "d2")] == ("m2-again", 100.0)
+    assert set(dedup) == {("q", "d1")} | {("q", f"d{i}") for i in range(2, 61, 2)}
 
 
 async def test_a_failed_batch_writes_nothing_and_the_store_goes_on(store: SQLiteStore) -> None:

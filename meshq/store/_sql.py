@@ -91,7 +91,7 @@ _SQL: dict[int, tuple[tuple[str, Pick], ...]] = {
 # Runs of these op kinds become multi-row statements: one sqlite3_step per chunk instead of
 # one per row. Each step drops and retakes the GIL, and with the event loop busy every
 # retake can wait a whole switch interval, so per-row steps starve the commit thread.
-_MULTI_CHUNK = {OP_PUT: 48, OP_DELETE: 128, OP_UPDATE: 96}
+_MULTI_CHUNK = {OP_PUT: 48, OP_DELETE: 128, OP_UPDATE: 96, OP_DEDUP: 128}
 _TOMBSTONES_OF_DELETES = -1  # the tombstones of a multi-row delete (not an op kind)
 _MULTI = frozenset(_MULTI_CHUNK)
 
@@ -103,6 +103,9 @@ def _multi_sql(kind: int, rows: int) -> str:
                 + ",".join([_MSG_MARKS] * rows))
     if kind == OP_DELETE:
         return "DELETE FROM messages WHERE seq IN (" + ",".join("?" * rows) + ")"
+    if kind == OP_DEDUP:
+        return ("INSERT OR REPLACE INTO dedup (queue, dedup_id, message_id, expires_at) VALUES "
+                + ",".join(["(?,?,?,?)"] * rows))
     if kind == _TOMBSTONES_OF_DELETES:
         return ("INSERT OR REPLACE INTO tombstones (queue, idx, id, at) VALUES "
                 + ",".join(["(?,?,?,?)"] * rows))
@@ -205,8 +208,36 @@ def connect(path: str | os.PathLike[str]) -> sqlite3.Connection:
     return conn
 
 
+# Ops that touch the dedup table besides OP_DEDUP itself.
+_DEDUP_BARRIERS = frozenset((OP_DEDUP_PRUNE, OP_DROP_QUEUE))
+
+
+def _grouped(ops: Sequence[Sequence[Any]]) -> Sequence[Sequence[Any]]:
+    """``ops`` with each dedup entry moved after the ops that follow it, up to the next op
+    that touches the dedup table: a send stages a message and its dedup entry in turn, and
+    grouped, both become multi-row statements. The dedup table is written by nothing
+    else, so the outcome is the same."""
+    if not any(op[0] == OP_DEDUP for op in ops):
+        return ops
+    out: list[Sequence[Any]] = []
+    held: list[Sequence[Any]] = []
+    for op in ops:
+        kind = op[0]
+        if kind == OP_DEDUP:
+            held.append(op)
+            continue
+        if held and kind in _DEDUP_BARRIERS:
+            out += held
+            held = []
+        out.append(op)
+    out += held
+    return out
+
+
 def apply(conn: sqlite3.Connection, ops: Sequence[Sequence[Any]]) -> None:
-    """Apply ops ([kind, params] pairs) in order, in one durable transaction."""
+    """Apply ops ([kind, params] pairs) in order (but for the grouping of dedup entries,
+    see _grouped), in one durable transaction."""
+    ops = _grouped(ops)
     conn.execute("BEGIN IMMEDIATE")
     try:
         i, n = 0, len(ops)
