@@ -16,6 +16,7 @@ from hypothesis import strategies as st
 
 import meshq.mesh.transport as transport
 from meshq.errors import ProtocolError
+from meshq.mesh.accept import ACCEPT_BACKOFF, serve_accepted
 from meshq.mesh.transport import (
     BindError,
     FramedStream,
@@ -359,3 +360,31 @@ async def test_serve_streams_runs_once_at_a_time() -> None:
         with pytest.raises(trio.BusyResourceError):
             await t.serve_streams(echo)
         nursery.cancel_scope.cancel()
+
+
+async def test_the_accept_loop_waits_out_failed_accepts_and_ends_when_closed(
+        autojump_clock: trio.testing.MockClock) -> None:
+    """Out of descriptors (EMFILE), an aborted connection: logged, waited out, and the
+    streams after them are still served; the listener's close ends the loop, and the loop
+    waits for the handlers it started."""
+    script: list[Any] = [OSError(errno.EMFILE, "Too many open files"), "a",
+                         OSError(errno.ECONNABORTED, "aborted"), "b",
+                         trio.ClosedResourceError()]
+    served: list[tuple[str, float]] = []
+
+    async def accept() -> str:
+        item = script.pop(0)
+        if isinstance(item, BaseException):
+            raise item
+        return str(item)
+
+    async def serve(name: str) -> None:
+        await trio.sleep(1.0)
+        served.append((name, trio.current_time()))
+
+    started = trio.current_time()
+    await serve_accepted(accept, lambda nursery, s: nursery.start_soon(serve, s),
+                         what="test")
+    assert [name for name, _ in served] == ["a", "b"]
+    assert served[0][1] - started == pytest.approx(ACCEPT_BACKOFF + 1.0)
+    assert served[1][1] - started == pytest.approx(2 * ACCEPT_BACKOFF + 1.0)

@@ -18,6 +18,7 @@ from typing import Any, NamedTuple, Protocol, runtime_checkable
 import trio
 
 from meshq.errors import ProtocolError, StartupError, Unavailable
+from meshq.mesh.accept import serve_accepted
 from meshq.mesh.keyring import ENVELOPE_HEADER, Keyring
 from meshq.mesh.secure import SecureStream
 from meshq.protocol.codec import (
@@ -55,7 +56,6 @@ log = logging.getLogger("meshq.mesh.transport")
 DEFAULT_MAX_PACKET = 1400
 _RECV_BUFFER = 65536  # a UDP datagram is never larger, so recvfrom never truncates
 _PORT0_ATTEMPTS = 16
-_ACCEPT_CAPACITY_ERRNOS = {errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS}
 _UDP_IGNORABLE_RECV_ERRNOS = {errno.ECONNREFUSED, errno.ECONNRESET}
 _MAX_RATE_SOURCES = 4096  # source addresses whose packet rate is tracked at once
 _REJECT_LOG_INTERVAL = 60.0
@@ -546,28 +546,19 @@ class UdpTcpTransport:
         if self._serving:
             raise trio.BusyResourceError("serve_streams is already running")
         self._serving = True
+        def accepted(nursery: trio.Nursery, stream: trio.SocketStream) -> None:
+            try:
+                remote = _sockaddr_text(stream.socket.getpeername())
+            except OSError:  # reset before we looked
+                stream.socket.close()
+                return
+            self._accepted += 1
+            nursery.start_soon(run_stream_handler, handler,
+                               self._secure(stream, initiator=False), remote)
+
         try:
-            async with trio.open_nursery() as nursery:
-                task_status.started()
-                while True:
-                    try:
-                        stream = await self._listener.accept()
-                    except trio.ClosedResourceError:
-                        return
-                    except OSError as exc:
-                        if exc.errno not in _ACCEPT_CAPACITY_ERRNOS:
-                            raise
-                        log.warning("accept failed: %s; retrying in 0.1 s", exc)
-                        await trio.sleep(0.1)
-                        continue
-                    try:
-                        remote = _sockaddr_text(stream.socket.getpeername())
-                    except OSError:  # reset before we looked
-                        await trio.aclose_forcefully(stream)
-                        continue
-                    self._accepted += 1
-                    nursery.start_soon(run_stream_handler, handler,
-                                       self._secure(stream, initiator=False), remote)
+            await serve_accepted(self._listener.accept, accepted, what="peer streams",
+                                 task_status=task_status)
         finally:
             self._serving = False
 

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 import trio
 
 from meshq.errors import StartupError
+from meshq.mesh.accept import serve_accepted
 from meshq.protocol.codec import encode_frame
 from meshq.server.access import AccessConfigError, resolve_group
 from meshq.server.connection import Connection
@@ -161,28 +162,21 @@ class UnixServer:
             await self.bind()
         assert self._listener is not None
         try:
-            async with trio.open_nursery() as nursery:
-                task_status.started()
-                while True:
-                    try:
-                        stream = await self._listener.accept()
-                    except trio.ClosedResourceError:
-                        return
-                    except OSError as exc:  # EMFILE and friends: back off, keep serving
-                        log.warning("accept failed: %s", exc)
-                        await trio.sleep(0.1)
-                        continue
-                    if self._open >= self.max_connections:
-                        self._refuse(nursery, stream)
-                        continue
-                    self.accepted += 1
-                    self._open += 1
-                    nursery.start_soon(self._serve_counted, stream)
+            await serve_accepted(self._listener.accept, self._accepted, what="client socket",
+                                 task_status=task_status)
         finally:
             try:
                 self.path.unlink()
             except OSError:
                 pass
+
+    def _accepted(self, nursery: trio.Nursery, stream: trio.SocketStream) -> None:
+        if self._open >= self.max_connections:
+            self._refuse(nursery, stream)
+            return
+        self.accepted += 1
+        self._open += 1
+        nursery.start_soon(self._serve_counted, stream)
 
     def _refuse(self, nursery: trio.Nursery, stream: trio.SocketStream) -> None:
         """Over max_connections: one UNAVAILABLE frame, then close, in a task of its own

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field, replace
 
 import trio
 
+from meshq.mesh.accept import serve_accepted
 from meshq.mesh.transport import (
     DEFAULT_MAX_PACKET,
     BindError,
@@ -456,20 +457,26 @@ class SimTransport:
         if self._serving:
             raise trio.BusyResourceError("serve_streams is already running")
         self._serving = True
+
+        def accepted(nursery: trio.Nursery, item: tuple[SimStream, str]) -> None:
+            self._accepted += 1
+            nursery.start_soon(run_stream_handler, handler, *item)
+
         try:
-            async with trio.open_nursery() as nursery:
-                task_status.started()
-                while not self._closed:
-                    if self._backlog:
-                        stream, remote = self._backlog.popleft()
-                        self._accepted += 1
-                        nursery.start_soon(run_stream_handler, handler, stream, remote)
-                        continue
-                    if self._backlog_event.is_set():
-                        self._backlog_event = trio.Event()
-                    await self._backlog_event.wait()
+            await serve_accepted(self._accept, accepted, what=f"{self._addr} streams",
+                                 task_status=task_status)
         finally:
             self._serving = False
+
+    async def _accept(self) -> tuple[SimStream, str]:
+        """The next stream opened to us and its opener (as a listener's accept)."""
+        while not self._closed:
+            if self._backlog:
+                return self._backlog.popleft()
+            if self._backlog_event.is_set():
+                self._backlog_event = trio.Event()
+            await self._backlog_event.wait()
+        raise trio.ClosedResourceError("the endpoint was closed")
 
     def statistics(self) -> TransportStatistics:
         return TransportStatistics(
