@@ -304,3 +304,20 @@ def test_status_counts_are_the_clusters() -> None:
             assert (q["ready"], q["counted_by"]) == (7, sim.primary(Q)), name
 
     scenario(script, seed=20)
+
+
+def test_repair_forgets_a_deleted_queues_partitions() -> None:
+    """What repair keeps per partition (changes that may have missed a holder, holders
+    known current) goes with the queue: a cluster that creates and deletes many queues
+    does not grow."""
+    async def script(sim: Simulation) -> None:
+        await declare(sim)
+        async with sim.client("n2") as c:
+            await c.send(Q, "m")
+            await c.delete(Q)
+        await two_rounds(sim)
+        for name, sn in sim.nodes.items():
+            cluster = sn.node.cluster
+            assert not [k for k in cluster._misses if k[0][0] == Q], name
+            assert not [p for p in cluster._current if p[0] == Q], name
+    scenario(script, seed=41)

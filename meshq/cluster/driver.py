@@ -523,6 +523,7 @@ class Cluster:
             if full:
                 next_full = now + ROUND
                 self.rounds += 1
+                self._forget_gone()
                 for node in sorted(others):
                     self._spawn(("catalog", node), self._exchange_catalog, node)
             for q in list(self.broker.queues.values()):
@@ -530,6 +531,14 @@ class Cluster:
             with trio.move_on_at(next_full):
                 await self._wake.wait()
             self._wake = trio.Event()
+
+    def _forget_gone(self) -> None:
+        """Drop what repair remembers of partitions whose queue is gone from here."""
+        parts = {q.part for q in self.broker.queues.values()}
+        for key in [k for k in self._misses if k[0] not in parts]:
+            del self._misses[key]
+        for part in [p for p in self._current if p not in parts]:
+            del self._current[part]
 
     def _tend(self, q: Queue, full: bool) -> None:
         reps = self.replicas(q)
