@@ -589,9 +589,10 @@ class Cluster:
     async def _sync(self, q: Queue, node: str) -> None:
         before = (self._misses[q.part, node], self._misses[q.part, self.me])
         stats = await sync(self.peers, self.broker, q, node)
-        if (self._misses[q.part, node], self._misses[q.part, self.me]) == before \
-                and not stats.skipped:
-            # nothing failed to reach it, or came in
+        if (self._misses[q.part, node], self._misses[q.part, self.me]) == before:
+            # Nothing failed to reach it, or came in. (Sends of ours it holds and we have
+            # not confirmed yet were left alone: should one's batch fail, _complete puts
+            # the holders back into the next round.)
             self._current.setdefault(q.part, set()).add(node)
         self.repaired["sent"] += stats.sent
         self.repaired["fetched"] += stats.fetched
