@@ -35,7 +35,8 @@ from meshq.mesh.wire import PeerProtocolError
 P = Progress(2, 3, 1.5, 40.25, 77, (5 << 32) | 9, 4, "n1/abc")
 R = Record("0001-abcd", "jobs", 0, 12, 1 << 40, "abcd", b"body", b"\x80", 99.5, P)
 TOMB = Tomb("jobs", 0, "0002-abcd", 12.0)
-CHANGES = (Put(R), Step("jobs", 0, R.id, P), TOMB, Dedup("jobs", "d-1", R.id, 300.0),
+CHANGES = (Put(R), Put(R, "d-1", 300.0), Step("jobs", 0, R.id, P), TOMB,
+           Dedup("jobs", "d-1", R.id, 300.0),
            Tally("jobs", 0, "abcd", 1, 2, 3), Decl("jobs", 12, {"replicas": 3}),
            Drop("jobs", 12, 7.0))
 VALUES = [
@@ -64,6 +65,9 @@ def test_every_value_round_trips_through_msgpack() -> None:
         assert roundtrip(value) == value
 
 
+PUT = encode(ApplyReq((), (Put(R),)))["c"][0]  # ["P", record]
+
+
 def test_a_wrong_shape_is_a_peer_protocol_error() -> None:
     bad = [
         None, 3, {}, {"t": "nope"}, {"t": "apply"}, {"t": "apply", "e": [], "c": [["P"]]},
@@ -76,6 +80,9 @@ def test_a_wrong_shape_is_a_peer_protocol_error() -> None:
         {"t": "digested", "diff": [[0, [["m", [1, 2]]]]]},
         {"t": "fetched", "r": [], "x": [["P", []]]},
         {"t": "catalog", "h": 0, "c": [["T", "q", 0, "m", 1.0]]},
+        {"t": "apply", "e": [], "c": [[*PUT, 5, 1.0]]},  # a dedup id that is not a string
+        {"t": "apply", "e": [], "c": [[*PUT, "d", float("inf")]]},
+        {"t": "apply", "e": [], "c": [[*PUT, "d"]]},
     ]
     for frame in bad:
         try:

@@ -32,7 +32,7 @@ import trio
 from meshq.broker.queue import Consumer, Queue, Session
 from meshq.broker.replica import Moved, Replica, progress_of, record_of
 from meshq.clock import Clock
-from meshq.cluster.changes import Decl, Dedup, Drop, Put, Step, Tally, Tomb
+from meshq.cluster.changes import Decl, Drop, Put, Step, Tally, Tomb
 from meshq.cluster.lattice import TOMBSTONE_WINDOW, CatalogEntry, join_catalog
 from meshq.errors import BadRequest, NotFound, PreconditionFailed, TooLarge
 from meshq.hlc import HLC, pack, physical_ms
@@ -351,12 +351,15 @@ class Broker:
         if self.replicating:
             self._emit(batch, q, Tally(q.name, q.index, self.node_id, *new))
 
-    def _put(self, q: Queue, msg: Message) -> Batch:
+    def _put(self, q: Queue, msg: Message, dedup: tuple[str, float] | None = None) -> Batch:
+        """Stage a message (``dedup``: its dedup id and when that entry expires, which
+        replicate with it; the entry itself is the caller's to stage)."""
         op = put_op(msg)
         batch = self.store.stage(op)
         batch.body_bytes += len(msg.body)
         if self.replicating:
-            self._emit(batch, q, Put(record_of(msg, op[1][8])))
+            rec = record_of(msg, op[1][8])
+            self._emit(batch, q, Put(rec) if dedup is None else Put(rec, *dedup))
         return batch
 
     def _progress(self, q: Queue, msg: Message) -> None:
@@ -743,12 +746,12 @@ class Broker:
                     c.pending += 1
                     msg.state = State.LEASED
                     self._lease(q, msg, c, now)
-            batch = self._put(q, msg)
-            if dedup_id is not None:
+            if dedup_id is None:
+                batch = self._put(q, msg)
+            else:
+                batch = self._put(q, msg, (dedup_id, now + window))
                 self._dedup[name, dedup_id] = (msg.id, now + window, batch)
                 store.stage((OP_DEDUP, (name, dedup_id, msg.id, now + window)))
-                if self.replicating:
-                    self._emit(batch, q, Dedup(name, dedup_id, msg.id, now + window))
             ids.append(msg.id)
             fresh.append(msg)
             fresh_dedup.append(dedup_id)
@@ -766,7 +769,7 @@ class Broker:
         msg = q.messages.get(mid)
         if msg is None:  # delivered and acked (or expired) since: nothing to confirm
             return None
-        batch = self._put(q, msg)
+        batch = self._put(q, msg, (dedup_id, expires_at))
         self._dedup[q.name, dedup_id] = (mid, expires_at, batch)
         batch.add_callback(functools.partial(self._dedup_settled, q.name, [dedup_id], batch))
         return batch

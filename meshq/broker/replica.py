@@ -252,12 +252,17 @@ class Replica:
             now = self.b.clock.time()
             changed_parts: set[PartKey] = set()
             for c in rest:
+                t = type(c)
+                if isinstance(c, Put) and c.dedup_id is not None:
+                    # (a dedup entry is not fenced, whether alone or with its Put)
+                    out.changed |= self._merge_dedup(c.record.queue, c.dedup_id, c.record.id,
+                                                     c.dedup_expires, now)
+                elif isinstance(c, Dedup):
+                    out.changed |= self._merge_dedup(c.queue, c.dedup_id, c.id, c.expires_at,
+                                                     now)
+                    continue
                 part = part_of(c)
                 if part is not None and part in out.fenced:
-                    continue
-                t = type(c)
-                if t is Dedup:
-                    out.changed |= self._merge_dedup(c, now)  # type: ignore[arg-type]
                     continue
                 if t is Tally:
                     q = self.part(c.queue, c.index)  # type: ignore[union-attr]
@@ -413,15 +418,17 @@ class Replica:
         self.b.store.stage((OP_TOMBSTONE, (q.name, q.index, c.id, c.at)))
         return True
 
-    def _merge_dedup(self, c: Dedup, now: float) -> bool:
-        if c.expires_at <= now or c.queue not in self.b.queues:
+    def _merge_dedup(self, queue: str, dedup_id: str, mid: str, expires_at: float,
+                     now: float) -> bool:
+        """Join a dedup entry (a Dedup, or the one a Put carries)."""
+        if expires_at <= now or queue not in self.b.queues:
             return False
-        old = self.b._dedup.get((c.queue, c.dedup_id))
-        new = join_dedup(None if old is None else (old[0], old[1]), (c.id, c.expires_at))
+        old = self.b._dedup.get((queue, dedup_id))
+        new = join_dedup(None if old is None else (old[0], old[1]), (mid, expires_at))
         if old is not None and new == (old[0], old[1]):
             return False
-        self.b._dedup[c.queue, c.dedup_id] = (new[0], new[1], None)
-        self.b.store.stage((OP_DEDUP, (c.queue, c.dedup_id, new[0], new[1])))
+        self.b._dedup[queue, dedup_id] = (new[0], new[1], None)
+        self.b.store.stage((OP_DEDUP, (queue, dedup_id, new[0], new[1])))
         return True
 
     def dedup_entries(self, queue: str) -> list[Dedup]:

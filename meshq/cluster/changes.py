@@ -53,6 +53,7 @@ PartKey: TypeAlias = tuple[str, int]  # (queue name, partition index)
 
 MAX_NAME = 255
 MAX_ID = 128
+MAX_DEDUP_ID = 1024
 
 
 @dataclass(frozen=True, slots=True)
@@ -96,7 +97,12 @@ class Record:
 
 @dataclass(frozen=True, slots=True)
 class Put:
+    """A whole message record. A send's Put carries the message's dedup entry too
+    (``dedup_id``, expiring at ``dedup_expires``), merged exactly as that Dedup would be."""
+
     record: Record
+    dedup_id: str | None = None
+    dedup_expires: float = 0.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -364,7 +370,9 @@ def _dec_record(v: Any) -> Record:
 
 def _enc_change(c: Change) -> list[Any]:
     if type(c) is Put:
-        return ["P", _enc_record(c.record)]
+        if c.dedup_id is None:
+            return ["P", _enc_record(c.record)]
+        return ["P", _enc_record(c.record), c.dedup_id, c.dedup_expires]
     if type(c) is Step:
         return ["S", c.queue, c.index, c.id, _enc_progress(c.progress)]
     if type(c) is Tomb:
@@ -385,8 +393,11 @@ def _dec_change(v: Any) -> Change:
     tag = v[0] if v else None
     try:
         if tag == "P":
-            _, rec = v
-            return Put(_dec_record(rec))
+            if len(v) == 2:
+                return Put(_dec_record(v[1]))
+            _, rec, d, exp = v
+            return Put(_dec_record(rec), _str(d, "dedup id", MAX_DEDUP_ID),
+                       _float(exp, "dedup expiry"))
         if tag == "S":
             _, q, i, mid, prog = v
             return Step(_str(q, "queue"), _int(i, "index"), _str(mid, "id", MAX_ID),
@@ -397,8 +408,8 @@ def _dec_change(v: Any) -> Change:
                         _float(at, "at"))
         if tag == "K":
             _, q, d, mid, exp = v
-            return Dedup(_str(q, "queue"), _str(d, "dedup id", 1024), _str(mid, "id", MAX_ID),
-                         _float(exp, "expires_at"))
+            return Dedup(_str(q, "queue"), _str(d, "dedup id", MAX_DEDUP_ID),
+                         _str(mid, "id", MAX_ID), _float(exp, "expires_at"))
         if tag == "N":
             _, q, i, node, dl, ex, dr = v
             return Tally(_str(q, "queue"), _int(i, "index"), _str(node, "node", MAX_ID),
