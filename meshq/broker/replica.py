@@ -430,10 +430,3 @@ class Replica:
         self.b._dedup[queue, dedup_id] = (new[0], new[1], None)
         self.b.store.stage((OP_DEDUP, (queue, dedup_id, new[0], new[1])))
         return True
-
-    def dedup_entries(self, queue: str) -> list[Dedup]:
-        """The live dedup entries of a queue (handed over with its partition)."""
-        now = self.b.clock.time()
-        return [Dedup(q, d, mid, exp) for (q, d), (mid, exp, _) in self.b._dedup.items()
-                if q == queue and exp > now]
-

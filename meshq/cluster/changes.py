@@ -98,7 +98,8 @@ class Record:
 @dataclass(frozen=True, slots=True)
 class Put:
     """A whole message record. A send's Put carries the message's dedup entry too
-    (``dedup_id``, expiring at ``dedup_expires``), merged exactly as that Dedup would be."""
+    (``dedup_id``, expiring at ``dedup_expires``), merged exactly as that entry alone (a
+    ``Dedup``, which nothing sends yet) would be."""
 
     record: Record
     dedup_id: str | None = None

@@ -240,7 +240,7 @@ class Cluster:
             elif isinstance(c, Decl | Drop):
                 catalog.append(c)
                 by_part.setdefault((c.queue, 0), [])  # a declare waits for its holders
-            else:  # a Dedup alone (a hand-over's): with its queue's partition 0
+            else:  # a Dedup alone: with its queue's partition 0
                 by_part[(c.queue, 0)].append(c)
         live_others = sorted(self.placement.live - {self.me})
         needs: dict[PartKey, gates.Need] = {}
