@@ -2,8 +2,9 @@
 
 The guarantees are proven in the simulation of whole nodes (tests/test_sim.py and
 tests/test_sim_scenarios.py); these tests show the same paths end to end on real
-processes, SIGKILL included: issue 9's cases (acks that came back after a failover, a
-deleted queue that came back, consumers broken by a failover, a skewed primary), sends on
+processes, SIGKILL and SIGSTOP included: issue 9's cases (acks that came back after a
+failover, a deleted queue that came back, sends confirmed while the primary was cut off,
+consumers broken by a failover, a skewed primary), sends on
 one node received on another, a wiped node refilled, a join moving a queue, competing
 consumers on three nodes.
 
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import sys
 import threading
 import time
@@ -414,3 +416,31 @@ def test_a_node_away_longer_than_the_tombstone_window_must_be_wiped(tmp_path: Pa
     finally:
         a.kill()
         b.kill()
+
+
+def test_sends_confirmed_while_the_primary_was_frozen_are_delivered_after_it_returns(
+        cluster) -> None:
+    """Issue 9, case 3 on real processes: the primary a is frozen (SIGSTOP: cut off, as in
+    a partition, from the others' view) while a producer on b goes on; b and c take over
+    and confirm its sends. After SIGCONT, a comes back believing it dispatches; it is
+    fenced, the copies merge, and every confirmed send (before and during the freeze) is
+    received, and no copy keeps a message."""
+    name = queue_with_primary("a", "frozen")
+    with cluster["b"].client() as b:
+        b.declare(name, replicas=3, visibility_timeout=30)
+        before = b.send_batch(name, [f"before-{i}" for i in range(20)])
+    a = cluster["a"]
+    assert a.proc is not None
+    os.kill(a.proc.pid, signal.SIGSTOP)
+    try:
+        with Client(cluster["b"].socket, timeout=30) as b:
+            during = [b.send(name, f"during-{i}") for i in range(30)]  # through the takeover
+    finally:
+        os.kill(a.proc.pid, signal.SIGCONT)
+    eventually(lambda: all_alive(list(cluster.values()), set(NAMES)), 30, "a back")
+    received: set[str] = set()
+    eventually(lambda: received.update(drain(cluster["c"], name, wait=0.2))
+               or set(before + during) <= received, 60, "every confirmed send received")
+    for d in cluster.values():
+        eventually(lambda d=d: copy_here(d, name).get("ready") == 0
+                   and copy_here(d, name).get("leased") == 0, 30, f"{d.node_name} empty")
