@@ -30,6 +30,7 @@ __all__ = [
     "FrameReader",
     "FrameValue",
     "Received",
+    "marshal",
 ]
 
 PROTOCOL_HEADER = b"AMQP\x00\x00\x09\x01"
