@@ -27,7 +27,7 @@ from meshq.amqp.connection import (
 )
 from meshq.amqp.frames import PROTOCOL_HEADER, FrameReader
 
-KNOWN_CLOSE_CODES = {200, 403, 501, 502, 503, 504, 505, 530, 540}
+KNOWN_CLOSE_CODES = {200, 403, 501, 502, 503, 504, 505, 530}
 
 
 def login(user: str, password: str) -> bool:

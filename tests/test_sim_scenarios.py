@@ -321,3 +321,19 @@ def test_repair_forgets_a_deleted_queues_partitions() -> None:
             assert not [k for k in cluster._misses if k[0][0] == Q], name
             assert not [p for p in cluster._current if p[0] == Q], name
     scenario(script, seed=41)
+
+
+def test_a_dedup_id_holds_across_a_failover() -> None:
+    """A send's dedup entry replicates with its message (inside its Put): the same dedup
+    id sent again after the primary died gets the first message's id, not a second one."""
+    async def script(sim: Simulation) -> None:
+        await declare(sim)
+        primary = sim.primary(Q)
+        node = others(sim, primary)[0]
+        async with sim.client(node) as c:
+            first = await c.send(Q, "once", dedup_id="order-17")
+        sim.nodes[primary].kill()
+        async with sim.client(node) as c:
+            assert await c.send(Q, "once", dedup_id="order-17") == first
+        assert await drain(sim, node) == [first]
+    scenario(script, seed=43)

@@ -7,7 +7,7 @@ publishes assembled from their method, header and body frames. ``data_to_send`` 
 over what is to be written. State here: the negotiation's progress, the tuned limits,
 the open channels and each one's publish being assembled. Never: an event for a channel
 that is not open, a method before the connection is open, or a protocol error that does
-not close the connection with the reply code the spec gives it (501-505, 530, 540).
+not close the connection with the reply code the spec gives it (403, 501-505, 530).
 """
 
 from __future__ import annotations
@@ -38,7 +38,6 @@ __all__ = [
     "CHANNEL_ERROR",
     "COMMAND_INVALID",
     "NOT_ALLOWED",
-    "NOT_IMPLEMENTED",
     "UNEXPECTED_FRAME",
     "AmqpConnection",
     "ChannelClosed",
@@ -57,7 +56,6 @@ NOT_ALLOWED = 530
 COMMAND_INVALID = 503
 CHANNEL_ERROR = 504
 UNEXPECTED_FRAME = 505
-NOT_IMPLEMENTED = 540
 REPLY_SUCCESS = 200
 
 

@@ -215,8 +215,8 @@ _DEDUP_BARRIERS = frozenset((OP_DEDUP_PRUNE, OP_DROP_QUEUE))
 def _grouped(ops: Sequence[Sequence[Any]]) -> Sequence[Sequence[Any]]:
     """``ops`` with each dedup entry moved after the ops that follow it, up to the next op
     that touches the dedup table: a send stages a message and its dedup entry in turn, and
-    grouped, both become multi-row statements. The dedup table is written by nothing
-    else, so the outcome is the same."""
+    grouped, both become multi-row statements. Only those barrier ops (a prune, a queue
+    drop) write the dedup table besides the entries, so the outcome is the same."""
     if not any(op[0] == OP_DEDUP for op in ops):
         return ops
     out: list[Sequence[Any]] = []
