@@ -21,6 +21,8 @@ from typing import Any
 from meshq.mesh.ring import DEFAULT_VNODES
 
 __all__ = [
+    "AMQP_OFF",
+    "DEFAULT_AMQP_BIND",
     "DEFAULT_BIND",
     "DEFAULT_MAX_FRAME_BYTES",
     "DEFAULT_MAX_MESSAGE_BYTES",
@@ -37,6 +39,8 @@ __all__ = [
 ]
 
 DEFAULT_BIND = "127.0.0.1:7946"
+DEFAULT_AMQP_BIND = "127.0.0.1:5672"
+AMQP_OFF = "off"
 MAX_VNODES = 4096  # a ring point costs memory and start-up time on every node
 DEFAULT_MAX_FRAME_BYTES = 8 * 1024 * 1024
 DEFAULT_MAX_MESSAGE_BYTES = 1024 * 1024
@@ -239,6 +243,33 @@ def _check_opt_bind(value: object) -> str | None:
     return None if value is None else _check_bind(value)
 
 
+def _check_amqp_bind(value: object) -> str | None:
+    return None if value == AMQP_OFF else _check_bind(value)
+
+
+def _check_int_range(low: int, high: int) -> Callable[[object], str | None]:
+    def check(value: object) -> str | None:
+        if not isinstance(value, int) or isinstance(value, bool):
+            return f"expected an integer, got {type(value).__name__} {value!r}"
+        if not low <= value <= high:
+            return f"must be from {low} to {high}, got {value}"
+        return None
+    return check
+
+
+def _check_amqp_users(value: object) -> str | None:
+    from meshq.amqp.auth import check_hash
+    if not isinstance(value, Mapping):
+        return f"expected a table of user = \"password hash\", got {type(value).__name__}"
+    for user, stored in value.items():
+        if not isinstance(user, str) or not user:
+            return f"bad user name {user!r}"
+        problem = check_hash(stored)
+        if problem is not None:
+            return f"{user}: {problem}"
+    return None
+
+
 _PRINCIPAL_KINDS = ("uid", "gid", "user", "group")
 
 
@@ -300,6 +331,16 @@ _CHECKS: dict[str, Callable[[object], str | None]] = {
     "max_inflight_requests": _check_positive_int,
     "udp_packets_per_second": _check_positive_int,
     "metrics_bind": _check_opt_bind,
+    "amqp_bind": _check_amqp_bind,
+    "amqp_users": _check_amqp_users,
+    "amqp_tls_cert": _check_opt_path,
+    "amqp_tls_key": _check_opt_path,
+    "allow_plaintext_amqp": _check_bool,
+    "amqp_max_connections": _check_positive_int,
+    "amqp_channel_max": _check_int_range(1, 65535),
+    "amqp_frame_max": _check_int_range(4096, 16 * 1024 * 1024),
+    "amqp_heartbeat": _check_int_range(0, 65535),
+    "amqp_max_unconfirmed": _check_positive_int,
     "vnodes": _check_vnodes,
     "write_quorum": _check_opt_positive_int,
     "log_level": _check_log_level,
@@ -313,6 +354,23 @@ def _size_problem(max_message_bytes: int, max_frame_bytes: int) -> str | None:
             f"max_frame_bytes ({max_frame_bytes})"
         )
     return None
+
+
+def _amqp_problem(c: Config) -> str | None:
+    if (c.amqp_tls_cert is None) != (c.amqp_tls_key is None):
+        return "amqp_tls_cert and amqp_tls_key go together"
+    if c.amqp_bind == AMQP_OFF or c.amqp_tls_cert is not None or c.allow_plaintext_amqp:
+        return None
+    host, _ = parse_host_port(c.amqp_bind)
+    try:
+        loopback = ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        loopback = host == "localhost"
+    if loopback:
+        return None
+    return (f"amqp_bind {c.amqp_bind} is not a loopback address: set amqp_tls_cert and "
+            "amqp_tls_key (AMQPS, port 5671 by convention), or allow_plaintext_amqp = true "
+            "to accept that logins and messages cross the network in the clear")
 
 
 # --------------------------------------------------------------------------- Config
@@ -350,6 +408,20 @@ class Config:
     udp_packets_per_second: int = 2000
     # Prometheus text endpoint, HOST:PORT (loopback is the sane choice); None: off.
     metrics_bind: str | None = None
+    # AMQP 0-9-1 (docs/amqp.md): HOST:PORT or "off"; users (name -> password hash from
+    # meshq-ctl hash-password; guest/guest works from loopback while none is named
+    # guest); TLS certificate and key (a non-loopback bind needs them, or the opt-out);
+    # limits per connection.
+    amqp_bind: str = DEFAULT_AMQP_BIND
+    amqp_users: Mapping[str, str] = field(default_factory=dict)
+    amqp_tls_cert: Path | None = None
+    amqp_tls_key: Path | None = None
+    allow_plaintext_amqp: bool = False
+    amqp_max_connections: int = 1024
+    amqp_channel_max: int = 2047
+    amqp_frame_max: int = 131072
+    amqp_heartbeat: int = 60
+    amqp_max_unconfirmed: int = 10_000
     # Placement: points per node on the ring (the same on every node), and the default
     # write quorum of queues that set none (None: a majority of their replicas).
     vnodes: int = DEFAULT_VNODES
@@ -364,16 +436,22 @@ class Config:
         problem = _size_problem(self.max_message_bytes, self.max_frame_bytes)
         if problem is not None:
             raise ConfigError(problem)
+        problem = _amqp_problem(self)
+        if problem is not None:
+            raise ConfigError(problem)
         for name in _FLOAT_FIELDS:
             if isinstance(getattr(self, name), int):
                 object.__setattr__(self, name, float(getattr(self, name)))
 
     def to_dict(self) -> dict[str, Any]:
-        """JSON-friendly view (paths as str, ``join`` as a list), for status output."""
+        """JSON-friendly view (paths as str, ``join`` as a list), for status output;
+        ``amqp_users`` as the users' names (never their password hashes)."""
         out: dict[str, Any] = {}
         for f in fields(self):
             value = getattr(self, f.name)
-            if isinstance(value, Path):
+            if f.name == "amqp_users":
+                value = sorted(value)
+            elif isinstance(value, Path):
                 value = str(value)
             elif isinstance(value, tuple):
                 value = list(value)
@@ -392,17 +470,21 @@ _FLAGS: dict[str, str] = {
     "socket": "--socket",
     "node_name": "--node-name",
     "bind": "--bind",
+    "amqp_bind": "--amqp-bind",
     "join": "--join",
     "cluster_key_file": "--cluster-key-file",
     "log_level": "--log-level",
 }
 
-_PATH_FIELDS = frozenset({"data_dir", "socket", "cluster_key_file"})
+_PATH_FIELDS = frozenset({"data_dir", "socket", "cluster_key_file", "amqp_tls_cert",
+                          "amqp_tls_key"})
 _INT_FIELDS = frozenset(
     {"max_frame_bytes", "max_message_bytes", "max_clock_offset_ms", "max_connections",
-     "vnodes", "write_quorum", "udp_packets_per_second", "max_inflight_requests"}
+     "vnodes", "write_quorum", "udp_packets_per_second", "max_inflight_requests",
+     "amqp_max_connections", "amqp_channel_max", "amqp_frame_max", "amqp_heartbeat",
+     "amqp_max_unconfirmed"}
 )
-_BOOL_FIELDS = frozenset({"allow_unkeyed_bind"})
+_BOOL_FIELDS = frozenset({"allow_unkeyed_bind", "allow_plaintext_amqp"})
 _FLOAT_FIELDS = frozenset({"dedup_window", "client_frame_timeout"})
 _BOOL_TEXT = {"true": True, "yes": True, "1": True, "on": True,
               "false": False, "no": False, "0": False, "off": False}
@@ -439,6 +521,12 @@ def add_daemon_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="HOST:PORT",
         default=None,
         help=f"peer listen address (default: {DEFAULT_BIND})",
+    )
+    parser.add_argument(
+        "--amqp-bind",
+        metavar="HOST:PORT",
+        default=None,
+        help=f"AMQP 0-9-1 listen address, or 'off' (default: {DEFAULT_AMQP_BIND})",
     )
     parser.add_argument(
         "--join",
@@ -499,6 +587,8 @@ def _text_to_value(name: str, text: str) -> Any:
             raise ValueError(f"expected an octal mode such as 0660, got {text!r}") from None
     if name == "access":
         raise ValueError("set access rules in the config file, not the environment")
+    if name == "amqp_users":
+        raise ValueError("set AMQP users in the config file, not the environment")
     if name == "log_level":
         return text.lower()
     return text
@@ -543,6 +633,10 @@ def _toml_to_value(name: str, value: Any) -> Any:
                                  f"{type(principals).__name__} {principals!r}")
             rules[op] = tuple(principals)
         return rules
+    if name == "amqp_users":
+        if not isinstance(value, dict):
+            raise ValueError(f"expected a table such as [amqp_users], {got}")
+        return dict(value)
     if not isinstance(value, str):
         raise ValueError(f"expected a string, {got}")
     return value.lower() if name == "log_level" else value

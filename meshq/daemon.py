@@ -25,10 +25,11 @@ from typing import Any
 import trio
 
 from meshq._version import __version__
+from meshq.amqp.server import AmqpServer, amqp_settings
 from meshq.broker import BrokerLimits
 from meshq.clock import Clock, SystemClock
 from meshq.cluster.lattice import TOMBSTONE_WINDOW
-from meshq.config import Config, ConfigError, add_daemon_arguments, load_config
+from meshq.config import AMQP_OFF, Config, ConfigError, add_daemon_arguments, load_config
 from meshq.errors import StartupError
 from meshq.mesh.keys import KeyService, check_unkeyed_bind, load_keyring, security_status
 from meshq.mesh.membership import known_peers
@@ -172,18 +173,26 @@ async def _run_node(config: Config, task_status: Any, node: Node,
     await server.bind()
     metrics = (None if config.metrics_bind is None  # StartupError when it cannot listen
                else await open_metrics_server(config.metrics_bind, node))
+    amqp = None if config.amqp_bind == AMQP_OFF else AmqpServer(node, amqp_settings(config))
+    if amqp is not None:
+        await amqp.bind()  # StartupError when it cannot listen
+        node.amqp = amqp
     async with trio.open_nursery() as nursery:
         if metrics is not None:
             await nursery.start(metrics.run)  # GET /metrics (meshq/metrics.py)
         await nursery.start(node.run)  # membership, links, cluster layer, store, broker
         nursery.start_soon(_remember_alive, node)
         await nursery.start(server.run)
+        if amqp is not None:
+            await nursery.start(amqp.run)
         log.info("meshqd %s ready: node %s (%s), socket %s, bind %s, data %s", __version__,
                  config.node_name, node.id, config.socket, node.address, config.data_dir)
         task_status.started(node)
         await node.stop_requested.wait()
         log.info("shutting down")
         await server.stop_accepting()
+        if amqp is not None:
+            await amqp.stop_accepting()
         node.refuse_writes("shutting down")
         with trio.move_on_after(SHUTDOWN_GRACE):
             await node.membership.leave(LEAVE_GRACE)
@@ -225,10 +234,14 @@ async def _main_async(config: Config, banner: bool) -> int:
             ready.append(node)
             notifier.ready(lambda: status_line(node, config.socket))
             nursery.start_soon(announce_stop, node)
+            amqp = f" amqp={node.amqp.address}" if node.amqp is not None else ""
             print(f"meshqd ready: socket={config.socket} node={config.node_name} "
-                  f"bind={node.address}", flush=True)
+                  f"bind={node.address}{amqp}", flush=True)
             if banner:
-                print(f"\n  data:   {config.data_dir}\n  socket: {config.socket}\n\n"
+                amqp_url = (f"amqp://guest:guest@{node.amqp.address}/" if node.amqp
+                            is not None else "off")
+                print(f"\n  data:   {config.data_dir}\n  socket: {config.socket}\n"
+                      f"  AMQP:   {amqp_url} (RabbitMQ's clients; docs/amqp.md)\n\n"
                       "Try it from another terminal:\n"
                       "  . .venv/bin/activate\n"
                       "  meshq declare hello\n"

@@ -40,6 +40,7 @@ from meshq.server.connection import Connection
 from meshq.store import Snapshot, Store
 
 if TYPE_CHECKING:
+    from meshq.amqp.server import AmqpServer
     from meshq.mesh.keys import KeyService
     from meshq.server.listener import UnixServer
 
@@ -91,6 +92,7 @@ class Node:
         self.keys: KeyService | None = None  # the cluster key ring's operations
         self.security: Callable[[], dict[str, Any]] | None = None  # the status section
         self.server: UnixServer | None = None  # the client socket, set by the daemon
+        self.amqp: AmqpServer | None = None  # the AMQP listener, set by the daemon
         self._nursery: trio.Nursery | None = None
 
     # -- running ---------------------------------------------------------------------------
@@ -240,6 +242,8 @@ class Node:
             "access": dataclasses.asdict(self.access.statistics()),
             "server": (dataclasses.asdict(self.server.statistics())
                        if self.server is not None else None),
+            "amqp": (dataclasses.asdict(self.amqp.statistics())
+                     if self.amqp is not None else None),
             "replication": (_replication(cluster) if cluster is not None else None),
         }
 

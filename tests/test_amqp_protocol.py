@@ -162,6 +162,15 @@ def test_framing_errors_end_the_connection_at_once() -> None:
         assert closed_with(conn)[0] == 501 and conn.state is State.CLOSED
 
 
+def test_garbage_right_after_the_header_gets_start_then_the_close() -> None:
+    conn = AmqpConnection(login)
+    events = conn.receive_data(PROTOCOL_HEADER + b"\x01\x00\x00" + b"\xff" * 16)
+    assert [type(e) for e in events] == [ConnectionClosed] and events[0].code == 501
+    frames = server_frames(conn)
+    assert [type(v) for _, v in frames] == [spec.Connection.Start, spec.Connection.Close]
+    assert frames[1][1].reply_code == 501
+
+
 def test_a_virtual_host_other_than_the_root_is_not_allowed() -> None:
     conn = AmqpConnection(login)
     conn.receive_data(HANDSHAKE.replace(f(spec.Connection.Open("/")),

@@ -8,6 +8,7 @@ import os
 import socket
 import tempfile
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -531,6 +532,16 @@ def test_to_dict_is_json_friendly() -> None:
         "max_inflight_requests": 4096,
         "udp_packets_per_second": 2000,
         "metrics_bind": None,
+        "amqp_bind": "127.0.0.1:5672",
+        "amqp_users": [],
+        "amqp_tls_cert": None,
+        "amqp_tls_key": None,
+        "allow_plaintext_amqp": False,
+        "amqp_max_connections": 1024,
+        "amqp_channel_max": 2047,
+        "amqp_frame_max": 131072,
+        "amqp_heartbeat": 60,
+        "amqp_max_unconfirmed": 10000,
         "vnodes": 128,
         "write_quorum": None,
         "log_level": "info",
@@ -687,3 +698,45 @@ def test_security_settings_from_file_and_env(tmp_path: Path, base_env: dict[str,
         load_config(parse(), {**base_env, "MESHQ_ACCESS": "x"})
     with pytest.raises(ConfigError, match="MESHQ_ALLOW_UNKEYED_BIND: expected true or false"):
         load_config(parse(), {**base_env, "MESHQ_ALLOW_UNKEYED_BIND": "maybe"})
+
+
+# --------------------------------------------------------------------------- AMQP
+
+
+def _cfg(**kw: Any) -> Config:
+    return Config(node_name="n", data_dir=Path("/d"), socket=Path("/s"), **kw)
+
+
+def test_amqp_listens_on_loopback_5672_by_default_and_can_be_turned_off(
+        base_env: dict[str, str]) -> None:
+    assert _cfg().amqp_bind == "127.0.0.1:5672"
+    assert load_config(None, {**base_env, "MESHQ_AMQP_BIND": "off"}).amqp_bind == "off"
+    assert load_config(parse("--amqp-bind", "127.0.0.1:5673"), base_env).amqp_bind == (
+        "127.0.0.1:5673")
+
+
+def test_a_non_loopback_amqp_bind_needs_tls_or_the_opt_out(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"amqp_bind 0\.0\.0\.0:5672 is not a loopback"):
+        _cfg(amqp_bind="0.0.0.0:5672")
+    assert _cfg(amqp_bind="0.0.0.0:5672", allow_plaintext_amqp=True).allow_plaintext_amqp
+    cert, key = tmp_path / "c.pem", tmp_path / "k.pem"
+    assert _cfg(amqp_bind="[::]:5671", amqp_tls_cert=cert, amqp_tls_key=key).amqp_tls_key
+    with pytest.raises(ConfigError, match="go together"):
+        _cfg(amqp_tls_cert=cert)
+    for loopback in ("[::1]:5672", "localhost:5672", "127.0.0.2:5672"):
+        assert _cfg(amqp_bind=loopback).amqp_bind == loopback
+
+
+def test_amqp_users_need_password_hashes_never_plaintext(tmp_path: Path,
+                                                         base_env: dict[str, str]) -> None:
+    from meshq.amqp.auth import hash_password, verify_password
+    stored = hash_password("s3cret", iterations=1000)
+    assert verify_password(stored, "s3cret") and not verify_password(stored, "other")
+    path = tmp_path / "meshq.toml"
+    path.write_text(f'[amqp_users]\napp = "{stored}"\n')
+    cfg = load_config(parse("--config", str(path)), base_env)
+    assert cfg.amqp_users == {"app": stored}
+    assert cfg.to_dict()["amqp_users"] == ["app"]  # status shows names, never hashes
+    path.write_text('[amqp_users]\napp = "s3cret"\n')
+    with pytest.raises(ConfigError, match="amqp_users: app: expected pbkdf2-sha256"):
+        load_config(parse("--config", str(path)), base_env)

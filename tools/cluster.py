@@ -48,7 +48,8 @@ def main(argv: list[str] | None = None) -> int:
                               args=join)
             (base / name).mkdir(exist_ok=True)
             nodes.append(d.start())
-            print(f"{name}: bind {d.bind}  socket {d.socket}", flush=True)
+            print(f"{name}: bind {d.bind}  socket {d.socket}  amqp amqp://{d.amqp}",
+                  flush=True)
         first = nodes[0].socket
         print(f"\n{args.nodes} node(s) under {base}. Try:\n"
               f"  .venv/bin/meshq-ctl --socket {first} members\n"

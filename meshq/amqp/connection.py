@@ -30,6 +30,7 @@ from meshq.amqp.frames import (
     PROTOCOL_HEADER,
     AmqpError,
     FrameReader,
+    content_header,
     marshal,
 )
 
@@ -105,10 +106,13 @@ class MethodReceived:
 
 @dataclass(frozen=True)
 class Published:
+    """A whole publish; ``raw_properties``: its properties as the client encoded them."""
+
     channel: int
     method: spec.Basic.Publish
     properties: spec.Basic.Properties
     body: bytes
+    raw_properties: bytes = b"\x00\x00"
 
 
 @dataclass(frozen=True)
@@ -132,6 +136,7 @@ class _Assembly:
     size: int = 0
     parts: list[bytes] = field(default_factory=list)
     got: int = 0
+    raw: bytes = b"\x00\x00"
 
 
 class AmqpConnection:
@@ -164,12 +169,15 @@ class AmqpConnection:
     def send_method(self, channel: int, method: PFrame) -> None:
         self._out += marshal(method, channel)
 
-    def send_content(self, channel: int, method: PFrame, properties: spec.Basic.Properties,
-                     body: bytes) -> None:
+    def send_content(self, channel: int, method: PFrame,
+                     properties: spec.Basic.Properties | bytes, body: bytes) -> None:
         """A method with content (basic.deliver, basic.return, basic.get-ok), its body cut
-        to the negotiated frame_max."""
+        to the negotiated frame_max; ``properties`` may come encoded already."""
         self._out += marshal(method, channel)
-        self._out += marshal(pheader.ContentHeader(0, len(body), properties), channel)
+        if isinstance(properties, bytes):
+            self._out += content_header(channel, len(body), properties)
+        else:
+            self._out += marshal(pheader.ContentHeader(0, len(body), properties), channel)
         chunk = max(1, self.frame_max - 8)
         for start in range(0, len(body), chunk):
             self._out += marshal(pbody.ContentBody(body[start:start + chunk]), channel)
@@ -207,9 +215,11 @@ class AmqpConnection:
         self._reader.feed(data)
         try:
             header_was_ok = self._reader.header_ok
-            frames = self._reader.frames()
-            if not header_was_ok and self._reader.header_ok:
-                self._start()
+            try:
+                frames = self._reader.frames()
+            finally:  # a header then garbage: Start, then the close, as a server would
+                if not header_was_ok and self._reader.header_ok:
+                    self._start()
             for f in frames:
                 self._frame(f.channel, f.value, events)
                 if self.state is State.CLOSED:
@@ -353,6 +363,7 @@ class AmqpConnection:
             if a.properties is not None:
                 raise AmqpError(UNEXPECTED_FRAME, "a second content header")
             a.properties = value.properties or spec.Basic.Properties()
+            a.raw = getattr(value, "raw_properties", b"\x00\x00")
             a.size = value.body_size
         else:
             if a.properties is None:
@@ -364,7 +375,8 @@ class AmqpConnection:
                                 f"of {a.size}")
         if a.properties is not None and a.got == a.size:
             del self._publishing[channel]
-            events.append(Published(channel, a.method, a.properties, b"".join(a.parts)))
+            events.append(Published(channel, a.method, a.properties, b"".join(a.parts),
+                                    a.raw))
 
     def _forget(self, channel: int) -> None:
         self.channels.discard(channel)

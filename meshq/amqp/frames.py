@@ -30,6 +30,7 @@ __all__ = [
     "FrameReader",
     "FrameValue",
     "Received",
+    "content_header",
     "marshal",
 ]
 
@@ -39,6 +40,7 @@ MIN_FRAME_MAX = 4096  # the spec's floor for frame_max
 FRAME_ERROR = 501  # a malformed frame (connection exception)
 SYNTAX_ERROR = 502  # a frame whose content does not parse (connection exception)
 _HEAD = struct.Struct(">BHI")  # type, channel, payload size
+_CONTENT_HEAD = struct.Struct(">HHQ")  # class id, weight, body size
 
 FrameValue: TypeAlias = PFrame | pheader.ContentHeader | pbody.ContentBody | pheartbeat.Heartbeat
 
@@ -116,6 +118,8 @@ def _unmarshal(data: bytes, kind: int) -> FrameValue:
         raise AmqpError(SYNTAX_ERROR, f"malformed frame: {_text(exc)}") from None
     if isinstance(value, pheader.ProtocolHeader):
         raise AmqpError(FRAME_ERROR, "a protocol header inside the connection")
+    if kind == 2:  # the properties as sent: kept byte for byte (meshq.amqp.mapping)
+        value.raw_properties = data[_HEAD.size + _CONTENT_HEAD.size:-1]  # type: ignore
     return value
 
 
@@ -126,3 +130,9 @@ def _text(exc: BaseException) -> str:
 def marshal(value: Any, channel: int) -> bytes:
     """One frame's bytes."""
     return pframe.marshal(value, channel)
+
+
+def content_header(channel: int, body_size: int, raw_properties: bytes) -> bytes:
+    """A basic content header frame carrying properties already encoded (flags first)."""
+    payload = _CONTENT_HEAD.pack(60, 0, body_size) + raw_properties
+    return _HEAD.pack(2, channel, len(payload)) + payload + b"\xce"

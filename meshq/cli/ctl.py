@@ -90,6 +90,8 @@ def build_parser() -> argparse.ArgumentParser:
                 "" if action == "install" else ", or its fingerprint")
                 + "; - reads it from stdin (not shown by ps)")
     add_command(sub, "leave", "leave the cluster gracefully and stop the daemon", cmd_leave)
+    add_command(sub, "hash-password", "read an AMQP user's password from stdin and print "
+                "its hash for [amqp_users] (no daemon needed)", cmd_hash_password, json=False)
     return parser
 
 
@@ -397,6 +399,20 @@ def cmd_leave(args: argparse.Namespace) -> int:
         result = client.request("leave")
     return _emit(args, result, lambda _: "leaving the cluster; the daemon stops once the "
                  "news has spread")
+
+
+def cmd_hash_password(args: argparse.Namespace) -> int:
+    from meshq.amqp.auth import hash_password
+    if sys.stdin.isatty():
+        import getpass
+        password = getpass.getpass("password: ")
+    else:
+        password = sys.stdin.readline().rstrip("\n")
+    if not password:
+        print("meshq-ctl: BAD_REQUEST: an empty password", file=sys.stderr)
+        return 2
+    print(hash_password(password))
+    return EXIT_OK
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -39,12 +39,15 @@ class DaemonProcess:
         self.new_session = new_session  # its own process group, as a terminal gives it
         self.proc: subprocess.Popen[str] | None = None
         self.bind: str | None = None  # the peer address it bound, from its ready line
+        self.amqp: str | None = None  # its AMQP address (HOST:PORT), from its ready line
         self.stderr_path = self.data_dir.parent / f"{self.data_dir.name}-meshqd.log"
         self._stderr: IO[Any] | None = None
 
     def command(self) -> list[str]:
         bind = [] if any(a.startswith("--bind") for a in self.args) else [
             "--bind", "127.0.0.1:0"]  # a free port: tests run many daemons side by side
+        if not any(a.startswith("--amqp-bind") for a in self.args):
+            bind += ["--amqp-bind", "127.0.0.1:0"]
         return [sys.executable, "-m", "meshq.daemon", "--data-dir", str(self.data_dir),
                 "--socket", str(self.socket), "--node-name", self.node_name, *bind,
                 *self.args]
@@ -76,6 +79,7 @@ class DaemonProcess:
                 if line.startswith(READY_PREFIX):
                     fields = dict(f.split("=", 1) for f in line.split()[2:] if "=" in f)
                     self.bind = fields.get("bind")
+                    self.amqp = fields.get("amqp")
                     return self
         finally:
             sel.close()

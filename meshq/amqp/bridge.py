@@ -1,0 +1,722 @@
+"""One AMQP connection's methods as meshq ops, through a ClientSession (router, receipts).
+
+The connection's events (meshq.amqp.connection) come in; each becomes an op of the
+socket protocol, served wherever the cluster router says, exactly as for a socket client;
+the answers become AMQP replies, confirms and deliveries. A channel answers synchronous
+methods in order: while one's answer is due, the channel's later frames wait. Publishes
+that arrive together for one queue go as one ``send``. State here: the channels, the
+requests in flight, exclusive and auto-delete queues. Never: a delivery before its
+consume-ok, a delivery tag for a message whose lease we did not get, a confirm before the
+send was confirmed by its write quorum, or an exception out of ``receive`` for what a
+peer sent (it closes the channel or the connection with the code RabbitMQ uses).
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import secrets
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Any
+
+import trio
+from pamqp import commands as spec
+
+from meshq.amqp.channel import Channel, Confirms, Consumer, Unacked, by_queue
+from meshq.amqp.connection import (
+    NOT_ALLOWED,
+    AmqpConnection,
+    ChannelClosed,
+    ChannelOpened,
+    Event,
+    MethodReceived,
+    Opened,
+    Published,
+)
+from meshq.amqp.mapping import (
+    ACCESS_REFUSED,
+    NOT_FOUND,
+    PRECONDITION_FAILED,
+    ArgumentError,
+    error_reply,
+    from_meshq,
+    queue_options,
+    to_meshq,
+)
+from meshq.errors import MeshqError, NotFound
+from meshq.server.ops import OPS
+from meshq.server.session import ClientSession
+
+if TYPE_CHECKING:
+    from meshq.node import Node
+
+__all__ = ["Bridge"]
+
+log = logging.getLogger("meshq.amqp")
+
+NOT_IMPLEMENTED = 540
+INTERNAL_ERROR = 541
+NO_ROUTE = 312
+UNLIMITED_PREFETCH = 65535  # meshq's largest prefetch stands for AMQP's 0 (no limit)
+RENEW_AT = 1 / 3  # a lease is renewed when this share of it is left
+LATER = object()  # a synchronous method's answer comes from a later op
+
+Callback = Callable[[dict[str, Any] | None, MeshqError | None], None]
+
+
+def _ids(m: Any) -> tuple[int, int]:
+    index = getattr(m, "index", 0) or 0
+    return index >> 16, index & 0xFFFF
+
+
+class Bridge:
+    """``spawn`` starts a task owned by the connection; ``kick`` says there is output."""
+
+    def __init__(self, node: Node, conn: AmqpConnection,
+                 spawn: Callable[..., None], kick: Callable[[], None]) -> None:
+        self.node = node
+        self.broker = node.broker
+        self.conn = conn
+        self._spawn = spawn
+        self.kick = kick
+        self.session = ClientSession(node, self)
+        self.channels: dict[int, Channel] = {}
+        self.capabilities: dict[str, Any] = {}
+        self.user = ""
+        self.sends_in_flight = 0  # send ops not yet answered (back-pressure)
+        self.exclusive: set[str] = set()
+        self.auto_delete: set[str] = set()
+        self._rids = itertools.count(1)
+        self._waiting: dict[int, Callback] = {}
+        self._early: dict[str, list[list[dict[str, Any]]]] = {}  # pushes before consume-ok
+        self._gone_tags: set[str] = set()  # meshq tags of consumers cancelled here
+        self.closed = False
+
+    # -- Out (the ClientSession's answers and pushes) ---------------------------------------
+    def respond(self, rid: Any, result: dict[str, Any]) -> None:
+        self._answer(rid, result, None)
+
+    def error(self, rid: Any, exc: MeshqError) -> None:
+        self._answer(rid, None, exc)
+
+    def _answer(self, rid: Any, result: dict[str, Any] | None,
+                exc: MeshqError | None) -> None:
+        cb = self._waiting.pop(rid, None)
+        if cb is None:
+            return
+        try:
+            cb(result, exc)
+        except Exception:  # our bug: this connection ends, the daemon goes on
+            self._crashed()
+        self.kick()
+
+    def _crashed(self) -> None:
+        log.exception("AMQP connection: internal error")
+        self.conn.close(INTERNAL_ERROR, "INTERNAL_ERROR - see the daemon's log")
+
+    def push(self, frame: dict[str, Any]) -> None:
+        if self.closed:
+            return
+        tag = frame.get("consumer")
+        if not isinstance(tag, str):
+            return
+        try:
+            if frame.get("push") == "cancel":
+                self._server_cancel(tag)
+            elif frame.get("push") == "deliver":
+                self._deliveries(tag, frame.get("messages") or [])
+        except Exception:
+            self._crashed()
+        self.kick()
+
+    def spawn(self, fn: Callable[..., Awaitable[Any]], *args: Any) -> None:
+        self._spawn(fn, *args)
+
+    # -- ops ---------------------------------------------------------------------------------
+    def _op(self, op: str, req: dict[str, Any], cb: Callback | None = None) -> None:
+        rid = next(self._rids)
+        self._waiting[rid] = cb or _ignore
+        req["op"] = op
+        self.node.store.seal_if_full()  # between two requests: a safe place to cut a batch
+        self.session.handle(rid, op, req, OPS[op])
+
+    # -- events in ---------------------------------------------------------------------------
+    def receive(self, events: list[Event]) -> None:
+        """Act on the connection's events (in order; publishes in a row for one channel
+        are sent together)."""
+        i = 0
+        while i < len(events):
+            ev = events[i]
+            if isinstance(ev, Published):
+                j = i + 1
+                while j < len(events) and isinstance(events[j], Published) and \
+                        events[j].channel == ev.channel:  # type: ignore[union-attr]
+                    j += 1
+                self._channel_input(ev.channel, events[i:j])
+                i = j
+                continue
+            if isinstance(ev, MethodReceived):
+                self._channel_input(ev.channel, [ev])
+            elif isinstance(ev, ChannelOpened):
+                self.channels[ev.channel] = Channel(ev.channel)
+            elif isinstance(ev, ChannelClosed):
+                self._channel_gone(ev.channel)
+            elif isinstance(ev, Opened):
+                self.user = ev.user
+                caps = ev.client_properties.get("capabilities")
+                self.capabilities = caps if isinstance(caps, dict) else {}
+            i += 1
+
+    def _channel_input(self, number: int, evs: list[Any]) -> None:
+        ch = self.channels.get(number)
+        if ch is None or ch.closed:
+            return
+        if ch.busy:
+            ch.held.extend(evs)
+            return
+        self._run(ch, evs)
+
+    def _run(self, ch: Channel, evs: list[Any]) -> None:
+        try:
+            publishes: list[Published] = []
+            for k, ev in enumerate(evs):
+                if ch.closed:
+                    return
+                if isinstance(ev, Published):
+                    publishes.append(ev)
+                    continue
+                if publishes:
+                    self._publish(ch, publishes)
+                    publishes = []
+                self._method(ch, ev.method)
+                if ch.busy:
+                    ch.held.extendleft(reversed(evs[k + 1:]))
+                    return
+            if publishes and not ch.closed:
+                self._publish(ch, publishes)
+        except ArgumentError as exc:
+            self._channel_error(ch, exc.code, exc.text)
+
+    def _answered(self, ch: Channel) -> None:
+        """A synchronous method's answer went out: the channel's held frames go on."""
+        ch.busy = False
+        while ch.held and not ch.busy and not ch.closed:
+            evs: list[Any] = []
+            while ch.held and (not evs or isinstance(ch.held[0], Published)):
+                evs.append(ch.held.popleft())
+                if not isinstance(evs[0], Published):
+                    break
+            self._run(ch, evs)
+
+    def _channel_error(self, ch: Channel, code: int, text: str, method: Any = None) -> None:
+        cls, meth = _ids(method) if method is not None else (0, 0)
+        self.conn.close_channel(ch.number, code, text, cls, meth)
+        self._channel_gone(ch.number)
+
+    def _connection_error(self, code: int, text: str, method: Any = None) -> None:
+        cls, meth = _ids(method) if method is not None else (0, 0)
+        self.conn.close(code, text, cls, meth)
+
+    # -- methods -----------------------------------------------------------------------------
+    def _method(self, ch: Channel, m: Any) -> None:
+        handler = _METHODS.get(type(m))
+        if handler is None:
+            self._connection_error(NOT_IMPLEMENTED, f"NOT_IMPLEMENTED - {m.name} is not "
+                                   "supported by meshq", m)
+            return
+        if ch.tx and isinstance(m, spec.Basic.Ack | spec.Basic.Nack | spec.Basic.Reject):
+            ch.tx_held.append(m)
+            return
+        handler(self, ch, m)
+
+    def _sync(self, ch: Channel, op: str, req: dict[str, Any], method: Any,
+              done: Callable[[dict[str, Any]], Any], *, nowait: bool = False,
+              on_error: Callable[[MeshqError], bool] | None = None) -> None:
+        """Run ``op``; ``done(result)`` returns the reply method (None: none). The channel
+        waits for it unless ``nowait``."""
+        ch.busy = not nowait
+
+        def answered(result: dict[str, Any] | None, exc: MeshqError | None) -> None:
+            if ch.closed:
+                return
+            if exc is not None:
+                if on_error is None or not on_error(exc):
+                    code, text = error_reply(exc)
+                    self._channel_error(ch, code, text, method)
+                    return
+            else:
+                try:
+                    reply = done(result or {})
+                except ArgumentError as err:
+                    self._channel_error(ch, err.code, err.text, method)
+                    return
+                if reply is LATER:
+                    return
+                if reply is not None and not nowait:
+                    self.conn.send_method(ch.number, reply)
+            if not nowait:
+                self._answered(ch)
+
+        self._op(op, req, answered)
+
+    def _reply(self, ch: Channel, reply: Any) -> None:
+        self.conn.send_method(ch.number, reply)
+
+    def _queue_name(self, ch: Channel, name: str, method: Any) -> str:
+        name = name or ch.last_queue
+        if not name:
+            raise ArgumentError(NOT_FOUND, "NOT_FOUND - no previously declared queue")
+        return name
+
+    # exchange ------------------------------------------------------------------------------
+    def _exchange_declare(self, ch: Channel, m: spec.Exchange.Declare) -> None:
+        if m.exchange == "" or m.exchange.startswith("amq."):
+            raise ArgumentError(ACCESS_REFUSED, f"ACCESS_REFUSED - exchange name "
+                                f"{m.exchange!r} is reserved (meshq routes only through "
+                                "the default exchange so far)")
+        raise ArgumentError(NOT_FOUND, f"NOT_FOUND - no exchange {m.exchange!r} in vhost "
+                            "'/' (meshq routes only through the default exchange so far)")
+
+    # queue ---------------------------------------------------------------------------------
+    def _queue_declare(self, ch: Channel, m: spec.Queue.Declare) -> None:
+        name = m.queue
+        if not name:
+            if m.passive:
+                name = self._queue_name(ch, name, m)
+            else:
+                name = "amq.gen-" + secrets.token_urlsafe(16)
+        elif name.startswith("amq.") and not m.passive:
+            raise ArgumentError(ACCESS_REFUSED, f"ACCESS_REFUSED - queue name {name!r} "
+                                "contains reserved prefix 'amq.*'")
+        options = queue_options(m.arguments)
+        q = self.broker.queues.get(name)
+        req: dict[str, Any] = {"queue": name}
+        if m.passive:
+            req["passive"] = True
+        elif q is not None:
+            differ = [k for k, v in options.items() if getattr(q.options, k) != v]
+            if differ:
+                raise ArgumentError(PRECONDITION_FAILED, f"PRECONDITION_FAILED - inequivalent "
+                                    f"arg(s) for queue {name!r}: " + ", ".join(
+                                        f"{k} is {getattr(q.options, k)!r}, asked {options[k]!r}"
+                                        for k in differ))
+            req["passive"] = True
+        else:
+            req["options"] = options
+
+        def done(result: dict[str, Any]) -> Any:
+            ch.last_queue = name
+            if m.exclusive:
+                self.exclusive.add(name)
+            if m.auto_delete:
+                self.auto_delete.add(name)
+            return spec.Queue.DeclareOk(name, int(result.get("ready", 0)),
+                                        int(result.get("consumers", 0)))
+
+        self._sync(ch, "declare", req, m, done, nowait=m.nowait)
+
+    def _queue_delete(self, ch: Channel, m: spec.Queue.Delete) -> None:
+        name = self._queue_name(ch, m.queue, m)
+
+        def deleted(exc: MeshqError) -> bool:
+            if isinstance(exc, NotFound):  # as RabbitMQ: deleting what is gone is fine
+                if not m.nowait:
+                    self._reply(ch, spec.Queue.DeleteOk(0))
+                return True
+            return False
+
+        def delete() -> None:
+            self.exclusive.discard(name)
+            self.auto_delete.discard(name)
+            self._sync(ch, "delete", {"queue": name}, m,
+                       lambda r: spec.Queue.DeleteOk(int(r.get("deleted", 0))),
+                       nowait=m.nowait, on_error=deleted)
+
+        if not (m.if_unused or m.if_empty):
+            delete()
+            return
+
+        def checked(result: dict[str, Any]) -> Any:
+            stats = (result.get("queues") or [{}])[0]
+            if m.if_unused and stats.get("consumers", 0):
+                raise ArgumentError(PRECONDITION_FAILED, f"PRECONDITION_FAILED - queue "
+                                    f"{name!r} in vhost '/' in use")
+            if m.if_empty and stats.get("ready", 0) + stats.get("leased", 0) + stats.get(
+                    "delayed", 0):
+                raise ArgumentError(PRECONDITION_FAILED, f"PRECONDITION_FAILED - queue "
+                                    f"{name!r} in vhost '/' is not empty")
+            delete()
+            return LATER
+
+        self._sync(ch, "stats", {"queue": name}, m, checked, on_error=deleted)
+
+    def _queue_purge(self, ch: Channel, m: spec.Queue.Purge) -> None:
+        name = self._queue_name(ch, m.queue, m)
+        self._sync(ch, "purge", {"queue": name}, m,
+                   lambda r: spec.Queue.PurgeOk(int(r.get("purged", 0))), nowait=m.nowait)
+
+    def _queue_bind(self, ch: Channel, m: spec.Queue.Bind | spec.Queue.Unbind) -> None:
+        if m.exchange == "":
+            raise ArgumentError(ACCESS_REFUSED, "ACCESS_REFUSED - operation not permitted "
+                                "on the default exchange")
+        raise ArgumentError(NOT_FOUND, f"NOT_FOUND - no exchange {m.exchange!r} in vhost "
+                            "'/' (meshq routes only through the default exchange so far)")
+
+    # basic ---------------------------------------------------------------------------------
+    def _qos(self, ch: Channel, m: spec.Basic.Qos) -> None:
+        if m.prefetch_size:
+            self._connection_error(NOT_IMPLEMENTED, "NOT_IMPLEMENTED - prefetch_size!=0 "
+                                   f"({m.prefetch_size})", m)
+            return
+        ch.prefetch = m.prefetch_count
+        self._reply(ch, spec.Basic.QosOk())
+
+    def _consume(self, ch: Channel, m: spec.Basic.Consume) -> None:
+        name = self._queue_name(ch, m.queue, m)
+        tag = m.consumer_tag or "amq.ctag-" + secrets.token_urlsafe(16)
+        if tag in ch.consumers:
+            self._connection_error(NOT_ALLOWED, f"NOT_ALLOWED - attempt to reuse consumer "
+                                   f"tag {tag!r}", m)
+            return
+        c = Consumer(tag, name, m.no_ack)
+        ch.consumers[tag] = c
+        prefetch = UNLIMITED_PREFETCH if m.no_ack or not ch.prefetch else min(
+            ch.prefetch, UNLIMITED_PREFETCH)
+
+        def done(result: dict[str, Any]) -> Any:
+            c.meshq_tag = str(result.get("consumer", ""))
+            if ch.consumers.get(tag) is not c:  # cancelled, or the channel closed, meanwhile
+                self._cancel_meshq(c.meshq_tag)
+                return None
+            if not m.nowait:
+                self._reply(ch, spec.Basic.ConsumeOk(tag))
+            for msgs in self._early.pop(c.meshq_tag, []):
+                self._deliver(ch, c, msgs)
+            return None
+
+        def failed(exc: MeshqError) -> bool:
+            ch.consumers.pop(tag, None)
+            return False
+
+        self._sync(ch, "consume", {"queue": name, "prefetch": prefetch}, m, done,
+                   on_error=failed)
+
+    def _cancel(self, ch: Channel, m: spec.Basic.Cancel) -> None:
+        c = ch.consumers.pop(m.consumer_tag or "", None)
+        if c is not None and c.meshq_tag:
+            self._cancel_meshq(c.meshq_tag)
+            self._maybe_auto_delete(c.queue)
+        if not m.nowait:
+            self._reply(ch, spec.Basic.CancelOk(m.consumer_tag))
+
+    def _cancel_meshq(self, meshq_tag: str) -> None:
+        self._gone_tags.add(meshq_tag)
+        self._op("cancel", {"consumer": meshq_tag})
+
+    def _maybe_auto_delete(self, queue: str) -> None:
+        """An auto-delete queue this connection declared goes when its last consumer here
+        does (RabbitMQ counts every connection's consumers; see docs/amqp.md)."""
+        if queue not in self.auto_delete:
+            return
+        for ch in self.channels.values():
+            if any(c.queue == queue for c in ch.consumers.values()):
+                return
+        self.auto_delete.discard(queue)
+        self.exclusive.discard(queue)
+        self._op("delete", {"queue": queue})
+
+    def _server_cancel(self, meshq_tag: str) -> None:
+        """meshq ended a consumer for good (its queue was deleted)."""
+        for ch in self.channels.values():
+            c = ch.consumer_by_meshq(meshq_tag)
+            if c is not None:
+                del ch.consumers[c.tag]
+                if self.capabilities.get("consumer_cancel_notify"):
+                    self._reply(ch, spec.Basic.Cancel(c.tag, nowait=True))
+                return
+
+    def _deliveries(self, meshq_tag: str, msgs: list[dict[str, Any]]) -> None:
+        for ch in self.channels.values():
+            c = ch.consumer_by_meshq(meshq_tag)
+            if c is not None:
+                self._deliver(ch, c, msgs)
+                return
+        if meshq_tag in self._gone_tags:
+            self._release(msgs)  # cancelled meanwhile: they go back to the queue
+        else:
+            self._early.setdefault(meshq_tag, []).append(msgs)  # before our consume-ok
+
+    def _deliver(self, ch: Channel, c: Consumer, msgs: list[dict[str, Any]]) -> None:
+        now = trio.current_time()
+        auto: list[str] = []
+        for d in msgs:
+            exchange, routing_key, props = from_meshq(d)
+            left = d.get("lease_left")
+            if c.no_ack:
+                tag = ch.delivered(None)
+                auto.append(d["receipt"])
+            else:
+                tag = ch.delivered(Unacked(d["queue"], d["receipt"],
+                                           now + (left if isinstance(left, int | float)
+                                                  else 30.0)))
+            self.conn.send_content(ch.number, spec.Basic.Deliver(
+                c.tag, tag, bool(d.get("redelivered")), exchange, routing_key), props,
+                d["body"])
+        if auto:
+            self._op("ack", {"queue": c.queue, "ids": auto})
+
+    def _release(self, msgs: list[dict[str, Any]]) -> None:
+        groups: dict[str, list[str]] = {}
+        for d in msgs:
+            groups.setdefault(d["queue"], []).append(d["receipt"])
+        for queue, receipts in groups.items():
+            self._op("nack", {"queue": queue, "ids": receipts, "requeue": True})
+
+    def _get(self, ch: Channel, m: spec.Basic.Get) -> None:
+        name = self._queue_name(ch, m.queue, m)
+
+        def done(result: dict[str, Any]) -> Any:
+            msgs = result.get("messages") or []
+            if not msgs:
+                return spec.Basic.GetEmpty()
+            d = msgs[0]
+            exchange, routing_key, props = from_meshq(d)
+            left = d.get("lease_left")
+            unacked = None if m.no_ack else Unacked(
+                d["queue"], d["receipt"], trio.current_time() + (
+                    left if isinstance(left, int | float) else 30.0))
+            tag = ch.delivered(unacked)
+            self.conn.send_content(ch.number, spec.Basic.GetOk(
+                tag, bool(d.get("redelivered")), exchange, routing_key, 0), props, d["body"])
+            return None
+
+        self._sync(ch, "receive", {"queue": name, "max": 1, "wait": 0.0,
+                                   "auto_ack": bool(m.no_ack)}, m, done)
+
+    def _settle(self, ch: Channel, m: spec.Basic.Ack | spec.Basic.Nack | spec.Basic.Reject
+                ) -> None:
+        multiple = bool(getattr(m, "multiple", False))
+        items = ch.take(m.delivery_tag or 0, multiple)
+        requeue = getattr(m, "requeue", True)
+        for queue, receipts in by_queue(items).items():
+            if isinstance(m, spec.Basic.Ack):
+                self._op("ack", {"queue": queue, "ids": receipts})
+            else:
+                self._op("nack", {"queue": queue, "ids": receipts, "requeue": bool(requeue)})
+
+    def _recover(self, ch: Channel, m: Any) -> None:
+        for queue, receipts in by_queue(ch.take_all()).items():
+            self._op("nack", {"queue": queue, "ids": receipts, "requeue": True})
+        if isinstance(m, spec.Basic.Recover):
+            self._reply(ch, spec.Basic.RecoverOk())
+
+    def _publish(self, ch: Channel, evs: list[Published]) -> None:
+        limit = self.broker.limits.max_message_bytes
+        for ev in evs:
+            if ev.method.immediate:
+                self._connection_error(NOT_IMPLEMENTED, "NOT_IMPLEMENTED - immediate=true",
+                                       ev.method)
+                return
+            if len(ev.body) > limit:
+                raise ArgumentError(PRECONDITION_FAILED, f"PRECONDITION_FAILED - message "
+                                    f"size {len(ev.body)} is larger than configured max "
+                                    f"size {limit}")
+            if ev.method.exchange != "":
+                raise ArgumentError(NOT_FOUND, f"NOT_FOUND - no exchange "
+                                    f"{ev.method.exchange!r} in vhost '/' (meshq routes only "
+                                    "through the default exchange so far)")
+        if ch.tx:
+            ch.tx_held.extend(evs)
+            return
+        groups: dict[str, tuple[list[dict[str, Any]], list[int]]] = {}
+        for ev in evs:
+            m = ev.method
+            seq = ch.confirms.publish() if ch.confirms is not None else 0
+            queue = m.routing_key
+            if queue not in self.broker.queues:  # unroutable: dropped, as RabbitMQ does
+                if m.mandatory:
+                    self.conn.send_content(ch.number, spec.Basic.Return(
+                        NO_ROUTE, "NO_ROUTE", m.exchange, m.routing_key), ev.raw_properties,
+                        ev.body)
+                if seq:
+                    self._confirm(ch, seq, True)
+                continue
+            msgs, seqs = groups.setdefault(queue, ([], []))
+            msgs.append(to_meshq(m.exchange, m.routing_key, queue, ev.properties, ev.body,
+                                 ev.raw_properties))
+            seqs.append(seq)
+        for queue, (msgs, seqs) in groups.items():
+            self._send(ch, queue, msgs, seqs)
+
+    def _send(self, ch: Channel, queue: str, msgs: list[dict[str, Any]], seqs: list[int],
+              then: Callable[[bool], None] | None = None) -> None:
+        self.sends_in_flight += 1
+
+        def sent(result: dict[str, Any] | None, exc: MeshqError | None) -> None:
+            self.sends_in_flight -= 1
+            if exc is not None:
+                log.debug("AMQP publish to %r failed: %s", queue, exc)
+            for seq in seqs:
+                if seq:
+                    self._confirm(ch, seq, exc is None)
+            if then is not None:
+                then(exc is None)
+
+        self._op("send", {"queue": queue, "messages": msgs}, sent)
+
+    def _confirm(self, ch: Channel, seq: int, ok: bool) -> None:
+        if ch.closed or ch.confirms is None:
+            return
+        for kind, tag, multiple in ch.confirms.settle(seq, ok):
+            if kind == "ack":
+                self._reply(ch, spec.Basic.Ack(tag, multiple))
+            else:
+                self._reply(ch, spec.Basic.Nack(tag, multiple, False))
+
+    # confirm, tx, channel ------------------------------------------------------------------
+    def _confirm_select(self, ch: Channel, m: spec.Confirm.Select) -> None:
+        if ch.tx:
+            raise ArgumentError(PRECONDITION_FAILED, "PRECONDITION_FAILED - cannot switch "
+                                "from tx to confirm mode")
+        if ch.confirms is None:
+            ch.confirms = Confirms()
+        if not m.nowait:
+            self._reply(ch, spec.Confirm.SelectOk())
+
+    def _tx_select(self, ch: Channel, m: spec.Tx.Select) -> None:
+        if ch.confirms is not None:
+            raise ArgumentError(PRECONDITION_FAILED, "PRECONDITION_FAILED - cannot switch "
+                                "from confirm to tx mode")
+        ch.tx = True
+        self._reply(ch, spec.Tx.SelectOk())
+
+    def _tx_commit(self, ch: Channel, m: spec.Tx.Commit) -> None:
+        if not ch.tx:
+            raise ArgumentError(PRECONDITION_FAILED, "PRECONDITION_FAILED - channel is not "
+                                "transactional")
+        held, ch.tx_held = ch.tx_held, []
+        ch.tx = False  # replay what was held as if outside a transaction
+        pending = [0]
+        ok = [True]
+
+        def one_done(success: bool) -> None:
+            ok[0] = ok[0] and success
+            pending[0] -= 1
+            if pending[0] == 0 and not ch.closed:
+                self._reply(ch, spec.Tx.CommitOk())
+                self._answered(ch)
+
+        try:
+            publishes = [e for e in held if isinstance(e, Published)]
+            groups: dict[str, list[dict[str, Any]]] = {}
+            for ev in publishes:
+                queue = ev.method.routing_key
+                if queue in self.broker.queues:
+                    groups.setdefault(queue, []).append(to_meshq(
+                        "", queue, queue, ev.properties, ev.body, ev.raw_properties))
+            for m2 in held:
+                if not isinstance(m2, Published):
+                    self._settle(ch, m2)
+        finally:
+            ch.tx = True
+        if not groups:
+            self._reply(ch, spec.Tx.CommitOk())
+            return
+        ch.busy = True
+        pending[0] = len(groups)
+        for queue, msgs in groups.items():
+            self._send(ch, queue, msgs, [], then=one_done)
+
+    def _tx_rollback(self, ch: Channel, m: spec.Tx.Rollback) -> None:
+        if not ch.tx:
+            raise ArgumentError(PRECONDITION_FAILED, "PRECONDITION_FAILED - channel is not "
+                                "transactional")
+        ch.tx_held.clear()
+        self._reply(ch, spec.Tx.RollbackOk())
+
+    def _flow(self, ch: Channel, m: spec.Channel.Flow) -> None:
+        if not m.active:
+            self._connection_error(NOT_IMPLEMENTED, "NOT_IMPLEMENTED - active=false", m)
+            return
+        self._reply(ch, spec.Channel.FlowOk(True))
+
+    def _channel_gone(self, number: int) -> None:
+        """The channel closed: its consumers end, its unacked deliveries go back."""
+        ch = self.channels.pop(number, None)
+        if ch is None or ch.closed:
+            return
+        ch.closed = True
+        ch.held.clear()
+        for c in ch.consumers.values():
+            if c.meshq_tag:
+                self._cancel_meshq(c.meshq_tag)
+        queues = {c.queue for c in ch.consumers.values()}
+        ch.consumers.clear()
+        for queue, receipts in by_queue(ch.take_all()).items():
+            self._op("nack", {"queue": queue, "ids": receipts, "requeue": True})
+        for queue in queues:
+            self._maybe_auto_delete(queue)
+
+    # -- leases ------------------------------------------------------------------------------
+    def renew(self, now: float) -> None:
+        """Extend the leases of unacked deliveries near their end: AMQP has no visibility
+        timeout, a delivery is the consumer's until it settles it or its channel closes."""
+        due: dict[str, list[Unacked]] = {}
+        for ch in self.channels.values():
+            for u in ch.unacked.values():
+                q = self.broker.queues.get(u.queue)
+                vt = q.options.visibility_timeout if q is not None else 30.0
+                if u.deadline - now < vt * RENEW_AT:
+                    due.setdefault(u.queue, []).append(u)
+                    u.deadline = now + vt
+        for queue, items in due.items():
+            q = self.broker.queues.get(queue)
+            vt = q.options.visibility_timeout if q is not None else 30.0
+            self._op("extend", {"queue": queue, "ids": [u.receipt for u in items],
+                                "timeout": vt})
+
+    # -- the end -----------------------------------------------------------------------------
+    def close(self) -> None:
+        """The connection is gone: its leases go back (the session releases them), its
+        exclusive and auto-delete queues are deleted."""
+        if self.closed:
+            return
+        doomed = sorted(self.exclusive | self.auto_delete)
+        for number in list(self.channels):
+            self._channel_gone(number)
+        for name in doomed:
+            self._op("delete", {"queue": name})
+        self.closed = True
+        self.session.close()
+
+    @property
+    def consumers(self) -> int:
+        return sum(len(ch.consumers) for ch in self.channels.values())
+
+
+def _ignore(result: dict[str, Any] | None, exc: MeshqError | None) -> None:
+    pass
+
+
+_METHODS: dict[type, Callable[[Bridge, Channel, Any], None]] = {
+    spec.Exchange.Declare: Bridge._exchange_declare,
+    spec.Queue.Declare: Bridge._queue_declare,
+    spec.Queue.Delete: Bridge._queue_delete,
+    spec.Queue.Purge: Bridge._queue_purge,
+    spec.Queue.Bind: Bridge._queue_bind,
+    spec.Queue.Unbind: Bridge._queue_bind,
+    spec.Basic.Qos: Bridge._qos,
+    spec.Basic.Consume: Bridge._consume,
+    spec.Basic.Cancel: Bridge._cancel,
+    spec.Basic.Get: Bridge._get,
+    spec.Basic.Ack: Bridge._settle,
+    spec.Basic.Nack: Bridge._settle,
+    spec.Basic.Reject: Bridge._settle,
+    spec.Basic.Recover: Bridge._recover,
+    spec.Basic.RecoverAsync: Bridge._recover,
+    spec.Confirm.Select: Bridge._confirm_select,
+    spec.Tx.Select: Bridge._tx_select,
+    spec.Tx.Commit: Bridge._tx_commit,
+    spec.Tx.Rollback: Bridge._tx_rollback,
+    spec.Channel.Flow: Bridge._flow,
+}

@@ -1,0 +1,324 @@
+"""meshqd's AMQP 0-9-1 listener (config ``amqp_bind``) and the trio driver of a connection.
+
+The driver only moves bytes and time: it feeds what the client sent to the sans-IO
+AmqpConnection, hands the events to the connection's Bridge, writes what is to be sent,
+times heartbeats and the handshake, renews leases, and stops reading while too much is
+unwritten or too many publishes are unconfirmed. State here: the listeners, the live
+connections and their counters. Never: an exception from one connection reaching the
+accept loop or another connection, a connection left open after its peer went silent
+past two heartbeats, or unbounded buffering for a client that does not read.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import ssl
+from dataclasses import dataclass
+from functools import partial
+from typing import TYPE_CHECKING, Any
+
+import trio
+from pamqp import commands as spec
+
+from meshq import __version__
+from meshq.amqp.auth import Logins
+from meshq.amqp.bridge import Bridge
+from meshq.amqp.connection import AmqpConnection, ConnectionClosed, State, Tuning
+from meshq.config import Config, parse_host_port
+from meshq.errors import StartupError
+from meshq.mesh.accept import serve_accepted
+
+if TYPE_CHECKING:
+    from meshq.node import Node
+
+__all__ = ["AmqpServer", "AmqpSettings", "AmqpStatistics", "amqp_settings"]
+
+log = logging.getLogger("meshq.amqp")
+
+HANDSHAKE_TIMEOUT = 10.0  # seconds from accept to connection.open (RabbitMQ's default)
+CLOSE_TIMEOUT = 3.0  # seconds we wait for close-ok after our connection.close
+HIGH_WATER = 4 * 1024 * 1024  # unwritten bytes past which a connection is not read
+RENEW_INTERVAL = 1.0  # seconds between lease renewals of unacked deliveries
+
+
+@dataclass(frozen=True)
+class AmqpSettings:
+    bind: str = "127.0.0.1:5672"
+    users: tuple[tuple[str, str], ...] = ()  # (user, password hash)
+    max_connections: int = 1024
+    channel_max: int = 2047
+    frame_max: int = 131072
+    heartbeat: int = 60
+    max_unconfirmed: int = 10_000  # publishes in flight per connection before reads stop
+    tls: ssl.SSLContext | None = None
+
+
+def amqp_settings(config: Config) -> AmqpSettings:
+    """The listener's settings from the config; StartupError if its TLS files are bad."""
+    tls = None
+    if config.amqp_tls_cert is not None and config.amqp_tls_key is not None:
+        try:
+            tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+            tls.load_cert_chain(config.amqp_tls_cert, config.amqp_tls_key)
+        except (OSError, ssl.SSLError) as exc:
+            raise StartupError(f"cannot load amqp_tls_cert/amqp_tls_key: {exc}") from None
+    return AmqpSettings(
+        bind=config.amqp_bind, users=tuple(sorted(config.amqp_users.items())),
+        max_connections=config.amqp_max_connections, channel_max=config.amqp_channel_max,
+        frame_max=config.amqp_frame_max, heartbeat=config.amqp_heartbeat,
+        max_unconfirmed=config.amqp_max_unconfirmed, tls=tls)
+
+
+@dataclass(frozen=True)
+class AmqpStatistics:
+    """The status ``amqp`` section (docs/ctl-json.md)."""
+
+    address: str
+    tls: bool
+    connections: int
+    channels: int
+    consumers: int
+    accepted: int
+    refused_over_limit: int
+    logins_refused: int
+
+
+def _is_loopback(stream: trio.abc.Stream) -> bool:
+    sock = getattr(stream, "socket", None)
+    if sock is None:
+        inner = getattr(stream, "transport_stream", None)
+        sock = getattr(inner, "socket", None)
+    try:
+        host = sock.getpeername()[0] if sock is not None else ""
+        return ipaddress.ip_address(host.split("%")[0]).is_loopback
+    except (OSError, ValueError, IndexError, TypeError):
+        return False
+
+
+class AmqpServer:
+    def __init__(self, node: Node, settings: AmqpSettings) -> None:
+        self.node = node
+        self.settings = settings
+        self.logins = Logins(dict(settings.users))
+        self.tuning = Tuning(channel_max=settings.channel_max, frame_max=settings.frame_max,
+                             heartbeat=settings.heartbeat)
+        self.listeners: list[trio.SocketListener] = []
+        self.connections: set[_Driver] = set()
+        self.accepted = 0
+        self.refused_over_limit = 0
+        self._open = 0
+
+    async def bind(self) -> None:
+        """Listen; StartupError (one line, naming the setting) when that fails."""
+        try:
+            host, port = parse_host_port(self.settings.bind)
+            self.listeners = await trio.open_tcp_listeners(port, host=host)
+        except (OSError, ValueError) as exc:
+            reason = getattr(exc, "strerror", None) or exc
+            raise StartupError(f"cannot serve AMQP on {self.settings.bind} (amqp_bind): "
+                               f"{reason}; set amqp_bind to another HOST:PORT, or to "
+                               "\"off\"") from None
+
+    @property
+    def address(self) -> str:
+        """The first bound address as HOST:PORT (the real port when bound to port 0)."""
+        if not self.listeners:
+            return self.settings.bind
+        host, port = self.listeners[0].socket.getsockname()[:2]
+        return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+    def statistics(self) -> AmqpStatistics:
+        return AmqpStatistics(
+            address=self.address, tls=self.settings.tls is not None,
+            connections=len(self.connections),
+            channels=sum(len(d.bridge.channels) for d in self.connections),
+            consumers=sum(d.bridge.consumers for d in self.connections),
+            accepted=self.accepted, refused_over_limit=self.refused_over_limit,
+            logins_refused=self.logins.refused)
+
+    async def run(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+        if not self.listeners:
+            await self.bind()
+        log.info("AMQP 0-9-1 on %s%s", self.address, " (TLS)" if self.settings.tls else "")
+        try:
+            async with trio.open_nursery() as nursery:
+                for listener in self.listeners:
+                    await nursery.start(partial(serve_accepted, listener.accept,
+                                                self._accepted, what="AMQP listener"))
+                task_status.started()
+        finally:
+            for listener in self.listeners:
+                await trio.aclose_forcefully(listener)
+
+    async def stop_accepting(self) -> None:
+        for listener in self.listeners:
+            await listener.aclose()
+
+    def _accepted(self, nursery: trio.Nursery, stream: trio.SocketStream) -> None:
+        if self._open >= self.settings.max_connections:
+            self.refused_over_limit += 1
+            stream.socket.close()  # RabbitMQ closes at once too
+            return
+        self.accepted += 1
+        self._open += 1
+        nursery.start_soon(self._serve, stream)
+
+    async def _serve(self, stream: trio.SocketStream) -> None:
+        try:
+            loopback = _is_loopback(stream)
+            s: trio.abc.Stream = stream
+            if self.settings.tls is not None:
+                s = trio.SSLStream(stream, self.settings.tls, server_side=True)
+            conn = AmqpConnection(self.logins.checker(loopback), tuning=self.tuning,
+                                  server_properties=_server_properties())
+            driver = _Driver(s, self.node, conn, self.settings.max_unconfirmed)
+            self.connections.add(driver)
+            try:
+                await driver.serve()
+            finally:
+                self.connections.discard(driver)
+        finally:
+            self._open -= 1
+
+
+def _server_properties() -> dict[str, Any]:
+    return {
+        "product": "meshq", "version": __version__, "platform": "Python/trio",
+        "copyright": "meshq authors", "information": "meshq speaks AMQP 0-9-1: see docs/amqp.md",
+        "capabilities": {
+            "publisher_confirms": True, "exchange_exchange_bindings": False,
+            "basic.nack": True, "consumer_cancel_notify": True,
+            "connection.blocked": True, "consumer_priorities": False,
+            "authentication_failure_close": True, "per_consumer_qos": True,
+            "direct_reply_to": False,
+        },
+        "cluster_name": "meshq",
+    }
+
+
+class _Driver:
+    def __init__(self, stream: trio.abc.Stream, node: Node, conn: AmqpConnection,
+                 max_unconfirmed: int) -> None:
+        self.stream = stream
+        self.node = node
+        self.conn = conn
+        self.max_unconfirmed = max_unconfirmed
+        self._nursery: trio.Nursery | None = None
+        self._out_ready = trio.Event()
+        self._room = trio.Event()
+        self._pending = bytearray()  # taken from conn, not yet written
+        self.bridge = Bridge(node, conn, self._spawn, self._kick)
+        self._started = trio.current_time()
+        self._closing = False
+        self._written = trio.Event()  # set by the writer once closing and all is sent
+
+    def _spawn(self, fn: Any, *args: Any) -> None:
+        if self._nursery is not None:
+            self._nursery.start_soon(fn, *args)
+
+    def _kick(self) -> None:
+        self._out_ready.set()
+        if self.bridge.sends_in_flight < self.max_unconfirmed:
+            self._room.set()
+
+    async def serve(self) -> None:
+        try:
+            async with trio.open_nursery() as nursery:
+                self._nursery = nursery
+                nursery.start_soon(self._writer)
+                nursery.start_soon(self._timers)
+                try:
+                    await self._reader()
+                    self._closing = True  # the writer sends what is left, then ends
+                    self._out_ready.set()
+                    with trio.move_on_after(CLOSE_TIMEOUT):
+                        await self._written.wait()
+                finally:
+                    nursery.cancel_scope.cancel()
+        except Exception:
+            log.exception("AMQP connection failed")
+        finally:
+            self.bridge.close()
+            with trio.CancelScope(shield=True):
+                await trio.aclose_forcefully(self.stream)
+
+    async def _reader(self) -> None:
+        conn = self.conn
+        closing_since: float | None = None
+        while True:
+            while (len(self._pending) > HIGH_WATER
+                   or self.bridge.sends_in_flight >= self.max_unconfirmed):
+                self._room = trio.Event()
+                await self._room.wait()
+            if conn.state is State.CLOSING:
+                closing_since = closing_since or trio.current_time()
+                deadline = closing_since + CLOSE_TIMEOUT
+            elif conn.state is not State.OPEN:
+                deadline = HANDSHAKE_TIMEOUT + self._started
+            elif conn.heartbeat:
+                deadline = trio.current_time() + 2 * conn.heartbeat
+            else:
+                deadline = float("inf")
+            data = None
+            with trio.move_on_at(deadline):
+                try:
+                    data = await self.stream.receive_some(65536)
+                except (trio.BrokenResourceError, trio.ClosedResourceError):
+                    return
+            if data is None:
+                if conn.state is State.OPEN:
+                    log.info("AMQP client missed heartbeats (%d s): closing", conn.heartbeat)
+                return  # silent past its heartbeats, its handshake, or our close
+            if not data:
+                return
+            try:
+                events = conn.receive_data(bytes(data))
+                self.bridge.receive(events)
+            except Exception:
+                self.bridge._crashed()
+                events = []
+            self._kick()
+            if conn.state is State.CLOSED or any(
+                    isinstance(e, ConnectionClosed) for e in events):
+                return
+
+    async def _writer(self) -> None:
+        try:
+            while True:
+                await self._out_ready.wait()
+                self._out_ready = trio.Event()
+                self._pending += self.conn.data_to_send()
+                while self._pending:
+                    data, self._pending = bytes(self._pending), bytearray()
+                    await self.stream.send_all(data)
+                    self._pending += self.conn.data_to_send()
+                if self.bridge.sends_in_flight < self.max_unconfirmed:
+                    self._room.set()
+                if self._closing:
+                    break
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            self._pending.clear()
+        self._written.set()
+
+    async def _timers(self) -> None:
+        """Heartbeats (every half interval, as RabbitMQ), lease renewals, and
+        connection.blocked while this node refuses writes."""
+        blocked = False
+        last_beat = trio.current_time()
+        while True:
+            await trio.sleep(RENEW_INTERVAL)
+            now = trio.current_time()
+            conn = self.conn
+            if conn.state is not State.OPEN:
+                continue
+            if conn.heartbeat and now - last_beat >= conn.heartbeat / 2:
+                conn.send_heartbeat()
+                last_beat = now
+            self.bridge.renew(now)
+            writable, why = self.node.writes()
+            if self.bridge.capabilities.get("connection.blocked") and writable == blocked:
+                blocked = not writable
+                conn.send_method(0, spec.Connection.Blocked(why or "") if blocked
+                                 else spec.Connection.Unblocked())
+            self._kick()

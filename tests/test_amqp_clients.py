@@ -1,0 +1,351 @@
+"""AMQP 0-9-1 against a real meshqd, with RabbitMQ's own clients (pika here; amqplib on
+Node in test_amqp_node.py): what a program written for RabbitMQ relies on."""
+
+from __future__ import annotations
+
+import datetime
+import decimal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pika
+import pika.exceptions
+import pytest
+
+from meshq.testing import DaemonProcess
+
+
+def params(d: DaemonProcess, **kw: object) -> pika.ConnectionParameters:
+    assert d.amqp is not None
+    host, port = d.amqp.rsplit(":", 1)
+    return pika.ConnectionParameters(host, int(port), **kw)
+
+
+@pytest.fixture
+def amqp(shared_daemon: DaemonProcess) -> Iterator[pika.BlockingConnection]:
+    conn = pika.BlockingConnection(params(shared_daemon))
+    yield conn
+    if conn.is_open:
+        conn.close()
+
+
+def drain(ch: pika.adapters.blocking_connection.BlockingChannel, queue: str, n: int,
+          *, ack: bool = True) -> list[tuple[object, object, bytes]]:
+    """``n`` deliveries from a consumer on ``queue`` (acked unless ``ack`` is False)."""
+    got: list[tuple[object, object, bytes]] = []
+    for method, props, body in ch.consume(queue, inactivity_timeout=10):
+        assert method is not None, f"only {len(got)} of {n} messages came"
+        got.append((method, props, body))
+        if ack:
+            ch.basic_ack(method.delivery_tag)
+        if len(got) == n:
+            break
+    ch.cancel()
+    return got
+
+
+def until(conn: pika.BlockingConnection, cond: Callable[[], bool], timeout: float = 10.0
+          ) -> None:
+    """Let ``conn`` dispatch deliveries until ``cond()`` holds."""
+    deadline = time.monotonic() + timeout
+    while not cond():
+        assert time.monotonic() < deadline, "timed out"
+        conn.process_data_events(time_limit=0.1)
+
+
+def test_publish_consume_ack_round_trip(amqp: pika.BlockingConnection) -> None:
+    ch = amqp.channel()
+    ok = ch.queue_declare("rt")
+    assert (ok.method.queue, ok.method.message_count, ok.method.consumer_count) == ("rt", 0, 0)
+    ch.confirm_delivery()
+    for i in range(20):
+        ch.basic_publish("", "rt", f"m{i}".encode())
+    assert ch.queue_declare("rt", passive=True).method.message_count == 20
+    got = drain(ch, "rt", 20)
+    assert [b for _, _, b in got] == [f"m{i}".encode() for i in range(20)]
+    assert all(not m.redelivered for m, _, _ in got)
+    assert ch.queue_declare("rt", passive=True).method.message_count == 0
+
+
+def test_every_basic_property_round_trips(amqp: pika.BlockingConnection) -> None:
+    ch = amqp.channel()
+    ch.queue_declare("props")
+    stamp = datetime.datetime(2026, 12, 7, 1, 2, 3, tzinfo=datetime.UTC)
+    headers = {"str": "s", "int": 7, "neg": -(2 ** 40), "bool": True,
+               "bytes": b"\x00\xff", "none": None, "list": [1, "two", [3]],
+               "table": {"k": "v", "n": {"deep": 1}}, "decimal": decimal.Decimal("3.14"),
+               "ts": stamp}
+    props = pika.BasicProperties(
+        content_type="application/json", content_encoding="gzip", headers=headers,
+        delivery_mode=2, priority=5, correlation_id="corr", reply_to="replies",
+        expiration="60000", message_id="mid-1", timestamp=1765000000, type="kind",
+        user_id="guest", app_id="app", cluster_id="")
+    ch.confirm_delivery()
+    ch.basic_publish("", "props", b"body", props)
+    method, got, body = ch.basic_get("props", auto_ack=True)
+    assert body == b"body" and method.routing_key == "props" and method.exchange == ""
+    for name in ("content_type", "content_encoding", "delivery_mode", "priority",
+                 "correlation_id", "reply_to", "expiration", "message_id", "timestamp",
+                 "type", "user_id", "app_id"):
+        assert getattr(got, name) == getattr(props, name), name
+    assert got.headers == headers
+
+
+def test_socket_and_amqp_share_queues(shared_daemon: DaemonProcess,
+                                      amqp: pika.BlockingConnection) -> None:
+    ch = amqp.channel()
+    ch.queue_declare("both")
+    with shared_daemon.client() as c:
+        c.send("both", b"from the socket", headers={"h": "v"})
+        _, props, body = ch.basic_get("both", auto_ack=True)
+        assert body == b"from the socket" and props.headers == {"h": "v"}
+        ch.confirm_delivery()
+        ch.basic_publish("", "both", b"from amqp",
+                         pika.BasicProperties(headers={"k": 1}, content_type="text/plain"))
+        [m] = c.receive("both", max=1, wait=5)
+        assert m.body == b"from amqp" and m.headers["k"] == 1
+
+
+def test_competing_consumers_share_round_robin_and_prefetch_holds(
+        amqp: pika.BlockingConnection) -> None:
+    ch = amqp.channel()
+    ch.queue_declare("work")
+    ch.confirm_delivery()
+    for i in range(40):
+        ch.basic_publish("", "work", str(i).encode())
+    a, b = amqp.channel(), amqp.channel()
+    seen: dict[str, list[int]] = {"a": [], "b": []}
+    for name, c in (("a", a), ("b", b)):
+        c.basic_qos(prefetch_count=1)
+        c.basic_consume("work", lambda c_, m, p, body, name=name: seen[name].append(
+            m.delivery_tag))
+    until(amqp, lambda: len(seen["a"]) + len(seen["b"]) >= 2)
+    for _ in range(5):  # prefetch 1 and nothing acked: no third delivery comes
+        amqp.process_data_events(time_limit=0.05)
+    assert (len(seen["a"]), len(seen["b"])) == (1, 1)
+    done = threading.Event()
+
+    def settle(c_: object, m: object, p: object, body: bytes, name: str) -> None:
+        seen[name].append(int(body))
+        c_.basic_ack(m.delivery_tag)  # type: ignore[attr-defined]
+        if len(seen["a"]) + len(seen["b"]) >= 40:
+            done.set()
+
+    for name, c in (("a", a), ("b", b)):
+        c.basic_cancel(c.consumer_tags[0])
+        c.basic_recover(requeue=True)
+        seen[name] = []
+        c.basic_consume("work", lambda c_, m, p, body, name=name: settle(c_, m, p, body,
+                                                                          name))
+    until(amqp, done.is_set)
+    assert sorted(seen["a"] + seen["b"]) == list(range(40))
+    assert abs(len(seen["a"]) - len(seen["b"])) <= 4, seen
+
+
+def test_unacked_messages_come_back_redelivered_when_the_connection_drops(
+        shared_daemon: DaemonProcess, amqp: pika.BlockingConnection) -> None:
+    ch = amqp.channel()
+    ch.queue_declare("redeliver")
+    ch.confirm_delivery()
+    ch.basic_publish("", "redeliver", b"once")
+    other = pika.BlockingConnection(params(shared_daemon))
+    first = drain(other.channel(), "redeliver", 1, ack=False)
+    assert not first[0][0].redelivered
+    other._impl._transport._sock.shutdown(socket.SHUT_RDWR)  # the client's link dies
+    deadline = time.monotonic() + 10
+    while other.is_open and time.monotonic() < deadline:
+        try:
+            other.process_data_events(time_limit=0.1)
+        except pika.exceptions.AMQPConnectionError:
+            break
+    [(method, props, body)] = drain(ch, "redeliver", 1)
+    assert body == b"once" and method.redelivered
+    assert props.headers == {"x-delivery-count": 1}
+
+
+def test_nack_requeue_and_reject_to_a_dead_letter_queue(amqp: pika.BlockingConnection) -> None:
+    ch = amqp.channel()
+    ch.queue_declare("dlq")
+    ch.queue_declare("jobs", arguments={"x-dead-letter-exchange": "",
+                                        "x-dead-letter-routing-key": "dlq"})
+    ch.confirm_delivery()
+    ch.basic_publish("", "jobs", b"a")
+    ch.basic_publish("", "jobs", b"b")
+    [(m1, _, b1), (m2, _, b2)] = drain(ch, "jobs", 2, ack=False)
+    ch.basic_nack(m1.delivery_tag, requeue=True)
+    ch.basic_reject(m2.delivery_tag, requeue=False)
+    [(again, props, body)] = drain(ch, "jobs", 1)
+    assert (body, again.redelivered, props.headers["x-delivery-count"]) == (b1, True, 1)
+    [(_, dprops, dbody)] = drain(ch, "dlq", 1)
+    assert dbody == b2
+    [death] = dprops.headers["x-death"]
+    assert (death["reason"], death["queue"]) == ("rejected", "jobs")
+
+
+def test_message_ttl_and_expiration_dead_letter(amqp: pika.BlockingConnection) -> None:
+    ch = amqp.channel()
+    ch.queue_declare("expired")
+    ch.queue_declare("short", arguments={"x-message-ttl": 50, "x-dead-letter-exchange": "",
+                                         "x-dead-letter-routing-key": "expired"})
+    ch.queue_declare("long", arguments={"x-dead-letter-exchange": "",
+                                        "x-dead-letter-routing-key": "expired"})
+    ch.confirm_delivery()
+    ch.basic_publish("", "short", b"queue ttl")
+    ch.basic_publish("", "long", b"message ttl", pika.BasicProperties(expiration="50"))
+    got = drain(ch, "expired", 2)
+    assert sorted(b for _, _, b in got) == [b"message ttl", b"queue ttl"]
+    assert {p.headers["x-death"][0]["reason"] for _, p, _ in got} == {"expired"}
+
+
+def test_delivery_limit_dead_letters_after_that_many_returns(
+        amqp: pika.BlockingConnection) -> None:
+    ch = amqp.channel()
+    ch.queue_declare("poison.dlq")
+    ch.queue_declare("poison", arguments={"x-delivery-limit": 1, "x-queue-type": "quorum",
+                                          "x-dead-letter-exchange": "",
+                                          "x-dead-letter-routing-key": "poison.dlq"})
+    ch.confirm_delivery()
+    ch.basic_publish("", "poison", b"p")
+    for _ in range(2):  # delivered, returned once (allowed), delivered, returned again
+        [(m, _, _)] = drain(ch, "poison", 1, ack=False)
+        ch.basic_nack(m.delivery_tag, requeue=True)
+    [(_, props, body)] = drain(ch, "poison.dlq", 1)
+    assert body == b"p" and props.headers["x-death"][0]["reason"] == "delivery_limit"
+
+
+def test_get_empty_purge_and_delete(amqp: pika.BlockingConnection) -> None:
+    ch = amqp.channel()
+    ch.queue_declare("pd")
+    assert ch.basic_get("pd") == (None, None, None)
+    ch.confirm_delivery()
+    for _ in range(3):
+        ch.basic_publish("", "pd", b"x")
+    assert ch.queue_purge("pd").method.message_count == 3
+    ch.basic_publish("", "pd", b"y")
+    with pytest.raises(pika.exceptions.ChannelClosedByBroker) as err:
+        ch.queue_delete("pd", if_empty=True)
+    assert err.value.reply_code == 406
+    ch = amqp.channel()
+    assert ch.queue_delete("pd").method.message_count == 1
+    assert ch.queue_delete("pd").method.message_count == 0  # gone already: fine
+
+
+def test_channel_exceptions_as_rabbitmq_sends_them(amqp: pika.BlockingConnection) -> None:
+    cases = [
+        (lambda ch: ch.queue_declare("nope", passive=True), 404),
+        (lambda ch: ch.basic_consume("nope", lambda *a: None), 404),
+        (lambda ch: ch.queue_declare("amq.mine"), 403),
+        (lambda ch: ch.queue_declare("q406", arguments={"x-overflow": "reject-publish"}),
+         406),
+        (lambda ch: ch.basic_ack(99), 406),
+    ]
+    for call, code in cases:
+        ch = amqp.channel()
+        with pytest.raises(pika.exceptions.ChannelClosedByBroker) as err:
+            call(ch)
+            ch.basic_get("nope-either")  # the ack has no answer: this one sees the close
+        assert err.value.reply_code == code, err.value
+    ch = amqp.channel()
+    ch.queue_declare("ttl1", arguments={"x-message-ttl": 1000})
+    with pytest.raises(pika.exceptions.ChannelClosedByBroker) as err:
+        ch.queue_declare("ttl1", arguments={"x-message-ttl": 2000})
+    assert err.value.reply_code == 406 and "inequivalent" in err.value.reply_text
+    ch = amqp.channel()
+    assert ch.queue_declare("ttl1").method.queue == "ttl1"  # no arguments: no conflict
+
+
+def test_mandatory_unroutable_publish_is_returned(amqp: pika.BlockingConnection) -> None:
+    ch = amqp.channel()
+    ch.confirm_delivery()
+    with pytest.raises(pika.exceptions.UnroutableError):
+        ch.basic_publish("", "no-such-queue", b"lost", mandatory=True)
+    ch.basic_publish("", "no-such-queue", b"dropped")  # not mandatory: confirmed, dropped
+
+
+def test_server_named_exclusive_reply_queue_goes_with_its_connection(
+        shared_daemon: DaemonProcess, amqp: pika.BlockingConnection) -> None:
+    other = pika.BlockingConnection(params(shared_daemon))
+    och = other.channel()
+    reply = och.queue_declare("", exclusive=True, auto_delete=True).method.queue
+    assert reply.startswith("amq.gen-")
+    ch = amqp.channel()
+    ch.queue_declare("rpc")
+    ch.confirm_delivery()
+    ch.basic_publish("", "rpc", b"2+2", pika.BasicProperties(reply_to=reply,
+                                                             correlation_id="c1"))
+    [(_, props, body)] = drain(ch, "rpc", 1)
+    assert body == b"2+2"
+    ch.basic_publish("", props.reply_to, b"4", pika.BasicProperties(
+        correlation_id=props.correlation_id))
+    [(_, rprops, rbody)] = drain(och, reply, 1)
+    assert (rbody, rprops.correlation_id) == (b"4", "c1")
+    other.close()
+    with shared_daemon.client() as c:  # deleted as the connection closed (not at once)
+        deadline = time.monotonic() + 10
+        while reply in {s["name"] for s in c.stats()}:
+            assert time.monotonic() < deadline, "the exclusive queue outlived its connection"
+            time.sleep(0.01)
+
+
+def test_tx_publishes_on_commit_only(amqp: pika.BlockingConnection) -> None:
+    ch = amqp.channel()
+    ch.queue_declare("txq")
+    ch.tx_select()
+    ch.basic_publish("", "txq", b"rolled back")
+    ch.tx_rollback()
+    ch.basic_publish("", "txq", b"committed")
+    assert ch.queue_declare("txq", passive=True).method.message_count == 0
+    ch.tx_commit()
+    assert ch.queue_declare("txq", passive=True).method.message_count == 1
+
+
+def test_garbage_closes_that_connection_and_the_daemon_serves_on(
+        shared_daemon: DaemonProcess) -> None:
+    assert shared_daemon.amqp is not None
+    host, port = shared_daemon.amqp.rsplit(":", 1)
+    for junk in (b"GET / HTTP/1.1\r\n\r\n", b"AMQP\x00\x00\x09\x01" + b"\x01\x00\x00"
+                 + b"\xff" * 64, b"AMQP\x01\x01\x00\x09"):
+        with socket.create_connection((host, int(port)), timeout=5) as s:
+            s.sendall(junk)
+            got = b""
+            while chunk := s.recv(4096):
+                got += chunk
+        # a wrong header: ours, as the spec says; garbage after a right one:
+        # connection.start, then connection.close with 501 (FRAME_ERROR)
+        assert got == b"AMQP\x00\x00\x09\x01" or (
+            got.startswith(b"\x01\x00\x00") and b"\x00\x0a\x00\x32\x01\xf5" in got), got
+    conn = pika.BlockingConnection(params(shared_daemon))
+    conn.channel().queue_declare("still-here")
+    conn.close()
+
+
+def test_wrong_password_is_refused(shared_daemon: DaemonProcess) -> None:
+    with pytest.raises(pika.exceptions.ProbableAuthenticationError):
+        pika.BlockingConnection(params(shared_daemon, credentials=pika.PlainCredentials(
+            "guest", "wrong")))
+
+
+def test_users_from_the_config_log_in_with_their_hashed_password(tmp_path: Path) -> None:
+    hashed = subprocess.run([sys.executable, "-m", "meshq.cli.ctl", "hash-password"],
+                            input="app-secret\n", capture_output=True, text=True,
+                            check=True).stdout.strip()
+    config = tmp_path / "meshq.toml"
+    config.write_text(f'[amqp_users]\napp = "{hashed}"\n')
+    with DaemonProcess(tmp_path / "data", args=["--config", str(config)]).start() as d:
+        app = pika.PlainCredentials("app", "app-secret")
+        conn = pika.BlockingConnection(params(d, credentials=app))
+        conn.channel().queue_declare("users")
+        conn.close()
+        for user, password in (("app", "wrong"), ("nobody", "app-secret")):
+            with pytest.raises(pika.exceptions.ProbableAuthenticationError):
+                pika.BlockingConnection(params(d, credentials=pika.PlainCredentials(
+                    user, password)))
+        guest = pika.BlockingConnection(params(d))  # guest/guest: loopback only
+        guest.close()
+        with d.client() as c:
+            assert c.status()["amqp"]["logins_refused"] == 2
