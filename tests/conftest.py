@@ -4,6 +4,7 @@ from collections.abc import Iterator
 
 import pytest
 
+from meshq.errors import NotFound
 from meshq.testing import DaemonProcess
 
 
@@ -46,4 +47,7 @@ def shared_daemon(module_daemon: DaemonProcess) -> Iterator[DaemonProcess]:
         module_daemon.log_tail())
     with module_daemon.client() as c:
         for s in c.stats():
-            c.delete(s["name"])
+            try:
+                c.delete(s["name"])
+            except NotFound:
+                pass  # deleted meanwhile (an AMQP exclusive or auto-delete queue)

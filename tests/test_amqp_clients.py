@@ -349,3 +349,112 @@ def test_users_from_the_config_log_in_with_their_hashed_password(tmp_path: Path)
         guest.close()
         with d.client() as c:
             assert c.status()["amqp"]["logins_refused"] == 2
+
+
+def counts(ch: pika.adapters.blocking_connection.BlockingChannel, *queues: str) -> list[int]:
+    return [ch.queue_declare(q, passive=True).method.message_count for q in queues]
+
+
+def test_exchanges_route_direct_fanout_topic_and_headers(
+        amqp: pika.BlockingConnection) -> None:
+    ch = amqp.channel()
+    for q in ("r.a", "r.b", "r.c"):
+        ch.queue_declare(q)
+    ch.exchange_declare("logs", "fanout")
+    ch.exchange_declare("orders", "direct", durable=True)
+    ch.exchange_declare("events", "topic")
+    ch.exchange_declare("hdrs", "headers")
+    ch.queue_bind("r.a", "logs")
+    ch.queue_bind("r.b", "logs")
+    ch.queue_bind("r.a", "orders", "eu")
+    ch.queue_bind("r.b", "orders", "us")
+    ch.queue_bind("r.c", "orders", "us")
+    ch.queue_bind("r.a", "events", "order.*.created")
+    ch.queue_bind("r.b", "events", "order.#")
+    ch.queue_bind("r.c", "events", "#")
+    ch.queue_bind("r.a", "hdrs", arguments={"x-match": "all", "kind": "pdf", "size": 1})
+    ch.queue_bind("r.b", "hdrs", arguments={"x-match": "any", "kind": "pdf", "lang": "de"})
+    ch.queue_bind("r.c", "amq.topic", "audit.#")
+    ch.confirm_delivery()
+    cases = [
+        ("logs", "ignored", None, [1, 1, 0]),
+        ("orders", "us", None, [0, 1, 1]),
+        ("orders", "eu", None, [1, 0, 0]),
+        ("events", "order.eu.created", None, [1, 1, 1]),
+        ("events", "order", None, [0, 1, 1]),
+        ("events", "invoice.paid", None, [0, 0, 1]),
+        ("hdrs", "", {"kind": "pdf", "size": 1}, [1, 1, 0]),
+        ("hdrs", "", {"lang": "de"}, [0, 1, 0]),
+        ("amq.topic", "audit.login", None, [0, 0, 1]),
+    ]
+    for exchange, key, headers, want in cases:
+        before = counts(ch, "r.a", "r.b", "r.c")
+        ch.basic_publish(exchange, key, b"x", pika.BasicProperties(headers=headers))
+        after = counts(ch, "r.a", "r.b", "r.c")
+        assert [a - b for a, b in zip(after, before, strict=True)] == want, (exchange, key)
+    [(m, _, _)] = drain(ch, "r.c", 1)  # delivered with the exchange and key it came by
+    assert (m.exchange, m.routing_key) == ("orders", "us")
+    ch.queue_unbind("r.a", "logs")
+    ch.basic_publish("logs", "", b"y")
+    assert counts(ch, "r.a", "r.b") == [4, 7]  # r.a no longer gets what logs fans out
+    ch.queue_purge("r.a")
+
+
+def test_a_deleted_queue_takes_its_bindings_with_it(amqp: pika.BlockingConnection) -> None:
+    ch = amqp.channel()
+    ch.exchange_declare("fan", "fanout")
+    ch.queue_declare("bound")
+    ch.queue_bind("bound", "fan")
+    ch.queue_delete("bound")
+    ch.queue_declare("bound")  # a new queue of the same name: not bound
+    ch.confirm_delivery()
+    with pytest.raises(pika.exceptions.UnroutableError):
+        ch.basic_publish("fan", "", b"nobody", mandatory=True)
+    assert counts(ch, "bound") == [0]
+    ch.exchange_delete("fan")
+    ch.exchange_delete("fan")  # deleting what is gone is fine, as in RabbitMQ
+
+
+def test_exchange_errors_as_rabbitmq_sends_them(amqp: pika.BlockingConnection) -> None:
+    ch = amqp.channel()
+    ch.exchange_declare("typed", "direct")
+    ch.queue_declare("eq")
+    cases = [
+        (lambda c: c.exchange_declare("typed", "fanout"), 406),
+        (lambda c: c.exchange_declare("missing", passive=True), 404),
+        (lambda c: c.exchange_declare("amq.mine", "direct"), 403),
+        (lambda c: c.exchange_delete("amq.direct"), 403),
+        (lambda c: c.queue_bind("eq", "missing"), 404),
+        (lambda c: c.queue_bind("missing", "typed"), 404),
+        (lambda c: c.queue_bind("eq", ""), 403),
+        (lambda c: c.basic_publish("missing", "k", b"x"), 404),
+    ]
+    for call, code in cases:
+        c = amqp.channel()
+        c.confirm_delivery()
+        with pytest.raises(pika.exceptions.ChannelClosedByBroker) as err:
+            call(c)
+        assert err.value.reply_code == code, (err.value, code)
+    ch.exchange_declare("amq.direct", "direct", passive=True)
+    ch.exchange_declare("amq.fanout", "fanout", durable=True)  # re-declaring a built-in
+    ch.queue_bind("eq", "typed", "k")
+    with pytest.raises(pika.exceptions.ChannelClosedByBroker) as err:
+        ch.exchange_delete("typed", if_unused=True)
+    assert err.value.reply_code == 406
+    with pytest.raises(pika.exceptions.ConnectionClosedByBroker) as cerr:
+        amqp.channel().exchange_declare("odd", "no-such-type")
+    assert cerr.value.reply_code == 503
+
+
+def test_a_publish_routed_to_several_queues_is_confirmed_once_all_have_it(
+        amqp: pika.BlockingConnection) -> None:
+    ch = amqp.channel()
+    ch.exchange_declare("wide", "fanout")
+    names = [f"wide.{i}" for i in range(5)]
+    for q in names:
+        ch.queue_declare(q)
+        ch.queue_bind(q, "wide")
+    ch.confirm_delivery()
+    for _ in range(10):
+        ch.basic_publish("wide", "", b"z")
+    assert counts(ch, *names) == [10] * 5

@@ -1,7 +1,7 @@
 """The seed's sender.js and receiver.js (tests/amqp_seed/, copied unchanged from the
 document meshq started from) run with amqplib on Node against a real meshqd.
 
-amqplib is installed by this module into a cache ($XDG_CACHE_HOME or ~/.cache, under
+amqplib is installed by meshq.testing.amqplib into a cache ($XDG_CACHE_HOME or ~/.cache, under
 meshq-tests/); without ``node`` and ``npm``, or without the registry, the tests skip
 and say why. The scripts connect to amqp://localhost, RabbitMQ's default port 5672, so
 the daemon here listens there: the test skips when something else holds the port.
@@ -9,8 +9,6 @@ the daemon here listens there: the test skips when something else holds the port
 
 from __future__ import annotations
 
-import os
-import shutil
 import socket
 import subprocess
 from collections.abc import Iterator
@@ -19,26 +17,9 @@ from pathlib import Path
 import pytest
 
 from meshq.testing import DaemonProcess
+from meshq.testing.amqplib import NodeUnavailable, node_env, node_modules
 
 SEED = Path(__file__).parent / "amqp_seed"
-AMQPLIB = "amqplib@0.10.4"
-
-
-def node_modules() -> Path:
-    """amqplib in the test cache (installed on first use), or skip."""
-    if shutil.which("node") is None or shutil.which("npm") is None:
-        pytest.skip("node and npm are needed for the amqplib tests")
-    base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
-    cache = base / "meshq-tests" / AMQPLIB.replace("@", "-")
-    if not (cache / "node_modules" / "amqplib" / "package.json").exists():
-        cache.mkdir(parents=True, exist_ok=True)
-        try:
-            subprocess.run(["npm", "install", "--no-audit", "--no-fund", "--prefix",
-                            str(cache), AMQPLIB], check=True, capture_output=True,
-                           timeout=180)
-        except (subprocess.SubprocessError, OSError) as exc:
-            pytest.skip(f"could not install {AMQPLIB} with npm: {exc}")
-    return cache / "node_modules"
 
 
 def port_free(port: int) -> bool:
@@ -52,7 +33,10 @@ def port_free(port: int) -> bool:
 
 @pytest.fixture(scope="module")
 def modules() -> Path:
-    return node_modules()
+    try:
+        return node_modules()
+    except NodeUnavailable as exc:
+        pytest.skip(str(exc))
 
 
 @pytest.fixture
@@ -63,10 +47,6 @@ def rabbit_port_daemon(tmp_path: Path, modules: Path) -> Iterator[DaemonProcess]
     d.start()
     yield d
     d.kill()
-
-
-def node_env(modules: Path) -> dict[str, str]:
-    return {**os.environ, "NODE_PATH": str(modules)}
 
 
 def test_the_seed_sender_and_receiver_run_unchanged(rabbit_port_daemon: DaemonProcess,

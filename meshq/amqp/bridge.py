@@ -22,7 +22,9 @@ from typing import TYPE_CHECKING, Any
 import trio
 from pamqp import commands as spec
 
-from meshq.amqp.channel import Channel, Confirms, Consumer, Unacked, by_queue
+from meshq.amqp._declaring import Declaring
+from meshq.amqp._publishing import NOT_IMPLEMENTED, Publishing
+from meshq.amqp.channel import Channel, Consumer, Unacked, by_queue
 from meshq.amqp.connection import (
     NOT_ALLOWED,
     AmqpConnection,
@@ -41,8 +43,8 @@ from meshq.amqp.mapping import (
     error_reply,
     from_meshq,
     queue_options,
-    to_meshq,
 )
+from meshq.amqp.topology import Topology
 from meshq.errors import MeshqError, NotFound
 from meshq.server.ops import OPS
 from meshq.server.session import ClientSession
@@ -54,9 +56,7 @@ __all__ = ["Bridge"]
 
 log = logging.getLogger("meshq.amqp")
 
-NOT_IMPLEMENTED = 540
 INTERNAL_ERROR = 541
-NO_ROUTE = 312
 UNLIMITED_PREFETCH = 65535  # meshq's largest prefetch stands for AMQP's 0 (no limit)
 RENEW_AT = 1 / 3  # a lease is renewed when this share of it is left
 LATER = object()  # a synchronous method's answer comes from a later op
@@ -69,14 +69,16 @@ def _ids(m: Any) -> tuple[int, int]:
     return index >> 16, index & 0xFFFF
 
 
-class Bridge:
-    """``spawn`` starts a task owned by the connection; ``kick`` says there is output."""
+class Bridge(Publishing, Declaring):
+    """``spawn`` starts a task owned by the connection; ``kick`` says there is output;
+    ``topology``: the node's exchanges and bindings."""
 
-    def __init__(self, node: Node, conn: AmqpConnection,
-                 spawn: Callable[..., None], kick: Callable[[], None]) -> None:
+    def __init__(self, node: Node, conn: AmqpConnection, spawn: Callable[..., None],
+                 kick: Callable[[], None], topology: Topology) -> None:
         self.node = node
         self.broker = node.broker
         self.conn = conn
+        self.topology = topology
         self._spawn = spawn
         self.kick = kick
         self.session = ClientSession(node, self)
@@ -268,15 +270,6 @@ class Bridge:
             raise ArgumentError(NOT_FOUND, "NOT_FOUND - no previously declared queue")
         return name
 
-    # exchange ------------------------------------------------------------------------------
-    def _exchange_declare(self, ch: Channel, m: spec.Exchange.Declare) -> None:
-        if m.exchange == "" or m.exchange.startswith("amq."):
-            raise ArgumentError(ACCESS_REFUSED, f"ACCESS_REFUSED - exchange name "
-                                f"{m.exchange!r} is reserved (meshq routes only through "
-                                "the default exchange so far)")
-        raise ArgumentError(NOT_FOUND, f"NOT_FOUND - no exchange {m.exchange!r} in vhost "
-                            "'/' (meshq routes only through the default exchange so far)")
-
     # queue ---------------------------------------------------------------------------------
     def _queue_declare(self, ch: Channel, m: spec.Queue.Declare) -> None:
         name = m.queue
@@ -325,12 +318,15 @@ class Bridge:
                 return True
             return False
 
+        def ok(result: dict[str, Any]) -> Any:
+            self._forget_bindings(name)
+            return spec.Queue.DeleteOk(int(result.get("deleted", 0)))
+
         def delete() -> None:
             self.exclusive.discard(name)
             self.auto_delete.discard(name)
-            self._sync(ch, "delete", {"queue": name}, m,
-                       lambda r: spec.Queue.DeleteOk(int(r.get("deleted", 0))),
-                       nowait=m.nowait, on_error=deleted)
+            self._sync(ch, "delete", {"queue": name}, m, ok, nowait=m.nowait,
+                       on_error=deleted)
 
         if not (m.if_unused or m.if_empty):
             delete()
@@ -354,13 +350,6 @@ class Bridge:
         name = self._queue_name(ch, m.queue, m)
         self._sync(ch, "purge", {"queue": name}, m,
                    lambda r: spec.Queue.PurgeOk(int(r.get("purged", 0))), nowait=m.nowait)
-
-    def _queue_bind(self, ch: Channel, m: spec.Queue.Bind | spec.Queue.Unbind) -> None:
-        if m.exchange == "":
-            raise ArgumentError(ACCESS_REFUSED, "ACCESS_REFUSED - operation not permitted "
-                                "on the default exchange")
-        raise ArgumentError(NOT_FOUND, f"NOT_FOUND - no exchange {m.exchange!r} in vhost "
-                            "'/' (meshq routes only through the default exchange so far)")
 
     # basic ---------------------------------------------------------------------------------
     def _qos(self, ch: Channel, m: spec.Basic.Qos) -> None:
@@ -510,130 +499,6 @@ class Bridge:
         if isinstance(m, spec.Basic.Recover):
             self._reply(ch, spec.Basic.RecoverOk())
 
-    def _publish(self, ch: Channel, evs: list[Published]) -> None:
-        limit = self.broker.limits.max_message_bytes
-        for ev in evs:
-            if ev.method.immediate:
-                self._connection_error(NOT_IMPLEMENTED, "NOT_IMPLEMENTED - immediate=true",
-                                       ev.method)
-                return
-            if len(ev.body) > limit:
-                raise ArgumentError(PRECONDITION_FAILED, f"PRECONDITION_FAILED - message "
-                                    f"size {len(ev.body)} is larger than configured max "
-                                    f"size {limit}")
-            if ev.method.exchange != "":
-                raise ArgumentError(NOT_FOUND, f"NOT_FOUND - no exchange "
-                                    f"{ev.method.exchange!r} in vhost '/' (meshq routes only "
-                                    "through the default exchange so far)")
-        if ch.tx:
-            ch.tx_held.extend(evs)
-            return
-        groups: dict[str, tuple[list[dict[str, Any]], list[int]]] = {}
-        for ev in evs:
-            m = ev.method
-            seq = ch.confirms.publish() if ch.confirms is not None else 0
-            queue = m.routing_key
-            if queue not in self.broker.queues:  # unroutable: dropped, as RabbitMQ does
-                if m.mandatory:
-                    self.conn.send_content(ch.number, spec.Basic.Return(
-                        NO_ROUTE, "NO_ROUTE", m.exchange, m.routing_key), ev.raw_properties,
-                        ev.body)
-                if seq:
-                    self._confirm(ch, seq, True)
-                continue
-            msgs, seqs = groups.setdefault(queue, ([], []))
-            msgs.append(to_meshq(m.exchange, m.routing_key, queue, ev.properties, ev.body,
-                                 ev.raw_properties))
-            seqs.append(seq)
-        for queue, (msgs, seqs) in groups.items():
-            self._send(ch, queue, msgs, seqs)
-
-    def _send(self, ch: Channel, queue: str, msgs: list[dict[str, Any]], seqs: list[int],
-              then: Callable[[bool], None] | None = None) -> None:
-        self.sends_in_flight += 1
-
-        def sent(result: dict[str, Any] | None, exc: MeshqError | None) -> None:
-            self.sends_in_flight -= 1
-            if exc is not None:
-                log.debug("AMQP publish to %r failed: %s", queue, exc)
-            for seq in seqs:
-                if seq:
-                    self._confirm(ch, seq, exc is None)
-            if then is not None:
-                then(exc is None)
-
-        self._op("send", {"queue": queue, "messages": msgs}, sent)
-
-    def _confirm(self, ch: Channel, seq: int, ok: bool) -> None:
-        if ch.closed or ch.confirms is None:
-            return
-        for kind, tag, multiple in ch.confirms.settle(seq, ok):
-            if kind == "ack":
-                self._reply(ch, spec.Basic.Ack(tag, multiple))
-            else:
-                self._reply(ch, spec.Basic.Nack(tag, multiple, False))
-
-    # confirm, tx, channel ------------------------------------------------------------------
-    def _confirm_select(self, ch: Channel, m: spec.Confirm.Select) -> None:
-        if ch.tx:
-            raise ArgumentError(PRECONDITION_FAILED, "PRECONDITION_FAILED - cannot switch "
-                                "from tx to confirm mode")
-        if ch.confirms is None:
-            ch.confirms = Confirms()
-        if not m.nowait:
-            self._reply(ch, spec.Confirm.SelectOk())
-
-    def _tx_select(self, ch: Channel, m: spec.Tx.Select) -> None:
-        if ch.confirms is not None:
-            raise ArgumentError(PRECONDITION_FAILED, "PRECONDITION_FAILED - cannot switch "
-                                "from confirm to tx mode")
-        ch.tx = True
-        self._reply(ch, spec.Tx.SelectOk())
-
-    def _tx_commit(self, ch: Channel, m: spec.Tx.Commit) -> None:
-        if not ch.tx:
-            raise ArgumentError(PRECONDITION_FAILED, "PRECONDITION_FAILED - channel is not "
-                                "transactional")
-        held, ch.tx_held = ch.tx_held, []
-        ch.tx = False  # replay what was held as if outside a transaction
-        pending = [0]
-        ok = [True]
-
-        def one_done(success: bool) -> None:
-            ok[0] = ok[0] and success
-            pending[0] -= 1
-            if pending[0] == 0 and not ch.closed:
-                self._reply(ch, spec.Tx.CommitOk())
-                self._answered(ch)
-
-        try:
-            publishes = [e for e in held if isinstance(e, Published)]
-            groups: dict[str, list[dict[str, Any]]] = {}
-            for ev in publishes:
-                queue = ev.method.routing_key
-                if queue in self.broker.queues:
-                    groups.setdefault(queue, []).append(to_meshq(
-                        "", queue, queue, ev.properties, ev.body, ev.raw_properties))
-            for m2 in held:
-                if not isinstance(m2, Published):
-                    self._settle(ch, m2)
-        finally:
-            ch.tx = True
-        if not groups:
-            self._reply(ch, spec.Tx.CommitOk())
-            return
-        ch.busy = True
-        pending[0] = len(groups)
-        for queue, msgs in groups.items():
-            self._send(ch, queue, msgs, [], then=one_done)
-
-    def _tx_rollback(self, ch: Channel, m: spec.Tx.Rollback) -> None:
-        if not ch.tx:
-            raise ArgumentError(PRECONDITION_FAILED, "PRECONDITION_FAILED - channel is not "
-                                "transactional")
-        ch.tx_held.clear()
-        self._reply(ch, spec.Tx.RollbackOk())
-
     def _flow(self, ch: Channel, m: spec.Channel.Flow) -> None:
         if not m.active:
             self._connection_error(NOT_IMPLEMENTED, "NOT_IMPLEMENTED - active=false", m)
@@ -700,11 +565,12 @@ def _ignore(result: dict[str, Any] | None, exc: MeshqError | None) -> None:
 
 _METHODS: dict[type, Callable[[Bridge, Channel, Any], None]] = {
     spec.Exchange.Declare: Bridge._exchange_declare,
+    spec.Exchange.Delete: Bridge._exchange_delete,
     spec.Queue.Declare: Bridge._queue_declare,
     spec.Queue.Delete: Bridge._queue_delete,
     spec.Queue.Purge: Bridge._queue_purge,
     spec.Queue.Bind: Bridge._queue_bind,
-    spec.Queue.Unbind: Bridge._queue_bind,
+    spec.Queue.Unbind: Bridge._queue_unbind,
     spec.Basic.Qos: Bridge._qos,
     spec.Basic.Consume: Bridge._consume,
     spec.Basic.Cancel: Bridge._cancel,

@@ -84,6 +84,7 @@ class Channel:
     confirms: Confirms | None = None
     tx: bool = False
     tx_held: list[Any] = field(default_factory=list)  # publishes and acks until commit
+    split: dict[int, list[Any]] = field(default_factory=dict)  # seq -> [queues left, ok]
     next_tag: int = 1
     unacked: dict[int, Unacked] = field(default_factory=dict)
     consumers: dict[str, Consumer] = field(default_factory=dict)

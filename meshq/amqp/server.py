@@ -25,6 +25,7 @@ from meshq import __version__
 from meshq.amqp.auth import Logins
 from meshq.amqp.bridge import Bridge
 from meshq.amqp.connection import AmqpConnection, ConnectionClosed, State, Tuning
+from meshq.amqp.topology import Topology
 from meshq.config import Config, parse_host_port
 from meshq.errors import StartupError
 from meshq.mesh.accept import serve_accepted
@@ -105,6 +106,7 @@ class AmqpServer:
                              heartbeat=settings.heartbeat)
         self.listeners: list[trio.SocketListener] = []
         self.connections: set[_Driver] = set()
+        self.topology = Topology(node.broker.catalog)
         self.accepted = 0
         self.refused_over_limit = 0
         self._open = 0
@@ -172,7 +174,7 @@ class AmqpServer:
                 s = trio.SSLStream(stream, self.settings.tls, server_side=True)
             conn = AmqpConnection(self.logins.checker(loopback), tuning=self.tuning,
                                   server_properties=_server_properties())
-            driver = _Driver(s, self.node, conn, self.settings.max_unconfirmed)
+            driver = _Driver(s, self.node, conn, self.settings.max_unconfirmed, self.topology)
             self.connections.add(driver)
             try:
                 await driver.serve()
@@ -199,7 +201,7 @@ def _server_properties() -> dict[str, Any]:
 
 class _Driver:
     def __init__(self, stream: trio.abc.Stream, node: Node, conn: AmqpConnection,
-                 max_unconfirmed: int) -> None:
+                 max_unconfirmed: int, topology: Topology) -> None:
         self.stream = stream
         self.node = node
         self.conn = conn
@@ -208,7 +210,7 @@ class _Driver:
         self._out_ready = trio.Event()
         self._room = trio.Event()
         self._pending = bytearray()  # taken from conn, not yet written
-        self.bridge = Bridge(node, conn, self._spawn, self._kick)
+        self.bridge = Bridge(node, conn, self._spawn, self._kick, topology)
         self._started = trio.current_time()
         self._closing = False
         self._written = trio.Event()  # set by the writer once closing and all is sent

@@ -33,7 +33,13 @@ from meshq.broker.queue import Consumer, Queue, Session
 from meshq.broker.replica import Moved, Replica, progress_of, record_of
 from meshq.clock import Clock
 from meshq.cluster.changes import Decl, Drop, Put, Step, Tally, Tomb
-from meshq.cluster.lattice import TOMBSTONE_WINDOW, CatalogEntry, join_catalog
+from meshq.cluster.lattice import (
+    TOMBSTONE_WINDOW,
+    Catalog,
+    CatalogEntry,
+    is_reserved,
+    join_catalog,
+)
 from meshq.errors import BadRequest, NotFound, PreconditionFailed, TooLarge
 from meshq.hlc import HLC, pack, physical_ms
 from meshq.model import Message, QueueOptions, finite
@@ -134,7 +140,7 @@ class Broker:
         # Who this process's consumers are, in lease records: "node/boot" (meshq.cluster
         # sets it from the node's name and boot id).
         self.holder = holder or f"{node_id}/{self.rng.getrandbits(32):08x}"
-        self.catalog: dict[str, CatalogEntry] = {}
+        self.catalog = Catalog()
         self.queues: dict[str, Queue] = {}  # live queues (their one partition, index 0)
         self._seq = 1
         self._timers: list[tuple[float, int, int, Message]] = []
@@ -178,7 +184,7 @@ class Broker:
             entry = CatalogEntry(name, inc, options or {}, dropped, dropped_at)
             self.catalog[name] = entry
             high = max(high, inc, dropped)
-            if entry.live:
+            if entry.live and not is_reserved(name):
                 fresh = Queue(name, QueueOptions.from_dict(entry.options), inc)
                 fresh.active = False
                 self.queues[name] = fresh
@@ -611,8 +617,9 @@ class Broker:
 
     # -- operations ----------------------------------------------------------------------
     def declare(self, name: Any, options: Any = None, *, passive: bool = False) -> Pending:
-        if not isinstance(name, str) or not name or len(name) > 255:
-            raise BadRequest("queue name must be a non-empty string of at most 255 characters")
+        if not isinstance(name, str) or not name or len(name) > 255 or is_reserved(name):
+            raise BadRequest("queue name must be a non-empty string of at most 255 characters "
+                             "not beginning with NUL")
         q = self.queues.get(name)
         if passive:
             if q is None:
@@ -641,6 +648,30 @@ class Broker:
             self.on_declare(q)  # the cluster layer: dispatch it here, at a new epoch
         q.created = self._stage_catalog(name)
         return Pending(q.created, self.queue_stats(q))
+
+    def put_entry(self, name: str, options: dict[str, Any]) -> Pending:
+        """Declare a reserved catalog entry (an AMQP exchange or binding): replicated to
+        every node like a queue's declaration. The result is its incarnation."""
+        assert is_reserved(name)
+        entry = self.catalog.get(name) or CatalogEntry(name)
+        if entry.live and entry.options == options:
+            return Pending(None, entry.inc)
+        inc = max(self._stamp(self.clock.time()), entry.dropped + 1, entry.inc + 1)
+        self.catalog[name] = join_catalog(entry, Decl(name, inc, options))
+        return Pending(self._stage_catalog(name), inc)
+
+    def drop_entry(self, name: str) -> Pending:
+        """Delete a reserved catalog entry (as a queue's deletion: for good, everywhere)."""
+        assert is_reserved(name)
+        entry = self.catalog.get(name)
+        if entry is None or not entry.live:
+            return Pending(None, 0)
+        now = self.clock.time()
+        self.catalog[name] = join_catalog(entry, Drop(name, entry.inc, now))
+        batch = self.store.stage((OP_DROP_QUEUE, (name, entry.inc, now)))
+        if self.replicating:
+            self._emit(batch, None, Drop(name, entry.inc, now))
+        return Pending(batch, entry.inc)
 
     def _ensure_created(self, q: Queue) -> None:
         """Stage the queue's row again unless it committed or commits with the open batch.

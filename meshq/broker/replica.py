@@ -33,6 +33,7 @@ from meshq.cluster.changes import (
 )
 from meshq.cluster.lattice import (
     CatalogEntry,
+    is_reserved,
     join_catalog,
     join_dedup,
     join_tally,
@@ -305,6 +306,13 @@ class Replica:
         new = join_catalog(old, c)
         if new == old:
             return False
+        if is_reserved(name):  # an AMQP exchange or binding: an entry, never a Queue
+            self.b.catalog[name] = new
+            if isinstance(c, Drop):
+                self.b.store.stage((OP_DROP_QUEUE, (name, new.dropped, new.dropped_at)))
+            else:
+                self.b._stage_catalog(name)
+            return True
         if isinstance(c, Decl) and new.inc != old.inc:
             try:
                 options = QueueOptions.from_dict(dict(new.options))

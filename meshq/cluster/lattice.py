@@ -48,12 +48,15 @@ from meshq.cluster.changes import (
 
 __all__ = [
     "BUCKETS",
+    "RESERVED_PREFIX",
     "TOMBSTONE_WINDOW",
+    "Catalog",
     "CatalogEntry",
     "PartState",
     "bucket_of",
     "catalog_digest",
     "fingerprint",
+    "is_reserved",
     "join_catalog",
     "join_dedup",
     "join_progress",
@@ -138,6 +141,30 @@ class CatalogEntry:
         if self.dropped:
             out.append(Drop(self.queue, self.dropped, self.dropped_at))
         return out
+
+
+#: Catalog names that are not queues begin with this (AMQP exchanges and bindings,
+#: meshq.amqp.topology): replicated and repaired like queue declarations, never a Queue.
+RESERVED_PREFIX = "\x00"
+
+
+def is_reserved(name: str) -> bool:
+    return name.startswith(RESERVED_PREFIX)
+
+
+class Catalog(dict[str, CatalogEntry]):
+    """The catalog, name -> entry, with a ``version`` that grows on every change (views
+    built from it, such as AMQP's routing tables, know when to rebuild)."""
+
+    version = 0
+
+    def __setitem__(self, name: str, entry: CatalogEntry) -> None:
+        self.version += 1
+        super().__setitem__(name, entry)
+
+    def __delitem__(self, name: str) -> None:
+        self.version += 1
+        super().__delitem__(name)
 
 
 def _options_key(options: dict[str, Any]) -> bytes:
