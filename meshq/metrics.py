@@ -60,6 +60,19 @@ CLIENT_COUNTERS = (
      "Client connections closed: a frame longer than max_frame_bytes."),
 )
 
+# status "amqp" field, metric name, help: gauges, then counters (without _total).
+AMQP_GAUGES = (
+    ("connections", "meshq_amqp_connections", "Open AMQP connections."),
+    ("channels", "meshq_amqp_channels", "Open AMQP channels."),
+    ("consumers", "meshq_amqp_consumers", "AMQP consumers (basic.consume)."),
+)
+AMQP_COUNTERS = (
+    ("accepted", "meshq_amqp_connections_accepted", "AMQP connections accepted."),
+    ("refused_over_limit", "meshq_amqp_connections_refused",
+     "AMQP connections closed at once: amqp_max_connections reached."),
+    ("logins_refused", "meshq_amqp_logins_refused", "AMQP logins refused."),
+)
+
 _by_node: weakref.WeakKeyDictionary[Node, Metrics] = weakref.WeakKeyDictionary()
 
 
@@ -121,6 +134,10 @@ class NodeCollector:
                          server["connections"])
             yield from (_counter(name, doc, server[key])
                         for key, name, doc in CLIENT_COUNTERS if key in server)
+        amqp = status.get("amqp")  # the AMQP listener's counts (node.amqp)
+        if amqp is not None:
+            yield from (_gauge(name, doc, amqp[key]) for key, name, doc in AMQP_GAUGES)
+            yield from (_counter(name, doc, amqp[key]) for key, name, doc in AMQP_COUNTERS)
         security = status.get("security")
         if security is not None:
             yield from self._security(security)

@@ -13,6 +13,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import pika
 import pytest
 import trio
 from prometheus_client.parser import text_string_to_metric_families
@@ -136,6 +137,18 @@ def test_scrape_reports_what_the_client_did(node: tuple[DaemonProcess, int]) -> 
         assert value(s, "meshq_peer_streams_rejected_total", reason="unkeyed") == 0
         node_info = [k for k in s if k[0] == "meshq_node_info"]
         assert dict(node_info[0][1])["node"] == d.node_name
+        assert d.amqp is not None  # an AMQP client, with a channel and a consumer
+        host, amqp_port = d.amqp.rsplit(":", 1)
+        amqp = pika.BlockingConnection(pika.ConnectionParameters(host, int(amqp_port)))
+        ch = amqp.channel()
+        ch.queue_declare("m-amqp", exclusive=True)  # goes with the connection
+        ch.basic_consume("m-amqp", lambda *a: None)
+        s = parse(scrape(port)[2].decode())
+        assert (value(s, "meshq_amqp_connections"), value(s, "meshq_amqp_channels"),
+                value(s, "meshq_amqp_consumers")) == (1, 1, 1)
+        assert value(s, "meshq_amqp_connections_accepted_total") >= 1
+        assert value(s, "meshq_amqp_logins_refused_total") == 0
+        amqp.close()
     # A lease released by the disconnect comes back redelivered, and is counted as such.
     with d.client() as c:
         [again] = c.receive("m-jobs", max=1, wait=LIMIT)
