@@ -1,8 +1,10 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
+from test_membership import all_alive, eventually
 
 from meshq.errors import NotFound
 from meshq.testing import DaemonProcess
@@ -51,3 +53,17 @@ def shared_daemon(module_daemon: DaemonProcess) -> Iterator[DaemonProcess]:
                 c.delete(s["name"])
             except NotFound:
                 pass  # deleted meanwhile (an AMQP exclusive or auto-delete queue)
+
+
+@pytest.fixture
+def cluster(tmp_path: Path) -> Iterator[dict[str, DaemonProcess]]:
+    """Three meshqd (a, b, c; b and c joined through a), once all see all alive."""
+    a = DaemonProcess(tmp_path / "a", node_name="a").start()
+    assert a.bind is not None
+    nodes = {"a": a}
+    for n in ("b", "c"):
+        nodes[n] = DaemonProcess(tmp_path / n, node_name=n, args=["--join", a.bind]).start()
+    eventually(lambda: all_alive(list(nodes.values()), {"a", "b", "c"}), 15, "all alive")
+    yield nodes
+    for d in nodes.values():
+        d.kill()

@@ -1,33 +1,17 @@
 """AMQP on a cluster of three real meshqd (N = 3, W = 2): a client on any node reaches
 every queue, a confirm means W replicas have the message, and a node SIGKILLed under a
-publisher with confirms loses no confirmed message."""
+publisher with confirms loses no confirmed message. ``cluster``: tests/conftest.py."""
 
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator
-from pathlib import Path
 
 import pika
 import pika.exceptions
-import pytest
 from test_membership import all_alive, eventually
 from test_replication import NAMES, copy_here, queue_with_primary, restarted, status_of
 
 from meshq.testing import DaemonProcess
-
-
-@pytest.fixture
-def cluster(tmp_path: Path) -> Iterator[dict[str, DaemonProcess]]:
-    a = DaemonProcess(tmp_path / "a", node_name="a").start()
-    assert a.bind is not None
-    nodes = {"a": a}
-    for n in ("b", "c"):
-        nodes[n] = DaemonProcess(tmp_path / n, node_name=n, args=["--join", a.bind]).start()
-    eventually(lambda: all_alive(list(nodes.values()), set(NAMES)), 15, "all alive")
-    yield nodes
-    for d in nodes.values():
-        d.kill()
 
 
 def connect(d: DaemonProcess) -> pika.BlockingConnection:

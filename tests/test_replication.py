@@ -20,7 +20,6 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -48,19 +47,6 @@ def queue_with_preference(first: tuple[str, ...], prefix: str, n: int) -> str:
         if tuple(ring.preference_list(ring_key(name, 0), n)[:len(first)]) == first:
             return name
     raise AssertionError("no such name")
-
-
-@pytest.fixture
-def cluster(tmp_path: Path) -> Iterator[dict[str, DaemonProcess]]:
-    a = DaemonProcess(tmp_path / "a", node_name="a").start()
-    assert a.bind is not None
-    nodes = {"a": a}
-    for n in ("b", "c"):
-        nodes[n] = DaemonProcess(tmp_path / n, node_name=n, args=["--join", a.bind]).start()
-    eventually(lambda: all_alive(list(nodes.values()), set(NAMES)), 15, "all alive")
-    yield nodes
-    for d in nodes.values():
-        d.kill()
 
 
 def status_of(d: DaemonProcess, name: str) -> dict:
