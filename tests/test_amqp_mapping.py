@@ -10,6 +10,7 @@ import pytest
 from pamqp import commands as spec
 from pamqp import header as pheader
 
+from meshq.amqp.frames import scan_properties
 from meshq.amqp.mapping import ArgumentError, add_headers, from_meshq, queue_options, to_meshq
 
 
@@ -34,7 +35,9 @@ def test_properties_are_kept_byte_for_byte_through_meshq_storage() -> None:
     raw = add_headers(props.marshal(), HEADERS)  # every field type, as a client sends it
     sent = decode(raw)
     assert sent.headers == HEADERS and sent.app_id == "a"
-    msg = to_meshq("", "q", "q", sent, b"body", raw)
+    headers, expiration = scan_properties(raw)  # what the frame reader reads of them
+    assert (headers, expiration) == (HEADERS, "1500")
+    msg = to_meshq("", "q", "q", b"body", raw, headers, expiration)
     assert msg["ttl"] == 1.5
     stored = msgpack.unpackb(msgpack.packb(msg["headers"]))  # as the store keeps it
     assert stored["s"] == "text" and stored["f"] == 1.0000001  # plain ones readable too
@@ -48,7 +51,7 @@ def test_properties_are_kept_byte_for_byte_through_meshq_storage() -> None:
 
 
 def test_a_plain_publish_stores_nothing_but_its_body() -> None:
-    assert to_meshq("", "q", "q", spec.Basic.Properties(), b"x") == {"body": b"x"}
+    assert to_meshq("", "q", "q", b"x") == {"body": b"x"}
     _, _, raw = from_meshq({"queue": "q", "headers": {"h": 1.5, "b": b"\xff"},
                             "delivery_count": 3})
     assert decode(raw).headers == {"h": 1.5, "b": b"\xff", "x-delivery-count": 2}
@@ -58,7 +61,7 @@ def test_a_plain_publish_stores_nothing_but_its_body() -> None:
 def test_a_bad_expiration_is_a_precondition_failure(expiration: str) -> None:
     with pytest.raises(ArgumentError) as err:
         props = spec.Basic.Properties(expiration=expiration)
-        to_meshq("", "q", "q", props, b"x", props.marshal())
+        to_meshq("", "q", "q", b"x", props.marshal(), None, expiration)
     assert err.value.code == 406
 
 
@@ -74,3 +77,10 @@ def test_queue_arguments() -> None:
         with pytest.raises(ArgumentError) as err:
             queue_options(bad)
         assert err.value.code == 406, bad
+
+
+@pytest.mark.parametrize("raw", [b"", b"\x80", b"\x80\x00\x05ab", b"\x00\x01",
+                                 b"\x20\x00\x00\x00\x00\x09\x01a", b"\x00\x00x"])
+def test_malformed_properties_are_refused(raw: bytes) -> None:
+    with pytest.raises((ValueError, IndexError)):
+        scan_properties(raw)

@@ -243,3 +243,16 @@ def test_any_sequence_of_frames_gives_events_or_a_clean_close(frames: list[bytes
     assert all(e.channel in (1, 2) for e in events if hasattr(e, "channel"))
     if any(isinstance(e, ConnectionClosed) for e in events):
         assert isinstance(events[-1], ConnectionClosed) and conn.state is State.CLOSED
+
+
+def test_the_direct_deliver_frame_is_what_pamqp_writes() -> None:
+    from meshq.amqp.frames import deliver
+    for args in (("ctag", 1, False, "", "q"), ("amq.ctag-é", 2 ** 62, True, "x.y", "a.b.#")):
+        method = spec.Basic.Deliver(*args)
+        assert deliver(7, *args) == f(method, 7)
+
+
+def test_the_direct_confirm_frame_is_what_pamqp_writes() -> None:
+    from meshq.amqp.frames import basic_ack
+    assert basic_ack(3, 12345, True) == f(spec.Basic.Ack(12345, True), 3)
+    assert basic_ack(1, 1, False) == f(spec.Basic.Ack(1, False), 1)

@@ -87,8 +87,7 @@ class Publishing:
             m = ev.method
             seq = ch.confirms.publish() if ch.confirms is not None else 0
             x = self.topology.exchange(m.exchange)
-            queues = [] if x is None else self.topology.route(x, m.routing_key,
-                                                              ev.properties.headers)
+            queues = [] if x is None else self.topology.route(x, m.routing_key, ev.headers)
             if not queues:  # dropped, as RabbitMQ drops it
                 if m.mandatory:
                     self.conn.send_content(ch.number, spec.Basic.Return(
@@ -101,8 +100,8 @@ class Publishing:
                 ch.split[seq] = [len(queues), True]
             for queue in queues:
                 msgs, seqs = groups.setdefault(queue, ([], []))
-                msgs.append(to_meshq(m.exchange, m.routing_key, queue, ev.properties,
-                                     ev.body, ev.raw_properties))
+                msgs.append(to_meshq(m.exchange, m.routing_key, queue, ev.body,
+                                     ev.raw_properties, ev.headers, ev.expiration))
                 seqs.append(seq)
         return groups
 
@@ -139,7 +138,7 @@ class Publishing:
             return
         for kind, tag, multiple in ch.confirms.settle(seq, ok):
             if kind == "ack":
-                self._reply(ch, spec.Basic.Ack(tag, multiple))
+                self.conn.send_confirm(ch.number, tag, multiple)
             else:
                 self._reply(ch, spec.Basic.Nack(tag, multiple, False))
 

@@ -149,17 +149,15 @@ class Bridge(Publishing, Declaring):
         i = 0
         while i < len(events):
             ev = events[i]
-            if isinstance(ev, Published):
+            if isinstance(ev, Published | MethodReceived):  # a run for one channel
                 j = i + 1
-                while j < len(events) and isinstance(events[j], Published) and \
-                        events[j].channel == ev.channel:  # type: ignore[union-attr]
+                while j < len(events) and isinstance(events[j], Published | MethodReceived) \
+                        and events[j].channel == ev.channel:  # type: ignore[union-attr]
                     j += 1
                 self._channel_input(ev.channel, events[i:j])
                 i = j
                 continue
-            if isinstance(ev, MethodReceived):
-                self._channel_input(ev.channel, [ev])
-            elif isinstance(ev, ChannelOpened):
+            if isinstance(ev, ChannelOpened):
                 self.channels[ev.channel] = Channel(ev.channel)
             elif isinstance(ev, ChannelClosed):
                 self._channel_gone(ev.channel)
@@ -179,18 +177,29 @@ class Bridge(Publishing, Declaring):
         self._run(ch, evs)
 
     def _run(self, ch: Channel, evs: list[Any]) -> None:
+        """A channel's frames in order: publishes in a row go as one batch per queue,
+        and so do acks in a row (``basic.ack`` needs no answer)."""
+        publishes: list[Published] = []
+        acked: list[Unacked] = []
         try:
-            publishes: list[Published] = []
             for k, ev in enumerate(evs):
                 if ch.closed:
                     return
                 if isinstance(ev, Published):
+                    if acked:
+                        self._ack_now(acked)
                     publishes.append(ev)
                     continue
                 if publishes:
                     self._publish(ch, publishes)
                     publishes = []
-                self._method(ch, ev.method)
+                m = ev.method
+                if type(m) is spec.Basic.Ack and not ch.tx:
+                    acked.extend(ch.take(m.delivery_tag or 0, bool(m.multiple)))
+                    continue
+                if acked:
+                    self._ack_now(acked)
+                self._method(ch, m)
                 if ch.busy:
                     ch.held.extendleft(reversed(evs[k + 1:]))
                     return
@@ -198,6 +207,14 @@ class Bridge(Publishing, Declaring):
                 self._publish(ch, publishes)
         except ArgumentError as exc:
             self._channel_error(ch, exc.code, exc.text)
+        finally:
+            if acked:
+                self._ack_now(acked)
+
+    def _ack_now(self, acked: list[Unacked]) -> None:
+        for queue, receipts in by_queue(acked).items():
+            self._op("ack", {"queue": queue, "ids": receipts})
+        acked.clear()
 
     def _answered(self, ch: Channel) -> None:
         """A synchronous method's answer went out: the channel's held frames go on."""
@@ -448,9 +465,8 @@ class Bridge(Publishing, Declaring):
                 tag = ch.delivered(Unacked(d["queue"], d["receipt"],
                                            now + (left if isinstance(left, int | float)
                                                   else 30.0)))
-            self.conn.send_content(ch.number, spec.Basic.Deliver(
-                c.tag, tag, bool(d.get("redelivered")), exchange, routing_key), props,
-                d["body"])
+            self.conn.send_delivery(ch.number, c.tag, tag, bool(d.get("redelivered")),
+                                    exchange, routing_key, props, d["body"])
         if auto:
             self._op("ack", {"queue": c.queue, "ids": auto})
 

@@ -13,6 +13,7 @@ not close the connection with the reply code the spec gives it (403, 501-505, 53
 from __future__ import annotations
 
 import enum
+import struct
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, TypeAlias
@@ -29,8 +30,11 @@ from meshq.amqp.frames import (
     MIN_FRAME_MAX,
     PROTOCOL_HEADER,
     AmqpError,
+    ContentHeader,
     FrameReader,
+    basic_ack,
     content_header,
+    deliver,
     marshal,
 )
 
@@ -58,6 +62,7 @@ COMMAND_INVALID = 503
 CHANNEL_ERROR = 504
 UNEXPECTED_FRAME = 505
 REPLY_SUCCESS = 200
+_BODY_HEAD = struct.Struct(">BHI")
 
 
 class State(enum.Enum):
@@ -98,21 +103,29 @@ class ChannelClosed:
     channel: int
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class MethodReceived:
     channel: int
     method: PFrame
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class Published:
-    """A whole publish; ``raw_properties``: its properties as the client encoded them."""
+    """A whole publish: ``raw_properties`` as the client encoded them, and of them its
+    ``headers`` table and ``expiration``; ``properties`` decodes them all (on demand)."""
 
     channel: int
     method: spec.Basic.Publish
-    properties: spec.Basic.Properties
     body: bytes
     raw_properties: bytes = b"\x00\x00"
+    headers: dict[str, Any] | None = None
+    expiration: str | None = None
+
+    @property
+    def properties(self) -> spec.Basic.Properties:
+        head = pheader.ContentHeader()
+        head.unmarshal(b"\x00\x3c\x00\x00" + bytes(8) + self.raw_properties)
+        return head.properties
 
 
 @dataclass(frozen=True)
@@ -132,11 +145,9 @@ Event: TypeAlias = (Opened | ChannelOpened | ChannelClosed | MethodReceived | Pu
 @dataclass
 class _Assembly:
     method: spec.Basic.Publish
-    properties: spec.Basic.Properties | None = None
-    size: int = 0
+    header: ContentHeader | None = None
     parts: list[bytes] = field(default_factory=list)
     got: int = 0
-    raw: bytes = b"\x00\x00"
 
 
 class AmqpConnection:
@@ -181,6 +192,26 @@ class AmqpConnection:
         chunk = max(1, self.frame_max - 8)
         for start in range(0, len(body), chunk):
             self._out += marshal(pbody.ContentBody(body[start:start + chunk]), channel)
+
+    def send_delivery(self, channel: int, consumer_tag: str, delivery_tag: int,
+                      redelivered: bool, exchange: str, routing_key: str,
+                      properties: bytes, body: bytes) -> None:
+        """basic.deliver with its content (``send_content``'s hot path)."""
+        out = self._out
+        out += deliver(channel, consumer_tag, delivery_tag, redelivered, exchange, routing_key)
+        out += content_header(channel, len(body), properties)
+        chunk = max(1, self.frame_max - 8)
+        if len(body) <= chunk:
+            out += _BODY_HEAD.pack(3, channel, len(body))
+            out += body
+            out += b"\xce"
+            return
+        for start in range(0, len(body), chunk):
+            out += marshal(pbody.ContentBody(body[start:start + chunk]), channel)
+
+    def send_confirm(self, channel: int, delivery_tag: int, multiple: bool) -> None:
+        """A publisher confirm (basic.ack), written directly."""
+        self._out += basic_ack(channel, delivery_tag, multiple)
 
     def send_heartbeat(self) -> None:
         self._out += marshal(pheartbeat.Heartbeat(), 0)
@@ -247,7 +278,7 @@ class AmqpConnection:
             if channel != 0:
                 raise AmqpError(FRAME_ERROR, "heartbeat on a channel other than 0")
             return
-        if isinstance(value, pheader.ContentHeader | pbody.ContentBody):
+        if isinstance(value, ContentHeader | pbody.ContentBody):
             self._content(channel, value, events)
             return
         if channel in self._publishing:  # a method where content was due
@@ -352,31 +383,30 @@ class AmqpConnection:
             return
         events.append(MethodReceived(channel, m))
 
-    def _content(self, channel: int, value: pheader.ContentHeader | pbody.ContentBody,
+    def _content(self, channel: int, value: ContentHeader | pbody.ContentBody,
                  events: list[Event]) -> None:
         if channel in self.closing_channels:
             return
         a = self._publishing.get(channel)
         if a is None:
             raise AmqpError(UNEXPECTED_FRAME, "content with no publish before it")
-        if isinstance(value, pheader.ContentHeader):
-            if a.properties is not None:
+        if isinstance(value, ContentHeader):
+            if a.header is not None:
                 raise AmqpError(UNEXPECTED_FRAME, "a second content header")
-            a.properties = value.properties or spec.Basic.Properties()
-            a.raw = getattr(value, "raw_properties", b"\x00\x00")
-            a.size = value.body_size
+            a.header = value
         else:
-            if a.properties is None:
+            if a.header is None:
                 raise AmqpError(UNEXPECTED_FRAME, "a content body before its header")
             a.parts.append(value.value)
             a.got += len(value.value)
-            if a.got > a.size:
+            if a.got > a.header.body_size:
                 raise AmqpError(FRAME_ERROR, f"content bodies of {a.got} bytes for a body "
-                                f"of {a.size}")
-        if a.properties is not None and a.got == a.size:
+                                f"of {a.header.body_size}")
+        h = a.header
+        if h is not None and a.got == h.body_size:
             del self._publishing[channel]
-            events.append(Published(channel, a.method, a.properties, b"".join(a.parts),
-                                    a.raw))
+            events.append(Published(channel, a.method, b"".join(a.parts), h.raw_properties,
+                                    h.headers, h.expiration))
 
     def _forget(self, channel: int) -> None:
         self.channels.discard(channel)

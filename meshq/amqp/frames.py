@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import struct
 from dataclasses import dataclass
-from typing import Any, TypeAlias
+from typing import Any, NamedTuple, TypeAlias
 
 from pamqp import body as pbody
+from pamqp import commands as spec
+from pamqp import decode as pdecode
 from pamqp import frame as pframe
 from pamqp import header as pheader
 from pamqp import heartbeat as pheartbeat
@@ -27,11 +29,15 @@ __all__ = [
     "PROTOCOL_HEADER",
     "SYNTAX_ERROR",
     "AmqpError",
+    "ContentHeader",
     "FrameReader",
     "FrameValue",
     "Received",
+    "basic_ack",
     "content_header",
+    "deliver",
     "marshal",
+    "scan_properties",
 ]
 
 PROTOCOL_HEADER = b"AMQP\x00\x00\x09\x01"
@@ -42,7 +48,7 @@ SYNTAX_ERROR = 502  # a frame whose content does not parse (connection exception
 _HEAD = struct.Struct(">BHI")  # type, channel, payload size
 _CONTENT_HEAD = struct.Struct(">HHQ")  # class id, weight, body size
 
-FrameValue: TypeAlias = PFrame | pheader.ContentHeader | pbody.ContentBody | pheartbeat.Heartbeat
+FrameValue: TypeAlias = "PFrame | ContentHeader | pbody.ContentBody | pheartbeat.Heartbeat"
 
 
 class AmqpError(Exception):
@@ -55,8 +61,7 @@ class AmqpError(Exception):
         self.class_id, self.method_id = class_id, method_id
 
 
-@dataclass(frozen=True)
-class Received:
+class Received(NamedTuple):
     """One whole frame: its channel and its value (a pamqp method, content header,
     content body or heartbeat)."""
 
@@ -112,15 +117,107 @@ def _unmarshal(data: bytes, kind: int) -> FrameValue:
     if kind not in (1, 2, 3, 8):
         raise AmqpError(FRAME_ERROR, f"unknown frame type {kind}")
     try:
+        if kind == 3:
+            return pbody.ContentBody(data[_HEAD.size:-1])
+        if kind == 2:
+            return _content_header(data)
+        if kind == 1:
+            fast = _fast_method(data)
+            if fast is not None:
+                return fast
         _, _, value = pframe.unmarshal(data)
     except (PAMQPException, ValueError, KeyError, IndexError, TypeError, struct.error,
-            UnicodeDecodeError, OverflowError) as exc:
+            UnicodeDecodeError, ArithmeticError, OSError) as exc:  # decimals, timestamps
         raise AmqpError(SYNTAX_ERROR, f"malformed frame: {_text(exc)}") from None
     if isinstance(value, pheader.ProtocolHeader):
         raise AmqpError(FRAME_ERROR, "a protocol header inside the connection")
-    if kind == 2:  # the properties as sent: kept byte for byte (meshq.amqp.mapping)
-        value.raw_properties = data[_HEAD.size + _CONTENT_HEAD.size:-1]  # type: ignore
+    assert not isinstance(value, pheader.ContentHeader)  # kind 2 is ours, above
     return value
+
+
+@dataclass(slots=True)
+class ContentHeader:
+    """A content header as received: the body size and the properties' bytes (kept as
+    sent, meshq.amqp.mapping), with the two meshq reads: headers and expiration."""
+
+    body_size: int
+    raw_properties: bytes
+    headers: dict[str, Any] | None
+    expiration: str | None
+
+
+_SHORT = 1  # property kinds, in flag order from bit 15: short string, table, octet, 64 bits
+_TABLE, _OCTET, _LONGLONG = 2, 3, 4
+_LAYOUT = (_SHORT, _SHORT, _TABLE, _OCTET, _OCTET, _SHORT, _SHORT, _SHORT, _SHORT, _LONGLONG,
+           _SHORT, _SHORT, _SHORT, _SHORT)
+_HEADERS_BIT, _EXPIRATION_BIT = 2, 7  # their places in _LAYOUT
+
+
+def scan_properties(raw: bytes) -> tuple[dict[str, Any] | None, str | None]:
+    """Check basic properties' layout; their headers table (decoded) and expiration.
+    ValueError (or IndexError, struct.error) when malformed."""
+    flags = int.from_bytes(raw[:2], "big")
+    if len(raw) < 2 or flags & 0x3:
+        raise ValueError("property flags with reserved or continuation bits set")
+    pos, headers, expiration = 2, None, None
+    for i, kind in enumerate(_LAYOUT):
+        if not flags & (1 << (15 - i)):
+            continue
+        if kind == _SHORT:
+            end = pos + 1 + raw[pos]
+            if i == _EXPIRATION_BIT:
+                expiration = raw[pos + 1:end].decode("utf-8")
+        elif kind == _TABLE:
+            end = pos + 4 + int.from_bytes(raw[pos:pos + 4], "big")
+            _, headers = pdecode.field_table(raw[pos:end])
+        else:
+            end = pos + (1 if kind == _OCTET else 8)
+        if end > len(raw):
+            raise ValueError("properties cut short")
+        pos = end
+    if pos != len(raw):
+        raise ValueError("bytes after the properties")
+    return headers, expiration
+
+
+def _content_header(data: bytes) -> ContentHeader:
+    cls, _, size = _CONTENT_HEAD.unpack_from(data, _HEAD.size)
+    if cls != 60:
+        raise ValueError(f"a content header of class {cls} (only basic, 60, has content)")
+    raw = data[_HEAD.size + _CONTENT_HEAD.size:-1]
+    headers, expiration = scan_properties(raw)
+    return ContentHeader(size, raw, headers, expiration)
+
+
+_METHOD = struct.Struct(">HH")
+_ACK = struct.Struct(">QB")
+
+
+def _short_at(data: bytes, pos: int) -> tuple[str, int]:
+    end = pos + 1 + data[pos]
+    return data[pos + 1:end].decode("utf-8"), end
+
+
+def _fast_method(data: bytes) -> PFrame | None:
+    """basic.publish and basic.ack, the methods of the hot path, decoded directly (pamqp's
+    generic decoder for the rest)."""
+    body = _HEAD.size
+    cls, meth = _METHOD.unpack_from(data, body)
+    if cls != 60:
+        return None
+    if meth == 80:
+        tag, bits = _ACK.unpack_from(data, body + 4)
+        return spec.Basic.Ack(tag, bool(bits & 1))
+    if meth == 40:
+        ticket = int.from_bytes(data[body + 4:body + 6], "big")
+        exchange, pos = _short_at(data, body + 6)
+        routing_key, pos = _short_at(data, pos)
+        bits = data[pos]
+        if pos + 1 != len(data) - 1:
+            raise ValueError("basic.publish of the wrong length")
+        return spec.Basic.Publish(ticket, exchange, routing_key, bool(bits & 1),
+                                  bool(bits & 2))
+    return None
 
 
 def _text(exc: BaseException) -> str:
@@ -130,6 +227,32 @@ def _text(exc: BaseException) -> str:
 def marshal(value: Any, channel: int) -> bytes:
     """One frame's bytes."""
     return pframe.marshal(value, channel)
+
+
+def _short(text: str) -> bytes:
+    data = text.encode()
+    if len(data) > 255:
+        raise ValueError("a short string over 255 bytes")
+    return bytes((len(data),)) + data
+
+
+_DELIVER = struct.Struct(">BHIHH")  # frame type, channel, size; class, method
+
+
+def deliver(channel: int, consumer_tag: str, delivery_tag: int, redelivered: bool,
+            exchange: str, routing_key: str) -> bytes:
+    """A basic.deliver method frame (the hot path's, written directly)."""
+    args = (_short(consumer_tag) + delivery_tag.to_bytes(8, "big")
+            + (b"\x01" if redelivered else b"\x00") + _short(exchange) + _short(routing_key))
+    return _DELIVER.pack(1, channel, 4 + len(args), 60, 60) + args + b"\xce"
+
+
+_BASIC_ACK = struct.Struct(">BHIHHQB")
+
+
+def basic_ack(channel: int, delivery_tag: int, multiple: bool) -> bytes:
+    """A basic.ack method frame (publisher confirms), written directly."""
+    return _BASIC_ACK.pack(1, channel, 13, 60, 80, delivery_tag, multiple) + b"\xce"
 
 
 def content_header(channel: int, body_size: int, raw_properties: bytes) -> bytes:

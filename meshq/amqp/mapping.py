@@ -18,7 +18,6 @@ from datetime import UTC, datetime
 from typing import Any
 
 from pamqp import commands as spec
-from pamqp import header as pheader
 
 from meshq.errors import (
     BadRequest,
@@ -67,21 +66,22 @@ _NO_PROPERTIES = b"\x00\x00"
 _CONTENT_TYPE, _CONTENT_ENCODING, _HEADERS = 1 << 15, 1 << 14, 1 << 13
 
 
-def to_meshq(exchange: str, routing_key: str, queue: str, props: spec.Basic.Properties,
-             body: bytes, raw: bytes = _NO_PROPERTIES) -> dict[str, Any]:
+def to_meshq(exchange: str, routing_key: str, queue: str, body: bytes,
+             raw: bytes = _NO_PROPERTIES, headers: dict[str, Any] | None = None,
+             expiration: str | None = None) -> dict[str, Any]:
     """The message for meshq's ``send``: body, headers, and ``ttl`` from ``expiration``
     (milliseconds as a string, as RabbitMQ reads it). ``raw``: the properties as the
-    client encoded them, kept byte for byte."""
+    client encoded them, kept byte for byte; ``headers``: their headers table."""
     msg: dict[str, Any] = {"body": body}
     if exchange == "" and routing_key == queue and raw == _NO_PROPERTIES:
         return msg  # the common case (sender.js): nothing to keep
-    headers: dict[str, Any] = {RESERVED: [exchange, routing_key, raw]}
-    for key, value in (props.headers or {}).items():
+    kept: dict[str, Any] = {RESERVED: [exchange, routing_key, raw]}
+    for key, value in (headers or {}).items():
         if isinstance(key, str) and key != RESERVED and isinstance(value, _PLAIN):
-            headers[key] = value
-    msg["headers"] = headers
-    if props.expiration is not None:
-        msg["ttl"] = _expiration(props.expiration)
+            kept[key] = value
+    msg["headers"] = kept
+    if expiration is not None:
+        msg["ttl"] = _expiration(expiration)
     return msg
 
 
@@ -102,7 +102,7 @@ def from_meshq(d: dict[str, Any]) -> tuple[str, str, bytes]:
     kept = headers.get(RESERVED)
     extra: dict[str, Any] = {}
     if isinstance(kept, list) and len(kept) == 3 and isinstance(kept[2], bytes) and (
-            _well_formed(kept[2])):
+            _plausible(kept[2])):
         exchange, routing_key, raw = str(kept[0]), str(kept[1]), kept[2]
     else:  # sent through the socket: its meshq headers are the headers table
         exchange, routing_key, raw = "", d["queue"], _NO_PROPERTIES
@@ -116,18 +116,10 @@ def from_meshq(d: dict[str, Any]) -> tuple[str, str, bytes]:
     return exchange, routing_key, add_headers(raw, extra) if extra else raw
 
 
-def _well_formed(raw: bytes) -> bool:
-    try:
-        _decode(raw)
-    except Exception:  # a socket client wrote something else there: ignore it
-        return False
-    return True
-
-
-def _decode(raw: bytes) -> spec.Basic.Properties:
-    head = pheader.ContentHeader()
-    head.unmarshal(_HEAD + raw)
-    return head.properties
+def _plausible(raw: bytes) -> bool:
+    """Properties AMQP wrote (checked when they were received); a socket client that
+    wrote something else under the reserved header gets its bytes dropped."""
+    return len(raw) >= 2 and not raw[1] & 0x3
 
 
 def _skip_short(raw: bytes, pos: int) -> int:

@@ -72,6 +72,9 @@ class Binding:
                 "qinc": self.queue_inc}
 
 
+_BUILTIN_EXCHANGES = {name: Exchange(name, kind) for name, kind in BUILTIN.items()}
+
+
 def _plain(args: dict[str, Any]) -> dict[str, Any]:
     """Arguments as msgpack keeps them (field-table types it lacks become strings)."""
     out: dict[str, Any] = {}
@@ -157,8 +160,9 @@ class Topology:
         self._direct = {}
 
     def exchange(self, name: str) -> Exchange | None:
-        if name in BUILTIN:
-            return Exchange(name, BUILTIN[name])
+        x = _BUILTIN_EXCHANGES.get(name)
+        if x is not None:
+            return x
         self._refresh()
         return self._exchanges.get(name)
 
