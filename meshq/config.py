@@ -270,7 +270,7 @@ def _check_amqp_users(value: object) -> str | None:
     return None
 
 
-_PRINCIPAL_KINDS = ("uid", "gid", "user", "group")
+_PRINCIPAL_KINDS = ("uid", "gid", "user", "group", "amqp")
 
 
 def _check_access(value: object) -> str | None:
@@ -289,15 +289,16 @@ def _check_access(value: object) -> str | None:
 
 
 def _principal_problem(item: object) -> str | None:
-    """None if ``item`` is ``*``, ``uid:N``, ``gid:N``, ``user:NAME`` or ``group:NAME``."""
+    """None if ``item`` is ``*``, ``uid:N``, ``gid:N``, ``user:NAME``, ``group:NAME`` or
+    ``amqp:NAME`` (an AMQP login)."""
     if item == "*":
         return None
     if not isinstance(item, str):
         return f"expected a principal string, got {type(item).__name__} {item!r}"
     kind, sep, rest = item.partition(":")
     if not sep or kind not in _PRINCIPAL_KINDS or not rest:
-        return (f"bad principal {item!r}: expected '*', 'uid:N', 'gid:N', 'user:NAME' "
-                "or 'group:NAME'")
+        return (f"bad principal {item!r}: expected '*', 'uid:N', 'gid:N', 'user:NAME', "
+                "'group:NAME' or 'amqp:NAME'")
     if kind in ("uid", "gid") and not (rest.isascii() and rest.isdigit()):
         return f"bad principal {item!r}: {kind} must be a number"
     return None

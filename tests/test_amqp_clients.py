@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import datetime
 import decimal
+import ipaddress
 import socket
+import ssl
 import subprocess
 import sys
 import threading
@@ -16,7 +18,11 @@ from pathlib import Path
 import pika
 import pika.exceptions
 import pytest
+from pamqp import commands as spec
+from pamqp import frame as pframe
+from pamqp import heartbeat as pheartbeat
 
+from meshq.amqp.frames import PROTOCOL_HEADER, FrameReader
 from meshq.testing import DaemonProcess
 
 
@@ -335,7 +341,8 @@ def test_users_from_the_config_log_in_with_their_hashed_password(tmp_path: Path)
                             input="app-secret\n", capture_output=True, text=True,
                             check=True).stdout.strip()
     config = tmp_path / "meshq.toml"
-    config.write_text(f'[amqp_users]\napp = "{hashed}"\n')
+    config.write_text(f'[amqp_users]\napp = "{hashed}"\n'
+                      '[access]\npurge = ["amqp:app"]\ndelete = ["uid:0", "amqp:app"]\n')
     with DaemonProcess(tmp_path / "data", args=["--config", str(config)]).start() as d:
         app = pika.PlainCredentials("app", "app-secret")
         conn = pika.BlockingConnection(params(d, credentials=app))
@@ -346,9 +353,16 @@ def test_users_from_the_config_log_in_with_their_hashed_password(tmp_path: Path)
                 pika.BlockingConnection(params(d, credentials=pika.PlainCredentials(
                     user, password)))
         guest = pika.BlockingConnection(params(d))  # guest/guest: loopback only
+        with pytest.raises(pika.exceptions.ChannelClosedByBroker) as err:
+            guest.channel().queue_purge("users")  # the socket's access rules apply
+        assert err.value.reply_code == 403 and "AMQP user 'guest'" in err.value.reply_text
         guest.close()
+        conn = pika.BlockingConnection(params(d, credentials=app))
+        assert conn.channel().queue_purge("users").method.message_count == 0
+        conn.close()
         with d.client() as c:
-            assert c.status()["amqp"]["logins_refused"] == 2
+            st = c.status()
+            assert st["amqp"]["logins_refused"] == 2 and st["access"]["refused"] == 1
 
 
 def counts(ch: pika.adapters.blocking_connection.BlockingChannel, *queues: str) -> list[int]:
@@ -458,3 +472,87 @@ def test_a_publish_routed_to_several_queues_is_confirmed_once_all_have_it(
     for _ in range(10):
         ch.basic_publish("wide", "", b"z")
     assert counts(ch, *names) == [10] * 5
+
+
+def test_heartbeats_and_the_connection_limit(tmp_path: Path) -> None:
+    """A client silent for two heartbeat intervals is dropped (after the server's own
+    heartbeats); past amqp_max_connections a connection is closed at once."""
+    config = tmp_path / "meshq.toml"
+    config.write_text("amqp_heartbeat = 1\namqp_max_connections = 1\n")
+    with DaemonProcess(tmp_path / "data", args=["--config", str(config)]).start() as d:
+        assert d.amqp is not None
+        host, port = d.amqp.rsplit(":", 1)
+        with socket.create_connection((host, int(port)), timeout=20) as s:
+            s.sendall(PROTOCOL_HEADER)
+            reader = FrameReader(1 << 20)
+            reader.header_ok = True
+            got: list[object] = []
+
+            def until(kind: type) -> None:
+                while not any(isinstance(v, kind) for v in got):
+                    data = s.recv(65536)
+                    assert data, f"closed before {kind.__name__}"
+                    reader.feed(data)
+                    got.extend(r.value for r in reader.frames())
+
+            until(spec.Connection.Start)
+            s.sendall(pframe.marshal(spec.Connection.StartOk(
+                {}, "PLAIN", "\0guest\0guest"), 0))
+            until(spec.Connection.Tune)
+            tune = next(v for v in got if isinstance(v, spec.Connection.Tune))
+            assert tune.heartbeat == 1
+            s.sendall(pframe.marshal(spec.Connection.TuneOk(2047, 131072, 1), 0)
+                      + pframe.marshal(spec.Connection.Open("/"), 0))
+            until(spec.Connection.OpenOk)
+            with pytest.raises(pika.exceptions.AMQPConnectionError):
+                pika.BlockingConnection(params(d))  # the second: over the limit
+            until(pheartbeat.Heartbeat)  # the server's; ours never come
+            while s.recv(65536):  # then it hangs up on us
+                pass
+        conn = pika.BlockingConnection(params(d))  # room again
+        conn.close()
+        with d.client() as c:
+            assert c.status()["amqp"]["refused_over_limit"] == 1
+
+
+def self_signed(tmp_path: Path) -> tuple[Path, Path]:
+    """A throwaway certificate for 127.0.0.1 and its key (PEM files)."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "meshq-test")])
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name)
+            .public_key(key.public_key()).serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(minutes=1))
+            .not_valid_after(now + datetime.timedelta(days=1))
+            .add_extension(x509.SubjectAlternativeName(
+                [x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), critical=False)
+            .sign(key, hashes.SHA256()))
+    cert_path, key_path = tmp_path / "cert.pem", tmp_path / "key.pem"
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM,
+                                           serialization.PrivateFormat.PKCS8,
+                                           serialization.NoEncryption()))
+    return cert_path, key_path
+
+
+def test_amqps_with_the_configured_certificate(tmp_path: Path) -> None:
+    cert, key = self_signed(tmp_path)
+    config = tmp_path / "meshq.toml"
+    config.write_text(f'amqp_tls_cert = "{cert}"\namqp_tls_key = "{key}"\n')
+    with DaemonProcess(tmp_path / "data", args=["--config", str(config)]).start() as d:
+        context = ssl.create_default_context(cafile=str(cert))
+        conn = pika.BlockingConnection(params(d, ssl_options=pika.SSLOptions(context)))
+        ch = conn.channel()
+        ch.queue_declare("tls")
+        ch.confirm_delivery()
+        ch.basic_publish("", "tls", b"over TLS")
+        assert ch.basic_get("tls", auto_ack=True)[2] == b"over TLS"
+        conn.close()
+        with pytest.raises(pika.exceptions.AMQPConnectionError):
+            pika.BlockingConnection(params(d))  # plain AMQP on the TLS port: refused
+        with d.client() as c:
+            assert c.status()["amqp"]["tls"] is True

@@ -45,7 +45,8 @@ from meshq.amqp.mapping import (
     queue_options,
 )
 from meshq.amqp.topology import Topology
-from meshq.errors import MeshqError, NotFound
+from meshq.errors import MeshqError, NotFound, Unauthorized
+from meshq.server.access import PeerCreds
 from meshq.server.ops import OPS
 from meshq.server.session import ClientSession
 
@@ -85,6 +86,7 @@ class Bridge(Publishing, Declaring):
         self.channels: dict[int, Channel] = {}
         self.capabilities: dict[str, Any] = {}
         self.user = ""
+        self.creds = PeerCreds(amqp_user="")  # the login, once the connection is open
         self.sends_in_flight = 0  # send ops not yet answered (back-pressure)
         self.exclusive: set[str] = set()
         self.auto_delete: set[str] = set()
@@ -163,6 +165,7 @@ class Bridge(Publishing, Declaring):
                 self._channel_gone(ev.channel)
             elif isinstance(ev, Opened):
                 self.user = ev.user
+                self.creds = PeerCreds(amqp_user=ev.user)
                 caps = ev.client_properties.get("capabilities")
                 self.capabilities = caps if isinstance(caps, dict) else {}
             i += 1
@@ -188,6 +191,8 @@ class Bridge(Publishing, Declaring):
                 if isinstance(ev, Published):
                     if acked:
                         self._ack_now(acked)
+                    if not publishes:
+                        self._allow("send")
                     publishes.append(ev)
                     continue
                 if publishes:
@@ -195,10 +200,15 @@ class Bridge(Publishing, Declaring):
                     publishes = []
                 m = ev.method
                 if type(m) is spec.Basic.Ack and not ch.tx:
+                    if not acked:
+                        self._allow("ack")
                     acked.extend(ch.take(m.delivery_tag or 0, bool(m.multiple)))
                     continue
                 if acked:
                     self._ack_now(acked)
+                op = _OP_OF.get(type(m))
+                if op is not None:
+                    self._allow(op)
                 self._method(ch, m)
                 if ch.busy:
                     ch.held.extendleft(reversed(evs[k + 1:]))
@@ -210,6 +220,13 @@ class Bridge(Publishing, Declaring):
         finally:
             if acked:
                 self._ack_now(acked)
+
+    def _allow(self, op: str) -> None:
+        """The socket's access rules, for this login (``amqp:NAME`` principals)."""
+        try:
+            self.node.access.check(op, self.creds)
+        except Unauthorized as exc:
+            raise ArgumentError(ACCESS_REFUSED, f"ACCESS_REFUSED - {exc.message}") from None
 
     def _ack_now(self, acked: list[Unacked]) -> None:
         for queue, receipts in by_queue(acked).items():
@@ -379,6 +396,8 @@ class Bridge(Publishing, Declaring):
 
     def _consume(self, ch: Channel, m: spec.Basic.Consume) -> None:
         name = self._queue_name(ch, m.queue, m)
+        if m.no_ack:
+            self._allow("ack")  # it acks too
         tag = m.consumer_tag or "amq.ctag-" + secrets.token_urlsafe(16)
         if tag in ch.consumers:
             self._connection_error(NOT_ALLOWED, f"NOT_ALLOWED - attempt to reuse consumer "
@@ -479,6 +498,8 @@ class Bridge(Publishing, Declaring):
 
     def _get(self, ch: Channel, m: spec.Basic.Get) -> None:
         name = self._queue_name(ch, m.queue, m)
+        if m.no_ack:
+            self._allow("ack")  # it acks too
 
         def done(result: dict[str, Any]) -> Any:
             msgs = result.get("messages") or []
@@ -578,6 +599,16 @@ class Bridge(Publishing, Declaring):
 def _ignore(result: dict[str, Any] | None, exc: MeshqError | None) -> None:
     pass
 
+
+# The socket op each AMQP method is judged as by the access rules (docs/amqp.md).
+_OP_OF: dict[type, str] = {
+    spec.Exchange.Declare: "declare", spec.Exchange.Delete: "delete",
+    spec.Queue.Declare: "declare", spec.Queue.Delete: "delete", spec.Queue.Purge: "purge",
+    spec.Queue.Bind: "declare", spec.Queue.Unbind: "declare",
+    spec.Basic.Consume: "consume", spec.Basic.Get: "receive", spec.Basic.Ack: "ack",
+    spec.Basic.Nack: "nack", spec.Basic.Reject: "nack", spec.Basic.Recover: "nack",
+    spec.Basic.RecoverAsync: "nack", spec.Basic.Cancel: "cancel",
+}
 
 _METHODS: dict[type, Callable[[Bridge, Channel, Any], None]] = {
     spec.Exchange.Declare: Bridge._exchange_declare,

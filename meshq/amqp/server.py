@@ -181,13 +181,16 @@ class AmqpServer:
             finally:
                 self.connections.discard(driver)
         finally:
-            self._open -= 1
+            self._open -= 1  # before the close: a client that saw it may come straight back
+            with trio.CancelScope(shield=True):
+                await trio.aclose_forcefully(stream)
 
 
 def _server_properties() -> dict[str, Any]:
     return {
         "product": "meshq", "version": __version__, "platform": "Python/trio",
-        "copyright": "meshq authors", "information": "meshq speaks AMQP 0-9-1: see docs/amqp.md",
+        "copyright": "meshq authors",
+        "information": "meshq speaks AMQP 0-9-1: see docs/amqp.md",
         "capabilities": {
             "publisher_confirms": True, "exchange_exchange_bindings": False,
             "basic.nack": True, "consumer_cancel_notify": True,
@@ -241,9 +244,7 @@ class _Driver:
         except Exception:
             log.exception("AMQP connection failed")
         finally:
-            self.bridge.close()
-            with trio.CancelScope(shield=True):
-                await trio.aclose_forcefully(self.stream)
+            self.bridge.close()  # the stream is closed by its owner, AmqpServer._serve
 
     async def _reader(self) -> None:
         conn = self.conn

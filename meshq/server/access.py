@@ -53,14 +53,18 @@ class AccessConfigError(StartupError):
 
 @dataclass(frozen=True)
 class PeerCreds:
-    """The process at the other end of a Unix socket; ids are None when unknown."""
+    """The process at the other end of a Unix socket (ids are None when unknown), or an
+    AMQP connection's login (``amqp_user``)."""
 
     pid: int | None = None
     uid: int | None = None
     gid: int | None = None
     groups: frozenset[int] = frozenset()  # gid and the user's supplementary groups
+    amqp_user: str | None = None
 
     def describe(self) -> str:
+        if self.amqp_user is not None:
+            return f"AMQP user {self.amqp_user!r}"
         if self.uid is None:
             return "a peer of unknown uid"
         return f"uid {self.uid}" + (f" (pid {self.pid})" if self.pid is not None else "")
@@ -145,20 +149,25 @@ def resolve_group(name: str) -> int:
 
 @dataclass(frozen=True)
 class Rule:
-    """Who may run one op: anyone (``*``), or these uids, or members of these gids."""
+    """Who may run one op: anyone (``*``), or these uids, or members of these gids, or
+    these AMQP logins."""
 
     anyone: bool = False
     uids: frozenset[int] = frozenset()
     gids: frozenset[int] = frozenset()
+    amqp_users: frozenset[str] = frozenset()
 
     @classmethod
     def parse(cls, principals: Collection[str]) -> Rule:
-        """From ``*``, ``uid:N``, ``gid:N``, ``user:NAME``, ``group:NAME`` (blocking: NSS)."""
-        anyone, uids, gids = False, set(), set()
+        """From ``*``, ``uid:N``, ``gid:N``, ``user:NAME``, ``group:NAME`` (blocking: NSS)
+        and ``amqp:NAME``."""
+        anyone, uids, gids, logins = False, set(), set(), set()
         for item in principals:
             kind, _, rest = item.partition(":")
             if item == "*":
                 anyone = True
+            elif kind == "amqp":
+                logins.add(rest)
             elif kind == "uid":
                 uids.add(int(rest))
             elif kind == "gid":
@@ -169,11 +178,13 @@ class Rule:
                 gids.add(resolve_group(rest))
             else:
                 raise AccessConfigError(f"bad principal {item!r}")
-        return cls(anyone, frozenset(uids), frozenset(gids))
+        return cls(anyone, frozenset(uids), frozenset(gids), frozenset(logins))
 
     def admits(self, creds: PeerCreds) -> bool:
         if self.anyone:
             return True
+        if creds.amqp_user is not None:
+            return creds.amqp_user in self.amqp_users
         if creds.uid is None:
             return False
         return creds.uid in self.uids or not self.gids.isdisjoint(creds.groups)
