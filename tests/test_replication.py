@@ -22,6 +22,7 @@ import threading
 import time
 from pathlib import Path
 
+import pika
 import pytest
 from test_membership import all_alive, eventually
 
@@ -235,6 +236,17 @@ def test_a_primary_with_a_skewed_clock_hands_over(tmp_path: Path) -> None:
             [got] = cb.receive(name, wait=5)
             assert got.id == mid
             cb.ack(name, [got])
+        assert c.amqp is not None  # an AMQP publisher there is told: connection.blocked
+        host, port = c.amqp.rsplit(":", 1)
+        amqp = pika.BlockingConnection(pika.ConnectionParameters(host, int(port)))
+        blocked: list[str] = []
+        amqp.add_on_connection_blocked_callback(
+            lambda _, frame: blocked.append(frame.method.reason))
+        deadline = time.monotonic() + 10
+        while not blocked and time.monotonic() < deadline:
+            amqp.process_data_events(time_limit=0.2)
+        amqp.close()
+        assert blocked and "accepts no writes" in blocked[0], blocked
     finally:
         for d in nodes:
             d.kill()
