@@ -51,6 +51,7 @@ class QueueOptions:
     dead_letter_queue: str | None = None
     max_length: int | None = None
     ordering: str = "fair"
+    expires: float | None = None  # deleted once unused this long (AMQP's x-expires)
 
     @classmethod
     def from_dict(cls, opts: dict[str, Any]) -> QueueOptions:
@@ -64,7 +65,7 @@ class QueueOptions:
         merged = {**asdict(cls()), **opts}
         for key in ("replicas", "write_quorum", "max_deliveries", "max_length"):
             _number(merged, key, integer=True, minimum=1)
-        for key in ("message_ttl", "visibility_timeout"):
+        for key in ("message_ttl", "visibility_timeout", "expires"):
             _number(merged, key, integer=False, minimum=0.001)
         if merged["visibility_timeout"] is None:
             raise BadRequest("option 'visibility_timeout' may not be null")
@@ -75,7 +76,7 @@ class QueueOptions:
             raise BadRequest("option 'dead_letter_queue' must be a queue name")
         if merged["ordering"] not in ORDERINGS:
             raise BadRequest(f"option 'ordering' must be one of {', '.join(ORDERINGS)}")
-        for key in ("message_ttl", "visibility_timeout"):
+        for key in ("message_ttl", "visibility_timeout", "expires"):
             if merged[key] is not None:
                 merged[key] = float(merged[key])
         return cls(**merged)

@@ -556,3 +556,17 @@ def test_amqps_with_the_configured_certificate(tmp_path: Path) -> None:
             pika.BlockingConnection(params(d))  # plain AMQP on the TLS port: refused
         with d.client() as c:
             assert c.status()["amqp"]["tls"] is True
+
+
+def test_x_expires_deletes_a_queue_once_unused(shared_daemon: DaemonProcess,
+                                               amqp: pika.BlockingConnection) -> None:
+    ch = amqp.channel()
+    ch.queue_declare("exp.used", arguments={"x-expires": 200})
+    ch.queue_declare("exp.idle", arguments={"x-expires": 200})
+    ch.basic_consume("exp.used", lambda *a: None)  # in use while it has a consumer
+    deadline = time.monotonic() + 10
+    with shared_daemon.client() as c:  # (stats through the socket are no use of it)
+        while "exp.idle" in {s["name"] for s in c.stats()}:
+            assert time.monotonic() < deadline, "an unused queue outlived its x-expires"
+            amqp.process_data_events(time_limit=0.05)
+        assert "exp.used" in {s["name"] for s in c.stats()}

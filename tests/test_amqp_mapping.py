@@ -70,7 +70,7 @@ def test_queue_arguments() -> None:
                           "x-dead-letter-exchange": "", "x-dead-letter-routing-key": "dlq",
                           "x-queue-type": "quorum", "x-expires": 60000}) == {
         "message_ttl": 2.5, "max_length": 10, "max_deliveries": 3,
-        "dead_letter_queue": "dlq"}
+        "dead_letter_queue": "dlq", "expires": 60.0}
     for bad in ({"x-message-ttl": "10"}, {"x-max-length": -1}, {"x-queue-type": "stream"},
                 {"x-dead-letter-exchange": "dlx"}, {"x-dead-letter-routing-key": "q"},
                 {"x-overflow": "reject-publish"}, {"x-expires": 0}):

@@ -18,7 +18,7 @@ from meshq.testing import DaemonProcess
 
 OPTIONS = dict(replicas=2, write_quorum=None, message_ttl=30.0, visibility_timeout=4.0,
                max_deliveries=5,
-               dead_letter_queue="dead", max_length=50, ordering="fair")
+               dead_letter_queue="dead", max_length=50, ordering="fair", expires=None)
 
 
 @pytest.fixture

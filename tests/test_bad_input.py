@@ -294,7 +294,7 @@ requests = st.fixed_dictionaries(
         "options": st.fixed_dictionaries({}, optional={
             k: values for k in ("replicas", "message_ttl", "visibility_timeout",
                                 "max_deliveries", "dead_letter_queue", "max_length",
-                                "ordering")}) | values,
+                                "ordering", "expires")}) | values,
         "max": values, "wait": st.floats(0, 0.05) | values, "prefetch": values,
         "delay": values, "requeue": values, "timeout": values, "consumer": values,
         "passive": values, "auto_ack": values, "visibility_timeout": values,

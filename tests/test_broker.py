@@ -613,3 +613,25 @@ async def test_a_lease_handed_over_late_runs_its_whole_visibility_timeout(
     later = [d for d in first.got + second.got if d is not got]
     assert again.id == mid and again.count >= 2
     assert later and all(d.at >= got.at + 5.0 for d in later)
+
+
+async def test_a_queue_unused_past_its_expires_is_deleted(env: Env,
+                                                          autojump_clock: MockClock) -> None:
+    await env.declare("idle", expires=10.0)
+    await env.declare("busy", expires=10.0)
+    await env.declare("kept")
+    conn = Conn(env)
+    conn.consume("busy")
+    await env.send("x", queue="idle")  # a send is no use: RabbitMQ counts it neither
+    await trio.sleep(6)
+    await env.declare("idle", expires=10.0)  # a declare is: the ten seconds start again
+    await trio.sleep(9)
+    assert {"idle", "busy", "kept"} <= set(env.broker.queues)
+    await trio.sleep(1.5)
+    assert "idle" not in env.broker.queues  # unused for 10 s
+    assert {"busy", "kept"} <= set(env.broker.queues)  # a consumer keeps it; no option
+    env.broker.cancel(conn.session, next(iter(conn.session.consumers)))
+    await trio.sleep(9)
+    assert "busy" in env.broker.queues
+    await trio.sleep(1.5)
+    assert set(env.broker.queues) == {"kept"}

@@ -61,17 +61,17 @@ def counts(daemon: DaemonProcess, queue: str) -> tuple[int, int]:
 def test_declare_sets_options_and_mismatch_is_precondition_failed(daemon):
     out = ok(cli(daemon, "declare", "jobs", "--ttl", "60", "--visibility-timeout", "5",
                  "--max-deliveries", "3", "--dead-letter-queue", "dlq", "--max-length", "10",
-                 "--ordering", "fifo", "--replicas", "2"))
+                 "--ordering", "fifo", "--replicas", "2", "--expires", "3600"))
     assert out.startswith("declared jobs") and out.count("\n") == 1
     with daemon.client() as c:
         [s] = c.stats("jobs")
     assert s["options"] == {"replicas": 2, "write_quorum": None, "message_ttl": 60.0,
                             "visibility_timeout": 5.0,
                             "max_deliveries": 3, "dead_letter_queue": "dlq",
-                            "max_length": 10, "ordering": "fifo"}
+                            "max_length": 10, "ordering": "fifo", "expires": 3600.0}
     ok(cli(daemon, "declare", "jobs", "--ttl", "60", "--visibility-timeout", "5",
            "--max-deliveries", "3", "--dead-letter-queue", "dlq", "--max-length", "10",
-           "--ordering", "fifo", "--replicas", "2"))  # idempotent
+           "--ordering", "fifo", "--replicas", "2", "--expires", "3600"))  # idempotent
     err = failed(cli(daemon, "declare", "jobs", "--max-length", "11"), "PRECONDITION_FAILED")
     assert "jobs" in err and "max_length" in err
 

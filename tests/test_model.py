@@ -16,7 +16,7 @@ from meshq.model import QueueOptions
 
 DEFAULTS = {"replicas": 3, "write_quorum": None, "message_ttl": None, "visibility_timeout": 30.0,
             "max_deliveries": None, "dead_letter_queue": None, "max_length": None,
-            "ordering": "fair"}
+            "ordering": "fair", "expires": None}
 
 GOOD: list[tuple[dict[str, Any], dict[str, Any]]] = [
     ({}, {}),
@@ -63,6 +63,9 @@ BAD: list[tuple[str, Any]] = [
     ("max_deliveries", 2.0),
     ("max_deliveries", "2"),
     ("max_deliveries", False),
+    ("expires", 0),
+    ("expires", "60"),
+    ("expires", math.nan),
     ("max_length", 0),
     ("max_length", -10),
     ("max_length", 1.5),
@@ -96,9 +99,10 @@ def test_good_options(given: dict[str, Any], changed: dict[str, Any]) -> None:
 def test_every_option_at_once() -> None:
     given = {"replicas": 2, "write_quorum": 2, "message_ttl": 5, "visibility_timeout": 7,
              "max_deliveries": 3,
-             "dead_letter_queue": "dead", "max_length": 100, "ordering": "fifo"}
+             "dead_letter_queue": "dead", "max_length": 100, "ordering": "fifo",
+             "expires": 60}
     assert QueueOptions.from_dict(given).to_dict() == {
-        **given, "message_ttl": 5.0, "visibility_timeout": 7.0}
+        **given, "message_ttl": 5.0, "visibility_timeout": 7.0, "expires": 60.0}
 
 
 @pytest.mark.parametrize(("key", "value"), BAD, ids=[f"{k}={v!r}" for k, v in BAD])

@@ -261,7 +261,9 @@ def queue_options(arguments: dict[str, Any] | None) -> dict[str, Any]:
     if overflow is not None and overflow not in _OVERFLOWS:
         raise ArgumentError(PRECONDITION_FAILED, f"PRECONDITION_FAILED - x-overflow "
                             f"{overflow!r} is not supported (meshq drops the head)")
-    _int_arg(args, "x-expires", 1)  # accepted; see docs/amqp.md
+    expires = _int_arg(args, "x-expires", 1)
+    if expires is not None:
+        out["expires"] = expires / 1000.0
     return out
 
 

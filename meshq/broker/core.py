@@ -63,6 +63,7 @@ __all__ = ["TOMBSTONE_WINDOW", "Broker", "BrokerLimits", "Moved", "Pending", "pa
 
 _T_DUE, _T_LEASE, _T_TTL = 0, 1, 2
 DEDUP_PRUNE_INTERVAL = 60.0
+EXPIRY_CHECK = 0.25  # s between checks for queues unused past their ``expires``
 HLC_CEILING_MS = 200  # how far the persisted HLC ceiling runs ahead (< max_clock_offset)
 HLC_REFRESH = pack(HLC_CEILING_MS // 2)  # renew the ceiling when this close to it
 TICK_BUDGET = 2000  # timers handled per event-loop turn
@@ -149,6 +150,7 @@ class Broker:
         self._timer_at = math.inf
         self._dedup: dict[tuple[str, str], tuple[str, float, Batch | None]] = {}
         self._next_prune = 0.0
+        self._next_expiry = 0.0  # the next check of unused queues (inf: none expires)
         self._pruned = False
         self._hlc_batch: Batch | None = None  # the batch holding the last ceiling staged
         self._hlc_ceiling = 0  # that ceiling
@@ -222,7 +224,8 @@ class Broker:
             if self.tick(now):  # more is due: let the event loop breathe, then go on
                 await trio.lowlevel.checkpoint()
                 continue
-            at = min(self._timers[0][0] if self._timers else math.inf, self._next_prune)
+            at = min(self._timers[0][0] if self._timers else math.inf, self._next_prune,
+                     self._next_expiry)
             with trio.CancelScope() as scope:
                 self._timer_scope, self._timer_at = scope, at
                 await self.clock.sleep_until(at)
@@ -264,9 +267,39 @@ class Broker:
                 q.compact()  # its ready-heap entry is stale now
         if now >= self._next_prune:
             self._prune(now)
+        if now >= self._next_expiry:
+            self._expire_unused(now)
         for q in touched:
             self._dispatch(q, now)
         return budget < 0
+
+    def _expire_unused(self, now: float) -> None:
+        """Delete the queues dispatched here that went unused for their ``expires`` (no
+        consumer, no receive, no declare), as RabbitMQ's x-expires; checked every
+        EXPIRY_CHECK s while some queue has the option. A queue newly dispatched here
+        counts from then."""
+        self._next_expiry = math.inf
+        for q in list(self.queues.values()):
+            limit = q.options.expires
+            if limit is None:
+                continue
+            self._next_expiry = now + EXPIRY_CHECK
+            if not q.active:
+                continue
+            if not q.last_used or any(c.replenish for c in q.consumers):
+                q.last_used = now
+            elif now - q.last_used >= limit:
+                self.delete_queue(q.name)
+
+    def used(self, q: Queue) -> None:
+        """``q`` was declared, received from or consumed: its ``expires`` starts again."""
+        if q.options.expires is None:
+            return
+        q.last_used = self.clock.time()
+        if self._next_expiry == math.inf:
+            self._next_expiry = q.last_used + EXPIRY_CHECK
+            if self._timer_scope is not None and self._next_expiry < self._timer_at:
+                self._timer_scope.cancel()
 
     def _prune(self, now: float) -> None:
         """Dedup entries past their window; tombstones and deleted queues past theirs."""
@@ -624,6 +657,7 @@ class Broker:
         if passive:
             if q is None:
                 raise NotFound(f"queue {name!r} does not exist")
+            self.used(q)
             return Pending(q.created, self.queue_stats(q))
         opts = QueueOptions.from_dict(options or {})
         if opts.dead_letter_queue == name:
@@ -636,6 +670,7 @@ class Broker:
                     + ", ".join(f"{k}={getattr(q.options, k)!r} (asked {getattr(opts, k)!r})"
                                 for k in differ))
             self._ensure_created(q)
+            self.used(q)
             created = q.created if q.created is not None and not q.created.done else None
             return Pending(created, self.queue_stats(q))
         entry = self.catalog.get(name) or CatalogEntry(name)
@@ -647,6 +682,7 @@ class Broker:
         if self.on_declare is not None:
             self.on_declare(q)  # the cluster layer: dispatch it here, at a new epoch
         q.created = self._stage_catalog(name)
+        self.used(q)
         return Pending(q.created, self.queue_stats(q))
 
     def put_entry(self, name: str, options: dict[str, Any]) -> Pending:
@@ -890,6 +926,7 @@ class Broker:
         c.tag = tag or self.tag_prefix + c.tag  # unique in the cluster: a client may relay
         session.consumers[c.tag] = c
         q.consumers.append(c)
+        self.used(q)
         self._dispatch(q, self.clock.time())
         return c.tag
 
@@ -916,6 +953,7 @@ class Broker:
         vt = None if visibility_timeout is None else _number(
             visibility_timeout, "visibility_timeout", minimum=0.001)
         got: list[Message] = []
+        self.used(q)
         deadline = trio.current_time() + wait
         while True:
             moved = await self._receive_once(q, session, max_messages, deadline, vt, got)

@@ -85,6 +85,7 @@ class Queue:
         # False on a node that holds a replica but does not dispatch this partition (the
         # cluster): no leases, no timers; merged changes keep it current.
         self.active = True
+        self.last_used = 0.0  # when last declared, received from or consumed (expires)
         self.epoch = 0  # the dispatch epoch while active (versions its changes)
         self.promised = 0  # no change from a dispatcher of an earlier epoch is accepted
 

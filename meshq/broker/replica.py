@@ -144,6 +144,7 @@ class Replica:
         now = self.b.clock.time()
         for msg in q.messages.values():
             self._schedule_all(msg, now)
+        self.b.used(q)  # an expiring queue's unused time counts from its activation here
         self.release_leases(q)
         self.b._dispatch(q, now)
 

@@ -40,6 +40,7 @@ _DECLARE_OPTIONS = {
     "dead_letter_queue": "dead_letter_queue",
     "max_length": "max_length",
     "ordering": "ordering",
+    "expires": "expires",
 }
 
 
@@ -106,6 +107,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dead-letter-queue", metavar="Q")
     p.add_argument("--max-length", metavar="N", type=_positive_int)
     p.add_argument("--ordering", choices=("fifo", "fair"))
+    p.add_argument("--expires", metavar="S", type=_positive_seconds,
+                   help="delete the queue once unused (no consumer, receive or declare) "
+                        "this long")
     p.set_defaults(func=cmd_declare)
 
     p = command("send", "send BODY, or one message per line of stdin with '-'")
