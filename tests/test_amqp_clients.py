@@ -570,3 +570,23 @@ def test_x_expires_deletes_a_queue_once_unused(shared_daemon: DaemonProcess,
             assert time.monotonic() < deadline, "an unused queue outlived its x-expires"
             amqp.process_data_events(time_limit=0.05)
         assert "exp.used" in {s["name"] for s in c.stats()}
+
+
+def test_an_exclusive_queue_is_locked_to_its_connection(
+        shared_daemon: DaemonProcess, amqp: pika.BlockingConnection) -> None:
+    owner = pika.BlockingConnection(params(shared_daemon))
+    owner.channel().queue_declare("excl", exclusive=True)
+    for call in (lambda c: c.queue_declare("excl"), lambda c: c.basic_consume(
+            "excl", lambda *a: None), lambda c: c.queue_purge("excl")):
+        with pytest.raises(pika.exceptions.ChannelClosedByBroker) as err:
+            call(amqp.channel())
+        assert err.value.reply_code == 405, err.value
+    owner.channel().queue_purge("excl")  # its own connection may
+    owner.close()  # and with it the queue goes; then it is anyone's to declare
+    deadline = time.monotonic() + 10
+    while True:
+        try:
+            amqp.channel().queue_declare("excl", exclusive=True)
+            break
+        except pika.exceptions.ChannelClosedByBroker:
+            assert time.monotonic() < deadline, "still locked after its connection closed"

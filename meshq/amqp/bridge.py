@@ -39,6 +39,7 @@ from meshq.amqp.mapping import (
     ACCESS_REFUSED,
     NOT_FOUND,
     PRECONDITION_FAILED,
+    RESOURCE_LOCKED,
     ArgumentError,
     error_reply,
     from_meshq,
@@ -75,7 +76,8 @@ class Bridge(Publishing, Declaring):
     ``topology``: the node's exchanges and bindings."""
 
     def __init__(self, node: Node, conn: AmqpConnection, spawn: Callable[..., None],
-                 kick: Callable[[], None], topology: Topology) -> None:
+                 kick: Callable[[], None], topology: Topology,
+                 owners: dict[str, Bridge] | None = None) -> None:
         self.node = node
         self.broker = node.broker
         self.conn = conn
@@ -90,6 +92,8 @@ class Bridge(Publishing, Declaring):
         self.sends_in_flight = 0  # send ops not yet answered (back-pressure)
         self.exclusive: set[str] = set()
         self.auto_delete: set[str] = set()
+        # exclusive queue -> the connection on this node that declared it (405 for others)
+        self.owners: dict[str, Bridge] = {} if owners is None else owners
         self._rids = itertools.count(1)
         self._waiting: dict[int, Callback] = {}
         self._early: dict[str, list[list[dict[str, Any]]]] = {}  # pushes before consume-ok
@@ -302,6 +306,13 @@ class Bridge(Publishing, Declaring):
         name = name or ch.last_queue
         if not name:
             raise ArgumentError(NOT_FOUND, "NOT_FOUND - no previously declared queue")
+        owner = self.owners.get(name)
+        if owner is not None and owner is not self:
+            raise ArgumentError(RESOURCE_LOCKED, f"RESOURCE_LOCKED - cannot obtain exclusive "
+                                f"access to locked queue {name!r} in vhost '/'. It could be "
+                                "originally declared on another connection or the exclusive "
+                                "property value does not match that of the original "
+                                "declaration.")
         return name
 
     # queue ---------------------------------------------------------------------------------
@@ -315,6 +326,7 @@ class Bridge(Publishing, Declaring):
         elif name.startswith("amq.") and not m.passive:
             raise ArgumentError(ACCESS_REFUSED, f"ACCESS_REFUSED - queue name {name!r} "
                                 "contains reserved prefix 'amq.*'")
+        self._queue_name(ch, name, m)  # locked by another connection's exclusive declare?
         options = queue_options(m.arguments)
         q = self.broker.queues.get(name)
         req: dict[str, Any] = {"queue": name}
@@ -335,6 +347,7 @@ class Bridge(Publishing, Declaring):
             ch.last_queue = name
             if m.exclusive:
                 self.exclusive.add(name)
+                self.owners.setdefault(name, self)
             if m.auto_delete:
                 self.auto_delete.add(name)
             return spec.Queue.DeclareOk(name, int(result.get("ready", 0)),
@@ -357,8 +370,7 @@ class Bridge(Publishing, Declaring):
             return spec.Queue.DeleteOk(int(result.get("deleted", 0)))
 
         def delete() -> None:
-            self.exclusive.discard(name)
-            self.auto_delete.discard(name)
+            self._forget_queue(name)
             self._sync(ch, "delete", {"queue": name}, m, ok, nowait=m.nowait,
                        on_error=deleted)
 
@@ -446,9 +458,14 @@ class Bridge(Publishing, Declaring):
         for ch in self.channels.values():
             if any(c.queue == queue for c in ch.consumers.values()):
                 return
-        self.auto_delete.discard(queue)
-        self.exclusive.discard(queue)
+        self._forget_queue(queue)
         self._op("delete", {"queue": queue})
+
+    def _forget_queue(self, name: str) -> None:
+        self.auto_delete.discard(name)
+        self.exclusive.discard(name)
+        if self.owners.get(name) is self:
+            del self.owners[name]
 
     def _server_cancel(self, meshq_tag: str) -> None:
         """meshq ended a consumer for good (its queue was deleted)."""
@@ -584,6 +601,8 @@ class Bridge(Publishing, Declaring):
         if self.closed:
             return
         doomed = sorted(self.exclusive | self.auto_delete)
+        for name in doomed:
+            self._forget_queue(name)
         for number in list(self.channels):
             self._channel_gone(number)
         for name in doomed:

@@ -107,6 +107,7 @@ class AmqpServer:
         self.listeners: list[trio.SocketListener] = []
         self.connections: set[_Driver] = set()
         self.topology = Topology(node.broker.catalog)
+        self.owners: dict[str, Bridge] = {}  # exclusive queues and their connections
         self.accepted = 0
         self.refused_over_limit = 0
         self._open = 0
@@ -174,7 +175,8 @@ class AmqpServer:
                 s = trio.SSLStream(stream, self.settings.tls, server_side=True)
             conn = AmqpConnection(self.logins.checker(loopback), tuning=self.tuning,
                                   server_properties=_server_properties())
-            driver = _Driver(s, self.node, conn, self.settings.max_unconfirmed, self.topology)
+            driver = _Driver(s, self.node, conn, self.settings.max_unconfirmed, self.topology,
+                             self.owners)
             self.connections.add(driver)
             try:
                 await driver.serve()
@@ -204,7 +206,8 @@ def _server_properties() -> dict[str, Any]:
 
 class _Driver:
     def __init__(self, stream: trio.abc.Stream, node: Node, conn: AmqpConnection,
-                 max_unconfirmed: int, topology: Topology) -> None:
+                 max_unconfirmed: int, topology: Topology,
+                 owners: dict[str, Bridge]) -> None:
         self.stream = stream
         self.node = node
         self.conn = conn
@@ -213,7 +216,7 @@ class _Driver:
         self._out_ready = trio.Event()
         self._room = trio.Event()
         self._pending = bytearray()  # taken from conn, not yet written
-        self.bridge = Bridge(node, conn, self._spawn, self._kick, topology)
+        self.bridge = Bridge(node, conn, self._spawn, self._kick, topology, owners)
         self._started = trio.current_time()
         self._closing = False
         self._written = trio.Event()  # set by the writer once closing and all is sent
