@@ -52,6 +52,10 @@ class QueueOptions:
     max_length: int | None = None
     ordering: str = "fair"
     expires: float | None = None  # deleted once unused this long (AMQP's x-expires)
+    # Dead letters through an AMQP exchange (when no dead_letter_queue): its name, and
+    # the routing key (None: the message's own).
+    dead_letter_exchange: str | None = None
+    dead_letter_routing_key: str | None = None
 
     @classmethod
     def from_dict(cls, opts: dict[str, Any]) -> QueueOptions:
@@ -74,6 +78,12 @@ class QueueOptions:
         dlq = merged["dead_letter_queue"]
         if dlq is not None and (not isinstance(dlq, str) or not dlq):
             raise BadRequest("option 'dead_letter_queue' must be a queue name")
+        for key in ("dead_letter_exchange", "dead_letter_routing_key"):
+            if merged[key] is not None and not isinstance(merged[key], str):
+                raise BadRequest(f"option {key!r} must be a string")
+        if dlq is not None and merged["dead_letter_exchange"] is not None:
+            raise BadRequest("options 'dead_letter_queue' and 'dead_letter_exchange' "
+                             "exclude each other")
         if merged["ordering"] not in ORDERINGS:
             raise BadRequest(f"option 'ordering' must be one of {', '.join(ORDERINGS)}")
         for key in ("message_ttl", "visibility_timeout", "expires"):

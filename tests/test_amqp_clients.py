@@ -590,3 +590,32 @@ def test_an_exclusive_queue_is_locked_to_its_connection(
             break
         except pika.exceptions.ChannelClosedByBroker:
             assert time.monotonic() < deadline, "still locked after its connection closed"
+
+
+def test_dead_lettering_through_an_exchange(amqp: pika.BlockingConnection) -> None:
+    ch = amqp.channel()
+    ch.exchange_declare("dlx", "topic")
+    ch.queue_declare("dl.all")
+    ch.queue_declare("dl.orders")
+    ch.queue_bind("dl.all", "dlx", "#")
+    ch.queue_bind("dl.orders", "dlx", "orders.*")
+    ch.queue_declare("work.a", arguments={"x-dead-letter-exchange": "dlx"})  # own key
+    ch.queue_declare("work.b", arguments={"x-dead-letter-exchange": "dlx",
+                                          "x-dead-letter-routing-key": "orders.late",
+                                          "x-message-ttl": 50})
+    ch.exchange_declare("in", "direct")
+    ch.queue_bind("work.a", "in", "jobs.x")
+    ch.confirm_delivery()
+    ch.basic_publish("in", "jobs.x", b"rejected")
+    ch.basic_publish("", "work.b", b"expired")
+    [(m, _, _)] = drain(ch, "work.a", 1, ack=False)
+    ch.basic_reject(m.delivery_tag, requeue=False)
+    got_all = drain(ch, "dl.all", 2)
+    [(m2, p2, b2)] = drain(ch, "dl.orders", 1)
+    assert sorted(b for _, _, b in got_all) == [b"expired", b"rejected"]
+    assert (b2, m2.exchange, m2.routing_key) == (b"expired", "dlx", "orders.late")
+    [death] = p2.headers["x-death"]
+    assert (death["reason"], death["queue"], death["exchange"]) == ("expired", "work.b", "")
+    rejected = next((m, p) for m, p, b in got_all if b == b"rejected")
+    assert (rejected[0].exchange, rejected[0].routing_key) == ("dlx", "jobs.x")
+    assert rejected[1].headers["x-death"][0]["exchange"] == "in"

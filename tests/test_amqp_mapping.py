@@ -72,7 +72,7 @@ def test_queue_arguments() -> None:
         "message_ttl": 2.5, "max_length": 10, "max_deliveries": 3,
         "dead_letter_queue": "dlq", "expires": 60.0}
     for bad in ({"x-message-ttl": "10"}, {"x-max-length": -1}, {"x-queue-type": "stream"},
-                {"x-dead-letter-exchange": "dlx"}, {"x-dead-letter-routing-key": "q"},
+                {"x-dead-letter-exchange": 5}, {"x-dead-letter-routing-key": "q"},
                 {"x-overflow": "reject-publish"}, {"x-expires": 0}):
         with pytest.raises(ArgumentError) as err:
             queue_options(bad)
@@ -84,3 +84,12 @@ def test_queue_arguments() -> None:
 def test_malformed_properties_are_refused(raw: bytes) -> None:
     with pytest.raises((ValueError, IndexError)):
         scan_properties(raw)
+
+
+def test_dead_letter_arguments() -> None:
+    assert queue_options({"x-dead-letter-exchange": "dlx"}) == {"dead_letter_exchange": "dlx"}
+    assert queue_options({"x-dead-letter-exchange": "dlx",
+                          "x-dead-letter-routing-key": "k"}) == {
+        "dead_letter_exchange": "dlx", "dead_letter_routing_key": "k"}
+    assert queue_options({"x-dead-letter-exchange": "", "x-dead-letter-routing-key": "q"}
+                         ) == {"dead_letter_queue": "q"}  # one queue: meshq's own DLQ

@@ -294,7 +294,8 @@ requests = st.fixed_dictionaries(
         "options": st.fixed_dictionaries({}, optional={
             k: values for k in ("replicas", "message_ttl", "visibility_timeout",
                                 "max_deliveries", "dead_letter_queue", "max_length",
-                                "ordering", "expires")}) | values,
+                                "ordering", "expires", "dead_letter_exchange",
+                                "dead_letter_routing_key")}) | values,
         "max": values, "wait": st.floats(0, 0.05) | values, "prefetch": values,
         "delay": values, "requeue": values, "timeout": values, "consumer": values,
         "passive": values, "auto_ack": values, "visibility_timeout": values,

@@ -68,7 +68,8 @@ def test_declare_sets_options_and_mismatch_is_precondition_failed(daemon):
     assert s["options"] == {"replicas": 2, "write_quorum": None, "message_ttl": 60.0,
                             "visibility_timeout": 5.0,
                             "max_deliveries": 3, "dead_letter_queue": "dlq",
-                            "max_length": 10, "ordering": "fifo", "expires": 3600.0}
+                            "max_length": 10, "ordering": "fifo", "expires": 3600.0,
+                            "dead_letter_exchange": None, "dead_letter_routing_key": None}
     ok(cli(daemon, "declare", "jobs", "--ttl", "60", "--visibility-timeout", "5",
            "--max-deliveries", "3", "--dead-letter-queue", "dlq", "--max-length", "10",
            "--ordering", "fifo", "--replicas", "2", "--expires", "3600"))  # idempotent

@@ -16,7 +16,8 @@ from meshq.model import QueueOptions
 
 DEFAULTS = {"replicas": 3, "write_quorum": None, "message_ttl": None, "visibility_timeout": 30.0,
             "max_deliveries": None, "dead_letter_queue": None, "max_length": None,
-            "ordering": "fair", "expires": None}
+            "ordering": "fair", "expires": None, "dead_letter_exchange": None,
+            "dead_letter_routing_key": None}
 
 GOOD: list[tuple[dict[str, Any], dict[str, Any]]] = [
     ({}, {}),
@@ -63,6 +64,8 @@ BAD: list[tuple[str, Any]] = [
     ("max_deliveries", 2.0),
     ("max_deliveries", "2"),
     ("max_deliveries", False),
+    ("dead_letter_exchange", 5),
+    ("dead_letter_routing_key", ["k"]),
     ("expires", 0),
     ("expires", "60"),
     ("expires", math.nan),
@@ -100,7 +103,7 @@ def test_every_option_at_once() -> None:
     given = {"replicas": 2, "write_quorum": 2, "message_ttl": 5, "visibility_timeout": 7,
              "max_deliveries": 3,
              "dead_letter_queue": "dead", "max_length": 100, "ordering": "fifo",
-             "expires": 60}
+             "expires": 60, "dead_letter_exchange": None, "dead_letter_routing_key": None}
     assert QueueOptions.from_dict(given).to_dict() == {
         **given, "message_ttl": 5.0, "visibility_timeout": 7.0, "expires": 60.0}
 
@@ -147,3 +150,10 @@ def test_diff() -> None:
     assert other.diff(base) == base.diff(other)
     # Only what was asked matters once defaults are filled in.
     assert QueueOptions.from_dict({"visibility_timeout": 30}).diff(QueueOptions()) == []
+
+
+def test_a_dead_letter_queue_and_exchange_exclude_each_other() -> None:
+    assert QueueOptions.from_dict({"dead_letter_exchange": "dlx",
+                                   "dead_letter_routing_key": "k"}).dead_letter_exchange == "dlx"
+    with pytest.raises(BadRequest, match="exclude each other"):
+        QueueOptions.from_dict({"dead_letter_queue": "q", "dead_letter_exchange": "dlx"})

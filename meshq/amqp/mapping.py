@@ -110,6 +110,8 @@ def from_meshq(d: dict[str, Any]) -> tuple[str, str, bytes]:
     death = headers.get("x-death")
     if isinstance(death, dict):
         extra.update(_x_death(death, exchange, routing_key))
+        if isinstance(death.get("exchange"), str):  # through a dead-letter exchange
+            exchange, routing_key = death["exchange"], str(death.get("routing_key", ""))
     count = d.get("delivery_count", 1)
     if isinstance(count, int) and count > 1:
         extra["x-delivery-count"] = count - 1
@@ -239,16 +241,19 @@ def queue_options(arguments: dict[str, Any] | None) -> dict[str, Any]:
         out["max_deliveries"] = limit + 1  # RabbitMQ counts returns, meshq deliveries
     dlx = args.get("x-dead-letter-exchange")
     dlrk = args.get("x-dead-letter-routing-key")
+    if dlrk is not None and not isinstance(dlrk, str):
+        raise ArgumentError(PRECONDITION_FAILED, f"PRECONDITION_FAILED - invalid arg "
+                            f"'x-dead-letter-routing-key' for queue: {dlrk!r}")
     if dlx is not None:
-        if dlx != "":
-            raise ArgumentError(PRECONDITION_FAILED, "PRECONDITION_FAILED - "
-                                "x-dead-letter-exchange other than the default exchange "
-                                "('') is not supported yet")
-        if not isinstance(dlrk, str) or not dlrk:
-            raise ArgumentError(PRECONDITION_FAILED, "PRECONDITION_FAILED - "
-                                "x-dead-letter-exchange '' needs x-dead-letter-routing-key "
-                                "(the dead-letter queue's name)")
-        out["dead_letter_queue"] = dlrk
+        if not isinstance(dlx, str):
+            raise ArgumentError(PRECONDITION_FAILED, f"PRECONDITION_FAILED - invalid arg "
+                                f"'x-dead-letter-exchange' for queue: {dlx!r}")
+        if dlx == "" and dlrk:  # the default exchange to one queue: meshq's own DLQ
+            out["dead_letter_queue"] = dlrk
+        else:
+            out["dead_letter_exchange"] = dlx
+            if dlrk is not None:
+                out["dead_letter_routing_key"] = dlrk
     elif dlrk is not None:
         raise ArgumentError(PRECONDITION_FAILED, "PRECONDITION_FAILED - "
                             "x-dead-letter-routing-key without x-dead-letter-exchange")

@@ -108,9 +108,15 @@ class AmqpServer:
         self.connections: set[_Driver] = set()
         self.topology = Topology(node.broker.catalog)
         self.owners: dict[str, Bridge] = {}  # exclusive queues and their connections
+        node.broker.route_dead_letter = self._route_dead_letter
         self.accepted = 0
         self.refused_over_limit = 0
         self._open = 0
+
+    def _route_dead_letter(self, exchange: str, routing_key: str,
+                           headers: dict[str, Any]) -> list[str]:
+        x = self.topology.exchange(exchange)
+        return [] if x is None else self.topology.route(x, routing_key, headers)
 
     async def bind(self) -> None:
         """Listen; StartupError (one line, naming the setting) when that fails."""

@@ -142,6 +142,9 @@ class Broker:
         # sets it from the node's name and boot id).
         self.holder = holder or f"{node_id}/{self.rng.getrandbits(32):08x}"
         self.catalog = Catalog()
+        # (exchange, routing key, headers) -> queue names, for dead-letter exchanges; set
+        # by the AMQP layer (meshq.amqp.server), which owns exchanges
+        self.route_dead_letter: Callable[[str, str, dict[str, Any]], list[str]] | None = None
         self.queues: dict[str, Queue] = {}  # live queues (their one partition, index 0)
         self._seq = 1
         self._timers: list[tuple[float, int, int, Message]] = []
@@ -456,27 +459,50 @@ class Broker:
         self._progress(q, msg)
 
     def _dead_letter(self, q: Queue, msg: Message, reason: str, now: float) -> None:
-        """Move a message to the queue's DLQ, or drop it (counted) when there is none."""
+        """Move a message to the queue's DLQ (or the queues its dead-letter exchange routes
+        it to: a copy each, the first keeping its id), or drop it (counted) when there is
+        none."""
         self._detach(msg)
-        dlq = self.queues.get(q.options.dead_letter_queue or "")
-        q.move(msg, Event.DEAD_LETTER if dlq is not None else Event.DROP)
+        death = {"queue": q.name, "reason": reason, "delivery_count": msg.delivery_count,
+                 "time": now}
+        dlqs = self._dead_letter_queues(q, msg, death)
+        q.move(msg, Event.DEAD_LETTER if dlqs else Event.DROP)
         q.remove(msg)
         self._count(q, dead_lettered=1, expired=1 if reason == "expired" else 0,
-                    dropped=1 if dlq is None else 0)
+                    dropped=0 if dlqs else 1)
         self._delete(q, msg, now)
-        if dlq is not None:
+        for i, dlq in enumerate(dlqs):
             self._ensure_created(dlq)
             headers = dict(msg.headers)
-            headers["x-death"] = {"queue": q.name, "reason": reason,
-                                  "delivery_count": msg.delivery_count, "time": now}
-            moved = Message(self._next_seq(), msg.id, dlq.name, msg.body, headers,
-                            self._stamp(now), self.node_id, index=dlq.index, inc=dlq.inc,
-                            epoch=dlq.epoch, vn=1)
+            headers["x-death"] = death
+            hlc = self._stamp(now)
+            moved = Message(self._next_seq(), msg.id if i == 0 else f"{hlc:016x}-{self.node_id}",
+                            dlq.name, msg.body, headers, hlc, self.node_id, index=dlq.index,
+                            inc=dlq.inc, epoch=dlq.epoch, vn=1)
             if dlq.options.message_ttl is not None:
                 moved.expires_at = now + dlq.options.message_ttl
             batch = self._put(dlq, moved)
             self.in_flight[moved.id] = moved
             batch.add_callback(functools.partial(self._committed, dlq, [moved], batch))
+
+    def _dead_letter_queues(self, q: Queue, msg: Message, death: dict[str, Any]
+                            ) -> list[Queue]:
+        """Where a dead letter of ``q`` goes: its ``dead_letter_queue``, or what its
+        ``dead_letter_exchange`` routes it to (``route_dead_letter``, set by the AMQP
+        layer; ``q`` itself excluded), with that exchange and key noted in ``death``."""
+        o = q.options
+        if o.dead_letter_queue is not None:
+            dlq = self.queues.get(o.dead_letter_queue)
+            return [dlq] if dlq is not None else []
+        if o.dead_letter_exchange is None or self.route_dead_letter is None:
+            return []
+        key = o.dead_letter_routing_key
+        if key is None:  # the message's own routing key, as RabbitMQ
+            kept = msg.headers.get("x-amqp")
+            key = str(kept[1]) if isinstance(kept, list) and len(kept) == 3 else q.name
+        death["exchange"], death["routing_key"] = o.dead_letter_exchange, key
+        names = self.route_dead_letter(o.dead_letter_exchange, key, msg.headers)
+        return [self.queues[n] for n in names if n != q.name and n in self.queues]
 
     def _next_seq(self) -> int:
         seq = self._seq
