@@ -14,6 +14,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pika
 import pika.exceptions
@@ -474,40 +475,78 @@ def test_a_publish_routed_to_several_queues_is_confirmed_once_all_have_it(
     assert counts(ch, *names) == [10] * 5
 
 
+class RawClient:
+    """An AMQP client written frame by frame (pamqp), logged in and open, with channel 1
+    open: for what the usual clients cannot send (pipelined synchronous methods)."""
+
+    def __init__(self, d: DaemonProcess, heartbeat: int = 0) -> None:
+        assert d.amqp is not None
+        host, port = d.amqp.rsplit(":", 1)
+        self.sock = socket.create_connection((host, int(port)), timeout=20)
+        self.reader = FrameReader(1 << 20)
+        self.reader.header_ok = True
+        self.got: list[tuple[int, object]] = []
+        self.sock.sendall(PROTOCOL_HEADER)
+        self.until(spec.Connection.Start)
+        self.send(0, spec.Connection.StartOk({}, "PLAIN", "\0guest\0guest"))
+        self.tune = self.until(spec.Connection.Tune)
+        self.send(0, spec.Connection.TuneOk(2047, 131072, heartbeat), spec.Connection.Open("/"))
+        self.until(spec.Connection.OpenOk)
+        self.send(1, spec.Channel.Open())
+        self.until(spec.Channel.OpenOk)
+
+    def send(self, channel: int, *methods: object) -> None:
+        self.sock.sendall(b"".join(pframe.marshal(m, channel) for m in methods))
+
+    def until(self, kind: type, count: int = 1) -> Any:
+        """Read until ``count`` frames of ``kind`` came; the last of them."""
+        while sum(isinstance(v, kind) for _, v in self.got) < count:
+            data = self.sock.recv(65536)
+            assert data, f"closed before {kind.__name__}: {self.got[-3:]}"
+            self.reader.feed(data)
+            self.got.extend((r.channel, r.value) for r in self.reader.frames())
+        return [v for _, v in self.got if isinstance(v, kind)][-1]
+
+    def __enter__(self) -> RawClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.sock.close()
+
+
+def test_pipelined_synchronous_methods_are_answered_in_order(
+        shared_daemon: DaemonProcess) -> None:
+    """Frames behind a synchronous method wait for its answer, and run in order after
+    it: hundreds answered at once (no recursion), a nowait delete with if_unused (the
+    channel goes on)."""
+    with RawClient(shared_daemon) as raw:
+        raw.send(1, spec.Queue.Declare(queue="pipe.q"),
+                 *[spec.Exchange.Declare(exchange="amq.direct", passive=True)] * 400,
+                 spec.Queue.Delete(queue="pipe.q", if_unused=True, nowait=True),
+                 spec.Queue.Declare(queue="pipe.q2"))
+        raw.until(spec.Exchange.DeclareOk, 400)
+        last = raw.until(spec.Queue.DeclareOk, 2)
+        assert last.queue == "pipe.q2"
+        kinds = [type(v) for c, v in raw.got
+                 if c == 1 and not isinstance(v, spec.Channel.OpenOk)]
+        assert kinds == [spec.Queue.DeclareOk] + [spec.Exchange.DeclareOk] * 400 + [
+            spec.Queue.DeclareOk]
+    with shared_daemon.client() as c:
+        assert "pipe.q" not in {s["name"] for s in c.stats()}
+
+
 def test_heartbeats_and_the_connection_limit(tmp_path: Path) -> None:
     """A client silent for two heartbeat intervals is dropped (after the server's own
     heartbeats); past amqp_max_connections a connection is closed at once."""
     config = tmp_path / "meshq.toml"
     config.write_text("amqp_heartbeat = 1\namqp_max_connections = 1\n")
     with DaemonProcess(tmp_path / "data", args=["--config", str(config)]).start() as d:
-        assert d.amqp is not None
-        host, port = d.amqp.rsplit(":", 1)
-        with socket.create_connection((host, int(port)), timeout=20) as s:
-            s.sendall(PROTOCOL_HEADER)
-            reader = FrameReader(1 << 20)
-            reader.header_ok = True
-            got: list[object] = []
-
-            def until(kind: type) -> None:
-                while not any(isinstance(v, kind) for v in got):
-                    data = s.recv(65536)
-                    assert data, f"closed before {kind.__name__}"
-                    reader.feed(data)
-                    got.extend(r.value for r in reader.frames())
-
-            until(spec.Connection.Start)
-            s.sendall(pframe.marshal(spec.Connection.StartOk(
-                {}, "PLAIN", "\0guest\0guest"), 0))
-            until(spec.Connection.Tune)
-            tune = next(v for v in got if isinstance(v, spec.Connection.Tune))
-            assert tune.heartbeat == 1
-            s.sendall(pframe.marshal(spec.Connection.TuneOk(2047, 131072, 1), 0)
-                      + pframe.marshal(spec.Connection.Open("/"), 0))
-            until(spec.Connection.OpenOk)
+        with RawClient(d, heartbeat=1) as raw:
+            assert raw.tune.heartbeat == 1
             with pytest.raises(pika.exceptions.AMQPConnectionError):
                 pika.BlockingConnection(params(d))  # the second: over the limit
-            until(pheartbeat.Heartbeat)  # the server's; ours never come
-            while s.recv(65536):  # then it hangs up on us
+            raw.until(pheartbeat.Heartbeat)  # the server's; ours never come
+            while raw.sock.recv(65536):  # then it hangs up on us
                 pass
         conn = pika.BlockingConnection(params(d))  # room again
         conn.close()

@@ -256,3 +256,32 @@ def test_the_direct_confirm_frame_is_what_pamqp_writes() -> None:
     from meshq.amqp.frames import basic_ack
     assert basic_ack(3, 12345, True) == f(spec.Basic.Ack(12345, True), 3)
     assert basic_ack(1, 1, False) == f(spec.Basic.Ack(1, False), 1)
+
+
+def test_a_body_announced_over_the_limit_closes_its_channel_before_any_is_kept() -> None:
+    conn = opened(max_body=1000)
+    conn.receive_data(f(spec.Channel.Open(), 1))
+    conn.data_to_send()
+    events = conn.receive_data(f(spec.Basic.Publish(exchange="", routing_key="q"), 1)
+                               + f(pheader.ContentHeader(0, 1 << 40,
+                                                         spec.Basic.Properties()), 1)
+                               + f(pbody.ContentBody(b"x" * 100), 1))
+    assert events == []
+    [(channel, close)] = server_frames(conn)
+    assert channel == 1 and isinstance(close, spec.Channel.Close) and close.reply_code == 406
+    assert conn.state is State.OPEN and conn._publishing == {}
+
+
+def test_a_login_decided_later_waits_then_tunes_or_refuses() -> None:
+    for ok in (True, False):
+        conn = AmqpConnection(lambda user, password: None)
+        conn.receive_data(HANDSHAKE[:len(PROTOCOL_HEADER)] + f(spec.Connection.StartOk(
+            {"product": "test"}, "PLAIN", "\0app\0secret")))
+        conn.data_to_send()
+        assert conn.state is State.AWAIT_LOGIN and conn.pending_login == ("app", "secret")
+        conn.finish_login("app", ok)
+        [(_, reply)] = server_frames(conn)
+        if ok:
+            assert isinstance(reply, spec.Connection.Tune) and conn.user == "app"
+        else:
+            assert isinstance(reply, spec.Connection.Close) and reply.reply_code == 403

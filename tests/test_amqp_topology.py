@@ -22,6 +22,7 @@ from meshq.cluster.lattice import Catalog, CatalogEntry, join_catalog
     ("a.#", "a", True), ("a.#", "a.b.c", True), ("#", "", True), ("#", "x.y", True),
     ("*", "x.y", False), ("#.c", "a.b.c", True), ("a.#.c", "a.c", True),
     ("a.#.c", "a.b.d", False), ("*.*", "a", False), ("a.b", "a.b.c", False),
+    ("*", "", False), ("", "", True), ("", "a", False), ("#.#", "", True),
 ])
 def test_topic_match(pattern: str, key: str, hit: bool) -> None:
     assert topic_match(pattern, key) is hit

@@ -635,3 +635,19 @@ async def test_a_queue_unused_past_its_expires_is_deleted(env: Env,
     assert "busy" in env.broker.queues
     await trio.sleep(1.5)
     assert set(env.broker.queues) == {"kept"}
+
+
+async def test_a_dead_letter_cycle_loses_nothing(env: Env, autojump_clock: MockClock) -> None:
+    """A -> (nack) -> B, B's TTL -> back to A (RabbitMQ's retry-with-delay): the message
+    comes back to A, under a new id (its old one is a tombstone there)."""
+    await env.declare("a", dead_letter_queue="b")
+    await env.declare("b", message_ttl=5.0, dead_letter_queue="a")
+    [mid] = await env.send("job", queue="a")
+    conn = Conn(env)
+    [m] = await conn.receive("a")
+    await conn.nack([m.id], queue="a", requeue=False)
+    assert env.counts("b") == (1, 0, 0)
+    await trio.sleep(6)
+    [back] = await conn.receive("a")
+    assert back.body == b"job" and back.id != mid
+    assert back.headers["x-death"]["queue"] == "b"

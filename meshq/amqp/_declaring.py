@@ -166,12 +166,3 @@ class Declaring:
                 if (o.queue, o.routing_key) != (b.queue, b.routing_key)] == []:
             writes.append(lambda: self.broker.drop_entry(entry_of(b.exchange)))
         self._durably(ch, m, writes, spec.Queue.UnbindOk(), False)
-
-    def _forget_bindings(self, queue: str) -> None:
-        """After a queue's deletion: its bindings' entries go too (they route nothing
-        already: the queue's incarnation is gone)."""
-        for b in self.topology.bindings_to(queue):
-            try:
-                self._unbinder(b)()
-            except MeshqError:
-                pass

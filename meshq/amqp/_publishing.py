@@ -23,6 +23,7 @@ from meshq.amqp.mapping import (
     NOT_FOUND,
     PRECONDITION_FAILED,
     ArgumentError,
+    check_expiration,
     to_meshq,
 )
 from meshq.amqp.topology import Topology
@@ -42,6 +43,12 @@ Callback = Callable[[dict[str, Any] | None, MeshqError | None], None]
 Groups = dict[str, tuple[list[dict[str, Any]], list[int]]]
 
 
+class _Immediate(Exception):
+    def __init__(self, method: Any) -> None:
+        super().__init__("immediate")
+        self.method = method
+
+
 class Publishing:
     if TYPE_CHECKING:  # the Bridge provides these
         broker: Broker
@@ -54,30 +61,46 @@ class Publishing:
         def _answered(self, ch: Channel) -> None: ...
         def _connection_error(self, code: int, text: str, method: Any = None) -> None: ...
         def _settle(self, ch: Channel, m: Any) -> None: ...
+        def _channel_error(self, ch: Channel, code: int, text: str,
+                           method: Any = None) -> None: ...
 
     def _publish(self, ch: Channel, evs: list[Published]) -> None:
-        limit = self.broker.limits.max_message_bytes
-        for ev in evs:
-            m = ev.method
-            if m.immediate:
-                self._connection_error(NOT_IMPLEMENTED, "NOT_IMPLEMENTED - immediate=true", m)
-                return
-            if len(ev.body) > limit:
-                raise ArgumentError(PRECONDITION_FAILED, f"PRECONDITION_FAILED - message "
-                                    f"size {len(ev.body)} is larger than configured max "
-                                    f"size {limit}")
-            x = self.topology.exchange(m.exchange)
-            if x is None:
-                raise ArgumentError(NOT_FOUND, f"NOT_FOUND - no exchange {m.exchange!r} in "
-                                    "vhost '/'")
-            if x.internal:
-                raise ArgumentError(ACCESS_REFUSED, f"ACCESS_REFUSED - cannot publish to "
-                                    f"internal exchange {m.exchange!r} in vhost '/'")
+        """Publishes in a row; those before a bad one are sent, then its error raised."""
+        bad: Exception | None = None
+        for i, ev in enumerate(evs):
+            try:
+                self._check_publish(ev)
+            except (ArgumentError, _Immediate) as exc:
+                bad, evs = exc, evs[:i]
+                break
         if ch.tx:
             ch.tx_held.extend(evs)
-            return
-        for queue, (msgs, seqs) in self._route(ch, evs).items():
-            self._send(ch, queue, msgs, seqs)
+        else:
+            for queue, (msgs, seqs) in self._route(ch, evs).items():
+                self._send(ch, queue, msgs, seqs)
+        if isinstance(bad, _Immediate):
+            self._connection_error(NOT_IMPLEMENTED, "NOT_IMPLEMENTED - immediate=true",
+                                   bad.method)
+        elif bad is not None:
+            raise bad
+
+    def _check_publish(self, ev: Published) -> None:
+        m = ev.method
+        if m.immediate:
+            raise _Immediate(m)
+        limit = self.broker.limits.max_message_bytes
+        if len(ev.body) > limit:
+            raise ArgumentError(PRECONDITION_FAILED, f"PRECONDITION_FAILED - message size "
+                                f"{len(ev.body)} is larger than configured max size {limit}")
+        x = self.topology.exchange(m.exchange)
+        if x is None:
+            raise ArgumentError(NOT_FOUND, f"NOT_FOUND - no exchange {m.exchange!r} in "
+                                "vhost '/'")
+        if x.internal:
+            raise ArgumentError(ACCESS_REFUSED, f"ACCESS_REFUSED - cannot publish to "
+                                f"internal exchange {m.exchange!r} in vhost '/'")
+        if ev.expiration is not None:
+            check_expiration(ev.expiration)
 
     def _route(self, ch: Channel, evs: list[Published]) -> Groups:
         """The messages (and confirm numbers) for each queue; unroutable ones returned
@@ -172,13 +195,20 @@ class Publishing:
         if not groups:
             self._reply(ch, spec.Tx.CommitOk())
             return
-        left = [len(groups)]
+        left, failed = [len(groups)], [False]
 
         def one_done(success: bool) -> None:
             left[0] -= 1
-            if left[0] == 0 and not ch.closed:
-                self._reply(ch, spec.Tx.CommitOk())
-                self._answered(ch)
+            failed[0] = failed[0] or not success
+            if left[0] > 0 or ch.closed:
+                return
+            if failed[0]:  # (RabbitMQ's tx has no partial outcome to report either)
+                self._channel_error(ch, PRECONDITION_FAILED, "PRECONDITION_FAILED - "
+                                    "UNAVAILABLE: a publish of the transaction could not be "
+                                    "written; what the others wrote stays", m)
+                return
+            self._reply(ch, spec.Tx.CommitOk())
+            self._answered(ch)
 
         ch.busy = True
         for queue, (msgs, _) in groups.items():

@@ -66,26 +66,38 @@ class Logins:
         self._ok: dict[bytes, None] = {}
         self.refused = 0
 
-    def checker(self, loopback: bool) -> Callable[[str, str], bool]:
-        """The login check for a connection from loopback (or not)."""
-        def check(user: str, password: str) -> bool:
-            ok = self._check(user, password, loopback)
-            self.refused += not ok
+    def checker(self, loopback: bool) -> Callable[[str, str], bool | None]:
+        """The login check for a connection from loopback (or not): True or False when
+        it is quick to say, None when a key derivation must decide (``verify``, off the
+        event loop)."""
+        def check(user: str, password: str) -> bool | None:
+            ok = self._quick(user, password, loopback)
+            self.refused += ok is False
             return ok
         return check
 
-    def _check(self, user: str, password: str, loopback: bool) -> bool:
+    def _quick(self, user: str, password: str, loopback: bool) -> bool | None:
         stored = self.users.get(user)
         if stored is None:
             return user == "guest" and password == "guest" and loopback
         if user == "guest" and not loopback:
             return False
-        key = hmac.digest(self._key, f"{user}\0{password}\0{stored}".encode(), "sha256")
-        if key in self._ok:
+        if self._key_of(user, password, stored) in self._ok:
             return True
-        if not verify_password(stored, password):
+        return None
+
+    def _key_of(self, user: str, password: str, stored: str) -> bytes:
+        return hmac.digest(self._key, f"{user}\0{password}\0{stored}".encode(), "sha256")
+
+    def verify(self, user: str, password: str) -> bool:
+        """The key derivation (blocking: run it in a thread); a success is remembered."""
+        stored = self.users.get(user)
+        ok = stored is not None and verify_password(stored, password)
+        if not ok:
+            self.refused += 1
             return False
+        assert stored is not None
         if len(self._ok) >= _REMEMBER:
             self._ok.pop(next(iter(self._ok)))
-        self._ok[key] = None
+        self._ok[self._key_of(user, password, stored)] = None
         return True

@@ -60,6 +60,7 @@ log = logging.getLogger("meshq.amqp")
 
 INTERNAL_ERROR = 541
 UNLIMITED_PREFETCH = 65535  # meshq's largest prefetch stands for AMQP's 0 (no limit)
+NO_ACK_PREFETCH = 1000  # a no_ack consumer's deliveries not yet written to its socket
 RENEW_AT = 1 / 3  # a lease is renewed when this share of it is left
 LATER = object()  # a synchronous method's answer comes from a later op
 
@@ -98,6 +99,7 @@ class Bridge(Publishing, Declaring):
         self._waiting: dict[int, Callback] = {}
         self._early: dict[str, list[list[dict[str, Any]]]] = {}  # pushes before consume-ok
         self._gone_tags: set[str] = set()  # meshq tags of consumers cancelled here
+        self._written_acks: dict[str, list[str]] = {}  # no_ack deliveries being written
         self.closed = False
 
     # -- Out (the ClientSession's answers and pushes) ---------------------------------------
@@ -238,8 +240,18 @@ class Bridge(Publishing, Declaring):
         acked.clear()
 
     def _answered(self, ch: Channel) -> None:
-        """A synchronous method's answer went out: the channel's held frames go on."""
+        """A synchronous method's answer went out: the channel's held frames go on (in a
+        loop, not by recursion: an answer given at once comes back here)."""
         ch.busy = False
+        if ch.draining:
+            return
+        ch.draining = True
+        try:
+            self._drain(ch)
+        finally:
+            ch.draining = False
+
+    def _drain(self, ch: Channel) -> None:
         while ch.held and not ch.busy and not ch.closed:
             evs: list[Any] = []
             while ch.held and (not evs or isinstance(ch.held[0], Published)):
@@ -271,13 +283,17 @@ class Bridge(Publishing, Declaring):
 
     def _sync(self, ch: Channel, op: str, req: dict[str, Any], method: Any,
               done: Callable[[dict[str, Any]], Any], *, nowait: bool = False,
-              on_error: Callable[[MeshqError], bool] | None = None) -> None:
+              on_error: Callable[[MeshqError], bool] | None = None,
+              undo: Callable[[dict[str, Any]], None] | None = None) -> None:
         """Run ``op``; ``done(result)`` returns the reply method (None: none). The channel
-        waits for it unless ``nowait``."""
+        waits for it unless ``nowait``. ``undo(result)``: what to take back when the answer
+        comes after the channel closed (a consumer, leases)."""
         ch.busy = not nowait
 
         def answered(result: dict[str, Any] | None, exc: MeshqError | None) -> None:
             if ch.closed:
+                if undo is not None and result is not None:
+                    undo(result)
                 return
             if exc is not None:
                 if on_error is None or not on_error(exc):
@@ -343,12 +359,14 @@ class Bridge(Publishing, Declaring):
         else:
             req["options"] = options
 
+        creating = "options" in req  # exclusive and auto-delete only for a queue made here
+
         def done(result: dict[str, Any]) -> Any:
             ch.last_queue = name
-            if m.exclusive:
+            if m.exclusive and creating:
                 self.exclusive.add(name)
                 self.owners.setdefault(name, self)
-            if m.auto_delete:
+            if m.auto_delete and creating:
                 self.auto_delete.add(name)
             return spec.Queue.DeclareOk(name, int(result.get("ready", 0)),
                                         int(result.get("consumers", 0)))
@@ -366,7 +384,6 @@ class Bridge(Publishing, Declaring):
             return False
 
         def ok(result: dict[str, Any]) -> Any:
-            self._forget_bindings(name)
             return spec.Queue.DeleteOk(int(result.get("deleted", 0)))
 
         def delete() -> None:
@@ -388,7 +405,7 @@ class Bridge(Publishing, Declaring):
                 raise ArgumentError(PRECONDITION_FAILED, f"PRECONDITION_FAILED - queue "
                                     f"{name!r} in vhost '/' is not empty")
             delete()
-            return LATER
+            return None if m.nowait else LATER  # (nowait: the channel goes on now)
 
         self._sync(ch, "stats", {"queue": name}, m, checked, on_error=deleted)
 
@@ -417,8 +434,8 @@ class Bridge(Publishing, Declaring):
             return
         c = Consumer(tag, name, m.no_ack)
         ch.consumers[tag] = c
-        prefetch = UNLIMITED_PREFETCH if m.no_ack or not ch.prefetch else min(
-            ch.prefetch, UNLIMITED_PREFETCH)
+        prefetch = NO_ACK_PREFETCH if m.no_ack else UNLIMITED_PREFETCH if not ch.prefetch \
+            else min(ch.prefetch, UNLIMITED_PREFETCH)
 
         def done(result: dict[str, Any]) -> Any:
             c.meshq_tag = str(result.get("consumer", ""))
@@ -435,8 +452,11 @@ class Bridge(Publishing, Declaring):
             ch.consumers.pop(tag, None)
             return False
 
+        def undo(result: dict[str, Any]) -> None:
+            self._cancel_meshq(str(result.get("consumer", "")))
+
         self._sync(ch, "consume", {"queue": name, "prefetch": prefetch}, m, done,
-                   on_error=failed)
+                   on_error=failed, undo=undo)
 
     def _cancel(self, ch: Channel, m: spec.Basic.Cancel) -> None:
         c = ch.consumers.pop(m.consumer_tag or "", None)
@@ -503,8 +523,14 @@ class Bridge(Publishing, Declaring):
                                                   else 30.0)))
             self.conn.send_delivery(ch.number, c.tag, tag, bool(d.get("redelivered")),
                                     exchange, routing_key, props, d["body"])
-        if auto:
-            self._op("ack", {"queue": c.queue, "ids": auto})
+        if auto:  # acked once written to the socket: a slow reader holds back the queue
+            self._written_acks.setdefault(c.queue, []).extend(auto)
+
+    def written(self) -> None:
+        """The driver wrote what was buffered: no_ack deliveries in it are acked now."""
+        acks, self._written_acks = self._written_acks, {}
+        for queue, receipts in acks.items():
+            self._op("ack", {"queue": queue, "ids": receipts})
 
     def _release(self, msgs: list[dict[str, Any]]) -> None:
         groups: dict[str, list[str]] = {}
@@ -534,7 +560,8 @@ class Bridge(Publishing, Declaring):
             return None
 
         self._sync(ch, "receive", {"queue": name, "max": 1, "wait": 0.0,
-                                   "auto_ack": bool(m.no_ack)}, m, done)
+                                   "auto_ack": bool(m.no_ack)}, m, done,
+                   undo=lambda r: self._release(r.get("messages") or []))
 
     def _settle(self, ch: Channel, m: spec.Basic.Ack | spec.Basic.Nack | spec.Basic.Reject
                 ) -> None:

@@ -90,6 +90,7 @@ class Channel:
     consumers: dict[str, Consumer] = field(default_factory=dict)
     last_queue: str = ""  # the queue last declared: "" in a later method means it
     busy: bool = False  # a synchronous method's answer is due: later frames wait
+    draining: bool = False  # held frames are being run (Bridge._answered)
     held: deque[Any] = field(default_factory=deque)
     closed: bool = False
 
@@ -106,7 +107,7 @@ class Channel:
         (406, as RabbitMQ: "unknown delivery tag")."""
         if multiple:
             tags = [t for t in self.unacked if tag == 0 or t <= tag]
-            if tag != 0 and not tags and tag >= self.next_tag:
+            if tag >= self.next_tag:  # never delivered on this channel
                 raise ArgumentError(PRECONDITION_FAILED,
                                     f"PRECONDITION_FAILED - unknown delivery tag {tag}")
             return [self.unacked.pop(t) for t in tags]

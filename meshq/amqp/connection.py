@@ -62,12 +62,14 @@ COMMAND_INVALID = 503
 CHANNEL_ERROR = 504
 UNEXPECTED_FRAME = 505
 REPLY_SUCCESS = 200
+PRECONDITION_FAILED = 406
 _BODY_HEAD = struct.Struct(">BHI")
 
 
 class State(enum.Enum):
     AWAIT_HEADER = "await_header"
     AWAIT_START_OK = "await_start_ok"
+    AWAIT_LOGIN = "await_login"  # check_login deferred: the driver calls finish_login
     AWAIT_TUNE_OK = "await_tune_ok"
     AWAIT_OPEN = "await_open"
     OPEN = "open"
@@ -151,13 +153,17 @@ class _Assembly:
 
 
 class AmqpConnection:
-    """``check_login(user, password) -> bool`` decides a login (PLAIN or AMQPLAIN);
-    ``server_properties`` go in Connection.Start."""
+    """``check_login(user, password)`` decides a login (PLAIN or AMQPLAIN): True, False,
+    or None to leave it to the driver (``pending_login``, then ``finish_login``);
+    ``server_properties`` go in Connection.Start; a publish whose content header announces
+    a body over ``max_body`` closes its channel (406) before any of the body is kept."""
 
-    def __init__(self, check_login: Callable[[str, str], bool], *,
+    def __init__(self, check_login: Callable[[str, str], bool | None], *,
                  tuning: Tuning = Tuning(), server_properties: dict[str, Any] | None = None,
-                 ) -> None:
+                 max_body: int | None = None) -> None:
         self.check_login = check_login
+        self.max_body = max_body
+        self.pending_login: tuple[str, str] | None = None  # (user, password) to decide
         self.offer = tuning
         self.server_properties = server_properties or {}
         self.state = State.AWAIT_HEADER
@@ -328,9 +334,21 @@ class AmqpConnection:
     def _login(self, m: spec.Connection.StartOk) -> None:
         self.client_properties = dict(m.client_properties or {})
         user, password = _credentials(m.mechanism, m.response)
-        if not self.check_login(user, password):
-            raise AmqpError(ACCESS_REFUSED, f"ACCESS_REFUSED - login refused for user "
-                            f"{user!r}", *_ids(m))
+        verdict = self.check_login(user, password)
+        if verdict is None:  # too costly to decide here (a key derivation): later
+            self.state = State.AWAIT_LOGIN
+            self.pending_login = (user, password)
+            return
+        self.finish_login(user, verdict)
+
+    def finish_login(self, user: str, ok: bool) -> None:
+        """The login's verdict (after ``pending_login``): tune, or close with 403."""
+        self.pending_login = None
+        if not ok:
+            self.state = State.AWAIT_START_OK  # (for close: the handshake had not ended)
+            self.close(ACCESS_REFUSED, f"ACCESS_REFUSED - login refused for user {user!r}",
+                       10, 11)
+            return
         self.user = user
         self.state = State.AWAIT_TUNE_OK
         self.send_method(0, spec.Connection.Tune(self.offer.channel_max, self.offer.frame_max,
@@ -393,6 +411,11 @@ class AmqpConnection:
         if isinstance(value, ContentHeader):
             if a.header is not None:
                 raise AmqpError(UNEXPECTED_FRAME, "a second content header")
+            if self.max_body is not None and value.body_size > self.max_body:
+                self.close_channel(channel, PRECONDITION_FAILED, f"PRECONDITION_FAILED - "
+                                   f"message size {value.body_size} is larger than "
+                                   f"configured max size {self.max_body}", 60, 40)
+                return
             a.header = value
         else:
             if a.header is None:

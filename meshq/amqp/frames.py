@@ -106,8 +106,11 @@ class FrameReader:
                     break
                 if buf[pos + total - 1] != FRAME_END:
                     raise AmqpError(FRAME_ERROR, "frame does not end with 0xCE")
-                out.append(Received(channel, _unmarshal(bytes(buf[pos:pos + total]), kind)))
-                pos += total
+                try:
+                    value = _unmarshal(bytes(buf[pos:pos + total]), kind)
+                finally:  # a frame that does not parse is skipped: the close-ok after it
+                    pos += total  # must be readable
+                out.append(Received(channel, value))
         finally:
             del buf[:pos]
         return out
@@ -127,7 +130,8 @@ def _unmarshal(data: bytes, kind: int) -> FrameValue:
                 return fast
         _, _, value = pframe.unmarshal(data)
     except (PAMQPException, ValueError, KeyError, IndexError, TypeError, struct.error,
-            UnicodeDecodeError, ArithmeticError, OSError) as exc:  # decimals, timestamps
+            UnicodeDecodeError, ArithmeticError, OSError,  # decimals, timestamps
+            RecursionError) as exc:  # tables nested past the interpreter's depth
         raise AmqpError(SYNTAX_ERROR, f"malformed frame: {_text(exc)}") from None
     if isinstance(value, pheader.ProtocolHeader):
         raise AmqpError(FRAME_ERROR, "a protocol header inside the connection")
@@ -153,9 +157,10 @@ _LAYOUT = (_SHORT, _SHORT, _TABLE, _OCTET, _OCTET, _SHORT, _SHORT, _SHORT, _SHOR
 _HEADERS_BIT, _EXPIRATION_BIT = 2, 7  # their places in _LAYOUT
 
 
-def scan_properties(raw: bytes) -> tuple[dict[str, Any] | None, str | None]:
-    """Check basic properties' layout; their headers table (decoded) and expiration.
-    ValueError (or IndexError, struct.error) when malformed."""
+def scan_properties(raw: bytes, *, decode: bool = True
+                    ) -> tuple[dict[str, Any] | None, str | None]:
+    """Check basic properties' layout; their headers table (decoded, unless not
+    ``decode``) and expiration. ValueError (or IndexError, struct.error) when malformed."""
     flags = int.from_bytes(raw[:2], "big")
     if len(raw) < 2 or flags & 0x3:
         raise ValueError("property flags with reserved or continuation bits set")
@@ -169,7 +174,8 @@ def scan_properties(raw: bytes) -> tuple[dict[str, Any] | None, str | None]:
                 expiration = raw[pos + 1:end].decode("utf-8")
         elif kind == _TABLE:
             end = pos + 4 + int.from_bytes(raw[pos:pos + 4], "big")
-            _, headers = pdecode.field_table(raw[pos:end])
+            if decode:
+                _, headers = pdecode.field_table(raw[pos:end])
         else:
             end = pos + (1 if kind == _OCTET else 8)
         if end > len(raw):
@@ -206,6 +212,8 @@ def _fast_method(data: bytes) -> PFrame | None:
     if cls != 60:
         return None
     if meth == 80:
+        if len(data) != body + 4 + _ACK.size + 1:
+            raise ValueError("basic.ack of the wrong length")
         tag, bits = _ACK.unpack_from(data, body + 4)
         return spec.Basic.Ack(tag, bool(bits & 1))
     if meth == 40:

@@ -19,6 +19,7 @@ from typing import Any
 
 from pamqp import commands as spec
 
+from meshq.amqp.frames import scan_properties
 from meshq.errors import (
     BadRequest,
     MeshqError,
@@ -36,6 +37,7 @@ __all__ = [
     "RESOURCE_LOCKED",
     "ArgumentError",
     "add_headers",
+    "check_expiration",
     "error_reply",
     "from_meshq",
     "queue_options",
@@ -81,11 +83,11 @@ def to_meshq(exchange: str, routing_key: str, queue: str, body: bytes,
             kept[key] = value
     msg["headers"] = kept
     if expiration is not None:
-        msg["ttl"] = _expiration(expiration)
+        msg["ttl"] = check_expiration(expiration)
     return msg
 
 
-def _expiration(text: Any) -> float:
+def check_expiration(text: Any) -> float:
     if isinstance(text, bytes):
         text = text.decode("latin-1")
     if not isinstance(text, str) or not text.isascii() or not text.isdigit():
@@ -119,9 +121,13 @@ def from_meshq(d: dict[str, Any]) -> tuple[str, str, bytes]:
 
 
 def _plausible(raw: bytes) -> bool:
-    """Properties AMQP wrote (checked when they were received); a socket client that
-    wrote something else under the reserved header gets its bytes dropped."""
-    return len(raw) >= 2 and not raw[1] & 0x3
+    """Properties laid out as AMQP writes them (AMQP's were checked on receipt); a socket
+    client that wrote something else under the reserved header gets its bytes dropped."""
+    try:
+        scan_properties(raw, decode=False)
+    except (ValueError, IndexError, UnicodeDecodeError):
+        return False
+    return True
 
 
 def _skip_short(raw: bytes, pos: int) -> int:

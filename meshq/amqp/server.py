@@ -25,7 +25,7 @@ from meshq import __version__
 from meshq.amqp.auth import Logins
 from meshq.amqp.bridge import Bridge
 from meshq.amqp.connection import AmqpConnection, ConnectionClosed, State, Tuning
-from meshq.amqp.topology import Topology
+from meshq.amqp.topology import Topology, binding_name
 from meshq.config import Config, parse_host_port
 from meshq.errors import StartupError
 from meshq.mesh.accept import serve_accepted
@@ -109,6 +109,7 @@ class AmqpServer:
         self.topology = Topology(node.broker.catalog)
         self.owners: dict[str, Bridge] = {}  # exclusive queues and their connections
         node.broker.route_dead_letter = self._route_dead_letter
+        node.broker.on_queue_deleted = self._drop_bindings
         self.accepted = 0
         self.refused_over_limit = 0
         self._open = 0
@@ -117,6 +118,14 @@ class AmqpServer:
                            headers: dict[str, Any]) -> list[str]:
         x = self.topology.exchange(exchange)
         return [] if x is None else self.topology.route(x, routing_key, headers)
+
+    def _drop_bindings(self, queue: str) -> None:
+        """A queue deleted here, whoever asked: its bindings go in the same batch (they
+        route nothing already; this keeps them from piling up, or coming back once the
+        queue's tombstone is pruned and the name declared again)."""
+        broker = self.node.broker
+        for b in self.topology.bindings_to(queue):
+            broker.drop_entry(binding_name(b.exchange, b.queue, b.routing_key, b.arguments))
 
     async def bind(self) -> None:
         """Listen; StartupError (one line, naming the setting) when that fails."""
@@ -180,9 +189,10 @@ class AmqpServer:
             if self.settings.tls is not None:
                 s = trio.SSLStream(stream, self.settings.tls, server_side=True)
             conn = AmqpConnection(self.logins.checker(loopback), tuning=self.tuning,
-                                  server_properties=_server_properties())
+                                  server_properties=_server_properties(),
+                                  max_body=self.node.broker.limits.max_message_bytes)
             driver = _Driver(s, self.node, conn, self.settings.max_unconfirmed, self.topology,
-                             self.owners)
+                             self.owners, self.logins)
             self.connections.add(driver)
             try:
                 await driver.serve()
@@ -213,7 +223,8 @@ def _server_properties() -> dict[str, Any]:
 class _Driver:
     def __init__(self, stream: trio.abc.Stream, node: Node, conn: AmqpConnection,
                  max_unconfirmed: int, topology: Topology,
-                 owners: dict[str, Bridge]) -> None:
+                 owners: dict[str, Bridge], logins: Logins) -> None:
+        self.logins = logins
         self.stream = stream
         self.node = node
         self.conn = conn
@@ -228,8 +239,12 @@ class _Driver:
         self._written = trio.Event()  # set by the writer once closing and all is sent
 
     def _spawn(self, fn: Any, *args: Any) -> None:
+        """A task of the connection's; once it is over (its close sends the last ops: lease
+        releases, exclusive queues' deletions), a task of the node's, so that they end."""
         if self._nursery is not None:
             self._nursery.start_soon(fn, *args)
+        else:
+            self.node.spawn(fn, *args)
 
     def _kick(self) -> None:
         self._out_ready.set()
@@ -253,7 +268,11 @@ class _Driver:
         except Exception:
             log.exception("AMQP connection failed")
         finally:
-            self.bridge.close()  # the stream is closed by its owner, AmqpServer._serve
+            self._nursery = None
+            try:
+                self.bridge.close()  # the stream is closed by its owner, AmqpServer._serve
+            except Exception:
+                log.exception("AMQP connection: closing failed")
 
     async def _reader(self) -> None:
         conn = self.conn
@@ -290,6 +309,10 @@ class _Driver:
             except Exception:
                 self.bridge._crashed()
                 events = []
+            if conn.pending_login is not None:
+                user, password = conn.pending_login
+                ok = await trio.to_thread.run_sync(self.logins.verify, user, password)
+                conn.finish_login(user, ok)
             self._kick()
             if conn.state is State.CLOSED or any(
                     isinstance(e, ConnectionClosed) for e in events):
@@ -304,6 +327,7 @@ class _Driver:
                 while self._pending:
                     data, self._pending = bytes(self._pending), bytearray()
                     await self.stream.send_all(data)
+                    self.bridge.written()
                     self._pending += self.conn.data_to_send()
                 if self.bridge.sends_in_flight < self.max_unconfirmed:
                     self._room.set()

@@ -97,7 +97,8 @@ def binding_name(exchange: str, queue: str, routing_key: str,
 
 def topic_match(pattern: str, key: str) -> bool:
     """AMQP topic matching: words split on '.', '*' one word, '#' zero or more."""
-    p, k = pattern.split("."), key.split(".")
+    p = pattern.split(".") if pattern else []  # "" is no words (as RabbitMQ reads it)
+    k = key.split(".") if key else []
     # reachable[j]: pattern words so far can match the first j key words
     reachable = [True] + [False] * len(k)
     for word in p:

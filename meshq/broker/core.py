@@ -145,6 +145,7 @@ class Broker:
         # (exchange, routing key, headers) -> queue names, for dead-letter exchanges; set
         # by the AMQP layer (meshq.amqp.server), which owns exchanges
         self.route_dead_letter: Callable[[str, str, dict[str, Any]], list[str]] | None = None
+        self.on_queue_deleted: Callable[[str], None] | None = None
         self.queues: dict[str, Queue] = {}  # live queues (their one partition, index 0)
         self._seq = 1
         self._timers: list[tuple[float, int, int, Message]] = []
@@ -476,7 +477,10 @@ class Broker:
             headers = dict(msg.headers)
             headers["x-death"] = death
             hlc = self._stamp(now)
-            moved = Message(self._next_seq(), msg.id if i == 0 else f"{hlc:016x}-{self.node_id}",
+            # It keeps its id, unless it has been in that queue before (a dead-letter cycle:
+            # the id is a tombstone there, which would absorb it) or is a second copy.
+            fresh = i > 0 or msg.id in dlq.tombs or msg.id in dlq.messages
+            moved = Message(self._next_seq(), f"{hlc:016x}-{self.node_id}" if fresh else msg.id,
                             dlq.name, msg.body, headers, hlc, self.node_id, index=dlq.index,
                             inc=dlq.inc, epoch=dlq.epoch, vn=1)
             if dlq.options.message_ttl is not None:
@@ -747,6 +751,8 @@ class Broker:
 
     def delete_queue(self, name: Any) -> Pending:
         q = self.queue(name)
+        if self.on_queue_deleted is not None:
+            self.on_queue_deleted(q.name)  # (the AMQP layer drops its bindings)
         now = self.clock.time()
         self.catalog[name] = join_catalog(self.catalog[name], Drop(name, q.inc, now))
         count = len(q.messages)
