@@ -122,7 +122,8 @@ class AmqpServer:
     def _drop_bindings(self, queue: str) -> None:
         """A queue deleted here, whoever asked: its bindings go in the same batch (they
         route nothing already; this keeps them from piling up, or coming back once the
-        queue's tombstone is pruned and the name declared again)."""
+        queue's tombstone is pruned and the name declared again). A queue deleted on a node
+        with AMQP off keeps its bindings until then: known, and left."""
         broker = self.node.broker
         for b in self.topology.bindings_to(queue):
             broker.drop_entry(binding_name(b.exchange, b.queue, b.routing_key, b.arguments))
