@@ -97,8 +97,10 @@ class Bridge(Publishing, Declaring):
         self.owners: dict[str, Bridge] = {} if owners is None else owners
         self._rids = itertools.count(1)
         self._waiting: dict[int, Callback] = {}
-        self._early: dict[str, list[list[dict[str, Any]]]] = {}  # pushes before consume-ok
-        self._gone_tags: set[str] = set()  # meshq tags of consumers cancelled here
+        # Deliveries for a meshq consumer not (or no longer) ours: held while a consume is
+        # being answered (they may be its own, before its consume-ok), else given back.
+        self._early: dict[str, list[list[dict[str, Any]]]] = {}
+        self._consumes_pending = 0
         self._written_acks: dict[str, list[str]] = {}  # no_ack deliveries being written
         self.closed = False
 
@@ -291,6 +293,13 @@ class Bridge(Publishing, Declaring):
         ch.busy = not nowait
 
         def answered(result: dict[str, Any] | None, exc: MeshqError | None) -> None:
+            try:
+                outcome(result, exc)
+            finally:
+                if op == "consume":
+                    self._consume_answered()
+
+        def outcome(result: dict[str, Any] | None, exc: MeshqError | None) -> None:
             if ch.closed:
                 if undo is not None and result is not None:
                     undo(result)
@@ -313,7 +322,17 @@ class Bridge(Publishing, Declaring):
             if not nowait:
                 self._answered(ch)
 
+        if op == "consume":
+            self._consumes_pending += 1
         self._op(op, req, answered)
+
+    def _consume_answered(self) -> None:
+        self._consumes_pending -= 1
+        if self._consumes_pending == 0 and self._early:  # nobody's: back to their queues
+            early, self._early = self._early, {}
+            for batches in early.values():
+                for msgs in batches:
+                    self._release(msgs)
 
     def _reply(self, ch: Channel, reply: Any) -> None:
         self.conn.send_method(ch.number, reply)
@@ -467,7 +486,6 @@ class Bridge(Publishing, Declaring):
             self._reply(ch, spec.Basic.CancelOk(m.consumer_tag))
 
     def _cancel_meshq(self, meshq_tag: str) -> None:
-        self._gone_tags.add(meshq_tag)
         self._op("cancel", {"consumer": meshq_tag})
 
     def _maybe_auto_delete(self, queue: str) -> None:
@@ -503,10 +521,10 @@ class Bridge(Publishing, Declaring):
             if c is not None:
                 self._deliver(ch, c, msgs)
                 return
-        if meshq_tag in self._gone_tags:
-            self._release(msgs)  # cancelled meanwhile: they go back to the queue
+        if self._consumes_pending:
+            self._early.setdefault(meshq_tag, []).append(msgs)  # perhaps before consume-ok
         else:
-            self._early.setdefault(meshq_tag, []).append(msgs)  # before our consume-ok
+            self._release(msgs)  # a consumer cancelled meanwhile: back to the queue
 
     def _deliver(self, ch: Channel, c: Consumer, msgs: list[dict[str, Any]]) -> None:
         now = trio.current_time()
