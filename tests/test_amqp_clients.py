@@ -658,3 +658,13 @@ def test_dead_lettering_through_an_exchange(amqp: pika.BlockingConnection) -> No
     rejected = next((m, p) for m, p, b in got_all if b == b"rejected")
     assert (rejected[0].exchange, rejected[0].routing_key) == ("dlx", "jobs.x")
     assert rejected[1].headers["x-death"][0]["exchange"] == "in"
+
+
+def test_channel_flow(shared_daemon: DaemonProcess) -> None:
+    """active=true is acknowledged; active=false is refused (540), as RabbitMQ does."""
+    with RawClient(shared_daemon) as raw:
+        raw.send(1, spec.Channel.Flow(active=True))
+        assert raw.until(spec.Channel.FlowOk).active is True
+        raw.send(1, spec.Channel.Flow(active=False))
+        close = raw.until(spec.Connection.Close)
+        assert close.reply_code == 540 and (close.class_id, close.method_id) == (20, 20)
