@@ -537,9 +537,11 @@ def test_pipelined_synchronous_methods_are_answered_in_order(
 
 def test_heartbeats_and_the_connection_limit(tmp_path: Path) -> None:
     """A client silent for two heartbeat intervals is dropped (after the server's own
-    heartbeats); past amqp_max_connections a connection is closed at once."""
+    heartbeats); past amqp_max_connections a connection is closed at once; with
+    amqp_max_unconfirmed 1 publishing goes on, one send at a time."""
     config = tmp_path / "meshq.toml"
-    config.write_text("amqp_heartbeat = 1\namqp_max_connections = 1\n")
+    config.write_text("amqp_heartbeat = 1\namqp_max_connections = 1\n"
+                      "amqp_max_unconfirmed = 1\n")
     with DaemonProcess(tmp_path / "data", args=["--config", str(config)]).start() as d:
         with RawClient(d, heartbeat=1) as raw:
             assert raw.tune.heartbeat == 1
@@ -549,6 +551,12 @@ def test_heartbeats_and_the_connection_limit(tmp_path: Path) -> None:
             while raw.sock.recv(65536):  # then it hangs up on us
                 pass
         conn = pika.BlockingConnection(params(d))  # room again
+        ch = conn.channel()
+        ch.queue_declare("limited")
+        ch.confirm_delivery()
+        for i in range(20):  # one send in flight at a time: slower, never stuck
+            ch.basic_publish("", "limited", str(i).encode())
+        assert ch.queue_declare("limited", passive=True).method.message_count == 20
         conn.close()
         with d.client() as c:
             assert c.status()["amqp"]["refused_over_limit"] == 1
