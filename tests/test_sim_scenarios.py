@@ -337,3 +337,52 @@ def test_a_dedup_id_holds_across_a_failover() -> None:
             assert await c.send(Q, "once", dedup_id="order-17") == first
         assert await drain(sim, node) == [first]
     scenario(script, seed=43)
+
+
+def test_reserved_catalog_entries_replicate_and_a_drop_stays() -> None:
+    """AMQP's exchanges and bindings are reserved catalog entries: written on one node,
+    they reach every node (never as a queue); dropped while a node is down, they do not
+    come back when it returns."""
+    name = "\x00xorders"
+
+    async def script(sim: Simulation) -> None:
+        await declare(sim)  # (the scenario's queue, for the catalog to carry it too)
+        writer = sim.nodes["n1"].node
+        assert writer is not None
+        await writer.broker.put_entry(name, {"type": "fanout"}).wait()
+        await sim.until(lambda: all(
+            sn.node is not None and (e := sn.node.broker.catalog.get(name)) is not None
+            and e.live for sn in sim.nodes.values()), 30.0, "the entry everywhere")
+        victim = "n3"
+        sim.nodes[victim].kill()
+        await writer.broker.drop_entry(name).wait()
+        await sim.nodes[victim].start([sim.nodes[n].address for n in others(sim, victim)])
+        await sim.wait_whole()
+        await two_rounds(sim)
+        for node_name, sn in sorted(sim.nodes.items()):
+            assert sn.node is not None, node_name
+            entry = sn.node.broker.catalog.get(name)
+            assert entry is not None and not entry.live, node_name
+            assert name not in sn.node.broker.queues, node_name
+
+    scenario(script, seed=47)
+
+
+def test_an_unused_queue_expires_after_a_failover_and_stays_deleted() -> None:
+    """A queue with ``expires`` whose primary dies: the new primary counts from its
+    takeover and deletes it; the old primary, back, does not bring it back."""
+    async def script(sim: Simulation) -> None:
+        await declare(sim, expires=20.0)
+        old = sim.primary(Q)
+        assert old is not None
+        sim.nodes[old].kill()
+        await sim.until(lambda: all(
+            sn.node is not None and Q not in sn.node.broker.queues
+            for n, sn in sim.nodes.items() if n != old), 120.0, "expired on the others")
+        await sim.nodes[old].start([sim.nodes[n].address for n in others(sim, old)])
+        await sim.wait_whole()
+        await two_rounds(sim)
+        for node_name, sn in sorted(sim.nodes.items()):
+            assert sn.node is not None and Q not in sn.node.broker.queues, node_name
+
+    scenario(script, seed=53)

@@ -17,8 +17,6 @@ import struct
 from datetime import UTC, datetime
 from typing import Any
 
-from pamqp import commands as spec
-
 from meshq.amqp.frames import scan_properties
 from meshq.errors import (
     BadRequest,
@@ -50,7 +48,6 @@ ACCESS_REFUSED = 403
 NOT_FOUND = 404
 RESOURCE_LOCKED = 405
 PRECONDITION_FAILED = 406
-_HEAD = struct.pack(">HHQ", spec.Basic.frame_id, 0, 0)
 _PLAIN = (str, int, float, bool)
 
 
