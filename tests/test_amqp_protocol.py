@@ -3,8 +3,10 @@ pamqp, fed whole and a byte at a time; garbage fuzzed."""
 
 from __future__ import annotations
 
+import ssl
 from typing import Any
 
+import trio
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from pamqp import body as pbody
@@ -285,3 +287,25 @@ def test_a_login_decided_later_waits_then_tunes_or_refuses() -> None:
             assert isinstance(reply, spec.Connection.Tune) and conn.user == "app"
         else:
             assert isinstance(reply, spec.Connection.Close) and reply.reply_code == 403
+
+
+async def test_quick_ack_finds_the_tcp_socket_under_tls_and_skips_other_streams() -> None:
+    """The driver acknowledges each read at once on TCP, plain or under TLS (clients leave
+    Nagle on), and leaves streams that are not TCP alone."""
+    from meshq.amqp.server import _tcp_socket, quick_ack
+
+    listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+    port = listeners[0].socket.getsockname()[1]
+    client = await trio.open_tcp_stream("127.0.0.1", port)
+    server = await listeners[0].accept()
+    assert _tcp_socket(server) is server.socket
+    tls = trio.SSLStream(server, ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER), server_side=True)
+    assert _tcp_socket(tls) is server.socket
+    quick_ack(_tcp_socket(tls))  # raises nothing on a live TCP socket
+    unix_left, unix_right = trio.socket.socketpair()
+    assert _tcp_socket(trio.SocketStream(unix_left)) is None
+    quick_ack(None)
+    for s in (client, server, *listeners):
+        await s.aclose()
+    unix_left.close()
+    unix_right.close()
