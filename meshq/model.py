@@ -123,3 +123,4 @@ class Message:
     # runtime only
     owner: Any = field(default=None, repr=False)
     token: int = field(default=0, repr=False)
+    early: bool = field(default=False, repr=False)  # handed over before its put committed

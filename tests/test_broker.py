@@ -124,6 +124,7 @@ async def env() -> AsyncIterator[Env]:
 
 
 async def test_send_is_visible_only_once_committed(env: Env, autojump_clock: MockClock) -> None:
+    env.broker.hand_over_early = lambda q: False  # as on a replicated partition
     await env.declare()
     conn = Conn(env)
     conn.consume(prefetch=1)
@@ -139,6 +140,7 @@ async def test_send_is_visible_only_once_committed(env: Env, autojump_clock: Moc
 
 
 async def test_failed_commit_confirms_nothing(env: Env, autojump_clock: MockClock) -> None:
+    env.broker.hand_over_early = lambda q: False  # as on a replicated partition
     await env.declare()
     conn = Conn(env)
     conn.consume()
@@ -439,6 +441,7 @@ async def test_lease_is_durable_before_delivery(env: Env, autojump_clock: MockCl
 
 async def test_lease_released_before_it_is_durable_is_not_delivered(
         env: Env, autojump_clock: MockClock) -> None:
+    env.broker.hand_over_early = lambda q: False  # as on a replicated partition
     await env.declare()
     gone, other = Conn(env), Conn(env)
     [mid] = await env.send(b"a")
@@ -464,6 +467,7 @@ async def test_send_to_a_waiting_consumer_leases_in_the_same_commit(
 
 async def test_direct_lease_of_a_consumer_gone_before_commit_goes_back_to_ready(
         env: Env, autojump_clock: MockClock) -> None:
+    env.broker.hand_over_early = lambda q: False  # as on a replicated partition
     await env.declare()
     gone, other = Conn(env), Conn(env)
     gone.consume(prefetch=1)
@@ -476,6 +480,7 @@ async def test_direct_lease_of_a_consumer_gone_before_commit_goes_back_to_ready(
 
 
 async def test_failed_commit_refunds_a_direct_lease(env: Env, autojump_clock: MockClock) -> None:
+    env.broker.hand_over_early = lambda q: False  # as on a replicated partition
     await env.declare()
     conn = Conn(env)
     conn.consume(prefetch=1)
@@ -484,6 +489,69 @@ async def test_failed_commit_refunds_a_direct_lease(env: Env, autojump_clock: Mo
         await env.send(b"lost")
     [mid] = await env.send(b"kept")
     assert [d.id for d in conn.got] == [mid]
+
+
+def stored_ids(env: Env) -> set[str]:
+    return {row[1] for row in env.store.messages.values()}
+
+
+async def test_a_partition_held_alone_hands_a_new_message_over_before_its_commit(
+        env: Env, autojump_clock: MockClock) -> None:
+    """On a partition this node alone holds (the embedded single node), a message leased
+    at send time goes to its consumer at once, as RabbitMQ's classic queues do: message
+    and lease commit together. The others stay invisible until their commit, and an ack
+    before the commit is staged after the put, so nothing comes back."""
+    await env.declare()
+    conn = Conn(env)
+    conn.consume(prefetch=1)
+    pending = env.broker.send("q", [{"body": b"a"}, {"body": b"b"}])
+    assert [d.count for d in conn.got] == [1] and env.counts() == (0, 1, 0)
+    first = (await conn.next()).id
+    assert first not in stored_ids(env)  # not committed yet
+    acked = env.broker.ack(conn.session, "q", [first])
+    ids = await pending.wait()
+    assert first == ids[0]
+    assert (await acked.wait())["acked"] == [first]
+    second = await conn.next()  # the credit came back; b's lease is durable first
+    assert second.id == ids[1] and ids[1] in stored_ids(env)
+    await env.store.flush()
+    assert first not in stored_ids(env) and env.broker.totals["q"]["acked"] == 1
+    await env.restart()
+    assert first not in env.broker.queues["q"].messages
+
+
+async def test_a_failed_commit_takes_back_a_message_handed_over_early(
+        env: Env, autojump_clock: MockClock) -> None:
+    """The producer hears UNAVAILABLE and the message never existed: the consumer's ack
+    of it fails, and its credit comes back."""
+    await env.declare()
+    conn = Conn(env)
+    conn.consume(prefetch=1)
+    env.store.fail_next = True
+    pending = env.broker.send("q", [{"body": b"lost"}])
+    [lost] = conn.got
+    with pytest.raises(StoreError):
+        await pending.wait()
+    assert env.counts() == (0, 0, 0) and env.store.messages == {}
+    result = await conn.ack([lost.id])
+    assert result["acked"] == [] and lost.id in result["failed"]
+    [kept] = await env.send(b"kept")
+    assert [d.id for d in conn.got] == [lost.id, kept]
+
+
+async def test_a_consumer_gone_before_the_commit_of_its_early_delivery_releases_it(
+        env: Env, autojump_clock: MockClock) -> None:
+    """It had the message: it comes back redelivered, counted, for another consumer."""
+    await env.declare()
+    gone, other = Conn(env), Conn(env)
+    gone.consume(prefetch=1)
+    pending = env.broker.send("q", [{"body": b"a"}])
+    assert len(gone.got) == 1
+    env.broker.close_session(gone.session)
+    [mid] = await pending.wait()
+    assert env.msg(mid).state == State.READY and env.msg(mid).delivery_count == 1
+    [m] = await other.receive()
+    assert (m.id, m.delivery_count) == (mid, 2)
 
 
 async def test_fifo_queue_does_not_lease_at_send_time(env: Env, autojump_clock: MockClock) -> None:
@@ -599,6 +667,7 @@ async def test_a_lease_handed_over_late_runs_its_whole_visibility_timeout(
     """A message leased at send time to a waiting consumer reaches it once its commit (and
     write quorum) completes: when that takes a while, the consumer still gets the whole
     visibility timeout from the moment it has the message."""
+    env.broker.hand_over_early = lambda q: False  # as on a replicated partition
     await env.declare(visibility_timeout=5.0)
     first, second = Conn(env), Conn(env)
     first.consume(prefetch=1)

@@ -176,6 +176,9 @@ class Broker:
         self.dispatch_by_default = True
         self.on_declare: Callable[[Queue], None] | None = None
         self.on_catalog: Callable[[str], None] | None = None  # a queue appeared or went
+        # Whether a message leased at send time may go to its consumer before its commit:
+        # only where this node alone holds the partition (set by the cluster layer).
+        self.hand_over_early: Callable[[Queue], bool] = lambda q: True
         self.tag_prefix = ""  # consumer tags start with it (the daemon: its node name)
         self.replica = Replica(self)  # the surface the cluster layer uses
 
@@ -522,6 +525,8 @@ class Broker:
         for msg in msgs:
             if self.in_flight.get(msg.id) is msg:
                 del self.in_flight[msg.id]
+        if any(m.early for m in msgs):
+            msgs = self._settle_early(q, msgs, error is not None and not batch.local_ok)
         if error is not None and batch.local_ok:
             for msg in msgs:
                 if msg.owner is not None:
@@ -568,6 +573,22 @@ class Broker:
                 break
             self._dead_letter(q, head, "maxlen", now)
         self._dispatch(q, now)
+
+    def _settle_early(self, q: Queue, msgs: list[Message], lost: bool) -> list[Message]:
+        """The commit of messages handed over early completed: the rest of ``msgs``, for
+        the usual path. ``lost``: not written here, so those still indexed go (an ack
+        of them then fails: the message never existed)."""
+        rest = []
+        for msg in msgs:
+            if not msg.early:
+                rest.append(msg)
+                continue
+            msg.early = False
+            if lost and q.messages.get(msg.id) is msg:
+                self._detach(msg)
+                q.counts[msg.state] -= 1
+                q.remove(msg)
+        return rest
 
     def _lease(self, q: Queue, msg: Message, c: Consumer, now: float) -> None:
         msg.delivery_count += 1
@@ -816,6 +837,7 @@ class Broker:
         # A fair queue with no backlog leases a new message to a waiting consumer in the
         # same commit as the message itself: one commit from send to delivery.
         direct = q.options.ordering == "fair" and bool(q.consumers) and q.active
+        early = direct and self.hand_over_early(q)
         for body, headers, ttl, delay, dedup_id in parsed:
             if dedup_id is not None:
                 hit = self._dedup.get((name, dedup_id))
@@ -857,12 +879,40 @@ class Broker:
             self.in_flight[msg.id] = msg
         if not fresh:
             return Pending(wait_for, ids)
+        if early:
+            self._hand_over_early(q, fresh, now)
         batch = store.current_batch()
         if batch is not self._sends_batch:  # one callback per batch, not per send
             self._sends_batch, self._sends = batch, []
             batch.add_callback(functools.partial(self._sent, self._sends, batch))
         self._sends.append((q, fresh, fresh_dedup))
         return Pending(batch, ids, also=wait_for)
+
+    def _hand_over_early(self, q: Queue, fresh: list[Message], now: float) -> None:
+        """Hand messages leased at send time to their consumers now, before their commit,
+        as RabbitMQ's classic queues do: the message and its lease commit together, so a
+        crash before the commit loses both, and the producer, never confirmed, sends it
+        again. Only on a partition this node holds alone (``hand_over_early``): a replica
+        elsewhere could otherwise make a second dispatcher that does not know the lease.
+        Indexed now, so that an ack, nack or disconnect before the commit acts on it (its
+        ops commit after the put); a failed commit takes it back (``_committed``)."""
+        out: dict[Consumer, list[Message]] = {}
+        for msg in fresh:
+            c = msg.owner
+            if c is None or q.messages.get(msg.id) is not None or msg.id in q.tombs:
+                continue  # not leased at send time; or a twin, which _committed settles
+            c.pending -= 1
+            c.session.leases[msg] = None
+            self._add_timer(msg.lease_deadline, _T_LEASE, msg)  # type: ignore[arg-type]
+            q.add(msg)
+            self._schedule_message(msg)
+            msg.early = True
+            if c in out:
+                out[c].append(msg)
+            else:
+                out[c] = [msg]
+        for c, msgs in out.items():
+            self._hand_over(c, msgs)
 
     def _resend(self, q: Queue, mid: str, dedup_id: str, expires_at: float) -> Batch | None:
         msg = q.messages.get(mid)

@@ -128,6 +128,7 @@ class Cluster:
         self.repaired = {"sent": 0, "fetched": 0, "deleted": 0, "handed_off": 0}
         store.gate = self
         broker.dispatch_by_default = False
+        broker.hand_over_early = self._held_alone
         broker.holder = f"{me}/{boot}" if boot else broker.holder
         broker.on_declare = self._declared
         broker.on_catalog = lambda name: self.wake()
@@ -142,6 +143,12 @@ class Cluster:
         w = q.options.write_quorum
         return self.placement.replicas(q.name, q.index, q.options.replicas,
                                        self.write_quorum if w is None else w)
+
+    def _held_alone(self, q: Queue) -> bool:
+        """This node alone holds the partition and confirms its writes: a lease that
+        commits with its message can be handed over before the commit (broker.send)."""
+        r = self.replicas(q)
+        return r.write_quorum == 1 and r.holders == (self.me,)
 
     def replicas_of(self, name: str, options: QueueOptions | None = None) -> Replicas:
         """A queue's partition 0 placement, known or not (a declare's, default options)."""
