@@ -309,3 +309,34 @@ async def test_quick_ack_finds_the_tcp_socket_under_tls_and_skips_other_streams(
         await s.aclose()
     unix_left.close()
     unix_right.close()
+
+
+async def test_after_the_closing_handshake_the_driver_drains_until_the_client_closes() -> None:
+    """Closing a socket with unread data resets the connection: a client still writing
+    after its connection.close (amqplib writes a channel's last acks after it) would get
+    EPIPE instead of a clean close. So the driver half-closes, and reads and drops until
+    the client closes its end."""
+    from types import SimpleNamespace
+
+    from meshq.amqp.server import _Driver
+
+    listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+    port = listeners[0].socket.getsockname()[1]
+    client = await trio.open_tcp_stream("127.0.0.1", port)
+    server = await listeners[0].accept()
+    lingered = trio.Event()
+
+    async def linger() -> None:
+        await _Driver._linger(SimpleNamespace(stream=server))  # type: ignore[arg-type]
+        lingered.set()
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(linger)
+        assert await client.receive_some(10) == b""  # our end is half-closed at once
+        for _ in range(50):  # the client still writes: read and dropped, never reset
+            await client.send_all(b"\x08" * 4096)
+        assert not lingered.is_set()
+        await client.aclose()
+        await lingered.wait()
+    for s in (server, *listeners):
+        await s.aclose()

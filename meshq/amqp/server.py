@@ -263,6 +263,7 @@ class _Driver:
         self._started = trio.current_time()
         self._closing = False
         self._written = trio.Event()  # set by the writer once closing and all is sent
+        self._peer_open = True  # False once the client's end is closed or broken
 
     def _spawn(self, fn: Any, *args: Any) -> None:
         """A task of the connection's; once it is over (its close sends the last ops: lease
@@ -289,6 +290,8 @@ class _Driver:
                     self._out_ready.set()
                     with trio.move_on_after(CLOSE_TIMEOUT):
                         await self._written.wait()
+                        if self._peer_open:
+                            await self._linger()
                 finally:
                     nursery.cancel_scope.cancel()
         except Exception:
@@ -324,12 +327,15 @@ class _Driver:
                     data = await self.stream.receive_some(65536)
                     quick_ack(tcp)
                 except (trio.BrokenResourceError, trio.ClosedResourceError):
+                    self._peer_open = False
                     return
             if data is None:
+                self._peer_open = False  # not waited for again
                 if conn.state is State.OPEN:
                     log.info("AMQP client missed heartbeats (%d s): closing", conn.heartbeat)
                 return  # silent past its heartbeats, its handshake, or our close
             if not data:
+                self._peer_open = False
                 return
             try:
                 events = conn.receive_data(bytes(data))
@@ -345,6 +351,20 @@ class _Driver:
             if conn.state is State.CLOSED or any(
                     isinstance(e, ConnectionClosed) for e in events):
                 return
+
+    async def _linger(self) -> None:
+        """After the closing handshake: read and drop what the client still sends until it
+        closes its end. Closing a socket with unread data resets the connection, and a
+        client may still be writing (amqplib writes a channel's last acks after its
+        connection.close), so it would see ECONNRESET or EPIPE instead of a clean close.
+        The caller bounds the wait."""
+        try:
+            if isinstance(self.stream, trio.SocketStream):
+                await self.stream.send_eof()
+            while await self.stream.receive_some(65536):
+                pass
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass
 
     async def _writer(self) -> None:
         try:
