@@ -428,6 +428,7 @@ async def test_single_consumer_sees_hlc_order(env: Env, autojump_clock: MockCloc
 
 
 async def test_lease_is_durable_before_delivery(env: Env, autojump_clock: MockClock) -> None:
+    env.broker.hand_over_early = lambda q: False  # as on a replicated partition
     await env.declare()
     conn = Conn(env)
     [mid] = await env.send(b"a")
@@ -437,6 +438,40 @@ async def test_lease_is_durable_before_delivery(env: Env, autojump_clock: MockCl
     assert (await conn.next()).id == mid
     row = env.store.messages[msg.seq]
     assert (State(row[9]), row[10]) == (State.LEASED, 1)  # state, delivery_count on "disk"
+
+
+async def test_a_partition_held_alone_hands_a_lease_over_then_commits_it(
+        env: Env, autojump_clock: MockClock) -> None:
+    """Held alone, a lease from the backlog goes out at once (as RabbitMQ's classic
+    queues deliver before their fsync) and is committed just after."""
+    await env.declare()
+    conn = Conn(env)
+    [mid] = await env.send(b"a")
+    commits = env.store.commits
+    conn.consume(prefetch=1)
+    assert [d.id for d in conn.got] == [mid] and env.store.commits == commits
+    row = env.store.messages[env.msg(mid).seq]
+    assert (State(row[9]), row[10]) == (State.READY, 0)  # not on "disk" yet
+    await env.store.flush()
+    row = env.store.messages[env.msg(mid).seq]
+    assert (State(row[9]), row[10]) == (State.LEASED, 1)
+
+
+async def test_a_lease_handed_over_early_whose_commit_fails_stays_with_its_consumer(
+        env: Env, autojump_clock: MockClock) -> None:
+    """The message is still on disk, as it was (a restart brings it back); the consumer
+    that has it can ack it."""
+    await env.declare()
+    [mid] = await env.send(b"a")
+    conn = Conn(env)
+    env.store.fail_next = True
+    conn.consume(prefetch=1)
+    assert [(d.id, d.count) for d in conn.got] == [(mid, 1)]
+    await env.store.flush()
+    assert env.store.failed_commits == 1 and env.msg(mid).state == State.LEASED
+    assert (await conn.ack([mid]))["acked"] == [mid]
+    await env.store.flush()
+    assert env.store.messages == {}
 
 
 async def test_lease_released_before_it_is_durable_is_not_delivered(
@@ -555,6 +590,7 @@ async def test_a_consumer_gone_before_the_commit_of_its_early_delivery_releases_
 
 
 async def test_fifo_queue_does_not_lease_at_send_time(env: Env, autojump_clock: MockClock) -> None:
+    env.broker.hand_over_early = lambda q: False  # as on a replicated partition
     await env.declare(ordering="fifo")
     pushed_after: list[int] = []  # commits done when the delivery was pushed
     session = Session(push=lambda tag, msgs: pushed_after.append(env.store.commits))
@@ -605,6 +641,7 @@ async def test_a_dedup_hit_on_a_failed_send_fails_the_send_that_relied_on_it(
 
 async def test_no_delivery_when_the_lease_commit_fails(env: Env, autojump_clock: MockClock,
                                                        ) -> None:
+    env.broker.hand_over_early = lambda q: False  # as on a replicated partition
     await env.declare()
     [mid] = await env.send(b"a")
     conn = Conn(env)

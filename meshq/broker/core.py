@@ -176,8 +176,8 @@ class Broker:
         self.dispatch_by_default = True
         self.on_declare: Callable[[Queue], None] | None = None
         self.on_catalog: Callable[[str], None] | None = None  # a queue appeared or went
-        # Whether a message leased at send time may go to its consumer before its commit:
-        # only where this node alone holds the partition (set by the cluster layer).
+        # Whether a lease may go to its consumer before its commit: only where this node
+        # alone holds the partition and confirms its writes (set by the cluster layer).
         self.hand_over_early: Callable[[Queue], bool] = lambda q: True
         self.tag_prefix = ""  # consumer tags start with it (the daemon: its node name)
         self.replica = Replica(self)  # the surface the cluster layer uses
@@ -625,8 +625,16 @@ class Broker:
                 out[c] = [msg]
         if not out:
             return
-        # A lease (and its delivery count) is durable before the consumer sees the message,
-        # so that after a crash the message comes back redelivered, counted.
+        if self.hand_over_early(q):
+            # Held alone: handed over now, the lease committed just after (RabbitMQ's
+            # classic queues deliver before their fsync too). A crash in between brings
+            # the message back with the count it had before.
+            for c, msgs in out.items():
+                self._hand_over(c, msgs)
+            return
+        # Held elsewhere too: a lease (and its delivery count) is durable on the write
+        # quorum before the consumer sees the message, so that a new dispatcher after a
+        # failure knows it, and the message comes back redelivered, counted.
         batch = self.store.current_batch()
         for c, msgs in out.items():
             c.pending += len(msgs)
