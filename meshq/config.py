@@ -342,6 +342,7 @@ _CHECKS: dict[str, Callable[[object], str | None]] = {
     "amqp_frame_max": _check_int_range(4096, 16 * 1024 * 1024),
     "amqp_heartbeat": _check_int_range(0, 65535),
     "amqp_max_unconfirmed": _check_positive_int,
+    "amqp_handshake_timeout": _check_positive_float,
     "vnodes": _check_vnodes,
     "write_quorum": _check_opt_positive_int,
     "log_level": _check_log_level,
@@ -423,6 +424,7 @@ class Config:
     amqp_frame_max: int = 131072
     amqp_heartbeat: int = 60
     amqp_max_unconfirmed: int = 10_000
+    amqp_handshake_timeout: float = 10.0
     # Placement: points per node on the ring (the same on every node), and the default
     # write quorum of queues that set none (None: a majority of their replicas).
     vnodes: int = DEFAULT_VNODES
@@ -486,7 +488,7 @@ _INT_FIELDS = frozenset(
      "amqp_max_unconfirmed"}
 )
 _BOOL_FIELDS = frozenset({"allow_unkeyed_bind", "allow_plaintext_amqp"})
-_FLOAT_FIELDS = frozenset({"dedup_window", "client_frame_timeout"})
+_FLOAT_FIELDS = frozenset({"dedup_window", "client_frame_timeout", "amqp_handshake_timeout"})
 _BOOL_TEXT = {"true": True, "yes": True, "1": True, "on": True,
               "false": False, "no": False, "0": False, "off": False}
 

@@ -535,14 +535,23 @@ def test_pipelined_synchronous_methods_are_answered_in_order(
         assert "pipe.q" not in {s["name"] for s in c.stats()}
 
 
-def test_heartbeats_and_the_connection_limit(tmp_path: Path) -> None:
+def test_heartbeats_the_handshake_timeout_and_the_connection_limit(tmp_path: Path) -> None:
     """A client silent for two heartbeat intervals is dropped (after the server's own
-    heartbeats); past amqp_max_connections a connection is closed at once; with
-    amqp_max_unconfirmed 1 publishing goes on, one send at a time."""
+    heartbeats), and so is one that does not finish its handshake in
+    amqp_handshake_timeout; past amqp_max_connections a connection is closed at once;
+    with amqp_max_unconfirmed 1 publishing goes on, one send at a time."""
     config = tmp_path / "meshq.toml"
     config.write_text("amqp_heartbeat = 1\namqp_max_connections = 1\n"
-                      "amqp_max_unconfirmed = 1\n")
+                      "amqp_max_unconfirmed = 1\namqp_handshake_timeout = 0.5\n")
     with DaemonProcess(tmp_path / "data", args=["--config", str(config)]).start() as d:
+        host, port = d.amqp.rsplit(":", 1)
+        for opening in (b"", PROTOCOL_HEADER):  # nothing at all; or no start-ok
+            with socket.create_connection((host, int(port)), timeout=30) as stalled:
+                stalled.sendall(opening)
+                started = time.monotonic()
+                while stalled.recv(65536):  # connection.start, if anything; then EOF
+                    pass
+                assert time.monotonic() - started < 5  # the setting, not the default 10 s
         with RawClient(d, heartbeat=1) as raw:
             assert raw.tune.heartbeat == 1
             with pytest.raises(pika.exceptions.AMQPConnectionError):

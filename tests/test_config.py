@@ -542,6 +542,7 @@ def test_to_dict_is_json_friendly() -> None:
         "amqp_frame_max": 131072,
         "amqp_heartbeat": 60,
         "amqp_max_unconfirmed": 10000,
+        "amqp_handshake_timeout": 10.0,
         "vnodes": 128,
         "write_quorum": None,
         "log_level": "info",

@@ -38,7 +38,6 @@ __all__ = ["AmqpServer", "AmqpSettings", "AmqpStatistics", "amqp_settings"]
 
 log = logging.getLogger("meshq.amqp")
 
-HANDSHAKE_TIMEOUT = 10.0  # seconds from accept to connection.open (RabbitMQ's default)
 CLOSE_TIMEOUT = 3.0  # seconds we wait for close-ok after our connection.close
 HIGH_WATER = 4 * 1024 * 1024  # unwritten bytes past which a connection is not read
 RENEW_INTERVAL = 1.0  # seconds between lease renewals of unacked deliveries
@@ -77,6 +76,7 @@ class AmqpSettings:
     frame_max: int = 131072
     heartbeat: int = 60
     max_unconfirmed: int = 10_000  # publishes in flight per connection before reads stop
+    handshake_timeout: float = 10.0  # seconds from accept to connection.open (RabbitMQ's)
     tls: ssl.SSLContext | None = None
 
 
@@ -93,7 +93,8 @@ def amqp_settings(config: Config) -> AmqpSettings:
         bind=config.amqp_bind, users=tuple(sorted(config.amqp_users.items())),
         max_connections=config.amqp_max_connections, channel_max=config.amqp_channel_max,
         frame_max=config.amqp_frame_max, heartbeat=config.amqp_heartbeat,
-        max_unconfirmed=config.amqp_max_unconfirmed, tls=tls)
+        max_unconfirmed=config.amqp_max_unconfirmed,
+        handshake_timeout=config.amqp_handshake_timeout, tls=tls)
 
 
 @dataclass(frozen=True)
@@ -218,7 +219,7 @@ class AmqpServer:
                                   server_properties=_server_properties(),
                                   max_body=self.node.broker.limits.max_message_bytes)
             driver = _Driver(s, self.node, conn, self.settings.max_unconfirmed, self.topology,
-                             self.owners, self.logins)
+                             self.owners, self.logins, self.settings.handshake_timeout)
             self.connections.add(driver)
             try:
                 await driver.serve()
@@ -249,8 +250,10 @@ def _server_properties() -> dict[str, Any]:
 class _Driver:
     def __init__(self, stream: trio.abc.Stream, node: Node, conn: AmqpConnection,
                  max_unconfirmed: int, topology: Topology,
-                 owners: dict[str, Bridge], logins: Logins) -> None:
+                 owners: dict[str, Bridge], logins: Logins,
+                 handshake_timeout: float = 10.0) -> None:
         self.logins = logins
+        self.handshake_timeout = handshake_timeout
         self.stream = stream
         self.node = node
         self.conn = conn
@@ -316,7 +319,7 @@ class _Driver:
                 closing_since = closing_since or trio.current_time()
                 deadline = closing_since + CLOSE_TIMEOUT
             elif conn.state is not State.OPEN:
-                deadline = HANDSHAKE_TIMEOUT + self._started
+                deadline = self.handshake_timeout + self._started
             elif conn.heartbeat:
                 deadline = trio.current_time() + 2 * conn.heartbeat
             else:
