@@ -44,6 +44,8 @@ AMQP_OFF = "off"
 MAX_VNODES = 4096  # a ring point costs memory and start-up time on every node
 DEFAULT_MAX_FRAME_BYTES = 8 * 1024 * 1024
 DEFAULT_MAX_MESSAGE_BYTES = 1024 * 1024
+# Room for a few of the largest batches (64 MiB of bodies each) and the WAL behind them.
+DEFAULT_DISK_FREE_LIMIT = 256 * 1024 * 1024
 LOG_LEVELS: tuple[str, ...] = ("debug", "info", "warning", "error")
 
 ENV_PREFIX = "MESHQ_"
@@ -176,6 +178,13 @@ def _check_positive_float(value: object) -> str | None:
     if not math.isfinite(value) or value <= 0:
         return f"must be a positive finite number, got {value!r}"
     return None
+
+
+def _check_fraction(value: object) -> str | None:
+    problem = _check_positive_float(value)
+    if problem is None and value > 1:  # type: ignore[operator]
+        return f"must be a fraction of memory, above 0 and at most 1, got {value!r}"
+    return problem
 
 
 def _check_name(value: object) -> str | None:
@@ -322,6 +331,8 @@ _CHECKS: dict[str, Callable[[object], str | None]] = {
     "max_frame_bytes": _check_positive_int,
     "max_message_bytes": _check_positive_int,
     "dedup_window": _check_positive_float,
+    "disk_free_limit": _check_int_range(0, 1 << 62),
+    "memory_high_watermark": _check_fraction,
     "max_clock_offset_ms": _check_positive_int,
     "max_connections": _check_positive_int,
     "allow_unkeyed_bind": _check_bool,
@@ -393,6 +404,10 @@ class Config:
     max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
     dedup_window: float = 300.0
+    # Resource alarms (meshq/resources.py): sends are refused under this much free disk
+    # space, or with the daemon's memory over this fraction of the machine's.
+    disk_free_limit: int = DEFAULT_DISK_FREE_LIMIT
+    memory_high_watermark: float = 0.4
     max_clock_offset_ms: int = 500
     max_connections: int = 1024
     # Binding a non-loopback address with no cluster key needs this opt-out.
@@ -485,10 +500,11 @@ _INT_FIELDS = frozenset(
     {"max_frame_bytes", "max_message_bytes", "max_clock_offset_ms", "max_connections",
      "vnodes", "write_quorum", "udp_packets_per_second", "max_inflight_requests",
      "amqp_max_connections", "amqp_channel_max", "amqp_frame_max", "amqp_heartbeat",
-     "amqp_max_unconfirmed"}
+     "amqp_max_unconfirmed", "disk_free_limit"}
 )
 _BOOL_FIELDS = frozenset({"allow_unkeyed_bind", "allow_plaintext_amqp"})
-_FLOAT_FIELDS = frozenset({"dedup_window", "client_frame_timeout", "amqp_handshake_timeout"})
+_FLOAT_FIELDS = frozenset({"dedup_window", "client_frame_timeout", "amqp_handshake_timeout",
+                           "memory_high_watermark"})
 _BOOL_TEXT = {"true": True, "yes": True, "1": True, "on": True,
               "false": False, "no": False, "0": False, "off": False}
 

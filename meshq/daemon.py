@@ -36,6 +36,7 @@ from meshq.mesh.membership import known_peers
 from meshq.mesh.transport import UdpTcpTransport
 from meshq.metrics import open_metrics_server
 from meshq.node import Node, NodeSettings, build_node
+from meshq.resources import Alarms, system_sample
 from meshq.sdnotify import Notifier, status_line
 from meshq.server.access import AccessConfigError, build_policy
 from meshq.server.listener import UnixServer
@@ -181,6 +182,10 @@ async def _run_node(config: Config, task_status: Any, node: Node,
         if metrics is not None:
             await nursery.start(metrics.run)  # GET /metrics (meshq/metrics.py)
         await nursery.start(node.run)  # membership, links, cluster layer, store, broker
+        node.alarms = Alarms(config.data_dir, config.disk_free_limit,
+                             config.memory_high_watermark,
+                             partial(system_sample, config.data_dir, node.store.helper_pids))
+        await nursery.start(node.alarms.run)  # disk and memory (meshq/resources.py)
         nursery.start_soon(_remember_alive, node)
         await nursery.start(server.run)
         if amqp is not None:

@@ -112,6 +112,18 @@ class NodeCollector:
                      info["uptime_s"])
         yield _gauge("meshq_accepting_writes", "1 while the node accepts sends, else 0.",
                      1 if info["accepting_writes"] else 0)
+        resources = status.get("resources")
+        if resources is not None:
+            alarm = GaugeMetricFamily("meshq_alarm", "1 while this resource alarm is raised "
+                                      "(sends refused), else 0.", labels=["resource"])
+            for kind in ("disk", "memory"):
+                alarm.add_metric([kind], 1 if kind in resources["alarms"] else 0)
+            yield alarm
+            if resources["disk_free_bytes"] is not None:
+                yield _gauge("meshq_disk_free_bytes", "Free space for the data directory.",
+                             resources["disk_free_bytes"])
+                yield _gauge("meshq_memory_bytes", "Resident memory of meshqd and its writer.",
+                             resources["memory_bytes"])
         yield from self._queues(status["queues"])
         yield _counter("meshq_redeliveries", "Leases ended without ack or nack (deadline "
                        "passed or connection closed).", status["broker"]["redeliveries"])

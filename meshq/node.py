@@ -42,6 +42,7 @@ from meshq.store import Snapshot, Store
 if TYPE_CHECKING:
     from meshq.amqp.server import AmqpServer
     from meshq.mesh.keys import KeyService
+    from meshq.resources import Alarms
     from meshq.server.listener import UnixServer
 
 __all__ = ["Node", "NodeSettings", "build_node"]
@@ -93,6 +94,7 @@ class Node:
         self.security: Callable[[], dict[str, Any]] | None = None  # the status section
         self.server: UnixServer | None = None  # the client socket, set by the daemon
         self.amqp: AmqpServer | None = None  # the AMQP listener, set by the daemon
+        self.alarms: Alarms | None = None  # disk and memory alarms, set by the daemon
         self._nursery: trio.Nursery | None = None
 
     # -- running ---------------------------------------------------------------------------
@@ -137,6 +139,9 @@ class Node:
     def check_writable(self) -> None:
         if not self.accepting_writes:
             raise Unavailable(f"this node accepts no writes: {self.not_accepting_reason}")
+        alarm = None if self.alarms is None else self.alarms.reason()
+        if alarm is not None:
+            raise Unavailable(f"this node accepts no writes: {alarm}")
         if self.membership is not None and not self.membership.clock_status.accepting_writes:
             raise Unavailable(f"this node accepts no writes: "
                               f"{self.membership.clock_status.reason}")
@@ -239,6 +244,7 @@ class Node:
                 "commit_seconds": round(store.commit_seconds, 6),
             },
             "broker": {"redeliveries": self.broker.redeliveries},
+            "resources": self.alarms.status() if self.alarms is not None else None,
             "access": dataclasses.asdict(self.access.statistics()),
             "server": (dataclasses.asdict(self.server.statistics())
                        if self.server is not None else None),

@@ -114,7 +114,7 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[list[DaemonPro
 def test_status_json_matches_the_documentation(cluster: list[DaemonProcess]) -> None:
     status = ctl_json(cluster[0], "status")
     for section in ("node", "members", "mesh", "clock", "ring", "queues", "store",
-                    "broker", "replication", "security", "server", "access"):
+                    "broker", "replication", "security", "server", "access", "resources"):
         check_documented(section, status[section])
     assert status["clock"]["max_clock_offset_ms"] == MAX_OFFSET_MS
     assert status["clock"]["ntp_server"] == NTP_SERVER

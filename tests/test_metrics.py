@@ -123,6 +123,9 @@ def test_scrape_reports_what_the_client_did(node: tuple[DaemonProcess, int]) -> 
         assert value(s, "meshq_members", state="alive") == 1
         assert value(s, "meshq_members", state="dead") == 0
         assert value(s, "meshq_accepting_writes") == 1
+        assert value(s, "meshq_alarm", resource="disk") == 0
+        assert value(s, "meshq_alarm", resource="memory") == 0
+        assert value(s, "meshq_disk_free_bytes") > 0 and value(s, "meshq_memory_bytes") > 0
         assert value(s, "meshq_client_connections") >= 1
         assert value(s, "meshq_request_duration_seconds_count", op="send") >= 5
         assert value(s, "meshq_request_duration_seconds_count", op="declare") >= 1

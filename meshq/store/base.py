@@ -308,5 +308,9 @@ class Store(abc.ABC):
     @abc.abstractmethod
     def statistics(self) -> StoreStatistics: ...
 
+    def helper_pids(self) -> tuple[int, ...]:
+        """Processes that work for this store (their memory counts as the daemon's)."""
+        return ()
+
     def close(self) -> None:  # noqa: B027 - optional hook
         """Release resources; nothing staged after this commits."""

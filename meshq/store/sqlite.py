@@ -150,6 +150,10 @@ class SQLiteStore(Store):
         if error is not None:
             raise error
 
+    def helper_pids(self) -> tuple[int, ...]:
+        proc = self._proc
+        return () if proc is None or proc.returncode is not None else (proc.pid,)
+
     def statistics(self) -> StoreStatistics:
         size = 0
         for suffix in ("", "-wal", "-shm"):
