@@ -211,6 +211,13 @@ class Node:
             q["copy_here"] = {"ready": part.ready, "leased": part.leased,
                               "delayed": part.delayed, "tombstones": len(part.tombs)}
             q["counted_by"] = self.name if part.active else None
+            # One entry per partition (every queue has one, index 0, for now).
+            q["partitions"] = [{
+                "index": part.index, "primary": q.get("primary", self.name),
+                "holders": q.get("holders", [self.name]),
+                "dispatching_here": part.active, "ready": q["ready"],
+                "leased": q["leased"], "delayed": q["delayed"],
+                "counted_by": q["counted_by"]}]
             queues.append(q)
         return {
             "node": {

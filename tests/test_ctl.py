@@ -116,6 +116,13 @@ def test_status_json_matches_the_documentation(cluster: list[DaemonProcess]) -> 
     for section in ("node", "members", "mesh", "clock", "ring", "queues", "store",
                     "broker", "replication", "security", "server", "access", "resources"):
         check_documented(section, status[section])
+    parts = [p for q in status["queues"] for p in q["partitions"]]
+    check_documented("queues[].partitions", parts)
+    for q in status["queues"]:
+        [p] = q["partitions"]  # one per queue, for now
+        assert p["index"] == 0 and p["primary"] == q["primary"]
+        assert (p["ready"], p["holders"], p["counted_by"]) == (
+            q["ready"], q["holders"], q["counted_by"])
     assert status["clock"]["max_clock_offset_ms"] == MAX_OFFSET_MS
     assert status["clock"]["ntp_server"] == NTP_SERVER
     assert status["clock"]["peers_measured"] == 1 and status["clock"]["min_peers"] == 2

@@ -584,6 +584,9 @@ class ClientSession:
                             "dropped", "consumers"):
                     q[key] = got[key]
                 q["counted_by"] = got.get("counted_by")
+                for p in q["partitions"]:  # index 0, counted by its primary
+                    for key in ("ready", "leased", "delayed", "counted_by"):
+                        p[key] = q[key]
         return status
 
     # -- the end -------------------------------------------------------------------------
