@@ -1,0 +1,223 @@
+#!/usr/bin/env python3
+"""Benchmark a deep backlog on one meshqd (issue 11): memory, restart, and throughput
+against a shallow queue in the same run.
+
+Usage: .venv/bin/python tools/bench_backlog.py [--messages 2000000] [--sample 100000]
+       [--body 1024] [--dir DIR] [--out FILE]
+
+It starts its own meshqd (embedded default, a scratch data dir under --dir) and, on it:
+
+1. shallow: --sample messages published into an empty queue (batches of 100, 8 in
+   flight), then consumed with one subscription (prefetch 100) acking each one;
+2. the deep queue filled with --messages bodies of --body bytes (batches of 500);
+3. --sample more published into the deep queue, then --sample consumed and acked from
+   it (its head: the oldest messages);
+4. meshqd stopped (SIGTERM) and started again: seconds from the start to its ready
+   line, and its memory once ready;
+5. shallow again, on a fresh queue beside the restored backlog.
+
+Throughout, a thread samples the resident memory of meshqd and its writer process
+(``/proc/<pid>/statm``) every 0.1 s; the peak of each phase is reported. Figures are
+ratios deep / shallow of the same run, against issue 11's targets: RSS <= 150 MiB
+throughout, restart to ready <= 3 s, consume+ack from the deep queue >= 0.8x a shallow
+one, publish into it >= 0.8x an empty one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import trio
+
+from meshq import AsyncClient
+from meshq.testing import DaemonProcess
+
+MIB = 1024 * 1024
+TARGETS = {"rss_mib": 150.0, "restart_s": 3.0, "consume_ratio": 0.8, "publish_ratio": 0.8}
+
+
+def resident(pid: int) -> int:
+    try:
+        with open(f"/proc/{pid}/statm", "rb") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return 0
+
+
+def children(pid: int) -> list[int]:
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children") as f:
+            return [int(p) for p in f.read().split()]
+    except OSError:
+        return []
+
+
+class MemoryWatch:
+    """Samples meshqd's and its writer's resident memory; the peak per phase."""
+
+    def __init__(self) -> None:
+        self.pid: int | None = None
+        self.peak = 0
+        self.now = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.wait(0.1):
+            pid = self.pid
+            if pid is None:
+                continue
+            self.now = resident(pid) + sum(resident(c) for c in children(pid))
+            self.peak = max(self.peak, self.now)
+
+    def phase(self) -> int:
+        """The peak since the last call (MiB), and start a new phase."""
+        peak, self.peak = self.peak, self.now
+        return round(peak / MIB)
+
+    def stop(self) -> None:
+        self._stop.set()
+
+
+async def publish(socket: str, queue: str, n: int, body: bytes, batch: int,
+                  window: int = 8) -> float:
+    """Confirmed messages per second, ``window`` batches in flight."""
+    async with AsyncClient(socket) as c:
+        await c.declare(queue)
+        left = n
+        t0 = time.perf_counter()
+
+        async def worker() -> None:
+            nonlocal left
+            while left > 0:
+                k = min(batch, left)
+                left -= k
+                await c.send_batch(queue, [body] * k)
+
+        async with trio.open_nursery() as nursery:
+            for _ in range(window):
+                nursery.start_soon(worker)
+        return n / (time.perf_counter() - t0)
+
+
+async def consume(socket: str, queue: str, n: int, prefetch: int = 100) -> float:
+    """Acked messages per second, one subscription acking each delivery (pipelined)."""
+    async with AsyncClient(socket) as c:
+        got = 0
+        t0 = time.perf_counter()
+        async with c.consume(queue, prefetch=prefetch) as sub, trio.open_nursery() as acks:
+            async for d in sub:
+                acks.start_soon(sub.ack, d)
+                got += 1
+                if got == n:
+                    break
+        return n / (time.perf_counter() - t0)
+
+
+def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
+    watch = MemoryWatch()
+    body = b"m" * args.body
+    daemon = DaemonProcess(work / "data").start()
+    out: dict[str, Any] = {"messages": args.messages, "sample": args.sample,
+                           "body_bytes": args.body}
+    try:
+        watch.pid = daemon.proc.pid if daemon.proc else None
+        sock = str(daemon.socket)
+        time.sleep(0.3)
+        out["rss_idle_mib"] = watch.phase()
+        out["publish_empty"] = trio.run(publish, sock, "shallow", args.sample, body, 100)
+        out["consume_shallow"] = trio.run(consume, sock, "shallow", args.sample)
+        out["rss_shallow_mib"] = watch.phase()
+        t0 = time.perf_counter()
+        done = 0
+        while done < args.messages:  # in slices, with progress
+            k = min(100_000, args.messages - done)
+            trio.run(publish, sock, "deep", k, body, 500)
+            done += k
+            print(f"  filled {done:,} / {args.messages:,} ({watch.now / MIB:,.0f} MiB)",
+                  file=sys.stderr, flush=True)
+        out["fill_rate"] = args.messages / (time.perf_counter() - t0)
+        out["rss_filled_mib"] = watch.phase()
+        out["publish_deep"] = trio.run(publish, sock, "deep", args.sample, body, 100)
+        out["consume_deep"] = trio.run(consume, sock, "deep", args.sample)
+        out["rss_deep_ops_mib"] = watch.phase()
+        daemon.stop(timeout=60)
+        watch.pid = None
+        t0 = time.perf_counter()
+        daemon.start(timeout=600)
+        out["restart_s"] = time.perf_counter() - t0
+        watch.pid = daemon.proc.pid if daemon.proc else None
+        time.sleep(0.3)
+        out["rss_restarted_mib"] = watch.phase()
+        out["publish_empty_after"] = trio.run(publish, sock, "shallow2", args.sample, body, 100)
+        out["consume_shallow_after"] = trio.run(consume, sock, "shallow2", args.sample)
+        out["rss_after_mib"] = watch.phase()
+    finally:
+        daemon.kill()
+        watch.stop()
+    out["rss_peak_mib"] = max(v for k, v in out.items() if k.startswith("rss_"))
+    out["publish_ratio"] = out["publish_deep"] / out["publish_empty"]
+    out["consume_ratio"] = out["consume_deep"] / out["consume_shallow"]
+    return out
+
+
+def report(r: dict[str, Any]) -> str:
+    def verdict(key: str, value: float) -> str:
+        target = TARGETS[key]
+        ok = value <= target if key in ("rss_mib", "restart_s") else value >= target
+        return "met" if ok else "MISSED"
+    rows = [
+        ("meshqd + writer RSS, peak", f"{r['rss_peak_mib']:,} MiB", "<= 150 MiB",
+         verdict("rss_mib", r["rss_peak_mib"])),
+        ("  idle / shallow / filled / deep ops / restarted / after",
+         " / ".join(str(r[k]) for k in ("rss_idle_mib", "rss_shallow_mib", "rss_filled_mib",
+                                         "rss_deep_ops_mib", "rss_restarted_mib",
+                                         "rss_after_mib")) + " MiB", "", ""),
+        ("restart to ready", f"{r['restart_s']:.2f} s", "<= 3 s",
+         verdict("restart_s", r["restart_s"])),
+        ("publish into the deep queue / an empty one",
+         f"{r['publish_deep']:,.0f} / {r['publish_empty']:,.0f} msg/s = "
+         f"{r['publish_ratio']:.2f}", ">= 0.8", verdict("publish_ratio", r["publish_ratio"])),
+        ("consume+ack from the deep queue / a shallow one",
+         f"{r['consume_deep']:,.0f} / {r['consume_shallow']:,.0f} msg/s = "
+         f"{r['consume_ratio']:.2f}", ">= 0.8", verdict("consume_ratio", r["consume_ratio"])),
+        ("shallow again after the restart: publish / consume",
+         f"{r['publish_empty_after']:,.0f} / {r['consume_shallow_after']:,.0f} msg/s", "", ""),
+        ("filling", f"{r['fill_rate']:,.0f} msg/s", "", ""),
+    ]
+    lines = [f"{r['messages']:,} x {r['body_bytes']:,} B queued; samples of {r['sample']:,}",
+             "| measure | figure | target | |", "|---|---|---|---|"]
+    lines += [f"| {a} | {b} | {c} | {d} |" for a, b, c, d in rows]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--messages", type=int, default=2_000_000, help="depth of the backlog")
+    p.add_argument("--sample", type=int, default=100_000,
+                   help="messages per publish / consume measurement")
+    p.add_argument("--body", type=int, default=1024, help="body bytes")
+    p.add_argument("--dir", help="parent of the scratch directory (default: system temp)")
+    p.add_argument("--out", help="write the figures as JSON here")
+    args = p.parse_args(argv)
+    with tempfile.TemporaryDirectory(prefix="meshq-bench-backlog-", dir=args.dir) as tmp:
+        result = run(args, Path(tmp))
+    print(report(result))
+    if args.out:
+        Path(args.out).write_text(json.dumps(result, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
