@@ -184,7 +184,7 @@ async def _run_node(config: Config, task_status: Any, node: Node,
         await nursery.start(node.run)  # membership, links, cluster layer, store, broker
         node.alarms = Alarms(config.data_dir, config.disk_free_limit,
                              config.memory_high_watermark,
-                             partial(system_sample, config.data_dir, node.store.helper_pids))
+                             partial(system_sample, config.data_dir), node.store.helper_pids)
         await nursery.start(node.alarms.run)  # disk and memory (meshq/resources.py)
         nursery.start_soon(_remember_alive, node)
         await nursery.start(server.run)

@@ -137,19 +137,26 @@ class Node:
         self.accepting_writes, self.not_accepting_reason = False, reason
 
     def check_writable(self) -> None:
+        """Any write (declares and bindings too): not while shutting down or while the
+        clock check fails."""
         if not self.accepting_writes:
             raise Unavailable(f"this node accepts no writes: {self.not_accepting_reason}")
-        alarm = None if self.alarms is None else self.alarms.reason()
-        if alarm is not None:
-            raise Unavailable(f"this node accepts no writes: {alarm}")
         if self.membership is not None and not self.membership.clock_status.accepting_writes:
             raise Unavailable(f"this node accepts no writes: "
                               f"{self.membership.clock_status.reason}")
 
+    def check_sendable(self) -> None:
+        """A send: as any write, and not while a resource alarm is raised (consumers, and
+        what they declare and bind to get going, go on: meshq/resources.py)."""
+        self.check_writable()
+        alarm = None if self.alarms is None else self.alarms.reason()
+        if alarm is not None:
+            raise Unavailable(f"this node accepts no writes: {alarm}")
+
     def writes(self) -> tuple[bool, str | None]:
-        """Whether writes are accepted now, and why not."""
+        """Whether sends are accepted now, and why not."""
         try:
-            self.check_writable()
+            self.check_sendable()
         except Unavailable as exc:
             return False, exc.message
         return True, None

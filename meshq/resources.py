@@ -5,7 +5,10 @@ While an alarm is raised the node refuses ``send`` with UNAVAILABLE and a reason
 names the limit and what to do, AMQP publishers that announce the capability get
 ``connection.blocked``, and ``meshq-ctl status`` (section ``resources``) and the metrics
 show it. Everything else goes on (receives, acks, purges, deletes), so that consumers can
-drain the backlog that caused it. An alarm clears on the first check under its limit.
+drain the backlog that caused it. An alarm clears on the first check under its limit;
+while the memory alarm is raised, each check first hands the C allocator's free memory
+back to the system (``malloc_trim``), since resident memory does not fall by itself
+after a backlog drains.
 
 ``Alarms.check`` is pure (tests feed it samples); ``Alarms.run`` samples the real
 system every CHECK_INTERVAL seconds: ``statvfs`` of the data directory, the resident
@@ -16,6 +19,8 @@ without the reason, or an alarm that blocks consumers.
 
 from __future__ import annotations
 
+import ctypes
+import logging
 import os
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -24,6 +29,8 @@ from pathlib import Path
 import trio
 
 __all__ = ["CHECK_INTERVAL", "Alarms", "Sample", "system_sample"]
+
+log = logging.getLogger("meshq.resources")
 
 CHECK_INTERVAL = 1.0  # seconds between samples
 _MIB = 1024 * 1024
@@ -44,11 +51,15 @@ class Alarms:
     """The disk and memory alarms of one node."""
 
     def __init__(self, data_dir: Path, disk_free_limit: int, memory_high_watermark: float,
-                 sample: Callable[[], Sample]) -> None:
+                 sample: Callable[[tuple[int, ...]], Sample],
+                 helpers: Callable[[], Iterable[int]] = tuple) -> None:
         self.data_dir = data_dir
         self.disk_free_limit = disk_free_limit
         self.memory_high_watermark = memory_high_watermark
-        self.sample = sample  # system_sample in the daemon; tests feed their own
+        # system_sample in the daemon (tests feed their own), given the pids of the
+        # helpers() (the store's writer), which are read on the event loop.
+        self.sample = sample
+        self.helpers = helpers
         self.raised: dict[str, str] = {}  # "disk" / "memory" -> the reason
         self.last: Sample | None = None
 
@@ -92,12 +103,28 @@ class Alarms:
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
                   ) -> None:
-        """Sample now (so that an alarm holds from the start), then every CHECK_INTERVAL."""
-        self.check(await trio.to_thread.run_sync(self.sample))
+        """Sample now (so that an alarm holds from the start), then every CHECK_INTERVAL.
+        A sample that fails (the file system errs) is logged and skipped."""
+        await self._check()
         task_status.started()
         while True:
             await trio.sleep(CHECK_INTERVAL)
-            self.check(await trio.to_thread.run_sync(self.sample))
+            await self._check()
+
+    async def _check(self) -> None:
+        pids = tuple(self.helpers())
+        trim = "memory" in self.raised
+        try:
+            s = await trio.to_thread.run_sync(self._sample, pids, trim)
+        except OSError as exc:
+            log.warning("resource check failed: %s", exc)
+            return
+        self.check(s)
+
+    def _sample(self, pids: tuple[int, ...], trim: bool) -> Sample:
+        if trim:  # freed memory the allocator kept would hold the alarm up: give it back
+            _malloc_trim()
+        return self.sample(pids)
 
 
 def _resident(pid: int | str) -> int:
@@ -120,9 +147,17 @@ def _memory_total() -> int:
     return total
 
 
-def system_sample(data_dir: Path, helpers: Callable[[], Iterable[int]] = tuple) -> Sample:
-    """Free space for ``data_dir``, and the resident memory of this process and of the
-    ``helpers()`` (the store's writer)."""
+def _malloc_trim() -> None:
+    """Return the C allocator's free memory to the system (glibc); elsewhere nothing."""
+    try:
+        ctypes.CDLL(None).malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+def system_sample(data_dir: Path, pids: Iterable[int] = ()) -> Sample:
+    """Free space for ``data_dir``, and the resident memory of this process and of
+    ``pids`` (the store's writer)."""
     st = os.statvfs(data_dir)
-    memory = _resident("self") + sum(_resident(pid) for pid in helpers())
+    memory = _resident("self") + sum(_resident(pid) for pid in pids)
     return Sample(st.f_bavail * st.f_frsize, memory, _memory_total())

@@ -24,6 +24,7 @@ from meshq.errors import NotFound, Unavailable
 from meshq.model import Message
 from meshq.states import State
 from meshq.store import Batch, MemoryStore, StoreError
+from meshq.store.base import MAX_BATCH_REQUESTS
 from meshq.testing import TrioClock
 
 
@@ -448,8 +449,10 @@ async def test_a_partition_held_alone_hands_a_lease_over_then_commits_it(
     conn = Conn(env)
     [mid] = await env.send(b"a")
     commits = env.store.commits
+    env.store.delays = lambda: 1.0  # commits take a virtual second from now on
     conn.consume(prefetch=1)
-    assert [d.id for d in conn.got] == [mid] and env.store.commits == commits
+    got = await conn.next()
+    assert got.id == mid and got.at == env.clock.time() and env.store.commits == commits
     row = env.store.messages[env.msg(mid).seq]
     assert (State(row[9]), row[10]) == (State.READY, 0)  # not on "disk" yet
     await env.store.flush()
@@ -466,7 +469,8 @@ async def test_a_lease_handed_over_early_whose_commit_fails_stays_with_its_consu
     conn = Conn(env)
     env.store.fail_next = True
     conn.consume(prefetch=1)
-    assert [(d.id, d.count) for d in conn.got] == [(mid, 1)]
+    d = await conn.next()
+    assert (d.id, d.count) == (mid, 1)
     await env.store.flush()
     assert env.store.failed_commits == 1 and env.msg(mid).state == State.LEASED
     assert (await conn.ack([mid]))["acked"] == [mid]
@@ -539,10 +543,13 @@ async def test_a_partition_held_alone_hands_a_new_message_over_before_its_commit
     await env.declare()
     conn = Conn(env)
     conn.consume(prefetch=1)
+    env.store.delays = lambda: 1.0  # commits take a virtual second
     pending = env.broker.send("q", [{"body": b"a"}, {"body": b"b"}])
-    assert [d.count for d in conn.got] == [1] and env.counts() == (0, 1, 0)
-    first = (await conn.next()).id
-    assert first not in stored_ids(env)  # not committed yet
+    assert env.counts() == (0, 1, 0)  # the other one is invisible until its commit
+    d = await conn.next()
+    first = d.id
+    assert d.count == 1 and first not in stored_ids(env)  # not committed yet
+    env.store.delays = None
     acked = env.broker.ack(conn.session, "q", [first])
     ids = await pending.wait()
     assert first == ids[0]
@@ -563,8 +570,10 @@ async def test_a_failed_commit_takes_back_a_message_handed_over_early(
     conn = Conn(env)
     conn.consume(prefetch=1)
     env.store.fail_next = True
+    env.store.delays = lambda: 1.0
     pending = env.broker.send("q", [{"body": b"lost"}])
-    [lost] = conn.got
+    lost = await conn.next()  # before the commit fails
+    env.store.delays = None
     with pytest.raises(StoreError):
         await pending.wait()
     assert env.counts() == (0, 0, 0) and env.store.messages == {}
@@ -580,8 +589,9 @@ async def test_a_consumer_gone_before_the_commit_of_its_early_delivery_releases_
     await env.declare()
     gone, other = Conn(env), Conn(env)
     gone.consume(prefetch=1)
+    env.store.delays = lambda: 1.0
     pending = env.broker.send("q", [{"body": b"a"}])
-    assert len(gone.got) == 1
+    await gone.next()
     env.broker.close_session(gone.session)
     [mid] = await pending.wait()
     assert env.msg(mid).state == State.READY and env.msg(mid).delivery_count == 1
@@ -757,3 +767,62 @@ async def test_a_dead_letter_cycle_loses_nothing(env: Env, autojump_clock: MockC
     [back] = await conn.receive("a")
     assert back.body == b"job" and back.id != mid
     assert back.headers["x-death"]["queue"] == "b"
+
+
+async def test_an_early_message_requeued_then_lost_to_a_failed_commit_is_gone_for_good(
+        env: Env, autojump_clock: MockClock) -> None:
+    """Handed over early, released (its consumer left), then its commit failed: it never
+    existed, so no one gets it later, and the counts and credit stay right."""
+    await env.declare()
+    first = Conn(env)
+    first.consume(prefetch=1)
+    env.store.fail_next = True
+    env.store.delays = lambda: 1.0
+    pending = env.broker.send("q", [{"body": b"lost"}])
+    lost = await first.next()
+    env.broker.close_session(first.session)  # back to ready, before the commit
+    assert env.counts() == (1, 0, 0)
+    env.store.delays = None
+    with pytest.raises(StoreError):
+        await pending.wait()
+    assert env.counts() == (0, 0, 0)
+    [kept] = await env.send(b"kept")
+    second = Conn(env)
+    second.consume(prefetch=1)
+    got = await second.next()
+    assert got.id == kept != lost.id and env.counts() == (0, 1, 0)
+    assert (await second.ack([kept]))["acked"] == [kept]
+    assert env.counts() == (0, 0, 0)
+
+
+async def test_a_sink_that_runs_ops_sees_no_half_made_send(
+        env: Env, autojump_clock: MockClock) -> None:
+    """A consumer's sink may run ops of its own (the AMQP bridge releases a delivery
+    whose consumer it no longer knows, which also cuts the open batch): it runs after the
+    send has taken its batch, so the send is confirmed only if its put committed, and a
+    sink that requeues at once does not recurse."""
+    await env.declare()
+    store = env.store
+    pushed: list[str] = []
+    settled = trio.Event()
+
+    def push(tag: str, msgs: list[Message]) -> None:
+        pushed.extend(m.id for m in msgs)
+        store.current_batch().requests = MAX_BATCH_REQUESTS
+        store.seal_if_full()  # cut the batch, as a request between two others does
+        if len(pushed) < 50:
+            env.broker.nack(session, "q", [m.id for m in msgs])  # straight back
+        else:
+            settled.set()
+
+    session = Session(push=push)
+    env.broker.consume(session, "q", 1)
+    store.fail_next = True  # the batch holding the put fails
+    pending = env.broker.send("q", [{"body": b"m"}])
+    with pytest.raises(StoreError):
+        await pending.wait()
+    await env.store.flush()
+    assert env.store.messages == {} and env.counts() == (0, 0, 0)
+    [mid] = await env.send(b"again")
+    await settled.wait()  # requeued and handed over again and again, without recursion
+    assert pushed[-1] == mid and env.counts() == (0, 1, 0)

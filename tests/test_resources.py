@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pika
 import pytest
+import trio
 
 from meshq.errors import Unavailable
 from meshq.resources import Alarms, Sample, system_sample
@@ -23,7 +24,7 @@ GIB = 1024 ** 3
 
 def test_each_alarm_is_raised_under_its_limit_and_clears_above_it() -> None:
     alarms = Alarms(Path("/data"), disk_free_limit=GIB, memory_high_watermark=0.5,
-                    sample=lambda: Sample(0, 0, 0))
+                    sample=lambda pids: Sample(0, 0, 0))
     alarms.check(Sample(disk_free=2 * GIB, memory=GIB, memory_total=4 * GIB))
     assert alarms.raised == {} and alarms.reason() is None
     alarms.check(Sample(disk_free=GIB - 1, memory=GIB, memory_total=4 * GIB))
@@ -43,7 +44,7 @@ def test_each_alarm_is_raised_under_its_limit_and_clears_above_it() -> None:
 
 
 def test_the_system_sample_sees_this_disk_and_this_process(tmp_path: Path) -> None:
-    s = system_sample(tmp_path, lambda: [os.getpid()])  # ourselves twice: a helper counts
+    s = system_sample(tmp_path, [os.getpid()])  # ourselves twice: a helper counts
     alone = system_sample(tmp_path)
     assert s.disk_free > 0 and 0 < alone.memory < s.memory <= s.memory_total
     st = os.statvfs(tmp_path)
@@ -97,6 +98,8 @@ def test_a_memory_alarm_blocks_an_amqp_publisher(tmp_path: Path) -> None:
             lambda _conn, frame: blocked.append(frame.method.reason))
         ch = conn.channel()
         ch.queue_declare("work")
+        ch.exchange_declare("jobs.x", "direct")  # what a consumer sets up still works
+        ch.queue_bind("work", "jobs.x", "k")
         ch.confirm_delivery()
         with pytest.raises(pika.exceptions.NackError):
             ch.basic_publish("", "work", b"x")
@@ -108,3 +111,36 @@ def test_a_memory_alarm_blocks_an_amqp_publisher(tmp_path: Path) -> None:
         conn.close()
         with d.client() as c:
             assert c.status()["resources"]["alarms"] == ["memory"]
+
+
+async def test_a_failing_sample_is_skipped_not_fatal(autojump_clock: object) -> None:
+    """statvfs can fail (an I/O error, a stale mount): the check is logged and skipped,
+    and the next one raises the alarm it finds; the helpers' pids reach the sampler."""
+    seen: list[tuple[int, ...]] = []
+    samples: list[Sample | OSError] = [OSError(5, "I/O error"),
+                                       Sample(disk_free=0, memory=1, memory_total=4)]
+
+    def sample(pids: tuple[int, ...]) -> Sample:
+        seen.append(pids)
+        got = samples.pop(0) if samples else Sample(GIB, 1, 4)
+        if isinstance(got, OSError):
+            raise got
+        return got
+
+    alarms = Alarms(Path("/data"), 1, 0.5, sample, helpers=lambda: [42])
+    checked: trio.MemorySendChannel[list[str]]
+    checked, results = trio.open_memory_channel[list[str]](10)
+    check = alarms.check
+
+    def counted(s: Sample) -> None:
+        check(s)
+        checked.send_nowait(sorted(alarms.raised))
+
+    alarms.check = counted  # type: ignore[method-assign]
+    async with trio.open_nursery() as nursery:
+        await nursery.start(alarms.run)
+        assert alarms.raised == {} and alarms.last is None  # the first sample failed
+        assert await results.receive() == ["disk"]
+        assert await results.receive() == []
+        nursery.cancel_scope.cancel()
+    assert seen[:3] == [(42,), (42,), (42,)]

@@ -179,6 +179,7 @@ class Broker:
         # Whether a lease may go to its consumer before its commit: only where this node
         # alone holds the partition and confirms its writes (set by the cluster layer).
         self.hand_over_early: Callable[[Queue], bool] = lambda q: True
+        self._token: trio.lowlevel.TrioToken | None = None
         self.tag_prefix = ""  # consumer tags start with it (the daemon: its node name)
         self.replica = Replica(self)  # the surface the cluster layer uses
 
@@ -586,8 +587,10 @@ class Broker:
             msg.early = False
             if lost and q.messages.get(msg.id) is msg:
                 self._detach(msg)
-                q.counts[msg.state] -= 1
+                msg.lease_deadline, msg.lease_id, msg.holder = None, 0, ""
+                q.set_state(msg, State.DROPPED)  # (a ready-heap entry of it goes stale)
                 q.remove(msg)
+                q.compact()
         return rest
 
     def _lease(self, q: Queue, msg: Message, c: Consumer, now: float) -> None:
@@ -626,11 +629,12 @@ class Broker:
         if not out:
             return
         if self.hand_over_early(q):
-            # Held alone: handed over now, the lease committed just after (RabbitMQ's
-            # classic queues deliver before their fsync too). A crash in between brings
-            # the message back with the count it had before.
+            # Held alone: handed over now (on the next turn), the lease committed just
+            # after (RabbitMQ's classic queues deliver before their fsync too). A crash in
+            # between brings the message back with the count it had before.
             for c, msgs in out.items():
-                self._hand_over(c, msgs)
+                c.pending += len(msgs)
+                self._deliver_soon(c, msgs)
             return
         # Held elsewhere too: a lease (and its delivery count) is durable on the write
         # quorum before the consumer sees the message, so that a new dispatcher after a
@@ -897,19 +901,18 @@ class Broker:
         return Pending(batch, ids, also=wait_for)
 
     def _hand_over_early(self, q: Queue, fresh: list[Message], now: float) -> None:
-        """Hand messages leased at send time to their consumers now, before their commit,
-        as RabbitMQ's classic queues do: the message and its lease commit together, so a
+        """Hand messages leased at send time to their consumers before their commit, as
+        RabbitMQ's classic queues do: the message and its lease commit together, so a
         crash before the commit loses both, and the producer, never confirmed, sends it
         again. Only on a partition this node holds alone (``hand_over_early``): a replica
         elsewhere could otherwise make a second dispatcher that does not know the lease.
         Indexed now, so that an ack, nack or disconnect before the commit acts on it (its
-        ops commit after the put); a failed commit takes it back (``_committed``)."""
+        ops commit after the put); a failed commit takes it back (``_settle_early``)."""
         out: dict[Consumer, list[Message]] = {}
         for msg in fresh:
             c = msg.owner
             if c is None or q.messages.get(msg.id) is not None or msg.id in q.tombs:
                 continue  # not leased at send time; or a twin, which _committed settles
-            c.pending -= 1
             c.session.leases[msg] = None
             self._add_timer(msg.lease_deadline, _T_LEASE, msg)  # type: ignore[arg-type]
             q.add(msg)
@@ -920,7 +923,16 @@ class Broker:
             else:
                 out[c] = [msg]
         for c, msgs in out.items():
-            self._hand_over(c, msgs)
+            self._deliver_soon(c, msgs)
+
+    def _deliver_soon(self, c: Consumer, msgs: list[Message]) -> None:
+        """Hand leases over on the scheduler's next turn, as ``_deliver`` does once a
+        commit is done: never inside the operation that took them, whose batch and state
+        a consumer's sink (which may run ops of its own) must not see half-made."""
+        if self._token is None:
+            self._token = trio.lowlevel.current_trio_token()
+        self._token.run_sync_soon(functools.partial(
+            self._deliver, c, msgs, [m.lease_id for m in msgs], None))
 
     def _resend(self, q: Queue, mid: str, dedup_id: str, expires_at: float) -> Batch | None:
         msg = q.messages.get(mid)

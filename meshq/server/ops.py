@@ -58,7 +58,7 @@ def _wrap(pending: Pending, key: str) -> Pending:
 
 
 def _send(s: ClientSession, req: dict[str, Any]) -> Result:
-    s.node.check_writable()
+    s.node.check_sendable()
     return _wrap(s.broker.send(_field(req, "queue"), _field(req, "messages")), "ids")
 
 

@@ -151,8 +151,8 @@ class SQLiteStore(Store):
             raise error
 
     def helper_pids(self) -> tuple[int, ...]:
-        proc = self._proc
-        return () if proc is None or proc.returncode is not None else (proc.pid,)
+        proc = self._proc  # (its returncode would reap it: a dead pid just reads as 0 B)
+        return () if proc is None else (proc.pid,)
 
     def statistics(self) -> StoreStatistics:
         size = 0
