@@ -562,17 +562,23 @@ async def test_a_partition_held_alone_hands_a_new_message_over_before_its_commit
     assert first not in env.broker.queues["q"].messages
 
 
-async def test_a_failed_commit_takes_back_a_message_handed_over_early(
-        env: Env, autojump_clock: MockClock) -> None:
-    """The producer hears UNAVAILABLE and the message never existed: the consumer's ack
-    of it fails, and its credit comes back."""
+async def handed_over_then_failing(env: Env) -> tuple[Conn, Any, Delivery]:
+    """A consumer with credit; a send whose commit takes a second and then fails; the
+    delivery it got early, before that."""
     await env.declare()
     conn = Conn(env)
     conn.consume(prefetch=1)
     env.store.fail_next = True
     env.store.delays = lambda: 1.0
     pending = env.broker.send("q", [{"body": b"lost"}])
-    lost = await conn.next()  # before the commit fails
+    return conn, pending, await conn.next()
+
+
+async def test_a_failed_commit_takes_back_a_message_handed_over_early(
+        env: Env, autojump_clock: MockClock) -> None:
+    """The producer hears UNAVAILABLE and the message never existed: the consumer's ack
+    of it fails, and its credit comes back."""
+    conn, pending, lost = await handed_over_then_failing(env)
     env.store.delays = None
     with pytest.raises(StoreError):
         await pending.wait()
@@ -773,13 +779,7 @@ async def test_an_early_message_requeued_then_lost_to_a_failed_commit_is_gone_fo
         env: Env, autojump_clock: MockClock) -> None:
     """Handed over early, released (its consumer left), then its commit failed: it never
     existed, so no one gets it later, and the counts and credit stay right."""
-    await env.declare()
-    first = Conn(env)
-    first.consume(prefetch=1)
-    env.store.fail_next = True
-    env.store.delays = lambda: 1.0
-    pending = env.broker.send("q", [{"body": b"lost"}])
-    lost = await first.next()
+    first, pending, lost = await handed_over_then_failing(env)
     env.broker.close_session(first.session)  # back to ready, before the commit
     assert env.counts() == (1, 0, 0)
     env.store.delays = None
