@@ -6,7 +6,7 @@ clock skew, a graceful leave -- with producers and consumers on random nodes, th
 waits for the replicas to converge and drains; the history checker then asserts no lost
 confirmed send, no ack or delete undone, no double lease while membership was stable.
 A failure prints the command that replays its seed. ``MESHQ_SIM_SEEDS`` sets how many
-(default 1500, to keep the suite within CI's budget); tools/simulate.py runs more, and
+(default 1000, to keep the suite within CI's budget); tools/simulate.py runs more, and
 heavier ones.
 """
 
@@ -22,7 +22,7 @@ import pytest
 from meshq.testing.sim import replay_command, run_seeds, simulate
 
 ROOT = Path(__file__).resolve().parent.parent
-SEEDS = int(os.environ.get("MESHQ_SIM_SEEDS", "1500"))
+SEEDS = int(os.environ.get("MESHQ_SIM_SEEDS", "1000"))
 CHUNK = 250  # seeds per test (each well within the suite's per-test time limit)
 CHUNKS = [range(start, min(start + CHUNK, SEEDS + 1)) for start in range(1, SEEDS + 1, CHUNK)]
 
