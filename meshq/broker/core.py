@@ -179,7 +179,9 @@ class Broker:
         # Whether a lease may go to its consumer before its commit: only where this node
         # alone holds the partition and confirms its writes (set by the cluster layer).
         self.hand_over_early: Callable[[Queue], bool] = lambda q: True
-        self._token: trio.lowlevel.TrioToken | None = None
+        self._soon: list[tuple[Consumer, list[Message], list[int]]] = []
+        self._soon_ready = trio.Event()
+        self._flushing = False
         self.tag_prefix = ""  # consumer tags start with it (the daemon: its node name)
         self.replica = Replica(self)  # the surface the cluster layer uses
 
@@ -225,8 +227,35 @@ class Broker:
 
     # -- the timer loop ------------------------------------------------------------------
     async def run(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
-        """Fire delays, lease deadlines, TTLs and dedup pruning, forever."""
-        task_status.started()
+        """Fire delays, lease deadlines, TTLs and dedup pruning, and hand over what
+        ``_deliver_soon`` queued, forever."""
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._hand_overs)
+            task_status.started()
+            await self._timers_loop()
+
+    async def _hand_overs(self) -> None:
+        while True:
+            await self._soon_ready.wait()
+            self._soon_ready = trio.Event()
+            self.flush_hand_overs()
+
+    def flush_hand_overs(self) -> None:
+        """Hand over what ``_deliver_soon`` queued. The client session calls it as soon as
+        an operation has returned; a task does it otherwise, on the next turn. Not from
+        within itself: what a consumer's sink queues (its own nack, say) waits for the
+        next turn, so a sink that requeues at once neither recurses nor spins."""
+        if self._flushing or not self._soon:
+            return
+        self._flushing = True
+        try:
+            soon, self._soon = self._soon, []
+            for c, msgs, leases in soon:
+                self._deliver(c, msgs, leases, None)
+        finally:
+            self._flushing = False
+
+    async def _timers_loop(self) -> None:
         while True:
             now = self.clock.time()
             if self.tick(now):  # more is due: let the event loop breathe, then go on
@@ -926,13 +955,12 @@ class Broker:
             self._deliver_soon(c, msgs)
 
     def _deliver_soon(self, c: Consumer, msgs: list[Message]) -> None:
-        """Hand leases over on the scheduler's next turn, as ``_deliver`` does once a
-        commit is done: never inside the operation that took them, whose batch and state
-        a consumer's sink (which may run ops of its own) must not see half-made."""
-        if self._token is None:
-            self._token = trio.lowlevel.current_trio_token()
-        self._token.run_sync_soon(functools.partial(
-            self._deliver, c, msgs, [m.lease_id for m in msgs], None))
+        """Hand leases over once the operation that took them has returned (the client
+        session flushes them then; else the next turn), as ``_deliver`` does once a
+        commit is done: never inside that operation, whose batch and state a consumer's
+        sink (which may run ops of its own) must not see half made."""
+        self._soon.append((c, msgs, [m.lease_id for m in msgs]))
+        self._soon_ready.set()  # (cheaper than run_sync_soon, which wakes the loop by fd)
 
     def _resend(self, q: Queue, mid: str, dedup_id: str, expires_at: float) -> Batch | None:
         msg = q.messages.get(mid)

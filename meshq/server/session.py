@@ -329,7 +329,10 @@ class ClientSession:
 
     async def _call_local(self, op: str, req: dict[str, Any],
                           handler: Handler) -> dict[str, Any]:
-        result = handler(self, req)
+        try:
+            result = handler(self, req)
+        finally:
+            self.broker.flush_hand_overs()  # the op is done: its early deliveries go now
         if isinstance(result, Pending):
             value: dict[str, Any] = await result.wait()
             return self._served_here(op, req, value)
@@ -400,6 +403,8 @@ class ClientSession:
         except Exception:
             self._internal_error(rid, op)
             return
+        finally:
+            self.broker.flush_hand_overs()  # the op is done: its early deliveries go now
         if isinstance(result, Pending):
             result.then(lambda value, err: self._finish(rid, op, req, value, err))
         elif isinstance(result, dict):
