@@ -28,7 +28,7 @@ from pathlib import Path
 
 import trio
 
-__all__ = ["CHECK_INTERVAL", "Alarms", "Sample", "system_sample"]
+__all__ = ["CHECK_INTERVAL", "Alarms", "Sample", "resident_bytes", "system_sample"]
 
 log = logging.getLogger("meshq.resources")
 
@@ -127,7 +127,8 @@ class Alarms:
         return self.sample(pids)
 
 
-def _resident(pid: int | str) -> int:
+def resident_bytes(pid: int | str) -> int:
+    """Resident memory of a process (``"self"``: this one); 0 if it is gone."""
     try:
         with open(f"/proc/{pid}/statm", "rb") as f:
             return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
@@ -159,5 +160,5 @@ def system_sample(data_dir: Path, pids: Iterable[int] = ()) -> Sample:
     """Free space for ``data_dir``, and the resident memory of this process and of
     ``pids`` (the store's writer)."""
     st = os.statvfs(data_dir)
-    memory = _resident("self") + sum(_resident(pid) for pid in pids)
+    memory = resident_bytes("self") + sum(resident_bytes(pid) for pid in pids)
     return Sample(st.f_bavail * st.f_frsize, memory, _memory_total())

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import tempfile
 import threading
@@ -40,18 +39,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import trio
 
 from meshq import AsyncClient
+from meshq.resources import resident_bytes
 from meshq.testing import DaemonProcess
 
 MIB = 1024 * 1024
 TARGETS = {"rss_mib": 150.0, "restart_s": 3.0, "consume_ratio": 0.8, "publish_ratio": 0.8}
-
-
-def resident(pid: int) -> int:
-    try:
-        with open(f"/proc/{pid}/statm", "rb") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-    except (OSError, ValueError, IndexError):
-        return 0
 
 
 def children(pid: int) -> list[int]:
@@ -78,7 +70,7 @@ class MemoryWatch:
             pid = self.pid
             if pid is None:
                 continue
-            self.now = resident(pid) + sum(resident(c) for c in children(pid))
+            self.now = resident_bytes(pid) + sum(resident_bytes(c) for c in children(pid))
             self.peak = max(self.peak, self.now)
 
     def phase(self) -> int:

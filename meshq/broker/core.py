@@ -658,9 +658,9 @@ class Broker:
         if not out:
             return
         if self.hand_over_early(q):
-            # Held alone: handed over now (on the next turn), the lease committed just
-            # after (RabbitMQ's classic queues deliver before their fsync too). A crash in
-            # between brings the message back with the count it had before.
+            # Held alone: handed over once this operation returns, the lease committed
+            # just after (RabbitMQ's classic queues deliver before their fsync too). A
+            # crash in between brings the message back with the count it had before.
             for c, msgs in out.items():
                 c.pending += len(msgs)
                 self._deliver_soon(c, msgs)
