@@ -85,6 +85,25 @@ async def test_a_failed_batch_writes_nothing_and_the_store_goes_on(store: SQLite
     assert store.statistics().failed_commits >= 1
 
 
+async def test_ship_now_hands_a_small_batch_to_the_idle_writer_at_once(
+        store: SQLiteStore) -> None:
+    """After a request, a small batch goes to the idle writer from the caller, without a
+    turn of the store's task; a big one, or one while another commits, waits for it."""
+    first = store.stage(put_op(message(1)))
+    store.ship_now()
+    assert list(store._inflight) == [first]  # taken, with no checkpoint in between
+    second = store.stage(put_op(message(2)))
+    store.ship_now()  # the writer is busy with the first: this one waits its turn
+    assert list(store._inflight) == [first] and store.current_batch() is second
+    await second.wait()
+    assert first.done and first.error is None
+    big = store.stage(put_op(message(3, b"x" * 8192)))
+    store.ship_now()  # over PIPE_BUF: left to the store's task
+    assert not store._inflight and store.current_batch() is big
+    await big.wait()
+    assert [m.seq for m in store.load().messages] == [1, 2, 3]
+
+
 async def test_a_dead_writer_stops_the_store(tmp_path: Path) -> None:
     s = SQLiteStore(tmp_path / "meshq.db")
     outcome: list[BaseException] = []

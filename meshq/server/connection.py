@@ -211,6 +211,8 @@ class Connection:
                     self.oversize_frame = isinstance(exc, FrameTooLarge)
                     await self._fail(exc)
                     return
+                finally:
+                    self.store.ship_now()
                 if not decoder.pending():
                     begun = None
                 elif begun is None or finished or waited:  # a new frame, or our pause

@@ -196,6 +196,9 @@ class Store(abc.ABC):
         self.ops_committed = 0
         self.failed_commits = 0
         self.commit_seconds = 0.0
+        # Called after each batch is finished here and its callbacks have run: where
+        # their answers can be written at once (meshq.amqp.server).
+        self.after_finish: list[Callable[[], None]] = []
 
     # -- interface for the broker ------------------------------------------------------
     def stage(self, op: Op) -> Batch:
@@ -240,18 +243,25 @@ class Store(abc.ABC):
         """Wait for staged ops; close the open batch and return it (now in flight)."""
         while True:  # the oldest first: a sealed batch always precedes the open one
             if self._sealed:
-                batch = self._sealed.popleft()
-                break
+                return self._take(self._sealed.popleft())
             if self._open.ops:
                 batch, self._open = self._open, Batch()
-                break
+                return self._take(batch)
             await self._has_work.wait()
             self._has_work = trio.Event()
+
+    def _take(self, batch: Batch) -> Batch:
         batch.started = time.perf_counter()
         self._inflight.append(batch)
         if self.gate is not None:
             self.gate.ship(batch)
         return batch
+
+    def ship_now(self) -> None:
+        """Call after a read's requests were handled: a store that can hand the open
+        batch to be committed without waiting (nothing else in flight) does it now
+        rather than at its writer task's next turn, one scheduler hop sooner. Batching is
+        unchanged under load: while one batch commits, the next one collects."""
 
     def finish(self, batch: Batch, error: BaseException | None) -> None:
         """Report the oldest in-flight batch committed (error None) or rolled back."""
@@ -270,6 +280,8 @@ class Store(abc.ABC):
             self.gate.committed(batch, error)
         else:
             batch.complete(error)
+        for fn in self.after_finish:
+            fn()
 
     def abandon(self) -> None:
         """The store stopped: every batch in flight has an unknown outcome."""

@@ -9,8 +9,10 @@ If the writer dies, ``run`` raises and the daemon stops rather than confirm noth
 from __future__ import annotations
 
 import os
+import select
 import subprocess
 import sys
+from collections import deque
 from typing import Any
 
 import msgpack
@@ -40,6 +42,8 @@ class SQLiteStore(Store):
         self._proc: trio.Process | None = None
         self._reply_buf = bytearray()
         self._send_lock = trio.Lock()
+        self._unanswered: deque[Batch] = deque()  # written to the writer, oldest first
+        self._room = trio.Event()  # set when a batch was answered
 
     def load(self) -> Snapshot:
         conn = connect(self.path)
@@ -79,23 +83,48 @@ class SQLiteStore(Store):
             [sys.executable, "-m", "meshq.store._writer", self.path],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE)
         try:
-            sent, to_confirm = trio.open_memory_channel[Batch](PIPELINE_DEPTH - 2)
             async with trio.open_nursery() as nursery:
-                nursery.start_soon(self._confirm, to_confirm)
+                nursery.start_soon(self._confirm)
                 task_status.started()
-                async with sent:
-                    while True:
-                        batch = await self.next_batch()
-                        await self._send(batch.ops)
-                        await sent.send(batch)
+                while True:
+                    while len(self._unanswered) >= PIPELINE_DEPTH:
+                        self._room = trio.Event()
+                        await self._room.wait()
+                    batch = await self.next_batch()
+                    self._unanswered.append(batch)  # (before the reply can come)
+                    await self._send(batch.ops)
         finally:
             self.abandon()
             with trio.CancelScope(shield=True):
                 await self._stop_writer()
 
-    async def _confirm(self, to_confirm: trio.MemoryReceiveChannel[Batch]) -> None:
-        async for batch in to_confirm:
+    def ship_now(self) -> None:
+        """Nothing in flight and a small open batch: write it to the idle writer's pipe
+        here, in one write that the pipe takes whole (PIPE_BUF), or leave it to ``run``."""
+        proc = self._proc
+        if (not self._open.ops or self._inflight or self._sealed or proc is None
+                or proc.stdin is None or self._send_lock.locked()):
+            return
+        if self._open.body_bytes > select.PIPE_BUF or len(self._open.ops) > 64:
+            return  # (surely too big: not worth packing twice)
+        data = _pack(self._open.ops)
+        if len(data) > select.PIPE_BUF:
+            return
+        try:
+            written = os.write(proc.stdin.fileno(), data)
+        except BlockingIOError:
+            return  # (an idle writer's pipe is empty; if not, run sends it)
+        except OSError:
+            return  # run's own write reports the lost writer
+        assert written == len(data)  # a write of at most PIPE_BUF bytes is all or nothing
+        batch, self._open = self._open, Batch()
+        self._unanswered.append(self._take(batch))
+
+    async def _confirm(self) -> None:
+        while True:
             error = await self._reply()
+            batch = self._unanswered.popleft()
+            self._room.set()
             if error is not None and not str(error).startswith(SKIPPED):
                 # The writer now refuses what was sent after the failed batch (it may
                 # build on it) until this marker tells it that we know.
