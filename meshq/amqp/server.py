@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import ipaddress
 import logging
+import math
 import os
 import socket
 import ssl
@@ -351,52 +352,57 @@ class _Driver:
         conn = self.conn
         closing_since: float | None = None
         tcp = _tcp_socket(self.stream) if hasattr(socket, "TCP_QUICKACK") else None
-        while True:
-            while (len(self._pending) > HIGH_WATER
-                   or self.bridge.sends_in_flight >= self.max_unconfirmed):
-                self._room = trio.Event()
-                await self._room.wait()
-            if conn.state is State.CLOSING:
-                closing_since = closing_since or trio.current_time()
-                deadline = closing_since + CLOSE_TIMEOUT
-            elif conn.state is not State.OPEN:
-                deadline = self.handshake_timeout + self._started
-            elif conn.heartbeat:
-                deadline = trio.current_time() + 2 * conn.heartbeat
-            else:
-                deadline = float("inf")
-            data = None
-            with trio.move_on_at(deadline):
+        # One cancel scope for the whole loop, its deadline moved before each read (cheaper
+        # than a scope per read); the other waits here are not under it.
+        with trio.CancelScope() as reading:
+            while True:
+                if (len(self._pending) > HIGH_WATER
+                        or self.bridge.sends_in_flight >= self.max_unconfirmed):
+                    reading.deadline = math.inf
+                    while (len(self._pending) > HIGH_WATER
+                           or self.bridge.sends_in_flight >= self.max_unconfirmed):
+                        self._room = trio.Event()
+                        await self._room.wait()
+                if conn.state is State.CLOSING:
+                    closing_since = closing_since or trio.current_time()
+                    reading.deadline = closing_since + CLOSE_TIMEOUT
+                elif conn.state is not State.OPEN:
+                    reading.deadline = self.handshake_timeout + self._started
+                elif conn.heartbeat:
+                    reading.deadline = trio.current_time() + 2 * conn.heartbeat
+                else:
+                    reading.deadline = math.inf
                 try:
                     data = await self.stream.receive_some(65536)
-                    quick_ack(tcp)
                 except (trio.BrokenResourceError, trio.ClosedResourceError):
                     self._peer_open = False
                     return
-            if data is None:
-                self._peer_open = False  # not waited for again
-                if conn.state is State.OPEN:
-                    log.info("AMQP client missed heartbeats (%d s): closing", conn.heartbeat)
-                return  # silent past its heartbeats, its handshake, or our close
-            if not data:
-                self._peer_open = False
-                return
-            try:
-                events = conn.receive_data(bytes(data))
-                self.bridge.receive(events)
-            except Exception:
-                self.bridge._crashed()
-                events = []
-            self.node.store.ship_now()
-            if conn.pending_login is not None:
-                user, password = conn.pending_login
-                ok = await trio.to_thread.run_sync(self.logins.verify, user, password)
-                conn.finish_login(user, ok)
-            self._kick()
-            self.write_now()
-            if conn.state is State.CLOSED or any(
-                    isinstance(e, ConnectionClosed) for e in events):
-                return
+                quick_ack(tcp)
+                if not data:
+                    self._peer_open = False
+                    return
+                try:
+                    events = conn.receive_data(bytes(data))
+                    self.bridge.receive(events)
+                except Exception:
+                    self.bridge._crashed()
+                    events = []
+                self.node.store.ship_now()
+                if conn.pending_login is not None:
+                    user, password = conn.pending_login
+                    reading.deadline = math.inf
+                    ok = await trio.to_thread.run_sync(self.logins.verify, user, password)
+                    conn.finish_login(user, ok)
+                self._kick()
+                self.write_now()
+                if conn.state is State.CLOSED or any(
+                        isinstance(e, ConnectionClosed) for e in events):
+                    return
+        # Only a passed deadline gets here: silent past its heartbeats, its handshake, or
+        # our close.
+        self._peer_open = False  # not waited for again
+        if conn.state is State.OPEN:
+            log.info("AMQP client missed heartbeats (%d s): closing", conn.heartbeat)
 
     async def _linger(self) -> None:
         """After the closing handshake: read and drop what the client still sends until it
