@@ -257,7 +257,7 @@ class Store(abc.ABC):
             self.gate.ship(batch)
         return batch
 
-    def ship_now(self) -> None:
+    def ship_now(self) -> None:  # noqa: B027 - optional hook
         """Call after a read's requests were handled: a store that can hand the open
         batch to be committed without waiting (nothing else in flight) does it now
         rather than at its writer task's next turn, one scheduler hop sooner. Batching is
@@ -280,8 +280,8 @@ class Store(abc.ABC):
             self.gate.committed(batch, error)
         else:
             batch.complete(error)
-        for fn in self.after_finish:
-            fn()
+        for hook in self.after_finish:
+            hook()
 
     def abandon(self) -> None:
         """The store stopped: every batch in flight has an unknown outcome."""

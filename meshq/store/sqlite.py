@@ -111,7 +111,7 @@ class SQLiteStore(Store):
         if len(data) > select.PIPE_BUF:
             return
         try:
-            written = os.write(proc.stdin.fileno(), data)
+            written = os.write(proc.stdin.fileno(), data)  # type: ignore[attr-defined]
         except BlockingIOError:
             return  # (an idle writer's pipe is empty; if not, run sends it)
         except OSError:
