@@ -19,6 +19,7 @@ from socket import gethostname
 from typing import Any
 
 from meshq.mesh.ring import DEFAULT_VNODES
+from meshq.model import MAX_PARTITIONS
 
 __all__ = [
     "AMQP_OFF",
@@ -163,6 +164,13 @@ def _check_positive_int(value: object) -> str | None:
 
 def _check_opt_positive_int(value: object) -> str | None:
     return None if value is None else _check_positive_int(value)
+
+
+def _check_partitions(value: object) -> str | None:
+    problem = None if value is None else _check_positive_int(value)
+    if problem is None and isinstance(value, int) and value > MAX_PARTITIONS:
+        return f"must be at most {MAX_PARTITIONS}, got {value}"
+    return problem
 
 
 def _check_vnodes(value: object) -> str | None:
@@ -356,6 +364,7 @@ _CHECKS: dict[str, Callable[[object], str | None]] = {
     "amqp_handshake_timeout": _check_positive_float,
     "vnodes": _check_vnodes,
     "write_quorum": _check_opt_positive_int,
+    "default_partitions": _check_partitions,
     "log_level": _check_log_level,
 }
 
@@ -444,6 +453,9 @@ class Config:
     # write quorum of queues that set none (None: a majority of their replicas).
     vnodes: int = DEFAULT_VNODES
     write_quorum: int | None = None
+    # Partitions of queues declared without the option (None: 1 on a lone node, else
+    # twice the members, at most 16; a fifo queue, or one that expires, gets 1).
+    default_partitions: int | None = None
     log_level: str = "info"
 
     def __post_init__(self) -> None:
@@ -498,7 +510,8 @@ _PATH_FIELDS = frozenset({"data_dir", "socket", "cluster_key_file", "amqp_tls_ce
                           "amqp_tls_key"})
 _INT_FIELDS = frozenset(
     {"max_frame_bytes", "max_message_bytes", "max_clock_offset_ms", "max_connections",
-     "vnodes", "write_quorum", "udp_packets_per_second", "max_inflight_requests",
+     "vnodes", "write_quorum", "default_partitions", "udp_packets_per_second",
+     "max_inflight_requests",
      "amqp_max_connections", "amqp_channel_max", "amqp_frame_max", "amqp_heartbeat",
      "amqp_max_unconfirmed", "disk_free_limit"}
 )

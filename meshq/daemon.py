@@ -151,6 +151,7 @@ def _settings(config: Config) -> NodeSettings:
         seeds=list(config.join) or known_peers(members_file),
         max_clock_offset_ms=config.max_clock_offset_ms, ntp_server=config.ntp_server,
         members_path=members_file, vnodes=config.vnodes, write_quorum=config.write_quorum,
+        default_partitions=config.default_partitions,
         limits=BrokerLimits(max_message_bytes=config.max_message_bytes,
                             dedup_window=config.dedup_window),
         max_frame_bytes=config.max_frame_bytes)

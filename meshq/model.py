@@ -13,9 +13,10 @@ from typing import Any
 from meshq.errors import BadRequest
 from meshq.states import State
 
-__all__ = ["ORDERINGS", "Message", "QueueOptions"]
+__all__ = ["MAX_PARTITIONS", "ORDERINGS", "Message", "QueueOptions"]
 
 ORDERINGS = ("fair", "fifo")
+MAX_PARTITIONS = 256
 
 
 def finite(value: float) -> bool:
@@ -56,6 +57,13 @@ class QueueOptions:
     # the routing key (None: the message's own).
     dead_letter_exchange: str | None = None
     dead_letter_routing_key: str | None = None
+    # Partitions (meshq.broker.partitions): None asks for the node's default when the
+    # queue is made; a queue made before partitions existed reads None, and has one.
+    partitions: int | None = None
+
+    @property
+    def partition_count(self) -> int:
+        return self.partitions or 1
 
     @classmethod
     def from_dict(cls, opts: dict[str, Any]) -> QueueOptions:
@@ -67,8 +75,11 @@ class QueueOptions:
         if unknown:
             raise BadRequest(f"unknown queue option(s): {', '.join(map(str, unknown))}")
         merged = {**asdict(cls()), **opts}
-        for key in ("replicas", "write_quorum", "max_deliveries", "max_length"):
+        for key in ("replicas", "write_quorum", "max_deliveries", "max_length",
+                    "partitions"):
             _number(merged, key, integer=True, minimum=1)
+        if merged["partitions"] is not None and merged["partitions"] > MAX_PARTITIONS:
+            raise BadRequest(f"option 'partitions' must be at most {MAX_PARTITIONS}")
         for key in ("message_ttl", "visibility_timeout", "expires"):
             _number(merged, key, integer=False, minimum=0.001)
         if merged["visibility_timeout"] is None:
@@ -95,8 +106,12 @@ class QueueOptions:
         return asdict(self)
 
     def diff(self, other: QueueOptions) -> list[str]:
-        """Names of the options that differ."""
+        """Names of the options that differ (``other`` asking no particular number of
+        partitions matches any)."""
         mine, theirs = self.to_dict(), other.to_dict()
+        mine["partitions"] = self.partition_count  # (None, on a queue made before: one)
+        if theirs["partitions"] is None:
+            theirs["partitions"] = mine["partitions"]
         return [key for key in mine if mine[key] != theirs[key]]
 
 

@@ -60,6 +60,7 @@ class NodeSettings:
     members_path: Path | None = None
     vnodes: int = DEFAULT_VNODES
     write_quorum: int | None = None
+    default_partitions: int | None = None
     limits: BrokerLimits = field(default_factory=BrokerLimits)
     swim: SwimConfig = field(default_factory=SwimConfig)
     max_frame_bytes: int = 8 * 1024 * 1024
@@ -204,7 +205,8 @@ class Node:
         queues = []
         for q in self.broker.stats():
             q = dict(q)
-            part = self.broker.queues[q["name"]]
+            parts = self.broker.queues[q["name"]]
+            part = parts[0]  # the queue-level placement fields: partition 0's
             if cluster is not None:
                 reps = cluster.replicas(part)
                 q["primary"] = reps.primary
@@ -214,17 +216,21 @@ class Node:
                 q["replicas_effective"] = len(reps.holders)
             else:
                 q["replicas_effective"] = 1
-            q["dispatching_here"] = part.active
-            q["copy_here"] = {"ready": part.ready, "leased": part.leased,
-                              "delayed": part.delayed, "tombstones": len(part.tombs)}
-            q["counted_by"] = self.name if part.active else None
-            # One entry per partition (every queue has one, index 0, for now).
-            q["partitions"] = [{
-                "index": part.index, "primary": q.get("primary", self.name),
-                "holders": q.get("holders", [self.name]),
-                "dispatching_here": part.active, "ready": q["ready"],
-                "leased": q["leased"], "delayed": q["delayed"],
-                "counted_by": q["counted_by"]}]
+            q["dispatching_here"] = any(p.active for p in parts)
+            q["copy_here"] = {"ready": sum(p.ready for p in parts),
+                              "leased": sum(p.leased for p in parts),
+                              "delayed": sum(p.delayed for p in parts),
+                              "tombstones": sum(len(p.tombs) for p in parts)}
+            q["counted_by"] = self.name if all(p.active for p in parts) else None
+            q["partitions"] = []
+            for p in parts:
+                reps_p = cluster.replicas(p) if cluster is not None else None
+                q["partitions"].append({
+                    "index": p.index,
+                    "primary": reps_p.primary if reps_p is not None else self.name,
+                    "holders": list(reps_p.holders) if reps_p is not None else [self.name],
+                    "dispatching_here": p.active, "ready": p.ready, "leased": p.leased,
+                    "delayed": p.delayed, "counted_by": self.name if p.active else None})
             queues.append(q)
         return {
             "node": {
@@ -299,7 +305,8 @@ def build_node(settings: NodeSettings, *, node_id: str, store: Store, snapshot: 
     placement = Placement(name, swim.members, vnodes=settings.vnodes)
     peers = LinkPeers(name, settings.cluster_name, transport, membership)
     cluster = Cluster(me=name, broker=broker, store=store, placement=placement, peers=peers,
-                      members=swim.member, write_quorum=settings.write_quorum, boot=boot)
+                      members=swim.member, write_quorum=settings.write_quorum, boot=boot,
+                      default_partitions=settings.default_partitions)
     membership.on_change = cluster.membership_changed
     peers.on_link_failure = membership.hint_unreachable
     node = Node(name=name, node_id=node_id, address=transport.local_address, broker=broker,

@@ -1,9 +1,11 @@
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
+import trio
+from test_broker import Env
 from test_membership import all_alive, eventually
 
 from meshq.errors import NotFound
@@ -21,6 +23,17 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if "slow" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture
+async def env() -> AsyncIterator[Env]:
+    """A Broker over a MemoryStore in virtual time (tests/test_broker.py's Env)."""
+    async with trio.open_nursery() as nursery:
+        e = Env(nursery)
+        await nursery.start(e.store.run)
+        await e.start(e.broker)
+        yield e
+        nursery.cancel_scope.cancel()
 
 
 @pytest.fixture

@@ -19,7 +19,7 @@ from meshq.testing import DaemonProcess
 OPTIONS = dict(replicas=2, write_quorum=None, message_ttl=30.0, visibility_timeout=4.0,
                max_deliveries=5,
                dead_letter_queue="dead", max_length=50, ordering="fair", expires=None,
-               dead_letter_exchange=None, dead_letter_routing_key=None)
+               dead_letter_exchange=None, dead_letter_routing_key=None, partitions=1)
 
 
 @pytest.fixture

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import gc
 import math
-from collections.abc import AsyncIterator
 from typing import Any, NamedTuple
 
 import pytest
@@ -44,8 +43,9 @@ class Conn:
         self.got: list[Delivery] = []
         self.cancelled: list[str] = []
         self._tx, self._rx = trio.open_memory_channel[Delivery](math.inf)
-        self.session = Session(push=self._push,
-                               cancelled=lambda tag, reason, final: self.cancelled.append(tag))
+        self.session = Session(
+            push=self._push,
+            cancelled=lambda tag, reason, final, index: self.cancelled.append(tag))
 
     def _push(self, tag: str, msgs: list[Message]) -> None:
         for m in msgs:
@@ -111,17 +111,7 @@ class Env:
         return tuple(self.stats(name)[k] for k in ("ready", "leased", "delayed"))  # type: ignore
 
     def msg(self, mid: str, queue: str = "q") -> Message:
-        return self.broker.queues[queue].messages[mid]
-
-
-@pytest.fixture
-async def env() -> AsyncIterator[Env]:
-    async with trio.open_nursery() as nursery:
-        e = Env(nursery)
-        await nursery.start(e.store.run)
-        await e.start(e.broker)
-        yield e
-        nursery.cancel_scope.cancel()
+        return self.broker.queues[queue][0].messages[mid]
 
 
 async def test_send_is_visible_only_once_committed(env: Env, autojump_clock: MockClock) -> None:
@@ -131,7 +121,7 @@ async def test_send_is_visible_only_once_committed(env: Env, autojump_clock: Moc
     conn.consume(prefetch=1)
     pending = env.broker.send("q", [{"body": b"a"}, {"body": "b"}, {"body": b"c"}])
     assert env.counts() == (0, 0, 0)
-    assert conn.got == [] and env.broker.queues["q"].messages == {}
+    assert conn.got == [] and env.broker.queues["q"][0].messages == {}
     ids = await pending.wait()
     assert ids == pending.result and len(set(ids)) == 3
     assert [env.msg(i).hlc for i in ids] == sorted(env.msg(i).hlc for i in ids)
@@ -170,7 +160,7 @@ async def test_failed_declare_loses_no_later_send(env: Env, autojump_clock: Mock
         await env.declare("p")
     [a] = await env.send(b"confirmed", queue="p")
     await env.restart()
-    assert list(env.broker.queues["p"].messages) == [a]
+    assert list(env.broker.queues["p"][0].messages) == [a]
 
 
 async def test_delay_holds_message_until_ready_at(env: Env, autojump_clock: MockClock) -> None:
@@ -269,7 +259,7 @@ async def test_max_length_drops_the_head(env: Env, autojump_clock: MockClock) ->
     _b, c, d = await env.send(b"b", b"c", b"d")
     assert env.counts() == (2, 0, 0) and env.stats()["dropped"] == 2
     assert [m.id for m in await conn.receive(n=10)] == [c, d]
-    assert a not in env.broker.queues["q"].messages
+    assert a not in env.broker.queues["q"][0].messages
 
 
 async def test_round_robin_with_prefetch(env: Env, autojump_clock: MockClock) -> None:
@@ -377,13 +367,13 @@ async def test_restart_restores_confirmed_state(env: Env, autojump_clock: MockCl
 
     new = await env.restart()
     assert new is not old and new.hlc.last >= last
-    assert new.queues["q"].options == old.queues["q"].options
+    assert new.queues["q"][0].options == old.queues["q"][0].options
     assert opts.items() <= env.stats()["options"].items()
     s = env.stats()
     assert (s["ready"], s["leased"], s["delayed"], s["expired"], s["dead_lettered"]) == (
         3, 0, 1, 1, 1)
     assert env.counts("dlq") == (1, 0, 0) and env.counts("other") == (0, 0, 0)  # x: was leased
-    assert sorted(new.queues["q"].messages) == sorted([b, c, d, k])
+    assert sorted(new.queues["q"][0].messages) == sorted([b, c, d, k])
     assert (env.msg(d).ready_at, env.msg(b).state, env.msg(b).delivery_count) == (
         ready_at, State.READY, 1)
     got = await conn.receive(n=10, visibility_timeout=1000)
@@ -559,7 +549,7 @@ async def test_a_partition_held_alone_hands_a_new_message_over_before_its_commit
     await env.store.flush()
     assert first not in stored_ids(env) and env.broker.totals["q"]["acked"] == 1
     await env.restart()
-    assert first not in env.broker.queues["q"].messages
+    assert first not in env.broker.queues["q"][0].messages
 
 
 async def handed_over_then_failing(env: Env) -> tuple[Conn, Any, Delivery]:
@@ -639,7 +629,7 @@ async def test_hlc_ceiling_is_written_ahead_not_with_every_commit(
     await env.store.flush()
     broker2 = await env.restart()
     [mid] = await env.send(b"after")
-    assert broker2.queues["q"].messages[mid].hlc > ceiling
+    assert broker2.queues["q"][0].messages[mid].hlc > ceiling
 
 
 async def test_a_dedup_hit_on_a_failed_send_fails_the_send_that_relied_on_it(
@@ -674,7 +664,7 @@ async def test_expired_messages_leave_no_garbage_in_the_ready_heap(
     for _ in range(3):
         await env.send(*[b"x"] * 2000)
         await trio.sleep(2)
-    q = env.broker.queues["q"]
+    q = env.broker.queues["q"][0]
     assert q.ready == 0 and env.stats()["expired"] == 6000
     assert len(q._ready) < 2048
 

@@ -69,12 +69,30 @@ def test_declare_sets_options_and_mismatch_is_precondition_failed(daemon):
                             "visibility_timeout": 5.0,
                             "max_deliveries": 3, "dead_letter_queue": "dlq",
                             "max_length": 10, "ordering": "fifo", "expires": 3600.0,
-                            "dead_letter_exchange": None, "dead_letter_routing_key": None}
+                            "dead_letter_exchange": None, "dead_letter_routing_key": None,
+                            "partitions": 1}
     ok(cli(daemon, "declare", "jobs", "--ttl", "60", "--visibility-timeout", "5",
            "--max-deliveries", "3", "--dead-letter-queue", "dlq", "--max-length", "10",
            "--ordering", "fifo", "--replicas", "2", "--expires", "3600"))  # idempotent
     err = failed(cli(daemon, "declare", "jobs", "--max-length", "11"), "PRECONDITION_FAILED")
     assert "jobs" in err and "max_length" in err
+
+
+def test_declare_partitions_and_send_with_a_partition_key(daemon):
+    out = ok(cli(daemon, "declare", "spread", "--partitions", "3"))
+    assert "partitions=3" in out
+    ids = [ok(cli(daemon, "send", "spread", f"m{i}", "--partition-key", "user7")).strip()
+           for i in range(3)]
+    with daemon.client() as c:
+        got = c.receive("spread", max=10, wait=1)
+        assert [d.id for d in got] == ids  # one key: one partition, in order
+        assert len({d.receipt.count("~") for d in got}) == 1
+        [s] = c.stats("spread")
+    assert s["options"]["partitions"] == 3
+    for args in (("declare", "bad", "--partitions", "0"),
+                 ("send", "spread", "-", "--partition-key", "k")):  # one BODY only
+        proc = cli(daemon, *args)
+        assert proc.returncode == 2 and args[-2].encode() in proc.stderr
 
 
 # --------------------------------------------------------------------------- send

@@ -194,6 +194,7 @@ def test_each_layer_wins_over_the_ones_below(
         ("max_connections", "10", "20", 10, 20),
         ("vnodes", "64", "256", 64, 256),
         ("write_quorum", "1", "2", 1, 2),
+        ("default_partitions", "4", "8", 4, 8),
     ],
 )
 def test_numeric_fields_file_then_env(
@@ -329,6 +330,8 @@ def test_tables_in_toml_are_unknown_keys(tmp_path: Path, base_env: dict[str, str
         ('log_level = "loud"', "log_level", "must be one of debug, info, warning, error"),
         ("max_connections = 0", "max_connections", "must be a positive integer"),
         ("vnodes = 100000", "vnodes", "must be at most 4096"),
+        ("default_partitions = 257", "default_partitions", "must be at most 256"),
+        ("default_partitions = 0", "default_partitions", "must be a positive integer"),
         ('allow_unkeyed_bind = "yes"', "allow_unkeyed_bind", "expected true or false"),
         ("socket_mode = 0o1777", "socket_mode", "from 0o000 to 0o777"),
         ("socket_mode = 0o066", "socket_mode", "0o600 at least"),
@@ -550,6 +553,7 @@ def test_to_dict_is_json_friendly() -> None:
         "amqp_handshake_timeout": 10.0,
         "vnodes": 128,
         "write_quorum": None,
+        "default_partitions": None,
         "log_level": "info",
     }
     assert json.loads(json.dumps(d)) == d

@@ -118,11 +118,13 @@ def test_status_json_matches_the_documentation(cluster: list[DaemonProcess]) -> 
         check_documented(section, status[section])
     parts = [p for q in status["queues"] for p in q["partitions"]]
     check_documented("queues[].partitions", parts)
-    for q in status["queues"]:
-        [p] = q["partitions"]  # one per queue, for now
-        assert p["index"] == 0 and p["primary"] == q["primary"]
-        assert (p["ready"], p["holders"], p["counted_by"]) == (
-            q["ready"], q["holders"], q["counted_by"])
+    [q] = status["queues"]  # orders: two partitions per member, by default
+    assert [p["index"] for p in q["partitions"]] == [0, 1, 2, 3]
+    assert q["partitions"][0]["primary"] == q["primary"]
+    assert {p["primary"] for p in q["partitions"]} == {"a", "b"}
+    assert sum(p["ready"] for p in q["partitions"]) == q["ready"] == 1
+    assert all(sorted(p["holders"]) == ["a", "b"] for p in q["partitions"])
+    assert {p["counted_by"] for p in q["partitions"]} == {"a", "b"}
     assert status["clock"]["max_clock_offset_ms"] == MAX_OFFSET_MS
     assert status["clock"]["ntp_server"] == NTP_SERVER
     assert status["clock"]["peers_measured"] == 1 and status["clock"]["min_peers"] == 2

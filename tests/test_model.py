@@ -17,7 +17,7 @@ from meshq.model import QueueOptions
 DEFAULTS = {"replicas": 3, "write_quorum": None, "message_ttl": None, "visibility_timeout": 30.0,
             "max_deliveries": None, "dead_letter_queue": None, "max_length": None,
             "ordering": "fair", "expires": None, "dead_letter_exchange": None,
-            "dead_letter_routing_key": None}
+            "dead_letter_routing_key": None, "partitions": None}
 
 GOOD: list[tuple[dict[str, Any], dict[str, Any]]] = [
     ({}, {}),
@@ -103,7 +103,8 @@ def test_every_option_at_once() -> None:
     given = {"replicas": 2, "write_quorum": 2, "message_ttl": 5, "visibility_timeout": 7,
              "max_deliveries": 3,
              "dead_letter_queue": "dead", "max_length": 100, "ordering": "fifo",
-             "expires": 60, "dead_letter_exchange": None, "dead_letter_routing_key": None}
+             "expires": 60, "dead_letter_exchange": None, "dead_letter_routing_key": None,
+             "partitions": 4}
     assert QueueOptions.from_dict(given).to_dict() == {
         **given, "message_ttl": 5.0, "visibility_timeout": 7.0, "expires": 60.0}
 

@@ -86,7 +86,7 @@ def drain(d: DaemonProcess, name: str, *, wait: float = 1.0) -> list[str]:
 def test_send_on_a_receive_on_c_through_the_primary_b(cluster) -> None:
     name = queue_with_primary("b", "jobs")
     with cluster["a"].client() as a:
-        a.declare(name, replicas=3)
+        a.declare(name, partitions=1, replicas=3)
         ids = [a.send(name, f"m{i}") for i in range(20)]
     with cluster["c"].client() as c:
         got = c.receive(name, max=20, wait=5)
@@ -103,7 +103,7 @@ def test_send_on_a_receive_on_c_through_the_primary_b(cluster) -> None:
 def test_fewer_than_w_reachable_is_unavailable(cluster) -> None:
     name = queue_with_primary("a", "lonely")
     with cluster["a"].client() as a:
-        a.declare(name, replicas=3)
+        a.declare(name, partitions=1, replicas=3)
         a.send(name, "before")
     cluster["b"].kill()
     cluster["c"].kill()
@@ -122,7 +122,7 @@ def test_confirmed_acks_do_not_come_back_after_the_primary_restarts(cluster) -> 
     another node; the old primary restarted: nothing is ready again."""
     name = queue_with_primary("a", "acked")
     with cluster["b"].client() as b:
-        b.declare(name, replicas=3)
+        b.declare(name, partitions=1, replicas=3)
         ids = b.send_batch(name, [f"m{i}" for i in range(50)])
     eventually(lambda: copy_here(cluster["c"], name).get("ready") == 50, 15, "c holds 50")
     cluster["a"].kill()
@@ -141,7 +141,7 @@ def test_a_deleted_queue_does_not_come_back_with_a_replica(cluster) -> None:
     the queue stays deleted everywhere and a send to it is NOT_FOUND."""
     name = queue_with_primary("a", "doomed")
     with cluster["a"].client() as a:
-        a.declare(name, replicas=3)
+        a.declare(name, partitions=1, replicas=3)
         a.send_batch(name, [f"m{i}" for i in range(10)])
     eventually(lambda: copy_here(cluster["c"], name).get("ready") == 10, 15, "c holds 10")
     cluster["c"].kill()
@@ -167,7 +167,7 @@ def test_a_consumer_survives_the_primarys_death(cluster) -> None:
     itself, and a producer on b sees no error."""
     name = queue_with_primary("a", "failover")
     with cluster["b"].client() as b:
-        b.declare(name, replicas=3, visibility_timeout=60)
+        b.declare(name, partitions=1, replicas=3, visibility_timeout=60)
         b.send_batch(name, [f"m{i}" for i in range(10)])
     with Client(cluster["c"].socket, timeout=60) as c, \
             Client(cluster["b"].socket, timeout=60) as b, c.consume(name, prefetch=5) as sub:
@@ -191,7 +191,7 @@ def test_a_consumer_survives_the_primarys_death(cluster) -> None:
 def test_a_deleted_queue_ends_subscriptions_with_an_exception(cluster) -> None:
     name = queue_with_primary("b", "gone")
     with cluster["a"].client() as a:
-        a.declare(name, replicas=3)
+        a.declare(name, partitions=1, replicas=3)
     with Client(cluster["c"].socket, timeout=30) as c, c.consume(name, prefetch=5) as sub:
         with cluster["a"].client() as a:
             a.delete(name)
@@ -225,7 +225,7 @@ def test_a_primary_with_a_skewed_clock_hands_over(tmp_path: Path) -> None:
         name = queue_with_primary("c", "skewed")
         eventually(lambda: all_alive(nodes, set(NAMES)), 15, "all alive")
         with a.client() as ca:
-            ca.declare(name, replicas=3)
+            ca.declare(name, partitions=1, replicas=3)
         eventually(lambda: status_of(a, name).get("primary") in ("a", "b"), 30,
                    "c is not primary (its clock is refused)")
         with c.client() as cc:
@@ -258,7 +258,7 @@ def test_kill_the_primary_mid_stream_loses_nothing_and_it_catches_up(cluster) ->
     is short here."""
     name = queue_with_primary("a", "stream")
     with cluster["b"].client() as b:
-        b.declare(name, replicas=3, visibility_timeout=5)
+        b.declare(name, partitions=1, replicas=3, visibility_timeout=5)
     confirmed: list[str] = []
     errors: list[BaseException] = []
     received: set[str] = set()
@@ -306,7 +306,7 @@ def test_kill_the_primary_mid_stream_loses_nothing_and_it_catches_up(cluster) ->
 def test_a_wiped_node_is_refilled_by_anti_entropy(cluster) -> None:
     name = queue_with_primary("a", "wiped")
     with cluster["b"].client() as b:
-        b.declare(name, replicas=3)
+        b.declare(name, partitions=1, replicas=3)
         ids = b.send_batch(name, [f"m{i}" for i in range(50)])
     c = cluster["c"]
     eventually(lambda: copy_here(c, name).get("ready") == 50, 15, "c holds all 50")
@@ -324,7 +324,16 @@ def test_competing_consumers_on_all_three_nodes_share_a_queue(cluster) -> None:
     name = queue_with_primary("b", "shared")
     total = 300
     with cluster["a"].client() as a:
-        a.declare(name, replicas=3)
+        a.declare(name, partitions=1, replicas=3)
+    counts = consumers_on_every_node(cluster, name, total, prefetch=5, batch=total)
+    for node, n in counts.items():  # round-robin: about a third each
+        assert total / 3 * 0.6 <= n <= total / 3 * 1.4, (node, counts)
+
+
+def consumers_on_every_node(cluster, name: str, total: int, *, prefetch: int,
+                            batch: int) -> dict[str, int]:
+    """A subscription on each node, then ``total`` messages sent on c in batches: how
+    many each node's consumer acked."""
     counts = dict.fromkeys(NAMES, 0)
     done = threading.Event()
     lock = threading.Lock()
@@ -332,7 +341,7 @@ def test_competing_consumers_on_all_three_nodes_share_a_queue(cluster) -> None:
 
     def consume(node: str) -> None:
         with Client(cluster[node].socket, timeout=30) as c:
-            sub = c.consume(name, prefetch=5)
+            sub = c.consume(name, prefetch=prefetch)
             subscribed.wait(15)
             while not done.is_set():
                 d = sub.get(timeout=0.5)
@@ -349,13 +358,13 @@ def test_competing_consumers_on_all_three_nodes_share_a_queue(cluster) -> None:
         t.start()
     subscribed.wait(15)
     with cluster["c"].client() as c:
-        c.send_batch(name, [f"m{i}" for i in range(total)])
+        for start in range(0, total, batch):
+            c.send_batch(name, [f"m{i}" for i in range(start, min(total, start + batch))])
     assert done.wait(60), counts
     for t in threads:
         t.join(10)
     assert sum(counts.values()) == total
-    for node, n in counts.items():  # round-robin: about a third each
-        assert total / 3 * 0.6 <= n <= total / 3 * 1.4, (node, counts)
+    return counts
 
 
 def test_a_join_moves_a_queue_to_its_new_holder(tmp_path: Path) -> None:
@@ -369,7 +378,7 @@ def test_a_join_moves_a_queue_to_its_new_holder(tmp_path: Path) -> None:
     try:
         eventually(lambda: all_alive(nodes, {"a", "b"}), 15, "a and b alive")
         with a.client() as ca:
-            ca.declare(name, replicas=2)
+            ca.declare(name, partitions=1, replicas=2)
             ids = ca.send_batch(name, [f"m{i}" for i in range(20)])
         eventually(lambda: copy_here(b, name).get("ready") == 20, 15, "b holds a copy")
         c = DaemonProcess(tmp_path / "c", node_name="c", args=["--join", a.bind]).start()
@@ -398,7 +407,7 @@ def test_a_node_away_longer_than_the_tombstone_window_must_be_wiped(tmp_path: Pa
     try:
         eventually(lambda: all_alive([a, b], {"a", "b"}), 15, "a and b alive")
         with a.client() as ca:
-            ca.declare("kept", replicas=2)
+            ca.declare("kept", partitions=1, replicas=2)
             ca.send("kept", "m")
         eventually(lambda: copy_here(b, "kept").get("ready") == 1, 15, "b holds a copy")
         assert b.stop() == 0
@@ -428,7 +437,7 @@ def test_sends_confirmed_while_the_primary_was_frozen_are_delivered_after_it_ret
     received, and no copy keeps a message."""
     name = queue_with_primary("a", "frozen")
     with cluster["b"].client() as b:
-        b.declare(name, replicas=3, visibility_timeout=30)
+        b.declare(name, partitions=1, replicas=3, visibility_timeout=30)
         before = b.send_batch(name, [f"before-{i}" for i in range(20)])
     a = cluster["a"]
     assert a.proc is not None

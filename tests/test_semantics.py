@@ -16,7 +16,7 @@ import meshq
 ALL_OPTIONS = dict(replicas=1, write_quorum=1, message_ttl=60.0, visibility_timeout=5.0,
                    max_deliveries=3,
                    dead_letter_queue="dlq", max_length=100, ordering="fifo", expires=3600.0,
-                   dead_letter_exchange=None, dead_letter_routing_key=None)
+                   dead_letter_exchange=None, dead_letter_routing_key=None, partitions=1)
 
 
 @pytest.fixture

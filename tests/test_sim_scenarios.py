@@ -28,7 +28,7 @@ def scenario(script, *, seed: int, nodes: int = 3):
 
 async def declare(sim: Simulation, node: str = "n1", **options) -> None:
     async with sim.client(node) as c:
-        await c.declare(Q, replicas=3, visibility_timeout=10, **options)
+        await c.declare(Q, replicas=3, visibility_timeout=10, **{"partitions": 1, **options})
     await sim.wait_converged()
 
 
@@ -77,7 +77,7 @@ def test_confirmed_acks_do_not_come_back_after_a_failover() -> None:
         for node in sorted(sim.nodes):
             assert await drain(sim, node, wait=0.5) == [], node
             live = sim.nodes[node].node
-            assert live is not None and not live.broker.queues[Q].messages
+            assert live is not None and not live.broker.queues[Q][0].messages
 
     scenario(script, seed=11)
 
@@ -122,7 +122,7 @@ def test_a_deleted_queue_stays_deleted_when_a_replica_returns() -> None:
                 with pytest.raises(NotFound):
                     await c.send(Q, "after")
         async with sim.client(victim) as c:  # declared again: a new, empty queue
-            await c.declare(Q, replicas=3, visibility_timeout=10)
+            await c.declare(Q, replicas=3, visibility_timeout=10, partitions=1)
             assert await c.receive(Q, max=10, wait=1.0) == []
 
     scenario(script, seed=13)
@@ -402,10 +402,10 @@ def test_a_partition_held_alone_hands_over_before_commit_and_loses_nothing_to_ki
     async def script(sim: Simulation) -> int:
         node = sim.nodes["n1"]
         async with sim.client("n1") as c:
-            await c.declare(Q, replicas=1, visibility_timeout=10)
+            await c.declare(Q, replicas=1, visibility_timeout=10, partitions=1)
         live = node.node
         assert live is not None and live.cluster is not None
-        assert live.cluster._held_alone(live.broker.queues[Q])  # the early path is on
+        assert live.cluster._held_alone(live.broker.queues[Q][0])  # the early path is on
         confirmed: set[str] = set()
         bodies: set[bytes] = set()
         delivered: dict[str, float] = {}

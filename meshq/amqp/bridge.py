@@ -363,19 +363,24 @@ class Bridge(Publishing, Declaring):
                                 "contains reserved prefix 'amq.*'")
         self._queue_name(ch, name, m)  # locked by another connection's exclusive declare?
         options = queue_options(m.arguments)
-        q = self.broker.queues.get(name)
+        qs = self.broker.queues.get(name)
+        q = qs[0] if qs else None
         req: dict[str, Any] = {"queue": name}
         if m.passive:
             req["passive"] = True
         elif q is not None:
-            differ = [k for k, v in options.items() if getattr(q.options, k) != v]
+            have = {k: q.options.partition_count if k == "partitions" else getattr(q.options, k)
+                    for k in options}
+            differ = [k for k, v in options.items() if have[k] != v]
             if differ:
                 raise ArgumentError(PRECONDITION_FAILED, f"PRECONDITION_FAILED - inequivalent "
                                     f"arg(s) for queue {name!r}: " + ", ".join(
-                                        f"{k} is {getattr(q.options, k)!r}, asked {options[k]!r}"
+                                        f"{k} is {have[k]!r}, asked {options[k]!r}"
                                         for k in differ))
             req["passive"] = True
         else:
+            if "partitions" not in options and self._partitions_by_default() is None:
+                options["partitions"] = 1  # one ordered queue, as RabbitMQ's, unless asked
             req["options"] = options
 
         creating = "options" in req  # exclusive and auto-delete only for a queue made here
@@ -391,6 +396,11 @@ class Bridge(Publishing, Declaring):
                                         int(result.get("consumers", 0)))
 
         self._sync(ch, "declare", req, m, done, nowait=m.nowait)
+
+    def _partitions_by_default(self) -> int | None:
+        """The config's ``default_partitions``, if the operator set one."""
+        cluster = self.node.cluster
+        return cluster.partitions_setting if cluster is not None else None
 
     def _queue_delete(self, ch: Channel, m: spec.Queue.Delete) -> None:
         name = self._queue_name(ch, m.queue, m)
@@ -628,14 +638,14 @@ class Bridge(Publishing, Declaring):
         due: dict[str, list[Unacked]] = {}
         for ch in self.channels.values():
             for u in ch.unacked.values():
-                q = self.broker.queues.get(u.queue)
-                vt = q.options.visibility_timeout if q is not None else 30.0
+                qs = self.broker.queues.get(u.queue)
+                vt = qs[0].options.visibility_timeout if qs else 30.0
                 if u.deadline - now < vt * RENEW_AT:
                     due.setdefault(u.queue, []).append(u)
                     u.deadline = now + vt
         for queue, items in due.items():
-            q = self.broker.queues.get(queue)
-            vt = q.options.visibility_timeout if q is not None else 30.0
+            qs = self.broker.queues.get(queue)
+            vt = qs[0].options.visibility_timeout if qs else 30.0
             self._op("extend", {"queue": queue, "ids": [u.receipt for u in items],
                                 "timeout": vt})
 

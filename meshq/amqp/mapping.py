@@ -272,6 +272,9 @@ def queue_options(arguments: dict[str, Any] | None) -> dict[str, Any]:
     expires = _int_arg(args, "x-expires", 1)
     if expires is not None:
         out["expires"] = expires / 1000.0
+    partitions = _int_arg(args, "x-meshq-partitions", 1)
+    if partitions is not None:
+        out["partitions"] = partitions
     return out
 
 

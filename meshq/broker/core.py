@@ -16,6 +16,7 @@ replica surface in meshq.broker.replica.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import heapq
 import itertools
@@ -29,6 +30,13 @@ from typing import Any
 import msgpack
 import trio
 
+from meshq.broker.partitions import (
+    RECEIPT_SEP,
+    RETRY_DEDUP,
+    key_partition,
+    parse_receipt,
+    spread,
+)
 from meshq.broker.queue import Consumer, Queue, Session
 from meshq.broker.replica import Moved, Replica, progress_of, record_of
 from meshq.clock import Clock
@@ -42,7 +50,7 @@ from meshq.cluster.lattice import (
 )
 from meshq.errors import BadRequest, NotFound, PreconditionFailed, TooLarge
 from meshq.hlc import HLC, pack, physical_ms
-from meshq.model import Message, QueueOptions, finite
+from meshq.model import MAX_PARTITIONS, Message, QueueOptions, finite
 from meshq.states import Event, State
 from meshq.store import (
     OP_CATALOG_PRUNE,
@@ -62,13 +70,14 @@ from meshq.store.base import delete_op, put_op, update_op
 __all__ = ["TOMBSTONE_WINDOW", "Broker", "BrokerLimits", "Moved", "Pending", "parse_receipt"]
 
 _T_DUE, _T_LEASE, _T_TTL = 0, 1, 2
+_consumer_tags = itertools.count(1)
 DEDUP_PRUNE_INTERVAL = 60.0
 EXPIRY_CHECK = 0.25  # s between checks for queues unused past their ``expires``
 HLC_CEILING_MS = 200  # how far the persisted HLC ceiling runs ahead (< max_clock_offset)
 HLC_REFRESH = pack(HLC_CEILING_MS // 2)  # renew the ceiling when this close to it
 TICK_BUDGET = 2000  # timers handled per event-loop turn
 LATE_HAND_OVER = 0.25  # s: a lease taken at send time and handed over later runs from then
-RECEIPT_SEP = "~"  # a receipt is "<message id>~<lease id in hex>"
+__all__ += ["RECEIPT_SEP"]
 
 
 class Pending:
@@ -117,15 +126,9 @@ def _number(value: Any, name: str, *, minimum: float = 0.0) -> float:
     return float(value)
 
 
-def parse_receipt(item: str) -> tuple[str, int | None]:
-    """A message id, or a receipt ``id~lease``: (id, lease id or None)."""
-    mid, sep, lease = item.partition(RECEIPT_SEP)
-    if not sep:
-        return mid, None
-    try:
-        return mid, int(lease, 16)
-    except ValueError:
-        return mid, -1  # matches no lease
+# A parsed message: body, headers, ttl, delay, dedup id, partition key.
+_Parsed = tuple[bytes, dict[str, Any], Any, Any, Any, Any]
+_MESSAGE_FIELDS = frozenset(("body", "headers", "ttl", "delay", "dedup_id", "partition_key"))
 
 
 class Broker:
@@ -146,7 +149,13 @@ class Broker:
         # by the AMQP layer (meshq.amqp.server), which owns exchanges
         self.route_dead_letter: Callable[[str, str, dict[str, Any]], list[str]] | None = None
         self.on_queue_deleted: Callable[[str], None] | None = None
-        self.queues: dict[str, Queue] = {}  # live queues (their one partition, index 0)
+        # Live queues: by name, their partitions in index order; by (name, index), each.
+        self.queues: dict[str, tuple[Queue, ...]] = {}
+        self.parts: dict[tuple[str, int], Queue] = {}
+        self._turn: dict[str, int] = {}  # per queue, the round-robin of unkeyed sends
+        # The number of partitions a queue gets when its declare does not say (the cluster
+        # layer sets it from the config and the cluster's size).
+        self.default_partitions: Callable[[QueueOptions], int] = lambda options: 1
         self._seq = 1
         self._timers: list[tuple[float, int, int, Message]] = []
         self._timer_ids = itertools.count()
@@ -179,6 +188,9 @@ class Broker:
         # Whether a lease may go to its consumer before its commit: only where this node
         # alone holds the partition and confirms its writes (set by the cluster layer).
         self.hand_over_early: Callable[[Queue], bool] = lambda q: True
+        # Whether this node is the first of a partition's preference list (the cluster
+        # layer says; a lone broker is everything's).
+        self.preferred_here: Callable[[Queue], bool] = lambda q: True
         self._soon: list[tuple[Consumer, list[Message], list[int]]] = []
         self._soon_ready = trio.Event()
         self._flushing = False
@@ -197,32 +209,31 @@ class Broker:
             self.catalog[name] = entry
             high = max(high, inc, dropped)
             if entry.live and not is_reserved(name):
-                fresh = Queue(name, QueueOptions.from_dict(entry.options), inc)
-                fresh.active = False
-                self.queues[name] = fresh
+                for fresh in self._make_queue(name, QueueOptions.from_dict(entry.options),
+                                              inc):
+                    fresh.active = False
         for name, idx, promised, tally in snap.partitions:
-            q = self.queues.get(name)
-            if q is not None and idx == q.index:
+            q = self.parts.get((name, idx))
+            if q is not None:
                 q.promised = promised
                 q.tally = {node: (int(v[0]), int(v[1]), int(v[2])) for node, v in tally.items()}
         for msg in snap.messages:
             self._seq = max(self._seq, msg.seq + 1)
             high = max(high, msg.hlc)
-            home = self.queues.get(msg.queue)
-            if home is None or msg.index != home.index or self.catalog[msg.queue].absorbs(
-                    msg.inc):
+            home = self.parts.get((msg.queue, msg.index))
+            if home is None or self.catalog[msg.queue].absorbs(msg.inc):
                 continue
             home.add(msg)
         for queue, idx, mid, at in sorted(snap.tombstones, key=lambda t: t[3]):
-            home = self.queues.get(queue)
-            if home is not None and idx == home.index:
+            home = self.parts.get((queue, idx))
+            if home is not None:
                 home.tombs[mid] = at
         for queue, dedup_id, mid, expires_at in snap.dedup:
             if expires_at > now:
                 self._dedup[queue, dedup_id] = (mid, expires_at, None)
         self.hlc.restore(high)
         if self.dispatch_by_default:
-            for q in self.queues.values():
+            for q in self.parts.values():
                 self.replica.activate(q, q.promised)
 
     # -- the timer loop ------------------------------------------------------------------
@@ -289,7 +300,7 @@ class Broker:
             if budget < 0:
                 break
             when, _, kind, msg = heapq.heappop(timers)
-            q = self.queues.get(msg.queue)
+            q = self.parts.get((msg.queue, msg.index))
             if q is None or not q.active or q.messages.get(msg.id) is not msg:
                 continue  # (activate() schedules an inactive partition's timers again)
             if kind == _T_DUE and msg.state == State.DELAYED and msg.ready_at == when:
@@ -316,7 +327,9 @@ class Broker:
         EXPIRY_CHECK s while some queue has the option. A queue newly dispatched here
         counts from then."""
         self._next_expiry = math.inf
-        for q in list(self.queues.values()):
+        for q in list(self.parts.values()):  # (a queue with ``expires`` has one partition)
+            if self.parts.get(q.part) is not q:
+                continue  # deleted in this very loop
             limit = q.options.expires
             if limit is None:
                 continue
@@ -350,7 +363,7 @@ class Broker:
             self._pruned = True
             return
         before = now - TOMBSTONE_WINDOW
-        for q in self.queues.values():
+        for q in self.parts.values():
             tombs = q.tombs
             while tombs:
                 mid, at = next(iter(tombs.items()))
@@ -365,14 +378,40 @@ class Broker:
             self.store.stage((OP_CATALOG_PRUNE, (before,)))
 
     # -- helpers -------------------------------------------------------------------------
-    def queue(self, name: Any) -> Queue:
-        """The queue called ``name``; NotFound (or BadRequest for a non-string) if none."""
+    def queue(self, name: Any) -> tuple[Queue, ...]:
+        """The partitions of the queue called ``name``; NotFound (or BadRequest for a
+        non-string) if none."""
         if not isinstance(name, str):
             raise BadRequest(f"queue name must be a string, not {type(name).__name__}")
-        q = self.queues.get(name)
-        if q is None:
+        qs = self.queues.get(name)
+        if qs is None:
             raise NotFound(f"queue {name!r} does not exist")
-        return q
+        return qs
+
+    def _chosen(self, qs: tuple[Queue, ...], indexes: Any) -> tuple[Queue, ...]:
+        """The partitions ``indexes`` names (None: those dispatched here, or all of them
+        where none is: they say they moved)."""
+        if indexes is None:
+            return tuple(q for q in qs if q.active) or qs
+        if (not isinstance(indexes, list | tuple) or not indexes
+                or not all(type(i) is int and 0 <= i < len(qs) for i in indexes)):
+            raise BadRequest(f"'partitions' must be a non-empty list of partition indexes "
+                             f"below {len(qs)}")
+        return tuple(qs[i] for i in sorted(set(indexes)))
+
+    def _make_queue(self, name: str, options: QueueOptions, inc: int) -> tuple[Queue, ...]:
+        """A queue's partitions, new, indexed (replacing any of an older incarnation)."""
+        for q in self.queues.pop(name, ()):
+            self.parts.pop(q.part, None)
+        qs = tuple(Queue(name, options, inc, i) for i in range(options.partition_count))
+        self.queues[name] = qs
+        for q in qs:
+            self.parts[q.part] = q
+        return qs
+
+    def live(self, q: Queue) -> bool:
+        """Whether ``q`` is still a partition of a live queue (not deleted since)."""
+        return self.parts.get(q.part) is q
 
     def _stamp(self, now: float) -> int:
         """A new HLC timestamp, below a durable ceiling (CockroachDB's persisted upper
@@ -409,9 +448,8 @@ class Broker:
         batch = self.store.stage((OP_QUEUE, (name, e.inc, msgpack.packb(
             e.options, use_bin_type=True), e.dropped, e.dropped_at)))
         if self.replicating:
-            q = self.queues.get(name)
             for change in e.changes():
-                self._emit(batch, q, change)
+                self._emit(batch, None, change)
         return batch
 
     def _stage_partition(self, q: Queue) -> Batch:
@@ -529,7 +567,7 @@ class Broker:
         layer; ``q`` itself excluded), with that exchange and key noted in ``death``."""
         o = q.options
         if o.dead_letter_queue is not None:
-            dlq = self.queues.get(o.dead_letter_queue)
+            dlq = self._partition_for(o.dead_letter_queue, msg.id)
             return [dlq] if dlq is not None else []
         if o.dead_letter_exchange is None or self.route_dead_letter is None:
             return []
@@ -539,7 +577,23 @@ class Broker:
             key = str(kept[1]) if isinstance(kept, list) and len(kept) == 3 else q.name
         death["exchange"], death["routing_key"] = o.dead_letter_exchange, key
         names = self.route_dead_letter(o.dead_letter_exchange, key, msg.headers)
-        return [self.queues[n] for n in names if n != q.name and n in self.queues]
+        out = [self._partition_for(n, msg.id) for n in names if n != q.name]
+        return [dlq for dlq in out if dlq is not None]
+
+    def _partition_for(self, name: str, key: str) -> Queue | None:
+        """The partition of queue ``name`` a message that is not sent (a dead letter) goes
+        to: one dispatched here, in turn, else the one its key maps to."""
+        qs = self.queues.get(name)
+        if qs is None:
+            return None
+        if len(qs) == 1:
+            return qs[0]
+        here = [q for q in qs if q.active]
+        if here:
+            turn = self._turn.get(name, 0)
+            self._turn[name] = turn + 1
+            return here[turn % len(here)]
+        return qs[key_partition(key, len(qs))]
 
     def _next_seq(self) -> int:
         seq = self._seq
@@ -565,11 +619,11 @@ class Broker:
                     msg.lease_deadline, msg.lease_id, msg.holder = None, 0, ""
                     self._progress(q, msg)
             error = None
-        if error is not None or self.queues.get(q.name) is not q:
+        if error is not None or self.parts.get(q.part) is not q:
             for msg in msgs:
                 if msg.owner is not None:
                     self._unreserve(msg)
-            if self.queues.get(q.name) is q:  # the refunded credit may take a ready one
+            if self.parts.get(q.part) is q:  # the refunded credit may take a ready one
                 self._dispatch(q, self.clock.time())
             return
         now = self.clock.time()
@@ -597,6 +651,8 @@ class Broker:
         for c, leased in out.items():
             self._hand_over(c, leased)
         limit = q.options.max_length
+        if limit is not None and q.options.partition_count > 1:  # its share of the bound
+            limit = -(-limit // q.options.partition_count)
         while limit is not None and q.ready > limit and q.active:
             head = q.pop_ready()
             if head is None:
@@ -629,7 +685,11 @@ class Broker:
         msg.lease_id = self._lease_id()
         msg.holder = c.session.holder or self.holder
         msg.owner = c
-        c.credit -= 1
+        if c.siblings is None:
+            c.credit -= 1
+        else:
+            for each in c.siblings:
+                each.credit -= 1
 
     def _dispatch(self, q: Queue, now: float) -> None:
         """Lease ready messages to consumers with credit, round-robin."""
@@ -687,7 +747,7 @@ class Broker:
                      and (m.owner is c or m.owner is None)]
             now = self.clock.time()
             for m in still:
-                q = self.queues.get(m.queue)
+                q = self.parts.get((m.queue, m.index))
                 if (q is not None and q.active and q.messages.get(m.id) is m
                         and self._renew_if_late(q, m, c, now)):
                     self._add_timer(m.lease_deadline, _T_LEASE, m)  # type: ignore[arg-type]
@@ -699,7 +759,7 @@ class Broker:
         # unless the new dispatcher moved on.
         now = self.clock.time()
         for m, lease in zip(msgs, leases, strict=True):
-            q = self.queues.get(m.queue)
+            q = self.parts.get((m.queue, m.index))
             if (q is None or q.messages.get(m.id) is not m or m.state != State.LEASED
                     or m.lease_id != lease or (m.owner is not c and m.owner is not None)):
                 continue
@@ -736,7 +796,8 @@ class Broker:
         msg.owner = None
         c.pending -= 1
         if not c.cancelled:
-            c.credit += 1
+            for each in c.siblings or (c,):
+                each.credit += 1
             if not c.replenish and c.pending == 0:
                 c.sink(c, [])  # wake the pull receive that waits for it
 
@@ -745,37 +806,47 @@ class Broker:
         if not isinstance(name, str) or not name or len(name) > 255 or is_reserved(name):
             raise BadRequest("queue name must be a non-empty string of at most 255 characters "
                              "not beginning with NUL")
-        q = self.queues.get(name)
+        qs = self.queues.get(name)
         if passive:
-            if q is None:
+            if qs is None:
                 raise NotFound(f"queue {name!r} does not exist")
-            self.used(q)
-            return Pending(q.created, self.queue_stats(q))
+            for q in qs:
+                self.used(q)
+            return Pending(qs[0].created, self.stats_of(name))
         opts = QueueOptions.from_dict(options or {})
         if opts.dead_letter_queue == name:
             raise BadRequest("a queue cannot be its own dead_letter_queue")
-        if q is not None:
+        if qs is not None:
+            q = qs[0]
             differ = q.options.diff(opts)
             if differ:
                 raise PreconditionFailed(
                     f"queue {name!r} exists with different options: "
                     + ", ".join(f"{k}={getattr(q.options, k)!r} (asked {getattr(opts, k)!r})"
                                 for k in differ))
-            self._ensure_created(q)
-            self.used(q)
+            for q in qs:
+                self._ensure_created(q)
+                self.used(q)
             created = q.created if q.created is not None and not q.created.done else None
-            return Pending(created, self.queue_stats(q))
+            return Pending(created, self.stats_of(name))
+        if opts.partitions is None:
+            opts = dataclasses.replace(opts, partitions=max(1, min(
+                MAX_PARTITIONS, self.default_partitions(opts))))
+        if opts.partition_count > 1 and opts.expires is not None:
+            raise BadRequest("option 'expires' (x-expires) is for queues of one partition; "
+                             "declare it with partitions=1")
         entry = self.catalog.get(name) or CatalogEntry(name)
         inc = max(self._stamp(self.clock.time()), entry.dropped + 1, entry.inc + 1)
         self.catalog[name] = join_catalog(entry, Decl(name, inc, opts.to_dict()))
-        q = Queue(name, opts, inc)
-        q.active = self.dispatch_by_default
-        self.queues[name] = q
-        if self.on_declare is not None:
-            self.on_declare(q)  # the cluster layer: dispatch it here, at a new epoch
-        q.created = self._stage_catalog(name)
-        self.used(q)
-        return Pending(q.created, self.queue_stats(q))
+        qs = self._make_queue(name, opts, inc)
+        created = self._stage_catalog(name)
+        for q in qs:
+            q.active = self.dispatch_by_default
+            q.created = created
+            if self.on_declare is not None:
+                self.on_declare(q)  # the cluster layer: dispatch it here, at a new epoch
+            self.used(q)
+        return Pending(created, self.stats_of(name))
 
     def put_entry(self, name: str, options: dict[str, Any]) -> Pending:
         """Declare a reserved catalog entry (an AMQP exchange or binding): replicated to
@@ -812,27 +883,37 @@ class Broker:
             q.created = self._stage_catalog(q.name)
 
     def delete_queue(self, name: Any) -> Pending:
-        q = self.queue(name)
+        qs = self.queue(name)
         if self.on_queue_deleted is not None:
-            self.on_queue_deleted(q.name)  # (the AMQP layer drops its bindings)
+            self.on_queue_deleted(name)  # (the AMQP layer drops its bindings)
         now = self.clock.time()
-        self.catalog[name] = join_catalog(self.catalog[name], Drop(name, q.inc, now))
-        count = len(q.messages)
-        self._drop(q, "queue deleted")
-        batch = self.store.stage((OP_DROP_QUEUE, (name, q.inc, now)))
+        inc = qs[0].inc
+        self.catalog[name] = join_catalog(self.catalog[name], Drop(name, inc, now))
+        count = sum(len(q.messages) for q in qs)
+        for q in qs:
+            self._drop(q, "queue deleted")
+        batch = self.store.stage((OP_DROP_QUEUE, (name, inc, now)))
         if self.replicating:
-            self._emit(batch, None, Drop(name, q.inc, now))
+            self._emit(batch, None, Drop(name, inc, now))
         return Pending(batch, count)
 
     def _drop(self, q: Queue, reason: str) -> None:
-        """Forget a deleted queue in memory: its consumers are told, for good."""
-        del self.queues[q.name]
-        self.totals.pop(q.name, None)
+        """Forget a deleted queue's partition in memory: its consumers are told, for
+        good; the last one forgets the queue."""
+        if self.parts.get(q.part) is q:
+            del self.parts[q.part]
+        rest = tuple(p for p in self.queues.get(q.name, ()) if p is not q)
+        if rest:
+            self.queues[q.name] = rest
+        else:
+            self.queues.pop(q.name, None)
+            self.totals.pop(q.name, None)
+            self._turn.pop(q.name, None)
         for c in list(q.consumers):
-            c.session.consumers.pop(c.tag, None)
+            c.session.forget(c)
             c.credit, c.cancelled = 0, True
             if c.replenish:
-                c.session.cancelled(c.tag, reason, True)
+                c.session.cancelled(c.tag, reason, True, q.index)
             else:
                 c.sink(c, [])
         q.consumers.clear()
@@ -841,37 +922,102 @@ class Broker:
                 self._detach(msg)
             q.move(msg, Event.DROP)
         q.messages.clear()
-        for key in [k for k in self._dedup if k[0] == q.name]:
-            del self._dedup[key]
-        if self.on_catalog is not None:
-            self.on_catalog(q.name)
+        if not rest:
+            for key in [k for k in self._dedup if k[0] == q.name]:
+                del self._dedup[key]
+            if self.on_catalog is not None:
+                self.on_catalog(q.name)
 
-    def purge(self, name: Any) -> Pending:
-        """Drop every ready and delayed message (leased ones stay, as in RabbitMQ)."""
-        q = self.queue(name)
-        doomed = [m for m in q.messages.values() if m.state in (State.READY, State.DELAYED)]
+    def purge(self, name: Any, indexes: Any = None) -> Pending:
+        """Drop every ready and delayed message (leased ones stay, as in RabbitMQ) of the
+        partitions dispatched here (or ``indexes``)."""
+        doomed = 0
         now = self.clock.time()
-        for msg in doomed:
-            q.move(msg, Event.DROP)
-            q.remove(msg)
-            self._delete(q, msg, now)
-        q.compact()
-        return Pending(self.store.current_batch() if doomed else None, len(doomed))
+        for q in self._chosen(self.queue(name), indexes):
+            gone = [m for m in q.messages.values() if m.state in (State.READY, State.DELAYED)]
+            for msg in gone:
+                q.move(msg, Event.DROP)
+                q.remove(msg)
+                self._delete(q, msg, now)
+            q.compact()
+            doomed += len(gone)
+        return Pending(self.store.current_batch() if doomed else None, doomed)
 
-    def send(self, name: Any, messages: Any) -> Pending:
-        """Stage a batch of messages; the Pending result is their ids, in order."""
-        q = self.queue(name)
+    def partition_of(self, qs: tuple[Queue, ...], partition_key: str | None,
+                     dedup_id: str | None) -> int | None:
+        """Where a message goes (meshq.broker.partitions), or None: anywhere. A client's
+        retry dedup id picks among the partitions whose preferred primary is this node
+        (the same ones until the ring changes, failovers or not), so that its retry
+        through this node meets the first copy's dedup entry without a relay hop."""
+        if len(qs) == 1:
+            return 0
+        if partition_key is not None:
+            return key_partition(partition_key, len(qs))
+        if dedup_id is None:
+            return None
+        if not dedup_id.startswith(RETRY_DEDUP):  # the user's: the same from any node
+            return key_partition(dedup_id, len(qs))
+        pool = [q.index for q in qs if self.preferred_here(q)] or list(range(len(qs)))
+        return pool[key_partition(dedup_id, len(pool))]
+
+    def _next_partition(self, qs: tuple[Queue, ...]) -> Queue:
+        """An unkeyed message's partition: one dispatched here, in turn (all of them when
+        none is: the caller routed it here, and its partitions tell it they moved)."""
+        here = [q for q in qs if q.active] or list(qs)
+        name = qs[0].name
+        turn = self._turn.get(name, 0)
+        self._turn[name] = turn + 1
+        return here[turn % len(here)]
+
+    def send(self, name: Any, messages: Any, index: Any = None) -> Pending:
+        """Stage a batch of messages; the Pending result is their ids, in order. Each goes
+        to the partition its key says, else ``index``, else the one dispatched here whose
+        turn it is (the unkeyed messages of one send stay together, in order)."""
+        qs = self.queue(name)
         if not isinstance(messages, list) or not messages:
             raise BadRequest("'messages' must be a non-empty list")
         if len(messages) > self.limits.max_batch:
             raise TooLarge(f"a batch holds at most {self.limits.max_batch} messages")
+        if index is not None and (type(index) is not int or not 0 <= index < len(qs)):
+            raise BadRequest(f"'partition' must be a partition index below {len(qs)}")
         now = self.clock.time()
         parsed = [self._parse_message(m, i) for i, m in enumerate(messages)]
+        by_part: dict[Queue, list[tuple[int, _Parsed]]] = {}
+        unkeyed: Queue | None = None  # (one per send, as Kafka's sticky partitioner)
+        for i, item in enumerate(parsed):
+            if index is not None:  # (the client's node placed it)
+                if item[5] is not None and key_partition(item[5], len(qs)) != index:
+                    raise BadRequest(f"message {i}: its partition_key belongs to partition "
+                                     f"{key_partition(item[5], len(qs))}, not {index}")
+                q = qs[index]
+            else:
+                at = self.partition_of(qs, item[5], item[4])
+                if at is not None:
+                    q = qs[at]
+                else:
+                    q = unkeyed = unkeyed or self._next_partition(qs)
+            if q in by_part:
+                by_part[q].append((i, item))
+            else:
+                by_part[q] = [(i, item)]
+        ids: list[str] = [""] * len(parsed)
+        waits: list[Batch] = []
+        staged = False
+        for q, items in by_part.items():
+            staged = self._send_to(q, items, now, ids, waits) or staged
+        wait_for = waits[-1] if waits else None  # (batches complete in order)
+        if not staged:
+            return Pending(wait_for, ids)
+        return Pending(self.store.current_batch(), ids, also=wait_for)
+
+    def _send_to(self, q: Queue, items: list[tuple[int, _Parsed]], now: float,
+                 ids: list[str], waits: list[Batch]) -> bool:
+        """Stage one partition's share of a send (ids go in at their places); True if
+        anything was staged."""
+        name = q.name
         self._ensure_created(q)
-        ids: list[str] = []
         fresh: list[Message] = []
         fresh_dedup: list[str | None] = []
-        wait_for: Batch | None = None
         window = self.limits.dedup_window
         qttl = q.options.message_ttl
         store = self.store
@@ -879,17 +1025,19 @@ class Broker:
         # same commit as the message itself: one commit from send to delivery.
         direct = q.options.ordering == "fair" and bool(q.consumers) and q.active
         early = direct and self.hand_over_early(q)
-        for body, headers, ttl, delay, dedup_id in parsed:
+        for at, (body, headers, ttl, delay, dedup_id, _key) in items:
             if dedup_id is not None:
                 hit = self._dedup.get((name, dedup_id))
                 if hit is not None and hit[1] > now:
-                    ids.append(hit[0])
+                    ids[at] = hit[0]
                     if hit[2] is not None and not hit[2].done:
-                        wait_for = hit[2]
+                        waits.append(hit[2])
                     elif hit[2] is not None and hit[2].error is not None:
                         # Its first send was not confirmed (the quorum failed after the
                         # local commit): replicate it again, and confirm it this time.
-                        wait_for = self._resend(q, hit[0], dedup_id, hit[1])
+                        again = self._resend(q, hit[0], dedup_id, hit[1])
+                        if again is not None:
+                            waits.append(again)
                     continue
             hlc = self._stamp(now)
             msg = Message(self._next_seq(), f"{hlc:016x}-{self.node_id}", name, body, headers,
@@ -914,12 +1062,12 @@ class Broker:
                 batch = self._put(q, msg, (dedup_id, now + window))
                 self._dedup[name, dedup_id] = (msg.id, now + window, batch)
                 store.stage((OP_DEDUP, (name, dedup_id, msg.id, now + window)))
-            ids.append(msg.id)
+            ids[at] = msg.id
             fresh.append(msg)
             fresh_dedup.append(dedup_id)
             self.in_flight[msg.id] = msg
         if not fresh:
-            return Pending(wait_for, ids)
+            return False
         if early:
             self._hand_over_early(q, fresh, now)
         batch = store.current_batch()
@@ -927,7 +1075,7 @@ class Broker:
             self._sends_batch, self._sends = batch, []
             batch.add_callback(functools.partial(self._sent, self._sends, batch))
         self._sends.append((q, fresh, fresh_dedup))
-        return Pending(batch, ids, also=wait_for)
+        return True
 
     def _hand_over_early(self, q: Queue, fresh: list[Message], now: float) -> None:
         """Hand messages leased at send time to their consumers before their commit, as
@@ -1004,15 +1152,25 @@ class Broker:
             else:
                 by_queue[q] = list(msgs)
         for q, msgs in by_queue.items():  # one dispatch per queue, not per send
-            if error is None and self.queues.get(q.name) is q:  # not deleted meanwhile
+            if error is None and self.parts.get(q.part) is q:  # not deleted meanwhile
                 self.totals[q.name]["published"] += len(msgs)
             self._committed(q, msgs, batch, error)
 
-    def _parse_message(self, m: Any, i: int) -> tuple[bytes, dict[str, Any], Any, Any, Any]:
+    def check_messages(self, messages: Any) -> None:
+        """Raise what ``send`` would about ``messages`` (before a send is split over
+        partitions, so that no part is written when another is refused)."""
+        if not isinstance(messages, list) or not messages:
+            raise BadRequest("'messages' must be a non-empty list")
+        if len(messages) > self.limits.max_batch:
+            raise TooLarge(f"a batch holds at most {self.limits.max_batch} messages")
+        for i, m in enumerate(messages):
+            self._parse_message(m, i)
+
+    def _parse_message(self, m: Any, i: int) -> _Parsed:
         if type(m) is dict and len(m) == 1:  # the common case: a body and nothing else
             body = m.get("body")
             if type(body) is bytes and len(body) <= self.limits.max_message_bytes:
-                return body, {}, None, None, None
+                return body, {}, None, None, None, None
         if not isinstance(m, dict):
             raise BadRequest(f"message {i} must be a map")
         body = m.get("body")
@@ -1037,45 +1195,59 @@ class Broker:
                                      or len(dedup_id) > 1024):
             raise BadRequest(f"message {i}: 'dedup_id' must be a non-empty string "
                              "(at most 1024 characters)")
-        unknown = set(m) - {"body", "headers", "ttl", "delay", "dedup_id"}
+        key = m.get("partition_key")
+        if key is not None and (not isinstance(key, str) or len(key) > 1024):
+            raise BadRequest(f"message {i}: 'partition_key' must be a string "
+                             "(at most 1024 characters)")
+        unknown = set(m) - _MESSAGE_FIELDS
         if unknown:
             raise BadRequest(
                 f"message {i}: unknown field(s) {', '.join(sorted(map(str, unknown)))}")
-        return body, headers, ttl, delay, dedup_id
+        return body, headers, ttl, delay, dedup_id, key
 
     def consume(self, session: Session, name: Any, prefetch: Any,
                 sink: Callable[[Consumer, list[Message]], None] | None = None,
-                tag: str | None = None) -> str:
-        """Subscribe: deliveries are pushed while the consumer has credit (prefetch)."""
-        q = self.queue(name)
+                tag: str | None = None, indexes: Any = None) -> str:
+        """Subscribe to the partitions dispatched here (or ``indexes``), one consumer each
+        under one tag, ``prefetch`` spread over all the queue's partitions: deliveries are
+        pushed while a partition's consumer has credit."""
+        qs = self.queue(name)
         if (isinstance(prefetch, bool) or not isinstance(prefetch, int)
                 or not 1 <= prefetch <= 65535):
             raise BadRequest("'prefetch' must be an integer from 1 to 65535")
-        c = Consumer(q, session, prefetch, replenish=True,
-                     sink=sink or (lambda c, msgs: c.session.push(c.tag, msgs)))
-        c.tag = tag or self.tag_prefix + c.tag  # unique in the cluster: a client may relay
-        session.consumers[c.tag] = c
-        q.consumers.append(c)
-        self.used(q)
-        self._dispatch(q, self.clock.time())
-        return c.tag
+        chosen = self._chosen(qs, indexes)
+        credits = spread(prefetch, len(qs))
+        tag = tag or f"{self.tag_prefix}c{next(_consumer_tags)}"  # unique in the cluster
+        taken = session.consumers.get(tag, ())  # (a subscription's part on each partition)
+        if any(c.queue.name != name or c.queue in chosen for c in taken):
+            raise BadRequest(f"consumer tag {tag!r} is in use on this connection")
+        deliver = sink or (lambda c, msgs: c.session.push(c.tag, msgs))
+        now = self.clock.time()
+        for q in chosen:
+            c = Consumer(q, session, credits[q.index], replenish=True, sink=deliver)
+            c.tag = tag
+            session.add(c)
+            q.consumers.append(c)
+            self.used(q)
+            self._dispatch(q, now)
+        return tag
 
     def cancel(self, session: Session, tag: Any) -> None:
         """Stop a subscription; its leases stay until acked, nacked or disconnected."""
-        c = session.consumers.pop(tag, None) if isinstance(tag, str) else None
-        if c is None:
+        cs = session.consumers.pop(tag, None) if isinstance(tag, str) else None
+        if cs is None:
             raise NotFound(f"no consumer {tag!r} on this connection")
-        c.credit, c.replenish, c.cancelled = 0, False, True
-        try:
-            c.queue.consumers.remove(c)
-        except ValueError:
-            pass
+        _stop_consumers(cs)
 
     async def receive(self, session: Session, name: Any, max_messages: Any = 1,
-                      wait: Any = 0.0, visibility_timeout: Any = None) -> list[Message]:
-        """Pull up to ``max_messages``, waiting up to ``wait`` s for the first to arrive.
-        Raises Moved if the partition moved to another node before anything came."""
-        q = self.queue(name)
+                      wait: Any = 0.0, visibility_timeout: Any = None,
+                      indexes: Any = None, *, stop: trio.Event | None = None,
+                      ) -> list[Message]:
+        """Pull up to ``max_messages`` from the partitions dispatched here (or
+        ``indexes``), waiting up to ``wait`` s for the first to arrive, or until the
+        caller sets ``stop`` (then it returns what it has, perhaps nothing). Raises Moved
+        if they moved to another node before anything came."""
+        qs = self._chosen(self.queue(name), indexes)
         if (isinstance(max_messages, bool) or not isinstance(max_messages, int)
                 or not 1 <= max_messages <= self.limits.max_batch):
             raise BadRequest(f"'max' must be an integer from 1 to {self.limits.max_batch}")
@@ -1083,61 +1255,85 @@ class Broker:
         vt = None if visibility_timeout is None else _number(
             visibility_timeout, "visibility_timeout", minimum=0.001)
         got: list[Message] = []
-        self.used(q)
+        for q in qs:
+            self.used(q)
         deadline = trio.current_time() + wait
         while True:
-            moved = await self._receive_once(q, session, max_messages, deadline, vt, got)
-            if got or moved or trio.current_time() >= deadline or self.queues.get(
-                    q.name) is not q:
+            moved = await self._receive_once(qs, session, max_messages, deadline, vt, got,
+                                             stop)
+            if got or moved or trio.current_time() >= deadline or not all(
+                    self.live(q) for q in qs) or (stop is not None and stop.is_set()):
                 break
             # Leases were granted and not confirmed (their batch failed): wait on.
         if not got and moved:
-            raise Moved(f"queue {q.name!r} moved to another node")
+            raise Moved(f"queue {qs[0].name!r} moved to another node")
         return got
 
-    async def _receive_once(self, q: Queue, session: Session, max_messages: int,
-                            deadline: float, vt: float | None, got: list[Message]) -> bool:
-        """One try of ``receive``; True when the partition moved meanwhile."""
-        arrived, settled = trio.Event(), trio.Event()
+    async def _receive_once(self, qs: tuple[Queue, ...], session: Session,
+                            max_messages: int, deadline: float, vt: float | None,
+                            got: list[Message], stop: trio.Event | None) -> bool:
+        """One try of ``receive``: a consumer on each partition, sharing one credit; True
+        when the partitions moved meanwhile."""
+        settled = trio.Event()
+        arrived = trio.Event()
+        cs: list[Consumer] = []
 
         def sink(c: Consumer, msgs: list[Message]) -> None:
             got.extend(msgs)
-            c.credit = 0
+            for each in cs:
+                each.credit = 0
             arrived.set()
-            if c.pending == 0:
+            if all(each.pending == 0 for each in cs):
                 settled.set()
 
-        c = Consumer(q, session, max_messages, replenish=False, sink=sink,
-                     visibility_timeout=vt)
-        q.consumers.append(c)
+        for q in qs:
+            c = Consumer(q, session, max_messages, replenish=False, sink=sink,
+                         visibility_timeout=vt)
+            c.siblings = cs
+            cs.append(c)
+            q.consumers.append(c)
         try:
-            self._dispatch(q, self.clock.time())
-            if c.pending == 0 and deadline > trio.current_time():
+            now = self.clock.time()
+            for c in cs:
+                self._dispatch(c.queue, now)
+            if (all(c.pending == 0 for c in cs) and deadline > trio.current_time()
+                    and not (stop is not None and stop.is_set())):
                 with trio.move_on_at(deadline):
-                    await arrived.wait()
+                    await _first_of(arrived, stop)
         finally:
-            c.credit = 0  # no new leases from here on
-            try:
-                q.consumers.remove(c)
-            except ValueError:
-                pass
-        if c.pending:  # leases granted whose commit is still under way
+            for c in cs:
+                c.credit = 0  # no new leases from here on
+                try:
+                    c.queue.consumers.remove(c)
+                except ValueError:
+                    pass
+        while any(c.pending for c in cs):  # leases granted whose commit is under way
+            settled = trio.Event()
             await settled.wait()
-        return c.moved or not q.active
+        return all(c.moved or not c.queue.active for c in cs)
 
-    def _leased_by(self, session: Session, q: Queue, ids: Any,
-                   ) -> tuple[list[Message], dict[str, str]]:
-        """The messages of ``ids`` this caller holds the lease of: by receipt (``id~lease``,
-        from any connection, until the lease's deadline), or by a bare id leased through
-        this very connection."""
+    def _leased_by(self, session: Session, qs: tuple[Queue, ...], ids: Any,
+                   ) -> tuple[dict[Queue, list[Message]], dict[str, str]]:
+        """The messages of ``ids`` this caller holds the lease of, by partition: by receipt
+        (``id~lease[~index]``, from any connection, until the lease's deadline), or by a
+        bare id leased through this very connection."""
         if not isinstance(ids, list) or not all(isinstance(i, str) for i in ids):
             raise BadRequest("'ids' must be a list of message ids or receipts")
-        mine, failed = [], {}
+        mine: dict[Queue, list[Message]] = {}
+        failed = {}
         now = self.clock.time()
         for item in ids:
-            mid, lease = parse_receipt(item)
-            msg = q.messages.get(mid)
-            if msg is None:
+            mid, lease, index = parse_receipt(item)
+            msg = q = None
+            if index is None:  # a bare id: whichever partition holds it
+                for q in qs:
+                    msg = q.messages.get(mid)
+                    if msg is not None:
+                        break
+            elif 0 <= index < len(qs):
+                q = qs[index]
+                msg = q.messages.get(mid)
+            if msg is None or q is None:
                 failed[item] = "no such message (already acked, expired or deleted)"
             elif msg.state != State.LEASED:
                 failed[item] = "not leased (lease expired or released)"
@@ -1146,84 +1342,86 @@ class Broker:
                                              and msg.lease_deadline <= now):
                     failed[item] = "lease expired or released (another lease holds it now)"
                 else:
-                    mine.append(msg)
+                    mine.setdefault(q, []).append(msg)
             elif msg.owner is None or msg.owner.session is not session:
                 failed[item] = "not leased to this connection (lease expired or released)"
             else:
-                mine.append(msg)
+                mine.setdefault(q, []).append(msg)
         return mine, failed
 
     def ack(self, session: Session, name: Any, ids: Any) -> Pending:
         """Remove leased messages; result is {'acked': [...], 'failed': {id: why}}."""
-        q = self.queue(name)
-        mine, failed = self._leased_by(session, q, ids)
+        mine, failed = self._leased_by(session, self.queue(name), ids)
         now = self.clock.time()
-        for msg in mine:
-            self._detach(msg)
-            q.move(msg, Event.ACK)
-            q.remove(msg)
-            self._delete(q, msg, now)
-        if mine:
+        acked: list[str] = []
+        for q, msgs in mine.items():
+            for msg in msgs:
+                self._detach(msg)
+                q.move(msg, Event.ACK)
+                q.remove(msg)
+                self._delete(q, msg, now)
+                acked.append(msg.id)
             self._dispatch(q, now)
-        result = {"acked": [m.id for m in mine], "failed": failed}
-        pending = Pending(self.store.current_batch() if mine else None, result)
-        if mine:  # counted once durable, as sends are
-            pending.then(functools.partial(self._count_acked, q, len(mine)))
+        result = {"acked": acked, "failed": failed}
+        pending = Pending(self.store.current_batch() if acked else None, result)
+        if acked:  # counted once durable, as sends are
+            pending.then(functools.partial(self._count_acked, name, len(acked)))
         return pending
 
-    def _count_acked(self, q: Queue, n: int, _result: Any,
+    def _count_acked(self, name: str, n: int, _result: Any,
                      error: BaseException | None) -> None:
-        if error is None and self.queues.get(q.name) is q:
-            self.totals[q.name]["acked"] += n
+        if error is None and name in self.queues:
+            self.totals[name]["acked"] += n
 
     def nack(self, session: Session, name: Any, ids: Any, *, requeue: Any = True,
              delay: Any = 0.0) -> Pending:
         """Requeue now or after ``delay`` s, or (requeue=False) dead-letter right away."""
-        q = self.queue(name)
+        qs = self.queue(name)
         if not isinstance(requeue, bool):
             raise BadRequest("'requeue' must be a boolean")
         delay = _number(delay, "delay")
-        mine, failed = self._leased_by(session, q, ids)
+        mine, failed = self._leased_by(session, qs, ids)
         now = self.clock.time()
-        for msg in mine:
-            if not requeue:
-                self._dead_letter(q, msg, "rejected", now)
-            else:
-                self._end_lease(q, msg, now, Event.REQUEUE_LATER if delay else Event.REQUEUE,
-                                delay)
-        if mine:
+        nacked: list[str] = []
+        for q, msgs in mine.items():
+            for msg in msgs:
+                if not requeue:
+                    self._dead_letter(q, msg, "rejected", now)
+                else:
+                    self._end_lease(q, msg, now,
+                                    Event.REQUEUE_LATER if delay else Event.REQUEUE, delay)
+                nacked.append(msg.id)
             self._dispatch(q, now)
-        result = {"nacked": [m.id for m in mine], "failed": failed}
-        return Pending(self.store.current_batch() if mine else None, result)
+        result = {"nacked": nacked, "failed": failed}
+        return Pending(self.store.current_batch() if nacked else None, result)
 
     def extend(self, session: Session, name: Any, ids: Any, timeout: Any) -> dict[str, Any]:
         """Move the lease deadline of leased messages to now + ``timeout`` s."""
-        q = self.queue(name)
+        qs = self.queue(name)
         timeout = _number(timeout, "timeout", minimum=0.001)
-        mine, failed = self._leased_by(session, q, ids)
+        mine, failed = self._leased_by(session, qs, ids)
         now = self.clock.time()
-        for msg in mine:
-            msg.lease_deadline = now + timeout
-            self._add_timer(msg.lease_deadline, _T_LEASE, msg)
-            self._progress(q, msg)
-        return {"extended": [m.id for m in mine], "failed": failed}
+        extended: list[str] = []
+        for q, msgs in mine.items():
+            for msg in msgs:
+                msg.lease_deadline = now + timeout
+                self._add_timer(msg.lease_deadline, _T_LEASE, msg)
+                self._progress(q, msg)
+                extended.append(msg.id)
+        return {"extended": extended, "failed": failed}
 
     def close_session(self, session: Session, *, release: bool = True) -> None:
         """The connection is gone: drop its consumers and (``release``) its leases. A
         relayed connection that broke keeps its leases: its client may ack them by
         receipt through another path until their deadline."""
         session.closed = True
-        for c in session.consumers.values():
-            c.credit, c.replenish, c.cancelled = 0, False, True
-            try:
-                c.queue.consumers.remove(c)
-            except ValueError:
-                pass
+        for cs in session.consumers.values():
+            _stop_consumers(cs)
         session.consumers.clear()
         now = self.clock.time()
         touched: dict[Queue, None] = {}
         for msg in list(session.leases):
-            q = self.queues.get(msg.queue)
+            q = self.parts.get((msg.queue, msg.index))
             if q is None or q.messages.get(msg.id) is not msg or msg.state != State.LEASED:
                 continue
             if release and q.active:
@@ -1250,8 +1448,44 @@ class Broker:
             "options": q.options.to_dict(),
         }
 
+    def stats_of(self, name: str, indexes: Any = None) -> dict[str, Any]:
+        """A queue's stats summed over its partitions (or ``indexes``); ``consumers``:
+        the most any one partition has (a subscription has a consumer on each)."""
+        qs = self.queue(name)
+        chosen = qs if indexes is None else self._chosen(qs, indexes)
+        out = self.queue_stats(chosen[0])
+        for q in chosen[1:]:
+            more = self.queue_stats(q)
+            for key in ("ready", "leased", "delayed", "dead_lettered", "expired", "dropped"):
+                out[key] += more[key]
+            out["consumers"] = max(out["consumers"], more["consumers"])
+        return out
+
     def stats(self, name: Any = None) -> list[dict[str, Any]]:
         if name is not None:
-            return [self.queue_stats(self.queue(name))]
-        return [self.queue_stats(q) for q in sorted(self.queues.values(), key=lambda q: q.name)]
+            self.queue(name)
+            return [self.stats_of(name)]
+        return [self.stats_of(n) for n in sorted(self.queues)]
 
+
+def _stop_consumers(cs: list[Consumer]) -> None:
+    """No more deliveries to ``cs`` (cancelled, or their connection closed)."""
+    for c in cs:
+        c.credit, c.replenish, c.cancelled = 0, False, True
+        try:
+            c.queue.consumers.remove(c)
+        except ValueError:
+            pass
+
+
+async def _first_of(event: trio.Event, other: trio.Event | None) -> None:
+    """Wait until ``event`` or ``other`` (if any) is set."""
+    if other is None:
+        await event.wait()
+        return
+    async with trio.open_nursery() as nursery:
+        async def one(e: trio.Event) -> None:
+            await e.wait()
+            nursery.cancel_scope.cancel()
+        nursery.start_soon(one, event)
+        nursery.start_soon(one, other)

@@ -27,29 +27,42 @@ class Session:
     """A client connection as the broker sees it.
 
     ``push(tag, messages)`` hands deliveries for consumer ``tag`` to the connection and
-    ``cancelled(tag, reason, final)`` says the broker ended a consumer: ``final`` when its
-    queue was deleted, else because the partition moved to another node (subscribe
-    again, there); neither may block. ``leases`` is every message leased through
-    this session.
+    ``cancelled(tag, reason, final, index)`` says the broker ended a consumer of partition
+    ``index``: ``final`` when its queue was deleted, else because the partition moved to
+    another node (subscribe again, there); neither may block. ``consumers``: per tag, a
+    consumer for each partition subscribed here. ``leases`` is every message leased
+    through this session.
     """
 
     def __init__(self, push: Callable[[str, list[Message]], None] | None = None,
-                 cancelled: Callable[[str, str, bool], None] | None = None,
+                 cancelled: Callable[[str, str, bool, int], None] | None = None,
                  peer: str = "") -> None:
         self.push = push or (lambda tag, msgs: None)
-        self.cancelled = cancelled or (lambda tag, reason, final: None)
+        self.cancelled = cancelled or (lambda tag, reason, final, index: None)
         self.peer = peer
         self.holder = ""  # "node/boot" its leases are recorded under ("": this process)
-        self.consumers: dict[str, Consumer] = {}
+        self.consumers: dict[str, list[Consumer]] = {}
         self.leases: dict[Message, None] = {}  # (a dict: deterministic order)
         self.closed = False
+
+    def add(self, c: Consumer) -> None:
+        self.consumers.setdefault(c.tag, []).append(c)
+
+    def forget(self, c: Consumer) -> None:
+        """``c`` ended (its partition went away or moved): its tag lives on while another
+        partition's consumer does."""
+        cs = self.consumers.get(c.tag)
+        if cs is not None and c in cs:
+            cs.remove(c)
+            if not cs:
+                del self.consumers[c.tag]
 
 
 class Consumer:
     """A subscription (prefetch credit, refilled by acks) or a one-shot pull receive."""
 
     __slots__ = ("cancelled", "credit", "moved", "pending", "queue", "replenish", "session",
-                 "sink", "tag", "visibility_timeout")
+                 "siblings", "sink", "tag", "visibility_timeout")
 
     def __init__(self, queue: Queue, session: Session, credit: int, *, replenish: bool,
                  sink: Callable[[Consumer, list[Message]], None],
@@ -64,10 +77,12 @@ class Consumer:
         self.replenish = replenish
         self.sink = sink
         self.visibility_timeout = visibility_timeout
+        # A pull receive over several partitions: a consumer on each, sharing one credit.
+        self.siblings: list[Consumer] | None = None
 
 
 class Queue:
-    """One queue partition as this node holds it (every queue has one, index 0, for now)."""
+    """One queue partition as this node holds it (a queue has ``options.partitions``)."""
 
     def __init__(self, name: str, options: QueueOptions, inc: int = 1, index: int = 0) -> None:
         self.name = name

@@ -156,11 +156,11 @@ class Replica:
             return
         q.active = False
         for c in list(q.consumers):
-            c.session.consumers.pop(c.tag, None)
+            c.session.forget(c)
             c.credit, c.cancelled, c.moved = 0, True, True
             if c.replenish:
                 c.replenish = False
-                c.session.cancelled(c.tag, reason, False)
+                c.session.cancelled(c.tag, reason, False, q.index)
             elif c.pending == 0:
                 c.sink(c, [])  # a waiting pull receive: it ends (and is routed again)
         q.consumers.clear()
@@ -208,8 +208,7 @@ class Replica:
 
     # -- reading a partition -------------------------------------------------------------
     def part(self, queue: str, index: int) -> Queue | None:
-        q = self.b.queues.get(queue)
-        return q if q is not None and q.index == index else None
+        return self.b.parts.get((queue, index))
 
     def records(self, q: Queue, ids: Iterable[str]) -> tuple[list[Record], list[Tomb]]:
         """The records of ``ids`` held here, and tombstones of those deleted here."""
@@ -290,7 +289,7 @@ class Replica:
         finally:
             self.b.replicating = replicating
         for q in touched:
-            if q.active and self.b.queues.get(q.name) is q:
+            if q.active and self.b.live(q):
                 self.b._dispatch(q, now)
         if changed_parts and self.on_merged is not None:
             self.on_merged(changed_parts)
@@ -320,10 +319,10 @@ class Replica:
             except BadRequest:
                 return False  # a peer's options we cannot read: leave the entry as it was
         self.b.catalog[name] = new
-        q = self.b.queues.get(name)
+        qs = self.b.queues.get(name, ())
         if isinstance(c, Drop):
             self.b.store.stage((OP_DROP_QUEUE, (name, new.dropped, new.dropped_at)))
-            if q is not None:
+            for q in qs:
                 if new.absorbs(q.inc):
                     self.b._drop(q, "queue deleted")
                 else:  # a later incarnation lives on; the dropped one's messages go
@@ -334,15 +333,22 @@ class Replica:
                     q.compact()
             return True
         self.b._stage_catalog(name)
-        if new.live and (q is None or q.inc < new.inc):
-            if q is None:
-                q = Queue(name, options, new.inc)
-                q.active = False
-                self.b.queues[name] = q
+        if new.live and (not qs or qs[0].inc < new.inc):
+            if not qs:
+                for q in self.b._make_queue(name, options, new.inc):
+                    q.active = False
+                if self.b.on_catalog is not None:
+                    self.b.on_catalog(name)
+            elif len(qs) != options.partition_count:  # a later incarnation, partitioned anew
+                for q in qs:
+                    self.b._drop(q, "queue declared again with other partitions")
+                for q in self.b._make_queue(name, options, new.inc):
+                    q.active = False
                 if self.b.on_catalog is not None:
                     self.b.on_catalog(name)
             else:
-                q.inc, q.options = new.inc, options
+                for q in qs:
+                    q.inc, q.options = new.inc, options
         return True
 
     def _merge_put(self, rec: Record, now: float, out: Merged,

@@ -41,6 +41,7 @@ _DECLARE_OPTIONS = {
     "max_length": "max_length",
     "ordering": "ordering",
     "expires": "expires",
+    "partitions": "partitions",
 }
 
 
@@ -110,6 +111,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--expires", metavar="S", type=_positive_seconds,
                    help="delete the queue once unused (no consumer, receive or declare) "
                         "this long")
+    p.add_argument("--partitions", metavar="P", type=_positive_int,
+                   help="spread the queue over P partitions, each with its own replicas "
+                        "(default: the cluster's default_partitions)")
     p.set_defaults(func=cmd_declare)
 
     p = command("send", "send BODY, or one message per line of stdin with '-'")
@@ -121,6 +125,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dedup-id", metavar="ID",
                    help="a resend with the same ID within the dedup window creates no "
                         "second message (default: a fresh id per message)")
+    p.add_argument("--partition-key", metavar="KEY",
+                   help="messages with the same KEY go to one partition, in order")
     p.add_argument("--retry-for", metavar="S", type=_wait_seconds, default=10.0,
                    help="keep retrying for up to S seconds while the daemon is unavailable "
                         "or the connection breaks (default 10; 0: fail at once). Every "
@@ -195,7 +201,8 @@ def cmd_send(args: argparse.Namespace) -> int:
         headers = dict(args.header) or None
         with connect(args) as client:
             mid = client.send(args.queue, os.fsencode(args.body), headers=headers,
-                              ttl=args.ttl, delay=args.delay, dedup_id=args.dedup_id)
+                              ttl=args.ttl, delay=args.delay, dedup_id=args.dedup_id,
+                              partition_key=args.partition_key)
         print(mid, flush=True)
         return EXIT_OK
     with connect(args) as client:
@@ -261,7 +268,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "send" and args.body == "-":
         given = [flag for flag, value in (("--header", args.header), ("--ttl", args.ttl),
                                           ("--delay", args.delay),
-                                          ("--dedup-id", args.dedup_id)) if value]
+                                          ("--dedup-id", args.dedup_id),
+                                          ("--partition-key", args.partition_key))
+                 if value]
         if given:
             parser.error(f"send: {', '.join(given)} only apply to a single BODY, not '-'")
     return run(args.func, args)

@@ -154,7 +154,8 @@ class AsyncClient:
 
     def __init__(self, socket: str | os.PathLike[str] | None = None, *,
                  max_frame: int = 8 * 1024 * 1024, retry_for: float | None = None,
-                 connect: Callable[[], Awaitable[trio.abc.Stream]] | None = None) -> None:
+                 connect: Callable[[], Awaitable[trio.abc.Stream]] | None = None,
+                 dedup_prefix: str | None = None) -> None:
         self.path = resolve_socket(os.fspath(socket) if socket is not None else None)
         self.retry_for = budget(retry_for, None)
         self._connect = connect
@@ -164,7 +165,7 @@ class AsyncClient:
         self._lock = trio.Lock()  # one connect (and subscribing again) at a time
         self._subs: list[AsyncSubscription] = []  # open, in the order they were made
         self._receipts = Receipts()
-        self._dedup = DedupIds()
+        self._dedup = DedupIds(dedup_prefix)  # (a simulation fixes it, to replay)
         self._closed = False
         self._reviving = False
         self._nursery_cm: Any = None
@@ -452,16 +453,19 @@ class AsyncClient:
 
     async def send(self, queue: str, body: bytes | str, *, headers: dict[str, Any] | None = None,
                    ttl: float | None = None, delay: float | None = None,
-                   dedup_id: str | None = None) -> str:
+                   dedup_id: str | None = None, partition_key: str | None = None) -> str:
         """Send one message; returns its id once it is durable. Without ``dedup_id`` the
-        client gives it one, so that a repeat after a failure creates no second message."""
-        m = self._dedup.fill(message_fields(body, headers, ttl, delay, dedup_id))
+        client gives it one, so that a repeat after a failure creates no second message.
+        Messages with the same ``partition_key`` go to one partition, in order."""
+        m = self._dedup.fill(message_fields(body, headers, ttl, delay, dedup_id,
+                                            partition_key))
         return (await self._send(queue, [m]))[0]
 
     async def send_batch(self, queue: str, messages: Iterable[bytes | str | dict[str, Any]],
                          ) -> list[str]:
         """Send several messages in one atomic write. Items are bodies or
-        ``{"body": ..., "headers": ..., "ttl": ..., "delay": ..., "dedup_id": ...}``."""
+        ``{"body": ..., "headers": ..., "ttl": ..., "delay": ..., "dedup_id": ...,
+        "partition_key": ...}``."""
         ms = [self._dedup.fill(message_fields(**m) if isinstance(m, dict)
                                else message_fields(m)) for m in messages]
         return await self._send(queue, ms)

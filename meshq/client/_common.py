@@ -18,6 +18,7 @@ from typing import Any
 
 from meshq.errors import MeshqError, PreconditionFailed, ProtocolError, Timeout, Unavailable
 from meshq.errors import error_from_code as _error_from_code
+from meshq.protocol import RETRY_DEDUP
 
 __all__ = [
     "DEFAULT_RETRY_FOR",
@@ -40,7 +41,7 @@ __all__ = [
     "settled",
 ]
 
-RECEIPT_SEP = "~"  # a receipt is "<message id>~<lease id in hex>"
+RECEIPT_SEP = "~"  # a receipt is "<message id>~<lease id in hex>[~<partition>]"
 MAX_RECEIPTS = 100_000  # receipts remembered per client; the oldest go first
 DEFAULT_RETRY_FOR = 30.0  # seconds, when the client has no timeout either
 FIRST_BACKOFF = 0.02
@@ -144,8 +145,11 @@ class Receipts:
 
 
 class DedupIds:
-    """Dedup ids for the messages a caller gave none: a random per-client prefix and a
-    counter, so a send repeated after a failure cannot create a second message."""
+    """Dedup ids for the messages a caller gave none: ``retry:``, a random per-client
+    prefix and a counter, so a send repeated after a failure cannot create a second
+    message. (``retry:`` tells a node of a partitioned queue that the id only guards
+    retries, which come through it: it may keep the message on a partition it dispatches
+    itself, meshq.broker.partitions.)"""
 
     def __init__(self, prefix: str | None = None) -> None:
         self.prefix = prefix if prefix is not None else uuid.uuid4().hex
@@ -153,13 +157,14 @@ class DedupIds:
 
     def fill(self, m: dict[str, Any]) -> dict[str, Any]:
         if m.get("dedup_id") is None:
-            m["dedup_id"] = f"{self.prefix}-{next(self._n)}"
+            m["dedup_id"] = f"{RETRY_DEDUP}{self.prefix}-{next(self._n)}"
         return m
 
 
 def message_fields(body: bytes | str, headers: dict[str, Any] | None = None,
                    ttl: float | None = None, delay: float | None = None,
-                   dedup_id: str | None = None) -> dict[str, Any]:
+                   dedup_id: str | None = None,
+                   partition_key: str | None = None) -> dict[str, Any]:
     """One message of a ``send`` request, leaving out what is not set."""
     m: dict[str, Any] = {"body": body.encode() if isinstance(body, str) else body}
     if headers:
@@ -170,6 +175,8 @@ def message_fields(body: bytes | str, headers: dict[str, Any] | None = None,
         m["delay"] = delay
     if dedup_id is not None:
         m["dedup_id"] = dedup_id
+    if partition_key is not None:
+        m["partition_key"] = partition_key
     return m
 
 

@@ -529,16 +529,19 @@ class Client:
 
     def send(self, queue: str, body: bytes | str, *, headers: dict[str, Any] | None = None,
              ttl: float | None = None, delay: float | None = None,
-             dedup_id: str | None = None) -> str:
+             dedup_id: str | None = None, partition_key: str | None = None) -> str:
         """Send one message; returns its id once it is durable. Without ``dedup_id`` the
-        client gives it one, so that a repeat after a failure creates no second message."""
-        m = self._dedup.fill(message_fields(body, headers, ttl, delay, dedup_id))
+        client gives it one, so that a repeat after a failure creates no second message.
+        Messages with the same ``partition_key`` go to one partition, in order."""
+        m = self._dedup.fill(message_fields(body, headers, ttl, delay, dedup_id,
+                                            partition_key))
         return self._send(queue, [m])[0]
 
     def send_batch(self, queue: str, messages: Iterable[bytes | str | dict[str, Any]],
                    ) -> list[str]:
         """Send several messages in one atomic write. Items are bodies or
-        ``{"body": ..., "headers": ..., "ttl": ..., "delay": ..., "dedup_id": ...}``."""
+        ``{"body": ..., "headers": ..., "ttl": ..., "delay": ..., "dedup_id": ...,
+        "partition_key": ...}``."""
         ms = [self._dedup.fill(message_fields(**m) if isinstance(m, dict)
                                else message_fields(m)) for m in messages]
         return self._send(queue, ms)

@@ -65,6 +65,7 @@ FULL_EVERY = 12  # rounds: a holder kept current by replication is compared this
 TAKEOVER_WAIT = 10.0  # a client op waits this long for a takeover before UNAVAILABLE
 CATALOG_WAIT = 5.0  # an op on an unknown queue waits this long for the first catalog sync
 HAND_BACK_DELAY = 0.2  # a deposed dispatcher pushes its last changes after this long
+AUTO_PARTITIONS_MAX = 16  # the most partitions a queue gets without asking
 
 
 @dataclass(frozen=True)
@@ -87,7 +88,8 @@ class Cluster:
     def __init__(self, *, me: str, broker: Broker, store: Store, placement: Placement,
                  peers: Peers, members: Callable[[str], Any] | None = None,
                  write_quorum: int | None = None, boot: str = "",
-                 now: Callable[[], float] = trio.current_time) -> None:
+                 now: Callable[[], float] = trio.current_time,
+                 default_partitions: int | None = None) -> None:
         self.me = me
         self.broker = broker
         self.store = store
@@ -129,13 +131,16 @@ class Cluster:
         store.gate = self
         broker.dispatch_by_default = False
         broker.hand_over_early = self._held_alone
+        broker.preferred_here = lambda q: self.replicas(q).preferred[:1] == (self.me,)
+        self.partitions_setting = default_partitions
+        broker.default_partitions = self._default_partitions
         broker.holder = f"{me}/{boot}" if boot else broker.holder
         broker.on_declare = self._declared
         broker.on_catalog = lambda name: self.wake()
         broker.replica.on_deposed = self._deposed
         broker.replica.holder_alive = self._holder_alive
         broker.replica.on_merged = self._merged
-        for q in broker.queues.values():
+        for q in broker.parts.values():
             q.active = False
 
     # -- placement ---------------------------------------------------------------------
@@ -144,20 +149,34 @@ class Cluster:
         return self.placement.replicas(q.name, q.index, q.options.replicas,
                                        self.write_quorum if w is None else w)
 
+    def _default_partitions(self, options: QueueOptions) -> int:
+        """Partitions of a queue declared without the option: the config's
+        ``default_partitions``, else one on a lone node and twice the ring's members (at
+        most AUTO_PARTITIONS_MAX) on a cluster, so that a fair queue spreads over every
+        node; a fifo queue (its order across partitions costs a closed-timestamp wait)
+        or one that expires (used or not, judged by one node) gets one."""
+        if self.partitions_setting is not None:
+            return self.partitions_setting
+        if options.ordering == "fifo" or options.expires is not None:
+            return 1
+        members = len(self.placement.nodes())
+        return 1 if members <= 1 else min(2 * members, AUTO_PARTITIONS_MAX)
+
     def _held_alone(self, q: Queue) -> bool:
         """This node alone holds the partition and confirms its writes: a lease that
         commits with its message can be handed over before the commit (broker.send)."""
         r = self.replicas(q)
         return r.write_quorum == 1 and r.holders == (self.me,)
 
-    def replicas_of(self, name: str, options: QueueOptions | None = None) -> Replicas:
-        """A queue's partition 0 placement, known or not (a declare's, default options)."""
-        q = self.broker.queues.get(name)
+    def replicas_of(self, name: str, options: QueueOptions | None = None,
+                    index: int = 0) -> Replicas:
+        """A queue partition's placement, known or not (a declare's, default options)."""
+        q = self.broker.parts.get((name, index))
         if q is not None:
             return self.replicas(q)
         opts = options or QueueOptions()
         w = opts.write_quorum
-        return self.placement.replicas(name, 0, opts.replicas,
+        return self.placement.replicas(name, index, opts.replicas,
                                        self.write_quorum if w is None else w)
 
     def wake(self) -> None:
@@ -172,7 +191,7 @@ class Cluster:
             return
         self.wake()
         with trio.move_on_after(TAKEOVER_WAIT):
-            while not q.active and self.broker.queues.get(q.name) is q:
+            while not q.active and self.broker.live(q):
                 if self.replicas(q).primary != self.me:
                     return  # not ours any more: the caller routes again
                 event = self._takeovers.get(q.part)
@@ -180,7 +199,7 @@ class Cluster:
                     event = self._takeovers[q.part] = trio.Event()
                     self.wake()
                 await event.wait()
-        if not q.active and self.broker.queues.get(q.name) is q \
+        if not q.active and self.broker.live(q) \
                 and self.replicas(q).primary == self.me:
             raise Unavailable(f"queue {q.name!r} is being taken over by this node; retry")
 
@@ -210,7 +229,7 @@ class Cluster:
         round, so that it does not wait for those leases' deadlines."""
         await trio.sleep(HAND_BACK_DELAY)  # the refused batches complete (and requeue)
         primary = self.replicas(q).primary
-        if primary is None or primary == self.me or self.broker.queues.get(q.name) is not q:
+        if primary is None or primary == self.me or not self.broker.live(q):
             return
         stats = await sync(self.peers, self.broker, q, primary, pull=False)
         self.repaired["sent"] += stats.sent
@@ -246,7 +265,8 @@ class Cluster:
                 by_part[part].append(c)
             elif isinstance(c, Decl | Drop):
                 catalog.append(c)
-                by_part.setdefault((c.queue, 0), [])  # a declare waits for its holders
+                for i in range(self._partitions_of(c.queue)):  # a declare (a drop) waits
+                    by_part.setdefault((c.queue, i), [])  # for each partition's holders
             else:  # a Dedup alone: with its queue's partition 0
                 by_part[(c.queue, 0)].append(c)
         live_others = sorted(self.placement.live - {self.me})
@@ -256,7 +276,7 @@ class Cluster:
         for part, changes in by_part.items():
             q = self.broker.replica.part(*part)
             if q is None:  # deleted in this very batch: the Drop goes to every live node,
-                reps = self._replicas_of_dropped(part[0])  # and W holders confirm it
+                reps = self._replicas_of_dropped(*part)  # and W holders confirm it
                 if reps is None:
                     continue
                 targets = [h for h in reps.holders if h != self.me]
@@ -286,15 +306,22 @@ class Cluster:
         self._run(self.gate.shipped(bid, needs, now))
         self._gate_wake.set()
 
-    def _replicas_of_dropped(self, name: str) -> Replicas | None:
+    def _options_of(self, name: str) -> QueueOptions:
+        entry = self.broker.catalog.get(name)
+        try:
+            return QueueOptions.from_dict(dict(entry.options)) if entry else QueueOptions()
+        except MeshqError:
+            return QueueOptions()
+
+    def _partitions_of(self, name: str) -> int:
+        qs = self.broker.queues.get(name)
+        return len(qs) if qs else self._options_of(name).partition_count
+
+    def _replicas_of_dropped(self, name: str, index: int) -> Replicas | None:
         entry = self.broker.catalog.get(name)
         if entry is None or entry.live:
             return None
-        try:
-            options = QueueOptions.from_dict(dict(entry.options))
-        except MeshqError:
-            options = QueueOptions()
-        return self.replicas_of(name, options)
+        return self.replicas_of(name, self._options_of(name), index)
 
     def _decl_of(self, q: Queue) -> Decl | None:
         e = self.broker.catalog.get(q.name)
@@ -380,6 +407,13 @@ class Cluster:
         shipped = self._shipped.pop(e.batch, None)
         if e.failure is not None and shipped is not None:
             self._merged(set(shipped[0]))  # its copies may differ now: compare them again
+            for part in shipped[0]:
+                q = self.broker.replica.part(*part)
+                if q is not None and not q.active and self._nursery is not None:
+                    # Written here (and visible once the batch completes) after another
+                    # node took the partition over, perhaps after it read this copy: the
+                    # dispatcher hears of it now, not at its next full round.
+                    self._spawn(("handback", part), self._hand_back, q)
         local = self._local_errors.pop(e.batch, None)
         if batch is None:
             return
@@ -533,7 +567,7 @@ class Cluster:
                 self._forget_gone()
                 for node in sorted(others):
                     self._spawn(("catalog", node), self._exchange_catalog, node)
-            for q in list(self.broker.queues.values()):
+            for q in list(self.broker.parts.values()):
                 self._tend(q, full)
             with trio.move_on_at(next_full):
                 await self._wake.wait()
@@ -541,7 +575,7 @@ class Cluster:
 
     def _forget_gone(self) -> None:
         """Drop what repair remembers of partitions whose queue is gone from here."""
-        parts = {q.part for q in self.broker.queues.values()}
+        parts = {q.part for q in self.broker.parts.values()}
         for key in [k for k in self._misses if k[0] not in parts]:
             del self._misses[key]
         for part in [p for p in self._current if p not in parts]:
@@ -610,7 +644,7 @@ class Cluster:
         replicas moved): push it to the primary, then forget it."""
         stats = await sync(self.peers, self.broker, q, primary, pull=False)
         self.repaired["sent"] += stats.sent
-        if self.broker.queues.get(q.name) is not q or q.active:
+        if not self.broker.live(q) or q.active:
             return
         if self.me in self.replicas(q).holders:
             return
@@ -634,7 +668,7 @@ class Cluster:
 
     def _release_dead_holders(self) -> None:
         """Membership changed: leases of consumers whose node died or restarted end."""
-        for q in self.broker.queues.values():
+        for q in self.broker.parts.values():
             if q.active and q.leased:
                 self.broker.replica.release_leases(q)
 
@@ -643,7 +677,7 @@ class Cluster:
         hints = 0
         taking_over = []
         dispatching = 0
-        for q in self.broker.queues.values():
+        for q in self.broker.parts.values():
             reps = self.replicas(q)
             if q.messages and self.me not in reps.holders:
                 hints += len(q.messages)

@@ -254,7 +254,7 @@ async def take_over(peers: Peers, broker: Broker, q: Queue, reps: Replicas,
     if holders_read < reps.write_quorum:
         return Takeover(False, epoch, tuple(promised), tuple(read),
                         reason=f"read {holders_read} of the {reps.write_quorum} holders needed")
-    if q.promised != epoch or broker.queues.get(q.name) is not q:
+    if q.promised != epoch or not broker.live(q):
         return Takeover(False, epoch, tuple(promised), tuple(read),
                         reason="another node took over meanwhile")
     broker.replica.activate(q, epoch)

@@ -131,6 +131,8 @@ class Connection:
         rid = req.get("id")
         op = req.get("op")
         handler = OPS.get(op) if isinstance(op, str) else None
+        if not self.relayed and isinstance(op, str) and op.startswith("_"):
+            handler = None  # between nodes only
         if self.relayed and op == "_bye":  # the client's node: its client is gone
             self.session.graceful = True
             self._answered()

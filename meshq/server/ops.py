@@ -16,6 +16,8 @@ from meshq.errors import BadRequest, Unavailable
 from meshq.server.session import delivery
 
 if TYPE_CHECKING:
+    import trio
+
     from meshq.server.session import ClientSession
 
 __all__ = ["OPS", "QUEUE_OPS", "RELAYED_OPS", "delivery"]
@@ -49,7 +51,8 @@ def _delete(s: ClientSession, req: dict[str, Any]) -> Result:
 
 
 def _purge(s: ClientSession, req: dict[str, Any]) -> Result:
-    return _wrap(s.broker.purge(_field(req, "queue")), "purged")
+    return _wrap(s.broker.purge(_field(req, "queue"), _field(req, "partitions", None)),
+                 "purged")
 
 
 def _wrap(pending: Pending, key: str) -> Pending:
@@ -59,15 +62,22 @@ def _wrap(pending: Pending, key: str) -> Pending:
 
 def _send(s: ClientSession, req: dict[str, Any]) -> Result:
     s.node.check_sendable()
-    return _wrap(s.broker.send(_field(req, "queue"), _field(req, "messages")), "ids")
+    return _wrap(s.broker.send(_field(req, "queue"), _field(req, "messages"),
+                               _field(req, "partition", None)), "ids")
 
 
-async def _receive_async(s: ClientSession, req: dict[str, Any]) -> dict[str, Any]:
+async def _receive_async(s: ClientSession, req: dict[str, Any],
+                         stop: trio.Event | None) -> dict[str, Any]:
     broker = s.broker
     name = _field(req, "queue")
     auto_ack = _field(req, "auto_ack", False, types=bool)
-    msgs = await broker.receive(s.session, name, _field(req, "max", 1),
-                                _field(req, "wait", 0.0), _field(req, "visibility_timeout", None))
+    try:
+        msgs = await broker.receive(s.session, name, _field(req, "max", 1),
+                                    _field(req, "wait", 0.0),
+                                    _field(req, "visibility_timeout", None),
+                                    _field(req, "partitions", None), stop=stop)
+    finally:
+        s.forget_wait(req)
     now = broker.clock.time()
     out = [delivery(m, now) for m in msgs]
     if auto_ack and msgs:
@@ -77,13 +87,20 @@ async def _receive_async(s: ClientSession, req: dict[str, Any]) -> dict[str, Any
 
 def _receive(s: ClientSession, req: dict[str, Any]) -> Result:
     s.broker.queue(_field(req, "queue"))  # fail fast, before spawning a task
-    return _receive_async(s, req)
+    return _receive_async(s, req, s.stop_of(req))  # (its stop known before the next op)
+
+
+def _unwait(s: ClientSession, req: dict[str, Any]) -> Result:
+    """Between nodes: end the waits of the relayed receives with this ``wait_id`` (the
+    client's node has its answer from another partition: meshq.server.spread)."""
+    s.unwait(_field(req, "wait_id", types=str))
+    return {}
 
 
 def _consume(s: ClientSession, req: dict[str, Any]) -> Result:
     tag = _field(req, "tag", None, types=str) if s.relayed else None
     tag = s.broker.consume(s.session, _field(req, "queue"), _field(req, "prefetch", 100),
-                           tag=tag or s.new_tag())
+                           tag=tag or s.new_tag(), indexes=_field(req, "partitions", None))
     return {"consumer": tag}
 
 
@@ -107,7 +124,12 @@ def _extend(s: ClientSession, req: dict[str, Any]) -> Result:
 
 
 def _stats(s: ClientSession, req: dict[str, Any]) -> Result:
-    return {"queues": s.broker.stats(_field(req, "queue", None))}
+    name = _field(req, "queue", None)
+    indexes = _field(req, "partitions", None)
+    if name is not None and indexes is not None:
+        s.broker.queue(name)
+        return {"queues": [s.broker.stats_of(name, indexes)]}
+    return {"queues": s.broker.stats(name)}
 
 
 def _status(s: ClientSession, req: dict[str, Any]) -> Result:
@@ -133,8 +155,9 @@ QUEUE_OPS = frozenset({"declare", "delete", "purge", "send", "receive", "consume
 
 # What one node relays to another for a client (meshq/server/relay.py); a relayed
 # connection runs nothing else (not leave, keys or status: the peer port is not the
-# socket). ``_bye``: the client's node says its client is gone (no answer).
-RELAYED_OPS = QUEUE_OPS | {"cancel", "ping", "_bye"}
+# socket). ``_bye``: the client's node says its client is gone (no answer); ``_unwait``:
+# it needs no more from a waiting receive.
+RELAYED_OPS = QUEUE_OPS | {"cancel", "ping", "_bye", "_unwait"}
 
 OPS: dict[str, Handler] = {
     "ping": _ping,
@@ -145,6 +168,7 @@ OPS: dict[str, Handler] = {
     "receive": _receive,
     "consume": _consume,
     "cancel": _cancel,
+    "_unwait": _unwait,
     "ack": _ack,
     "nack": _nack,
     "extend": _extend,

@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 import trio
 
 from meshq.broker import Moved, Pending, Session, parse_receipt
-from meshq.broker.core import RECEIPT_SEP
+from meshq.broker.partitions import RECEIPT_SEP, receipt
 from meshq.cluster.changes import Decl, decode_change, encode_change
 from meshq.cluster.router import AwaitTakeover, Local, Refuse, Relay, Route, route
 from meshq.errors import (
@@ -47,6 +47,8 @@ from meshq.errors import (
 from meshq.mesh.wire import PeerProtocolError
 from meshq.model import Message, QueueOptions
 from meshq.server.relay import Upstream
+from meshq.server.spread import Spread
+from meshq.server.spread import named as _named
 
 if TYPE_CHECKING:
     from meshq.node import Node
@@ -55,6 +57,7 @@ __all__ = ["ROUTE_RETRY", "ClientSession", "Out", "delivery"]
 
 log = logging.getLogger("meshq.server.session")
 
+MAX_WAITS = 4096  # relayed receives' stops remembered per session (meshq.server.spread)
 ROUTE_RETRY = 8.0  # seconds an op refused UNAVAILABLE is routed again before the client hears
 _tags = itertools.count(1)
 
@@ -85,7 +88,7 @@ def delivery(msg: Message, now: float) -> dict[str, Any]:
         "hlc": msg.hlc,
         "delivery_count": msg.delivery_count,
         "redelivered": msg.delivery_count > 1,
-        "receipt": f"{msg.id}~{msg.lease_id:x}",
+        "receipt": receipt(msg.id, msg.lease_id, msg.index),
         "lease_left": left,
     }
 
@@ -93,12 +96,14 @@ def delivery(msg: Message, now: float) -> dict[str, Any]:
 @dataclass
 class _Sub:
     """A client's subscription: where it is served (None: here; "": nowhere, being
-    re-homed; else the node relayed to)."""
+    re-homed; else the node relayed to); on a queue of several partitions, where each
+    partition's part of it is (``homes``, by index; ``home`` unused)."""
 
     tag: str
     queue: str
     prefetch: int
     home: str | None
+    homes: dict[int, str | None] | None = None
 
 
 def _safe_to_repeat(op: str, req: dict[str, Any]) -> bool:
@@ -170,6 +175,9 @@ class ClientSession:
         self.subs: dict[str, _Sub] = {}
         self.closed = False
         self.graceful = False  # relayed: the client's node said ``bye``
+        self.spread = Spread(self)
+        # Relayed receives' stops by wait_id: the event, and how many receives share it.
+        self.waits: dict[str, tuple[trio.Event, int]] = {}
 
     # -- entry ---------------------------------------------------------------------------
     def handle(self, rid: Any, op: str, req: dict[str, Any], handler: Handler) -> None:
@@ -177,10 +185,16 @@ class ClientSession:
         if op == "cancel" and not self.relayed:
             self._cancel(rid, req, handler)
             return
+        if op != "send" and "partition" in req and not self.relayed:
+            self.out.error(rid, BadRequest("'partition' names a send's partition; other "
+                                           "ops name theirs with 'partitions' (a list)"))
+            return
         name = req.get("queue")
         if self.cluster is not None and isinstance(name, str) and op in _QUEUE_OPS:
             if self.relayed:
                 self._learn_decl(req)
+            elif self.spread.handle(rid, op, name, req, handler):
+                return  # a queue of several partitions
             r = self._route(op, name, req)
             if isinstance(r, Local) and (name in self.broker.queues or op == "declare"
                                          or self.cluster.catalog_ready.is_set()):
@@ -203,12 +217,15 @@ class ClientSession:
 
     # -- routing -------------------------------------------------------------------------
     def _route(self, op: str, name: str, req: dict[str, Any]) -> Route:
+        """Where ``op`` goes: the primary of the partition the request names
+        (``partition``, or each of ``partitions``, which must share it), else of
+        partition 0 (a declare, a delete, a queue of one partition)."""
         cluster = self.cluster
         assert cluster is not None
         me = cluster.me
-        q = self.broker.queues.get(name)
+        qs = self.broker.queues.get(name)
         read_only = op == "declare" and req.get("passive") is True
-        if q is None:
+        if qs is None:
             options = None
             if op == "declare" and not read_only:
                 try:
@@ -218,8 +235,13 @@ class ClientSession:
             reps = cluster.replicas_of(name, options)
             return route(op, name, me, reps, active=True, relayed=self.relayed,
                          read_only=read_only)
-        return route(op, name, me, cluster.replicas(q), active=q.active,
-                     relayed=self.relayed, read_only=read_only)
+        r: Route | None = None
+        for q in _named(qs, req):
+            r = route(op, name, me, cluster.replicas(q), active=q.active,
+                      relayed=self.relayed, read_only=read_only)
+            if not isinstance(r, Local):
+                return r
+        return r or Local()
 
     def _learn_decl(self, req: dict[str, Any]) -> None:
         """A relayed request carries its queue's declaration, which this node (the new
@@ -274,15 +296,16 @@ class ClientSession:
         self.out.error(rid, MeshqError("internal error; see the daemon's log"))
 
     async def _serve(self, op: str, req: dict[str, Any], handler: Handler,
-                     first: Route, failed: MeshqError | None = None) -> dict[str, Any]:
+                     first: Route, failed: MeshqError | None = None, *,
+                     retry_for: float = ROUTE_RETRY) -> dict[str, Any]:
         """Serve ``op`` where it must go, routing again while it is refused UNAVAILABLE
         (and, when safe, after an unknown outcome), for up to ROUTE_RETRY seconds.
         ``failed``: how a first attempt (``_relay_once``) ended; ``first`` is the route
-        after it."""
+        after it. ``retry_for``: how long to route again."""
         cluster = self.cluster
         assert cluster is not None
         name = req["queue"]
-        deadline = trio.current_time() + ROUTE_RETRY
+        deadline = trio.current_time() + retry_for
         r = first
         backoff = 0.02
         repeated = False
@@ -295,8 +318,7 @@ class ClientSession:
                 if isinstance(r, Refuse):
                     raise Unavailable(r.reason)
                 if isinstance(r, AwaitTakeover):
-                    q = self.broker.queues.get(name)
-                    if q is not None:
+                    for q in _named(self.broker.queues.get(name, ()), req):
                         await cluster.until_active(q)
                     r = self._route(op, name, req)
                     if isinstance(r, AwaitTakeover):
@@ -370,7 +392,7 @@ class ClientSession:
     def _relay_frame(self, up: Upstream, op: str, req: dict[str, Any]) -> dict[str, Any]:
         """``req`` as it goes upstream; the first request of a queue on that stream carries
         the queue's declaration (the node there may not have heard of it yet)."""
-        frame = {k: v for k, v in req.items() if k != "id"}
+        frame = {k: v for k, v in req.items() if k != "id" and not k.startswith("_")}
         name = req["queue"]
         entry = self.broker.catalog.get(name)
         if entry is not None and entry.live and up.declared.get(name) != entry.inc:
@@ -448,16 +470,58 @@ class ClientSession:
     # -- subscriptions -------------------------------------------------------------------
     def _deliver(self, tag: str, msgs: list[Message]) -> None:
         now = self.broker.clock.time()
-        self.out.push({"push": "deliver", "consumer": tag,
-                       "messages": [delivery(m, now) for m in msgs]})
+        frame = {"push": "deliver", "consumer": tag,
+                 "messages": [delivery(m, now) for m in msgs]}
+        if not self.relayed and msgs and msgs[0].index:
+            self.spread.delivered(frame)
+        self.out.push(frame)
 
-    def _cancelled(self, tag: str, reason: str, final: bool) -> None:
-        """The broker ended one of our consumers here."""
+    def stop_of(self, req: dict[str, Any]) -> trio.Event | None:
+        """The event that ends a receive's wait early, if the request has one: a receive
+        over partitions here and elsewhere (meshq.server.spread) gives its part here an
+        event, and its relayed parts a ``wait_id`` that ``_unwait`` ends."""
+        stop = req.get("_stop")
+        if isinstance(stop, trio.Event):
+            return stop
+        wait_id = req.get("wait_id")
+        if not self.relayed or not isinstance(wait_id, str):
+            return None
+        event, users = self.waits.get(wait_id) or (trio.Event(), 0)
+        self.waits[wait_id] = (event, users + 1)
+        return event
+
+    def forget_wait(self, req: dict[str, Any]) -> None:
+        """A receive of ``stop_of`` ended."""
+        wait_id = req.get("wait_id")
+        if not self.relayed or not isinstance(wait_id, str) or wait_id not in self.waits:
+            return
+        event, users = self.waits[wait_id]
+        if users <= 1:
+            del self.waits[wait_id]
+        else:
+            self.waits[wait_id] = (event, users - 1)
+
+    def unwait(self, wait_id: str) -> None:
+        """End the receives of ``wait_id``, and those still to come (they may be routed
+        yet: their stop is kept, at most MAX_WAITS of them)."""
+        event, users = self.waits.get(wait_id) or (trio.Event(), 0)
+        event.set()
+        if users:
+            return
+        self.waits[wait_id] = (event, 0)
+        while len(self.waits) > MAX_WAITS:
+            self.waits.pop(next(iter(self.waits)))
+
+    def _cancelled(self, tag: str, reason: str, final: bool, index: int = 0) -> None:
+        """The broker ended one of our consumers here (of partition ``index``)."""
         if self.relayed:  # the client's node decides what to do
             self.out.push({"push": "cancel", "consumer": tag, "reason": reason,
-                           "final": final})
+                           "final": final, "partition": index})
             return
         sub = self.subs.get(tag)
+        if sub is not None and sub.homes is not None:
+            self.spread.ended(sub, index, None, reason, final)
+            return
         if final or sub is None:
             self.subs.pop(tag, None)
             self.out.push({"push": "cancel", "consumer": tag, "reason": reason,
@@ -469,6 +533,13 @@ class ClientSession:
         if frame.get("push") == "cancel":
             tag = frame.get("consumer")
             sub = self.subs.get(tag) if isinstance(tag, str) else None
+            if sub is not None and sub.homes is not None:
+                index = frame.get("partition")
+                if type(index) is int:
+                    self.spread.ended(sub, index, up.node,
+                                      str(frame.get("reason", "cancelled")),
+                                      bool(frame.get("final")))
+                return
             if sub is None or sub.home != up.node:
                 return  # an old home's news
             if frame.get("final"):
@@ -478,6 +549,7 @@ class ClientSession:
             else:
                 self._rehome(sub)
             return
+        self.spread.delivered(frame)
         self.out.push(frame)  # deliveries: leases granted there, acked by receipt
 
     def _upstream_closed(self, up: Upstream) -> None:
@@ -488,7 +560,9 @@ class ClientSession:
             if hint is not None and not self.closed:
                 hint(up.node)
         for sub in list(self.subs.values()):
-            if sub.home == up.node:
+            if sub.homes is not None:
+                self.spread.lost_home(sub, up.node)
+            elif sub.home == up.node:
                 self._rehome(sub)
 
     def _rehome(self, sub: _Sub) -> None:
@@ -518,8 +592,7 @@ class ClientSession:
                     sub.home = r.node
                     return
                 if isinstance(r, AwaitTakeover):
-                    q = self.broker.queues.get(sub.queue)
-                    if q is not None:
+                    for q in _named(self.broker.queues.get(sub.queue, ()), req):
                         await cluster.until_active(q)
                     continue
                 raise Unavailable(r.reason)
@@ -543,6 +616,10 @@ class ClientSession:
         if sub is None:
             self._run_local(rid, "cancel", req, handler)  # NotFound, or a local consumer
             return
+        if sub.homes is not None:
+            self.spread.cancel(sub)
+            self.out.respond(rid, {})
+            return
         if sub.home is None:
             try:
                 self.broker.cancel(self.session, sub.tag)
@@ -553,15 +630,22 @@ class ClientSession:
         self.out.respond(rid, {})
 
     # -- cluster-wide reads --------------------------------------------------------------
-    async def _cluster_stats(self) -> dict[str, Any]:
+    async def _cluster_stats(self, by_partition: bool = False) -> dict[str, Any]:
         """Every queue's stats from the node that dispatches it (this node's own copy when
-        that node cannot be reached)."""
+        that node cannot be reached); each partition's too if ``by_partition``."""
         out = []
         for name in sorted(self.broker.queues):
-            out.append(await self._queue_counts(name))
-        return {"queues": [s for s in out if s is not None]}
+            stats = await self._queue_counts(name)
+            if stats is not None:
+                if not by_partition:
+                    stats.pop("by_partition", None)
+                out.append(stats)
+        return {"queues": out}
 
     async def _queue_counts(self, name: str) -> dict[str, Any] | None:
+        qs = self.broker.queues.get(name)
+        if qs is not None and len(qs) > 1:
+            return await self.spread.counts(name, qs)
         r = self._route("stats", name, {})
         try:
             if isinstance(r, Relay):
@@ -571,17 +655,16 @@ class ClientSession:
                 return stats
         except (MeshqError, KeyError, IndexError, TypeError):
             pass
-        q = self.broker.queues.get(name)
-        if q is None:
+        if name not in self.broker.queues:
             return None
-        stats = self.broker.queue_stats(q)
+        stats = self.broker.stats_of(name)
         stats["counted_by"] = self.cluster.me if self.cluster is not None and (
             isinstance(r, Local)) else None
         return stats
 
     async def _status(self) -> dict[str, Any]:
         status = self.node.status()
-        counts = {s["name"]: s for s in (await self._cluster_stats())["queues"]}
+        counts = {s["name"]: s for s in (await self._cluster_stats(True))["queues"]}
         for q in status["queues"]:
             got = counts.get(q["name"])
             if got is not None:
@@ -589,9 +672,10 @@ class ClientSession:
                             "dropped", "consumers"):
                     q[key] = got[key]
                 q["counted_by"] = got.get("counted_by")
-                for p in q["partitions"]:  # index 0, counted by its primary
+                each = got.get("by_partition") or [got]  # each counted by its primary
+                for p, counted in zip(q["partitions"], each, strict=False):
                     for key in ("ready", "leased", "delayed", "counted_by"):
-                        p[key] = q[key]
+                        p[key] = counted.get(key)
         return status
 
     # -- the end -------------------------------------------------------------------------

@@ -180,6 +180,7 @@ class Simulation:
                  kinds: tuple[str, ...] = FAULT_KINDS,
                  send_gap: tuple[float, float] = (0.2, 1.0)) -> None:
         self.seed = seed
+        self._clients = 0
         self.rng = random.Random(f"{seed}:sim")
         self.net = SimNet(seed, delay=0.0005, jitter=0.001)
         self.window = window
@@ -265,7 +266,9 @@ class Simulation:
 
     def client(self, node: str) -> AsyncClient:
         sn = self.nodes[node]
-        return AsyncClient(connect=sn.connect, retry_for=30.0)
+        self._clients += 1  # (its dedup ids place messages: fixed, so a seed replays)
+        return AsyncClient(connect=sn.connect, retry_for=30.0,
+                           dedup_prefix=f"s{self.seed}c{self._clients}")
 
     def _node_for(self, rng: random.Random) -> str:
         return rng.choice(sorted(self.nodes))
@@ -519,7 +522,7 @@ class Simulation:
         for name, node in nodes.items():
             cluster = node.cluster
             assert cluster is not None
-            for q in node.broker.queues.values():
+            for q in node.broker.parts.values():
                 reps = cluster.replicas(q)
                 if reps.primary != name:
                     continue
@@ -530,12 +533,12 @@ class Simulation:
                     other = nodes.get(holder)
                     if other is None:
                         return False
-                    oq = other.broker.queues.get(q.name)
+                    oq = other.broker.parts.get(q.part)
                     if oq is None or {m.id: message_key(m)
                                       for m in oq.messages.values()} != mine:
                         return False
                 for n, other in nodes.items():  # copies nobody should hold are gone
-                    oq = other.broker.queues.get(q.name)
+                    oq = other.broker.parts.get(q.part)
                     if n not in reps.holders and oq is not None and oq.messages:
                         return False
         return True
@@ -560,12 +563,13 @@ class Simulation:
     async def wait_converged(self, bound: float = CONVERGE_BOUND) -> float:
         return await self._until(self._copies_equal, bound, "replicas converge")
 
-    def primary(self, queue: str) -> str | None:
-        """The node that dispatches ``queue`` now (in its own view), if any."""
+    def primary(self, queue: str, index: int = 0) -> str | None:
+        """The node that dispatches partition ``index`` of ``queue`` now (in its own
+        view), if any."""
         for name, sn in sorted(self.nodes.items()):
             node = sn.node
             if node is not None and node.cluster is not None:
-                q = node.broker.queues.get(queue)
+                q = node.broker.parts.get((queue, index))
                 if q is not None and q.active and node.cluster.replicas(q).primary == name:
                     return name
         return None
@@ -579,28 +583,47 @@ class Simulation:
                 lines.append(f"  {name}: down")
                 continue
             assert node.cluster is not None
-            for q in sorted(node.broker.queues.values(), key=lambda q: q.name):
+            for q in sorted(node.broker.parts.values(), key=lambda q: q.part):
                 reps = node.cluster.replicas(q)
                 states: dict[str, int] = {}
                 for m in q.messages.values():
                     states[m.state.name] = states.get(m.state.name, 0) + 1
                 lines.append(
-                    f"  {name} {q.name}: primary={reps.primary} holders={','.join(reps.holders)}"
+                    f"  {name} {q.name}#{q.index}: primary={reps.primary}"
+                    f" holders={','.join(reps.holders)}"
                     f" active={q.active} epoch={q.epoch:x} promised={q.promised:x}"
                     f" msgs={states} tombs={len(q.tombs)}")
             st = node.cluster.statistics()
             lines.append(f"  {name} cluster: {st}")
         return "\n".join(lines)
 
-    def _primary_copy(self) -> Any:
+    def _nothing_anywhere(self) -> bool:
+        """No copy of QUEUE holds a message, and no batch waits for its quorum (a send
+        whose outcome is unknown becomes visible where it committed once it does, and is
+        repaired into the primary from there)."""
+        for sn in self.nodes.values():
+            node = sn.node
+            if node is None:
+                continue
+            if node.cluster is not None and len(node.cluster.gate):
+                return False
+            if any(q.messages for q in node.broker.queues.get(QUEUE, ())):
+                return False
+        return True
+
+    def _primaries_empty(self) -> bool:
+        """Every partition of QUEUE has a dispatcher, and its copy is empty."""
+        found: dict[int, bool] = {}
         for name, sn in sorted(self.nodes.items()):
             node = sn.node
             if node is None or node.cluster is None:
                 continue
-            q = node.broker.queues.get(QUEUE)
-            if q is not None and q.active and node.cluster.replicas(q).primary == name:
-                return q
-        return None
+            for q in node.broker.queues.get(QUEUE, ()):
+                if q.active and node.cluster.replicas(q).primary == name:
+                    found[q.index] = not q.messages
+        count = next((len(sn.node.broker.queues.get(QUEUE, ())) for sn in self.nodes.values()
+                      if sn.node is not None), 0)
+        return len(found) == count > 0 and all(found.values())
 
     async def _drain(self) -> None:
         """Take everything left, through a fresh consumer, until the primary's copy is
@@ -609,8 +632,7 @@ class Simulation:
         deadline = trio.current_time() + 3 * VISIBILITY + 10.0
         async with self.client(self._node_for(rng)) as c:
             while trio.current_time() < deadline:
-                q = self._primary_copy()
-                if q is not None and not q.messages:
+                if self._primaries_empty() and self._nothing_anywhere():
                     break
                 try:
                     got = await c.receive(QUEUE, max=100, wait=0.5)
@@ -622,11 +644,16 @@ class Simulation:
                     await self._handle(c, "drain", d, rng, work=0.0)
         # What is still there (it should be nothing) is not lost.
         left: set[str] = set()
-        for sn in self.nodes.values():
-            if sn.node is not None and QUEUE in sn.node.broker.queues:
-                left.update(sn.node.broker.queues[QUEUE].messages)
+        where: list[str] = []
+        for name, sn in sorted(self.nodes.items()):
+            if sn.node is not None:
+                for q in sn.node.broker.queues.get(QUEUE, ()):
+                    left.update(q.messages)
+                    where += [f"{m.id} on {name} {q.name}/{q.index} {m.state.name}"
+                              for m in q.messages.values()]
         if left:
-            self.problems.append(f"{len(left)} message(s) left after the drain")
+            self.problems.append(f"{len(left)} message(s) left after the drain: "
+                                 + "; ".join(where[:6]) + "\n" + self.describe())
         self.history.final_contents(left)
 
     async def _check_deleted(self) -> None:

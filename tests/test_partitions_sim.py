@@ -1,0 +1,148 @@
+"""A queue of six partitions on three simulated nodes (meshq.testing.sim), served to one
+client as one queue by its node (meshq.server.spread): a waiting receive over partitions
+here and elsewhere, with and without auto_ack; bad input refused before any partition is
+touched. Deterministic: virtual time, a simulated network, one seed each."""
+
+from __future__ import annotations
+
+import pytest
+import trio
+
+from meshq.broker.partitions import parse_receipt
+from meshq.errors import BadRequest, MeshqError
+from meshq.testing.sim import Simulation, run_scenario
+
+Q = "jobs"
+
+
+def scenario(script, *, seed: int):
+    async def bounded(sim: Simulation):
+        with trio.fail_after(300):
+            return await script(sim)
+    return run_scenario(bounded, seed=seed)
+
+
+async def six(sim: Simulation, **options) -> tuple[list[int], list[int]]:
+    """Declare Q with six partitions; which n1 dispatches, and which it does not."""
+    async with sim.client("n1") as c:
+        await c.declare(Q, replicas=3, partitions=6, visibility_timeout=30, **options)
+    await sim.wait_converged()
+    qs = sim.nodes["n1"].node.broker.queues[Q]
+    return [q.index for q in qs if q.active], [q.index for q in qs if not q.active]
+
+
+def copies(sim: Simulation) -> dict[str, tuple[str, int]]:
+    """Message id -> (state, delivery count) on each partition's primary."""
+    out = {}
+    for sn in sim.nodes.values():
+        for q in sn.node.broker.queues[Q]:
+            if q.active:
+                out.update({m.id: (m.state.name, m.delivery_count)
+                            for m in q.messages.values()})
+    return out
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3])
+@pytest.mark.parametrize("auto_ack", [False, True])
+def test_a_waiting_receive_returns_what_arrives_anywhere_and_loses_nothing(
+        seed: int, auto_ack: bool) -> None:
+    async def script(sim: Simulation) -> None:
+        here, elsewhere = await six(sim)
+        assert here and elsewhere
+        async with sim.client("n1") as c, sim.client("n2") as p:
+            got: list = []
+
+            async def receive() -> None:
+                got.extend(await c.receive(Q, max=5, wait=20.0, auto_ack=auto_ack))
+
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(receive)
+                await trio.sleep(1.0)
+                t_send = trio.current_time()
+                await p.request("send", queue=Q, partition=elsewhere[0],
+                                messages=[{"body": b"first"}])
+            assert [d.body for d in got] == [b"first"]
+            assert trio.current_time() - t_send < 1.0  # woken, not at the end of its wait
+            assert got[0].delivery_count == 1
+            # Its other parts stopped waiting: what comes next is there for the next one.
+            sent = await p.request("send", queue=Q, partition=elsewhere[-1],
+                                   messages=[{"body": b"second"}])
+            again = await c.receive(Q, max=5, wait=0, auto_ack=auto_ack)
+            assert [(d.id, d.delivery_count) for d in again] == [(sent["ids"][0], 1)]
+            if not auto_ack:
+                await c.ack(Q, got + again)
+            keyed = [{"body": f"k{i}".encode(), "partition_key": f"key{i}"} for i in range(8)]
+            ids = (await p.request("send", queue=Q, messages=keyed))["ids"]
+            seen: list = []
+            while len(seen) < len(ids):
+                batch = await c.receive(Q, max=3, wait=5.0, auto_ack=auto_ack)
+                assert batch, seen
+                seen += batch
+                if not auto_ack:
+                    await c.ack(Q, batch)
+            assert sorted(d.id for d in seen) == sorted(ids)
+            assert await c.receive(Q, max=10, wait=1.0) == []
+        await sim.wait_converged()
+        assert not copies(sim)  # every one acked, on every primary
+
+    scenario(script, seed=seed)
+
+
+def test_a_wait_the_first_part_answers_ends_the_other_parts_waits() -> None:
+    """Messages that arrive on several partitions while a receive waits: the first
+    part's win; the others' waits end, and what they took goes back (counted)."""
+    async def script(sim: Simulation) -> None:
+        _, elsewhere = await six(sim)
+        async with sim.client("n1") as c, sim.client("n3") as p:
+            got: list = []
+
+            async def receive() -> None:
+                got.extend(await c.receive(Q, max=10, wait=20.0))
+
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(receive)
+                await trio.sleep(1.0)
+                msgs = [{"body": f"m{i}".encode()} for i in range(3)]
+                ids = []
+                for index in elsewhere[:3]:
+                    r = await p.request("send", queue=Q, partition=index, messages=msgs)
+                    ids += r["ids"]
+            assert got
+            await c.ack(Q, got)
+            rest: list = []
+            while len(got) + len(rest) < len(ids):
+                batch = await c.receive(Q, max=10, wait=5.0)
+                assert batch
+                rest += batch
+                await c.ack(Q, batch)
+            assert sorted(d.id for d in got + rest) == sorted(ids)
+            assert all(parse_receipt(d.receipt)[2] in elsewhere for d in got + rest)
+
+    scenario(script, seed=4)
+
+
+def test_bad_input_is_refused_before_any_partition_is_touched() -> None:
+    async def script(sim: Simulation) -> None:
+        await six(sim)
+        async with sim.client("n1") as c:
+            for fields, why in ((dict(max=20000), "'max'"),
+                                (dict(visibility_timeout="x"), "visibility_timeout"),
+                                (dict(auto_ack="yes"), "auto_ack"),
+                                (dict(partition=1), "'partition' names a send's"),
+                                (dict(partitions="x"), "'partitions'")):
+                with pytest.raises(BadRequest, match=why):
+                    await c.request("receive", queue=Q, **fields)
+            with pytest.raises(BadRequest, match="'partition' names a send's"):
+                await c.request("consume", queue=Q, prefetch=5, partition="x")
+            for bad in ({"body": b"b", "partition_key": 5}, {"body": b"b", "ttl": "x",
+                                                            "partition_key": "b"}):
+                with pytest.raises(MeshqError) as err:
+                    await c.request("send", queue=Q, messages=[
+                        {"body": b"good", "partition_key": "a"}, bad])
+                assert err.value.code == "BAD_REQUEST", err.value
+            with pytest.raises(BadRequest, match="at most"):
+                await c.request("send", queue=Q, messages=[
+                    {"body": b"x", "partition_key": str(i)} for i in range(100_000)])
+            assert await c.receive(Q, max=10, wait=1.0) == []  # no part was written
+
+    scenario(script, seed=5)
