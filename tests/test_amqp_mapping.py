@@ -72,7 +72,8 @@ def test_queue_arguments() -> None:
         "message_ttl": 2.5, "max_length": 10, "max_deliveries": 3,
         "dead_letter_queue": "dlq", "expires": 60.0}
     assert queue_options({"x-meshq-partitions": 6}) == {"partitions": 6}
-    for bad in ({"x-meshq-partitions": 0}, {"x-message-ttl": "10"}, {"x-max-length": -1}, {"x-queue-type": "stream"},
+    for bad in ({"x-meshq-partitions": 0},
+                {"x-message-ttl": "10"}, {"x-max-length": -1}, {"x-queue-type": "stream"},
                 {"x-dead-letter-exchange": 5}, {"x-dead-letter-routing-key": "q"},
                 {"x-overflow": "reject-publish"}, {"x-expires": 0}):
         with pytest.raises(ArgumentError) as err:

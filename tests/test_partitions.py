@@ -13,7 +13,8 @@ from trio.testing import MockClock
 
 from meshq.broker.partitions import key_partition, parse_receipt, receipt, spread
 from meshq.errors import BadRequest, PreconditionFailed
-from meshq.server.session import delivery
+from meshq.server.session import delivery, in_time
+from meshq.server.spread import _held
 
 P = 4
 
@@ -174,3 +175,16 @@ async def test_max_length_bounds_each_partition_by_its_share(
     for _ in range(2 * P):
         await env.send(b"x", b"y")
     assert sorted(parts(env)) == [3] * P and env.stats()["ready"] == 12
+
+
+def test_a_delivery_late_on_its_way_loses_that_time_from_its_lease() -> None:
+    def msgs() -> list[dict[str, Any]]:
+        return [{"id": "a", "lease_left": 3.0, "at": 100.0}, {"id": "old", "lease_left": 3.0}]
+    # Within the clock offset: as it was (the nodes' clocks may differ that much).
+    assert in_time(msgs(), 100.4, 0.5) == [{"id": "a", "lease_left": 3.0},
+                                           {"id": "old", "lease_left": 3.0}]
+    assert in_time(msgs(), 102.0, 0.5)[0] == {"id": "a", "lease_left": 1.5}
+    assert in_time(msgs(), 104.0, 0.5) == [{"id": "old", "lease_left": 3.0}]  # ran out
+    # Held on the client's node while a receive asked other partitions: the same.
+    held = [{"id": "a", "lease_left": 3.0}, {"id": "b", "lease_left": 3.0}]
+    assert _held(held, [10.0, 12.5], 13.0) == [{"id": "b", "lease_left": 2.5}]

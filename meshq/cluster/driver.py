@@ -109,6 +109,9 @@ class Cluster:
         self._shipped: dict[int, tuple[dict[PartKey, list[Change]], list[Change],
                                        dict[PartKey, int]]] = {}
         self._local_errors: dict[int, BaseException] = {}
+        # Per batch shipped, per partition: the holders it went to (a holder that joined
+        # meanwhile is compared at the next round once the batch completes).
+        self._shipped_to: dict[int, dict[PartKey, frozenset[str]]] = {}
         self._busy: set[Any] = set()
         # Per partition, the holders known equal to it since their last sync: every batch
         # sent to them since was applied there. A failed or fenced batch takes the holder
@@ -132,6 +135,7 @@ class Cluster:
         broker.dispatch_by_default = False
         broker.hand_over_early = self._held_alone
         broker.preferred_here = lambda q: self.replicas(q).preferred[:1] == (self.me,)
+        self._stopping = False  # abandon(): the store is stopping
         self.partitions_setting = default_partitions
         broker.default_partitions = self._default_partitions
         broker.holder = f"{me}/{boot}" if boot else broker.holder
@@ -273,6 +277,7 @@ class Cluster:
         needs: dict[PartKey, gates.Need] = {}
         to_node: dict[str, list[Change]] = defaultdict(list)
         parts_of: dict[str, set[PartKey]] = defaultdict(set)
+        went: dict[PartKey, frozenset[str]] = {}
         for part, changes in by_part.items():
             q = self.broker.replica.part(*part)
             if q is None:  # deleted in this very batch: the Drop goes to every live node,
@@ -291,6 +296,7 @@ class Cluster:
             wanted = reps.write_quorum - (1 if self.me in reps.holders else 0)
             needs[part] = gates.Need(max(0, wanted), tuple(targets),
                                      tuple(s for s in reps.spares if s != self.me))
+            went[part] = frozenset(targets)
             decl = self._decl_of(q)
             for node in targets:
                 if decl is not None and not catalog:
@@ -301,6 +307,7 @@ class Cluster:
             if catalog:
                 to_node[node][:0] = catalog
         self._shipped[bid] = (dict(by_part), catalog, dict(batch.epochs))
+        self._shipped_to[bid] = went
         for node, changes in to_node.items():
             self._send(bid, node, changes, parts_of[node], batch.epochs)
         self._run(self.gate.shipped(bid, needs, now))
@@ -375,6 +382,9 @@ class Cluster:
         self._run(self.gate.local_done(bid, error))
 
     def abandon(self) -> None:
+        """The store stops: every batch waiting for replicas fails (and nothing new is
+        started for them: the driver's tasks are ending)."""
+        self._stopping = True
         self._run(self.gate.abandon())
 
     def _run(self, effects: list[gates.Effect]) -> None:
@@ -405,11 +415,17 @@ class Cluster:
             log.debug("%s: batch %d failed: %s", self.me, e.batch, e.failure)
         batch = self._batches.pop(e.batch, None)
         shipped = self._shipped.pop(e.batch, None)
+        for part, went in self._shipped_to.pop(e.batch, {}).items():
+            q = self.broker.replica.part(*part)
+            if q is not None:  # holders it did not go to lack it (they joined meanwhile)
+                for node in set(self.replicas(q).holders) - went - {self.me}:
+                    self._missed(part, node)
         if e.failure is not None and shipped is not None:
             self._merged(set(shipped[0]))  # its copies may differ now: compare them again
             for part in shipped[0]:
                 q = self.broker.replica.part(*part)
-                if q is not None and not q.active and self._nursery is not None:
+                if (q is not None and not q.active and self._nursery is not None
+                        and not self._stopping):
                     # Written here (and visible once the batch completes) after another
                     # node took the partition over, perhaps after it read this copy: the
                     # dispatcher hears of it now, not at its next full round.
@@ -602,6 +618,12 @@ class Cluster:
         if (full and (q.messages or q.tombs) and self.me not in reps.holders
                 and reps.primary is not None):
             self._spawn(("handoff", part), self._hand_off, q, reps.primary)
+        elif (full and q.forgotten and self.me in reps.holders
+              and reps.primary is not None):
+            # A holder again after it handed its copy off (views moved while a join
+            # settled): the primary may count it current since an earlier sync, so this
+            # copy asks for what it dropped (and what came meanwhile) itself.
+            self._spawn(("refill", part), self._refill, q, reps.primary)
 
     async def _take_over(self, q: Queue) -> None:
         reps = self.replicas(q)
@@ -650,6 +672,12 @@ class Cluster:
             return
         self.broker.replica.forget(q)
         self.repaired["handed_off"] += 1
+
+    async def _refill(self, q: Queue, primary: str) -> None:
+        stats = await sync(self.peers, self.broker, q, primary)
+        q.forgotten = False
+        self.repaired["fetched"] += stats.fetched
+        self.repaired["sent"] += stats.sent
 
     async def _exchange_catalog(self, node: str) -> None:
         entries = self.broker.replica.catalog_entries()

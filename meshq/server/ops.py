@@ -79,7 +79,7 @@ async def _receive_async(s: ClientSession, req: dict[str, Any],
     finally:
         s.forget_wait(req)
     now = broker.clock.time()
-    out = [delivery(m, now) for m in msgs]
+    out = [delivery(m, now, s.relayed) for m in msgs]
     if auto_ack and msgs:
         await broker.ack(s.session, name, [m.id for m in msgs]).wait()
     return {"messages": out}

@@ -76,11 +76,13 @@ class Out(Protocol):
     def spawn(self, fn: Callable[..., Awaitable[Any]], *args: Any) -> None: ...
 
 
-def delivery(msg: Message, now: float) -> dict[str, Any]:
+def delivery(msg: Message, now: float, relayed: bool = False) -> dict[str, Any]:
     """A message as it travels to a consumer; ``receipt`` acks it from any connection
-    while its lease runs, ``lease_left`` seconds from ``now`` (the broker's clock)."""
+    while its lease runs, ``lease_left`` seconds from ``now`` (the broker's clock). To
+    another node (``relayed``) it also carries ``now`` as ``at``, so that the client's
+    node can take the time it spent on the way off its lease (``in_time``)."""
     left = None if msg.lease_deadline is None else round(max(0.0, msg.lease_deadline - now), 3)
-    return {
+    d: dict[str, Any] = {
         "id": msg.id,
         "queue": msg.queue,
         "body": msg.body,
@@ -91,6 +93,9 @@ def delivery(msg: Message, now: float) -> dict[str, Any]:
         "receipt": receipt(msg.id, msg.lease_id, msg.index),
         "lease_left": left,
     }
+    if relayed:
+        d["at"] = now
+    return d
 
 
 @dataclass
@@ -104,6 +109,30 @@ class _Sub:
     prefetch: int
     home: str | None
     homes: dict[int, str | None] | None = None
+
+
+def in_time(msgs: Any, now: float, max_offset: float) -> list[Any]:
+    """Deliveries relayed from another node (``delivery(..., relayed=True)``), their
+    ``lease_left`` less the time they spent on the way beyond what clock offsets explain
+    (``max_offset`` s), without those whose lease ended on the way: a stream that stalled
+    (a one-way partition, say) must not hand a client a lease that another consumer holds
+    by now. Without ``at`` (an older node) a delivery is kept as it is."""
+    if not isinstance(msgs, list):
+        return msgs
+    out = []
+    for m in msgs:
+        at = m.pop("at", None) if isinstance(m, dict) else None
+        left = m.get("lease_left") if isinstance(m, dict) else None
+        if isinstance(at, int | float) and isinstance(left, int | float):
+            late = now - at - max_offset
+            if late > 0:
+                if left - late <= 0:
+                    log.info("a delivery of %r arrived %.3f s late, after its lease; dropped "
+                             "(it is delivered again)", m.get("id"), now - at)
+                    continue
+                m["lease_left"] = round(left - late, 3)
+        out.append(m)
+    return out
 
 
 def _safe_to_repeat(op: str, req: dict[str, Any]) -> bool:
@@ -264,7 +293,7 @@ class ClientSession:
 
         def got(answer: dict[str, Any] | None, sent: bool) -> None:
             try:
-                result = _remote_result(node, answer, sent)
+                result = self._arrived(op, _remote_result(node, answer, sent))
             except (Unavailable, Timeout) as exc:
                 if not self.closed:
                     self.out.spawn(self._routed, rid, op, req, handler,
@@ -382,7 +411,7 @@ class ClientSession:
 
         up.request(frame, got)
         await done.wait()
-        result = _remote_result(node, *box)
+        result = self._arrived(op, _remote_result(node, *box))
         if op == "consume" and register:
             tag = result.get("consumer")
             if isinstance(tag, str):
@@ -471,7 +500,7 @@ class ClientSession:
     def _deliver(self, tag: str, msgs: list[Message]) -> None:
         now = self.broker.clock.time()
         frame = {"push": "deliver", "consumer": tag,
-                 "messages": [delivery(m, now) for m in msgs]}
+                 "messages": [delivery(m, now, self.relayed) for m in msgs]}
         if not self.relayed and msgs and msgs[0].index:
             self.spread.delivered(frame)
         self.out.push(frame)
@@ -549,8 +578,21 @@ class ClientSession:
             else:
                 self._rehome(sub)
             return
+        if frame.get("push") == "deliver":
+            frame["messages"] = self._in_time(frame.get("messages"))
+            if not frame["messages"]:
+                return
         self.spread.delivered(frame)
         self.out.push(frame)  # deliveries: leases granted there, acked by receipt
+
+    def _in_time(self, msgs: Any) -> Any:
+        return in_time(msgs, self.broker.clock.time(), self.broker.hlc.max_offset_ms / 1000)
+
+    def _arrived(self, op: str, result: dict[str, Any]) -> dict[str, Any]:
+        """A relayed op's result; a receive's deliveries as ``in_time`` leaves them."""
+        if op == "receive" and "messages" in result:
+            result["messages"] = self._in_time(result["messages"])
+        return result
 
     def _upstream_closed(self, up: Upstream) -> None:
         if self.upstreams.get(up.node) is up:

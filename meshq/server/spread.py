@@ -47,6 +47,7 @@ SPREAD_OPS = frozenset({"send", "receive", "consume", "ack", "nack", "extend", "
                         "purge"})
 MAX_RECEIPTS = 65536  # receipts remembered for settling by bare id
 QUICK_RETRY = 0.5  # a receive's first pass skips a partition refused this long
+QUICK_TIMEOUT = 1.0  # or whose node does not answer within this long
 LOSERS_WAIT = 2.0  # a waiting receive's answer waits this long for its other parts to end
 _SETTLED_KEY = {"ack": "acked", "nack": "nacked", "extend": "extended"}
 
@@ -233,28 +234,42 @@ class Spread:
         self._turn += 1
         others = [(self._turn + i) % len(qs) for i in range(len(qs))]
         parts = ([local] if local else []) + [[i] for i in others if i not in local]
+        clock = self.s.broker.clock
         got: list[dict[str, Any]] = []
+        stamps: list[float] = []  # when each reached this node
         refused: list[MeshqError] = []
         for indexes in parts:  # what is there now, here first, then the others in turn
+            res: dict[str, Any] | None = None
             try:
-                res = await self._part("receive", name, {
-                    **part_req, "wait": 0, "max": want - len(got)}, handler, indexes,
-                    retry_for=QUICK_RETRY)
+                with trio.move_on_after(QUICK_TIMEOUT):
+                    res = await self._part("receive", name, {
+                        **part_req, "wait": 0, "max": want - len(got)}, handler, indexes,
+                        retry_for=QUICK_RETRY)
             except (Unavailable, Timeout, Moved) as exc:
                 refused.append(exc)
                 continue
-            got += res.get("messages", [])
+            if res is None:  # its node does not answer (what it leased comes back)
+                refused.append(Timeout(f"partitions {indexes} of {name!r} did not answer"))
+                continue
+            msgs = res.get("messages", [])
+            got += msgs
+            stamps += [clock.time()] * len(msgs)
             if len(got) >= want:
                 break
         if not got and len(refused) == len(parts):
             raise refused[0]
         if not got and wait:
             got = await self._wait_all(name, part_req, handler, parts, want)
+            stamps = [clock.time()] * len(got)
         if auto_ack and got:
             from meshq.server.ops import OPS
-            await self._settle("ack", name, {"op": "ack", "queue": name,
-                                             "ids": [m["receipt"] for m in got]},
-                               OPS["ack"], qs)
+            done = await self._settle("ack", name, {"op": "ack", "queue": name,
+                                                    "ids": [m["receipt"] for m in got]},
+                                      OPS["ack"], qs)
+            acked = set(done["acked"])
+            got = [m for m in got if m.get("id") in acked]  # (a lease ran out meanwhile)
+        else:
+            got = _held(got, stamps, clock.time())
         self._learn(got)
         return {"messages": got}
 
@@ -591,6 +606,22 @@ class Spread:
         except MeshqError as exc:
             log.debug("a part of an op on a partitioned queue failed: %s", exc)
             return None
+
+
+def _held(msgs: list[dict[str, Any]], stamps: list[float], now: float,
+          ) -> list[dict[str, Any]]:
+    """Deliveries that waited here since ``stamps`` (while a receive asked its other
+    partitions), their ``lease_left`` less that wait, without those whose lease ran out:
+    those are another consumer's by now."""
+    out = []
+    for m, at in zip(msgs, stamps, strict=True):
+        left = m.get("lease_left")
+        if isinstance(left, int | float):
+            if left - (now - at) <= 0:
+                continue
+            m["lease_left"] = round(left - (now - at), 3)
+        out.append(m)
+    return out
 
 
 async def _gather(works: list[Awaitable[Any]]) -> list[Any]:
