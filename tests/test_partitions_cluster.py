@@ -18,21 +18,14 @@ from test_replication import NAMES, consumers_on_every_node, status_of
 
 from meshq.broker.partitions import parse_receipt
 from meshq.client import Client
-from meshq.cluster.placement import ring_key
-from meshq.mesh.ring import Ring
 
 P = 6
 
 
 def spread_name(prefix: str) -> str:
-    """A queue name whose six partitions have two primaries on each of a, b and c."""
-    ring = Ring.build(NAMES)
-    for i in range(1000):
-        name = f"{prefix}-{i}"
-        primaries = Counter(ring.preference_list(ring_key(name, k), 3)[0] for k in range(P))
-        if sorted(primaries.values()) == [2, 2, 2]:
-            return name
-    raise AssertionError("no such name")
+    """A queue name (any: its six partitions' primaries are spread 2/2/2 over a, b, c,
+    meshq.cluster.placement.partition_keys, which the tests check in status)."""
+    return f"{prefix}-q"
 
 
 def produce(cluster, name: str, node: str, count: int, errors: list[BaseException]) -> None:

@@ -3,6 +3,8 @@ pure functions of the membership view."""
 
 from __future__ import annotations
 
+from collections import Counter
+
 from meshq.cluster.placement import Placement, Replicas, ring_key
 from meshq.cluster.router import AwaitTakeover, Local, Refuse, Relay, route
 from meshq.mesh.swim import Member, MemberState
@@ -70,3 +72,25 @@ def test_partitions_of_one_queue_are_placed_by_their_own_key() -> None:
     p = Placement("n0", view(*[(n, A, {}) for n in names]))
     primaries = {p.replicas("q", i, 3).primary for i in range(16)}
     assert len(primaries) > 1
+
+
+def test_a_queue_s_partitions_have_their_primaries_spread_evenly() -> None:
+    names = ["a", "b", "c"]
+    p = Placement("a", view(*[(n, A, {}) for n in names]))
+    for q in (f"queue-{i}" for i in range(200)):
+        firsts = Counter(p.replicas(q, i, 3, partitions=6).primary for i in range(6))
+        assert sorted(firsts.values()) == [2, 2, 2], (q, firsts)
+        assert p.key(q, 0, 6) == ring_key(q, 0)  # partition 0 as a queue of one
+        assert p.replicas(q, 0, 3, partitions=6) == p.replicas(q, 0, 3)
+    seven = Placement("a", view(*[(n, A, {}) for n in [*names, "d", "e", "f", "g"]]))
+    firsts = Counter(seven.replicas("q", i, 2, partitions=16).primary for i in range(16))
+    assert max(firsts.values()) - min(firsts.values()) <= 1 and len(firsts) == 7
+    # The same on every node with the same view, and every replica set is the ring's walk
+    # from its key: N distinct nodes.
+    other = Placement("c", view(*[(n, A, {}) for n in names]))
+    assert all(other.replicas("q", i, 3, partitions=6) == p.replicas("q", i, 3, partitions=6)
+               for i in range(6))
+    assert all(len(set(p.replicas("q", i, 3, partitions=6).holders)) == 3 for i in range(6))
+    # A dead node keeps its share (the ring keeps it): its partitions fail over.
+    down = Placement("a", view(("a", A, {}), ("b", A, {}), ("c", D, {})))
+    assert [down.key("q", i, 6) for i in range(6)] == [p.key("q", i, 6) for i in range(6)]

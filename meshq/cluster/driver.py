@@ -151,7 +151,8 @@ class Cluster:
     def replicas(self, q: Queue) -> Replicas:
         w = q.options.write_quorum
         return self.placement.replicas(q.name, q.index, q.options.replicas,
-                                       self.write_quorum if w is None else w)
+                                       self.write_quorum if w is None else w,
+                                       q.options.partition_count)
 
     def _default_partitions(self, options: QueueOptions) -> int:
         """Partitions of a queue declared without the option: the config's
@@ -181,7 +182,8 @@ class Cluster:
         opts = options or QueueOptions()
         w = opts.write_quorum
         return self.placement.replicas(name, index, opts.replicas,
-                                       self.write_quorum if w is None else w)
+                                       self.write_quorum if w is None else w,
+                                       opts.partition_count)
 
     def wake(self) -> None:
         self._wake.set()

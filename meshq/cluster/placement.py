@@ -1,7 +1,13 @@
 """Where a queue partition lives: its replicas on the ring, its dispatching node, its quorum.
 
 The unit is the queue partition ``(queue, index)``: its key on the ring is
-``ring_key(queue, index)``, its replicas the first N distinct nodes clockwise from it.
+``ring_key(queue, index)``, its replicas the first N distinct nodes clockwise from it. A
+queue of several partitions spreads their first replicas evenly over the ring's nodes:
+partition i takes ``ring_key(queue, i)``, or, when that key's first node already has more
+of the queue's earlier partitions than another node, the first of ``<queue>#<i>~1``,
+``~2``, ... whose first node has the fewest (``partition_keys``: the same on every node
+with the same ring; six partitions on three nodes are 2/2/2, where plain hashing gives
+that one time in eight and a node with half the queue more often than not).
 The ring is built from every member that has not left (alive, suspect and dead), so a
 crash does not reshuffle placement; the *holders* are the first N *live* (alive or
 suspect) nodes of the same walk, a holder outside the preferred N standing in for a down
@@ -23,7 +29,7 @@ from dataclasses import dataclass
 from meshq.mesh.ring import DEFAULT_VNODES, Ring
 from meshq.mesh.swim import Member, MemberState
 
-__all__ = ["Placement", "Replicas", "majority", "ring_key"]
+__all__ = ["Placement", "Replicas", "majority", "partition_keys", "ring_key"]
 
 MAX_SPARES = 2
 
@@ -33,8 +39,32 @@ def majority(n: int) -> int:
 
 
 def ring_key(queue: str, index: int) -> str:
-    """A partition's key on the ring."""
+    """A partition's key on the ring (of a queue of one partition; see partition_keys)."""
     return f"{queue}#{index}"
+
+
+KEY_TRIES = 64  # keys tried per partition for an evenly spread first replica
+
+
+def partition_keys(ring: Ring, queue: str, partitions: int) -> list[str]:
+    """The ring keys of a queue's partitions, their first nodes spread evenly (see the
+    module's docstring). Partition 0's is always ``ring_key(queue, 0)``."""
+    counts = dict.fromkeys(ring.nodes, 0)
+    keys = []
+    for i in range(partitions):
+        fewest = min(counts.values()) if counts else 0
+        chosen, first = ring_key(queue, i), None
+        for k in range(KEY_TRIES):
+            key = ring_key(queue, i) if k == 0 else f"{ring_key(queue, i)}~{k}"
+            node = ring.preference_list(key, 1)[0]
+            if counts.get(node, 0) == fewest:
+                chosen, first = key, node
+                break
+        if first is None:
+            first = ring.preference_list(chosen, 1)[0]
+        counts[first] = counts.get(first, 0) + 1
+        keys.append(chosen)
+    return keys
 
 
 @dataclass(frozen=True)
@@ -75,7 +105,8 @@ class Placement:
         self.ring = Ring.build([me], vnodes)
         self.live: frozenset[str] = frozenset([me])
         self.eligible: frozenset[str] = frozenset([me])
-        self._cache: dict[tuple[str, int, int, int | None], Replicas] = {}
+        self._cache: dict[tuple[str, int, int, int | None, int], Replicas] = {}
+        self._keys: dict[tuple[str, int], list[str]] = {}
         self.refresh()
 
     def refresh(self) -> bool:
@@ -104,16 +135,29 @@ class Placement:
             self.live |= {self.me}
             self.eligible |= {self.me}
         self._cache.clear()
+        self._keys.clear()
         self.epoch += 1
         return True
 
+    def key(self, queue: str, index: int, partitions: int = 1) -> str:
+        """Partition ``index``'s key on the ring, of a queue of ``partitions``."""
+        if partitions <= 1 or index == 0 or index >= partitions:
+            return ring_key(queue, index)
+        keys = self._keys.get((queue, partitions))
+        if keys is None:
+            if len(self._keys) > 10_000:
+                self._keys.clear()
+            keys = self._keys[queue, partitions] = partition_keys(self.ring, queue,
+                                                                  partitions)
+        return keys[index]
+
     def replicas(self, queue: str, index: int, n: int,
-                 write_quorum: int | None = None) -> Replicas:
-        cache_key = (queue, index, n, write_quorum)
+                 write_quorum: int | None = None, partitions: int = 1) -> Replicas:
+        cache_key = (queue, index, n, write_quorum, partitions)
         hit = self._cache.get(cache_key)
         if hit is not None:
             return hit
-        key = ring_key(queue, index)
+        key = self.key(queue, index, partitions)
         n = max(1, min(n, len(self.ring)))
         preferred = tuple(self.ring.preference_list(key, n))
         holders: list[str] = []

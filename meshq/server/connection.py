@@ -166,8 +166,10 @@ class Connection:
         self._write(frame)
 
     def spawn(self, fn: Callable[..., Awaitable[Any]], *args: Any) -> None:
-        assert self._nursery is not None
-        self._nursery.start_soon(fn, *args)
+        """Run ``fn`` for this connection; nothing once it has ended (a relay's answer
+        that comes in while the connection closes has no one to go to)."""
+        if self._nursery is not None:
+            self._nursery.start_soon(fn, *args)
 
     async def _reader(self) -> None:
         decoder = FrameDecoder(self.max_frame)
@@ -254,6 +256,7 @@ class Connection:
                 try:
                     await self._reader()
                 finally:
+                    self._nursery = None  # (closed to new tasks from here)
                     nursery.cancel_scope.cancel()
         finally:
             self.session.close()
