@@ -47,6 +47,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from _benchlib import host_cpu, tree_cpu
 
 from meshq.client import Client
+from meshq.errors import MeshqError
 from meshq.testing import DaemonProcess
 
 CGROUP_CPU = Path("/sys/fs/cgroup/cpu")
@@ -109,12 +110,18 @@ def _produce(socket: str, queue: str, seconds: float, go: Any, out: Any) -> None
         go.wait()
         start = time.monotonic()
         deadline[0] = start + seconds
-        n = sum(1 for _ in c.send_stream(queue, bodies(), window=64))
-        out.put(("sent", n, start, time.monotonic()))
+        n, failed = 0, 0
+        try:
+            for _ in c.send_stream(queue, bodies(), window=64):
+                n += 1
+        except MeshqError as exc:  # (reported; what it confirmed counts)
+            failed = 1
+            print(f"send failed: {exc.message[:200]}", file=sys.stderr)
+        out.put(("sent", n, start, time.monotonic(), failed))
 
 
 def _consume(socket: str, queue: str, go: Any, out: Any) -> None:
-    n, last = 0, 0.0
+    n, last, failed = 0, 0.0, 0
     with Client(socket, timeout=60) as c:
         sub = c.consume(queue, prefetch=100)
         go.wait()
@@ -126,11 +133,16 @@ def _consume(socket: str, queue: str, go: Any, out: Any) -> None:
             batch = [d]
             while len(batch) < 100 and (more := sub.get(timeout=0)) is not None:
                 batch.append(more)
-            c.ack(queue, batch)  # every delivery acked, those at hand in one request
+            try:
+                c.ack(queue, batch)  # every delivery acked, those at hand in one request
+            except MeshqError as exc:  # (counted; what was not acked comes back later)
+                failed += len(batch)
+                print(f"ack failed: {exc.message[:200]}", file=sys.stderr)
+                continue
             n += len(batch)
             last = time.monotonic()
         sub.cancel()
-    out.put(("acked", n, start, last))
+    out.put(("acked", n, start, last, failed))
 
 
 def run_round(nodes: list[DaemonProcess], queue: str, args: argparse.Namespace,
@@ -159,11 +171,16 @@ def run_round(nodes: list[DaemonProcess], queue: str, args: argparse.Namespace,
         start = min(g[2] for g in got)
         end = max(g[3] for g in got)
         result[phase] = {"messages": total, "seconds": round(end - start, 3),
+                         "failed": sum(g[4] for g in got),
                          "msg_per_s": round(total / (end - start)) if end > start else 0,
                          "daemon_cpu_s": round(cpu1 - cpu0, 2),
                          # the machine's busy share of its cores, load generators included
                          "host_busy": round((host1[0] - host0[0]) / (host1[1] - host0[1]), 2)}
-    if result["consume"]["messages"] != result["publish"]["messages"]:
+    if result["publish"]["failed"]:
+        result["error"] = f"{result['publish']['failed']} producers failed"
+    elif result["consume"]["failed"]:
+        result["error"] = f"{result['consume']['failed']} acks failed"
+    elif result["consume"]["messages"] != result["publish"]["messages"]:
         result["error"] = (f"published {result['publish']['messages']}, consumed "
                            f"{result['consume']['messages']}")
     return result
