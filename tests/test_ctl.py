@@ -183,10 +183,14 @@ def test_status_table(cluster: list[DaemonProcess]) -> None:
     for section in ("node", "members", "mesh", "queues", "replication", "store"):
         assert f"\n{section}\n" in f"\n{out}", section
     assert not out.startswith("WARNING")
-    [q] = ctl_json(cluster[0], "status")["queues"]
-    [row] = [line.split() for line in out.splitlines() if line.strip().startswith("orders")]
-    assert row == ["orders", "1", "0", "0", "0", "0", q["primary"], ",".join(q["holders"])]
-    assert sorted(q["holders"]) == ["a", "b"]
+    [q] = ctl_json(cluster[0], "status")["queues"]  # orders: four partitions on two nodes
+    [row] = [line.split() for line in _block(out, "queues") if line.split()[0] == "orders"]
+    assert row == ["orders", "1", "0", "0", "0", "0", "(4", "partitions)"]
+    rows = [line.split() for line in _block(out, "partitions")[2:]]
+    assert [r[:2] for r in rows] == [["orders", str(i)] for i in range(4)]
+    assert [(r[2], r[3]) for r in rows] == [
+        (p["primary"], ",".join(p["holders"])) for p in q["partitions"]]
+    assert {r[2] for r in rows} == {"a", "b"} and sum(int(r[4]) for r in rows) == 1
     assert "accepting writes  yes" in out and "median clock offset" in out
     assert {"a", "b"} <= {line.split()[0] for line in _block(out, "members")[1:]}
 

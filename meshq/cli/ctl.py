@@ -38,6 +38,7 @@ MEMBER_COLUMNS = ("name", "address", "state", "incarnation", "clock_offset_ms", 
                   "last_seen_s")
 PEER_CLOCK_COLUMNS = ("name", "address", "state", "clock_offset_ms", "rtt_ms", "last_seen_s")
 PLACEMENT_COLUMNS = ("primary", "holders")  # status adds these to each queue's row
+PARTITION_COUNTS = ("ready", "leased", "delayed")  # per partition, of partitioned queues
 # Sections the status table shows in its own way (or leaves to another command); any
 # other section is shown generically under its name.
 KNOWN_SECTIONS = frozenset({"node", "members", "mesh", "clock", "ring", "queues",
@@ -260,10 +261,22 @@ def format_status(status: dict[str, Any]) -> str:
         ])]
     queues = _dicts(status.get("queues"))
     parts += ["", "queues"]
-    rows = [[*row, q.get("primary"), ",".join(map(str, _list(q.get("holders"))))]
-            for row, q in zip(queue_rows(queues), queues, strict=True)]
+    rows = []
+    spread: list[list[Any]] = []  # the partitions of queues of several
+    for row, q in zip(queue_rows(queues), queues, strict=True):
+        each = _dicts(q.get("partitions"))
+        if len(each) > 1:
+            rows.append([*row, f"({len(each)} partitions)", ""])
+            spread += [[q.get("name"), p.get("index"), p.get("primary"),
+                        ",".join(map(str, _list(p.get("holders")))),
+                        *(p.get(c) for c in PARTITION_COUNTS)] for p in each]
+        else:
+            rows.append([*row, q.get("primary"), ",".join(map(str, _list(q.get("holders"))))])
     parts.append(_indent(format_table(QUEUE_COLUMNS + PLACEMENT_COLUMNS, rows)) if queues
                  else "  (none)")
+    if spread:
+        parts += ["", "partitions", _indent(format_table(
+            ("queue", "index", "primary", "holders", *PARTITION_COUNTS), spread))]
     repl = _section(status, "replication")
     if repl:
         parts += ["", "replication", _pairs([
