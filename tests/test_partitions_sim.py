@@ -146,3 +146,49 @@ def test_bad_input_is_refused_before_any_partition_is_touched() -> None:
             assert await c.receive(Q, max=10, wait=1.0) == []  # no part was written
 
     scenario(script, seed=5)
+
+
+@pytest.mark.parametrize("seed", [6, 7])
+def test_consumers_on_every_node_share_the_queue_and_each_key_keeps_its_order(
+        seed: int) -> None:
+    """One consumer per node, slow enough that each holds its credit: every partition
+    deals round-robin among them, so each gets about a third of the queue; and each key's
+    messages, sent in order from one node, reach every consumer in that order."""
+    async def script(sim: Simulation) -> None:
+        await six(sim)
+        total, keys = 600, [f"user{k}" for k in range(10)]
+        got: dict[str, list[tuple[str, int]]] = {n: [] for n in ("n1", "n2", "n3")}
+        done = trio.Event()
+
+        async def consume(node: str) -> None:
+            async with sim.client(node) as c, c.consume(Q, prefetch=12) as sub:
+                async for d in sub:
+                    await trio.sleep(0.01)  # the work
+                    key, n = d.body.decode().split(":")
+                    got[node].append((key, int(n)))
+                    await c.ack(Q, [d])
+                    if sum(map(len, got.values())) == total:
+                        done.set()
+
+        async with trio.open_nursery() as nursery:
+            for node in got:
+                nursery.start_soon(consume, node)
+            await trio.sleep(1.0)  # subscribed
+            async with sim.client("n2") as p:
+                for start in range(0, total, 20):
+                    await p.request("send", queue=Q, messages=[
+                        {"body": f"{keys[i % len(keys)]}:{i}".encode(),
+                         "partition_key": keys[i % len(keys)]}
+                        for i in range(start, start + 20)])
+            with trio.fail_after(120):
+                await done.wait()
+            nursery.cancel_scope.cancel()
+        counts = {node: len(ds) for node, ds in got.items()}
+        assert sum(counts.values()) == total
+        assert all(total / 3 * 0.9 <= n <= total / 3 * 1.1 for n in counts.values()), counts
+        for ds in got.values():
+            for key in keys:
+                ns = [n for k, n in ds if k == key]
+                assert ns == sorted(ns), (key, ns)
+
+    scenario(script, seed=seed)
