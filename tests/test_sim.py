@@ -53,7 +53,7 @@ def test_many_seeds_keep_every_guarantee(seeds: range) -> None:
 # partition's leases past their end, and 82, a batch failed by the store's shutdown that
 # started a task in the closed nursery, and 84, a relay's answer that came in while its
 # client's connection closed, spawned into that connection's closed nursery. Seeds
-# 1-300 of --heavy and 1-1,300 of the usual pass with partitioned queues (before them,
+# 1-500 of --heavy and 1-2,000 of the usual pass with partitioned queues (before them,
 # 1-2,000 of --heavy: docs/performance.md).
 HEAVY_REGRESSIONS = [7, 28, 37, 61, 82, 84, 89, 94, 529, 1383, 1447]
 # Seeds beyond MESHQ_SIM_SEEDS that once failed: 1210, a send committed after a joining
