@@ -31,6 +31,15 @@ async def six(sim: Simulation, **options) -> tuple[list[int], list[int]]:
     return [q.index for q in qs if q.active], [q.index for q in qs if not q.active]
 
 
+async def consumers_on_every_partition(sim: Simulation, n: int) -> None:
+    """Until every partition's primary has ``n`` consumers (subscriptions' parts, or the
+    parts of waiting receives)."""
+    def there() -> bool:
+        live = [q for sn in sim.nodes.values() for q in sn.node.broker.queues[Q] if q.active]
+        return len(live) == 6 and all(len(q.consumers) >= n for q in live)
+    await sim.until(there, 10, f"{n} consumer(s) on every partition")
+
+
 def copies(sim: Simulation) -> dict[str, tuple[str, int]]:
     """Message id -> (state, delivery count) on each partition's primary."""
     out = {}
@@ -57,7 +66,7 @@ def test_a_waiting_receive_returns_what_arrives_anywhere_and_loses_nothing(
 
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(receive)
-                await trio.sleep(1.0)
+                await consumers_on_every_partition(sim, 1)  # it waits on all of them
                 t_send = trio.current_time()
                 await p.request("send", queue=Q, partition=elsewhere[0],
                                 messages=[{"body": b"first"}])
@@ -101,7 +110,7 @@ def test_a_wait_the_first_part_answers_ends_the_other_parts_waits() -> None:
 
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(receive)
-                await trio.sleep(1.0)
+                await consumers_on_every_partition(sim, 1)  # it waits on all of them
                 msgs = [{"body": f"m{i}".encode()} for i in range(3)]
                 ids = []
                 for index in elsewhere[:3]:
@@ -173,7 +182,7 @@ def test_consumers_on_every_node_share_the_queue_and_each_key_keeps_its_order(
         async with trio.open_nursery() as nursery:
             for node in got:
                 nursery.start_soon(consume, node)
-            await trio.sleep(1.0)  # subscribed
+            await consumers_on_every_partition(sim, 3)  # all three subscribed
             async with sim.client("n2") as p:
                 for start in range(0, total, 20):
                     await p.request("send", queue=Q, messages=[

@@ -67,7 +67,8 @@ from meshq.store import (
 )
 from meshq.store.base import delete_op, put_op, update_op
 
-__all__ = ["TOMBSTONE_WINDOW", "Broker", "BrokerLimits", "Moved", "Pending", "parse_receipt"]
+__all__ = ["RECEIPT_SEP", "TOMBSTONE_WINDOW", "Broker", "BrokerLimits", "Moved", "Pending",
+           "parse_receipt"]
 
 _T_DUE, _T_LEASE, _T_TTL = 0, 1, 2
 _consumer_tags = itertools.count(1)
@@ -77,7 +78,6 @@ HLC_CEILING_MS = 200  # how far the persisted HLC ceiling runs ahead (< max_cloc
 HLC_REFRESH = pack(HLC_CEILING_MS // 2)  # renew the ceiling when this close to it
 TICK_BUDGET = 2000  # timers handled per event-loop turn
 LATE_HAND_OVER = 0.25  # s: a lease taken at send time and handed over later runs from then
-__all__ += ["RECEIPT_SEP"]
 
 
 class Pending:
@@ -588,11 +588,8 @@ class Broker:
             return None
         if len(qs) == 1:
             return qs[0]
-        here = [q for q in qs if q.active]
-        if here:
-            turn = self._turn.get(name, 0)
-            self._turn[name] = turn + 1
-            return here[turn % len(here)]
+        if any(q.active for q in qs):
+            return self._next_partition(qs)
         return qs[key_partition(key, len(qs))]
 
     def _next_seq(self) -> int:
@@ -1463,7 +1460,6 @@ class Broker:
 
     def stats(self, name: Any = None) -> list[dict[str, Any]]:
         if name is not None:
-            self.queue(name)
             return [self.stats_of(name)]
         return [self.stats_of(n) for n in sorted(self.queues)]
 

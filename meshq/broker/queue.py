@@ -103,9 +103,6 @@ class Queue:
         self.last_used = 0.0  # when last declared, received from or consumed (expires)
         self.epoch = 0  # the dispatch epoch while active (versions its changes)
         self.promised = 0  # no change from a dispatcher of an earlier epoch is accepted
-        # This copy was handed off and dropped (Replica.forget); should this node hold the
-        # partition again, it asks the primary for the rest (meshq.cluster.driver).
-        self.forgotten = False
 
     @property
     def part(self) -> tuple[str, int]:

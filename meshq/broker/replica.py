@@ -204,7 +204,6 @@ class Replica:
             q.remove(msg)
         q.tombs.clear()
         q.compact()
-        q.forgotten = True
         self.b.store.stage((OP_FORGET, (q.name, q.index)))
 
     # -- reading a partition -------------------------------------------------------------

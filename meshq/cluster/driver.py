@@ -620,12 +620,6 @@ class Cluster:
         if (full and (q.messages or q.tombs) and self.me not in reps.holders
                 and reps.primary is not None):
             self._spawn(("handoff", part), self._hand_off, q, reps.primary)
-        elif (full and q.forgotten and self.me in reps.holders
-              and reps.primary is not None):
-            # A holder again after it handed its copy off (views moved while a join
-            # settled): the primary may count it current since an earlier sync, so this
-            # copy asks for what it dropped (and what came meanwhile) itself.
-            self._spawn(("refill", part), self._refill, q, reps.primary)
 
     async def _take_over(self, q: Queue) -> None:
         reps = self.replicas(q)
@@ -674,12 +668,6 @@ class Cluster:
             return
         self.broker.replica.forget(q)
         self.repaired["handed_off"] += 1
-
-    async def _refill(self, q: Queue, primary: str) -> None:
-        stats = await sync(self.peers, self.broker, q, primary)
-        q.forgotten = False
-        self.repaired["fetched"] += stats.fetched
-        self.repaired["sent"] += stats.sent
 
     async def _exchange_catalog(self, node: str) -> None:
         entries = self.broker.replica.catalog_entries()

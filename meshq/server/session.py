@@ -501,8 +501,8 @@ class ClientSession:
         now = self.broker.clock.time()
         frame = {"push": "deliver", "consumer": tag,
                  "messages": [delivery(m, now, self.relayed) for m in msgs]}
-        if not self.relayed and msgs and msgs[0].index:
-            self.spread.delivered(frame)
+        if not self.relayed and msgs and len(self.broker.queues.get(msgs[0].queue, ())) > 1:
+            self.spread.delivered(frame)  # (receipts by id, for acks by bare id)
         self.out.push(frame)
 
     def stop_of(self, req: dict[str, Any]) -> trio.Event | None:
@@ -685,24 +685,15 @@ class ClientSession:
         return {"queues": out}
 
     async def _queue_counts(self, name: str) -> dict[str, Any] | None:
+        """The queue's counts, each partition's from its primary (meshq.server.spread);
+        None if it is gone."""
         qs = self.broker.queues.get(name)
-        if qs is not None and len(qs) > 1:
-            return await self.spread.counts(name, qs)
-        r = self._route("stats", name, {})
-        try:
-            if isinstance(r, Relay):
-                got = await self._call_remote(r.node, "stats", {"op": "stats", "queue": name})
-                stats: dict[str, Any] = got["queues"][0]
-                stats["counted_by"] = r.node
-                return stats
-        except (MeshqError, KeyError, IndexError, TypeError):
-            pass
-        if name not in self.broker.queues:
+        if qs is None:
             return None
-        stats = self.broker.stats_of(name)
-        stats["counted_by"] = self.cluster.me if self.cluster is not None and (
-            isinstance(r, Local)) else None
-        return stats
+        try:
+            return await self.spread.counts(name, qs)
+        except NotFound:
+            return None  # deleted meanwhile
 
     async def _status(self) -> dict[str, Any]:
         status = self.node.status()
@@ -714,7 +705,7 @@ class ClientSession:
                             "dropped", "consumers"):
                     q[key] = got[key]
                 q["counted_by"] = got.get("counted_by")
-                each = got.get("by_partition") or [got]  # each counted by its primary
+                each = got["by_partition"]  # each counted by its primary
                 for p, counted in zip(q["partitions"], each, strict=False):
                     for key in ("ready", "leased", "delayed", "counted_by"):
                         p[key] = counted.get(key)

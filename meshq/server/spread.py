@@ -542,7 +542,7 @@ class Spread:
     async def _sum(self, op: str, name: str, req: dict[str, Any], handler: Handler,
                    qs: tuple[Queue, ...]) -> dict[str, Any]:
         if op == "stats":
-            stats = await self.counts(name, qs, handler)
+            stats = await self.counts(name, qs)
             stats.pop("by_partition", None)
             return {"queues": [stats]}
         local = self._local(qs)
@@ -553,13 +553,9 @@ class Spread:
             raise errors[0]
         return {"purged": sum(o.get("purged", 0) for o in outcomes if isinstance(o, dict))}
 
-    async def counts(self, name: str, qs: tuple[Queue, ...],
-                     handler: Handler | None = None) -> dict[str, Any]:
+    async def counts(self, name: str, qs: tuple[Queue, ...]) -> dict[str, Any]:
         """The queue's counts summed over its partitions, each counted by its primary
         (this node's copy, ``counted_by`` None, when that fails), and ``by_partition``."""
-        if handler is None:
-            from meshq.server.ops import OPS
-            handler = OPS["stats"]
         s = self.s
         me = s.cluster.me if s.cluster is not None else None
         req = {"op": "stats", "queue": name}
