@@ -27,6 +27,7 @@ import trio
 from meshq._version import __version__
 from meshq.amqp.server import AmqpServer, amqp_settings
 from meshq.broker import BrokerLimits
+from meshq.broker.backlog import HOT_READY
 from meshq.clock import Clock, SystemClock
 from meshq.cluster.lattice import TOMBSTONE_WINDOW
 from meshq.config import AMQP_OFF, Config, ConfigError, add_daemon_arguments, load_config
@@ -128,7 +129,8 @@ async def _serve_locked(config: Config, clock: Clock, task_status: Any) -> None:
     node_id = await trio.to_thread.run_sync(_node_id, config.data_dir)
     store = await trio.to_thread.run_sync(SQLiteStore, config.data_dir / "meshq.db")
     try:
-        snapshot = await trio.to_thread.run_sync(store.load)
+        # (only the head of each partition's READY messages: the rest is paged in)
+        snapshot = await trio.to_thread.run_sync(store.load, HOT_READY)
         check_away_too_long(config, snapshot, clock)
         keyring = await trio.to_thread.run_sync(load_keyring, config)
         exposed = await check_unkeyed_bind(config, keyring)

@@ -14,7 +14,15 @@ from meshq.errors import Timeout
 from meshq.model import Message
 from meshq.states import State
 from meshq.store import OP_META, OP_PUT, SQLiteStore, StoreError
-from meshq.store.base import OP_DEDUP, OP_DEDUP_PRUNE, OP_DROP_QUEUE, delete_op, put_op, update_op
+from meshq.store.base import (
+    OP_DEDUP,
+    OP_DEDUP_PRUNE,
+    OP_DROP_QUEUE,
+    OP_PURGE_READY,
+    delete_op,
+    put_op,
+    update_op,
+)
 from meshq.store.sqlite import WriterDied
 
 
@@ -195,3 +203,27 @@ def test_a_version_1_file_is_migrated(tmp_path: Path) -> None:
     assert (m.id, m.body, m.index, m.inc, m.epoch, m.vn) == ("m-1", b"hi", 0, 1, 0, 0)
     assert snap.tombstones == [("jobs", 0, "gone-1", 5.0)]
     assert snap.meta["schema_version"] == "2" and snap.meta["hlc"] == "77"
+
+
+async def test_the_backlog_is_read_from_disk_in_order(store: SQLiteStore) -> None:
+    """load(hot_ready) keeps only the head of each partition's READY messages; read_ready
+    pages in the rest in (hlc, seq) order; OP_PURGE_READY drops what is past a point."""
+    msgs = [message(i) for i in range(1, 101)]
+    for m in reversed(msgs):  # (stored out of order: the order is theirs, not the rows')
+        store.stage(put_op(m))
+    msgs[0].state = State.LEASED
+    store.stage(update_op(msgs[0]))
+    other = Message(500, "other-n1", "q", b"o", {}, 3, "n1", index=1)
+    await store.stage(put_op(other)).wait()
+    snap = store.load(10)
+    assert [m.seq for m in snap.messages] == [1, *range(2, 12), 500]
+    assert snap.cold == {("q", 0): (89, (11, 11))}
+    assert snap.max_seq == 500 and snap.max_hlc == 100
+    page = await store.read_ready_async("q", 0, (11, 11), 50)
+    assert [m.seq for m in page] == list(range(12, 62))
+    assert page[0].body == b"b" and page[0].headers == {"h": 12}
+    await store.stage((OP_PURGE_READY, ("q", 0, 61, 61, 7.0))).wait()
+    assert store.read_ready("q", 0, (61, 61), 50) == []
+    snap = store.load()
+    assert len(snap.messages) == 62  # the leased one, 2..61 and the other partition's
+    assert len(snap.tombstones) == 39 and {t[3] for t in snap.tombstones} == {7.0}

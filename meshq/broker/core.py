@@ -30,6 +30,7 @@ from typing import Any
 import msgpack
 import trio
 
+from meshq.broker.backlog import Backlog
 from meshq.broker.partitions import (
     RECEIPT_SEP,
     RETRY_DEDUP,
@@ -59,6 +60,7 @@ from meshq.store import (
     OP_DROP_QUEUE,
     OP_META,
     OP_PARTITION,
+    OP_PURGE_READY,
     OP_QUEUE,
     OP_TOMBSTONE_PRUNE,
     Batch,
@@ -196,6 +198,7 @@ class Broker:
         self._flushing = False
         self.tag_prefix = ""  # consumer tags start with it (the daemon: its node name)
         self.replica = Replica(self)  # the surface the cluster layer uses
+        self.backlog = Backlog(self)  # READY messages left on disk (partitions held alone)
 
     # -- start-up ----------------------------------------------------------------------
     def restore(self, snap: Snapshot) -> None:
@@ -217,6 +220,8 @@ class Broker:
             if q is not None:
                 q.promised = promised
                 q.tally = {node: (int(v[0]), int(v[1]), int(v[2])) for node, v in tally.items()}
+        self._seq = max(self._seq, snap.max_seq + 1)
+        high = max(high, snap.max_hlc)
         for msg in snap.messages:
             self._seq = max(self._seq, msg.seq + 1)
             high = max(high, msg.hlc)
@@ -224,6 +229,10 @@ class Broker:
             if home is None or self.catalog[msg.queue].absorbs(msg.inc):
                 continue
             home.add(msg)
+        for part, (count, after) in snap.cold.items():
+            home = self.parts.get(part)
+            if home is not None:
+                self.backlog.restore(home, count, after)
         for queue, idx, mid, at in sorted(snap.tombstones, key=lambda t: t[3]):
             home = self.parts.get((queue, idx))
             if home is not None:
@@ -242,6 +251,7 @@ class Broker:
         ``_deliver_soon`` queued, forever."""
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._hand_overs)
+            nursery.start_soon(self.backlog.run)
             task_status.started()
             await self._timers_loop()
 
@@ -642,17 +652,25 @@ class Broker:
                     c.session.leases[msg] = None
                     self._add_timer(msg.lease_deadline, _T_LEASE, msg)  # type: ignore[arg-type]
                     out.setdefault(c, []).append(msg)
-            q.add(msg)
-            if q.active:
-                self._schedule_message(msg)
+            if not self.backlog.stays_cold(q, msg):
+                q.add(msg)
+                if q.active:
+                    self._schedule_message(msg)
         for c, leased in out.items():
             self._hand_over(c, leased)
+        self._page_came(q, now)
+
+    def _page_came(self, q: Queue, now: float | None = None) -> None:
+        """Messages became ready in ``q`` (committed, or paged in from disk): the oldest
+        go past ``max_length``, then consumers get the rest."""
+        now = self.clock.time() if now is None else now
         limit = q.options.max_length
         if limit is not None and q.options.partition_count > 1:  # its share of the bound
             limit = -(-limit // q.options.partition_count)
         while limit is not None and q.ready > limit and q.active:
             head = q.pop_ready()
-            if head is None:
+            if head is None:  # (the rest is on disk: paged in, then dropped)
+                self.backlog.want(q)
                 break
             self._dead_letter(q, head, "maxlen", now)
         self._dispatch(q, now)
@@ -712,6 +730,8 @@ class Broker:
                 out[c].append(msg)
             else:
                 out[c] = [msg]
+        if q.cold:
+            self.backlog.want(q)
         if not out:
             return
         if self.hand_over_early(q):
@@ -886,7 +906,7 @@ class Broker:
         now = self.clock.time()
         inc = qs[0].inc
         self.catalog[name] = join_catalog(self.catalog[name], Drop(name, inc, now))
-        count = sum(len(q.messages) for q in qs)
+        count = sum(len(q.messages) + q.cold for q in qs)
         for q in qs:
             self._drop(q, "queue deleted")
         batch = self.store.stage((OP_DROP_QUEUE, (name, inc, now)))
@@ -919,6 +939,7 @@ class Broker:
                 self._detach(msg)
             q.move(msg, Event.DROP)
         q.messages.clear()
+        self.backlog.drop(q)  # (the queue's rows go with OP_DROP_QUEUE)
         if not rest:
             for key in [k for k in self._dedup if k[0] == q.name]:
                 del self._dedup[key]
@@ -938,6 +959,9 @@ class Broker:
                 self._delete(q, msg, now)
             q.compact()
             doomed += len(gone)
+            if q.cold:  # (held alone: no other copy needs their tombstones in memory)
+                self.store.stage((OP_PURGE_READY, (q.name, q.index, *q.cold_after, now)))
+                doomed += self.backlog.drop(q)
         return Pending(self.store.current_batch() if doomed else None, doomed)
 
     def partition_of(self, qs: tuple[Queue, ...], partition_key: str | None,

@@ -1,8 +1,10 @@
 """One queue partition's in-memory index, and the consumer / session records that lease from it.
 
-State here: every live message of the partition by id, its tombstones, a heap of READY
-messages in (HLC, node) order, per-state counts, the consumers in round-robin order, and
-its replication state (incarnation, dispatch epoch, promised epoch, counters).
+State here: every live message of the partition held in memory by id (the READY ones past
+the first few thousand may be on disk only: ``cold``, meshq.broker.backlog), its
+tombstones, a heap of READY messages in (HLC, node) order, per-state counts, the consumers
+in round-robin order, and its replication state (incarnation, dispatch epoch, promised
+epoch, counters).
 Never: a heap entry counted as ready unless its token matches the message's token and the
 message is READY (entries go stale instead of being removed, which keeps pushes O(log n)).
 """
@@ -103,6 +105,11 @@ class Queue:
         self.last_used = 0.0  # when last declared, received from or consumed (expires)
         self.epoch = 0  # the dispatch epoch while active (versions its changes)
         self.promised = 0  # no change from a dispatcher of an earlier epoch is accepted
+        # READY messages on disk only, counted in ``counts`` too (meshq.broker.backlog)
+        self.cold = 0
+        self.cold_after = (0, 0)  # (hlc, seq): every cold message is after it
+        self.cold_gen = 0  # bumped when the cold ones are dropped wholesale
+        self.cold_misses = 0  # page reads in a row that found fewer than counted
 
     @property
     def part(self) -> tuple[str, int]:
@@ -188,7 +195,7 @@ class Queue:
 
     def compact(self) -> None:
         """Drop stale heap entries when they outnumber live ones (after purges)."""
-        if len(self._ready) > 2 * self.ready + 1024:
+        if len(self._ready) > 2 * (self.ready - self.cold) + 1024:
             self._ready = [e for e in self._ready
                            if e[4].token == e[3] and e[4].state == State.READY]
             heapq.heapify(self._ready)

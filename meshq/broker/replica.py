@@ -203,6 +203,7 @@ class Replica:
             q.set_state(msg, State.DROPPED)
             q.remove(msg)
         q.tombs.clear()
+        self.b.backlog.drop(q)  # (their rows go with OP_FORGET)
         q.compact()
         self.b.store.stage((OP_FORGET, (q.name, q.index)))
 
@@ -213,6 +214,8 @@ class Replica:
     def records(self, q: Queue, ids: Iterable[str]) -> tuple[list[Record], list[Tomb]]:
         """The records of ``ids`` held here, and tombstones of those deleted here."""
         recs, tombs = [], []
+        if q.cold:
+            self.b.backlog.warm_now(q)
         for mid in ids:
             msg = q.messages.get(mid)
             if msg is not None:
@@ -265,6 +268,9 @@ class Replica:
                 part = part_of(c)
                 if part is not None and part in out.fenced:
                     continue
+                home = self.b.parts.get(part) if part is not None else None
+                if home is not None and home.cold:
+                    self.b.backlog.warm_now(home)  # (what it merges must be in memory)
                 if t is Tally:
                     q = self.part(c.queue, c.index)  # type: ignore[union-attr]
                     if q is not None:

@@ -485,9 +485,9 @@ class Cluster:
                 # Promise only to the node this one's view makes the primary: while views
                 # disagree (a suspicion on one side only), no node steals dispatch from a
                 # primary that the others still reach -- they would take turns forever.
-                return PromiseAnswer(False, q.promised, bool(q.messages or q.tombs))
+                return PromiseAnswer(False, q.promised, bool(q.messages or q.tombs or q.cold))
             ok = replica.promise(q, request.epoch)
-            has_copy = bool(q.messages or q.tombs)
+            has_copy = bool(q.messages or q.tombs or q.cold)
             return self._after(self.store.current_batch(),
                                PromiseAnswer(ok, q.promised, has_copy))
         if isinstance(request, DigestReq):
@@ -516,7 +516,7 @@ class Cluster:
         q = self.broker.replica.part(req.queue, req.index)
         if q is None or len(req.sums) != BUCKETS:
             return DigestAnswer((), 0)
-        d = await digest(q)
+        d = await digest(self.broker, q)
         diff = []
         for b in range(BUCKETS):
             if d.sums[b] != req.sums[b]:
@@ -617,7 +617,7 @@ class Cluster:
         event = self._takeovers.pop(part, None)
         if event is not None:
             event.set()  # waiters route again
-        if (full and (q.messages or q.tombs) and self.me not in reps.holders
+        if (full and (q.messages or q.tombs or q.cold) and self.me not in reps.holders
                 and reps.primary is not None):
             self._spawn(("handoff", part), self._hand_off, q, reps.primary)
 
@@ -697,8 +697,8 @@ class Cluster:
         dispatching = 0
         for q in self.broker.parts.values():
             reps = self.replicas(q)
-            if q.messages and self.me not in reps.holders:
-                hints += len(q.messages)
+            if (q.messages or q.cold) and self.me not in reps.holders:
+                hints += len(q.messages) + q.cold
             if reps.primary == self.me and not q.active:
                 taking_over.append(q.name)
             dispatching += q.active

@@ -74,10 +74,12 @@ def next_epoch(known: int, node_int: int) -> int:
     return (((known >> 32) + 1) << 32) | (node_int & 0xFFFFFFFF)
 
 
-async def digest(q: Queue) -> Digest:
+async def digest(broker: Broker, q: Queue) -> Digest:
     """Per bucket of ids, the sum of the fingerprints of the live records; computed a
     slice at a time so that other tasks run meanwhile."""
     out = Digest()
+    if q.cold:  # (a partition held alone until now: compared, it must be in memory)
+        await broker.backlog.warm(q)
     msgs = list(q.messages.values())
     for start in range(0, len(msgs), DIGEST_SLICE):
         for msg in msgs[start:start + DIGEST_SLICE]:
@@ -122,7 +124,7 @@ async def sync(peers: Peers, broker: Broker, q: Queue, node: str, *,
     holds behind, and (``pull``) we get what it holds that we lack or hold behind.
     Raises Unavailable when the node does not answer usably."""
     stats = SyncStats()
-    mine = await digest(q)
+    mine = await digest(broker, q)
     answer = await peers.call(node, DigestReq(q.name, q.index, _decl(broker, q),
                                               tuple(mine.sums)))
     if not isinstance(answer, DigestAnswer):

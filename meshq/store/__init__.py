@@ -1,7 +1,9 @@
 """The Store interface: durable state of one node, written in group-committed batches.
 
 Contract:
-- ``load()`` returns everything stored. It may block; call it once, before writing.
+- ``load()`` returns everything stored (``load(hot_ready)``: all but the READY messages
+  past the first ``hot_ready`` of each partition, which ``read_ready`` pages in later).
+  It may block; call it once, before writing.
 - ``stage(op)`` appends a mutation to the open batch and returns that batch. It never
   blocks. Ops apply in the order staged; batches commit in the order they were opened,
   one transaction each, so a batch is all-or-nothing.
@@ -22,6 +24,7 @@ from meshq.store.base import (
     OP_FORGET,
     OP_META,
     OP_PARTITION,
+    OP_PURGE_READY,
     OP_PUT,
     OP_QUEUE,
     OP_TOMBSTONE,
@@ -46,6 +49,7 @@ __all__ = [
     "OP_FORGET",
     "OP_META",
     "OP_PARTITION",
+    "OP_PURGE_READY",
     "OP_PUT",
     "OP_QUEUE",
     "OP_TOMBSTONE",

@@ -32,6 +32,7 @@ from meshq.store.base import (
     OP_FORGET,
     OP_META,
     OP_PARTITION,
+    OP_PURGE_READY,
     OP_PUT,
     OP_QUEUE,
     OP_TOMBSTONE,
@@ -84,6 +85,11 @@ _SQL: dict[int, tuple[tuple[str, Pick], ...]] = {
     OP_DEDUP: (("INSERT OR REPLACE INTO dedup (queue, dedup_id, message_id, expires_at)"
                 " VALUES (?,?,?,?)", None),),
     OP_DEDUP_PRUNE: (("DELETE FROM dedup WHERE expires_at < ?", None),),
+    OP_PURGE_READY: (("INSERT OR REPLACE INTO tombstones (queue, idx, id, at) SELECT queue,"
+                      " idx, id, ? FROM messages WHERE state=0 AND queue=? AND idx=?"
+                      " AND (hlc, seq) > (?, ?)", lambda p: (p[4], *p[:4])),
+                     ("DELETE FROM messages WHERE state=0 AND queue=? AND idx=?"
+                      " AND (hlc, seq) > (?, ?)", lambda p: p[:4])),
     OP_META: (("INSERT OR REPLACE INTO meta (key, value) VALUES (?,?)", None),),
 }
 
@@ -144,6 +150,10 @@ def _create_schema(conn: sqlite3.Connection) -> None:
          "ready_at": float, "expires_at": float, "lease_deadline": float, "lease_id": int,
          "holder": str, "epoch": int, "vn": int},
         pk="seq", not_null={"id", "queue", "hlc", "node", "state"}, if_not_exists=True)
+    # The READY messages of a partition in order, without reading them: what the backlog
+    # on disk pages in (meshq.broker.backlog), and what a start-up counts.
+    conn.execute("CREATE INDEX IF NOT EXISTS messages_ready"
+                 " ON messages (state, queue, idx, hlc, seq)")
     db.table("dedup").create(
         {"queue": str, "dedup_id": str, "message_id": str, "expires_at": float},
         pk=("queue", "dedup_id"), if_not_exists=True)

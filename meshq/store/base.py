@@ -28,6 +28,7 @@ __all__ = [
     "OP_FORGET",
     "OP_META",
     "OP_PARTITION",
+    "OP_PURGE_READY",
     "OP_PUT",
     "OP_QUEUE",
     "OP_TOMBSTONE",
@@ -60,6 +61,8 @@ OP_TOMBSTONE_PRUNE = 9  # (before,): forget tombstones older than this
 OP_FORGET = 10  # (queue, idx): a partition handed to its replicas; no tombstones left
 OP_PARTITION = 11  # (queue, idx, promised, tally_packed)
 OP_CATALOG_PRUNE = 12  # (before,): forget queues dropped before this (and their partitions)
+OP_PURGE_READY = 13  # (queue, idx, hlc, seq, at): the READY messages after (hlc, seq) go,
+#                      tombstoned (the broker's backlog on disk, meshq.broker.backlog)
 
 Op = tuple[int, tuple[Any, ...]]
 MAX_BATCH_OPS = 8192  # a batch is sealed at an operation boundary past this many ops
@@ -160,6 +163,11 @@ class Snapshot:
     messages: list[Message] = field(default_factory=list)
     dedup: list[tuple[str, str, str, float]] = field(default_factory=list)
     tombstones: list[tuple[str, int, str, float]] = field(default_factory=list)
+    # Loaded with ``hot_ready``: per partition, its READY messages left on disk (count) and
+    # the (hlc, seq) of the last one loaded (every one left on disk is after it).
+    cold: dict[tuple[str, int], tuple[int, tuple[int, int]]] = field(default_factory=dict)
+    max_seq: int = 0  # the highest message seq stored (cold ones included)
+    max_hlc: int = 0  # the highest HLC of a cold message
 
 
 @dataclass(frozen=True)
@@ -186,6 +194,8 @@ class ReplicationGate(Protocol):
 
 
 class Store(abc.ABC):
+    pages = False  # whether read_ready works (the broker may leave READY messages on disk)
+
     def __init__(self) -> None:
         self.gate: ReplicationGate | None = None
         self._open = Batch()
@@ -311,7 +321,22 @@ class Store(abc.ABC):
             self.abandon()
 
     @abc.abstractmethod
-    def load(self) -> Snapshot: ...
+    def load(self, hot_ready: int | None = None) -> Snapshot:
+        """Everything stored; with ``hot_ready``, only the first ``hot_ready`` READY
+        messages of each partition (in (hlc, seq) order), the rest counted in
+        ``Snapshot.cold`` and left to ``read_ready``."""
+
+    def read_ready(self, queue: str, index: int, after: tuple[int, int],
+                   limit: int) -> list[Message]:
+        """The committed READY messages of a partition whose (hlc, seq) is above
+        ``after``, in that order, at most ``limit``. May block (a disk read)."""
+        raise NotImplementedError
+
+    async def read_ready_async(self, queue: str, index: int, after: tuple[int, int],
+                               limit: int) -> list[Message]:
+        """``read_ready`` without blocking the event loop."""
+        await trio.lowlevel.checkpoint()
+        return self.read_ready(queue, index, after, limit)
 
     @abc.abstractmethod
     async def _commit(self, ops: list[Op]) -> None:

@@ -26,6 +26,7 @@ from meshq.store.base import (
     OP_FORGET,
     OP_META,
     OP_PARTITION,
+    OP_PURGE_READY,
     OP_PUT,
     OP_QUEUE,
     OP_TOMBSTONE,
@@ -40,7 +41,17 @@ from meshq.store.base import (
 __all__ = ["MemoryStore"]
 
 
+def _message(row: tuple) -> Message:
+    (seq, mid, queue, idx, inc, hlc, node, body, headers, state, count, ready_at,
+     expires_at, lease, lease_id, holder, epoch, vn) = row
+    return Message(seq, mid, queue, body, msgpack.unpackb(headers) if headers else {}, hlc,
+                   node, State(state), count, ready_at, expires_at, lease, idx, inc, lease_id,
+                   holder, epoch, vn)
+
+
 class MemoryStore(Store):
+    pages = True
+
     def __init__(self, delays: Callable[[], float] | None = None) -> None:
         super().__init__()
         self.meta: dict[str, str] = {}
@@ -56,7 +67,7 @@ class MemoryStore(Store):
         """Forget the batches of a process that was killed (what committed stays)."""
         Store.__init__(self)
 
-    def load(self) -> Snapshot:
+    def load(self, hot_ready: int | None = None) -> Snapshot:
         snap = Snapshot(meta=dict(self.meta))
         for name, (inc, options, dropped, dropped_at) in self.catalog.items():
             snap.catalog.append((name, inc, msgpack.unpackb(options) if options else None,
@@ -64,16 +75,34 @@ class MemoryStore(Store):
         for (queue, idx), (promised, tally) in self.partitions.items():
             snap.partitions.append((queue, idx, promised,
                                     msgpack.unpackb(tally) if tally else {}))
+        ready: dict[tuple[str, int], list[tuple]] = {}
+        rows = []
         for seq in sorted(self.messages):
-            (_, mid, queue, idx, inc, hlc, node, body, headers, state, count, ready_at,
-             expires_at, lease, lease_id, holder, epoch, vn) = self.messages[seq]
-            snap.messages.append(Message(seq, mid, queue, body,
-                                         msgpack.unpackb(headers) if headers else {}, hlc, node,
-                                         State(state), count, ready_at, expires_at, lease,
-                                         idx, inc, lease_id, holder, epoch, vn))
+            row = self.messages[seq]
+            if hot_ready is not None and row[9] == State.READY:
+                ready.setdefault((row[2], row[3]), []).append(row)
+            else:
+                rows.append(row)
+        for part, ready_rows in ready.items():
+            ready_rows.sort(key=lambda r: (r[5], r[0]))
+            assert hot_ready is not None
+            rows += ready_rows[:hot_ready]
+            if len(ready_rows) > hot_ready:
+                last = ready_rows[hot_ready - 1]
+                snap.cold[part] = (len(ready_rows) - hot_ready, (last[5], last[0]))
+                snap.max_hlc = max([snap.max_hlc] + [r[5] for r in ready_rows])
+        snap.max_seq = max(self.messages, default=0)
+        snap.messages = sorted((_message(r) for r in rows), key=lambda m: m.seq)
         snap.dedup = [(q, d, mid, exp) for (q, d), (mid, exp) in self.dedup.items()]
         snap.tombstones = [(q, i, mid, at) for (q, i, mid), at in self.tombstones.items()]
         return snap
+
+    def read_ready(self, queue: str, index: int, after: tuple[int, int],
+                   limit: int) -> list[Message]:
+        rows = sorted((r for r in self.messages.values()
+                       if r[9] == State.READY and r[2] == queue and r[3] == index
+                       and (r[5], r[0]) > after), key=lambda r: (r[5], r[0]))
+        return [_message(r) for r in rows[:limit]]
 
     async def _commit(self, ops: list[Op]) -> None:
         if self.delays is not None:
@@ -119,6 +148,13 @@ class MemoryStore(Store):
             elif kind == OP_CATALOG_PRUNE:
                 catalog = {n: r for n, r in catalog.items() if not (r[2] >= r[0] and r[3] < p[0])}
                 partitions = {k: v for k, v in partitions.items() if k[0] in catalog}
+            elif kind == OP_PURGE_READY:
+                queue, idx, hlc, seq, at = p
+                for s_, r in list(messages.items()):
+                    if (r[9] == State.READY and r[2] == queue and r[3] == idx
+                            and (r[5], r[0]) > (hlc, seq)):
+                        del messages[s_]
+                        tombs[queue, idx, r[1]] = at
             elif kind == OP_DEDUP:
                 dedup[p[0], p[1]] = (p[2], p[3])
             elif kind == OP_DEDUP_PRUNE:

@@ -1,8 +1,10 @@
 """SQLiteStore: the node's durable state in one SQLite file (WAL, synchronous=FULL).
 
 Schema and start-up load run in-process (sqlite-utils creates the schema); commits run in
-a writer process (meshq.store._writer), one transaction per batch. Never: a batch reported
-durable before the writer's COMMIT returned, or SQLite called on the event loop thread.
+a writer process (meshq.store._writer), one transaction per batch; the backlog's pages
+are read in a worker thread (``read_ready_async``). Never: a batch reported durable before
+the writer's COMMIT returned, or SQLite called on the event loop thread (but for
+``read_ready``, the rare synchronous page-in of meshq.broker.backlog's ``warm_now``).
 If the writer dies, ``run`` raises and the daemon stops rather than confirm nothing.
 """
 
@@ -10,9 +12,12 @@ from __future__ import annotations
 
 import os
 import select
+import sqlite3
 import subprocess
 import sys
+import threading
 from collections import deque
+from collections.abc import Iterable
 from typing import Any
 
 import msgpack
@@ -30,11 +35,30 @@ _pack = msgpack.Packer(use_bin_type=True).pack
 PIPELINE_DEPTH = 2  # batches handed to the writer and not yet confirmed
 
 
+_SELECT = ("SELECT seq, id, queue, body, headers, hlc, node, state, delivery_count, ready_at,"
+           " expires_at, lease_deadline, idx, inc, lease_id, holder, epoch, vn FROM messages")
+READER_CACHE_KIB = 8192  # the page cache of the connection that pages the backlog in
+
+
+def _messages(rows: Iterable[tuple[Any, ...]]) -> list[Message]:
+    unpack = msgpack.unpackb
+    out = []
+    for (seq, mid, queue, body, headers, hlc, node, state, count, ready_at, expires_at,
+         lease, idx, inc, lease_id, holder, epoch, vn) in rows:
+        out.append(Message(seq, mid, queue, body, unpack(headers) if headers else {}, hlc,
+                           node, State(state), count or 0, ready_at or 0.0, expires_at, lease,
+                           idx or 0, inc or 0, lease_id or 0, holder or "", epoch or 0,
+                           vn or 0))
+    return out
+
+
 class WriterDied(StoreFatal):
     """The writer process is gone; nothing more can be made durable."""
 
 
 class SQLiteStore(Store):
+    pages = True
+
     def __init__(self, path: str | os.PathLike[str]) -> None:
         super().__init__()
         self.path = os.fspath(path)
@@ -44,8 +68,10 @@ class SQLiteStore(Store):
         self._send_lock = trio.Lock()
         self._unanswered: deque[Batch] = deque()  # written to the writer, oldest first
         self._room = trio.Event()  # set when a batch was answered
+        self._reader: sqlite3.Connection | None = None  # read_ready's (from any thread)
+        self._read_lock = threading.Lock()
 
-    def load(self) -> Snapshot:
+    def load(self, hot_ready: int | None = None) -> Snapshot:
         conn = connect(self.path)
         try:
             snap = Snapshot()
@@ -59,22 +85,47 @@ class SQLiteStore(Store):
                     "SELECT queue, idx, promised, tally FROM partitions"):
                 snap.partitions.append((queue, idx, promised or 0,
                                         unpack(tally) if tally else {}))
-            for row in conn.execute(
-                    "SELECT seq, id, queue, body, headers, hlc, node, state, delivery_count,"
-                    " ready_at, expires_at, lease_deadline, idx, inc, lease_id, holder, epoch,"
-                    " vn FROM messages ORDER BY seq"):
-                (seq, mid, queue, body, headers, hlc, node, state, count, ready_at, expires_at,
-                 lease, idx, inc, lease_id, holder, epoch, vn) = row
-                snap.messages.append(Message(
-                    seq, mid, queue, body, unpack(headers) if headers else {}, hlc, node,
-                    State(state), count or 0, ready_at or 0.0, expires_at, lease, idx or 0,
-                    inc or 0, lease_id or 0, holder or "", epoch or 0, vn or 0))
+            if hot_ready is None:
+                snap.messages = _messages(conn.execute(f"{_SELECT} ORDER BY seq"))
+            else:
+                snap.messages = _messages(conn.execute(f"{_SELECT} WHERE state > 0"))
+                counts = conn.execute("SELECT queue, idx, COUNT(*) FROM messages"
+                                      " WHERE state = 0 GROUP BY queue, idx").fetchall()
+                for queue, idx, count in counts:
+                    head = _messages(conn.execute(
+                        f"{_SELECT} WHERE state = 0 AND queue = ? AND idx = ?"
+                        " ORDER BY hlc, seq LIMIT ?", (queue, idx or 0, hot_ready)))
+                    snap.messages += head
+                    if count > len(head):
+                        last = head[-1]
+                        snap.cold[queue, idx or 0] = (count - len(head), (last.hlc, last.seq))
+                        top = conn.execute("SELECT MAX(hlc) FROM messages WHERE state = 0"
+                                           " AND queue = ? AND idx = ?", (queue, idx)).fetchone()
+                        snap.max_hlc = max(snap.max_hlc, top[0] or 0)
+                snap.messages.sort(key=lambda m: m.seq)
+            snap.max_seq = conn.execute("SELECT MAX(seq) FROM messages").fetchone()[0] or 0
             snap.dedup = list(conn.execute(
                 "SELECT queue, dedup_id, message_id, expires_at FROM dedup"))
             snap.tombstones = list(conn.execute("SELECT queue, idx, id, at FROM tombstones"))
             return snap
         finally:
             conn.close()
+
+    def read_ready(self, queue: str, index: int, after: tuple[int, int],
+                   limit: int) -> list[Message]:
+        with self._read_lock:
+            if self._reader is None:
+                self._reader = sqlite3.connect(self.path, isolation_level=None,
+                                               check_same_thread=False)
+                self._reader.execute("PRAGMA query_only=1")
+                self._reader.execute(f"PRAGMA cache_size=-{READER_CACHE_KIB}")
+            return _messages(self._reader.execute(
+                f"{_SELECT} WHERE state = 0 AND queue = ? AND idx = ? AND (hlc, seq) > (?, ?)"
+                " ORDER BY hlc, seq LIMIT ?", (queue, index, after[0], after[1], limit)))
+
+    async def read_ready_async(self, queue: str, index: int, after: tuple[int, int],
+                               limit: int) -> list[Message]:
+        return await trio.to_thread.run_sync(self.read_ready, queue, index, after, limit)
 
     async def run(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
         """Commit batches through the writer process, PIPELINE_DEPTH of them in flight:
@@ -182,6 +233,12 @@ class SQLiteStore(Store):
     def helper_pids(self) -> tuple[int, ...]:
         proc = self._proc  # (its returncode would reap it: a dead pid just reads as 0 B)
         return () if proc is None else (proc.pid,)
+
+    def close(self) -> None:
+        with self._read_lock:
+            if self._reader is not None:
+                self._reader.close()
+                self._reader = None
 
     def statistics(self) -> StoreStatistics:
         size = 0

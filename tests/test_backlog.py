@@ -1,0 +1,196 @@
+"""The backlog on disk (meshq.broker.backlog), on a Broker over a MemoryStore in virtual
+time: past ``hot_ready`` READY messages a partition leaves the newer ones in the store,
+pages them in order as consumers take the head, and a restart reads only the head."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import trio
+from trio.testing import MockClock, wait_all_tasks_blocked
+
+from meshq.broker import Broker
+from meshq.broker.queue import Queue
+from meshq.broker.replica import record_of
+from meshq.cluster.changes import Put
+from meshq.model import Message
+from meshq.states import State
+from tests.test_broker import Conn, Env
+
+HOT = 8
+
+
+def small(broker: Broker) -> Broker:
+    broker.backlog.hot_ready, broker.backlog.refill_below = HOT, 3
+    return broker
+
+
+def part(env: Env, name: str = "q") -> Queue:
+    return env.broker.queues[name][0]
+
+
+async def fill(env: Env, n: int, queue: str = "q", **extra: Any) -> list[str]:
+    ids: list[str] = []
+    for start in range(0, n, 10):  # several commits, as producers would
+        ids += await env.send(*({"body": f"m{i}".encode(), **extra}
+                                for i in range(start, min(n, start + 10))), queue=queue)
+    return ids
+
+
+async def filled(env: Env, n: int, **options: Any) -> list[str]:
+    """A queue "q" with ``options`` on a broker that keeps HOT READY messages in memory,
+    with ``n`` messages sent to it."""
+    small(env.broker)
+    await env.declare(**options)
+    return await fill(env, n)
+
+
+async def drain(env: Env, conn: Conn, n: int, queue: str = "q") -> list[str]:
+    """Receive ``n`` deliveries, acking each; their ids in delivery order."""
+    got = []
+    for _ in range(n):
+        d = await conn.next()
+        got.append(d.id)
+        await conn.ack([d.id], queue)
+    return got
+
+
+async def restart(env: Env, hot_ready: int = HOT) -> Broker:
+    await env.store.flush()
+    env._scope.cancel()
+    broker = small(Broker(env.store, env.clock, node_id="n1"))
+    broker.restore(env.store.load(hot_ready))
+    await env.start(broker)
+    return broker
+
+
+async def test_past_hot_ready_messages_stay_on_disk_and_come_in_order(
+        env: Env, autojump_clock: MockClock) -> None:
+    ids = await filled(env, 50)
+    q = part(env)
+    assert env.counts() == (50, 0, 0)  # counted, wherever they are
+    assert len(q.messages) == HOT and q.cold == 50 - HOT  # only the head in memory
+    assert len(env.store.messages) == 50  # every one durable
+    conn = Conn(env)
+    conn.consume(prefetch=5)
+    assert await drain(env, conn, 50) == ids  # each once, in send order
+    await env.store.flush()
+    assert env.counts() == (0, 0, 0) and q.cold == 0 and not q.messages
+    assert env.store.messages == {}
+    assert env.broker.backlog.paged_in == 50 - HOT
+
+
+async def test_sends_while_paging_keep_their_order(env: Env, autojump_clock: MockClock) -> None:
+    ids = await filled(env, 30)
+    conn = Conn(env)
+    conn.consume(prefetch=2)
+    got = await drain(env, conn, 10)
+    ids += await fill(env, 30)  # behind the cold ones: on disk too
+    got += await drain(env, conn, 50)
+    assert got == ids
+    assert part(env).cold == 0 and env.counts() == (0, 0, 0)
+
+
+async def test_a_restart_reads_only_the_head(env: Env, autojump_clock: MockClock) -> None:
+    ids = await filled(env, 40)
+    broker = await restart(env)
+    q = broker.queues["q"][0]
+    assert len(q.messages) == HOT and q.cold == 40 - HOT
+    assert env.counts() == (40, 0, 0)
+    ids += await fill(env, 5)  # new seqs: above the cold ones', which they must not replace
+    assert len(env.store.messages) == 45
+    conn = Conn(env)
+    conn.consume(prefetch=3)
+    assert await drain(env, conn, 45) == ids
+
+
+async def test_leases_and_delays_stay_in_memory_across_a_restart(
+        env: Env, autojump_clock: MockClock) -> None:
+    ids = await filled(env, 20, visibility_timeout=5)
+    late = (await env.send({"body": b"later", "delay": 30}))[0]
+    conn = Conn(env)
+    conn.consume(prefetch=2)
+    first = [(await conn.next()).id, (await conn.next()).id]  # leased, never acked
+    assert first == ids[:2]
+    broker = await restart(env)
+    q = broker.queues["q"][0]
+    assert q.messages[late].state == State.DELAYED
+    # Read back though past the head's size (leased): the leases of the process gone
+    # ended at the start, so they are ready again, counted once delivered.
+    assert all(q.messages[i].delivery_count == 1 for i in first)
+    conn2 = Conn(env)
+    conn2.consume(prefetch=50)
+    got = []
+    for _ in range(21):
+        got.append(await conn2.next())
+        await conn2.ack([got[-1].id])
+    assert [d.id for d in got] == [*ids, late]
+    assert [d.count for d in got[:3]] == [2, 2, 1]
+
+
+async def test_purge_drops_what_is_on_disk(env: Env, autojump_clock: MockClock) -> None:
+    await filled(env, 50)
+    assert await env.broker.purge("q").wait() == 50
+    await env.store.flush()
+    assert env.counts() == (0, 0, 0) and env.store.messages == {}
+    q = part(env)
+    assert q.cold == 0 and not q.messages
+    fresh = await fill(env, 12)
+    conn = Conn(env)
+    conn.consume()
+    assert await drain(env, conn, 12) == fresh
+    broker = await restart(env)  # nothing purged comes back
+    assert broker.stats("q")[0]["ready"] == 0
+
+
+async def test_deleting_the_queue_deletes_what_is_on_disk(
+        env: Env, autojump_clock: MockClock) -> None:
+    await filled(env, 30)
+    assert await env.broker.delete_queue("q").wait() == 30
+    await env.store.flush()
+    assert env.store.messages == {}
+    await env.declare()
+    assert env.counts() == (0, 0, 0)
+
+
+async def test_a_cold_message_past_its_ttl_expires_when_paged_in(
+        env: Env, autojump_clock: MockClock) -> None:
+    small(env.broker)
+    await env.declare(message_ttl=10, dead_letter_queue="dlq")
+    await env.declare("dlq")
+    await fill(env, 20)
+    await trio.sleep(11)
+    conn = Conn(env)
+    conn.consume()
+    await env.broker.backlog.warm(part(env))  # (a page read, as a consumer would cause)
+    await env.store.flush()
+    assert conn.got == []
+    assert env.counts() == (0, 0, 0)
+    assert env.stats()["expired"] == 20 and env.stats("dlq")["ready"] == 20
+
+
+async def test_max_length_drops_the_oldest_even_on_disk(
+        env: Env, autojump_clock: MockClock) -> None:
+    ids = await filled(env, 40, max_length=12)
+    await wait_all_tasks_blocked()  # (pages read and dropped, down to the bound)
+    assert env.counts()[0] == 12
+    conn = Conn(env)
+    conn.consume()
+    assert await drain(env, conn, 12) == ids[-12:]
+
+
+async def test_a_merge_into_a_partition_with_cold_messages_reads_them_back(
+        env: Env, autojump_clock: MockClock) -> None:
+    ids = await filled(env, 30)
+    q = part(env)
+    assert q.cold
+    # A copy pushed by another node (a hand-off): its record and ours must meet in memory.
+    known = Message(0, ids[-1], "q", b"m29", {}, int(ids[-1].split("-")[0], 16), "n1",
+                    index=0, inc=q.inc, epoch=q.epoch, vn=1)
+    env.broker.replica.merge([Put(record_of(known))])
+    assert q.cold == 0 and len(q.messages) == 30  # no second copy of the message
+    await env.store.flush()
+    assert len(env.store.messages) == 30
+    conn = Conn(env)
+    conn.consume()
+    assert await drain(env, conn, 30) == ids
