@@ -36,6 +36,7 @@ __all__ = ["HOT_READY", "PAGE", "REFILL_BELOW", "Backlog"]
 log = logging.getLogger("meshq.broker.backlog")
 
 HOT_READY = 2048  # READY messages of a partition kept in memory; newer ones stay on disk
+TOMBS_KEPT = 8192  # tombstones of a partition kept in memory (the rest: in the store)
 REFILL_BELOW = 512  # page in when fewer than this are in memory
 PAGE = 4096  # messages read per page when warming a partition whole
 
@@ -49,6 +50,7 @@ class Backlog:
         self.refill_below = REFILL_BELOW
         self._wanted: dict[Queue, None] = {}  # (a dict: deterministic order)
         self._wake = trio.Event()
+        self.tombs_kept = TOMBS_KEPT
         self.paged_out = 0  # messages left on disk at their commit, since start
         self.paged_in = 0  # messages read back, since start
 
@@ -85,6 +87,14 @@ class Backlog:
         q.cold_gen += 1
         return n
 
+    def trim_tombs(self, q: Queue) -> None:
+        """Past ``tombs_kept`` tombstones, a partition held alone keeps the newer half in
+        memory (the store has every one, for ``warm`` to read back)."""
+        if not self.pageable(q):
+            return
+        q.tombs = dict(list(q.tombs.items())[-(self.tombs_kept // 2):])  # (the newest)
+        q.tombs_on_disk = True
+
     def want(self, q: Queue) -> None:
         """After a dispatch: page in if few READY messages are left in memory."""
         if q.cold and q.ready - q.cold < self.refill_below and q not in self._wanted:
@@ -110,8 +120,10 @@ class Backlog:
                     self.b._page_came(q)
 
     async def warm(self, q: Queue) -> None:
-        """Read every cold message of ``q`` back into memory (another node is to compare
-        or merge this partition)."""
+        """Read every cold message and stored tombstone of ``q`` back into memory
+        (another node is to compare or merge this partition)."""
+        if q.tombs_on_disk:
+            self._tombs_came(q, await self.b.store.read_tombs_async(q.name, q.index))
         while q.cold and self.b.live(q):
             gen = q.cold_gen
             msgs = await self.b.store.read_ready_async(q.name, q.index, q.cold_after, PAGE)
@@ -122,11 +134,21 @@ class Backlog:
     def warm_now(self, q: Queue) -> None:
         """``warm``, blocking: for a merge into a partition that still has cold messages
         (a hand-off to a partition held alone, a stale dispatcher's changes): rare."""
+        if q.tombs_on_disk:
+            self._tombs_came(q, self.b.store.read_tombs(q.name, q.index))
         while q.cold and self.b.live(q):
             gen = q.cold_gen
             msgs = self.b.store.read_ready(q.name, q.index, q.cold_after, PAGE)
             if not self._apply(q, gen, msgs, PAGE):
                 break
+
+    def _tombs_came(self, q: Queue, stored: list[tuple[str, float]]) -> None:
+        if not q.tombs_on_disk:
+            return  # (read twice meanwhile)
+        merged = dict(stored)
+        merged.update(q.tombs)
+        q.tombs = dict(sorted(merged.items(), key=lambda t: t[1]))  # (oldest first)
+        q.tombs_on_disk = False
 
     def _apply(self, q: Queue, gen: int, msgs: list[Message], limit: int) -> bool:
         """Index a page read at ``gen``; False when it was stale or nothing came."""

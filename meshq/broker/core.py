@@ -31,6 +31,7 @@ import msgpack
 import trio
 
 from meshq.broker.backlog import Backlog
+from meshq.broker.dedup import DedupIndex
 from meshq.broker.partitions import (
     RECEIPT_SEP,
     RETRY_DEDUP,
@@ -163,7 +164,8 @@ class Broker:
         self._timer_ids = itertools.count()
         self._timer_scope: trio.CancelScope | None = None
         self._timer_at = math.inf
-        self._dedup: dict[tuple[str, str], tuple[str, float, Batch | None]] = {}
+        self._dedup = DedupIndex(store.read_dedup if store.pages else None,
+                                 self.limits.dedup_window)
         self._next_prune = 0.0
         self._next_expiry = 0.0  # the next check of unused queues (inf: none expires)
         self._pruned = False
@@ -237,9 +239,7 @@ class Broker:
             home = self.parts.get((queue, idx))
             if home is not None:
                 home.tombs[mid] = at
-        for queue, dedup_id, mid, expires_at in snap.dedup:
-            if expires_at > now:
-                self._dedup[queue, dedup_id] = (mid, expires_at, None)
+        self._dedup.restore(snap.dedup, now, on_disk=snap.dedup_on_disk)
         self.hlc.restore(high)
         if self.dispatch_by_default:
             for q in self.parts.values():
@@ -252,6 +252,7 @@ class Broker:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._hand_overs)
             nursery.start_soon(self.backlog.run)
+            nursery.start_soon(self._dedup.load, self.store, self.clock)
             task_status.started()
             await self._timers_loop()
 
@@ -364,11 +365,8 @@ class Broker:
     def _prune(self, now: float) -> None:
         """Dedup entries past their window; tombstones and deleted queues past theirs."""
         self._next_prune = now + DEDUP_PRUNE_INTERVAL
-        stale = [k for k, (_, exp, _) in self._dedup.items() if exp <= now]
-        for key in stale:
-            del self._dedup[key]
-        if stale:
-            self.store.stage((OP_DEDUP_PRUNE, (now,)))
+        self._dedup.prune(now)
+        self.store.stage((OP_DEDUP_PRUNE, (now,)))  # (entries no longer in memory too)
         if not self._pruned:  # (not at start-up: nothing is that old yet)
             self._pruned = True
             return
@@ -499,6 +497,8 @@ class Broker:
     def _delete(self, q: Queue, msg: Message, now: float) -> None:
         """The message leaves the partition for good: a tombstone."""
         q.tombs[msg.id] = now
+        if len(q.tombs) > self.backlog.tombs_kept:
+            self.backlog.trim_tombs(q)
         batch = self.store.stage(delete_op(msg, now))
         if self.replicating:
             self._emit(batch, q, Tomb(q.name, q.index, msg.id, now))
@@ -941,8 +941,7 @@ class Broker:
         q.messages.clear()
         self.backlog.drop(q)  # (the queue's rows go with OP_DROP_QUEUE)
         if not rest:
-            for key in [k for k in self._dedup if k[0] == q.name]:
-                del self._dedup[key]
+            self._dedup.drop_queue(q.name)
             if self.on_catalog is not None:
                 self.on_catalog(q.name)
 
@@ -957,6 +956,7 @@ class Broker:
                 q.move(msg, Event.DROP)
                 q.remove(msg)
                 self._delete(q, msg, now)
+                msg.body = b""  # (as an ack's)
             q.compact()
             doomed += len(gone)
             if q.cold:  # (held alone: no other copy needs their tombstones in memory)
@@ -1048,7 +1048,7 @@ class Broker:
         early = direct and self.hand_over_early(q)
         for at, (body, headers, ttl, delay, dedup_id, _key) in items:
             if dedup_id is not None:
-                hit = self._dedup.get((name, dedup_id))
+                hit = self._dedup.get((name, dedup_id), now)
                 if hit is not None and hit[1] > now:
                     ids[at] = hit[0]
                     if hit[2] is not None and not hit[2].done:
@@ -1151,9 +1151,7 @@ class Broker:
         for dedup_id in dedup_ids:
             if dedup_id is None:
                 continue
-            entry = self._dedup.get((queue, dedup_id))
-            if entry is not None and entry[2] is batch:
-                self._dedup[queue, dedup_id] = (entry[0], entry[1], None)
+            self._dedup.settle((queue, dedup_id), batch)
 
     def _sent(self, sends: list[tuple[Queue, list[Message], list[str | None]]], batch: Batch,
               error: BaseException | None) -> None:
@@ -1163,9 +1161,7 @@ class Broker:
                 for msg, dedup_id in zip(msgs, dedup_ids, strict=True):
                     if dedup_id is None:
                         continue
-                    entry = self._dedup.get((q.name, dedup_id))
-                    if entry is not None and entry[0] == msg.id:
-                        del self._dedup[q.name, dedup_id]
+                    self._dedup.discard((q.name, dedup_id), msg.id)
             else:
                 self._dedup_settled(q.name, dedup_ids, batch, error)
             if q in by_queue:
@@ -1381,6 +1377,9 @@ class Broker:
                 q.move(msg, Event.ACK)
                 q.remove(msg)
                 self._delete(q, msg, now)
+                # A stale timer (its lease's, its TTL's) keeps the object until it comes
+                # due, up to a visibility timeout or a TTL: not its body.
+                msg.body = b""
                 acked.append(msg.id)
             self._dispatch(q, now)
         result = {"acked": acked, "failed": failed}

@@ -110,6 +110,7 @@ class Queue:
         self.cold_after = (0, 0)  # (hlc, seq): every cold message is after it
         self.cold_gen = 0  # bumped when the cold ones are dropped wholesale
         self.cold_misses = 0  # page reads in a row that found fewer than counted
+        self.tombs_on_disk = False  # older tombstones are in the store only
 
     @property
     def part(self) -> tuple[str, int]:

@@ -214,7 +214,7 @@ class Replica:
     def records(self, q: Queue, ids: Iterable[str]) -> tuple[list[Record], list[Tomb]]:
         """The records of ``ids`` held here, and tombstones of those deleted here."""
         recs, tombs = [], []
-        if q.cold:
+        if q.cold or q.tombs_on_disk:
             self.b.backlog.warm_now(q)
         for mid in ids:
             msg = q.messages.get(mid)
@@ -269,7 +269,7 @@ class Replica:
                 if part is not None and part in out.fenced:
                     continue
                 home = self.b.parts.get(part) if part is not None else None
-                if home is not None and home.cold:
+                if home is not None and (home.cold or home.tombs_on_disk):
                     self.b.backlog.warm_now(home)  # (what it merges must be in memory)
                 if t is Tally:
                     q = self.part(c.queue, c.index)  # type: ignore[union-attr]
@@ -444,7 +444,7 @@ class Replica:
         """Join a dedup entry (a Dedup, or the one a Put carries)."""
         if expires_at <= now or queue not in self.b.queues:
             return False
-        old = self.b._dedup.get((queue, dedup_id))
+        old = self.b._dedup.get((queue, dedup_id), now)
         new = join_dedup(None if old is None else (old[0], old[1]), (mid, expires_at))
         if old is not None and new == (old[0], old[1]):
             return False

@@ -78,7 +78,7 @@ async def digest(broker: Broker, q: Queue) -> Digest:
     """Per bucket of ids, the sum of the fingerprints of the live records; computed a
     slice at a time so that other tasks run meanwhile."""
     out = Digest()
-    if q.cold:  # (a partition held alone until now: compared, it must be in memory)
+    if q.cold or q.tombs_on_disk:  # (held alone until now: compared, it must be in memory)
         await broker.backlog.warm(q)
     msgs = list(q.messages.values())
     for start in range(0, len(msgs), DIGEST_SLICE):

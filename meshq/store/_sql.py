@@ -46,6 +46,10 @@ SKIPPED = "skipped: an earlier batch failed"  # the writer's answer after a fail
 MAX_BATCH_FRAME = 1 << 30  # bytes of one batch, as sent to the writer process
 
 SCHEMA_VERSION = 2
+# The page cache of a connection. The messages table is appended to, and its indexes are
+# appended to or trimmed at their head, so commits touch few pages; the rest is the OS's
+# file cache, which a deep backlog does not make this process's memory.
+CACHE_KIB = 16384
 
 _MSG_COLUMNS = ("seq, id, queue, idx, inc, hlc, node, body, headers, state, delivery_count,"
                 " ready_at, expires_at, lease_deadline, lease_id, holder, epoch, vn")
@@ -157,6 +161,7 @@ def _create_schema(conn: sqlite3.Connection) -> None:
     db.table("dedup").create(
         {"queue": str, "dedup_id": str, "message_id": str, "expires_at": float},
         pk=("queue", "dedup_id"), if_not_exists=True)
+    conn.execute("CREATE INDEX IF NOT EXISTS dedup_expiry ON dedup (expires_at)")
     db.table("tombstones").create({"queue": str, "idx": int, "id": str, "at": float},
                                   pk=("queue", "idx", "id"), if_not_exists=True)
     conn.execute("INSERT OR IGNORE INTO meta (key, value) VALUES ('schema_version', ?)",
@@ -203,7 +208,7 @@ def connect(path: str | os.PathLike[str]) -> sqlite3.Connection:
     conn.execute("PRAGMA busy_timeout=10000")
     conn.execute("PRAGMA journal_mode=WAL")
     conn.execute("PRAGMA synchronous=FULL")
-    conn.execute("PRAGMA cache_size=-65536")
+    conn.execute(f"PRAGMA cache_size=-{CACHE_KIB}")
     tables = {row[0] for row in conn.execute("SELECT name FROM sqlite_master")}
     if "meta" in tables:
         row = conn.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()

@@ -168,6 +168,9 @@ class Snapshot:
     cold: dict[tuple[str, int], tuple[int, tuple[int, int]]] = field(default_factory=dict)
     max_seq: int = 0  # the highest message seq stored (cold ones included)
     max_hlc: int = 0  # the highest HLC of a cold message
+    # Loaded with ``hot_ready``, the dedup entries are not: ``read_dedup`` reads one, and
+    # ``dedup_keys`` lists them (meshq.broker.dedup).
+    dedup_on_disk: bool = False
 
 
 @dataclass(frozen=True)
@@ -331,6 +334,28 @@ class Store(abc.ABC):
         """The committed READY messages of a partition whose (hlc, seq) is above
         ``after``, in that order, at most ``limit``. May block (a disk read)."""
         raise NotImplementedError
+
+    def read_tombs(self, queue: str, index: int) -> list[tuple[str, float]]:
+        """The stored tombstones of a partition, (message id, at). May block."""
+        raise NotImplementedError
+
+    async def read_tombs_async(self, queue: str, index: int) -> list[tuple[str, float]]:
+        await trio.lowlevel.checkpoint()
+        return self.read_tombs(queue, index)
+
+    def read_dedup(self, queue: str, dedup_id: str) -> tuple[str, float] | None:
+        """The stored dedup entry (message id, expires_at), if any. May block."""
+        raise NotImplementedError
+
+    def dedup_keys(self, after: int, limit: int) -> list[tuple[int, str, str, float]]:
+        """Stored dedup entries as (position, queue, dedup_id, expires_at), those after
+        position ``after`` (0: from the start), at most ``limit``. May block."""
+        raise NotImplementedError
+
+    async def dedup_keys_async(self, after: int,
+                               limit: int) -> list[tuple[int, str, str, float]]:
+        await trio.lowlevel.checkpoint()
+        return self.dedup_keys(after, limit)
 
     async def read_ready_async(self, queue: str, index: int, after: tuple[int, int],
                                limit: int) -> list[Message]:

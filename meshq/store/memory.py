@@ -93,9 +93,24 @@ class MemoryStore(Store):
                 snap.max_hlc = max([snap.max_hlc] + [r[5] for r in ready_rows])
         snap.max_seq = max(self.messages, default=0)
         snap.messages = sorted((_message(r) for r in rows), key=lambda m: m.seq)
-        snap.dedup = [(q, d, mid, exp) for (q, d), (mid, exp) in self.dedup.items()]
+        if hot_ready is None:
+            snap.dedup = [(q, d, mid, exp) for (q, d), (mid, exp) in self.dedup.items()]
+        else:
+            snap.dedup_on_disk = True
         snap.tombstones = [(q, i, mid, at) for (q, i, mid), at in self.tombstones.items()]
         return snap
+
+    def read_tombs(self, queue: str, index: int) -> list[tuple[str, float]]:
+        return [(mid, at) for (q, i, mid), at in self.tombstones.items()
+                if (q, i) == (queue, index)]
+
+    def read_dedup(self, queue: str, dedup_id: str) -> tuple[str, float] | None:
+        return self.dedup.get((queue, dedup_id))
+
+    def dedup_keys(self, after: int, limit: int) -> list[tuple[int, str, str, float]]:
+        if after:  # (one page of all of them: a dict has no stable positions)
+            return []
+        return [(1, q, d, exp) for (q, d), (_, exp) in self.dedup.items()]
 
     def read_ready(self, queue: str, index: int, after: tuple[int, int],
                    limit: int) -> list[Message]:

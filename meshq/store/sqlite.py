@@ -104,24 +104,50 @@ class SQLiteStore(Store):
                         snap.max_hlc = max(snap.max_hlc, top[0] or 0)
                 snap.messages.sort(key=lambda m: m.seq)
             snap.max_seq = conn.execute("SELECT MAX(seq) FROM messages").fetchone()[0] or 0
-            snap.dedup = list(conn.execute(
-                "SELECT queue, dedup_id, message_id, expires_at FROM dedup"))
+            if hot_ready is None:
+                snap.dedup = list(conn.execute(
+                    "SELECT queue, dedup_id, message_id, expires_at FROM dedup"))
+            else:
+                snap.dedup_on_disk = True
             snap.tombstones = list(conn.execute("SELECT queue, idx, id, at FROM tombstones"))
             return snap
         finally:
             conn.close()
 
-    def read_ready(self, queue: str, index: int, after: tuple[int, int],
-                   limit: int) -> list[Message]:
+    def _read(self, sql: str, params: tuple[Any, ...]) -> list[Any]:
         with self._read_lock:
             if self._reader is None:
                 self._reader = sqlite3.connect(self.path, isolation_level=None,
                                                check_same_thread=False)
                 self._reader.execute("PRAGMA query_only=1")
                 self._reader.execute(f"PRAGMA cache_size=-{READER_CACHE_KIB}")
-            return _messages(self._reader.execute(
-                f"{_SELECT} WHERE state = 0 AND queue = ? AND idx = ? AND (hlc, seq) > (?, ?)"
-                " ORDER BY hlc, seq LIMIT ?", (queue, index, after[0], after[1], limit)))
+            return self._reader.execute(sql, params).fetchall()
+
+    def read_tombs(self, queue: str, index: int) -> list[tuple[str, float]]:
+        return self._read("SELECT id, at FROM tombstones WHERE queue = ? AND idx = ?",
+                          (queue, index))
+
+    async def read_tombs_async(self, queue: str, index: int) -> list[tuple[str, float]]:
+        return await trio.to_thread.run_sync(self.read_tombs, queue, index)
+
+    def read_dedup(self, queue: str, dedup_id: str) -> tuple[str, float] | None:
+        rows = self._read("SELECT message_id, expires_at FROM dedup WHERE queue = ?"
+                          " AND dedup_id = ?", (queue, dedup_id))
+        return (rows[0][0], rows[0][1]) if rows else None
+
+    def dedup_keys(self, after: int, limit: int) -> list[tuple[int, str, str, float]]:
+        return self._read("SELECT rowid, queue, dedup_id, expires_at FROM dedup"
+                          " WHERE rowid > ? ORDER BY rowid LIMIT ?", (after, limit))
+
+    async def dedup_keys_async(self, after: int,
+                               limit: int) -> list[tuple[int, str, str, float]]:
+        return await trio.to_thread.run_sync(self.dedup_keys, after, limit)
+
+    def read_ready(self, queue: str, index: int, after: tuple[int, int],
+                   limit: int) -> list[Message]:
+        return _messages(self._read(
+            f"{_SELECT} WHERE state = 0 AND queue = ? AND idx = ? AND (hlc, seq) > (?, ?)"
+            " ORDER BY hlc, seq LIMIT ?", (queue, index, after[0], after[1], limit)))
 
     async def read_ready_async(self, queue: str, index: int, after: tuple[int, int],
                                limit: int) -> list[Message]:

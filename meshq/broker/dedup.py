@@ -1,0 +1,170 @@
+"""The dedup entries of a node, without one object in memory per message sent.
+
+Every send a client may retry carries a dedup id, so a node that takes 30,000 messages a
+second holds millions of entries through a five-minute window. Memory keeps the newest
+``keep`` entries (and every one whose commit is not settled); older ones are only in the
+store's dedup table, and a Bloom filter in memory says which keys may be there, so that a
+new id (nearly every send) costs no disk read, and a retry of an older one costs one.
+
+State here: ``recent`` (key -> (message id, expires_at, batch or None), oldest first),
+two Bloom filters of spilled keys (the newer one taking them; every ``window`` seconds the
+older one is dropped: each key in it expired by then), and, after a start, the keys still
+to be read into the filter. Never: an entry dropped from memory before it is durable (its
+batch settled) unless the filter says "maybe" for it; a key the filter forgets before
+its entry expired.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import mmh3
+
+__all__ = ["BLOOM_BITS", "KEEP", "DedupIndex"]
+
+KEEP = 16384  # entries kept in memory
+LOAD_PAGE = 20000  # stored keys read into the filter at a time, after a start
+BLOOM_BITS = 1 << 25  # bits per filter (4 MiB): under 1 % false hits at 3 M keys
+_HASHES = 5
+_MASK = BLOOM_BITS - 1
+
+Key = tuple[str, str]
+Entry = tuple[str, float, Any]  # (message id, expires_at, the batch writing it or None)
+
+
+def _bits(key: Key) -> list[int]:
+    h = mmh3.hash128(f"{key[0]}\0{key[1]}", signed=False)
+    a, b = h & 0xFFFFFFFFFFFFFFFF, h >> 64
+    return [(a + i * b) & _MASK for i in range(_HASHES)]
+
+
+class _Bloom:
+    __slots__ = ("bits", "count")
+
+    def __init__(self) -> None:
+        self.bits = bytearray(BLOOM_BITS // 8)
+        self.count = 0
+
+    def add(self, key: Key) -> None:
+        bits = self.bits
+        for i in _bits(key):
+            bits[i >> 3] |= 1 << (i & 7)
+        self.count += 1
+
+    def __contains__(self, key: Key) -> bool:
+        bits = self.bits
+        return all(bits[i >> 3] & (1 << (i & 7)) for i in _bits(key))
+
+
+class DedupIndex:
+    """The dedup entries of one Broker; see the module docstring. ``read(queue, dedup_id)``
+    reads the store's entry, (message id, expires_at) or None (blocking: a point read)."""
+
+    def __init__(self, read: Callable[[str, str], tuple[str, float] | None] | None,
+                 window: float, keep: int = KEEP) -> None:
+        # (an OrderedDict: taking the oldest of a plain dict whose front was deleted
+        # scans the deleted slots, every time)
+        self.recent: OrderedDict[Key, Entry] = OrderedDict()
+        self._read = read
+        self.window = window
+        self.keep = keep if read is not None else 1 << 62  # (no store to read: keep all)
+        self._filters = [_Bloom(), _Bloom()]  # older, newer
+        self._rotate_at: float | None = None
+        self._unloaded = False  # keys in the store not yet in a filter (after a start)
+        self.reads = 0  # store reads: retries of spilled entries, and false hits
+
+    def get(self, key: Key, now: float) -> Entry | None:
+        entry = self.recent.get(key)
+        if entry is not None or self._read is None:
+            return entry
+        if not self._unloaded and key not in self._filters[1] and key not in self._filters[0]:
+            return None
+        self.reads += 1
+        row = self._read(*key)
+        if row is None or row[1] <= now:
+            return None
+        return (row[0], row[1], None)
+
+    def __setitem__(self, key: Key, entry: Entry) -> None:
+        recent = self.recent
+        recent[key] = entry
+        recent.move_to_end(key)  # (the newest)
+        if len(recent) > self.keep:
+            self._spill(entry[1] - self.window)
+
+    def settle(self, key: Key, batch: Any) -> None:
+        """``batch`` committed: the entry no longer needs it (a batch held for the window
+        would keep its ops and messages alive)."""
+        entry = self.recent.get(key)
+        if entry is not None and entry[2] is batch:
+            self.recent[key] = (entry[0], entry[1], None)
+
+    def discard(self, key: Key, mid: str) -> None:
+        """The entry for ``mid`` was never written."""
+        entry = self.recent.get(key)
+        if entry is not None and entry[0] == mid:
+            del self.recent[key]
+
+    def _spill(self, now: float) -> None:
+        """Move the oldest entries past ``keep`` to the filter (they are in the store)."""
+        recent = self.recent
+        newer = self._filters[1]
+        for _ in range(len(recent)):  # (each entry looked at once at most)
+            if len(recent) <= self.keep:
+                return
+            key, (mid, expires_at, batch) = recent.popitem(last=False)
+            if batch is not None and not batch.done:
+                recent[key] = (mid, expires_at, batch)
+                recent.move_to_end(key, last=False)
+                return  # not durable yet: it and what came after stay
+            if batch is not None and batch.error is not None:
+                recent[key] = (mid, expires_at, batch)  # (kept: a retry replicates it again)
+                continue
+            if expires_at > now:
+                newer.add(key)
+
+    def prune(self, now: float) -> bool:
+        """Forget what expired; True if an entry in memory did (the store's go too)."""
+        if self._rotate_at is None:
+            self._rotate_at = now + self.window
+        elif now >= self._rotate_at:  # every key in the older filter has expired
+            self._filters = [self._filters[1], _Bloom()]
+            self._rotate_at = now + self.window
+        stale = [k for k, (_, exp, _) in self.recent.items() if exp <= now]
+        for key in stale:
+            del self.recent[key]
+        return bool(stale)
+
+    def drop_queue(self, name: str) -> None:
+        for key in [k for k in self.recent if k[0] == name]:
+            del self.recent[key]
+
+    def restore(self, entries: Iterable[tuple[str, str, str, float]], now: float, *,
+                on_disk: bool = False) -> None:
+        """At start-up: the stored entries still in their window (``on_disk``: they were
+        not read; until ``load`` has listed them, every key not in memory is looked up)."""
+        for queue, dedup_id, mid, expires_at in entries:
+            if expires_at > now:
+                self.recent[queue, dedup_id] = (mid, expires_at, None)
+        self._spill(now)
+        self._unloaded = on_disk and self._read is not None
+
+    async def load(self, store: Any, clock: Any) -> None:
+        """After a start that left the entries on disk: put their keys in the filter, a
+        page at a time, in a worker thread."""
+        after = 0
+        while self._unloaded:
+            rows = await store.dedup_keys_async(after, LOAD_PAGE)
+            now = clock.time()
+            newer = self._filters[1]
+            for position, queue, dedup_id, expires_at in rows:
+                if expires_at > now:
+                    newer.add((queue, dedup_id))
+                after = max(after, position)
+            if len(rows) < LOAD_PAGE:
+                self._unloaded = False
+
+    def __len__(self) -> int:
+        return len(self.recent) + sum(f.count for f in self._filters)

@@ -1,0 +1,103 @@
+"""Dedup entries past the newest few live in the store only (meshq.broker.dedup): a retry
+of an old one still finds its message, and a new id costs no store read."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import trio
+from trio.testing import MockClock, wait_all_tasks_blocked
+
+from meshq.broker import Broker
+from meshq.broker.dedup import DedupIndex
+from meshq.store import Batch
+from tests.test_broker import Env
+
+
+class Table:
+    """The store's dedup table, as DedupIndex reads it: counting the reads."""
+
+    def __init__(self) -> None:
+        self.rows: dict[tuple[str, str], tuple[str, float]] = {}
+        self.reads = 0
+
+    def read(self, queue: str, dedup_id: str) -> tuple[str, float] | None:
+        self.reads += 1
+        return self.rows.get((queue, dedup_id))
+
+
+def committed() -> Batch:
+    b = Batch()
+    b.complete(None)
+    return b
+
+
+def put(index: DedupIndex, table: Table, key: tuple[str, str], mid: str, expires: float,
+        batch: Any = None) -> None:
+    table.rows[key] = (mid, expires)
+    index[key] = (mid, expires, batch)
+
+
+def test_old_entries_are_read_from_the_store_and_new_ids_are_not() -> None:
+    table = Table()
+    index = DedupIndex(table.read, window=300.0, keep=4)
+    for i in range(20):
+        put(index, table, ("q", f"d{i}"), f"m{i}", 300.0 + i)
+    assert len(index.recent) == 4 and len(index) == 20
+    assert index.get(("q", "d19"), 1.0) == ("m19", 319.0, None) and table.reads == 0
+    assert index.get(("q", "d0"), 1.0) == ("m0", 300.0, None) and table.reads == 1
+    assert index.get(("q", "new"), 1.0) is None and table.reads == 1  # no read for it
+    assert index.get(("q", "d0"), 301.0) is None  # expired
+
+
+def test_an_entry_not_yet_durable_stays_in_memory() -> None:
+    table = Table()
+    index = DedupIndex(table.read, window=300.0, keep=2)
+    open_batch = Batch()
+    put(index, table, ("q", "first"), "m0", 300.0, open_batch)
+    for i in range(5):
+        put(index, table, ("q", f"d{i}"), f"m{i}", 300.0, committed())
+    assert ("q", "first") in index.recent and len(index.recent) == 6
+    open_batch.complete(None)
+    index.settle(("q", "first"), open_batch)
+    put(index, table, ("q", "last"), "m9", 300.0)
+    assert len(index.recent) == 2 and ("q", "first") not in index.recent
+    assert index.get(("q", "first"), 1.0) == ("m0", 300.0, None)
+
+
+def test_a_filter_forgets_keys_only_after_their_window() -> None:
+    table = Table()
+    index = DedupIndex(table.read, window=300.0, keep=1)
+    index.prune(0.0)  # (the first prune starts the rotation)
+    put(index, table, ("q", "a"), "ma", 300.0)
+    put(index, table, ("q", "b"), "mb", 310.0)  # "a" spilled
+    index.prune(300.0)  # rotated once: "a" is in the older filter, still looked up
+    assert index.get(("q", "a"), 299.0) == ("ma", 300.0, None) and table.reads == 1
+    index.prune(600.0)  # rotated again: the older filter is gone, "a" expired long ago
+    assert index.get(("q", "a"), 601.0) is None and table.reads == 1
+
+
+async def test_a_retry_finds_its_message_after_many_sends_and_a_restart(
+        env: Env, autojump_clock: MockClock) -> None:
+    env.broker._dedup.keep = 4
+    await env.declare()
+    ids = [(await env.send({"body": b"x", "dedup_id": f"d{i}"}))[0] for i in range(30)]
+    assert len(env.broker._dedup.recent) == 4
+    assert (await env.send({"body": b"x", "dedup_id": "d0"}))[0] == ids[0]
+    assert env.counts()[0] == 30  # no second copy
+    await env.store.flush()
+    env._scope.cancel()
+    broker = Broker(env.store, env.clock, node_id="n1")
+    broker.restore(env.store.load(8))  # the daemon's start: dedup entries left on disk
+    await env.start(broker)
+    assert (await env.send({"body": b"x", "dedup_id": "d1"}))[0] == ids[1]
+    await wait_all_tasks_blocked()  # the keys are in the filter now
+    assert not broker._dedup._unloaded
+    reads = broker._dedup.reads
+    assert (await env.send({"body": b"x", "dedup_id": "d2"}))[0] == ids[2]
+    fresh = await env.send({"body": b"x", "dedup_id": "new"})
+    assert fresh[0] not in ids and broker._dedup.reads == reads + 1  # (d2's read only)
+    assert env.counts()[0] == 31
+    await trio.sleep(env.broker.limits.dedup_window + 61)  # pruned, here and in the store
+    await env.store.flush()
+    assert list(env.store.dedup) == []
