@@ -25,7 +25,9 @@ import trio
 from meshq._version import __version__
 from meshq.broker import Broker, BrokerLimits
 from meshq.clock import Clock
+from meshq.cluster.changes import MovesAnswer
 from meshq.cluster.driver import Cluster
+from meshq.cluster.moves import annotate, summary
 from meshq.cluster.peers import LINK_KIND, LinkPeers, serve_link
 from meshq.cluster.placement import Placement
 from meshq.errors import Unavailable
@@ -178,9 +180,17 @@ class Node:
                 "ntp_server": m.ntp_server, "ntp_offset_ms": None if ntp is None
                 else round(ntp, 3)}
 
+    def rebalance_here(self) -> dict[str, Any]:
+        """The ``rebalance`` status from this node's moves alone (a client session asks
+        every live node: ``Cluster.rebalance``)."""
+        if self.cluster is None:
+            return summary({self.name: MovesAnswer((self.name,), True, ())})
+        return summary({self.name: self.cluster.moves_here()})
+
     def status(self) -> dict[str, Any]:
         """This node's status map (``meshq-ctl status``); queue counts are this node's
-        copy (a client session replaces them with the dispatching nodes')."""
+        copy and moves this node's (a client session replaces them with the dispatching
+        nodes' counts and every node's moves)."""
         wall, logical = unpack(self.broker.hlc.last)
         store = self.store.statistics()
         accepting, why_not = self.writes()
@@ -232,7 +242,7 @@ class Node:
                     "dispatching_here": p.active, "ready": p.ready, "leased": p.leased,
                     "delayed": p.delayed, "counted_by": self.name if p.active else None})
             queues.append(q)
-        return {
+        status = {
             "node": {
                 "name": self.name,
                 "id": self.id,
@@ -272,6 +282,8 @@ class Node:
                      if self.amqp is not None else None),
             "replication": (_replication(cluster) if cluster is not None else None),
         }
+        annotate(status, self.rebalance_here())
+        return status
 
 
 def _replication(cluster: Cluster) -> dict[str, Any]:

@@ -19,6 +19,9 @@ from meshq.cluster.changes import (
     Drop,
     FetchAnswer,
     FetchReq,
+    Move,
+    MovesAnswer,
+    MovesReq,
     Progress,
     PromiseAnswer,
     PromiseReq,
@@ -52,6 +55,11 @@ VALUES = [
     FetchAnswer((R,), (TOMB,)),
     CatalogReq(123, (Decl("a", 1, {}), Drop("b", 2, 1.0))),
     CatalogAnswer(5, None),
+    MovesReq(),
+    MovesAnswer(("a", "b"), True, (Move("jobs", 3, "copy", "a", "b", "copying", 50, 20, 1.5),
+                                   Move("jobs", 0, "takeover", "", "a", "reading", 0, 0,
+                                        0.0))),
+    MovesAnswer((), False, ()),
 ]
 
 
@@ -83,6 +91,13 @@ def test_a_wrong_shape_is_a_peer_protocol_error() -> None:
         {"t": "apply", "e": [], "c": [[*PUT, 5, 1.0]]},  # a dedup id that is not a string
         {"t": "apply", "e": [], "c": [[*PUT, "d", float("inf")]]},
         {"t": "apply", "e": [], "c": [[*PUT, "d"]]},
+        {"t": "moving", "l": ["a"], "c": 1, "m": []},
+        {"t": "moving", "l": [""], "c": True, "m": []},
+        {"t": "moving", "l": [], "c": True, "m": [["q", 0, "copy", "a", "b", "done", -1, 0,
+                                                   0.0]]},
+        {"t": "moving", "l": [], "c": True, "m": [["q", 0, "copy", 5, "b", "done", 1, 0,
+                                                   0.0]]},
+        {"t": "moving", "l": [], "c": True, "m": [["q", 0, "copy", "a", "b"]]},
     ]
     for frame in bad:
         try:
@@ -100,11 +115,11 @@ wire_values = st.recursive(
     max_leaves=25,
 )
 tags = st.sampled_from(["apply", "applied", "promise", "promised", "digest", "digested",
-                        "fetch", "fetched", "catalog", "cataloged"])
+                        "fetch", "fetched", "catalog", "cataloged", "moves", "moving"])
 
 
 @given(tags, st.dictionaries(st.sampled_from(["e", "c", "f", "m", "x", "q", "i", "d", "ok",
-                                              "p", "s", "diff", "ids", "r", "h"]),
+                                              "p", "s", "diff", "ids", "r", "h", "l"]),
                              wire_values, max_size=6))
 @settings(max_examples=600)
 def test_fuzzed_frames_decode_or_raise_our_error(tag, fields) -> None:

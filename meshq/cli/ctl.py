@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import time
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from typing import Any
@@ -27,9 +28,11 @@ from meshq.cli._common import (
     to_json,
 )
 from meshq.cli._keys import KEY_ACTIONS, cmd_keys, cmd_keys_generate
+from meshq.cluster.moves import fraction
+from meshq.errors import Timeout
 
 __all__ = ["add_command", "add_group", "build_parser", "clock_view", "format_clock",
-           "format_status", "main"]
+           "format_rebalance", "format_status", "main", "progress_bar", "progress_line"]
 
 Command = Callable[[argparse.Namespace], int]
 SubParsers = Any  # argparse's _SubParsersAction, private in typeshed
@@ -39,10 +42,14 @@ MEMBER_COLUMNS = ("name", "address", "state", "incarnation", "clock_offset_ms", 
 PEER_CLOCK_COLUMNS = ("name", "address", "state", "clock_offset_ms", "rtt_ms", "last_seen_s")
 PLACEMENT_COLUMNS = ("primary", "holders")  # status adds these to each queue's row
 PARTITION_COUNTS = ("ready", "leased", "delayed")  # per partition, of partitioned queues
+MOVE_COLUMNS = ("queue", "index", "kind", "from", "to", "phase", "messages_done",
+                "messages_total", "age_s")
+BAR_WIDTH = 40
+CLEAR = "\x1b[H\x1b[J"  # cursor home, clear to the end: a --watch redraw on a terminal
 # Sections the status table shows in its own way (or leaves to another command); any
 # other section is shown generically under its name.
 KNOWN_SECTIONS = frozenset({"node", "members", "mesh", "clock", "ring", "queues",
-                            "replication", "store", "security"})
+                            "replication", "rebalance", "store", "security"})
 
 
 # --------------------------------------------------------------------------- parser
@@ -90,10 +97,29 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("key", help="the key, base64" + (
                 "" if action == "install" else ", or its fingerprint")
                 + "; - reads it from stdin (not shown by ps)")
+    p = add_command(sub, "rebalance", "partitions moving after a join or leave, and their "
+                    "progress, cluster-wide", cmd_rebalance)
+    p.add_argument("--watch", action="store_true",
+                   help="redraw until nothing moves, then exit 0 (with --json: one JSON "
+                   "object per line per poll)")
+    p.add_argument("--interval", type=_positive, default=1.0, metavar="S",
+                   help="seconds between polls with --watch (default 1)")
+    p.add_argument("--timeout", type=_positive, default=None, metavar="S",
+                   help="with --watch: give up after S seconds, exit 6 (TIMEOUT)")
     add_command(sub, "leave", "leave the cluster gracefully and stop the daemon", cmd_leave)
     add_command(sub, "hash-password", "read an AMQP user's password from stdin and print "
                 "its hash for [amqp_users] (no daemon needed)", cmd_hash_password, json=False)
     return parser
+
+
+def _positive(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"not a positive number of seconds: {text!r}")
+    return value
 
 
 # --------------------------------------------------------------------------- formatting
@@ -277,6 +303,9 @@ def format_status(status: dict[str, Any]) -> str:
     if spread:
         parts += ["", "partitions", _indent(format_table(
             ("queue", "index", "primary", "holders", *PARTITION_COUNTS), spread))]
+    reb = _section(status, "rebalance")
+    if reb:
+        parts += ["", "rebalance", _indent(format_rebalance(reb))]
     repl = _section(status, "replication")
     if repl:
         parts += ["", "replication", _pairs([
@@ -302,6 +331,62 @@ def format_status(status: dict[str, Any]) -> str:
         if name not in KNOWN_SECTIONS and value is not None:
             parts += ["", str(name), _generic(value)]
     return "\n".join(parts)
+
+
+def progress_bar(done: float, width: int = BAR_WIDTH) -> str:
+    """``[#####.....]  50%`` for ``done`` in 0..1 (clamped); 100% only when whole."""
+    done = max(0.0, min(1.0, done))
+    filled = int(done * width)
+    percent = int(done * 100)
+    return f"[{'#' * filled}{'.' * (width - filled)}] {percent:3d}%"
+
+
+def _count(n: Any) -> str:
+    return f"{n:,}" if isinstance(n, int) else "-"
+
+
+def progress_line(reb: dict[str, Any]) -> str:
+    """One line for a log: the bar, messages and moves, and why it is not final."""
+    line = (f"{progress_bar(fraction(reb))} {_count(reb.get('messages_done'))}/"
+            f"{_count(reb.get('messages_total'))} messages, "
+            f"{_count(reb.get('moves_under_way'))} moves under way, "
+            f"{_count(reb.get('moves_done'))} done")
+    waits = [str(w) for w in _list(reb.get("settling"))]
+    unreachable = _list(reb.get("unreachable"))
+    if unreachable:
+        waits.append(f"no answer from {', '.join(map(str, unreachable))}")
+    return line + "".join(f"; {w}" for w in waits)
+
+
+def format_rebalance(reb: dict[str, Any]) -> str:
+    """The ``rebalance`` table: a headline, a progress bar, then the moves under way,
+    what keeps the answer from being final (nodes settling or not answering)."""
+    moving = reb.get("moving")
+    done, under_way = reb.get("moves_done"), reb.get("moves_under_way")
+    total, copied = reb.get("messages_total"), reb.get("messages_done")
+    asked = len(_list(reb.get("nodes"))) + len(_list(reb.get("unreachable")))
+    if not moving:
+        head = f"nothing moving ({len(_list(reb.get('nodes')))} of {asked} nodes answered"
+        if done:
+            head += (f"; {_count(done)} moves done since the last membership change, "
+                     f"{_count(copied)} messages")
+        lines = [head + ")"]
+    else:
+        lines = [f"moving: {_count(reb.get('partitions_moving'))} partitions, "
+                 f"{_count(under_way)} moves under way, {_count(done)} done",
+                 f"{progress_bar(fraction(reb))}  {_count(copied)} of {_count(total)} "
+                 "messages"]
+    moves = _dicts(reb.get("moves"))
+    if moves:
+        lines += ["", format_table(MOVE_COLUMNS, [[m.get(c) for c in MOVE_COLUMNS]
+                                                  for m in moves])]
+    for why in _list(reb.get("settling")):
+        lines.append(f"settling: {why}")
+    unreachable = _list(reb.get("unreachable"))
+    if unreachable:
+        lines.append(f"no answer from: {', '.join(map(str, unreachable))} (its moves are "
+                     "not known)")
+    return "\n".join(lines)
 
 
 def clock_view(status: dict[str, Any]) -> dict[str, Any]:
@@ -405,6 +490,33 @@ def cmd_ring(args: argparse.Namespace) -> int:
 
 def cmd_clock(args: argparse.Namespace) -> int:
     return _emit(args, clock_view(_status(args)), format_clock)
+
+
+def cmd_rebalance(args: argparse.Namespace) -> int:
+    """Print the rebalance once; with ``--watch``, poll until nothing moves (exit 0) or
+    ``--timeout`` passes (TIMEOUT). A terminal gets the table redrawn in place, a pipe or
+    file a progress line per poll and the final table."""
+    if not args.watch:
+        with connect(args) as client:
+            return _emit(args, client.rebalance(), format_rebalance)
+    deadline = None if args.timeout is None else time.monotonic() + args.timeout
+    tty = sys.stdout.isatty()
+    with connect(args) as client:
+        while True:
+            reb = client.rebalance()
+            if args.json:
+                print(to_json(reb), flush=True)
+            elif tty:
+                print(CLEAR + format_rebalance(reb), flush=True)
+            elif reb.get("moving"):
+                print(progress_line(reb), flush=True)
+            if not reb.get("moving"):
+                if not args.json and not tty:
+                    print(format_rebalance(reb))
+                return EXIT_OK
+            if deadline is not None and time.monotonic() + args.interval > deadline:
+                raise Timeout(f"partitions still moving after {args.timeout:g} s")
+            time.sleep(args.interval)
 
 
 def cmd_leave(args: argparse.Namespace) -> int:

@@ -560,3 +560,7 @@ class AsyncClient:
 
     async def status(self) -> dict[str, Any]:
         return await self._retrying(Retry.PLAIN, lambda: self._once("status", {}))
+
+    async def rebalance(self) -> dict[str, Any]:
+        """The moves of partitions under way, cluster-wide (docs/ctl-json.md)."""
+        return await self._retrying(Retry.PLAIN, lambda: self._once("rebalance", {}))

@@ -658,3 +658,7 @@ class Client:
 
     def status(self) -> dict[str, Any]:
         return self._retrying(Retry.PLAIN, lambda: self._once("status", {}))
+
+    def rebalance(self) -> dict[str, Any]:
+        """The moves of partitions under way, cluster-wide (docs/ctl-json.md)."""
+        return self._retrying(Retry.PLAIN, lambda: self._once("rebalance", {}))

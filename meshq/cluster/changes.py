@@ -33,6 +33,9 @@ __all__ = [
     "Drop",
     "FetchAnswer",
     "FetchReq",
+    "Move",
+    "MovesAnswer",
+    "MovesReq",
     "PartKey",
     "Progress",
     "PromiseAnswer",
@@ -248,8 +251,39 @@ class CatalogAnswer:
     entries: tuple[Decl | Drop, ...] | None
 
 
-Request: TypeAlias = ApplyReq | PromiseReq | DigestReq | FetchReq | CatalogReq
-Answer: TypeAlias = ApplyAnswer | PromiseAnswer | DigestAnswer | FetchAnswer | CatalogAnswer
+@dataclass(frozen=True, slots=True)
+class MovesReq:
+    """The moves the node makes (meshq.cluster.moves), for a rebalance status."""
+
+
+@dataclass(frozen=True, slots=True)
+class Move:
+    """One partition's copy on its way (meshq.cluster.moves): ``kind`` copy, handoff or
+    takeover, from ``source`` to ``target`` ("" when not one node), its ``phase``, the
+    records it moves (``total``; an estimate while waiting) and those moved (``done``),
+    and how long it has been under way (``age``, seconds)."""
+
+    queue: str
+    index: int
+    kind: str
+    source: str
+    target: str
+    phase: str
+    total: int
+    done: int
+    age: float
+
+
+@dataclass(frozen=True, slots=True)
+class MovesAnswer:
+    live: tuple[str, ...]  # the members the node's placement counts as live
+    catalog_ready: bool  # it has learned the cluster's queues
+    moves: tuple[Move, ...]
+
+
+Request: TypeAlias = ApplyReq | PromiseReq | DigestReq | FetchReq | CatalogReq | MovesReq
+Answer: TypeAlias = (ApplyAnswer | PromiseAnswer | DigestAnswer | FetchAnswer | CatalogAnswer
+                     | MovesAnswer)
 
 
 # -- the codec ------------------------------------------------------------------------------
@@ -448,6 +482,18 @@ def _part_epochs(v: Any, what: str) -> tuple[tuple[str, int, int], ...]:
     return tuple(out)
 
 
+def _node(v: Any) -> str:
+    """A node's name, or "" for none."""
+    return "" if v == "" else _str(v, "node")
+
+
+def _dec_move(v: Any) -> Move:
+    q, i, kind, source, target, phase, total, done, age = _list(v, "move", 9)
+    return Move(_str(q, "queue"), _int(i, "index"), _str(kind, "kind", 16),
+                _node(source), _node(target), _str(phase, "phase", 16),
+                _int(total, "total"), _int(done, "done"), _float(age, "age"))
+
+
 def _key(v: Any) -> tuple[Any, ...]:
     items = _list(v, "progress key", 8)
     for x in items[:7]:
@@ -504,6 +550,13 @@ def encode(msg: Request | Answer) -> dict[str, Any]:
         assert isinstance(msg, CatalogReq | CatalogAnswer)
         return {"t": "catalog" if t is CatalogReq else "cataloged", "h": msg.digest,
                 "c": None if msg.entries is None else [_enc_change(c) for c in msg.entries]}
+    if t is MovesReq:
+        return {"t": "moves"}
+    if t is MovesAnswer:
+        assert isinstance(msg, MovesAnswer)
+        return {"t": "moving", "l": list(msg.live), "c": msg.catalog_ready,
+                "m": [[m.queue, m.index, m.kind, m.source, m.target, m.phase, m.total,
+                       m.done, m.age] for m in msg.moves]}
     raise TypeError(f"cannot encode {msg!r}")
 
 
@@ -565,6 +618,14 @@ def decode(frame: Any) -> Request | Answer:
         if t in ("catalog", "cataloged"):
             cls = CatalogReq if t == "catalog" else CatalogAnswer
             return cls(_int(frame["h"], "digest"), _catalog(frame["c"]))
+        if t == "moves":
+            return MovesReq()
+        if t == "moving":
+            ready = frame["c"]
+            if not isinstance(ready, bool):
+                raise _bad("moves answer")
+            return MovesAnswer(tuple(_str(n, "member") for n in _list(frame["l"], "live")),
+                               ready, tuple(_dec_move(m) for m in _list(frame["m"], "moves")))
     except KeyError as exc:
         raise _bad(f"{t!r:.20} frame: no {exc}") from None
     raise PeerProtocolError(f"unknown peer message {t!r:.40}")

@@ -6,7 +6,8 @@ nodes' requests (apply, promise, digest, fetch, catalog) by merging, and it runs
 rounds: on every membership change and every ROUND seconds it takes over the partitions
 this node is now first for, stops dispatching those it is not, repairs holders by
 digests in both directions, hands off copies it should not hold, exchanges the catalog,
-and releases leases whose consumer's node died.
+and releases leases whose consumer's node died. It keeps the moves of those rounds
+(meshq.cluster.moves) and sums every live node's for the rebalance status.
 
 State here: the batches held by the gate, the tasks under way per partition, counters.
 Never: a batch completed before the gate says so; a partition dispatched here without a
@@ -42,12 +43,15 @@ from meshq.cluster.changes import (
     Drop,
     FetchAnswer,
     FetchReq,
+    MovesAnswer,
+    MovesReq,
     PartKey,
     PromiseAnswer,
     PromiseReq,
     Request,
 )
 from meshq.cluster.lattice import BUCKETS, catalog_digest, part_of
+from meshq.cluster.moves import Moves, PartView, summary
 from meshq.cluster.peers import Peers
 from meshq.cluster.placement import Placement, Replicas
 from meshq.cluster.repair import digest, durable, next_epoch, sync, take_over
@@ -66,6 +70,7 @@ TAKEOVER_WAIT = 10.0  # a client op waits this long for a takeover before UNAVAI
 CATALOG_WAIT = 5.0  # an op on an unknown queue waits this long for the first catalog sync
 HAND_BACK_DELAY = 0.2  # a deposed dispatcher pushes its last changes after this long
 AUTO_PARTITIONS_MAX = 16  # the most partitions a queue gets without asking
+MOVES_WAIT = 2.0  # a rebalance status waits this long for each node's moves
 
 
 @dataclass(frozen=True)
@@ -131,6 +136,7 @@ class Cluster:
         self.rounds = 0
         self.takeovers = 0
         self.repaired = {"sent": 0, "fetched": 0, "deleted": 0, "handed_off": 0}
+        self.moves = Moves()
         store.gate = self
         broker.dispatch_by_default = False
         broker.hand_over_early = self._held_alone
@@ -500,6 +506,8 @@ class Cluster:
             return FetchAnswer(tuple(recs), tuple(tombs))
         if isinstance(request, CatalogReq):
             return self._catalog(request)
+        if isinstance(request, MovesReq):
+            return self.moves_here()
         raise ValueError(f"unexpected request {type(request).__name__}")
 
     async def _after(self, batch: Batch, answer: Answer) -> Answer:
@@ -570,6 +578,7 @@ class Cluster:
         while True:
             if self.placement.refresh():
                 self._current.clear()  # new holders, or holders back: compare them all
+                self.moves.placement_changed()
                 self.changed.set()
                 self.changed = trio.Event()
                 self._release_dead_holders()
@@ -598,6 +607,7 @@ class Cluster:
             del self._misses[key]
         for part in [p for p in self._current if p not in parts]:
             del self._current[part]
+        self.moves.retain(parts)
 
     def _tend(self, q: Queue, full: bool) -> None:
         reps = self.replicas(q)
@@ -605,12 +615,16 @@ class Cluster:
         if reps.primary == self.me:
             if not q.active:
                 self._spawn(("takeover", part), self._take_over, q)
-            elif full:
+                return
+            self.moves.dispatching(part, q.epoch, reps.followers, self._now())
+            if full:
                 every = self.rounds % FULL_EVERY == 0
                 for node in reps.followers:
-                    if every or node not in self._current.get(part, ()):
+                    if (every or node not in self._current.get(part, ())
+                            or self.moves.waiting(part, node)):
                         self._spawn(("sync", part, node), self._sync, q, node)
             return
+        self.moves.stopped(part)
         if q.active:
             self.broker.replica.deactivate(
                 q, f"queue moved to node {reps.primary}; subscribe again")
@@ -630,6 +644,12 @@ class Cluster:
         if result.ok:
             self.takeovers += 1
             self._merged({q.part})  # compare every copy at the next round
+            # Holders that had a copy were read both ways; those with none got nothing,
+            # which is all they lack only when there was nothing here either.
+            read = set(result.read_from)
+            if q.messages or q.tombs or q.cold:
+                read -= set(result.empty)
+            self.moves.taken_over(q.part, result.epoch, reps.followers, read, self._now())
             log.info("%s: dispatching %s/%d at epoch %x (promised by %s, read %s)", self.me,
                      q.name, q.index, result.epoch, ", ".join(result.promised_by) or "-",
                      ", ".join(result.read_from) or "-")
@@ -647,7 +667,14 @@ class Cluster:
 
     async def _sync(self, q: Queue, node: str) -> None:
         before = (self._misses[q.part, node], self._misses[q.part, self.me])
-        stats = await sync(self.peers, self.broker, q, node)
+        started = self._now()
+        try:
+            stats = await sync(self.peers, self.broker, q, node,
+                               on_progress=functools.partial(self.moves.syncing, q.part, node))
+        except BaseException:
+            self.moves.syncing(q.part, node, "waiting")
+            raise
+        self.moves.synced(q.part, node, started)
         if (self._misses[q.part, node], self._misses[q.part, self.me]) == before:
             # Nothing failed to reach it, or came in. (Sends of ours it holds and we have
             # not confirmed yet were left alone: should one's batch fail, _complete puts
@@ -660,14 +687,22 @@ class Cluster:
     async def _hand_off(self, q: Queue, primary: str) -> None:
         """A copy this node should not hold (a stand-in's hints, or a partition whose
         replicas moved): push it to the primary, then forget it."""
-        stats = await sync(self.peers, self.broker, q, primary, pull=False)
-        self.repaired["sent"] += stats.sent
-        if not self.broker.live(q) or q.active:
-            return
-        if self.me in self.replicas(q).holders:
-            return
-        self.broker.replica.forget(q)
-        self.repaired["handed_off"] += 1
+        def progress(phase: str, done: int, total: int) -> None:
+            self.moves.handing_off(q.part, primary, phase, self._now(), done,
+                                   total if phase == "copying" else None)
+
+        dropped = False
+        try:
+            stats = await sync(self.peers, self.broker, q, primary, pull=False,
+                               on_progress=progress)
+            self.repaired["sent"] += stats.sent
+            if not self.broker.live(q) or q.active or self.me in self.replicas(q).holders:
+                return
+            self.broker.replica.forget(q)
+            self.repaired["handed_off"] += 1
+            dropped = True
+        finally:
+            self.moves.handed_off(q.part, dropped)
 
     async def _exchange_catalog(self, node: str) -> None:
         entries = self.broker.replica.catalog_entries()
@@ -691,6 +726,35 @@ class Cluster:
                 self.broker.replica.release_leases(q)
 
     # -- status -------------------------------------------------------------------------
+    def moves_here(self) -> MovesAnswer:
+        """The moves this node makes, and what a rebalance status needs to trust it."""
+        views = []
+        for q in self.broker.parts.values():
+            reps = self.replicas(q)
+            views.append(PartView(q.part, reps.primary, reps.holders, q.active,
+                                  len(q.messages) + q.cold, len(q.tombs)))
+        return MovesAnswer(tuple(sorted(self.placement.live)), self.catalog_ready.is_set(),
+                           self.moves.report(self.me, views, self._now()))
+
+    async def rebalance(self) -> dict[str, Any]:
+        """The ``rebalance`` status: every live node's moves, summed (a node that does
+        not answer within MOVES_WAIT is listed as unreachable)."""
+        answers: dict[str, MovesAnswer | None] = {self.me: self.moves_here()}
+
+        async def ask(node: str) -> None:
+            try:
+                got = await self.peers.call(node, MovesReq(), MOVES_WAIT)
+            except MeshqError as exc:
+                log.debug("%s: moves of %s: %s", self.me, node, exc)
+                got = None
+            answers[node] = got if isinstance(got, MovesAnswer) else None
+
+        async with trio.open_nursery() as nursery:
+            for node in sorted(self.placement.live - {self.me}):
+                answers[node] = None
+                nursery.start_soon(ask, node)
+        return summary(answers)
+
     def statistics(self) -> ClusterStatistics:
         hints = 0
         taking_over = []

@@ -15,7 +15,7 @@ quorum promised its epoch and a quorum's copies were merged.
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -47,12 +47,16 @@ from meshq.errors import Unavailable
 from meshq.model import Message
 from meshq.store import Batch
 
-__all__ = ["DIGEST_SLICE", "SyncStats", "digest", "next_epoch", "sync", "take_over"]
+__all__ = ["DIGEST_SLICE", "OnProgress", "SyncStats", "digest", "next_epoch", "sync",
+           "take_over"]
 
 log = logging.getLogger("meshq.cluster.repair")
 
 DIGEST_SLICE = 2000  # messages digested per event-loop turn: a big queue never stalls it
 CHUNK_BYTES = 4 * 1024 * 1024  # bodies per repair request
+# on_progress(phase, done, total): a sync is "comparing" digests, or "copying" records to
+# the other node, ``done`` of ``total`` acknowledged by it (meshq.cluster.moves).
+OnProgress = Callable[[str, int, int], None]
 
 
 @dataclass
@@ -119,11 +123,14 @@ def _decl(broker: Broker, q: Queue) -> Decl | None:
 
 
 async def sync(peers: Peers, broker: Broker, q: Queue, node: str, *,
-               pull: bool = True) -> SyncStats:
+               pull: bool = True, on_progress: OnProgress | None = None) -> SyncStats:
     """Make ``node``'s copy of ``q`` and ours equal: it gets what we hold that it lacks or
     holds behind, and (``pull``) we get what it holds that we lack or hold behind.
-    Raises Unavailable when the node does not answer usably."""
+    ``on_progress`` hears how far the push is. Raises Unavailable when the node does not
+    answer usably."""
     stats = SyncStats()
+    progress = on_progress or _no_progress
+    progress("comparing", 0, 0)
     mine = await digest(broker, q)
     answer = await peers.call(node, DigestReq(q.name, q.index, _decl(broker, q),
                                               tuple(mine.sums)))
@@ -176,9 +183,12 @@ async def sync(peers: Peers, broker: Broker, q: Queue, node: str, *,
         stats.fetched += len(changes)
         stats.deleted += len(got.tombs)
         await durable(merged.batch)
+    records = len(push)
+    progress("copying", 0, records)
     if push:
         push += [Tally(q.name, q.index, node_id, *values) for node_id, values in q.tally.items()]
     decl = _decl(broker, q)
+    pushed = 0
     for chunk in _chunks(push):
         if decl is not None:
             chunk.insert(0, decl)
@@ -190,8 +200,14 @@ async def sync(peers: Peers, broker: Broker, q: Queue, node: str, *,
             stats.deleted += len(answer2.tombs)
             await durable(merged.batch)
         stats.sent += len(chunk) - (1 if decl is not None else 0)
+        pushed += sum(1 for c in chunk if not isinstance(c, Tally | Decl))
+        progress("copying", min(pushed, records), records)
     stats.deleted += sum(1 for c in push if isinstance(c, Tomb))
     return stats
+
+
+def _no_progress(phase: str, done: int, total: int) -> None:
+    pass
 
 
 @dataclass
@@ -199,7 +215,8 @@ class Takeover:
     ok: bool
     epoch: int
     promised_by: tuple[str, ...] = ()
-    read_from: tuple[str, ...] = ()
+    read_from: tuple[str, ...] = ()  # the nodes read (an empty copy counts as read)
+    empty: tuple[str, ...] = ()  # the nodes read that had no copy (so got none from us)
     higher: int = 0  # an epoch promised elsewhere above ours (retry above it)
     reason: str = ""
 
@@ -242,9 +259,11 @@ async def take_over(peers: Peers, broker: Broker, q: Queue, reps: Replicas,
                         reason=f"{holders_ok} of the {reps.write_quorum} holders needed "
                                f"promised{why}")
     read: list[str] = []
+    empty: list[str] = []
     for node in sorted(promised, key=lambda n: n not in reps.holders):
         if not answers[node].has_copy:
             read.append(node)  # nothing to read: an empty copy is read already
+            empty.append(node)
             continue
         try:
             await sync(peers, broker, q, node)
@@ -260,4 +279,4 @@ async def take_over(peers: Peers, broker: Broker, q: Queue, reps: Replicas,
         return Takeover(False, epoch, tuple(promised), tuple(read),
                         reason="another node took over meanwhile")
     broker.replica.activate(q, epoch)
-    return Takeover(True, epoch, tuple(promised), tuple(read))
+    return Takeover(True, epoch, tuple(promised), tuple(read), tuple(empty))

@@ -136,6 +136,11 @@ def _status(s: ClientSession, req: dict[str, Any]) -> Result:
     return s.node.status()
 
 
+def _rebalance(s: ClientSession, req: dict[str, Any]) -> Result:
+    """The moves of partitions under way (a clustered node's session asks every node)."""
+    return s.node.rebalance_here()
+
+
 def _keys(s: ClientSession, req: dict[str, Any]) -> Result:
     """The cluster key ring, here and on every live member (meshq/mesh/keys.py)."""
     if s.node.keys is None:
@@ -174,6 +179,7 @@ OPS: dict[str, Handler] = {
     "extend": _extend,
     "stats": _stats,
     "status": _status,
+    "rebalance": _rebalance,
     "leave": _leave,
     "keys": _keys,
 }

@@ -35,6 +35,7 @@ import trio
 from meshq.broker import Moved, Pending, Session, parse_receipt
 from meshq.broker.partitions import RECEIPT_SEP, receipt
 from meshq.cluster.changes import Decl, decode_change, encode_change
+from meshq.cluster.moves import annotate
 from meshq.cluster.router import AwaitTakeover, Local, Refuse, Relay, Route, route
 from meshq.errors import (
     BadRequest,
@@ -238,6 +239,9 @@ class ClientSession:
             return
         if self.cluster is not None and op == "status" and not self.relayed:
             self.out.spawn(self._answer, rid, self._status())
+            return
+        if self.cluster is not None and op == "rebalance" and not self.relayed:
+            self.out.spawn(self._answer, rid, self.cluster.rebalance())
             return
         self._run_local(rid, op, req, handler)
 
@@ -709,6 +713,8 @@ class ClientSession:
                 for p, counted in zip(q["partitions"], each, strict=False):
                     for key in ("ready", "leased", "delayed", "counted_by"):
                         p[key] = counted.get(key)
+        assert self.cluster is not None
+        annotate(status, await self.cluster.rebalance())
         return status
 
     # -- the end -------------------------------------------------------------------------
