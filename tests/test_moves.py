@@ -4,6 +4,10 @@ rebalance``."""
 
 from __future__ import annotations
 
+import json
+import sys
+
+from meshq.cli import ctl
 from meshq.cli.ctl import format_rebalance, progress_bar, progress_line
 from meshq.cluster.changes import Move, MovesAnswer
 from meshq.cluster.moves import Moves, PartView, annotate, fraction, summary
@@ -147,3 +151,61 @@ def test_the_rebalance_table_and_line() -> None:
     done = format_rebalance(summary({"a": answer(ABC, DONE), "b": answer(ABC)}))
     assert done == ("nothing moving (2 of 2 nodes answered; 1 moves done since the last "
                     "membership change, 30 messages)")
+
+
+class FakeClient:
+    """Answers ``rebalance`` from a script of summaries (the last one repeats)."""
+
+    def __init__(self, answers: list[dict]) -> None:
+        self.answers = answers
+        self.asked = 0
+
+    def __enter__(self) -> FakeClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        pass
+
+    def rebalance(self) -> dict:
+        self.asked += 1
+        return self.answers[min(self.asked, len(self.answers)) - 1]
+
+
+def run_ctl(monkeypatch, capsys, answers: list[dict], *args: str) -> tuple[int, str, str]:
+    client = FakeClient(answers)
+    monkeypatch.setattr(ctl, "connect", lambda a: client)
+    monkeypatch.setattr(ctl.time, "sleep", lambda s: None)  # (polls back to back)
+    code = ctl.main(["rebalance", *args])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+MOVING = summary({"a": answer(ABC, DONE), "b": answer(ABC, COPY), "c": answer(ABC)})
+QUIET = summary({"a": answer(ABC, DONE), "b": answer(ABC), "c": answer(ABC)})
+
+
+def test_rebalance_watch_polls_until_nothing_moves(monkeypatch, capsys) -> None:
+    code, out, err = run_ctl(monkeypatch, capsys, [MOVING, MOVING, QUIET], "--watch")
+    lines = out.splitlines()
+    assert code == 0 and err == ""
+    assert len(lines) == 3 and all(ln.startswith("[") for ln in lines[:2])  # a pipe: lines
+    assert lines[2].startswith("nothing moving (3 of 3 nodes answered")
+    code, out, _ = run_ctl(monkeypatch, capsys, [MOVING, QUIET], "--watch", "--json")
+    assert code == 0 and [json.loads(ln)["moving"] for ln in out.splitlines()] == [True,
+                                                                                  False]
+    code, out, _ = run_ctl(monkeypatch, capsys, [MOVING], "--json")  # once, not watched
+    assert code == 0 and json.loads(out)["moves_under_way"] == 1
+
+
+def test_rebalance_watch_gives_up_after_its_timeout(monkeypatch, capsys) -> None:
+    clock = iter(range(0, 1000, 5))
+    monkeypatch.setattr(ctl.time, "monotonic", lambda: float(next(clock)))
+    code, out, err = run_ctl(monkeypatch, capsys, [MOVING], "--watch", "--timeout", "12")
+    assert code == 6 and err.startswith("TIMEOUT: partitions still moving after 12 s")
+    assert 1 <= len(out.splitlines()) <= 3
+
+
+def test_rebalance_watch_redraws_a_terminal(monkeypatch, capsys) -> None:
+    monkeypatch.setattr(sys.stdout, "isatty", lambda: True)
+    code, out, _ = run_ctl(monkeypatch, capsys, [MOVING, QUIET], "--watch")
+    assert code == 0 and out.count(ctl.CLEAR) == 2 and "copying" in out

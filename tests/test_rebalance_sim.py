@@ -1,8 +1,8 @@
 """Rebalancing progress (meshq.cluster.moves) on simulated nodes: a third node joins two
-that hold a queue of four partitions with a backlog; the cluster-wide rebalance status
-says ``moving`` while copies travel and turns to done only when every holder has its copy
-and no other node holds one. Deterministic: virtual time, a simulated network, one seed
-each."""
+that hold a queue of four partitions with a backlog, or one of three leaves; the
+cluster-wide rebalance status says ``moving`` while copies travel and turns to done only
+when every holder has its copy and no other node holds one. Deterministic: virtual time,
+a simulated network, one seed each."""
 
 from __future__ import annotations
 
@@ -48,31 +48,23 @@ async def watch(sim: Simulation, node: str, bound: float) -> list[dict[str, Any]
         await trio.sleep(0.1)
 
 
-@pytest.mark.parametrize("seed", [1, 2])
-def test_a_join_shows_moves_until_every_copy_is_in_place(seed: int) -> None:
-    async def script(sim: Simulation) -> list[dict[str, Any]]:
-        async with sim.client("n1") as c:
-            await c.declare(Q, replicas=2, partitions=PARTITIONS)
-            for p in range(PARTITIONS):
-                await c.request("send", queue=Q, partition=p, messages=[
-                    {"body": f"m{p}.{i}".encode()} for i in range(MESSAGES)])
-        await sim.wait_converged()
-        before = await sim.nodes["n2"].node.cluster.rebalance()
-        assert not before["moving"], before
-        new = await join(sim)
-        await sim.wait_whole()
-        seen = await watch(sim, "n2", 60.0)
-        assert any(n.node.broker.parts[(Q, i)].messages for n in [sim.nodes[new]]
-                   for i in range(PARTITIONS)), "the new node got no partition"
-        return seen
+async def backlog(sim: Simulation) -> None:
+    """Q with MESSAGES in each partition, on two holders each, copies equal."""
+    async with sim.client("n1") as c:
+        await c.declare(Q, replicas=2, partitions=PARTITIONS)
+        for p in range(PARTITIONS):
+            await c.request("send", queue=Q, partition=p, messages=[
+                {"body": f"m{p}.{i}".encode()} for i in range(MESSAGES)])
+    await sim.wait_converged()
+    before = await sim.nodes["n2"].node.cluster.rebalance()
+    assert not before["moving"], before
 
-    seen = scenario(script, seed=seed, nodes=2)
+
+def check_watched(seen: list[dict[str, Any]], nodes: list[str], kinds: set[str]) -> None:
     moving = [r for r in seen if r["moving"]]
-    assert moving, "the join was never seen moving"
-    kinds = {m["kind"] for r in moving for m in r["moves"]}
-    assert "copy" in kinds, kinds
-    to_new = [m for r in moving for m in r["moves"] if m["to"] == "n3"]
-    assert to_new and max(m["messages_total"] for m in to_new) > 0
+    assert moving, "the change was never seen moving"
+    assert kinds <= {m["kind"] for r in moving for m in r["moves"]}
+    assert max(r["messages_total"] for r in moving) > 0
     # While it said "moving" the copies were not all in place at some point, and once it
     # said done they were: done means done.
     assert not all(r["copies_in_place"] for r in moving)
@@ -81,4 +73,33 @@ def test_a_join_shows_moves_until_every_copy_is_in_place(seed: int) -> None:
     assert final["moves"] == [] and final["unreachable"] == [] and final["settling"] == []
     assert final["moves_done"] >= 1
     assert final["messages_done"] == final["messages_total"] > 0
-    assert final["nodes"] == ["n1", "n2", "n3"]
+    assert final["nodes"] == nodes
+
+
+@pytest.mark.parametrize("seed", [1, 2])
+def test_a_join_shows_moves_until_every_copy_is_in_place(seed: int) -> None:
+    async def script(sim: Simulation) -> list[dict[str, Any]]:
+        await backlog(sim)
+        new = await join(sim)
+        await sim.wait_whole()
+        seen = await watch(sim, "n2", 60.0)
+        assert any(sim.nodes[new].node.broker.parts[(Q, i)].messages
+                   for i in range(PARTITIONS)), "the new node got no partition"
+        return seen
+
+    seen = scenario(script, seed=seed, nodes=2)
+    check_watched(seen, ["n1", "n2", "n3"], {"copy", "handoff"})
+    to_new = [m for r in seen for m in r["moves"] if m["to"] == "n3"]
+    assert to_new and max(m["messages_total"] for m in to_new) > 0
+
+
+@pytest.mark.parametrize("seed", [1, 2])
+def test_a_leave_shows_the_copies_made_again_until_they_are_in_place(seed: int) -> None:
+    async def script(sim: Simulation) -> list[dict[str, Any]]:
+        await backlog(sim)
+        await sim.nodes["n3"].leave()
+        await sim.wait_whole()  # (of the nodes still running)
+        return await watch(sim, "n1", 60.0)
+
+    seen = scenario(script, seed=seed, nodes=3)
+    check_watched(seen, ["n1", "n2"], {"copy"})
