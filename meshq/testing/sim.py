@@ -12,8 +12,9 @@ A run: three nodes come up and a queue is declared; producers and consumers on r
 nodes run while one fault at a time hits one node (kill and restart, pause, isolation,
 one-way loss, packet loss, duplication, delay, clock skew, a graceful leave, or a
 join of a fourth node); then everything heals, the replicas must converge (equal
-digests) within CONVERGE_BOUND seconds of the membership being whole again, and a drain
-takes what is left. ``History`` then checks that no confirmed send was lost, no
+digests) within CONVERGE_BOUND seconds of the membership being whole again, the
+cluster's rebalance status must say nothing moves within CONVERGE_BOUND more, and a
+drain takes what is left. ``History`` then checks that no confirmed send was lost, no
 confirmed ack undone, no lease given twice while membership was stable, and a deleted
 queue never came back.
 
@@ -550,7 +551,26 @@ class Simulation:
         except _Abort:
             self.problems.append(self.describe())
             return None
+        await self._rebalanced(CONVERGE_BOUND)
         return at - whole_at
+
+    async def _rebalanced(self, bound: float) -> None:
+        """The copies are in place: the rebalance status (meshq.cluster.moves), asked of
+        any node, must say so within ``bound`` (no move left hanging)."""
+        deadline = trio.current_time() + bound
+        while True:
+            node = next((sn.node for _, sn in sorted(self.nodes.items())
+                         if sn.node is not None), None)
+            if node is None or node.cluster is None:
+                return
+            reb = await node.cluster.rebalance()
+            if not reb["moving"]:
+                return
+            if trio.current_time() > deadline:
+                self.problems.append(f"rebalance still moving {bound:g} s after the "
+                                     f"copies converged: {reb}")
+                return
+            await trio.sleep(0.2)
 
     # -- for scripted scenarios ------------------------------------------------------------
     async def until(self, predicate: Callable[[], bool], bound: float, what: str) -> float:
