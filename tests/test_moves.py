@@ -209,3 +209,17 @@ def test_rebalance_watch_redraws_a_terminal(monkeypatch, capsys) -> None:
     monkeypatch.setattr(sys.stdout, "isatty", lambda: True)
     code, out, _ = run_ctl(monkeypatch, capsys, [MOVING, QUIET], "--watch")
     assert code == 0 and out.count(ctl.CLEAR) == 2 and "copying" in out
+
+
+def test_the_status_table_shows_each_partition_s_moves_and_the_rebalance() -> None:
+    status = {"queues": [{"name": "jobs", "ready": 9, "partitions": [
+        {"index": i, "primary": "b", "holders": ["b", "c"], "ready": 3, "leased": 0,
+         "delayed": 0} for i in range(4)]}]}
+    annotate(status, MOVING)
+    out = ctl.format_status(status)
+    block = out.split("\npartitions\n")[1].split("\n\n")[0]
+    rows = {ln.split()[1]: ln for ln in block.splitlines() if ln.startswith("  jobs ")}
+    assert rows["3"].endswith("copy b->c 20/50") and rows["0"].endswith("-")
+    assert "\nrebalance\n  moving: 1 partitions" in out
+    annotate(status, QUIET)
+    assert "\nrebalance\n  nothing moving" in ctl.format_status(status)

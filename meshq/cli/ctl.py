@@ -220,7 +220,7 @@ def _pairs(pairs: Sequence[tuple[str, str]]) -> str:
 
 
 def _indent(text: str) -> str:
-    return "\n".join("  " + line for line in text.splitlines())
+    return "\n".join("  " + line if line else "" for line in text.splitlines())
 
 
 def _generic(value: Any) -> str:
@@ -255,6 +255,13 @@ def _security(sec: dict[str, Any]) -> str:
         ("rejected packets", _text(_section(sec, "rejected_packets"))),
         ("rejected streams", _text(_section(sec, "rejected_streams"))),
     ])
+
+
+def _moving(partition: dict[str, Any]) -> str:
+    """A partition's moves under way, ``copy a->c 20/50`` each; ``-`` when none."""
+    return ", ".join(f"{m.get('kind')} {m.get('from') or '*'}->{m.get('to') or '?'} "
+                     f"{_count(m.get('messages_done'))}/{_count(m.get('messages_total'))}"
+                     for m in _dicts(partition.get("moves"))) or "-"
 
 
 def format_status(status: dict[str, Any]) -> str:
@@ -295,14 +302,14 @@ def format_status(status: dict[str, Any]) -> str:
             rows.append([*row, f"({len(each)} partitions)", ""])
             spread += [[q.get("name"), p.get("index"), p.get("primary"),
                         ",".join(map(str, _list(p.get("holders")))),
-                        *(p.get(c) for c in PARTITION_COUNTS)] for p in each]
+                        *(p.get(c) for c in PARTITION_COUNTS), _moving(p)] for p in each]
         else:
             rows.append([*row, q.get("primary"), ",".join(map(str, _list(q.get("holders"))))])
     parts.append(_indent(format_table(QUEUE_COLUMNS + PLACEMENT_COLUMNS, rows)) if queues
                  else "  (none)")
     if spread:
         parts += ["", "partitions", _indent(format_table(
-            ("queue", "index", "primary", "holders", *PARTITION_COUNTS), spread))]
+            ("queue", "index", "primary", "holders", *PARTITION_COUNTS, "moving"), spread))]
     reb = _section(status, "rebalance")
     if reb:
         parts += ["", "rebalance", _indent(format_rebalance(reb))]

@@ -700,8 +700,19 @@ class ClientSession:
             return None  # deleted meanwhile
 
     async def _status(self) -> dict[str, Any]:
+        """The node's status with the cluster's counts (each partition's primary's) and
+        moves (every live node's), asked at once."""
+        cluster = self.cluster
+        assert cluster is not None
         status = self.node.status()
-        counts = {s["name"]: s for s in (await self._cluster_stats(True))["queues"]}
+        moves: list[dict[str, Any]] = []
+
+        async def ask_moves() -> None:
+            moves.append(await cluster.rebalance())
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(ask_moves)
+            counts = {s["name"]: s for s in (await self._cluster_stats(True))["queues"]}
         for q in status["queues"]:
             got = counts.get(q["name"])
             if got is not None:
@@ -713,8 +724,7 @@ class ClientSession:
                 for p, counted in zip(q["partitions"], each, strict=False):
                     for key in ("ready", "leased", "delayed", "counted_by"):
                         p[key] = counted.get(key)
-        assert self.cluster is not None
-        annotate(status, await self.cluster.rebalance())
+        annotate(status, moves[0])
         return status
 
     # -- the end -------------------------------------------------------------------------
