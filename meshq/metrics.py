@@ -27,6 +27,7 @@ from prometheus_client.metrics_core import (
     SummaryMetricFamily,
 )
 
+from meshq.cluster.moves import KINDS
 from meshq.config import parse_host_port
 from meshq.errors import StartupError
 from meshq.server.ops import OPS
@@ -130,6 +131,7 @@ class NodeCollector:
         yield from self._members(status["members"], status["mesh"])
         if status.get("replication") is not None:
             yield from self._replication(status["replication"])
+            yield from self._moves(status["rebalance"])
         store = status["store"]
         yield _gauge("meshq_store_size_bytes", "Database plus -wal and -shm files.",
                      store["size_bytes"])
@@ -237,6 +239,19 @@ class NodeCollector:
             for reason, n in sec[f"rejected_{kind}"].items():
                 fam.add_metric([reason], n)
             yield fam
+
+    def _moves(self, rebalance: dict[str, Any]) -> Iterator[Metric]:
+        """The moves this node makes (its status alone: summed over the nodes, the
+        cluster's)."""
+        under_way = rebalance["moves"]
+        moves = GaugeMetricFamily("meshq_moves", "Partition moves this node makes, under "
+                                  "way (docs/operations.md#rebalancing).", labels=["kind"])
+        for kind in KINDS:
+            moves.add_metric([kind], sum(1 for m in under_way if m["kind"] == kind))
+        yield moves
+        yield _gauge("meshq_move_messages_remaining", "Records the moves this node makes "
+                     "have still to send.", sum(max(0, m["messages_total"] - m["messages_done"])
+                                                for m in under_way))
 
     def _replication(self, repl: dict[str, Any]) -> Iterator[Metric]:
         yield _gauge("meshq_hinted_messages", "Messages held for queues this node is not a "

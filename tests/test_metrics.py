@@ -136,6 +136,8 @@ def test_scrape_reports_what_the_client_did(node: tuple[DaemonProcess, int]) -> 
         assert ("meshq_request_duration_seconds_count",
                 frozenset({("op", "nonsense")})) not in s
         assert value(s, "meshq_cluster_keyed") == 0  # a loopback node with no key
+        assert value(s, "meshq_moves", kind="copy") == 0  # a lone node moves nothing
+        assert value(s, "meshq_move_messages_remaining") == 0
         assert value(s, "meshq_peer_packets_rejected_total", reason="bad_key") == 0
         assert value(s, "meshq_peer_streams_rejected_total", reason="unkeyed") == 0
         node_info = [k for k in s if k[0] == "meshq_node_info"]

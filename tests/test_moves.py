@@ -223,3 +223,13 @@ def test_the_status_table_shows_each_partition_s_moves_and_the_rebalance() -> No
     assert "\nrebalance\n  moving: 1 partitions" in out
     annotate(status, QUIET)
     assert "\nrebalance\n  nothing moving" in ctl.format_status(status)
+
+
+def test_metrics_count_the_moves_under_way_by_kind() -> None:
+    from meshq.metrics import NodeCollector
+
+    families = {f.name: f for f in NodeCollector(None)._moves(MOVING)}  # type: ignore[arg-type]
+    by_kind = {s.labels["kind"]: s.value for s in families["meshq_moves"].samples}
+    assert by_kind == {"copy": 1, "handoff": 0, "takeover": 0}
+    [remaining] = families["meshq_move_messages_remaining"].samples
+    assert remaining.value == 30  # 50 to send, 20 sent; the finished hand-off not counted
