@@ -233,3 +233,11 @@ def test_metrics_count_the_moves_under_way_by_kind() -> None:
     assert by_kind == {"copy": 1, "handoff": 0, "takeover": 0}
     [remaining] = families["meshq_move_messages_remaining"].samples
     assert remaining.value == 30  # 50 to send, 20 sent; the finished hand-off not counted
+
+
+def test_the_summary_is_the_documented_json() -> None:
+    from test_ctl import check_documented
+
+    check_documented("rebalance", MOVING)
+    check_documented("meshq-ctl rebalance --json", MOVING)
+    check_documented("rebalance.moves", MOVING["moves"])
