@@ -1,7 +1,8 @@
 """Rebalancing on real daemons: a third meshqd joins two that hold a queue of six
 partitions; ``meshq-ctl rebalance --watch`` exits 0 once the moves are done, and by then
 every copy is where the placement says (each message on exactly its two holders, the
-former holders' copies dropped), and ``status`` shows no moves."""
+former holders' copies dropped), and ``status`` shows no moves. Then it leaves again, and
+the watch exits once the two left hold everything again."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import sys
 from pathlib import Path
 
 from test_ctl import check_documented, ctl_json
-from test_membership import all_alive, eventually
+from test_membership import all_alive, eventually, states
 from test_replication import copy_here
 
 from meshq.testing import DaemonProcess
@@ -67,6 +68,13 @@ def test_rebalance_watch_exits_once_a_join_s_moves_are_done(tmp_path: Path) -> N
         as_json = json.loads(ctl(nodes[2], "rebalance", "--json").stdout)
         check_documented("meshq-ctl rebalance --json", as_json)
         assert as_json["moving"] is False
+
+        assert nodes[2].stop() == 0  # SIGTERM: c leaves, its copies are made again
+        eventually(lambda: all(states(d)["c"] == "left" for d in nodes[:2]), 15, "c left")
+        watch = ctl(nodes[1], "rebalance", "--watch", "--interval", "0.2", "--timeout", "60")
+        assert watch.returncode == 0 and watch.stderr == "", (watch.stdout, watch.stderr)
+        assert "nothing moving (2 of 2 nodes answered" in watch.stdout, watch.stdout
+        assert [copy_here(d, NAME).get("ready") for d in nodes[:2]] == [total, total]
     finally:
         for d in nodes:
             d.kill()
