@@ -103,3 +103,30 @@ def test_a_leave_shows_the_copies_made_again_until_they_are_in_place(seed: int) 
 
     seen = scenario(script, seed=seed, nodes=3)
     check_watched(seen, ["n1", "n2"], {"copy"})
+
+
+def test_partitions_held_alone_move_with_their_backlog_on_disk() -> None:
+    """replicas = 1: each partition on one node, most of its messages on disk only
+    (meshq.broker.backlog); on a join the new primaries take theirs over, the former
+    holders hand theirs off, and done means the new node holds them and nobody else."""
+    per = 3000  # past the 2,048 a partition held alone keeps in memory
+
+    async def script(sim: Simulation) -> list[dict[str, Any]]:
+        async with sim.client("n1") as c:
+            await c.declare(Q, replicas=1, partitions=PARTITIONS)
+            for p in range(PARTITIONS):
+                for k in range(0, per, 1000):
+                    await c.request("send", queue=Q, partition=p, messages=[
+                        {"body": f"m{p}.{i}".encode()} for i in range(k, k + 1000)])
+        await sim.wait_converged()
+        assert any(q.cold for sn in sim.nodes.values() for q in sn.node.broker.queues[Q])
+        await join(sim)
+        await sim.wait_whole()
+        seen = await watch(sim, "n2", 60.0)
+        held = {name: sum(len(q.messages) + q.cold for q in sn.node.broker.queues[Q])
+                for name, sn in sim.nodes.items()}
+        assert sum(held.values()) == PARTITIONS * per and held["n3"] > 0, held
+        return seen
+
+    seen = scenario(script, seed=1, nodes=2)
+    check_watched(seen, ["n1", "n2", "n3"], {"handoff"})
