@@ -25,6 +25,7 @@ from typing import Any
 import trio
 
 from meshq._version import __version__
+from meshq.allocator import tune_allocator
 from meshq.amqp.server import AmqpServer, amqp_settings
 from meshq.broker import BrokerLimits
 from meshq.broker.backlog import HOT_READY
@@ -277,6 +278,7 @@ def main(argv: list[str] | None = None) -> int:
     # Every request allocates; the default gen-0 threshold (700) runs the collector
     # thousands of times a second under load, and each pass re-walks young messages.
     gc.set_threshold(GC_THRESHOLD, 20, 100)
+    tune_allocator()
     logging.basicConfig(level=config.log_level.upper(), stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:

@@ -19,7 +19,6 @@ without the reason, or an alarm that blocks consumers.
 
 from __future__ import annotations
 
-import ctypes
 import logging
 import os
 from collections.abc import Callable, Iterable
@@ -27,6 +26,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import trio
+
+from meshq.allocator import malloc_trim
 
 __all__ = ["CHECK_INTERVAL", "Alarms", "Sample", "resident_bytes", "system_sample"]
 
@@ -123,7 +124,7 @@ class Alarms:
 
     def _sample(self, pids: tuple[int, ...], trim: bool) -> Sample:
         if trim:  # freed memory the allocator kept would hold the alarm up: give it back
-            _malloc_trim()
+            malloc_trim()
         return self.sample(pids)
 
 
@@ -146,14 +147,6 @@ def _memory_total() -> int:
         if text.isdigit() and 0 < int(text) < total:
             total = int(text)
     return total
-
-
-def _malloc_trim() -> None:
-    """Return the C allocator's free memory to the system (glibc); elsewhere nothing."""
-    try:
-        ctypes.CDLL(None).malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
 
 
 def system_sample(data_dir: Path, pids: Iterable[int] = ()) -> Sample:

@@ -231,6 +231,9 @@ class Broker:
             if home is None or self.catalog[msg.queue].absorbs(msg.inc):
                 continue
             home.add(msg)
+        if snap.tombs_on_disk:  # (read back where replication compares or merges)
+            for q in self.parts.values():
+                q.tombs_on_disk = True
         for part, (count, after) in snap.cold.items():
             home = self.parts.get(part)
             if home is not None:

@@ -17,6 +17,7 @@ import sys
 
 import msgpack
 
+from meshq.allocator import tune_allocator
 from meshq.store._sql import MAX_BATCH_FRAME, SKIPPED, apply, connect
 
 
@@ -24,6 +25,7 @@ def main(path: str) -> int:
     # Ctrl-C reaches the whole process group: the daemon stops us (EOF on stdin) once it
     # has committed what it staged, so the writer must not die first.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    tune_allocator()  # (a batch's frame and ops come and go whole)
     conn = connect(path)
     # The daemon is the only writer to this pipe: decode without the client codec's
     # checks, which cost more than the unpacking itself on a large batch.

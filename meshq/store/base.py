@@ -171,6 +171,8 @@ class Snapshot:
     # Loaded with ``hot_ready``, the dedup entries are not: ``read_dedup`` reads one, and
     # ``dedup_keys`` lists them (meshq.broker.dedup).
     dedup_on_disk: bool = False
+    # ... nor the message tombstones: ``read_tombs`` reads a partition's when needed.
+    tombs_on_disk: bool = False
 
 
 @dataclass(frozen=True)

@@ -95,9 +95,9 @@ class MemoryStore(Store):
         snap.messages = sorted((_message(r) for r in rows), key=lambda m: m.seq)
         if hot_ready is None:
             snap.dedup = [(q, d, mid, exp) for (q, d), (mid, exp) in self.dedup.items()]
+            snap.tombstones = [(q, i, mid, at) for (q, i, mid), at in self.tombstones.items()]
         else:
-            snap.dedup_on_disk = True
-        snap.tombstones = [(q, i, mid, at) for (q, i, mid), at in self.tombstones.items()]
+            snap.dedup_on_disk = snap.tombs_on_disk = True
         return snap
 
     def read_tombs(self, queue: str, index: int) -> list[tuple[str, float]]:

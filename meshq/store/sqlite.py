@@ -107,9 +107,10 @@ class SQLiteStore(Store):
             if hot_ready is None:
                 snap.dedup = list(conn.execute(
                     "SELECT queue, dedup_id, message_id, expires_at FROM dedup"))
+                snap.tombstones = list(conn.execute(
+                    "SELECT queue, idx, id, at FROM tombstones"))
             else:
-                snap.dedup_on_disk = True
-            snap.tombstones = list(conn.execute("SELECT queue, idx, id, at FROM tombstones"))
+                snap.dedup_on_disk = snap.tombs_on_disk = True
             return snap
         finally:
             conn.close()
