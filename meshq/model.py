@@ -115,7 +115,7 @@ class QueueOptions:
         return [key for key in mine if mine[key] != theirs[key]]
 
 
-@dataclass(slots=True, eq=False)
+@dataclass(slots=True, eq=False, weakref_slot=True)
 class Message:
     seq: int  # this node's store key
     id: str

@@ -22,6 +22,7 @@ import heapq
 import itertools
 import math
 import random
+import weakref
 from collections import Counter, defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -160,7 +161,9 @@ class Broker:
         # layer sets it from the config and the cluster's size).
         self.default_partitions: Callable[[QueueOptions], int] = lambda options: 1
         self._seq = 1
-        self._timers: list[tuple[float, int, int, Message]] = []
+        # (when, order, kind, the message): by weak reference, so that an acked message's
+        # lease timer, stale in the heap until its deadline, does not keep it alive
+        self._timers: list[tuple[float, int, int, weakref.ref[Message]]] = []
         self._timer_ids = itertools.count()
         self._timer_scope: trio.CancelScope | None = None
         self._timer_at = math.inf
@@ -294,7 +297,7 @@ class Broker:
             self._timer_scope, self._timer_at = None, math.inf
 
     def _add_timer(self, when: float, kind: int, msg: Message) -> None:
-        heapq.heappush(self._timers, (when, next(self._timer_ids), kind, msg))
+        heapq.heappush(self._timers, (when, next(self._timer_ids), kind, weakref.ref(msg)))
         if when < self._timer_at and self._timer_scope is not None:
             self._timer_scope.cancel()
 
@@ -313,7 +316,10 @@ class Broker:
             budget -= 1
             if budget < 0:
                 break
-            when, _, kind, msg = heapq.heappop(timers)
+            when, _, kind, ref = heapq.heappop(timers)
+            msg = ref()
+            if msg is None:
+                continue  # (acked, and let go)
             q = self.parts.get((msg.queue, msg.index))
             if q is None or not q.active or q.messages.get(msg.id) is not msg:
                 continue  # (activate() schedules an inactive partition's timers again)

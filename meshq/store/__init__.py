@@ -15,7 +15,9 @@ Contract:
 Ops are plain tuples (see the OP_* constants) so that the hot path allocates little.
 """
 
-from meshq.store.base import (
+from typing import TYPE_CHECKING, Any
+
+from meshq.store._ops import (
     OP_CATALOG_PRUNE,
     OP_DEDUP,
     OP_DEDUP_PRUNE,
@@ -30,15 +32,35 @@ from meshq.store.base import (
     OP_TOMBSTONE,
     OP_TOMBSTONE_PRUNE,
     OP_UPDATE,
-    Batch,
-    Snapshot,
-    Store,
-    StoreError,
-    StoreFatal,
-    StoreStatistics,
 )
-from meshq.store.memory import MemoryStore
-from meshq.store.sqlite import SQLiteStore
+
+if TYPE_CHECKING:
+    from meshq.store.base import (
+        Batch,
+        Snapshot,
+        Store,
+        StoreError,
+        StoreFatal,
+        StoreStatistics,
+    )
+    from meshq.store.memory import MemoryStore
+    from meshq.store.sqlite import SQLiteStore
+
+_LAZY = {"Batch": "base", "Snapshot": "base", "Store": "base", "StoreError": "base",
+         "StoreFatal": "base", "StoreStatistics": "base", "MemoryStore": "memory",
+         "SQLiteStore": "sqlite"}
+
+
+def __getattr__(name: str) -> Any:
+    # The classes pull in trio; the writer process, which imports this package for its
+    # op kinds and SQL only, loads without them (about 20 MiB less resident).
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'meshq.store' has no attribute {name!r}")
+    import importlib
+
+    return getattr(importlib.import_module(f"meshq.store.{module}"), name)
+
 
 __all__ = [
     "OP_CATALOG_PRUNE",

@@ -20,10 +20,9 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import msgpack
-import sqlite_utils
 
 from meshq.errors import StartupError
-from meshq.store.base import (
+from meshq.store._ops import (
     OP_CATALOG_PRUNE,
     OP_DEDUP,
     OP_DEDUP_PRUNE,
@@ -140,6 +139,8 @@ def _execute_multi(conn: sqlite3.Connection, kind: int, params: list[Any]) -> No
 
 
 def _create_schema(conn: sqlite3.Connection) -> None:
+    import sqlite_utils  # (here: the writer process, which never creates it, loads less)
+
     db = sqlite_utils.Database(conn)
     db.table("meta").create({"key": str, "value": str}, pk="key", if_not_exists=True)
     db.table("catalog").create(
@@ -201,14 +202,16 @@ def _migrate_1_to_2(conn: sqlite3.Connection) -> None:
         raise
 
 
-def connect(path: str | os.PathLike[str]) -> sqlite3.Connection:
+def connect(path: str | os.PathLike[str], *, schema: bool = True) -> sqlite3.Connection:
     """Open (and if new, create; if version 1, migrate) the store file with the pragmas
-    meshq relies on."""
+    meshq relies on. ``schema=False``: the daemon made it already (the writer process)."""
     conn = sqlite3.connect(os.fspath(path), isolation_level=None, check_same_thread=False)
     conn.execute("PRAGMA busy_timeout=10000")
     conn.execute("PRAGMA journal_mode=WAL")
     conn.execute("PRAGMA synchronous=FULL")
     conn.execute(f"PRAGMA cache_size=-{CACHE_KIB}")
+    if not schema:
+        return conn
     tables = {row[0] for row in conn.execute("SELECT name FROM sqlite_master")}
     if "meta" in tables:
         row = conn.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()

@@ -26,7 +26,7 @@ def main(path: str) -> int:
     # has committed what it staged, so the writer must not die first.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     tune_allocator()  # (a batch's frame and ops come and go whole)
-    conn = connect(path)
+    conn = connect(path, schema=False)
     # The daemon is the only writer to this pipe: decode without the client codec's
     # checks, which cost more than the unpacking itself on a large batch.
     unpacker = msgpack.Unpacker(raw=False, use_list=False, max_buffer_size=MAX_BATCH_FRAME)

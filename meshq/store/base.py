@@ -18,6 +18,22 @@ import trio
 
 from meshq.errors import MeshqError, Timeout, Unavailable
 from meshq.model import Message
+from meshq.store._ops import (
+    OP_CATALOG_PRUNE,
+    OP_DEDUP,
+    OP_DEDUP_PRUNE,
+    OP_DELETE,
+    OP_DROP_QUEUE,
+    OP_FORGET,
+    OP_META,
+    OP_PARTITION,
+    OP_PURGE_READY,
+    OP_PUT,
+    OP_QUEUE,
+    OP_TOMBSTONE,
+    OP_TOMBSTONE_PRUNE,
+    OP_UPDATE,
+)
 
 __all__ = [
     "OP_CATALOG_PRUNE",
@@ -46,28 +62,11 @@ __all__ = [
     "update_op",
 ]
 
-# Op kinds; each op is (kind, params) with params a tuple in the kind's SQL order.
-OP_PUT = 0  # (seq, id, queue, idx, inc, hlc, node, body, headers_packed, state, count,
-#             ready_at, expires_at, lease_deadline, lease_id, holder, epoch, vn)
-OP_UPDATE = 1  # (state, count, ready_at, lease_deadline, lease_id, holder, epoch, vn, seq)
-OP_DELETE = 2  # (seq, queue, idx, id, at): the row goes, a tombstone stays
-OP_QUEUE = 3  # (name, inc, options_packed, dropped, dropped_at): a catalog entry
-OP_DROP_QUEUE = 4  # (name, upto, at): the queue's incarnations up to ``upto`` are gone
-OP_DEDUP = 5  # (queue, dedup_id, message_id, expires_at)
-OP_DEDUP_PRUNE = 6  # (now,)
-OP_META = 7  # (key, value)
-OP_TOMBSTONE = 8  # (queue, idx, id, at): a deletion of a message not held here
-OP_TOMBSTONE_PRUNE = 9  # (before,): forget tombstones older than this
-OP_FORGET = 10  # (queue, idx): a partition handed to its replicas; no tombstones left
-OP_PARTITION = 11  # (queue, idx, promised, tally_packed)
-OP_CATALOG_PRUNE = 12  # (before,): forget queues dropped before this (and their partitions)
-OP_PURGE_READY = 13  # (queue, idx, hlc, seq, at): the READY messages after (hlc, seq) go,
-#                      tombstoned (the broker's backlog on disk, meshq.broker.backlog)
-
 Op = tuple[int, tuple[Any, ...]]
 MAX_BATCH_OPS = 8192  # a batch is sealed at an operation boundary past this many ops
 MAX_BATCH_REQUESTS = 256  # ... or past this many client requests
-MAX_BATCH_BYTES = 64 * 1024 * 1024  # ... or past this many bytes of message bodies
+MAX_BATCH_BYTES = 4 * 1024 * 1024  # ... or past this many bytes of message bodies (a batch
+# is held whole in the writer process, twice: 4 MiB commits in well under 100 ms)
 _packb = msgpack.Packer(use_bin_type=True).pack
 
 
