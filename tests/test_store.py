@@ -14,15 +14,8 @@ from meshq.errors import Timeout
 from meshq.model import Message
 from meshq.states import State
 from meshq.store import OP_META, OP_PUT, SQLiteStore, StoreError
-from meshq.store.base import (
-    OP_DEDUP,
-    OP_DEDUP_PRUNE,
-    OP_DROP_QUEUE,
-    OP_PURGE_READY,
-    delete_op,
-    put_op,
-    update_op,
-)
+from meshq.store._ops import OP_DEDUP, OP_DEDUP_PRUNE, OP_DROP_QUEUE, OP_PURGE_READY
+from meshq.store.base import delete_op, put_op, update_op
 from meshq.store.sqlite import WriterDied
 
 

@@ -18,38 +18,9 @@ import trio
 
 from meshq.errors import MeshqError, Timeout, Unavailable
 from meshq.model import Message
-from meshq.store._ops import (
-    OP_CATALOG_PRUNE,
-    OP_DEDUP,
-    OP_DEDUP_PRUNE,
-    OP_DELETE,
-    OP_DROP_QUEUE,
-    OP_FORGET,
-    OP_META,
-    OP_PARTITION,
-    OP_PURGE_READY,
-    OP_PUT,
-    OP_QUEUE,
-    OP_TOMBSTONE,
-    OP_TOMBSTONE_PRUNE,
-    OP_UPDATE,
-)
+from meshq.store._ops import OP_DELETE, OP_PUT, OP_UPDATE
 
 __all__ = [
-    "OP_CATALOG_PRUNE",
-    "OP_DEDUP",
-    "OP_DEDUP_PRUNE",
-    "OP_DELETE",
-    "OP_DROP_QUEUE",
-    "OP_FORGET",
-    "OP_META",
-    "OP_PARTITION",
-    "OP_PURGE_READY",
-    "OP_PUT",
-    "OP_QUEUE",
-    "OP_TOMBSTONE",
-    "OP_TOMBSTONE_PRUNE",
-    "OP_UPDATE",
     "Batch",
     "Op",
     "Snapshot",

@@ -17,26 +17,8 @@ import trio
 
 from meshq.model import Message
 from meshq.states import State
-from meshq.store.base import (
-    OP_CATALOG_PRUNE,
-    OP_DEDUP,
-    OP_DEDUP_PRUNE,
-    OP_DELETE,
-    OP_DROP_QUEUE,
-    OP_FORGET,
-    OP_META,
-    OP_PARTITION,
-    OP_PURGE_READY,
-    OP_PUT,
-    OP_QUEUE,
-    OP_TOMBSTONE,
-    OP_TOMBSTONE_PRUNE,
-    OP_UPDATE,
-    Op,
-    Snapshot,
-    Store,
-    StoreStatistics,
-)
+from meshq.store import _ops as op
+from meshq.store.base import Op, Snapshot, Store, StoreStatistics
 
 __all__ = ["MemoryStore"]
 
@@ -131,26 +113,26 @@ class MemoryStore(Store):
         meta, catalog, partitions = dict(self.meta), dict(self.catalog), dict(self.partitions)
         messages, dedup, tombs = dict(self.messages), dict(self.dedup), dict(self.tombstones)
         for kind, p in ops:
-            if kind == OP_PUT:
+            if kind == op.OP_PUT:
                 messages[p[0]] = copy.copy(p)
-            elif kind == OP_UPDATE:
+            elif kind == op.OP_UPDATE:
                 if p[8] in messages:
                     row = list(messages[p[8]])
                     row[9:12], row[13:18] = p[0:3], p[3:8]
                     messages[p[8]] = tuple(row)
-            elif kind == OP_DELETE:
+            elif kind == op.OP_DELETE:
                 messages.pop(p[0], None)
                 tombs[p[1], p[2], p[3]] = p[4]
-            elif kind == OP_TOMBSTONE:
+            elif kind == op.OP_TOMBSTONE:
                 tombs[p[0], p[1], p[2]] = p[3]
-            elif kind == OP_TOMBSTONE_PRUNE:
+            elif kind == op.OP_TOMBSTONE_PRUNE:
                 tombs = {k: at for k, at in tombs.items() if at >= p[0]}
-            elif kind == OP_FORGET:
+            elif kind == op.OP_FORGET:
                 messages = {s: r for s, r in messages.items() if (r[2], r[3]) != (p[0], p[1])}
                 tombs = {k: at for k, at in tombs.items() if (k[0], k[1]) != (p[0], p[1])}
-            elif kind == OP_QUEUE:
+            elif kind == op.OP_QUEUE:
                 catalog[p[0]] = p[1:]
-            elif kind == OP_DROP_QUEUE:
+            elif kind == op.OP_DROP_QUEUE:
                 name, upto, at = p
                 messages = {s: r for s, r in messages.items()
                             if not (r[2] == name and r[4] <= upto)}
@@ -158,23 +140,23 @@ class MemoryStore(Store):
                 dedup = {k: v for k, v in dedup.items() if k[0] != name}
                 inc, options, dropped, _ = catalog.get(name, (0, None, 0, 0.0))
                 catalog[name] = (inc, options, max(dropped, upto), at)
-            elif kind == OP_PARTITION:
+            elif kind == op.OP_PARTITION:
                 partitions[p[0], p[1]] = p[2:]
-            elif kind == OP_CATALOG_PRUNE:
+            elif kind == op.OP_CATALOG_PRUNE:
                 catalog = {n: r for n, r in catalog.items() if not (r[2] >= r[0] and r[3] < p[0])}
                 partitions = {k: v for k, v in partitions.items() if k[0] in catalog}
-            elif kind == OP_PURGE_READY:
+            elif kind == op.OP_PURGE_READY:
                 queue, idx, hlc, seq, at = p
                 for s_, r in list(messages.items()):
                     if (r[9] == State.READY and r[2] == queue and r[3] == idx
                             and (r[5], r[0]) > (hlc, seq)):
                         del messages[s_]
                         tombs[queue, idx, r[1]] = at
-            elif kind == OP_DEDUP:
+            elif kind == op.OP_DEDUP:
                 dedup[p[0], p[1]] = (p[2], p[3])
-            elif kind == OP_DEDUP_PRUNE:
+            elif kind == op.OP_DEDUP_PRUNE:
                 dedup = {k: v for k, v in dedup.items() if v[1] >= p[0]}
-            elif kind == OP_META:
+            elif kind == op.OP_META:
                 meta[p[0]] = p[1]
             else:
                 raise ValueError(f"unknown op kind {kind}")
