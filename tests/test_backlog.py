@@ -213,3 +213,16 @@ async def test_tombstones_past_the_newest_stay_on_disk_and_still_refuse_a_stale_
     merged = env.broker.replica.merge([Put(record_of(stale))])
     assert [t.id for t in merged.tombs] == [ids[0]]
     assert env.counts() == (0, 0, 0) and not q.tombs_on_disk and len(q.tombs) == 30
+
+
+async def test_a_purge_leaves_a_send_staged_before_it_and_committed_after(
+        env: Env, autojump_clock: MockClock) -> None:
+    await filled(env, 30)
+    late = env.broker.send("q", [{"body": b"late"}])  # staged, not yet committed
+    assert await env.broker.purge("q").wait() == 30
+    kept = await late.wait()
+    await env.store.flush()
+    assert env.counts() == (1, 0, 0) and len(env.store.messages) == 1
+    conn = Conn(env)
+    conn.consume()
+    assert await drain(env, conn, 1) == kept

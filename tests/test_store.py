@@ -215,8 +215,8 @@ async def test_the_backlog_is_read_from_disk_in_order(store: SQLiteStore) -> Non
     page = await store.read_ready_async("q", 0, (11, 11), 50)
     assert [m.seq for m in page] == list(range(12, 62))
     assert page[0].body == b"b" and page[0].headers == {"h": 12}
-    await store.stage((OP_PURGE_READY, ("q", 0, 61, 61, 7.0))).wait()
-    assert store.read_ready("q", 0, (61, 61), 50) == []
+    await store.stage((OP_PURGE_READY, ("q", 0, 61, 61, 100, 7.0))).wait()
+    assert [m.seq for m in store.read_ready("q", 0, (61, 61), 50)] == [100]  # (not below)
     snap = store.load()
-    assert len(snap.messages) == 62  # the leased one, 2..61 and the other partition's
-    assert len(snap.tombstones) == 39 and {t[3] for t in snap.tombstones} == {7.0}
+    assert len(snap.messages) == 63  # the leased one, 2..61, 100 and the other partition's
+    assert len(snap.tombstones) == 38 and {t[3] for t in snap.tombstones} == {7.0}

@@ -969,7 +969,11 @@ class Broker:
             q.compact()
             doomed += len(gone)
             if q.cold:  # (held alone: no other copy needs their tombstones in memory)
-                self.store.stage((OP_PURGE_READY, (q.name, q.index, *q.cold_after, now)))
+                # Not the sends staged and not yet committed (their seqs are above every
+                # committed one's): they were not in the queue when it was purged.
+                below = min((m.seq for m in self.in_flight.values()), default=self._seq)
+                self.store.stage((OP_PURGE_READY, (q.name, q.index, *q.cold_after, below,
+                                                   now)))
                 doomed += self.backlog.drop(q)
         return Pending(self.store.current_batch() if doomed else None, doomed)
 

@@ -36,5 +36,6 @@ OP_TOMBSTONE_PRUNE = 9  # (before,): forget tombstones older than this
 OP_FORGET = 10  # (queue, idx): a partition handed to its replicas; no tombstones left
 OP_PARTITION = 11  # (queue, idx, promised, tally_packed)
 OP_CATALOG_PRUNE = 12  # (before,): forget queues dropped before this (and their partitions)
-OP_PURGE_READY = 13  # (queue, idx, hlc, seq, at): the READY messages after (hlc, seq) go,
+OP_PURGE_READY = 13  # (queue, idx, hlc, seq, below, at): the READY messages after (hlc, seq)
+#                      whose seq is below ``below`` (not one staged since) go,
 #                      tombstoned (the broker's backlog on disk, meshq.broker.backlog)

@@ -90,9 +90,9 @@ _SQL: dict[int, tuple[tuple[str, Pick], ...]] = {
     OP_DEDUP_PRUNE: (("DELETE FROM dedup WHERE expires_at < ?", None),),
     OP_PURGE_READY: (("INSERT OR REPLACE INTO tombstones (queue, idx, id, at) SELECT queue,"
                       " idx, id, ? FROM messages WHERE state=0 AND queue=? AND idx=?"
-                      " AND (hlc, seq) > (?, ?)", lambda p: (p[4], *p[:4])),
+                      " AND (hlc, seq) > (?, ?) AND seq < ?", lambda p: (p[5], *p[:5])),
                      ("DELETE FROM messages WHERE state=0 AND queue=? AND idx=?"
-                      " AND (hlc, seq) > (?, ?)", lambda p: p[:4])),
+                      " AND (hlc, seq) > (?, ?) AND seq < ?", lambda p: p[:5])),
     OP_META: (("INSERT OR REPLACE INTO meta (key, value) VALUES (?,?)", None),),
 }
 

@@ -146,10 +146,10 @@ class MemoryStore(Store):
                 catalog = {n: r for n, r in catalog.items() if not (r[2] >= r[0] and r[3] < p[0])}
                 partitions = {k: v for k, v in partitions.items() if k[0] in catalog}
             elif kind == op.OP_PURGE_READY:
-                queue, idx, hlc, seq, at = p
+                queue, idx, hlc, seq, below, at = p
                 for s_, r in list(messages.items()):
                     if (r[9] == State.READY and r[2] == queue and r[3] == idx
-                            and (r[5], r[0]) > (hlc, seq)):
+                            and (r[5], r[0]) > (hlc, seq) and r[0] < below):
                         del messages[s_]
                         tombs[queue, idx, r[1]] = at
             elif kind == op.OP_DEDUP:
