@@ -26,6 +26,8 @@ def test_a_deep_queue_survives_a_crash_and_comes_back_whole_in_order(tmp_path: P
         d.start()
         with d.client() as c:
             assert c.stats("deep")[0]["ready"] == DEPTH
+            (entry,) = [q for q in c.status()["queues"] if q["name"] == "deep"]
+            assert entry["copy_here"]["ready_on_disk"] == DEPTH - HOT_READY  # read: the head
             got: list[str] = []
             while len(got) < DEPTH:  # pulls of 500, each acked: paging keeps up
                 batch = c.receive("deep", max=500, wait=5.0)
