@@ -5,10 +5,11 @@ from __future__ import annotations
 
 from typing import Any
 
+import pytest
 import trio
 from trio.testing import MockClock, wait_all_tasks_blocked
 
-from meshq.broker import Broker
+from meshq.broker import Broker, dedup
 from meshq.broker.dedup import DedupIndex
 from meshq.store import Batch
 from tests.test_broker import Env
@@ -40,7 +41,7 @@ def put(index: DedupIndex, table: Table, key: tuple[str, str], mid: str, expires
 
 def test_old_entries_are_read_from_the_store_and_new_ids_are_not() -> None:
     table = Table()
-    index = DedupIndex(table.read, window=300.0, keep=4)
+    index = DedupIndex(table.read, window=300.0, clock=lambda: 0.0, keep=4)
     for i in range(20):
         put(index, table, ("q", f"d{i}"), f"m{i}", 300.0 + i)
     assert len(index.recent) == 4 and len(index) == 20
@@ -52,7 +53,7 @@ def test_old_entries_are_read_from_the_store_and_new_ids_are_not() -> None:
 
 def test_an_entry_not_yet_durable_stays_in_memory() -> None:
     table = Table()
-    index = DedupIndex(table.read, window=300.0, keep=2)
+    index = DedupIndex(table.read, window=300.0, clock=lambda: 0.0, keep=2)
     open_batch = Batch()
     put(index, table, ("q", "first"), "m0", 300.0, open_batch)
     for i in range(5):
@@ -65,16 +66,27 @@ def test_an_entry_not_yet_durable_stays_in_memory() -> None:
     assert index.get(("q", "first"), 1.0) == ("m0", 300.0, None)
 
 
-def test_a_filter_forgets_keys_only_after_their_window() -> None:
+def test_a_filter_forgets_keys_only_after_their_window(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A filter takes keys until it is full (a new one opens) or a window old; it is
+    dropped a window after it stopped taking keys, when each of them has expired."""
+    monkeypatch.setattr(dedup, "FILTER_KEYS", 2)
+    now = [0.0]
     table = Table()
-    index = DedupIndex(table.read, window=300.0, keep=1)
-    index.prune(0.0)  # (the first prune starts the rotation)
-    put(index, table, ("q", "a"), "ma", 300.0)
-    put(index, table, ("q", "b"), "mb", 310.0)  # "a" spilled
-    index.prune(300.0)  # rotated once: "a" is in the older filter, still looked up
-    assert index.get(("q", "a"), 299.0) == ("ma", 300.0, None) and table.reads == 1
-    index.prune(600.0)  # rotated again: the older filter is gone, "a" expired long ago
-    assert index.get(("q", "a"), 601.0) is None and table.reads == 1
+    index = DedupIndex(table.read, window=300.0, clock=lambda: now[0], keep=1)
+    for i, key in enumerate("abcd"):  # a, b, c spilled: two in the first filter, one next
+        put(index, table, ("q", key), f"m{key}", 300.0 + i)
+    assert [f.count for f in index._filters] == [2, 1]
+    now[0] = 250.0
+    index.prune(now[0])  # the first filter closed at the third key (t=0): kept till 300
+    assert index.get(("q", "a"), now[0]) == ("ma", 300.0, None) and table.reads == 1
+    now[0] = 301.0
+    index.prune(now[0])  # gone; the second, a window old, is closed now (kept till 601)
+    assert [f.count for f in index._filters] == [1]
+    assert index.get(("q", "a"), now[0]) is None and table.reads == 1  # (no read)
+    assert index.get(("q", "c"), now[0]) == ("mc", 302.0, None)
+    index.prune(601.0)
+    assert index._filters == []
 
 
 async def test_a_retry_finds_its_message_after_many_sends_and_a_restart(

@@ -168,7 +168,7 @@ class Broker:
         self._timer_scope: trio.CancelScope | None = None
         self._timer_at = math.inf
         self._dedup = DedupIndex(store.read_dedup if store.pages else None,
-                                 self.limits.dedup_window)
+                                 self.limits.dedup_window, clock.time)
         self._next_prune = 0.0
         self._next_expiry = 0.0  # the next check of unused queues (inf: none expires)
         self._pruned = False
@@ -374,8 +374,8 @@ class Broker:
     def _prune(self, now: float) -> None:
         """Dedup entries past their window; tombstones and deleted queues past theirs."""
         self._next_prune = now + DEDUP_PRUNE_INTERVAL
-        self._dedup.prune(now)
-        self.store.stage((OP_DEDUP_PRUNE, (now,)))  # (entries no longer in memory too)
+        if self._dedup.prune(now):
+            self.store.stage((OP_DEDUP_PRUNE, (now,)))  # (entries no longer in memory too)
         if not self._pruned:  # (not at start-up: nothing is that old yet)
             self._pruned = True
             return

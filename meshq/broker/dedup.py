@@ -7,11 +7,13 @@ store's dedup table, and a Bloom filter in memory says which keys may be there, 
 new id (nearly every send) costs no disk read, and a retry of an older one costs one.
 
 State here: ``recent`` (key -> (message id, expires_at, batch or None), oldest first),
-two Bloom filters of spilled keys (the newer one taking them; every ``window`` seconds the
-older one is dropped: each key in it expired by then), and, after a start, the keys still
-to be read into the filter. Never: an entry dropped from memory before it is durable (its
-batch settled) unless the filter says "maybe" for it; a key the filter forgets before
-its entry expired.
+Bloom filters of spilled keys (the newest one open, taking them; it is closed once it
+holds FILTER_KEYS keys or has been open a ``window``, and a closed one is dropped a
+``window`` after it closed: each key in it expired by then; so their number follows the
+send rate, about one per 1.5 million sends in a window), and, after a start, whether
+keys in the store are still to be read into the filter. Never: an entry dropped from
+memory before it is durable (its batch settled) unless the filter says "maybe" for it; a
+key the filter forgets before its entry expired.
 """
 
 from __future__ import annotations
@@ -24,9 +26,10 @@ import mmh3
 
 __all__ = ["BLOOM_BITS", "KEEP", "DedupIndex"]
 
-KEEP = 16384  # entries kept in memory
+KEEP = 8192  # entries kept in memory
 LOAD_PAGE = 20000  # stored keys read into the filter at a time, after a start
-BLOOM_BITS = 1 << 25  # bits per filter (4 MiB): under 1 % false hits at 3 M keys
+BLOOM_BITS = 1 << 24  # bits per filter (2 MiB) ...
+FILTER_KEYS = 1_500_000  # ... closed at this many keys: about 0.6 % false hits
 _HASHES = 5
 _MASK = BLOOM_BITS - 1
 
@@ -41,11 +44,13 @@ def _bits(key: Key) -> list[int]:
 
 
 class _Bloom:
-    __slots__ = ("bits", "count")
+    __slots__ = ("bits", "closed_at", "count", "opened_at")
 
-    def __init__(self) -> None:
+    def __init__(self, now: float) -> None:
         self.bits = bytearray(BLOOM_BITS // 8)
         self.count = 0
+        self.opened_at = now
+        self.closed_at: float | None = None
 
     def add(self, key: Key) -> None:
         bits = self.bits
@@ -53,9 +58,9 @@ class _Bloom:
             bits[i >> 3] |= 1 << (i & 7)
         self.count += 1
 
-    def __contains__(self, key: Key) -> bool:
+    def has(self, positions: list[int]) -> bool:
         bits = self.bits
-        return all(bits[i >> 3] & (1 << (i & 7)) for i in _bits(key))
+        return all(bits[i >> 3] & (1 << (i & 7)) for i in positions)
 
 
 class DedupIndex:
@@ -63,15 +68,15 @@ class DedupIndex:
     reads the store's entry, (message id, expires_at) or None (blocking: a point read)."""
 
     def __init__(self, read: Callable[[str, str], tuple[str, float] | None] | None,
-                 window: float, keep: int = KEEP) -> None:
+                 window: float, clock: Callable[[], float], keep: int = KEEP) -> None:
+        self._clock = clock
         # (an OrderedDict: taking the oldest of a plain dict whose front was deleted
         # scans the deleted slots, every time)
         self.recent: OrderedDict[Key, Entry] = OrderedDict()
         self._read = read
         self.window = window
         self.keep = keep if read is not None else 1 << 62  # (no store to read: keep all)
-        self._filters = [_Bloom(), _Bloom()]  # older, newer
-        self._rotate_at: float | None = None
+        self._filters: list[_Bloom] = []  # oldest first; the last one open
         self._unloaded = False  # keys in the store not yet in a filter (after a start)
         self.reads = 0  # store reads: retries of spilled entries, and false hits
 
@@ -79,8 +84,10 @@ class DedupIndex:
         entry = self.recent.get(key)
         if entry is not None or self._read is None:
             return entry
-        if not self._unloaded and key not in self._filters[1] and key not in self._filters[0]:
-            return None
+        if not self._unloaded:
+            positions = _bits(key)
+            if not any(f.has(positions) for f in self._filters):
+                return None
         self.reads += 1
         row = self._read(*key)
         if row is None or row[1] <= now:
@@ -92,7 +99,7 @@ class DedupIndex:
         recent[key] = entry
         recent.move_to_end(key)  # (the newest)
         if len(recent) > self.keep:
-            self._spill(entry[1] - self.window)
+            self._spill(self._clock())
 
     def settle(self, key: Key, batch: Any) -> None:
         """``batch`` committed: the entry no longer needs it (a batch held for the window
@@ -110,7 +117,6 @@ class DedupIndex:
     def _spill(self, now: float) -> None:
         """Move the oldest entries past ``keep`` to the filter (they are in the store)."""
         recent = self.recent
-        newer = self._filters[1]
         for _ in range(len(recent)):  # (each entry looked at once at most)
             if len(recent) <= self.keep:
                 return
@@ -123,19 +129,20 @@ class DedupIndex:
                 recent[key] = (mid, expires_at, batch)  # (kept: a retry replicates it again)
                 continue
             if expires_at > now:
-                newer.add(key)
+                self._open(now).add(key)
 
     def prune(self, now: float) -> bool:
-        """Forget what expired; True if an entry in memory did (the store's go too)."""
-        if self._rotate_at is None:
-            self._rotate_at = now + self.window
-        elif now >= self._rotate_at:  # every key in the older filter has expired
-            self._filters = [self._filters[1], _Bloom()]
-            self._rotate_at = now + self.window
+        """Forget what expired; True if some entry may have, in memory or in the store
+        (the caller prunes the store's then)."""
+        for f in self._filters:
+            if f.closed_at is None and now - f.opened_at >= self.window:
+                f.closed_at = now
+        self._filters = [f for f in self._filters  # (every key in them has expired)
+                         if f.closed_at is None or now - f.closed_at < self.window]
         stale = [k for k, (_, exp, _) in self.recent.items() if exp <= now]
         for key in stale:
             del self.recent[key]
-        return bool(stale)
+        return bool(stale) or bool(self._filters)
 
     def drop_queue(self, name: str) -> None:
         for key in [k for k in self.recent if k[0] == name]:
@@ -158,13 +165,22 @@ class DedupIndex:
         while self._unloaded:
             rows = await store.dedup_keys_async(after, LOAD_PAGE)
             now = clock.time()
-            newer = self._filters[1]
             for position, queue, dedup_id, expires_at in rows:
                 if expires_at > now:
-                    newer.add((queue, dedup_id))
+                    self._open(now).add((queue, dedup_id))
                 after = max(after, position)
             if len(rows) < LOAD_PAGE:
                 self._unloaded = False
+
+    def _open(self, now: float) -> _Bloom:
+        """The filter taking keys: a new one once the last is full or closed."""
+        filters = self._filters
+        if filters and filters[-1].closed_at is None:
+            if filters[-1].count < FILTER_KEYS:
+                return filters[-1]
+            filters[-1].closed_at = now
+        filters.append(_Bloom(now))
+        return filters[-1]
 
     def __len__(self) -> int:
         return len(self.recent) + sum(f.count for f in self._filters)

@@ -48,7 +48,7 @@ SCHEMA_VERSION = 2
 # The page cache of a connection. The messages table is appended to, and its indexes are
 # appended to or trimmed at their head, so commits touch few pages; the rest is the OS's
 # file cache, which a deep backlog does not make this process's memory.
-CACHE_KIB = 16384
+CACHE_KIB = 8192
 
 _MSG_COLUMNS = ("seq, id, queue, idx, inc, hlc, node, body, headers, state, delivery_count,"
                 " ready_at, expires_at, lease_deadline, lease_id, holder, epoch, vn")
