@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from meshq.testing.history import History, Report, lease_end, overlaps_any
+from meshq.testing.history import History, Reorder, Report, lease_end, overlaps_any
 
 L = 10.0  # lease length used by the synthetic histories
 
@@ -267,6 +267,116 @@ def test_recording_from_threads() -> None:
     assert len(report.lost) == 800
 
 
+# -- the order of a partition key ----------------------------------------------------------
+
+
+def keyed(h: History, client: str, key: str | None, *ids: str) -> None:
+    """`client` sends `ids` one after the other, each confirmed before the next."""
+    for i in ids:
+        h.send_invoked(client, f"body-{i}", key)
+        h.send_confirmed(client, f"body-{i}", i, 0.0, key)
+    h.final_contents(ids)  # (not lost)
+
+
+# (consumer, message id, delivery count) in the order the consumers got them, one a second,
+# each lease over before the next delivery; count 2 and up is a redelivery
+Got = tuple[str, str, int]
+
+
+def got(h: History, *deliveries: Got) -> None:
+    for t, (consumer, mid, count) in enumerate(deliveries, start=1):
+        h.delivered(consumer, mid, count, count > 1, t + 0.5, float(t))
+
+
+def one_key(*deliveries: Got) -> History:
+    h = History()
+    keyed(h, "p", "k", "m1", "m2", "m3")
+    got(h, *deliveries)
+    return h
+
+
+def two_keys_or_clients(second: str) -> History:
+    """m1 (key k of p), then m2 of another key or client; A gets m2 first."""
+    h = History()
+    keyed(h, "p", "k", "m1")
+    if second == "key":
+        keyed(h, "p", "j", "m2")
+    elif second == "client":
+        keyed(h, "q", "k", "m2")
+    else:
+        keyed(h, "p", None, "m2")
+    got(h, ("A", "m2", 1), ("A", "m1", 1))
+    return h
+
+
+def overlapping_sends() -> History:
+    """p sends m2 before m1 is confirmed: the two are not ordered."""
+    h = History()
+    h.send_invoked("p", "body-m1", "k")
+    h.send_invoked("p", "body-m2", "k")
+    h.send_confirmed("p", "body-m2", "m2", 1.0, "k")
+    h.send_confirmed("p", "body-m1", "m1", 1.0, "k")
+    h.final_contents(["m1", "m2"])
+    got(h, ("A", "m2", 1), ("A", "m1", 1))
+    return h
+
+
+def reordered_in_instability() -> History:
+    h = one_key(("A", "m2", 1), ("A", "m1", 1))
+    h.unstable(0.0, 10.0)  # membership changes excuse no reordering
+    return h
+
+
+# name, history, how many reorders
+ORDER_CASES = [
+    ("in order", lambda: one_key(("A", "m1", 1), ("A", "m2", 1), ("A", "m3", 1)), 0),
+    ("round-robin", lambda: one_key(("A", "m1", 1), ("B", "m2", 1), ("A", "m3", 1)), 0),
+    ("later to another consumer first", lambda: one_key(("B", "m2", 1), ("A", "m1", 1)), 0),
+    ("reordered", lambda: one_key(("A", "m2", 1), ("A", "m1", 1)), 1),
+    ("reordered behind the last", lambda: one_key(("A", "m3", 1), ("A", "m1", 1),
+                                                  ("A", "m2", 1)), 2),
+    ("reordered after a redelivery of the later",
+     lambda: one_key(("B", "m2", 1), ("A", "m2", 2), ("A", "m1", 1)), 1),
+    ("reordered in instability", reordered_in_instability, 1),
+    ("redelivered behind a later one",
+     lambda: one_key(("A", "m1", 1), ("B", "m2", 1), ("B", "m1", 2)), 0),
+    ("redelivered to the same consumer",
+     lambda: one_key(("A", "m1", 1), ("A", "m2", 1), ("A", "m1", 2)), 0),
+    # its first lease reached the client's node, never the program: counted all the same
+    ("first seen redelivered", lambda: one_key(("A", "m2", 1), ("A", "m1", 2)), 0),
+    # a failover's new dispatcher did not know of the first lease: not the first delivery
+    ("delivered again uncounted",
+     lambda: one_key(("A", "m1", 1), ("A", "m2", 1), ("A", "m1", 1)), 0),
+    ("later sent again, earlier never delivered", lambda: one_key(("A", "m2", 1)), 0),
+    ("another key", lambda: two_keys_or_clients("key"), 0),
+    ("another client", lambda: two_keys_or_clients("client"), 0),
+    ("no key", lambda: two_keys_or_clients("none"), 0),
+    ("sends that overlap", overlapping_sends, 0),
+]
+
+
+@pytest.mark.parametrize(("make", "n"), [c[1:] for c in ORDER_CASES],
+                         ids=[c[0] for c in ORDER_CASES])
+def test_the_order_of_a_partition_key(make: object, n: int) -> None:
+    assert callable(make)
+    report = make().check()
+    assert len(report.reorders) == n
+    assert report.ok is (n == 0)
+    assert report.double_leases == ()  # (these histories break nothing else)
+
+
+def test_a_reorder_names_the_consumer_the_key_and_both_messages() -> None:
+    report = one_key(("A", "m3", 1), ("A", "m1", 1), ("A", "m2", 1)).check()
+    assert report.reorders == (
+        Reorder("A", "p", "k", "m1", 2.0, "m3", 1.0),
+        Reorder("A", "p", "k", "m2", 3.0, "m3", 1.0),
+    )
+    assert report.keyed_first_deliveries == 3
+    with pytest.raises(AssertionError, match=r"REORDERED 2 .*A got m3@1 before m1@2 \(key 'k' "
+                                             r"of p\)"):
+        report.assert_ok()
+
+
 # -- a tiny correct queue, run against the checker -----------------------------------------
 
 
@@ -289,13 +399,13 @@ class ModelQueue:
     msgs: dict[str, _Msg] = field(default_factory=dict)
     dup_deliveries: int = 0
 
-    def send(self, n: int, outcome: str) -> None:
+    def send(self, n: int, outcome: str, partition_key: str | None = None) -> None:
         key = f"b{n}"
-        self.h.send_invoked("c", key)
+        self.h.send_invoked("c", key, partition_key)
         mid = f"m{n}"
         if outcome == "confirmed":
             self.msgs[mid] = _Msg(True)
-            self.h.send_confirmed("c", key, mid, self.now)
+            self.h.send_confirmed("c", key, mid, self.now, partition_key)
         elif outcome == "unavailable":
             self.h.send_failed("c", key, "UNAVAILABLE", self.now)
         elif outcome in ("timeout_written", "timeout_lost"):
@@ -306,6 +416,7 @@ class ModelQueue:
             self.msgs[mid] = _Msg(True)
 
     def receive(self, consumer: str) -> None:
+        """The first message free to lease, in send order (a key's order: one partition)."""
         partitioned = self.now <= self.unstable_until
         for mid, m in self.msgs.items():
             free = m.holder is None or m.deadline <= self.now
@@ -339,7 +450,7 @@ class ModelQueue:
 OUTCOMES = ["confirmed", "unavailable", "timeout_written", "timeout_lost", "no_reply_written"]
 CONSUMERS = ["A", "B", "C"]
 OPS = st.one_of(
-    st.tuples(st.just("send"), st.sampled_from(OUTCOMES)),
+    st.tuples(st.just("send"), st.sampled_from(OUTCOMES), st.sampled_from([None, "k", "j"])),
     st.tuples(st.just("recv"), st.sampled_from(CONSUMERS)),
     st.tuples(st.just("ack"), st.sampled_from(CONSUMERS), st.integers(0, 5)),
     st.tuples(st.just("tick"), st.sampled_from([0.0, 1.0, 3.0, L, 2 * L])),
@@ -354,7 +465,9 @@ def test_a_correct_queue_checks_ok(ops: list[tuple[object, ...]], partitions: bo
     for n, op in enumerate(ops):
         kind = op[0]
         if kind == "send":
-            q.send(n, str(op[1]))
+            key = op[2]
+            assert key is None or isinstance(key, str)
+            q.send(n, str(op[1]), key)
         elif kind == "recv":
             q.receive(str(op[1]))
         elif kind == "ack":

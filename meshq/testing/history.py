@@ -1,8 +1,10 @@
-"""A history checker for SPEC section 4, guarantees 1 to 3: record sends, deliveries and acks.
+"""A history checker for SPEC section 4, guarantees 1 to 3, and for the order of each
+`partition_key` (SPEC section 2): record sends, deliveries and acks.
 
-State here: every recorded client event (with caller-supplied times), the drain's final contents
-and the intervals when membership was not stable. Never: an event silently dropped or reordered
-by recording; `check()` is a pure function of what was recorded and never mutates it.
+State here: every recorded client event (with caller-supplied times, and its place in the order
+of recording), the drain's final contents and the intervals when membership was not stable.
+Never: an event silently dropped or reordered by recording; `check()` is a pure function of what
+was recorded and never mutates it.
 """
 
 from __future__ import annotations
@@ -13,7 +15,8 @@ from collections import defaultdict
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-__all__ = ["DoubleLease", "History", "Report", "UnknownSend", "lease_end", "overlaps_any"]
+__all__ = ["DoubleLease", "History", "Reorder", "Report", "UnknownSend", "lease_end",
+           "overlaps_any"]
 
 #: The one send failure that means "definitely not written"; any other code is an unknown outcome.
 DEFINITELY_NOT_WRITTEN = "UNAVAILABLE"
@@ -42,6 +45,21 @@ class DoubleLease:
 
 
 @dataclass(frozen=True)
+class Reorder:
+    """`consumer` got `earlier` (sent by `client` with `partition_key`, confirmed before
+    `later` was sent) in its first delivery at `earlier_at`, after it had got `later` at
+    `later_at`."""
+
+    consumer: str
+    client: str
+    partition_key: str
+    earlier: str
+    earlier_at: float
+    later: str
+    later_at: float
+
+
+@dataclass(frozen=True)
 class Report:
     """What `History.check()` found. `ok` covers guarantees 1-3; the rest is counted, not judged."""
 
@@ -56,10 +74,13 @@ class Report:
     # delivered, then an ack whose outcome is unknown (the connection broke), and gone:
     # acked as far as anyone can tell, so not lost
     gone_after_unknown_ack: tuple[str, ...] = ()
+    reorders: tuple[Reorder, ...] = ()
+    # first deliveries of keyed messages whose order the check compared (it did something)
+    keyed_first_deliveries: int = 0
 
     @property
     def ok(self) -> bool:
-        return not (self.lost or self.resurrected or self.double_leases)
+        return not (self.lost or self.resurrected or self.double_leases or self.reorders)
 
     def summary(self) -> str:
         lines = [
@@ -67,7 +88,8 @@ class Report:
             f"duplicate deliveries={self.duplicate_deliveries} "
             f"duplicates during instability={len(self.duplicates_during_instability)} "
             f"unknown sends={len(self.unknown_sends)} "
-            f"gone after an ack of unknown outcome={len(self.gone_after_unknown_ack)}"
+            f"gone after an ack of unknown outcome={len(self.gone_after_unknown_ack)} "
+            f"keyed first deliveries={self.keyed_first_deliveries}"
         ]
         if self.lost:
             lines.append(f"LOST {len(self.lost)} confirmed send(s): {_few(self.lost)}")
@@ -76,16 +98,25 @@ class Report:
                 f"RESURRECTED {len(self.resurrected)} acked message(s): {_few(self.resurrected)}"
             )
         if self.double_leases:
-            shown = ", ".join(
-                f"{d.message_id} ({d.first_consumer}@{d.first_at:g} / "
-                f"{d.second_consumer}@{d.second_at:g})"
-                for d in self.double_leases[:_SHOWN]
+            shown = _few(
+                tuple(
+                    f"{d.message_id} ({d.first_consumer}@{d.first_at:g} / "
+                    f"{d.second_consumer}@{d.second_at:g})"
+                    for d in self.double_leases
+                )
             )
-            more = len(self.double_leases) - _SHOWN
             lines.append(
                 f"DOUBLE LEASES {len(self.double_leases)} while membership was stable: {shown}"
-                + (f" and {more} more" if more > 0 else "")
             )
+        if self.reorders:
+            shown = _few(
+                tuple(
+                    f"{r.consumer} got {r.later}@{r.later_at:g} before {r.earlier}@"
+                    f"{r.earlier_at:g} (key {r.partition_key!r} of {r.client})"
+                    for r in self.reorders
+                )
+            )
+            lines.append(f"REORDERED {len(self.reorders)} first deliveries of a key: {shown}")
         return "\n".join(lines)
 
     def assert_ok(self) -> None:
@@ -106,6 +137,18 @@ class _Delivery:
     redelivered: bool
     lease_deadline: float | None
     at: float
+    seq: int = 0  # its place in the order of recording
+
+
+@dataclass(frozen=True)
+class _Keyed:
+    """A confirmed send with a partition key: its chain (client, key) and the places in the
+    order of recording of its (first) invocation and its confirmation."""
+
+    client: str
+    key: str
+    invoked: int
+    confirmed: int
 
 
 @dataclass(frozen=True)
@@ -149,6 +192,30 @@ class History:
     Times are floats on one clock the caller chooses (e.g. `time.monotonic()`); lease deadlines
     passed to `delivered` must be on that same clock. `lease_slack` shortens every lease by that
     much, to tolerate clock error between the broker that set the deadline and the recorder.
+    Events are also numbered in the order they are recorded: a consumer's deliveries must be
+    recorded in the order it got them, and a client's send confirmed before it invokes the next.
+
+    The order of a partition key (SPEC section 2: equal keys go to one partition, in order).
+    Two confirmed sends of one client with the same `partition_key` are ordered, m1 before m2,
+    when m1's confirmation was recorded before m2 was first invoked (sends of one client that
+    overlap are not ordered; nor are sends of different clients). A delivery of m1 is *first*
+    when it is the first delivery of m1 recorded for anyone and says so itself (delivery count 1,
+    not redelivered). The rule: a consumer that has got m2 (in any delivery) must not then get a
+    first delivery of m1; each such first delivery is a `Reorder`, whatever the membership did.
+    Allowed, because meshq deals a partition's ready messages round-robin in HLC order and
+    m1's HLC is below m2's:
+
+    - any delivery of m1 that is not first, to anyone: a redelivery, after a nack, a lease
+      deadline, a disconnect, a failover, or a lease that reached the client's node but never
+      the program (the broker counts those), comes back behind what was dealt meanwhile;
+    - m1 and m2 going to different consumers, in any order between them;
+    - a consumer getting m2 (again) after m1.
+
+    Why a first delivery after m2 is a fault of meshq: m2 was leased before it, so m1 was not
+    ready at the dispatcher that leased m2 although it was committed there or on a write quorum
+    (a takeover reads one) before m2 existed; or m1's HLC was not below m2's; or its earlier
+    lease ended uncounted. (A lease that never reached a consumer's node is taken back uncounted;
+    it precedes m2's lease only when a lease's write quorum fails after the next one's succeeds.)
     """
 
     def __init__(self, *, lease_slack: float = 0.0) -> None:
@@ -164,17 +231,39 @@ class History:
         self._final: set[str] | None = None
         self._unstable: list[tuple[float, float]] = []
         self._unknown_acks: set[str] = set()
+        self._seq = 0  # the next event's place in the order of recording
+        self._invoked_at: dict[tuple[str, str], int] = {}  # (its first invocation)
+        self._confirmed_at: dict[tuple[str, str], int] = {}
+        self._keys: dict[tuple[str, str], str] = {}  # a send's partition key
+
+    def _next(self) -> int:
+        self._seq += 1
+        return self._seq
 
     # -- recorders ---------------------------------------------------------------------------
 
-    def send_invoked(self, client: str, body_key: str) -> None:
+    def send_invoked(self, client: str, body_key: str, partition_key: str | None = None) -> None:
         with self._lock:
-            self._invoked[(client, body_key)] = None
+            self._invoke(client, body_key, partition_key)
 
-    def send_confirmed(self, client: str, body_key: str, message_id: str, at: float) -> None:
+    def send_confirmed(
+        self,
+        client: str,
+        body_key: str,
+        message_id: str,
+        at: float,
+        partition_key: str | None = None,
+    ) -> None:
         with self._lock:
-            self._invoked[(client, body_key)] = None
+            self._invoke(client, body_key, partition_key)
             self._confirmed[(client, body_key)] = message_id
+            self._confirmed_at.setdefault((client, body_key), self._next())
+
+    def _invoke(self, client: str, body_key: str, partition_key: str | None) -> None:
+        self._invoked[(client, body_key)] = None
+        self._invoked_at.setdefault((client, body_key), self._next())
+        if partition_key is not None:
+            self._keys[(client, body_key)] = partition_key
 
     def send_failed(self, client: str, body_key: str, error_code: str, at: float) -> None:
         """UNAVAILABLE means definitely not written; any other code leaves the outcome unknown."""
@@ -192,8 +281,8 @@ class History:
         at: float,
     ) -> None:
         """A receive returned `message_id` to `consumer`; None deadline: the lease never lapses."""
-        d = _Delivery(consumer, delivery_count, redelivered, lease_deadline, at)
         with self._lock:
+            d = _Delivery(consumer, delivery_count, redelivered, lease_deadline, at, self._next())
             self._deliveries[message_id].append(d)
 
     def ack_confirmed(self, consumer: str, message_id: str, at: float) -> None:
@@ -240,6 +329,13 @@ class History:
             final = set(self._final or ())
             unstable = list(self._unstable)
             unknown_acks = set(self._unknown_acks)
+            keyed = {
+                confirmed[send]: _Keyed(
+                    send[0], key, self._invoked_at[send], self._confirmed_at[send]
+                )
+                for send, key in self._keys.items()
+                if send in confirmed
+            }
 
         acked = {m for m, events in acks.items() if any(a.confirmed for a in events)}
         confirmed_ids = set(confirmed.values())
@@ -262,6 +358,7 @@ class History:
                 else:
                     stable_doubles.append(dl)
 
+        reorders, first = _reorders(keyed, deliveries)
         return Report(
             lost=tuple(lost),
             resurrected=tuple(resurrected),
@@ -272,6 +369,8 @@ class History:
             confirmed_sends=len(confirmed),
             deliveries=sum(len(ds) for ds in deliveries.values()),
             gone_after_unknown_ack=tuple(sorted(missing & unknown_acks)),
+            reorders=tuple(reorders),
+            keyed_first_deliveries=first,
         )
 
     def _double_leases(
@@ -296,3 +395,32 @@ class History:
                     )
                     break
         return found
+
+
+def _reorders(
+    keyed: dict[str, _Keyed], deliveries: dict[str, list[_Delivery]]
+) -> tuple[list[Reorder], int]:
+    """The first deliveries that came to a consumer after a later send of their key (the rule in
+    `History`'s docstring), and how many first deliveries of keyed messages there were."""
+    first: set[tuple[str, int]] = set()  # (message id, seq) of each message's first delivery
+    by_consumer: dict[str, list[tuple[int, str, _Delivery]]] = defaultdict(list)
+    for mid in keyed.keys() & deliveries.keys():
+        ds = deliveries[mid]
+        d0 = min(ds, key=lambda d: d.seq)
+        if d0.delivery_count == 1 and not d0.redelivered:
+            first.add((mid, d0.seq))
+        for d in ds:
+            by_consumer[d.consumer].append((d.seq, mid, d))
+    found: list[Reorder] = []
+    for consumer in sorted(by_consumer):
+        # per chain (client, key): the message got so far that was invoked last, and when
+        latest: dict[tuple[str, str], tuple[int, str, float]] = {}
+        for seq, mid, d in sorted(by_consumer[consumer], key=lambda e: e[0]):
+            k = keyed[mid]
+            chain = (k.client, k.key)
+            seen = latest.get(chain)
+            if seen is not None and (mid, seq) in first and seen[0] > k.confirmed:
+                found.append(Reorder(consumer, k.client, k.key, mid, d.at, seen[1], seen[2]))
+            if seen is None or k.invoked > seen[0]:
+                latest[chain] = (k.invoked, mid, d.at)
+    return found, len(first)

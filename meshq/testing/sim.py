@@ -14,9 +14,10 @@ one-way loss, packet loss, duplication, delay, clock skew, a graceful leave, or 
 join of a fourth node); then everything heals, the replicas must converge (equal
 digests) within CONVERGE_BOUND seconds of the membership being whole again, the
 cluster's rebalance status must say nothing moves within CONVERGE_BOUND more, and a
-drain takes what is left. ``History`` then checks that no confirmed send was lost, no
-confirmed ack undone, no lease given twice while membership was stable, and a deleted
-queue never came back.
+drain takes what is left. Half the sends carry a partition key. ``History`` then checks
+that no confirmed send was lost, no confirmed ack undone, no lease given twice while
+membership was stable, no consumer got a key's message for the first time after a later
+one of the same producer, and a deleted queue never came back.
 
 State here: the nodes, the clients' tasks, the fault log and the history. Never: a
 random draw outside the seed's generators, or wall-clock time.
@@ -55,6 +56,8 @@ VISIBILITY = 3.0  # the queue's visibility timeout: leases of lost consumers end
 CONVERGE_BOUND = 30.0  # seconds, from the membership being whole to equal digests
 MEMBERSHIP_BOUND = 90.0  # seconds, from the heal to every node seeing every node alive
 CONNECT_WAIT = 20.0  # a client's connect waits this long for its node to be back
+KEYS = ("k0", "k1", "k2", "k3")  # the partition keys producers send with
+KEYED = 0.5  # the share of sends that carry one
 FAULT_KINDS = ("kill", "pause", "isolate", "oneway", "loss", "duplicate", "delay", "skew",
                "leave", "join")
 
@@ -293,15 +296,17 @@ class Simulation:
             while not self._stop_producing.is_set():
                 body = f"{name}-{k}"
                 k += 1
-                self.history.send_invoked(name, body)
+                # Some sends carry a key (shared by the producers: each one's are in order).
+                key = rng.choice(KEYS) if rng.random() < KEYED else None
+                self.history.send_invoked(name, body, key)
                 try:
-                    mid = await c.send(QUEUE, body)
+                    mid = await c.send(QUEUE, body, partition_key=key)
                 except MeshqError as exc:
                     self.history.send_failed(name, body, exc.code, trio.current_time())
                     self._record("send-failed", body, exc.code)
                 else:
-                    self.history.send_confirmed(name, body, mid, trio.current_time())
-                    self._record("sent", body, mid)
+                    self.history.send_confirmed(name, body, mid, trio.current_time(), key)
+                    self._record("sent", body, mid, key)
                 await trio.sleep(rng.uniform(*self.send_gap))
 
     async def _consumer(self, i: int) -> None:
