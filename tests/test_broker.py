@@ -20,6 +20,7 @@ from meshq.broker.core import DEDUP_PRUNE_INTERVAL
 from meshq.broker.replica import record_of
 from meshq.cluster.changes import Put
 from meshq.errors import NotFound, Unavailable
+from meshq.hlc import pack
 from meshq.model import Message
 from meshq.states import State
 from meshq.store import Batch, MemoryStore, StoreError
@@ -688,6 +689,28 @@ async def test_a_holders_copy_of_a_send_not_yet_committed_is_not_a_second_messag
     assert sorted(got) == sorted(ids)
     await trio.sleep(1)
     assert len(conn.got) == 2 and env.counts() == (0, 2, 0)
+
+
+async def test_a_partition_taken_over_stamps_above_what_a_clock_too_far_ahead_stamped(
+        env: Env, autojump_clock: MockClock) -> None:
+    """A dispatcher whose clock ran 2 s ahead stamped a message before its clock was
+    refused; the replica that takes the partition over merged it without moving its HLC
+    (too far ahead to receive). Its next send must still come after it: a key's messages
+    keep their order (simulation seed 26 --heavy delivered them the other way round)."""
+    await env.declare()
+    q = env.broker.queues["q"][0]
+    env.broker.replica.deactivate(q, "dispatched elsewhere")
+    hlc = pack(int(env.clock.time() * 1000) + 2000)
+    early = Message(0, f"{hlc:016x}-00000002", "q", b"early", {}, hlc, "00000002",
+                    inc=q.inc, epoch=1, vn=1)
+    env.broker.replica.merge([Put(record_of(early))])
+    assert env.broker.hlc.last < hlc  # (merged; the clock refused)
+    env.broker.replica.activate(q, q.epoch + 1)
+    [later] = await env.send(b"later")
+    assert env.msg(later).hlc > hlc
+    conn = Conn(env)
+    conn.consume()
+    assert [(await conn.next()).id for _ in range(2)] == [early.id, later]
 
 
 async def test_a_dedup_entry_does_not_keep_its_confirmed_send_alive(

@@ -54,8 +54,10 @@ def test_many_seeds_keep_every_guarantee(seeds: range) -> None:
 # started a task in the closed nursery, and 84, a relay's answer that came in while its
 # client's connection closed, spawned into that connection's closed nursery. Seeds
 # 1-500 of --heavy and 1-2,000 of the usual pass with partitioned queues (before them,
-# 1-2,000 of --heavy: docs/performance.md).
-HEAVY_REGRESSIONS = [7, 28, 37, 61, 82, 84, 89, 94, 529, 1383, 1447]
+# 1-2,000 of --heavy: docs/performance.md). With partition keys: 26, a key's messages
+# dealt out of order after a takeover from a node whose clock ran 2 s ahead (the new
+# dispatcher's HLC, which refused to receive its stamps, stamped below them).
+HEAVY_REGRESSIONS = [7, 26, 28, 37, 61, 82, 84, 89, 94, 529, 1383, 1447]
 # Seeds beyond MESHQ_SIM_SEEDS that once failed: 1210, a send committed after a joining
 # holder was synced, which it never reached (the primary took that holder for current).
 REGRESSIONS = [1210]

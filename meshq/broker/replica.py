@@ -142,6 +142,10 @@ class Replica:
         if self.b.replicating:
             self.b.store.current_batch().epochs[q.part] = epoch
         now = self.b.clock.time()
+        # Stamp above every message of the partition, whatever clock stamped it: one
+        # stamped by a clock too far ahead was merged without moving this HLC (receive
+        # refuses it), and a send after it must not come out first (a key's order, fifo).
+        self.b.hlc.restore(max((m.hlc for m in q.messages.values()), default=0))
         for msg in q.messages.values():
             self._schedule_all(msg, now)
         self.b.used(q)  # an expiring queue's unused time counts from its activation here
@@ -377,7 +381,7 @@ class Replica:
             try:
                 self.b.hlc.receive(msg.hlc, int(now * 1000))
             except ClockOffsetError:
-                pass
+                pass  # (stamped by a clock too far ahead: activate() stamps above it)
         q.add(msg)
         if q.active:
             self._schedule_all(msg, now)
