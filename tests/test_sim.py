@@ -2,9 +2,11 @@
 
 Every seed runs three nodes (and sometimes a fourth that joins) under one fault at a time
 -- kill and restart, pause, isolation, one-way loss, packet loss, duplication, delay,
-clock skew, a graceful leave -- with producers and consumers on random nodes, then heals,
-waits for the replicas to converge and drains; the history checker then asserts no lost
-confirmed send, no ack or delete undone, no double lease while membership was stable.
+clock skew, a graceful leave -- with producers (half their sends keyed) and consumers on
+random nodes, then heals, waits for the replicas to converge and drains (heavy seeds
+first share a backlog among a consumer on every node, fairly); the history checker then
+asserts no lost confirmed send, no ack or delete undone, no double lease while
+membership was stable, no key's message first delivered to a consumer after a later one.
 A failure prints the command that replays its seed. ``MESHQ_SIM_SEEDS`` sets how many
 (default 1000, to keep the suite within CI's budget); tools/simulate.py runs more, and
 heavier ones.

@@ -2,7 +2,8 @@
 """Run the deterministic simulation of whole meshq nodes (meshq/testing/sim.py) over seeds.
 
     .venv/bin/python tools/simulate.py --seeds 2000         # seeds 1..2000, every core
-    .venv/bin/python tools/simulate.py --seeds 500 --heavy  # 30 s windows, 10x the traffic
+    .venv/bin/python tools/simulate.py --seeds 500 --heavy  # 30 s windows, 10x the traffic,
+                                                            # and a fair-share phase
     .venv/bin/python tools/simulate.py --seed 1234 -v       # replay one seed, with its log
 
 Every seed fixes the whole run: faults, packet fates, random choices, trio's scheduling.
@@ -37,7 +38,8 @@ def main() -> int:
     parser.add_argument("--start", type=int, default=1, help="the first seed (default 1)")
     parser.add_argument("--seed", type=int, help="run this one seed in this process")
     parser.add_argument("--heavy", action="store_true",
-                        help="30 s fault windows and about ten times the traffic")
+                        help="30 s fault windows, about ten times the traffic, and a "
+                        "fair-share phase after the heal")
     parser.add_argument("--jobs", type=int, default=os.cpu_count() or 2)
     parser.add_argument("--json", action="store_true", help="print a JSON summary on stdout")
     parser.add_argument("-v", "--verbose", action="store_true",

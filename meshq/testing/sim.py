@@ -13,11 +13,13 @@ nodes run while one fault at a time hits one node (kill and restart, pause, isol
 one-way loss, packet loss, duplication, delay, clock skew, a graceful leave, or a
 join of a fourth node); then everything heals, the replicas must converge (equal
 digests) within CONVERGE_BOUND seconds of the membership being whole again, the
-cluster's rebalance status must say nothing moves within CONVERGE_BOUND more, and a
-drain takes what is left. Half the sends carry a partition key. ``History`` then checks
-that no confirmed send was lost, no confirmed ack undone, no lease given twice while
-membership was stable, no consumer got a key's message for the first time after a later
-one of the same producer, and a deleted queue never came back.
+cluster's rebalance status must say nothing moves within CONVERGE_BOUND more; a heavy
+run (``fairness``) then has a subscriber on every node share a backlog, each within
+FAIR_TOLERANCE of an equal share; and a drain takes what is left. Half the sends carry a
+partition key. ``History`` then checks that no confirmed send was lost, no confirmed ack
+undone, no lease given twice while membership was stable, no consumer got a key's
+message for the first time after a later one of the same producer, and a deleted queue
+never came back.
 
 State here: the nodes, the clients' tasks, the fault log and the history. Never: a
 random draw outside the seed's generators, or wall-clock time.
@@ -58,6 +60,12 @@ MEMBERSHIP_BOUND = 90.0  # seconds, from the heal to every node seeing every nod
 CONNECT_WAIT = 20.0  # a client's connect waits this long for its node to be back
 KEYS = ("k0", "k1", "k2", "k3")  # the partition keys producers send with
 KEYED = 0.5  # the share of sends that carry one
+# The fair-share phase (after the heal): one subscriber on every node, each with this
+# prefetch, working this long on each message, and a backlog of this many keyed messages.
+FAIR_PREFETCH = 6
+FAIR_WORK = 0.05
+FAIR_MESSAGES = 240
+FAIR_TOLERANCE = 0.15  # each consumer's share of them within this much of an equal one
 FAULT_KINDS = ("kill", "pause", "isolate", "oneway", "loss", "duplicate", "delay", "skew",
                "leave", "join")
 
@@ -182,7 +190,7 @@ class Simulation:
     def __init__(self, seed: int, *, nodes: int = 3, window: float = 12.0,
                  producers: int = 2, consumers: int = 2, faults: bool = True,
                  kinds: tuple[str, ...] = FAULT_KINDS,
-                 send_gap: tuple[float, float] = (0.2, 1.0)) -> None:
+                 send_gap: tuple[float, float] = (0.2, 1.0), fairness: bool = False) -> None:
         self.seed = seed
         self._clients = 0
         self.rng = random.Random(f"{seed}:sim")
@@ -193,6 +201,7 @@ class Simulation:
         self.with_faults = faults
         self.kinds = kinds
         self.send_gap = send_gap
+        self.fairness = fairness
         self.history = History(lease_slack=0.5)
         self.nodes: dict[str, SimNode] = {}
         for i in range(1, nodes + 1):
@@ -238,6 +247,8 @@ class Simulation:
                                              "every node sees every node alive")
                 self._stop_consuming.set()
                 converged = await self._converge(whole_at)
+                if self.fairness and converged is not None:
+                    await self._fair_share()
                 await self._drain()
                 work.cancel_scope.cancel()
             await self._check_deleted()
@@ -650,6 +661,68 @@ class Simulation:
                       if sn.node is not None), 0)
         return len(found) == count > 0 and all(found.values())
 
+    async def _fair_share(self) -> None:
+        """After the heal, with the cluster whole and the copies equal: a subscriber on
+        every node, equal credit and speed, and a backlog of keyed messages sent in
+        batches from one node. Every partition deals round-robin among the consumers with
+        credit, and these get theirs back at one rate (the work dwarfs the network), so
+        each gets an equal share of the whole within FAIR_TOLERANCE, wherever the faults
+        left the partitions (SPEC section 2). Sound only after the heal: during a fault a
+        consumer's node may be cut off, and the workload's consumers differ on purpose."""
+        nodes = sorted(n for n, sn in self.nodes.items() if sn.running)
+        counts = dict.fromkeys(nodes, 0)
+        ids: list[str] = []
+        rng = random.Random(f"{self.seed}:fair")
+
+        async def consume(node: str) -> None:
+            name = f"fair-{node}"
+            self._holding[name] = {}
+            async with self.client(node) as c, c.consume(QUEUE, prefetch=FAIR_PREFETCH) as sub:
+                async for d in sub:
+                    self._got(name, d)
+                    counts[node] += 1
+                    await trio.sleep(FAIR_WORK)  # the work
+                    await self._handle(c, name, d, rng, work=0.0)
+
+        def placed() -> bool:
+            parts = [q for sn in self.nodes.values() if sn.node is not None
+                     for q in sn.node.broker.queues.get(QUEUE, ()) if q.active]
+            return all(len(q.consumers) >= len(nodes) for q in parts)
+
+        async with trio.open_nursery() as nursery:
+            for node in nodes:
+                nursery.start_soon(consume, node)
+            await self._until(placed, 20.0, "fair share: a consumer on every partition")
+            async with self.client(self._node_for(rng)) as p:
+                for start in range(0, FAIR_MESSAGES, 10):
+                    batch = [(f"fair-{i}", f"f{i % 8}") for i in range(start, start + 10)]
+                    for body, key in batch:
+                        self.history.send_invoked("fair", body, key)
+                    try:
+                        got = await p.send_batch(QUEUE, [{"body": body, "partition_key": key}
+                                                         for body, key in batch])
+                    except MeshqError as exc:
+                        for body, _ in batch:
+                            self.history.send_failed("fair", body, exc.code,
+                                                     trio.current_time())
+                        continue
+                    for (body, key), mid in zip(batch, got, strict=True):
+                        self.history.send_confirmed("fair", body, mid, trio.current_time(),
+                                                    key)
+                    ids += got
+            await self._until(lambda: all(m in self._acked for m in ids), 60.0,
+                              "fair share: every message acked")
+            nursery.cancel_scope.cancel()
+        for node in nodes:  # (what they held of the rest went back as they closed)
+            for mid in self._holding.pop(f"fair-{node}", {}):
+                self.history.ack_failed(f"fair-{node}", mid, trio.current_time())
+        self._record("fair share", counts)
+        total, share = sum(counts.values()), sum(counts.values()) / len(nodes)
+        if any(abs(n - share) > FAIR_TOLERANCE * share for n in counts.values()):
+            self.problems.append(f"fair share: {total} deliveries to a consumer on each "
+                                 f"node came out {counts}, not {share:.0f} each within "
+                                 f"{FAIR_TOLERANCE:.0%}")
+
     async def _drain(self) -> None:
         """Take everything left, through a fresh consumer, until the primary's copy is
         empty (bounded: leases of stopped consumers end within VISIBILITY)."""
@@ -781,7 +854,7 @@ def replay_command(seed: int, heavy: bool = False) -> str:
             + (" --heavy" if heavy else "") + " -v")
 
 
-HEAVY = {"window": 30.0, "send_gap": (0.02, 0.3)}
+HEAVY = {"window": 30.0, "send_gap": (0.02, 0.3), "fairness": True}
 
 
 class Stuck(Exception):
