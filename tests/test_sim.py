@@ -58,7 +58,9 @@ def test_many_seeds_keep_every_guarantee(seeds: range) -> None:
 # 1-500 of --heavy and 1-2,000 of the usual pass with partitioned queues (before them,
 # 1-2,000 of --heavy: docs/performance.md). With partition keys: 26, a key's messages
 # dealt out of order after a takeover from a node whose clock ran 2 s ahead (the new
-# dispatcher's HLC, which refused to receive its stamps, stamped below them).
+# dispatcher's HLC, which refused to receive its stamps, stamped below them; since the
+# rebase onto the rebalance work its schedule no longer meets that, and
+# test_broker's test_a_partition_taken_over_stamps_above_... keeps the case).
 HEAVY_REGRESSIONS = [7, 26, 28, 37, 61, 82, 84, 89, 94, 529, 1383, 1447]
 # Seeds beyond MESHQ_SIM_SEEDS that once failed: 1210, a send committed after a joining
 # holder was synced, which it never reached (the primary took that holder for current).
@@ -77,6 +79,29 @@ def test_heavy_seeds_that_once_failed_keep_every_guarantee() -> None:
     failed = [o for o in outcomes if not o.ok]
     assert not failed, "\n\n".join(f"{o.summary}\nreplay: {replay_command(o.seed, True)}"
                                    for o in failed)
+
+
+# Heavy seeds that fail today, for a known cause (strict: once fixed, each passes, and
+# belongs in HEAVY_REGRESSIONS): 111, a send whose Put the old dispatcher's holders
+# refused (fenced: a takeover had begun) confirmed on its retry by the new dispatcher, from
+# the dedup entry the refused Put carried, though no copy but the old dispatcher's held
+# the message; it reached the new dispatcher a second later (hand-back), after a later
+# send of its key had been dealt. (With the refused copies, under the write quorum.)
+KNOWN_FAILING_HEAVY = [111]
+
+
+class KnownFailure(Exception):
+    pass
+
+
+@pytest.mark.xfail(raises=KnownFailure, strict=True,
+                   reason="a dedup entry of a fenced Put confirms a send that no quorum holds")
+def test_heavy_seeds_that_fail_today_fail_only_for_their_known_cause() -> None:
+    outcomes = run_seeds(KNOWN_FAILING_HEAVY, jobs=1, heavy=True)
+    for o in outcomes:  # anything else is a new failure, not this one
+        assert o.ok or (o.summary.count("\n") == 2 and "REORDERED" in o.summary), o.summary
+    if not all(o.ok for o in outcomes):
+        raise KnownFailure("\n".join(o.summary for o in outcomes if not o.ok))
 
 
 def test_a_seed_replays_exactly() -> None:
