@@ -90,6 +90,7 @@ KNOWN_FAILING_HEAVY = {
     # quorum); it reached the new dispatcher a second later (hand-back), after a later send
     # of its key had been dealt.
     111: "a dedup entry of a fenced Put confirms a send that no quorum holds",
+    349: "a dedup entry of a fenced Put confirms a send that no quorum holds",  # (the same)
     # A lease taken by a dispatcher whose batches were held for seconds behind one stuck
     # batch (they complete in order) reached its consumer after the partition's next
     # dispatcher had dealt that consumer a later message of the key.
