@@ -90,6 +90,7 @@ KNOWN_FAILING_HEAVY = {
     # carried, though no copy but the old dispatcher's held the message (under the write
     # quorum); it reached the new dispatcher a second later (hand-back), after a later send
     # of its key had been dealt. (349, on main at 2528867, too.)
+    59: "a dedup entry of a fenced Put confirms a send that no quorum holds",
     111: "a dedup entry of a fenced Put confirms a send that no quorum holds",
 }
 # Also seen, on main at 2528867, and no longer met since: 246, a lease taken by a
