@@ -32,6 +32,7 @@ import msgpack
 import trio
 
 from meshq.broker.backlog import Backlog
+from meshq.broker.closed import closed_timestamp
 from meshq.broker.dedup import DedupIndex
 from meshq.broker.partitions import (
     RECEIPT_SEP,
@@ -445,6 +446,16 @@ class Broker:
             self.store.stage((OP_META, ("hlc", ceiling)))
             batch.add_callback(functools.partial(self._ceiling_committed, ceiling))
         return ts
+
+    def closed_of(self, q: Queue, pending: list[int]) -> int:
+        """Partition ``q``'s closed timestamp for a consumer of it whose leases not yet
+        handed over have the HLCs ``pending`` (meshq.broker.closed). It takes a stamp, so
+        it moves on with the clock, and stays under the durable HLC ceiling."""
+        first = next(iter(self.in_flight.values()), None)  # (stamped in order: the oldest)
+        head = q.head_ready()
+        return closed_timestamp(self._stamp(self.clock.time()), self._hlc_durable,
+                                None if first is None else first.hlc,
+                                None if head is None else head.hlc, pending)
 
     def _ceiling_committed(self, ceiling: int, error: BaseException | None) -> None:
         if error is None:

@@ -172,6 +172,16 @@ class Queue:
                 return msg
         return None
 
+    def head_ready(self) -> Message | None:
+        """The READY message first in (HLC, node) order, left in the heap."""
+        heap = self._ready
+        while heap:
+            entry = heap[0]
+            if entry[4].token == entry[3] and entry[4].state == State.READY:
+                return entry[4]
+            heapq.heappop(heap)
+        return None
+
     def next_consumer(self) -> Consumer | None:
         """Round-robin: the next consumer with credit, rotated to the back."""
         consumers = self.consumers

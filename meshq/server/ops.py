@@ -97,6 +97,12 @@ def _unwait(s: ClientSession, req: dict[str, Any]) -> Result:
     return {}
 
 
+def _closed(s: ClientSession, req: dict[str, Any]) -> Result:
+    """Between nodes: the closed timestamps of a fifo subscription's parts here, once past
+    ``after`` (meshq.server.fifo)."""
+    return s.fifo.closed_op(req)
+
+
 def _consume(s: ClientSession, req: dict[str, Any]) -> Result:
     tag = _field(req, "tag", None, types=str) if s.relayed else None
     tag = s.broker.consume(s.session, _field(req, "queue"), _field(req, "prefetch", 100),
@@ -161,8 +167,9 @@ QUEUE_OPS = frozenset({"declare", "delete", "purge", "send", "receive", "consume
 # What one node relays to another for a client (meshq/server/relay.py); a relayed
 # connection runs nothing else (not leave, keys or status: the peer port is not the
 # socket). ``_bye``: the client's node says its client is gone (no answer); ``_unwait``:
-# it needs no more from a waiting receive.
-RELAYED_OPS = QUEUE_OPS | {"cancel", "ping", "_bye", "_unwait"}
+# it needs no more from a waiting receive; ``_closed``: a fifo merge asks how far a
+# partition has closed.
+RELAYED_OPS = QUEUE_OPS | {"cancel", "ping", "_bye", "_unwait", "_closed"}
 
 OPS: dict[str, Handler] = {
     "ping": _ping,
@@ -174,6 +181,7 @@ OPS: dict[str, Handler] = {
     "consume": _consume,
     "cancel": _cancel,
     "_unwait": _unwait,
+    "_closed": _closed,
     "ack": _ack,
     "nack": _nack,
     "extend": _extend,

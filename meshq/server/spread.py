@@ -360,6 +360,8 @@ class Spread:
         tag = s.new_tag()
         sub = _Sub(tag, name, prefetch, None, homes={})
         s.subs[tag] = sub
+        if s.fifo.ordered(name):
+            s.fifo.follow(tag, name)
         outcomes = await _gather([self._place(sub, q.index) for q in qs])
         if s.subs.get(tag) is not sub:  # cancelled meanwhile (connection closed)
             raise Unavailable("the subscription ended while it was being made")
@@ -467,6 +469,9 @@ class Spread:
         s = self.s
         homes = sub.homes or {}
         self._late = {late for late in self._late if late[0] != sub.tag}
+        held = s.fifo.unfollow(sub.tag)  # (a fifo merge's: back to their partitions)
+        if held and not s.closed:
+            self._spawn(self._put_back, sub.queue, held)
         if None in homes.values():
             try:
                 s.broker.cancel(s.session, sub.tag)

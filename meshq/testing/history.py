@@ -1,4 +1,5 @@
-"""A history checker for SPEC section 4, guarantees 1 to 3: record sends, deliveries and acks.
+"""A history checker for SPEC section 4, guarantees 1 to 3: record sends, deliveries and acks;
+and for SPEC section 2's fifo order: each consumer's first deliveries of a fifo queue.
 
 State here: every recorded client event (with caller-supplied times), the drain's final contents
 and the intervals when membership was not stable. Never: an event silently dropped or reordered
@@ -13,7 +14,8 @@ from collections import defaultdict
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-__all__ = ["DoubleLease", "History", "Report", "UnknownSend", "lease_end", "overlaps_any"]
+__all__ = ["DoubleLease", "FifoBreak", "History", "Report", "UnknownSend", "fifo_breaks",
+           "lease_end", "overlaps_any"]
 
 #: The one send failure that means "definitely not written"; any other code is an unknown outcome.
 DEFINITELY_NOT_WRITTEN = "UNAVAILABLE"
@@ -42,6 +44,18 @@ class DoubleLease:
 
 
 @dataclass(frozen=True)
+class FifoBreak:
+    """`consumer` got `message_id` (HLC order key `key`) as a first delivery of a fifo
+    queue after `after_id`, whose key is higher."""
+
+    consumer: str
+    message_id: str
+    key: tuple[int, str]
+    after_id: str
+    after_key: tuple[int, str]
+
+
+@dataclass(frozen=True)
 class Report:
     """What `History.check()` found. `ok` covers guarantees 1-3; the rest is counted, not judged."""
 
@@ -56,10 +70,11 @@ class Report:
     # delivered, then an ack whose outcome is unknown (the connection broke), and gone:
     # acked as far as anyone can tell, so not lost
     gone_after_unknown_ack: tuple[str, ...] = ()
+    fifo_breaks: tuple[FifoBreak, ...] = ()  # first deliveries out of HLC order
 
     @property
     def ok(self) -> bool:
-        return not (self.lost or self.resurrected or self.double_leases)
+        return not (self.lost or self.resurrected or self.double_leases or self.fifo_breaks)
 
     def summary(self) -> str:
         lines = [
@@ -86,6 +101,10 @@ class Report:
                 f"DOUBLE LEASES {len(self.double_leases)} while membership was stable: {shown}"
                 + (f" and {more} more" if more > 0 else "")
             )
+        if self.fifo_breaks:
+            shown = ", ".join(f"{b.message_id} after {b.after_id} ({b.consumer})"
+                              for b in self.fifo_breaks[:_SHOWN])
+            lines.append(f"FIFO ORDER broken {len(self.fifo_breaks)} time(s): {shown}")
         return "\n".join(lines)
 
     def assert_ok(self) -> None:
@@ -138,6 +157,23 @@ def lease_end(
     return end
 
 
+def fifo_breaks(consumer: str, seen: Iterable[tuple[str, tuple[int, str], bool]],
+                ) -> list[FifoBreak]:
+    """The first deliveries among ``seen`` ((message id, (HLC, node), redelivered), in the
+    order ``consumer`` got them) below an earlier first delivery's key. Redeliveries are
+    outside fifo order (they take their place again when requeued)."""
+    out: list[FifoBreak] = []
+    top: tuple[str, tuple[int, str]] | None = None
+    for mid, key, redelivered in seen:
+        if redelivered:
+            continue
+        if top is not None and key < top[1]:
+            out.append(FifoBreak(consumer, mid, key, *top))
+        elif top is None or key > top[1]:
+            top = (mid, key)
+    return out
+
+
 def overlaps_any(start: float, end: float, intervals: Iterable[tuple[float, float]]) -> bool:
     """True if the closed interval [start, end] meets any of the closed `intervals`."""
     return any(s <= end and start <= e for s, e in intervals)
@@ -164,6 +200,7 @@ class History:
         self._final: set[str] | None = None
         self._unstable: list[tuple[float, float]] = []
         self._unknown_acks: set[str] = set()
+        self._fifo: dict[str, list[tuple[str, tuple[int, str], bool]]] = defaultdict(list)
 
     # -- recorders ---------------------------------------------------------------------------
 
@@ -195,6 +232,13 @@ class History:
         d = _Delivery(consumer, delivery_count, redelivered, lease_deadline, at)
         with self._lock:
             self._deliveries[message_id].append(d)
+
+    def fifo_delivered(self, consumer: str, message_id: str, hlc: int, node: str,
+                       redelivered: bool) -> None:
+        """`consumer` got `message_id` of a fifo queue, stamped `hlc` by `node`: calls in
+        the order the consumer got them (record `delivered` too)."""
+        with self._lock:
+            self._fifo[consumer].append((message_id, (hlc, node), redelivered))
 
     def ack_confirmed(self, consumer: str, message_id: str, at: float) -> None:
         with self._lock:
@@ -240,6 +284,7 @@ class History:
             final = set(self._final or ())
             unstable = list(self._unstable)
             unknown_acks = set(self._unknown_acks)
+            fifo = {c: list(seen) for c, seen in self._fifo.items()}
 
         acked = {m for m, events in acks.items() if any(a.confirmed for a in events)}
         confirmed_ids = set(confirmed.values())
@@ -272,6 +317,7 @@ class History:
             confirmed_sends=len(confirmed),
             deliveries=sum(len(ds) for ds in deliveries.values()),
             gone_after_unknown_ack=tuple(sorted(missing & unknown_acks)),
+            fifo_breaks=tuple(b for c in sorted(fifo) for b in fifo_breaks(c, fifo[c])),
         )
 
     def _double_leases(

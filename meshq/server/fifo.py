@@ -1,0 +1,203 @@
+"""A fifo queue of several partitions, served to each consumer in HLC order (SPEC section 2).
+
+On the consumer's node, a subscription's parts (one on every partition, each where that
+partition is dispatched: meshq.server.spread) deliver into a FifoMerge
+(meshq.broker.closed), which hands the client the lowest message it holds once every other
+partition holds something behind it or has closed above it. Each part reports its closed
+timestamp for its consumer: piggy-backed on every delivery relayed from its node, and when
+the merge asks (op ``_closed``, between nodes: a long poll answered as soon as the closed
+timestamps pass what the merge waits on, or after CLOSED_WAIT s); a part on this node is
+looked at directly. So a merge that waits costs one round trip, not a timer's period.
+
+State here: per fifo subscription of this client, its merge and which homes are being
+asked; per consumer tag served here, the ids of the leases handed over to it (the others
+are granted and on their way: the closed timestamp stays below them).
+Never: a held message lost (it is released, or put back when its subscription ends), a
+``closed`` field reaching the client.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import trio
+
+from meshq.broker.closed import FifoMerge
+from meshq.broker.partitions import parse_receipt
+from meshq.errors import BadRequest, MeshqError
+
+if TYPE_CHECKING:
+    from meshq.model import Message
+    from meshq.server.session import ClientSession
+
+__all__ = ["ASK_BACKOFF", "CLOSED_POLL", "CLOSED_WAIT", "Fifo"]
+
+log = logging.getLogger("meshq.server.fifo")
+
+CLOSED_POLL = 0.002  # s between looks at closed timestamps a long poll waits on
+CLOSED_WAIT = 0.5  # s a long poll waits at most before it answers what it has
+ASK_BACKOFF = 0.05  # s before asking again after a failure, or while a part is placed
+
+
+@dataclass
+class _Follow:
+    """A fifo subscription's merge on the client's node."""
+
+    tag: str
+    queue: str
+    merge: FifoMerge
+    asking: set[str | None] = field(default_factory=set)  # homes asked (None: here)
+
+
+class Fifo:
+    def __init__(self, session: ClientSession) -> None:
+        self.s = session
+        self.handed: dict[str, set[str]] = {}
+        self.follows: dict[str, _Follow] = {}
+
+    def ordered(self, name: str) -> bool:
+        """Whether ``name`` is a fifo queue of several partitions (one partition keeps
+        HLC order by itself: its primary alone stamps, in order)."""
+        qs = self.s.broker.queues.get(name)
+        return qs is not None and len(qs) > 1 and qs[0].options.ordering == "fifo"
+
+    # -- where a partition is dispatched -------------------------------------------------
+    def frontier(self, name: str, tag: str, index: int) -> int | None:
+        """The closed timestamp of partition ``index`` for this session's consumer ``tag``
+        (None: not dispatched here, or no such consumer here)."""
+        s = self.s
+        qs = s.broker.queues.get(name)
+        if qs is None or not 0 <= index < len(qs) or not qs[index].active:
+            return None
+        q = qs[index]
+        c = next((c for c in s.session.consumers.get(tag, ()) if c.queue is q), None)
+        if c is None:
+            return None
+        handed = self.handed.get(tag, set())
+        mine = [m for m in s.session.leases if m.owner is c]  # (at most its prefetch)
+        self.handed[tag] = {m.id for m in mine if m.id in handed}
+        return s.broker.closed_of(q, [m.hlc for m in mine if m.id not in handed])
+
+    def handed_over(self, tag: str, msgs: list[Message], frame: dict[str, Any]) -> None:
+        """Deliveries of consumer ``tag`` go out in ``frame``; relayed, it carries the
+        closed timestamp of their partition for that consumer."""
+        self.handed.setdefault(tag, set()).update(m.id for m in msgs)
+        if self.s.relayed and msgs:
+            closed = self.frontier(msgs[0].queue, tag, msgs[0].index)
+            if closed is not None:
+                frame["closed"], frame["partition"] = closed, msgs[0].index
+
+    async def wait_closed(self, name: str, tag: str, indexes: list[int],
+                          after: int) -> list[int | None]:
+        """The closed timestamps of ``tag``'s parts on ``indexes``, once all are above
+        ``after``, or as they are after CLOSED_WAIT s."""
+        deadline = trio.current_time() + CLOSED_WAIT
+        while True:
+            got = [self.frontier(name, tag, i) for i in indexes]
+            if (all(ts is not None and ts > after for ts in got)
+                    or trio.current_time() >= deadline):
+                return got
+            await trio.sleep(CLOSED_POLL)
+
+    async def closed_op(self, req: dict[str, Any]) -> dict[str, Any]:
+        """Op ``_closed`` (between nodes): {queue, consumer, partitions, after}."""
+        name, tag = req.get("queue"), req.get("consumer")
+        indexes, after = req.get("partitions"), req.get("after")
+        if (not isinstance(name, str) or not isinstance(tag, str)
+                or not isinstance(indexes, list) or not 0 < len(indexes) <= 1024
+                or not all(type(i) is int for i in indexes) or type(after) is not int):
+            raise BadRequest("'_closed' takes queue, consumer, partitions and after")
+        return {"closed": await self.wait_closed(name, tag, indexes, after)}
+
+    # -- on the client's node ------------------------------------------------------------
+    def follow(self, tag: str, name: str) -> None:
+        """Subscription ``tag`` on fifo queue ``name``: its deliveries go through a merge."""
+        qs = self.s.broker.queues[name]
+        self.follows[tag] = _Follow(tag, name, FifoMerge(len(qs)))
+
+    def unfollow(self, tag: str) -> list[dict[str, Any]]:
+        """The subscription ended: what its merge still held (to put back)."""
+        f = self.follows.pop(tag, None)
+        self.handed.pop(tag, None)
+        return [] if f is None else [m for m, _ in f.merge.drain()]
+
+    def take(self, frame: dict[str, Any]) -> bool:
+        """A delivery frame for the client: True if a merge took it (it releases it in
+        order); False: push it as it is."""
+        closed, index = frame.pop("closed", None), frame.pop("partition", None)
+        tag = frame.get("consumer")
+        f = self.follows.get(tag) if isinstance(tag, str) else None
+        if f is None:
+            return False
+        merge = f.merge
+        if type(closed) is int and type(index) is int and 0 <= index < len(merge.held):
+            merge.close(index, closed)
+        now = self.s.broker.clock.time()
+        for m in frame.get("messages") or ():
+            _, _, at = parse_receipt(str(m.get("receipt", "")))
+            if at is not None and 0 <= at < len(merge.held) and type(m.get("hlc")) is int:
+                merge.add(at, (m["hlc"], str(m.get("id"))), (m, now))
+        self._release(f)
+        return True
+
+    def _release(self, f: _Follow) -> None:
+        s = self.s
+        sub = s.subs.get(f.tag)
+        homes = (sub.homes if sub is not None else None) or {}
+        merge = f.merge
+        for j, home in homes.items():  # the parts here: looked at now
+            if home is None and not merge.held[j]:
+                closed = self.frontier(f.queue, f.tag, j)
+                if closed is not None:
+                    merge.close(j, closed)
+        out = merge.release()
+        if out:
+            now = s.broker.clock.time()
+            msgs = []
+            for m, at in out:
+                left = m.get("lease_left")
+                if isinstance(left, int | float):
+                    if left - (now - at) <= 0:
+                        continue  # another consumer's by now: it comes again, redelivered
+                    m["lease_left"] = round(left - (now - at), 3)
+                msgs.append(m)
+            if msgs:
+                s.out.push({"push": "deliver", "consumer": f.tag, "messages": msgs})
+        wait = merge.waits_on()
+        if wait is None:
+            return
+        after, blocking = wait
+        by_home: dict[str | None, list[int]] = {}
+        for j in blocking:
+            by_home.setdefault(homes.get(j, ""), []).append(j)
+        for home, indexes in by_home.items():
+            if home not in f.asking:
+                f.asking.add(home)
+                s.spread._spawn(self._ask, f, home, indexes, after)
+
+    async def _ask(self, f: _Follow, home: str | None, indexes: list[int],
+                   after: int) -> None:
+        """Learn the closed timestamps of ``indexes`` (on ``home``) once above ``after``."""
+        got: Any = None
+        try:
+            if home is None:
+                got = await self.wait_closed(f.queue, f.tag, indexes, after)
+            elif home:
+                got = (await self.s._call_remote(home, "_closed", {
+                    "op": "_closed", "queue": f.queue, "consumer": f.tag,
+                    "partitions": indexes, "after": after})).get("closed")
+            if not isinstance(got, list):
+                await trio.sleep(ASK_BACKOFF)  # (being placed, or an older node)
+        except MeshqError as exc:
+            log.debug("closed timestamps of %r %s from %s: %s", f.queue, indexes, home, exc)
+            await trio.sleep(ASK_BACKOFF)
+        finally:
+            f.asking.discard(home)
+        if self.follows.get(f.tag) is not f or self.s.closed:
+            return
+        for j, ts in zip(indexes, got if isinstance(got, list) else (), strict=False):
+            if type(ts) is int:
+                f.merge.close(j, ts)
+        self._release(f)
