@@ -10,10 +10,12 @@ a SIGKILLed node losing no confirmed message.
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 from collections import Counter
 
+import pytest
 from test_membership import eventually
 from test_replication import NAMES, consumers_on_every_node, status_of
 
@@ -152,10 +154,13 @@ def test_a_killed_node_loses_no_confirmed_message_of_a_partitioned_queue(cluster
     assert len(confirmed) == len(set(confirmed))
 
 
-def test_a_fifo_queue_keeps_hlc_order_across_producers_on_three_nodes(cluster) -> None:
-    """Six partitions, two on each node, producers on every node at once, one consumer:
-    it gets every message once, in (HLC, node) order cluster-wide (closed timestamps,
-    meshq.server.fifo); tests/test_fifo_sim.py shows a fair queue does not."""
+@pytest.mark.parametrize("pull", [False, True])
+def test_a_fifo_queue_keeps_hlc_order_across_producers_on_three_nodes(cluster,
+                                                                     pull: bool) -> None:
+    """Six partitions, two on each node, producers on every node at once, one consumer
+    (a subscription, or receives): it gets every message once, in (HLC, node) order
+    cluster-wide (closed timestamps, meshq.server.fifo); tests/test_fifo_sim.py shows a
+    fair queue does not."""
     name = spread_name("fifo")
     per_node = 200
     with cluster["a"].client() as a:
@@ -165,15 +170,17 @@ def test_a_fifo_queue_keeps_hlc_order_across_producers_on_three_nodes(cluster) -
                  for n in NAMES]
     seen: list[tuple[str, tuple[int, str], bool]] = []
     indexes: set[int] = set()
-    with Client(cluster["a"].socket, timeout=60) as c, c.consume(name, prefetch=30) as sub:
+    with Client(cluster["a"].socket, timeout=60) as c, (
+            contextlib.nullcontext() if pull else c.consume(name, prefetch=30)) as sub:
         for t in producers:
             t.start()
         while len(seen) < per_node * len(NAMES):
-            d = sub.get(timeout=30)
-            assert d is not None, f"nothing more after {len(seen)}: {errors}"
-            seen.append((d.text(), (d.hlc, d.id.split("-", 1)[1]), d.redelivered))
-            indexes.add(parse_receipt(d.receipt)[2] or 0)
-            sub.ack(d)
+            got = c.receive(name, max=30, wait=30) if sub is None else [sub.get(timeout=30)]
+            assert got and got[0] is not None, f"nothing more after {len(seen)}: {errors}"
+            for d in got:
+                seen.append((d.text(), (d.hlc, d.id.split("-", 1)[1]), d.redelivered))
+                indexes.add(parse_receipt(d.receipt)[2] or 0)
+            c.ack(name, got)
     for t in producers:
         t.join(30)
     assert not errors

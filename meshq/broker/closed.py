@@ -44,15 +44,16 @@ class FifoMerge:
 
     def __init__(self, partitions: int) -> None:
         self.held: list[deque[tuple[Key, Any]]] = [deque() for _ in range(partitions)]
-        self.closed = [0] * partitions
+        self.closed: list[Key] = [(0, "")] * partitions
 
     def add(self, index: int, key: Key, item: Any) -> None:
         self.held[index].append((key, item))
 
-    def close(self, index: int, ts: int) -> None:
-        """Partition ``index`` reports its closed timestamp (a redelivery put back may
-        lower it: the latest report counts)."""
-        self.closed[index] = ts
+    def close(self, index: int, ts: int | Key) -> None:
+        """Partition ``index`` reports its closed timestamp: an HLC (nothing at it or
+        above it is delivered yet), or the key of its ready head (nothing before it is).
+        A redelivery put back may lower it: the latest report counts."""
+        self.closed[index] = (ts, "") if isinstance(ts, int) else ts
 
     def _first(self) -> tuple[Key, int] | None:
         heads = [(h[0][0], i) for i, h in enumerate(self.held) if h]
@@ -64,9 +65,9 @@ class FifoMerge:
         first = self._first()
         if first is None:
             return None
-        (hlc, _), index = first
-        return hlc, [j for j, h in enumerate(self.held)
-                     if j != index and not h and self.closed[j] <= hlc]
+        key, index = first
+        return key[0], [j for j, h in enumerate(self.held)
+                        if j != index and not h and self.closed[j] <= key]
 
     def release(self) -> list[Any]:
         """What may go to the consumer now, in order."""

@@ -447,12 +447,13 @@ class Broker:
             batch.add_callback(functools.partial(self._ceiling_committed, ceiling))
         return ts
 
-    def closed_of(self, q: Queue, pending: list[int]) -> int:
+    def closed_of(self, q: Queue, pending: list[int], *, ready: bool = True) -> int:
         """Partition ``q``'s closed timestamp for a consumer of it whose leases not yet
-        handed over have the HLCs ``pending`` (meshq.broker.closed). It takes a stamp, so
-        it moves on with the clock, and stays under the durable HLC ceiling."""
+        handed over have the HLCs ``pending`` (meshq.broker.closed); not ``ready``: above
+        its ready messages too. It takes a stamp, so it moves on with the clock, and
+        stays under the durable HLC ceiling."""
         first = next(iter(self.in_flight.values()), None)  # (stamped in order: the oldest)
-        head = q.head_ready()
+        head = q.head_ready() if ready else None
         return closed_timestamp(self._stamp(self.clock.time()), self._hlc_durable,
                                 None if first is None else first.hlc,
                                 None if head is None else head.hlc, pending)

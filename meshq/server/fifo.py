@@ -19,13 +19,15 @@ Never: a held message lost (it is released, or put back when its subscription en
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import trio
 
-from meshq.broker.closed import FifoMerge
+from meshq.broker.closed import FifoMerge, Key
 from meshq.broker.partitions import parse_receipt
+from meshq.broker.replica import Moved
 from meshq.errors import BadRequest, MeshqError
 
 if TYPE_CHECKING:
@@ -93,13 +95,9 @@ class Fifo:
                           after: int) -> list[int | None]:
         """The closed timestamps of ``tag``'s parts on ``indexes``, once all are above
         ``after``, or as they are after CLOSED_WAIT s."""
-        deadline = trio.current_time() + CLOSED_WAIT
-        while True:
-            got = [self.frontier(name, tag, i) for i in indexes]
-            if (all(ts is not None and ts > after for ts in got)
-                    or trio.current_time() >= deadline):
-                return got
-            await trio.sleep(CLOSED_POLL)
+        await _until(lambda: all(ts is not None and ts > after for ts in (
+            self.frontier(name, tag, i) for i in indexes)))
+        return [self.frontier(name, tag, i) for i in indexes]
 
     async def closed_op(self, req: dict[str, Any]) -> dict[str, Any]:
         """Op ``_closed`` (between nodes): {queue, consumer, partitions, after}."""
@@ -111,7 +109,154 @@ class Fifo:
             raise BadRequest("'_closed' takes queue, consumer, partitions and after")
         return {"closed": await self.wait_closed(name, tag, indexes, after)}
 
+    async def take_op(self, req: dict[str, Any]) -> dict[str, Any]:
+        """Op ``_fifo_take`` (a fifo receive's share of partitions here): {queue,
+        partitions, max, before, after, visibility_timeout}. With ``after`` it first waits
+        (up to CLOSED_WAIT s) until each partition has closed above it or has a ready
+        message at or below it; then it leases up to ``max[i]`` of partition i's lowest
+        ready messages below ``before[i]``, and answers ``parts``: per partition, its
+        closed timestamp not counting its ready messages, its ready head's [HLC, id]
+        (None: none) after that, and what it took."""
+        from meshq.server.session import delivery  # (the session imports this module)
+        s = self.s
+        name, indexes = req.get("queue"), req.get("partitions")
+        most, before, after = req.get("max"), req.get("before"), req.get("after")
+        if (not isinstance(name, str) or not isinstance(indexes, list)
+                or not isinstance(most, list) or not isinstance(before, list)
+                or not len(indexes) == len(most) == len(before)
+                or not all(type(v) is int for v in (*indexes, *most))
+                or not all(_is_key(b) for b in before)
+                or not (after is None or type(after) is int)):
+            raise BadRequest("'_fifo_take' takes queue, partitions, max, before and after")
+        qs = s.broker.queue(name)
+        chosen = s.broker._chosen(qs, indexes)
+        if len(chosen) != len(indexes) or not all(q.active for q in chosen):
+            raise Moved(f"queue {name!r} moved to another node")
+        if after is not None:
+            await _until(lambda: all(_passed(s.broker.closed_of(q, []), q.head_ready(), after)
+                                     for q in chosen))
+        parts = []
+        for q, n, below in zip(chosen, most, before, strict=True):
+            took = []
+            k = (q.ready_below(tuple(below), min(n, s.broker.limits.max_batch))
+                 if n > 0 else 0)
+            if k:
+                took = await s.broker.receive(s.session, name, k, 0.0,
+                                              req.get("visibility_timeout"), [q.index])
+            head = q.head_ready()
+            now = s.broker.clock.time()
+            parts.append([s.broker.closed_of(q, [], ready=False),
+                          None if head is None else [head.hlc, head.id],
+                          [delivery(m, now, s.relayed) for m in took]])
+        return {"parts": parts}
+
     # -- on the client's node ------------------------------------------------------------
+    async def receive(self, name: str, req: dict[str, Any], handler: Any,
+                      parts: list[list[int]], want: int, wait: float,
+                      ) -> tuple[list[dict[str, Any]], list[float]]:
+        """A receive on a fifo queue of several partitions: up to ``want`` messages in
+        HLC order, and when each reached this node. It learns each partition's closed
+        timestamp and ready head, takes only what every other partition has closed above
+        (op ``_fifo_take``, grouped by primary), and, when nothing is ready anywhere,
+        waits for the first arrival (meshq.server.spread) and then for the others to
+        close above it. What it took and may not return yet goes back (counted)."""
+        s = self.s
+        n = len(s.broker.queues[name])
+        merge = FifoMerge(n)
+        heads: list[Key | None] = [None] * n
+        deadline = trio.current_time() + wait
+        out: list[tuple[dict[str, Any], float]] = []
+        look = (0, (0, ""))  # (max, before): take nothing, say how far closed
+        first = await self._take(name, req, merge, heads, dict.fromkeys(range(n), look))
+        if first is not None:
+            raise first  # no partition answered
+        waited = False
+        while True:
+            await trio.lowlevel.checkpoint()  # (what it asks may all be here)
+            out += merge.release()
+            if len(out) >= want:
+                break
+            room = want - len(out) - sum(map(len, merge.held))
+            plan = {}
+            for j, head in enumerate(heads):
+                # below every other partition's closed timestamp and what it holds
+                bound = min((h[0][0] if h else merge.closed[k]
+                             for k, h in enumerate(merge.held) if k != j), default=head)
+                if head is not None and bound is not None and head < bound:
+                    # (one at least: what it holds waits for it; one too many goes back)
+                    plan[j] = (max(room, 1), bound)
+            if plan and await self._take(name, req, merge, heads, plan) is None:
+                continue
+            held = merge.waits_on()
+            now = trio.current_time()
+            if held is not None and now < deadline + CLOSED_WAIT:
+                after, blocking = held
+                await self._take(name, req, merge, heads, dict.fromkeys(blocking, look),
+                                 after)
+                continue
+            if out or waited or now >= deadline:
+                break
+            waited = True
+            got = await s.spread._wait_all(name, {**req, "wait": deadline - now}, handler,
+                                           parts, 1)  # (then the rest, in order)
+            at = s.broker.clock.time()
+            for m in got:
+                merge.add(parse_receipt(str(m.get("receipt", "")))[2] or 0,
+                          (m["hlc"], str(m["id"])), (m, at))
+            await self._take(name, req, merge, heads, dict.fromkeys(range(n), look))
+        back = [m for m, _ in out[want:] + merge.drain()]
+        if back:
+            await s.spread._put_back(name, back)
+        return [m for m, _ in out[:want]], [at for _, at in out[:want]]
+
+    async def _take(self, name: str, req: dict[str, Any], merge: FifoMerge,
+                    heads: list[Key | None], plan: dict[int, tuple[int, Key]],
+                    after: int | None = None) -> MeshqError | None:
+        """Op ``_fifo_take`` on the partitions of ``plan`` (index -> (max, before)), one
+        request per primary at once; what they took goes into ``merge``, their closed
+        timestamps and heads into it and ``heads``. None if something answered, else the
+        first error."""
+        from meshq.server.ops import OPS  # (ops imports the session module)
+        from meshq.server.spread import QUICK_RETRY, QUICK_TIMEOUT, _gather
+        s = self.s
+        qs = s.broker.queues.get(name)
+        if qs is None:
+            return MeshqError(f"queue {name!r} was deleted")
+        cluster = s.cluster
+        groups: dict[str | None, list[int]] = {}
+        for j in plan:
+            key = cluster.replicas(qs[j]).primary if cluster is not None else None
+            groups.setdefault(key, []).append(j)
+
+        async def one(indexes: list[int]) -> dict[str, Any]:
+            sub = {"op": "_fifo_take", "queue": name, "max": [plan[j][0] for j in indexes],
+                   "before": [list(plan[j][1]) for j in indexes], "after": after,
+                   "visibility_timeout": req.get("visibility_timeout")}
+            with trio.fail_after(CLOSED_WAIT + QUICK_TIMEOUT):
+                return await s.spread._part("_fifo_take", name, sub, OPS["_fifo_take"],
+                                            indexes, retry_for=QUICK_RETRY)
+
+        batches = list(groups.values())
+        try:
+            results = await _gather([one(indexes) for indexes in batches])
+        except trio.TooSlowError:
+            return MeshqError(f"partitions of {name!r} did not answer")
+        errors = []
+        at = s.broker.clock.time()
+        for indexes, res in zip(batches, results, strict=True):
+            got = res.get("parts") if isinstance(res, dict) else None
+            if not isinstance(got, list) or len(got) != len(indexes):
+                errors.append(res if isinstance(res, MeshqError) else MeshqError(
+                    f"partitions {indexes} of {name!r} did not answer"))
+                continue
+            for j, (closed, head, msgs) in zip(indexes, got, strict=True):
+                heads[j] = (head[0], head[1]) if _is_key(head) else None
+                for m in msgs:
+                    merge.add(j, (m["hlc"], str(m["id"])), (m, at))
+                if type(closed) is int:  # (the ready head is not closed: it is there)
+                    merge.close(j, min((closed, ""), heads[j] or (closed, "")))
+        return errors[0] if len(errors) == len(batches) else None
+
     def follow(self, tag: str, name: str) -> None:
         """Subscription ``tag`` on fifo queue ``name``: its deliveries go through a merge."""
         qs = self.s.broker.queues[name]
@@ -201,3 +346,25 @@ class Fifo:
             if type(ts) is int:
                 f.merge.close(j, ts)
         self._release(f)
+
+
+def _passed(closed: int, head: Message | None, after: int) -> bool:
+    """Whether a partition closed above ``after``, or has a ready message to take at or
+    below it."""
+    return closed > after or (head is not None and head.hlc <= after)
+
+
+async def _until(done: Callable[[], bool]) -> None:
+    """Until ``done()``, or CLOSED_WAIT s, looking every CLOSED_POLL s (only while a merge
+    or a receive waits on a closed timestamp)."""
+    deadline = trio.current_time() + CLOSED_WAIT
+    while True:
+        if done() or trio.current_time() >= deadline:
+            return
+        await trio.sleep(CLOSED_POLL)
+
+
+def _is_key(v: Any) -> bool:
+    """[HLC, id] (a message's order key, as it travels)."""
+    return (isinstance(v, list | tuple) and len(v) == 2 and type(v[0]) is int
+            and isinstance(v[1], str))

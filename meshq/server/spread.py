@@ -235,6 +235,29 @@ class Spread:
         others = [(self._turn + i) % len(qs) for i in range(len(qs))]
         parts = ([local] if local else []) + [[i] for i in others if i not in local]
         clock = self.s.broker.clock
+        if self.s.fifo.ordered(name):  # in HLC order over the partitions
+            got, stamps = await self.s.fifo.receive(name, part_req, handler, parts, want,
+                                                    wait)
+        else:
+            got, stamps = await self._take(name, part_req, handler, parts, want, wait)
+        if auto_ack and got:
+            from meshq.server.ops import OPS
+            done = await self._settle("ack", name, {"op": "ack", "queue": name,
+                                                    "ids": [m["receipt"] for m in got]},
+                                      OPS["ack"], qs)
+            acked = set(done["acked"])
+            got = [m for m in got if m.get("id") in acked]  # (a lease ran out meanwhile)
+        else:
+            got = _held(got, stamps, clock.time())
+        self._learn(got)
+        return {"messages": got}
+
+    async def _take(self, name: str, req: dict[str, Any], handler: Handler,
+                    parts: list[list[int]], want: int, wait: float,
+                    ) -> tuple[list[dict[str, Any]], list[float]]:
+        """A receive's deliveries, and when each reached this node: what is there now,
+        here first, then the others in turn; else the first to come anywhere."""
+        clock = self.s.broker.clock
         got: list[dict[str, Any]] = []
         stamps: list[float] = []  # when each reached this node
         refused: list[MeshqError] = []
@@ -243,7 +266,7 @@ class Spread:
             try:
                 with trio.move_on_after(QUICK_TIMEOUT):
                     res = await self._part("receive", name, {
-                        **part_req, "wait": 0, "max": want - len(got)}, handler, indexes,
+                        **req, "wait": 0, "max": want - len(got)}, handler, indexes,
                         retry_for=QUICK_RETRY)
             except (Unavailable, Timeout, Moved) as exc:
                 refused.append(exc)
@@ -259,19 +282,9 @@ class Spread:
         if not got and len(refused) == len(parts):
             raise refused[0]
         if not got and wait:
-            got = await self._wait_all(name, part_req, handler, parts, want)
+            got = await self._wait_all(name, req, handler, parts, want)
             stamps = [clock.time()] * len(got)
-        if auto_ack and got:
-            from meshq.server.ops import OPS
-            done = await self._settle("ack", name, {"op": "ack", "queue": name,
-                                                    "ids": [m["receipt"] for m in got]},
-                                      OPS["ack"], qs)
-            acked = set(done["acked"])
-            got = [m for m in got if m.get("id") in acked]  # (a lease ran out meanwhile)
-        else:
-            got = _held(got, stamps, clock.time())
-        self._learn(got)
-        return {"messages": got}
+        return got, stamps
 
     def _receive_fields(self, req: dict[str, Any]) -> tuple[int, float, bool]:
         """A receive's fields, checked before any partition is asked."""
