@@ -73,19 +73,25 @@ def test_the_merge_of_random_streams_is_in_order() -> None:
 
 
 def test_fifo_breaks_ignore_redeliveries_and_name_what_came_before() -> None:
-    seen = [("m1", (1, "n1"), False), ("m3", (3, "n2"), False), ("m2", (2, "n1"), True),
-            ("m4", (3, "n3"), False), ("m0", (0, "n1"), False)]
+    seen = [("m1", (1, "n1"), False, 1.0), ("m3", (3, "n2"), False, 2.0),
+            ("m2", (2, "n1"), True, 3.0), ("m4", (3, "n3"), False, 4.0),
+            ("m0", (0, "n1"), False, 5.0)]
     breaks = fifo_breaks("c", seen)
-    assert [(b.message_id, b.after_id) for b in breaks] == [("m0", "m4")]
+    assert [(b.message_id, b.after_id, b.after_at, b.at) for b in breaks] == [
+        ("m0", "m4", 4.0, 5.0)]
     h = History()
-    for mid, key, again in seen:
-        h.fifo_delivered("c", mid, key[0], key[1], again)
+    for mid, key, again, at in seen:
+        h.fifo_delivered("c", mid, key[0], key[1], again, at)
     report = h.check()
     assert not report.ok
     assert "FIFO ORDER broken 1" in report.summary()
     with pytest.raises(AssertionError, match="m0 after m4"):
         report.assert_ok()
+    h.unstable(4.5, 6.0)  # a failover between the two: counted, not judged
+    report = h.check()
+    assert report.ok and len(report.fifo_breaks_during_instability) == 1
+    assert "fifo order broken during instability=1" in report.summary()
     fine = History()
-    fine.fifo_delivered("c", "a", 1, "n1", False)
-    fine.fifo_delivered("d", "b", 0, "n1", False)  # another consumer's order is its own
+    fine.fifo_delivered("c", "a", 1, "n1", False, 1.0)
+    fine.fifo_delivered("d", "b", 0, "n1", False, 2.0)  # another consumer's is its own
     assert fine.check().ok

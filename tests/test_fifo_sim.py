@@ -39,7 +39,8 @@ async def run(sim: Simulation, ordering: str, prefetch: int, pull: bool = False,
     async def take(c: Any, d: Any) -> None:
         history.delivered("c", d.id, d.delivery_count, d.redelivered, None,
                           trio.current_time())
-        history.fifo_delivered("c", d.id, d.hlc, node_of(d.id), d.redelivered)
+        history.fifo_delivered("c", d.id, d.hlc, node_of(d.id), d.redelivered,
+                               trio.current_time())
         got.append(d.id)
         again.append(d.redelivered)
         await c.ack(Q, [d])

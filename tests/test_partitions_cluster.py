@@ -168,7 +168,7 @@ def test_a_fifo_queue_keeps_hlc_order_across_producers_on_three_nodes(cluster,
     errors: list[BaseException] = []
     producers = [threading.Thread(target=produce, args=(cluster, name, n, per_node, errors))
                  for n in NAMES]
-    seen: list[tuple[str, tuple[int, str], bool]] = []
+    seen: list[tuple[str, tuple[int, str], bool, float]] = []
     indexes: set[int] = set()
     with Client(cluster["a"].socket, timeout=60) as c, (
             contextlib.nullcontext() if pull else c.consume(name, prefetch=30)) as sub:
@@ -178,14 +178,15 @@ def test_a_fifo_queue_keeps_hlc_order_across_producers_on_three_nodes(cluster,
             got = c.receive(name, max=30, wait=30) if sub is None else [sub.get(timeout=30)]
             assert got and got[0] is not None, f"nothing more after {len(seen)}: {errors}"
             for d in got:
-                seen.append((d.text(), (d.hlc, d.id.split("-", 1)[1]), d.redelivered))
+                seen.append((d.text(), (d.hlc, d.id.split("-", 1)[1]), d.redelivered,
+                             time.monotonic()))
                 indexes.add(parse_receipt(d.receipt)[2] or 0)
             c.ack(name, got)
     for t in producers:
         t.join(30)
     assert not errors
-    assert sorted(body for body, _, _ in seen) == sorted(
+    assert sorted(body for body, _, _, _ in seen) == sorted(
         f"{n}-{i}" for n in NAMES for i in range(per_node))  # each once
     assert indexes == set(range(P))  # drawn from every partition
     assert fifo_breaks("a", seen) == []
-    assert [key for _, key, _ in seen] == sorted(key for _, key, _ in seen)
+    assert [key for _, key, _, _ in seen] == sorted(key for _, key, _, _ in seen)

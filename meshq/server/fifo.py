@@ -28,7 +28,7 @@ import trio
 from meshq.broker.closed import FifoMerge, Key
 from meshq.broker.partitions import parse_receipt
 from meshq.broker.replica import Moved
-from meshq.errors import BadRequest, MeshqError
+from meshq.errors import BadRequest, MeshqError, Timeout
 
 if TYPE_CHECKING:
     from meshq.model import Message
@@ -232,15 +232,13 @@ class Fifo:
             sub = {"op": "_fifo_take", "queue": name, "max": [plan[j][0] for j in indexes],
                    "before": [list(plan[j][1]) for j in indexes], "after": after,
                    "visibility_timeout": req.get("visibility_timeout")}
-            with trio.fail_after(CLOSED_WAIT + QUICK_TIMEOUT):
+            with trio.move_on_after(CLOSED_WAIT + QUICK_TIMEOUT):
                 return await s.spread._part("_fifo_take", name, sub, OPS["_fifo_take"],
                                             indexes, retry_for=QUICK_RETRY)
+            raise Timeout(f"partitions {indexes} of {name!r} did not answer")
 
         batches = list(groups.values())
-        try:
-            results = await _gather([one(indexes) for indexes in batches])
-        except trio.TooSlowError:
-            return MeshqError(f"partitions of {name!r} did not answer")
+        results = await _gather([one(indexes) for indexes in batches])
         errors = []
         at = s.broker.clock.time()
         for indexes, res in zip(batches, results, strict=True):

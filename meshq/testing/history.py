@@ -46,13 +46,15 @@ class DoubleLease:
 @dataclass(frozen=True)
 class FifoBreak:
     """`consumer` got `message_id` (HLC order key `key`) as a first delivery of a fifo
-    queue after `after_id`, whose key is higher."""
+    queue at `at`, after `after_id` (at `after_at`), whose key is higher."""
 
     consumer: str
     message_id: str
     key: tuple[int, str]
+    at: float
     after_id: str
     after_key: tuple[int, str]
+    after_at: float
 
 
 @dataclass(frozen=True)
@@ -71,6 +73,7 @@ class Report:
     # acked as far as anyone can tell, so not lost
     gone_after_unknown_ack: tuple[str, ...] = ()
     fifo_breaks: tuple[FifoBreak, ...] = ()  # first deliveries out of HLC order
+    fifo_breaks_during_instability: tuple[FifoBreak, ...] = ()  # counted, not judged
 
     @property
     def ok(self) -> bool:
@@ -101,10 +104,14 @@ class Report:
                 f"DOUBLE LEASES {len(self.double_leases)} while membership was stable: {shown}"
                 + (f" and {more} more" if more > 0 else "")
             )
+        if self.fifo_breaks_during_instability:
+            lines.append(f"fifo order broken during instability="
+                         f"{len(self.fifo_breaks_during_instability)}")
         if self.fifo_breaks:
             shown = ", ".join(f"{b.message_id} after {b.after_id} ({b.consumer})"
                               for b in self.fifo_breaks[:_SHOWN])
-            lines.append(f"FIFO ORDER broken {len(self.fifo_breaks)} time(s): {shown}")
+            lines.append(f"FIFO ORDER broken {len(self.fifo_breaks)} time(s) while membership "
+                         f"was stable: {shown}")
         return "\n".join(lines)
 
     def assert_ok(self) -> None:
@@ -157,20 +164,20 @@ def lease_end(
     return end
 
 
-def fifo_breaks(consumer: str, seen: Iterable[tuple[str, tuple[int, str], bool]],
-                ) -> list[FifoBreak]:
-    """The first deliveries among ``seen`` ((message id, (HLC, node), redelivered), in the
-    order ``consumer`` got them) below an earlier first delivery's key. Redeliveries are
-    outside fifo order (they take their place again when requeued)."""
+def fifo_breaks(consumer: str,
+                seen: Iterable[tuple[str, tuple[int, str], bool, float]]) -> list[FifoBreak]:
+    """The first deliveries among ``seen`` ((message id, (HLC, node), redelivered, when),
+    in the order ``consumer`` got them) below an earlier first delivery's key.
+    Redeliveries are outside fifo order (they take their place again when requeued)."""
     out: list[FifoBreak] = []
-    top: tuple[str, tuple[int, str]] | None = None
-    for mid, key, redelivered in seen:
+    top: tuple[str, tuple[int, str], float] | None = None
+    for mid, key, redelivered, at in seen:
         if redelivered:
             continue
         if top is not None and key < top[1]:
-            out.append(FifoBreak(consumer, mid, key, *top))
+            out.append(FifoBreak(consumer, mid, key, at, top[0], top[1], top[2]))
         elif top is None or key > top[1]:
-            top = (mid, key)
+            top = (mid, key, at)
     return out
 
 
@@ -200,7 +207,8 @@ class History:
         self._final: set[str] | None = None
         self._unstable: list[tuple[float, float]] = []
         self._unknown_acks: set[str] = set()
-        self._fifo: dict[str, list[tuple[str, tuple[int, str], bool]]] = defaultdict(list)
+        self._fifo: dict[str, list[tuple[str, tuple[int, str], bool, float]]] = (
+            defaultdict(list))
 
     # -- recorders ---------------------------------------------------------------------------
 
@@ -234,11 +242,13 @@ class History:
             self._deliveries[message_id].append(d)
 
     def fifo_delivered(self, consumer: str, message_id: str, hlc: int, node: str,
-                       redelivered: bool) -> None:
-        """`consumer` got `message_id` of a fifo queue, stamped `hlc` by `node`: calls in
-        the order the consumer got them (record `delivered` too)."""
+                       redelivered: bool, at: float) -> None:
+        """`consumer` got `message_id` of a fifo queue, stamped `hlc` by `node`, at `at`:
+        calls in the order the consumer got them (record `delivered` too). Fifo order is
+        judged while membership is stable (a failover may break it: docs/architecture.md)
+        and counted otherwise."""
         with self._lock:
-            self._fifo[consumer].append((message_id, (hlc, node), redelivered))
+            self._fifo[consumer].append((message_id, (hlc, node), redelivered, at))
 
     def ack_confirmed(self, consumer: str, message_id: str, at: float) -> None:
         with self._lock:
@@ -298,6 +308,7 @@ class History:
             and failed.get((client, body_key)) != DEFINITELY_NOT_WRITTEN
         )
 
+        breaks = [b for c in sorted(fifo) for b in fifo_breaks(c, fifo[c])]
         stable_doubles: list[DoubleLease] = []
         unstable_doubles: list[DoubleLease] = []
         for message_id in sorted(deliveries):
@@ -317,7 +328,9 @@ class History:
             confirmed_sends=len(confirmed),
             deliveries=sum(len(ds) for ds in deliveries.values()),
             gone_after_unknown_ack=tuple(sorted(missing & unknown_acks)),
-            fifo_breaks=tuple(b for c in sorted(fifo) for b in fifo_breaks(c, fifo[c])),
+            fifo_breaks=tuple(b for b in breaks if not overlaps_any(b.after_at, b.at, unstable)),
+            fifo_breaks_during_instability=tuple(
+                b for b in breaks if overlaps_any(b.after_at, b.at, unstable)),
         )
 
     def _double_leases(
