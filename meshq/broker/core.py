@@ -451,11 +451,16 @@ class Broker:
         """Partition ``q``'s closed timestamp for a consumer of it whose leases not yet
         handed over have the HLCs ``pending`` (meshq.broker.closed); not ``ready``: above
         its ready messages too. It takes a stamp, so it moves on with the clock, and
-        stays under the durable HLC ceiling."""
+        stays under the durable HLC ceiling, renewing it (with one commit under way at
+        most: it is asked for far more often than messages are sent)."""
+        now = self.clock.time()
+        ts = self.hlc.now(int(now * 1000))
+        if ts >= self._hlc_durable - HLC_REFRESH and (self._hlc_batch is None
+                                                      or self._hlc_batch.done):
+            ts = self._stamp(now)
         first = next(iter(self.in_flight.values()), None)  # (stamped in order: the oldest)
         head = q.head_ready() if ready else None
-        return closed_timestamp(self._stamp(self.clock.time()), self._hlc_durable,
-                                None if first is None else first.hlc,
+        return closed_timestamp(ts, self._hlc_durable, None if first is None else first.hlc,
                                 None if head is None else head.hlc, pending)
 
     def _ceiling_committed(self, ceiling: int, error: BaseException | None) -> None:

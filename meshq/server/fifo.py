@@ -171,7 +171,12 @@ class Fifo:
         if first is not None:
             raise first  # no partition answered
         waited = False
+        last: Any = None
         while True:
+            state = (list(heads), list(merge.closed), sum(map(len, merge.held)), len(out))
+            if state == last:  # nothing moved since the last turn: not so fast
+                await trio.sleep(ASK_BACKOFF)
+            last = state
             await trio.lowlevel.checkpoint()  # (what it asks may all be here)
             out += merge.release()
             if len(out) >= want:
