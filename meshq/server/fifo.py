@@ -84,12 +84,12 @@ class Fifo:
 
     def handed_over(self, tag: str, msgs: list[Message], frame: dict[str, Any]) -> None:
         """Deliveries of consumer ``tag`` go out in ``frame``; relayed, it carries the
-        closed timestamp of their partition for that consumer."""
+        closed timestamps for that consumer of its partitions here ([index, closed]...)."""
         self.handed.setdefault(tag, set()).update(m.id for m in msgs)
         if self.s.relayed and msgs:
-            closed = self.frontier(msgs[0].queue, tag, msgs[0].index)
-            if closed is not None:
-                frame["closed"], frame["partition"] = closed, msgs[0].index
+            closed = [[c.queue.index, self.frontier(c.queue.name, tag, c.queue.index)]
+                      for c in self.s.session.consumers.get(tag, ())]
+            frame["closed"] = [pair for pair in closed if pair[1] is not None]
 
     async def wait_closed(self, name: str, tag: str, indexes: list[int],
                           after: int) -> list[int | None]:
@@ -274,14 +274,16 @@ class Fifo:
     def take(self, frame: dict[str, Any]) -> bool:
         """A delivery frame for the client: True if a merge took it (it releases it in
         order); False: push it as it is."""
-        closed, index = frame.pop("closed", None), frame.pop("partition", None)
+        closed = frame.pop("closed", None)
         tag = frame.get("consumer")
         f = self.follows.get(tag) if isinstance(tag, str) else None
         if f is None:
             return False
         merge = f.merge
-        if type(closed) is int and type(index) is int and 0 <= index < len(merge.held):
-            merge.close(index, closed)
+        for pair in closed if isinstance(closed, list) else ():
+            if (isinstance(pair, list) and len(pair) == 2 and type(pair[0]) is int
+                    and 0 <= pair[0] < len(merge.held) and type(pair[1]) is int):
+                merge.close(pair[0], pair[1])
         now = self.s.broker.clock.time()
         for m in frame.get("messages") or ():
             _, _, at = parse_receipt(str(m.get("receipt", "")))
