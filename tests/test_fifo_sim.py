@@ -22,11 +22,12 @@ def node_of(mid: str) -> str:
 
 
 async def run(sim: Simulation, ordering: str, prefetch: int, pull: bool = False,
-              ) -> tuple[History, int]:
+              auto_ack: bool = False) -> tuple[History, int]:
     """Declare Q with six partitions; two producers on each node send at once while one
     consumer on n1 takes everything (a subscription, or ``pull``: receives of up to
-    ``prefetch``); its deliveries recorded in a History, and how many of them came
-    redelivered (put back: outside the order check)."""
+    ``prefetch``, acked by the receive itself if ``auto_ack``); its deliveries recorded
+    in a History, and how many of them came redelivered (put back: outside the order
+    check)."""
     async with sim.client("n1") as c:
         await c.declare(Q, replicas=3, partitions=6, ordering=ordering)
     await sim.wait_converged()
@@ -43,7 +44,8 @@ async def run(sim: Simulation, ordering: str, prefetch: int, pull: bool = False,
                                trio.current_time())
         got.append(d.id)
         again.append(d.redelivered)
-        await c.ack(Q, [d])
+        if not auto_ack:
+            await c.ack(Q, [d])
         history.ack_confirmed("c", d.id, trio.current_time())
         if len(set(got)) == total:
             done.set()
@@ -52,7 +54,8 @@ async def run(sim: Simulation, ordering: str, prefetch: int, pull: bool = False,
         async with sim.client("n1") as c:
             if pull:
                 while True:
-                    for d in await c.receive(Q, max=prefetch, wait=5.0):
+                    for d in await c.receive(Q, max=prefetch, wait=5.0,
+                                             auto_ack=auto_ack):
                         await take(c, d)
             async with c.consume(Q, prefetch=prefetch) as sub:
                 async for d in sub:
@@ -88,12 +91,13 @@ async def run(sim: Simulation, ordering: str, prefetch: int, pull: bool = False,
 
 
 @pytest.mark.parametrize("seed", [1, 2, 3])
-@pytest.mark.parametrize(("prefetch", "pull"), [(1, False), (20, False), (1, True),
-                                                (20, True)])
+@pytest.mark.parametrize(("prefetch", "pull", "auto_ack"), [
+    (1, False, False), (20, False, False), (1, True, False), (20, True, False),
+    (20, True, True)])
 def test_one_consumer_gets_a_fifo_queue_in_hlc_order_from_producers_everywhere(
-        seed: int, prefetch: int, pull: bool) -> None:
+        seed: int, prefetch: int, pull: bool, auto_ack: bool) -> None:
     async def script(sim: Simulation) -> None:
-        history, redelivered = await run(sim, "fifo", prefetch, pull)
+        history, redelivered = await run(sim, "fifo", prefetch, pull, auto_ack)
         report = history.check()
         report.assert_ok()
         assert report.confirmed_sends == 6 * PER_PRODUCER
