@@ -459,9 +459,17 @@ class Broker:
                                                       or self._hlc_batch.done):
             ts = self._stamp(now)
         first = next(iter(self.in_flight.values()), None)  # (stamped in order: the oldest)
-        head = q.head_ready() if ready else None
         return closed_timestamp(ts, self._hlc_durable, None if first is None else first.hlc,
-                                None if head is None else head.hlc, pending)
+                                self.ready_floor(q) if ready else None, pending)
+
+    def ready_floor(self, q: Queue) -> int | None:
+        """An HLC at or below every READY message of ``q``, in memory or on disk only
+        (``cold``: all after ``cold_after``); None when none is READY."""
+        head = q.head_ready()
+        low = None if head is None else head.hlc
+        if q.cold and (low is None or q.cold_after[0] < low):
+            low = q.cold_after[0]
+        return low
 
     def _ceiling_committed(self, ceiling: int, error: BaseException | None) -> None:
         if error is None:

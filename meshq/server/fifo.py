@@ -133,8 +133,8 @@ class Fifo:
         if len(chosen) != len(indexes) or not all(q.active for q in chosen):
             raise Moved(f"queue {name!r} moved to another node")
         if after is not None:
-            await _until(lambda: all(_passed(s.broker.closed_of(q, []), q.head_ready(), after)
-                                     for q in chosen))
+            await _until(lambda: all(_passed(s.broker.closed_of(q, []),
+                                             s.broker.ready_floor(q), after) for q in chosen))
         parts = []
         for q, n, below in zip(chosen, most, before, strict=True):
             took = []
@@ -144,9 +144,12 @@ class Fifo:
                 took = await s.broker.receive(s.session, name, k, 0.0,
                                               req.get("visibility_timeout"), [q.index])
             head = q.head_ready()
+            key = None if head is None else [head.hlc, head.id]
+            if q.cold and (head is None or q.cold_after[0] < head.hlc):
+                key = [q.cold_after[0], ""]  # (below what is on disk only: paged in soon)
+                s.broker.backlog.want(q)
             now = s.broker.clock.time()
-            parts.append([s.broker.closed_of(q, [], ready=False),
-                          None if head is None else [head.hlc, head.id],
+            parts.append([s.broker.closed_of(q, [], ready=False), key,
                           [delivery(m, now, s.relayed) for m in took]])
         return {"parts": parts}
 
@@ -353,10 +356,10 @@ class Fifo:
         self._release(f)
 
 
-def _passed(closed: int, head: Message | None, after: int) -> bool:
+def _passed(closed: int, floor: int | None, after: int) -> bool:
     """Whether a partition closed above ``after``, or has a ready message to take at or
-    below it."""
-    return closed > after or (head is not None and head.hlc <= after)
+    below it (``floor``: at or below its ready messages)."""
+    return closed > after or (floor is not None and floor <= after)
 
 
 async def _until(done: Callable[[], bool]) -> None:
