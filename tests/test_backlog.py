@@ -226,3 +226,18 @@ async def test_a_purge_leaves_a_send_staged_before_it_and_committed_after(
     conn = Conn(env)
     conn.consume()
     assert await drain(env, conn, 1) == kept
+
+
+async def test_a_closed_timestamp_stays_below_what_is_on_disk_only(
+        env: Env, autojump_clock: MockClock) -> None:
+    """(meshq.broker.closed) A fifo merge must not pass a partition's READY messages that
+    are in the store only: the closed timestamp stays at or below the first of them."""
+    await filled(env, 30, ordering="fifo")
+    q = part(env)
+    head = q.head_ready()
+    assert q.cold > 0 and head is not None
+    assert env.broker.ready_floor(q) == head.hlc <= q.cold_after[0]
+    q._ready.clear()  # as if those in memory were leased: only the cold ones are READY
+    assert env.broker.ready_floor(q) == q.cold_after[0]
+    assert env.broker.closed_of(q, []) <= q.cold_after[0]
+    assert env.broker.closed_of(q, [], ready=False) > q.cold_after[0]

@@ -3,21 +3,25 @@
 The simulation of whole nodes (tests/test_sim.py, tools/simulate.py) runs partitioned
 queues under faults; these tests show the same end to end: one queue of six partitions
 spread over three nodes, producers on every node and one consumer that gets every
-message exactly once, a partition key keeping its messages' order, consumers on every
-node sharing the queue, and a SIGKILLed node losing no confirmed message.
+message exactly once, a partition key keeping its messages' order, a fifo queue keeping
+HLC order across producers on every node, consumers on every node sharing the queue, and
+a SIGKILLed node losing no confirmed message.
 """
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 from collections import Counter
 
+import pytest
 from test_membership import eventually
 from test_replication import NAMES, consumers_on_every_node, status_of
 
 from meshq.broker.partitions import parse_receipt
 from meshq.client import Client
+from meshq.testing.history import fifo_breaks
 
 P = 6
 
@@ -148,3 +152,41 @@ def test_a_killed_node_loses_no_confirmed_message_of_a_partitioned_queue(cluster
             c.ack(name, batch)
     assert not set(confirmed) - set(got), f"lost: {sorted(set(confirmed) - set(got))[:10]}"
     assert len(confirmed) == len(set(confirmed))
+
+
+@pytest.mark.parametrize("pull", [False, True])
+def test_a_fifo_queue_keeps_hlc_order_across_producers_on_three_nodes(cluster,
+                                                                     pull: bool) -> None:
+    """Six partitions, two on each node, producers on every node at once, one consumer
+    (a subscription, or receives): it gets every message once, in (HLC, node) order
+    cluster-wide (closed timestamps, meshq.server.fifo); tests/test_fifo_sim.py shows a
+    fair queue does not."""
+    name = spread_name("fifo")
+    per_node = 200
+    with cluster["a"].client() as a:
+        a.declare(name, partitions=P, replicas=3, ordering="fifo")
+    errors: list[BaseException] = []
+    producers = [threading.Thread(target=produce, args=(cluster, name, n, per_node, errors))
+                 for n in NAMES]
+    seen: list[tuple[str, tuple[int, str], bool, float]] = []
+    indexes: set[int] = set()
+    with Client(cluster["a"].socket, timeout=60) as c, (
+            contextlib.nullcontext() if pull else c.consume(name, prefetch=30)) as sub:
+        for t in producers:
+            t.start()
+        while len(seen) < per_node * len(NAMES):
+            got = c.receive(name, max=30, wait=30) if sub is None else [sub.get(timeout=30)]
+            assert got and got[0] is not None, f"nothing more after {len(seen)}: {errors}"
+            for d in got:
+                seen.append((d.text(), (d.hlc, d.id.split("-", 1)[1]), d.redelivered,
+                             time.monotonic()))
+                indexes.add(parse_receipt(d.receipt)[2] or 0)
+            c.ack(name, got)
+    for t in producers:
+        t.join(30)
+    assert not errors
+    assert sorted(body for body, _, _, _ in seen) == sorted(
+        f"{n}-{i}" for n in NAMES for i in range(per_node))  # each once
+    assert indexes == set(range(P))  # drawn from every partition
+    assert fifo_breaks("a", seen) == []
+    assert [key for _, key, _, _ in seen] == sorted(key for _, key, _, _ in seen)

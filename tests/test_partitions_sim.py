@@ -201,3 +201,19 @@ def test_consumers_on_every_node_share_the_queue_and_each_key_keeps_its_order(
                 assert ns == sorted(ns), (key, ns)
 
     scenario(script, seed=seed)
+
+
+def test_the_configured_default_partitions_spare_fifo_and_expiring_queues() -> None:
+    """``default_partitions`` (config) applies to fair queues declared without
+    ``partitions``; fifo and ``expires`` queues get one either way (docs/operations.md)."""
+    async def script(sim: Simulation) -> None:
+        for sn in sim.nodes.values():
+            sn.node.cluster.partitions_setting = 4
+        async with sim.client("n1") as c:
+            await c.declare("fair")
+            await c.declare("ordered", ordering="fifo")
+            await c.declare("brief", expires=60)
+        broker = sim.nodes["n1"].node.broker
+        assert [len(broker.queues[n]) for n in ("fair", "ordered", "brief")] == [4, 1, 1]
+
+    scenario(script, seed=8)

@@ -32,6 +32,7 @@ import msgpack
 import trio
 
 from meshq.broker.backlog import Backlog
+from meshq.broker.closed import closed_timestamp
 from meshq.broker.dedup import DedupIndex
 from meshq.broker.partitions import (
     RECEIPT_SEP,
@@ -445,6 +446,30 @@ class Broker:
             self.store.stage((OP_META, ("hlc", ceiling)))
             batch.add_callback(functools.partial(self._ceiling_committed, ceiling))
         return ts
+
+    def closed_of(self, q: Queue, pending: list[int], *, ready: bool = True) -> int:
+        """Partition ``q``'s closed timestamp for a consumer of it whose leases not yet
+        handed over have the HLCs ``pending`` (meshq.broker.closed); not ``ready``: above
+        its ready messages too. It takes a stamp, so it moves on with the clock, and
+        stays under the durable HLC ceiling, renewing it (with one commit under way at
+        most: it is asked for far more often than messages are sent)."""
+        now = self.clock.time()
+        ts = self.hlc.now(int(now * 1000))
+        if ts >= self._hlc_durable - HLC_REFRESH and (self._hlc_batch is None
+                                                      or self._hlc_batch.done):
+            ts = self._stamp(now)
+        first = next(iter(self.in_flight.values()), None)  # (stamped in order: the oldest)
+        return closed_timestamp(ts, self._hlc_durable, None if first is None else first.hlc,
+                                self.ready_floor(q) if ready else None, pending)
+
+    def ready_floor(self, q: Queue) -> int | None:
+        """An HLC at or below every READY message of ``q``, in memory or on disk only
+        (``cold``: all after ``cold_after``); None when none is READY."""
+        head = q.head_ready()
+        low = None if head is None else head.hlc
+        if q.cold and (low is None or q.cold_after[0] < low):
+            low = q.cold_after[0]
+        return low
 
     def _ceiling_committed(self, ceiling: int, error: BaseException | None) -> None:
         if error is None:

@@ -172,6 +172,33 @@ class Queue:
                 return msg
         return None
 
+    def head_ready(self) -> Message | None:
+        """The READY message first in (HLC, node) order, left in the heap."""
+        heap = self._ready
+        while heap:
+            entry = heap[0]
+            if entry[4].token == entry[3] and entry[4].state == State.READY:
+                return entry[4]
+            heapq.heappop(heap)
+        return None
+
+    def ready_below(self, key: tuple[int, str], most: int) -> int:
+        """How many READY messages come before ``key`` (HLC, id), counting at most
+        ``most``, walking the heap in order from its top: O(``most`` log ``most``)."""
+        heap = self._ready
+        count = 0
+        todo = [(heap[0], 0)] if heap else []
+        while todo and count < most:
+            entry, i = heapq.heappop(todo)
+            if (entry[0], entry[4].id) >= key:
+                break
+            if entry[4].token == entry[3] and entry[4].state == State.READY:
+                count += 1
+            for child in (2 * i + 1, 2 * i + 2):
+                if child < len(heap):
+                    heapq.heappush(todo, (heap[child], child))
+        return count
+
     def next_consumer(self) -> Consumer | None:
         """Round-robin: the next consumer with credit, rotated to the back."""
         consumers = self.consumers

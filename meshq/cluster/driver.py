@@ -166,10 +166,10 @@ class Cluster:
         most AUTO_PARTITIONS_MAX) on a cluster, so that a fair queue spreads over every
         node; a fifo queue (its order across partitions costs a closed-timestamp wait)
         or one that expires (used or not, judged by one node) gets one."""
+        if options.ordering == "fifo" or options.expires is not None:
+            return 1  # (whatever the config says: docs/operations.md)
         if self.partitions_setting is not None:
             return self.partitions_setting
-        if options.ordering == "fifo" or options.expires is not None:
-            return 1
         members = len(self.placement.nodes())
         return 1 if members <= 1 else min(2 * members, AUTO_PARTITIONS_MAX)
 

@@ -97,6 +97,18 @@ def _unwait(s: ClientSession, req: dict[str, Any]) -> Result:
     return {}
 
 
+def _closed(s: ClientSession, req: dict[str, Any]) -> Result:
+    """Between nodes: the closed timestamps of a fifo subscription's parts here, once past
+    ``after`` (meshq.server.fifo)."""
+    return s.fifo.closed_op(req)
+
+
+def _fifo_take(s: ClientSession, req: dict[str, Any]) -> Result:
+    """Between nodes (and within one): a fifo receive's share of partitions here
+    (meshq.server.fifo)."""
+    return s.fifo.take_op(req)
+
+
 def _consume(s: ClientSession, req: dict[str, Any]) -> Result:
     tag = _field(req, "tag", None, types=str) if s.relayed else None
     tag = s.broker.consume(s.session, _field(req, "queue"), _field(req, "prefetch", 100),
@@ -161,8 +173,10 @@ QUEUE_OPS = frozenset({"declare", "delete", "purge", "send", "receive", "consume
 # What one node relays to another for a client (meshq/server/relay.py); a relayed
 # connection runs nothing else (not leave, keys or status: the peer port is not the
 # socket). ``_bye``: the client's node says its client is gone (no answer); ``_unwait``:
-# it needs no more from a waiting receive.
-RELAYED_OPS = QUEUE_OPS | {"cancel", "ping", "_bye", "_unwait"}
+# it needs no more from a waiting receive; ``_closed`` and ``_fifo_take``: a fifo
+# subscription's merge, or a fifo receive, asks how far a partition has closed.
+RELAYED_OPS = QUEUE_OPS | {"cancel", "ping", "_bye", "_unwait", "_closed",
+                                  "_fifo_take"}
 
 OPS: dict[str, Handler] = {
     "ping": _ping,
@@ -174,6 +188,8 @@ OPS: dict[str, Handler] = {
     "consume": _consume,
     "cancel": _cancel,
     "_unwait": _unwait,
+    "_closed": _closed,
+    "_fifo_take": _fifo_take,
     "ack": _ack,
     "nack": _nack,
     "extend": _extend,

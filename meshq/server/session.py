@@ -47,6 +47,7 @@ from meshq.errors import (
 )
 from meshq.mesh.wire import PeerProtocolError
 from meshq.model import Message, QueueOptions
+from meshq.server.fifo import Fifo
 from meshq.server.relay import Upstream
 from meshq.server.spread import Spread
 from meshq.server.spread import named as _named
@@ -206,6 +207,7 @@ class ClientSession:
         self.closed = False
         self.graceful = False  # relayed: the client's node said ``bye``
         self.spread = Spread(self)
+        self.fifo = Fifo(self)
         # Relayed receives' stops by wait_id: the event, and how many receives share it.
         self.waits: dict[str, tuple[trio.Event, int]] = {}
 
@@ -505,8 +507,12 @@ class ClientSession:
         now = self.broker.clock.time()
         frame = {"push": "deliver", "consumer": tag,
                  "messages": [delivery(m, now, self.relayed) for m in msgs]}
+        if msgs and self.fifo.ordered(msgs[0].queue):
+            self.fifo.handed_over(tag, msgs, frame)
         if not self.relayed and msgs and len(self.broker.queues.get(msgs[0].queue, ())) > 1:
             self.spread.delivered(frame)  # (receipts by id, for acks by bare id)
+            if self.fifo.take(frame):
+                return  # its merge hands it over in order
         self.out.push(frame)
 
     def stop_of(self, req: dict[str, Any]) -> trio.Event | None:
@@ -587,6 +593,8 @@ class ClientSession:
             if not frame["messages"]:
                 return
         self.spread.delivered(frame)
+        if self.fifo.take(frame):
+            return  # its merge hands it over in order
         self.out.push(frame)  # deliveries: leases granted there, acked by receipt
 
     def _in_time(self, msgs: Any) -> Any:

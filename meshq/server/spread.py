@@ -235,6 +235,29 @@ class Spread:
         others = [(self._turn + i) % len(qs) for i in range(len(qs))]
         parts = ([local] if local else []) + [[i] for i in others if i not in local]
         clock = self.s.broker.clock
+        if self.s.fifo.ordered(name):  # in HLC order over the partitions
+            got, stamps = await self.s.fifo.receive(name, part_req, handler, parts, want,
+                                                    wait)
+        else:
+            got, stamps = await self._take(name, part_req, handler, parts, want, wait)
+        if auto_ack and got:
+            from meshq.server.ops import OPS
+            done = await self._settle("ack", name, {"op": "ack", "queue": name,
+                                                    "ids": [m["receipt"] for m in got]},
+                                      OPS["ack"], qs)
+            acked = set(done["acked"])
+            got = [m for m in got if m.get("id") in acked]  # (a lease ran out meanwhile)
+        else:
+            got = _held(got, stamps, clock.time())
+        self._learn(got)
+        return {"messages": got}
+
+    async def _take(self, name: str, req: dict[str, Any], handler: Handler,
+                    parts: list[list[int]], want: int, wait: float,
+                    ) -> tuple[list[dict[str, Any]], list[float]]:
+        """A receive's deliveries, and when each reached this node: what is there now,
+        here first, then the others in turn; else the first to come anywhere."""
+        clock = self.s.broker.clock
         got: list[dict[str, Any]] = []
         stamps: list[float] = []  # when each reached this node
         refused: list[MeshqError] = []
@@ -243,7 +266,7 @@ class Spread:
             try:
                 with trio.move_on_after(QUICK_TIMEOUT):
                     res = await self._part("receive", name, {
-                        **part_req, "wait": 0, "max": want - len(got)}, handler, indexes,
+                        **req, "wait": 0, "max": want - len(got)}, handler, indexes,
                         retry_for=QUICK_RETRY)
             except (Unavailable, Timeout, Moved) as exc:
                 refused.append(exc)
@@ -259,19 +282,9 @@ class Spread:
         if not got and len(refused) == len(parts):
             raise refused[0]
         if not got and wait:
-            got = await self._wait_all(name, part_req, handler, parts, want)
+            got = await self._wait_all(name, req, handler, parts, want)
             stamps = [clock.time()] * len(got)
-        if auto_ack and got:
-            from meshq.server.ops import OPS
-            done = await self._settle("ack", name, {"op": "ack", "queue": name,
-                                                    "ids": [m["receipt"] for m in got]},
-                                      OPS["ack"], qs)
-            acked = set(done["acked"])
-            got = [m for m in got if m.get("id") in acked]  # (a lease ran out meanwhile)
-        else:
-            got = _held(got, stamps, clock.time())
-        self._learn(got)
-        return {"messages": got}
+        return got, stamps
 
     def _receive_fields(self, req: dict[str, Any]) -> tuple[int, float, bool]:
         """A receive's fields, checked before any partition is asked."""
@@ -360,6 +373,8 @@ class Spread:
         tag = s.new_tag()
         sub = _Sub(tag, name, prefetch, None, homes={})
         s.subs[tag] = sub
+        if s.fifo.ordered(name):
+            s.fifo.follow(tag, name)
         outcomes = await _gather([self._place(sub, q.index) for q in qs])
         if s.subs.get(tag) is not sub:  # cancelled meanwhile (connection closed)
             raise Unavailable("the subscription ended while it was being made")
@@ -467,6 +482,9 @@ class Spread:
         s = self.s
         homes = sub.homes or {}
         self._late = {late for late in self._late if late[0] != sub.tag}
+        held = s.fifo.unfollow(sub.tag)  # (a fifo merge's: back to their partitions)
+        if held and not s.closed:
+            self._spawn(self._put_back, sub.queue, held)
         if None in homes.values():
             try:
                 s.broker.cancel(s.session, sub.tag)

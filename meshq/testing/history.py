@@ -1,5 +1,6 @@
-"""A history checker for SPEC section 4, guarantees 1 to 3, and for the order of each
-`partition_key` (SPEC section 2): record sends, deliveries and acks.
+"""A history checker for SPEC section 4, guarantees 1 to 3; for SPEC section 2's fifo order
+(each consumer's first deliveries of a fifo queue) and the order of each `partition_key`:
+record sends, deliveries and acks.
 
 State here: every recorded client event (with caller-supplied times, and its place in the order
 of recording), the drain's final contents and the intervals when membership was not stable.
@@ -15,8 +16,8 @@ from collections import defaultdict
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-__all__ = ["DoubleLease", "History", "Reorder", "Report", "UnknownSend", "lease_end",
-           "overlaps_any"]
+__all__ = ["DoubleLease", "FifoBreak", "History", "Reorder", "Report", "UnknownSend",
+           "fifo_breaks", "lease_end", "overlaps_any"]
 
 #: The one send failure that means "definitely not written"; any other code is an unknown outcome.
 DEFINITELY_NOT_WRITTEN = "UNAVAILABLE"
@@ -60,6 +61,20 @@ class Reorder:
 
 
 @dataclass(frozen=True)
+class FifoBreak:
+    """`consumer` got `message_id` (HLC order key `key`) as a first delivery of a fifo
+    queue at `at`, after `after_id` (at `after_at`), whose key is higher."""
+
+    consumer: str
+    message_id: str
+    key: tuple[int, str]
+    at: float
+    after_id: str
+    after_key: tuple[int, str]
+    after_at: float
+
+
+@dataclass(frozen=True)
 class Report:
     """What `History.check()` found. `ok` covers guarantees 1-3; the rest is counted, not judged."""
 
@@ -77,10 +92,13 @@ class Report:
     reorders: tuple[Reorder, ...] = ()
     # first deliveries of keyed messages whose order the check compared (it did something)
     keyed_first_deliveries: int = 0
+    fifo_breaks: tuple[FifoBreak, ...] = ()  # first deliveries out of HLC order
+    fifo_breaks_during_instability: tuple[FifoBreak, ...] = ()  # counted, not judged
 
     @property
     def ok(self) -> bool:
-        return not (self.lost or self.resurrected or self.double_leases or self.reorders)
+        return not (self.lost or self.resurrected or self.double_leases or self.reorders
+                    or self.fifo_breaks)
 
     def summary(self) -> str:
         lines = [
@@ -117,6 +135,14 @@ class Report:
                 )
             )
             lines.append(f"REORDERED {len(self.reorders)} first deliveries of a key: {shown}")
+        if self.fifo_breaks_during_instability:
+            lines.append(f"fifo order broken during instability="
+                         f"{len(self.fifo_breaks_during_instability)}")
+        if self.fifo_breaks:
+            shown = ", ".join(f"{b.message_id} after {b.after_id} ({b.consumer})"
+                              for b in self.fifo_breaks[:_SHOWN])
+            lines.append(f"FIFO ORDER broken {len(self.fifo_breaks)} time(s) while membership "
+                         f"was stable: {shown}")
         return "\n".join(lines)
 
     def assert_ok(self) -> None:
@@ -181,6 +207,23 @@ def lease_end(
     return end
 
 
+def fifo_breaks(consumer: str,
+                seen: Iterable[tuple[str, tuple[int, str], bool, float]]) -> list[FifoBreak]:
+    """The first deliveries among ``seen`` ((message id, (HLC, node), redelivered, when),
+    in the order ``consumer`` got them) below an earlier first delivery's key.
+    Redeliveries are outside fifo order (they take their place again when requeued)."""
+    out: list[FifoBreak] = []
+    top: tuple[str, tuple[int, str], float] | None = None
+    for mid, key, redelivered, at in seen:
+        if redelivered:
+            continue
+        if top is not None and key < top[1]:
+            out.append(FifoBreak(consumer, mid, key, at, top[0], top[1], top[2]))
+        elif top is None or key > top[1]:
+            top = (mid, key, at)
+    return out
+
+
 def overlaps_any(start: float, end: float, intervals: Iterable[tuple[float, float]]) -> bool:
     """True if the closed interval [start, end] meets any of the closed `intervals`."""
     return any(s <= end and start <= e for s, e in intervals)
@@ -238,6 +281,8 @@ class History:
         self._final: set[str] | None = None
         self._unstable: list[tuple[float, float]] = []
         self._unknown_acks: set[str] = set()
+        self._fifo: dict[str, list[tuple[str, tuple[int, str], bool, float]]] = (
+            defaultdict(list))
         self._seq = 0  # the next event's place in the order of recording
         self._invoked_at: dict[tuple[str, str], int] = {}  # (its first invocation)
         self._confirmed_at: dict[tuple[str, str], int] = {}
@@ -292,6 +337,15 @@ class History:
             d = _Delivery(consumer, delivery_count, redelivered, lease_deadline, at, self._next())
             self._deliveries[message_id].append(d)
 
+    def fifo_delivered(self, consumer: str, message_id: str, hlc: int, node: str,
+                       redelivered: bool, at: float) -> None:
+        """`consumer` got `message_id` of a fifo queue, stamped `hlc` by `node`, at `at`:
+        calls in the order the consumer got them (record `delivered` too). Fifo order is
+        judged while membership is stable (a failover may break it: docs/architecture.md)
+        and counted otherwise."""
+        with self._lock:
+            self._fifo[consumer].append((message_id, (hlc, node), redelivered, at))
+
     def ack_confirmed(self, consumer: str, message_id: str, at: float) -> None:
         with self._lock:
             self._acks[message_id].append(_AckEvent(consumer, True, at))
@@ -343,6 +397,7 @@ class History:
                 for send, key in self._keys.items()
                 if send in confirmed
             }
+            fifo = {c: list(seen) for c, seen in self._fifo.items()}
 
         acked = {m for m, events in acks.items() if any(a.confirmed for a in events)}
         confirmed_ids = set(confirmed.values())
@@ -356,6 +411,7 @@ class History:
             and failed.get((client, body_key)) != DEFINITELY_NOT_WRITTEN
         )
 
+        breaks = [b for c in sorted(fifo) for b in fifo_breaks(c, fifo[c])]
         stable_doubles: list[DoubleLease] = []
         unstable_doubles: list[DoubleLease] = []
         for message_id in sorted(deliveries):
@@ -378,6 +434,9 @@ class History:
             gone_after_unknown_ack=tuple(sorted(missing & unknown_acks)),
             reorders=tuple(reorders),
             keyed_first_deliveries=first,
+            fifo_breaks=tuple(b for b in breaks if not overlaps_any(b.after_at, b.at, unstable)),
+            fifo_breaks_during_instability=tuple(
+                b for b in breaks if overlaps_any(b.after_at, b.at, unstable)),
         )
 
     def _double_leases(

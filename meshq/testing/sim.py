@@ -190,8 +190,11 @@ class Simulation:
     def __init__(self, seed: int, *, nodes: int = 3, window: float = 12.0,
                  producers: int = 2, consumers: int = 2, faults: bool = True,
                  kinds: tuple[str, ...] = FAULT_KINDS,
-                 send_gap: tuple[float, float] = (0.2, 1.0), fairness: bool = False) -> None:
+                 send_gap: tuple[float, float] = (0.2, 1.0), ordering: str = "fair",
+                 partitions: int | None = None, fairness: bool = False) -> None:
         self.seed = seed
+        # QUEUE's: fifo records each consumer's order in the History (checked)
+        self.ordering, self.partitions = ordering, partitions
         self._clients = 0
         self.rng = random.Random(f"{seed}:sim")
         self.net = SimNet(seed, delay=0.0005, jitter=0.001)
@@ -290,7 +293,8 @@ class Simulation:
 
     async def _setup(self) -> None:
         async with self.client(self._node_for(self.rng)) as c:
-            await c.declare(QUEUE, replicas=3, visibility_timeout=VISIBILITY)
+            await c.declare(QUEUE, replicas=3, visibility_timeout=VISIBILITY,
+                            ordering=self.ordering, partitions=self.partitions)
             await c.declare(DOOMED, replicas=3)
             await c.send_batch(DOOMED, [f"d{i}" for i in range(5)])
 
@@ -360,6 +364,9 @@ class Simulation:
         at = trio.current_time() if d.received_at is None else d.received_at
         deadline = at + VISIBILITY if d.lease_deadline is None else d.lease_deadline
         self.history.delivered(name, d.id, d.delivery_count, d.redelivered, deadline, at)
+        if self.ordering == "fifo":  # (ids are "<hlc>-<node>")
+            self.history.fifo_delivered(name, d.id, d.hlc, d.id.partition("-")[2],
+                                        d.redelivered, at)
         self._holding.setdefault(name, {})[d.id] = None
         self._record("delivered", name, d.id, d.delivery_count)
         acked_at = self._acked.get(d.id)

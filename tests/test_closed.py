@@ -1,0 +1,97 @@
+"""Closed timestamps and the fifo merge (meshq.broker.closed), and the History's fifo
+check (meshq.testing.history.fifo_breaks): pure, table-driven."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from meshq.broker.closed import FifoMerge, closed_timestamp
+from meshq.testing.history import History, fifo_breaks
+
+
+@pytest.mark.parametrize(("stamp", "ceiling", "unconfirmed", "head", "pending", "closed"), [
+    (100, 1000, None, None, (), 101),  # nothing in the way: above the stamp just taken
+    (100, 50, None, None, (), 50),  # never above the durable ceiling (a restart's floor)
+    (100, 1000, 40, None, (), 40),  # a send stamped and not yet committed
+    (100, 1000, None, 30, (), 30),  # a ready message not yet delivered
+    (100, 1000, 40, 30, (60, 20), 20),  # a lease granted, not yet handed over
+    (100, 1000, 400, 300, (), 101),  # (those can only be below a fresh stamp)
+])
+def test_closed_timestamp(stamp: int, ceiling: int, unconfirmed: int | None,
+                          head: int | None, pending: tuple[int, ...], closed: int) -> None:
+    assert closed_timestamp(stamp, ceiling, unconfirmed, head, pending) == closed
+
+
+def test_the_merge_releases_the_lowest_once_every_other_partition_passed_it() -> None:
+    m = FifoMerge(3)
+    m.add(0, (10, "a"), "a10")
+    assert m.release() == []
+    assert m.waits_on() == (10, [1, 2])
+    m.close(1, 11)
+    assert m.waits_on() == (10, [2])
+    m.add(2, (12, "c"), "c12")  # partition 2 holds something behind it: no wait on it
+    assert m.release() == ["a10"]
+    assert m.waits_on() == (12, [0, 1])  # closed[0] is 0: nothing reported yet
+    m.close(0, 12)
+    assert m.release() == []  # 12 is not above 12
+    assert m.waits_on() == (12, [0, 1])
+    m.add(1, (11, "b"), "b11")
+    assert m.release() == ["b11"]
+    m.close(0, 13)
+    m.close(1, 13)
+    assert m.release() == ["c12"]
+    assert m.waits_on() is None
+    m.add(1, (20, "b"), "b20")
+    m.add(1, (21, "b"), "b21")
+    assert m.drain() == ["b20", "b21"]
+    assert m.release() == []
+
+
+def test_the_merge_of_random_streams_is_in_order() -> None:
+    """Partitions deliver their own messages in order, each closing at its next stamp:
+    what the merge releases is every message, in (HLC, node) order."""
+    rng = random.Random(7)
+    streams = [sorted(rng.sample(range(1, 10_000), 200)) for _ in range(4)]
+    m = FifoMerge(4)
+    cursor = [0] * 4
+    out: list[int] = []
+    while any(cursor[i] < len(s) for i, s in enumerate(streams)):
+        i = rng.randrange(4)
+        if cursor[i] < len(streams[i]):
+            ts = streams[i][cursor[i]]
+            cursor[i] += 1
+            m.add(i, (ts, str(i)), ts)
+        nxt = streams[i][cursor[i]] if cursor[i] < len(streams[i]) else 10_000
+        m.close(i, nxt)
+        out += m.release()
+    for i in range(4):
+        m.close(i, 10_001)
+    out += m.release()
+    assert out == sorted(ts for s in streams for ts in s)
+
+
+def test_fifo_breaks_ignore_redeliveries_and_name_what_came_before() -> None:
+    seen = [("m1", (1, "n1"), False, 1.0), ("m3", (3, "n2"), False, 2.0),
+            ("m2", (2, "n1"), True, 3.0), ("m4", (3, "n3"), False, 4.0),
+            ("m0", (0, "n1"), False, 5.0)]
+    breaks = fifo_breaks("c", seen)
+    assert [(b.message_id, b.after_id, b.after_at, b.at) for b in breaks] == [
+        ("m0", "m4", 4.0, 5.0)]
+    h = History()
+    for mid, key, again, at in seen:
+        h.fifo_delivered("c", mid, key[0], key[1], again, at)
+    report = h.check()
+    assert not report.ok
+    assert "FIFO ORDER broken 1" in report.summary()
+    with pytest.raises(AssertionError, match="m0 after m4"):
+        report.assert_ok()
+    h.unstable(4.5, 6.0)  # a failover between the two: counted, not judged
+    report = h.check()
+    assert report.ok and len(report.fifo_breaks_during_instability) == 1
+    assert "fifo order broken during instability=1" in report.summary()
+    fine = History()
+    fine.fifo_delivered("c", "a", 1, "n1", False, 1.0)
+    fine.fifo_delivered("d", "b", 0, "n1", False, 2.0)  # another consumer's is its own
+    assert fine.check().ok
