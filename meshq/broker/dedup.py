@@ -85,6 +85,8 @@ class DedupIndex:
         if entry is not None or self._read is None:
             return entry
         if not self._unloaded:
+            if not self._filters:
+                return None  # (nothing spilled: no key to hash)
             positions = _bits(key)
             if not any(f.has(positions) for f in self._filters):
                 return None
