@@ -8,7 +8,7 @@ first share a backlog among a consumer on every node, fairly); the history check
 asserts no lost confirmed send, no ack or delete undone, no double lease while
 membership was stable, no key's message first delivered to a consumer after a later one.
 A failure prints the command that replays its seed. ``MESHQ_SIM_SEEDS`` sets how many
-(default 600, to keep the suite within CI's budget: it was 1,000 until the suite
+(default 400, to keep the suite within CI's budget: it was 1,000 until the suite
 passed 8 minutes); tools/simulate.py runs more, and heavier ones.
 """
 
@@ -24,7 +24,7 @@ import pytest
 from meshq.testing.sim import replay_command, run_seeds, simulate
 
 ROOT = Path(__file__).resolve().parent.parent
-SEEDS = int(os.environ.get("MESHQ_SIM_SEEDS", "600"))
+SEEDS = int(os.environ.get("MESHQ_SIM_SEEDS", "400"))
 CHUNK = 200  # seeds per test (each well within the suite's per-test time limit)
 CHUNKS = [range(start, min(start + CHUNK, SEEDS + 1)) for start in range(1, SEEDS + 1, CHUNK)]
 
