@@ -37,6 +37,7 @@ log = logging.getLogger("meshq.broker.backlog")
 
 HOT_READY = 2048  # READY messages of a partition kept in memory; newer ones stay on disk
 TOMBS_KEPT = 8192  # tombstones of a partition kept in memory (the rest: in the store)
+RECHECK_TOMBS = 1024  # deletes before a replicated partition is asked again
 REFILL_BELOW = 512  # page in when fewer than this are in memory
 PAGE = 4096  # messages read per page when warming a partition whole
 
@@ -89,8 +90,14 @@ class Backlog:
 
     def trim_tombs(self, q: Queue) -> None:
         """Past ``tombs_kept`` tombstones, a partition held alone keeps the newer half in
-        memory (the store has every one, for ``warm`` to read back)."""
+        memory (the store has every one, for ``warm`` to read back). Called on every
+        delete past that; a replicated partition (which keeps them all) is asked again
+        only every RECHECK_TOMBS deletes, not on each ack."""
+        if q.tombs_recheck > 0:
+            q.tombs_recheck -= 1
+            return
         if not self.pageable(q):
+            q.tombs_recheck = RECHECK_TOMBS
             return
         q.tombs = dict(list(q.tombs.items())[-(self.tombs_kept // 2):])  # (the newest)
         q.tombs_on_disk = True

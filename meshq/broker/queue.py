@@ -111,6 +111,7 @@ class Queue:
         self.cold_gen = 0  # bumped when the cold ones are dropped wholesale
         self.cold_misses = 0  # page reads in a row that found fewer than counted
         self.tombs_on_disk = False  # older tombstones are in the store only
+        self.tombs_recheck = 0  # deletes until trim_tombs asks whether it is held alone
 
     @property
     def part(self) -> tuple[str, int]:
