@@ -713,6 +713,47 @@ async def test_a_partition_taken_over_stamps_above_what_a_clock_too_far_ahead_st
     assert [(await conn.next()).id for _ in range(2)] == [early.id, later]
 
 
+async def test_a_dedup_entry_a_peer_carried_confirms_only_a_message_held_here(
+        env: Env, autojump_clock: MockClock) -> None:
+    """A takeover had begun: the holders refused the old dispatcher's Put (fenced) but
+    merged the dedup entry it carried, so the client's retry through the new dispatcher
+    hits an entry whose message only the old dispatcher holds. Confirming it from the
+    entry would confirm a send no write quorum has (simulation seeds 59 and 111 --heavy):
+    the retry is a new message. An entry whose message is here is replicated again before
+    it confirms, and one whose message was consumed here confirms as it is."""
+    env.broker.hand_over_early = lambda q: False  # as on a replicated partition
+    await env.declare()
+    q = env.broker.queues["q"][0]
+    old = q.epoch
+    env.broker.replica.activate(q, old + 1)  # this node took the partition over
+    expires = env.clock.time() + 60
+
+    def peer_put(body: bytes, dedup_id: str, epoch: int) -> str:
+        hlc = pack(int(env.clock.time() * 1000))
+        msg = Message(0, f"{hlc:016x}-00000002", "q", body, {}, hlc, "00000002",
+                      inc=q.inc, epoch=epoch, vn=1)
+        merged = env.broker.replica.merge([Put(record_of(msg), dedup_id, expires)],
+                                          epochs={q.part: epoch})
+        assert (q.part in merged.fenced) == (epoch < q.promised)
+        return msg.id
+
+    refused = peer_put(b"a", "d1", old)
+    assert refused not in q.messages
+    [mid] = await env.send({"body": b"a", "dedup_id": "d1"})
+    assert mid != refused and env.msg(mid).body == b"a"
+    assert await env.send({"body": b"a", "dedup_id": "d1"}) == [mid]  # its own entry now
+    held = peer_put(b"b", "d2", q.promised)
+    assert await env.send({"body": b"b", "dedup_id": "d2"}) == [held]
+    assert env.counts() == (2, 0, 0)
+    conn = Conn(env)
+    conn.consume()
+    got = [await conn.next() for _ in range(2)]
+    await conn.ack([d.id for d in got])
+    assert sorted(d.id for d in got) == sorted([mid, held])
+    assert await env.send({"body": b"b", "dedup_id": "d2"}) == [held]  # consumed: as it is
+    assert env.counts() == (0, 0, 0)
+
+
 async def test_a_dedup_entry_does_not_keep_its_confirmed_send_alive(
         env: Env, autojump_clock: MockClock) -> None:
     """Every client send carries a dedup id, kept for the dedup window (minutes): once

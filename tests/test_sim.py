@@ -60,8 +60,13 @@ def test_many_seeds_keep_every_guarantee(seeds: range) -> None:
 # dealt out of order after a takeover from a node whose clock ran 2 s ahead (the new
 # dispatcher's HLC, which refused to receive its stamps, stamped below them; since the
 # rebase onto the rebalance work its schedule no longer meets that, and
-# test_broker's test_a_partition_taken_over_stamps_above_... keeps the case).
-HEAVY_REGRESSIONS = [7, 26, 28, 37, 61, 82, 84, 89, 94, 529, 1383, 1447]
+# test_broker's test_a_partition_taken_over_stamps_above_... keeps the case). 59 and 111, a
+# send whose Put the old dispatcher's holders refused (fenced: a takeover had begun),
+# confirmed on its retry by the new dispatcher from the dedup entry the refused Put carried,
+# though only the old dispatcher held the message (and it reached the new one later, after
+# a later send of its key had been dealt): a merged entry now confirms only a message this
+# node holds and has replicated again (test_broker keeps the case).
+HEAVY_REGRESSIONS = [7, 26, 28, 37, 59, 61, 82, 84, 89, 94, 111, 529, 1383, 1447]
 # Seeds beyond MESHQ_SIM_SEEDS that once failed: 1210, a send committed after a joining
 # holder was synced, which it never reached (the primary took that holder for current).
 REGRESSIONS = [1210]
@@ -79,39 +84,6 @@ def test_heavy_seeds_that_once_failed_keep_every_guarantee() -> None:
     failed = [o for o in outcomes if not o.ok]
     assert not failed, "\n\n".join(f"{o.summary}\nreplay: {replay_command(o.seed, True)}"
                                    for o in failed)
-
-
-# Heavy seeds that fail today, each for a known cause. Not strict: any change to the code
-# shifts a seed's schedule, and a seed that stops meeting its cause is no news (when it
-# passes, pytest says XPASS); one that fails for another cause fails the test.
-KNOWN_FAILING_HEAVY = {
-    # A send whose Put the old dispatcher's holders refused (fenced: a takeover had begun)
-    # was confirmed on its retry by the new dispatcher, from the dedup entry the refused Put
-    # carried, though no copy but the old dispatcher's held the message (under the write
-    # quorum); it reached the new dispatcher a second later (hand-back), after a later send
-    # of its key had been dealt. (349, on main at 2528867, too.)
-    59: "a dedup entry of a fenced Put confirms a send that no quorum holds",
-    111: "a dedup entry of a fenced Put confirms a send that no quorum holds",
-}
-# Also seen, on main at 2528867, and no longer met since: 246, a lease taken by a
-# dispatcher whose batches were held for seconds behind one stuck batch (they complete in
-# order) reached its consumer after the partition's next dispatcher had dealt that
-# consumer a later message of the key.
-
-
-class KnownFailure(Exception):
-    pass
-
-
-@pytest.mark.parametrize("seed", [
-    pytest.param(seed, marks=pytest.mark.xfail(raises=KnownFailure, strict=False, reason=why))
-    for seed, why in KNOWN_FAILING_HEAVY.items()])
-def test_heavy_seeds_that_fail_today_fail_only_for_their_known_cause(seed: int) -> None:
-    [o] = run_seeds([seed], jobs=1, heavy=True)
-    # anything but the one reordering is a new failure, not this one
-    assert o.ok or (o.summary.count("\n") == 2 and "REORDERED 1 " in o.summary), o.summary
-    if not o.ok:
-        raise KnownFailure(o.summary)
 
 
 def test_a_seed_replays_exactly() -> None:

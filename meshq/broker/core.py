@@ -33,7 +33,7 @@ import trio
 
 from meshq.broker.backlog import Backlog
 from meshq.broker.closed import closed_timestamp
-from meshq.broker.dedup import DedupIndex
+from meshq.broker.dedup import CONFIRMED, DedupIndex
 from meshq.broker.partitions import (
     RECEIPT_SEP,
     RETRY_DEDUP,
@@ -1087,16 +1087,9 @@ class Broker:
         for at, (body, headers, ttl, delay, dedup_id, _key) in items:
             if dedup_id is not None:
                 hit = self._dedup.get((name, dedup_id), now)
-                if hit is not None and hit[1] > now:
+                if hit is not None and hit[1] > now and self._dedup_hit(q, dedup_id, hit,
+                                                                        waits):
                     ids[at] = hit[0]
-                    if hit[2] is not None and not hit[2].done:
-                        waits.append(hit[2])
-                    elif hit[2] is not None and hit[2].error is not None:
-                        # Its first send was not confirmed (the quorum failed after the
-                        # local commit): replicate it again, and confirm it this time.
-                        again = self._resend(q, hit[0], dedup_id, hit[1])
-                        if again is not None:
-                            waits.append(again)
                     continue
             hlc = self._stamp(now)
             msg = Message(self._next_seq(), f"{hlc:016x}-{self.node_id}", name, body, headers,
@@ -1168,6 +1161,47 @@ class Broker:
         sink (which may run ops of its own) must not see half made."""
         self._soon.append((c, msgs, [m.lease_id for m in msgs]))
         self._soon_ready.set()  # (cheaper than run_sync_soon, which wakes the loop by fd)
+
+    def _dedup_hit(self, q: Queue, dedup_id: str, hit: tuple[str, float, Any],
+                   waits: list[Batch]) -> bool:
+        """A send repeats ``dedup_id`` of an entry not expired: True when it is answered by
+        the entry's message (its batch, if any, goes to ``waits``); False when it must be
+        sent as a new message. An entry only this node's own confirmed send proves that a
+        write quorum has its message. Any other (merged from a peer, whose Put may have
+        been refused everywhere but on its sender; or read back from the store) confirms
+        its message only once this node has replicated it again, which takes the message
+        being here: on a partition of the queue held here, as a message (sent again) or a
+        tombstone (consumed: nothing to confirm). One that is nowhere here is sent anew,
+        and the new entry (later expiry) wins the join everywhere: should the first copy
+        turn up later, the message is there twice (at-least-once), never confirmed and
+        lost with the one node that held it."""
+        mid, expires_at, batch = hit
+        if batch is CONFIRMED:
+            return True
+        if batch is not None:
+            if not batch.done:
+                waits.append(batch)
+            elif batch.error is not None:
+                # Its first send was not confirmed (the quorum failed after the local
+                # commit): replicate it again, and confirm it this time.
+                again = self._resend(q, mid, dedup_id, expires_at)
+                if again is not None:
+                    waits.append(again)
+            return True
+        if self.hand_over_early(q):
+            return True  # (held alone: what this node committed is the write quorum)
+        for p in self.queues.get(q.name, ()):
+            if (p.cold or p.tombs_on_disk) and not self.hand_over_early(p):
+                self.backlog.warm_now(p)  # (tombstones on disk since a restart)
+            if mid in p.messages:
+                if p is q or p.active:
+                    again = self._resend(p, mid, dedup_id, expires_at)
+                    if again is not None:
+                        waits.append(again)
+                return True  # (a partition dispatched elsewhere: its repair spreads it)
+            if mid in p.tombs:
+                return True
+        return False
 
     def _resend(self, q: Queue, mid: str, dedup_id: str, expires_at: float) -> Batch | None:
         msg = q.messages.get(mid)

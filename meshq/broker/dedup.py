@@ -6,7 +6,7 @@ second holds millions of entries through a five-minute window. Memory keeps the 
 store's dedup table, and a Bloom filter in memory says which keys may be there, so that a
 new id (nearly every send) costs no disk read, and a retry of an older one costs one.
 
-State here: ``recent`` (key -> (message id, expires_at, batch or None), oldest first),
+State here: ``recent`` (key -> (message id, expires_at, batch, CONFIRMED or None), oldest first),
 Bloom filters of spilled keys (the newest one open, taking them; it is closed once it
 holds FILTER_KEYS keys or has been open a ``window``, and a closed one is dropped a
 ``window`` after it closed: each key in it expired by then; so their number follows the
@@ -24,7 +24,7 @@ from typing import Any
 
 import mmh3
 
-__all__ = ["BLOOM_BITS", "KEEP", "DedupIndex"]
+__all__ = ["BLOOM_BITS", "CONFIRMED", "KEEP", "DedupIndex"]
 
 KEEP = 8192  # entries kept in memory
 LOAD_PAGE = 20000  # stored keys read into the filter at a time, after a start
@@ -34,7 +34,23 @@ _HASHES = 5
 _MASK = BLOOM_BITS - 1
 
 Key = tuple[str, str]
-Entry = tuple[str, float, Any]  # (message id, expires_at, the batch writing it or None)
+# (message id, expires_at, the batch writing it; CONFIRMED once this node's own send of it
+# was confirmed; None for an entry merged from a peer or read from the store, which proves
+# nothing about where its message is)
+Entry = tuple[str, float, Any]
+
+
+class _Confirmed:
+    """The batch slot of an entry whose send this node confirmed (a done batch, no error)."""
+
+    done = True
+    error = None
+
+    def __repr__(self) -> str:
+        return "CONFIRMED"
+
+
+CONFIRMED = _Confirmed()
 
 
 def _bits(key: Key) -> list[int]:
@@ -104,11 +120,11 @@ class DedupIndex:
             self._spill(self._clock())
 
     def settle(self, key: Key, batch: Any) -> None:
-        """``batch`` committed: the entry no longer needs it (a batch held for the window
-        would keep its ops and messages alive)."""
+        """``batch`` was confirmed: the entry no longer needs it (a batch held for the
+        window would keep its ops and messages alive), only that it was (CONFIRMED)."""
         entry = self.recent.get(key)
         if entry is not None and entry[2] is batch:
-            self.recent[key] = (entry[0], entry[1], None)
+            self.recent[key] = (entry[0], entry[1], CONFIRMED)
 
     def discard(self, key: Key, mid: str) -> None:
         """The entry for ``mid`` was never written."""

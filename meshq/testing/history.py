@@ -256,17 +256,16 @@ class History:
 
     Why a first delivery after m2 is a fault of meshq. Either m2 was leased first: then m1 was
     not ready at the dispatcher that leased m2 although it was committed there or on a write
-    quorum (a takeover reads one) before m2 existed, or was confirmed without one (seen: a
-    retry confirmed by the dedup entry of a Put the holders had refused); or m1's HLC was not
-    below m2's (seen, and fixed: a takeover stamped below what a clock too far ahead had
-    stamped); or an earlier lease of m1 ended uncounted. Or m1 was leased first and reached
-    the consumer after m2 (seen: a former dispatcher handed its lease over late, after the new
-    one had dealt m2). meshq takes a lease back uncounted when it never reached the consumer's
-    node (its consumer went away, or its write quorum failed, before it was durable); with a
-    backlog, m2 can be leased to another consumer in that window, which then gets m1 as a
-    first delivery: the check reports that too, since nothing tells the consumer (no seed has
-    shown it so far). The seeds are in tests/test_sim.py.
-    """
+    quorum (a takeover reads one) before m2 existed, or was confirmed without one (seen, and
+    fixed: a retry confirmed by the dedup entry of a Put the holders had refused); or m1's HLC
+    was not below m2's (seen, and fixed: a takeover stamped below what a clock too far ahead had
+    stamped); or an earlier lease of m1 ended uncounted. Or m1 was leased first and reached the
+    consumer after m2 (seen: a former dispatcher handed its lease over late, after the new one
+    had dealt m2). meshq takes a lease back uncounted when it never reached the consumer's node
+    (its consumer went away, or its write quorum failed, before it was durable); with a backlog,
+    m2 can be leased to another consumer in that window, which then gets m1 as a first delivery:
+    the check reports that too, since nothing tells the consumer (no seed has shown it so far).
+    The seeds are in tests/test_sim.py. """
 
     def __init__(self, *, lease_slack: float = 0.0) -> None:
         if lease_slack < 0:
