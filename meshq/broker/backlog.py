@@ -38,7 +38,10 @@ log = logging.getLogger("meshq.broker.backlog")
 HOT_READY = 2048  # READY messages of a partition kept in memory; newer ones stay on disk
 TOMBS_KEPT = 8192  # tombstones of a partition kept in memory (the rest: in the store)
 RECHECK_TOMBS = 1024  # deletes before a replicated partition is asked again
-REFILL_BELOW = 512  # page in when fewer than this are in memory
+# Page in when fewer than this are in memory: early, so that a consumer draining the
+# partition at full speed never finds it empty while a page is read (a page of ~500 takes
+# 4-20 ms under load; 1,500 messages last 40 ms at 40,000 msg/s).
+REFILL_BELOW = 1536
 PAGE = 4096  # messages read per page when warming a partition whole
 
 

@@ -37,19 +37,38 @@ PIPELINE_DEPTH = 2  # batches handed to the writer and not yet confirmed
 
 _SELECT = ("SELECT seq, id, queue, body, headers, hlc, node, state, delivery_count, ready_at,"
            " expires_at, lease_deadline, idx, inc, lease_id, holder, epoch, vn FROM messages")
+# A partition's READY messages: its queue, index and state go without saying.
+_SELECT_READY = ("SELECT seq, id, body, headers, hlc, node, delivery_count, ready_at,"
+                 " expires_at, lease_deadline, inc, lease_id, holder, epoch, vn FROM messages"
+                 " WHERE state = 0 AND queue = ? AND idx = ?")
 READER_CACHE_KIB = 8192  # the page cache of the connection that pages the backlog in
+
+
+_STATES = tuple(State)  # (indexed by value: State(n) is an enum lookup, 5x slower)
 
 
 def _messages(rows: Iterable[tuple[Any, ...]]) -> list[Message]:
     unpack = msgpack.unpackb
+    states = _STATES
     out = []
     for (seq, mid, queue, body, headers, hlc, node, state, count, ready_at, expires_at,
          lease, idx, inc, lease_id, holder, epoch, vn) in rows:
         out.append(Message(seq, mid, queue, body, unpack(headers) if headers else {}, hlc,
-                           node, State(state), count or 0, ready_at or 0.0, expires_at, lease,
+                           node, states[state], count or 0, ready_at or 0.0, expires_at, lease,
                            idx or 0, inc or 0, lease_id or 0, holder or "", epoch or 0,
                            vn or 0))
     return out
+
+
+def _ready_messages(rows: Iterable[tuple[Any, ...]], queue: str, index: int) -> list[Message]:
+    """``_messages`` of rows read by ``_SELECT_READY`` (the backlog's pages: the hot path)."""
+    unpack = msgpack.unpackb
+    ready = State.READY
+    return [Message(seq, mid, queue, body, unpack(headers) if headers else {}, hlc, node, ready,
+                    count or 0, ready_at or 0.0, expires_at, lease, index, inc or 0,
+                    lease_id or 0, holder or "", epoch or 0, vn or 0)
+            for (seq, mid, body, headers, hlc, node, count, ready_at, expires_at, lease, inc,
+                 lease_id, holder, epoch, vn) in rows]
 
 
 class WriterDied(StoreFatal):
@@ -92,9 +111,9 @@ class SQLiteStore(Store):
                 counts = conn.execute("SELECT queue, idx, COUNT(*) FROM messages"
                                       " WHERE state = 0 GROUP BY queue, idx").fetchall()
                 for queue, idx, count in counts:
-                    head = _messages(conn.execute(
-                        f"{_SELECT} WHERE state = 0 AND queue = ? AND idx = ?"
-                        " ORDER BY hlc, seq LIMIT ?", (queue, idx or 0, hot_ready)))
+                    head = _ready_messages(conn.execute(
+                        f"{_SELECT_READY} ORDER BY hlc, seq LIMIT ?",
+                        (queue, idx or 0, hot_ready)), queue, idx or 0)
                     snap.messages += head
                     if count > len(head):
                         last = head[-1]
@@ -146,9 +165,9 @@ class SQLiteStore(Store):
 
     def read_ready(self, queue: str, index: int, after: tuple[int, int],
                    limit: int) -> list[Message]:
-        return _messages(self._read(
-            f"{_SELECT} WHERE state = 0 AND queue = ? AND idx = ? AND (hlc, seq) > (?, ?)"
-            " ORDER BY hlc, seq LIMIT ?", (queue, index, after[0], after[1], limit)))
+        return _ready_messages(self._read(
+            f"{_SELECT_READY} AND (hlc, seq) > (?, ?) ORDER BY hlc, seq LIMIT ?",
+            (queue, index, after[0], after[1], limit)), queue, index)
 
     async def read_ready_async(self, queue: str, index: int, after: tuple[int, int],
                                limit: int) -> list[Message]:
