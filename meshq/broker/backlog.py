@@ -66,9 +66,10 @@ class Backlog:
         q.cold, q.cold_after = count, after
         q.counts[State.READY] += count
 
-    def stays_cold(self, q: Queue, msg: Message) -> bool:
-        """At the commit of a new message: True when it stays on disk only (counted)."""
-        if msg.state != State.READY or msg.owner is not None or not self.pageable(q):
+    def stays_cold(self, q: Queue, msg: Message, pageable: bool) -> bool:
+        """At the commit of a new message: True when it stays on disk only (counted).
+        ``pageable``: ``self.pageable(q)``, asked once per commit by the caller."""
+        if msg.state != State.READY or msg.owner is not None or not pageable:
             return False
         key = (msg.hlc, msg.seq)
         if q.cold:

@@ -669,6 +669,7 @@ class Broker:
             return
         now = self.clock.time()
         out: dict[Consumer, list[Message]] = {}
+        pageable = self.backlog.pageable(q)
         for msg in msgs:
             c = msg.owner
             if msg.id in q.messages or msg.id in q.tombs:  # a twin (dedup race, a merge)
@@ -686,7 +687,7 @@ class Broker:
                     c.session.leases[msg] = None
                     self._add_timer(msg.lease_deadline, _T_LEASE, msg)  # type: ignore[arg-type]
                     out.setdefault(c, []).append(msg)
-            if not self.backlog.stays_cold(q, msg):
+            if not self.backlog.stays_cold(q, msg, pageable):
                 q.add(msg)
                 if q.active:
                     self._schedule_message(msg)
