@@ -199,6 +199,10 @@ class Broker:
         # Whether this node is the first of a partition's preference list (the cluster
         # layer says; a lone broker is everything's).
         self.preferred_here: Callable[[Queue], bool] = lambda q: True
+        # bumped when the placement changes (what preferred_here says may change with it)
+        self.placement_gen: Callable[[], int] = lambda: 0
+        # queue name -> (its partitions, placement generation, the indexes preferred here)
+        self._preferred: dict[str, tuple[tuple[Queue, ...], int, list[int]]] = {}
         self._soon: list[tuple[Consumer, list[Message], list[int]]] = []
         self._soon_ready = trio.Event()
         self._flushing = False
@@ -961,6 +965,7 @@ class Broker:
             self.queues.pop(q.name, None)
             self.totals.pop(q.name, None)
             self._turn.pop(q.name, None)
+            self._preferred.pop(q.name, None)
         for c in list(q.consumers):
             c.session.forget(c)
             c.credit, c.cancelled = 0, True
@@ -1017,7 +1022,13 @@ class Broker:
             return None
         if not dedup_id.startswith(RETRY_DEDUP):  # the user's: the same from any node
             return key_partition(dedup_id, len(qs))
-        pool = [q.index for q in qs if self.preferred_here(q)] or list(range(len(qs)))
+        gen = self.placement_gen()
+        hit = self._preferred.get(qs[0].name)
+        if hit is not None and hit[0] is qs and hit[1] == gen:
+            pool = hit[2]
+        else:  # (asked per message: P placement lookups each time would cost microseconds)
+            pool = [q.index for q in qs if self.preferred_here(q)] or list(range(len(qs)))
+            self._preferred[qs[0].name] = (qs, gen, pool)
         return pool[key_partition(dedup_id, len(pool))]
 
     def _next_partition(self, qs: tuple[Queue, ...]) -> Queue:

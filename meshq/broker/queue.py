@@ -112,6 +112,9 @@ class Queue:
         self.cold_misses = 0  # page reads in a row that found fewer than counted
         self.tombs_on_disk = False  # older tombstones are in the store only
         self.tombs_recheck = 0  # deletes until trim_tombs asks whether it is held alone
+        # (placement generation, answer): meshq.cluster.driver's cache of whether this
+        # node holds the partition alone (asked per commit and per send)
+        self.alone: tuple[int, bool] = (-1, False)
 
     @property
     def part(self) -> tuple[str, int]:

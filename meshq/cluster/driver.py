@@ -141,6 +141,7 @@ class Cluster:
         broker.dispatch_by_default = False
         broker.hand_over_early = self._held_alone
         broker.preferred_here = lambda q: self.replicas(q).preferred[:1] == (self.me,)
+        broker.placement_gen = lambda: self.placement.epoch
         self._stopping = False  # abandon(): the store is stopping
         self.partitions_setting = default_partitions
         broker.default_partitions = self._default_partitions
@@ -176,8 +177,13 @@ class Cluster:
     def _held_alone(self, q: Queue) -> bool:
         """This node alone holds the partition and confirms its writes: a lease that
         commits with its message can be handed over before the commit (broker.send)."""
+        gen = self.placement.epoch
+        if q.alone[0] == gen:
+            return q.alone[1]
         r = self.replicas(q)
-        return r.write_quorum == 1 and r.holders == (self.me,)
+        alone = r.write_quorum == 1 and r.holders == (self.me,)
+        q.alone = (gen, alone)  # (a queue's options never change: only the placement)
+        return alone
 
     def replicas_of(self, name: str, options: QueueOptions | None = None,
                     index: int = 0) -> Replicas:
