@@ -198,6 +198,32 @@ def test_a_version_1_file_is_migrated(tmp_path: Path) -> None:
     assert snap.meta["schema_version"] == "2" and snap.meta["hlc"] == "77"
 
 
+def test_a_file_with_the_index_over_every_state_gets_the_partial_ones(tmp_path: Path) -> None:
+    """The build before kept one index on (state, queue, idx, hlc, seq): a start replaces
+    it with the two partial ones, and the head of the backlog and the leased messages are
+    read through them."""
+    import sqlite3
+
+    path = tmp_path / "meshq.db"
+    SQLiteStore(path)  # (the schema)
+    conn = sqlite3.connect(path, isolation_level=None)
+    conn.execute("DROP INDEX messages_ready0")
+    conn.execute("DROP INDEX messages_held")
+    conn.execute("CREATE INDEX messages_ready ON messages (state, queue, idx, hlc, seq)")
+    for seq, state in ((1, State.READY), (2, State.LEASED), (3, State.READY)):
+        conn.execute("INSERT INTO messages (seq, id, queue, idx, inc, hlc, node, body, state)"
+                     " VALUES (?, ?, 'q', 0, 1, ?, 'n1', x'00', ?)",
+                     (seq, f"m{seq}", 10 - seq, int(state)))
+    conn.close()
+    snap = SQLiteStore(path).load(hot_ready=1)
+    conn = sqlite3.connect(path)
+    names = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type='index'")}
+    conn.close()
+    assert {"messages_ready0", "messages_held"} <= names and "messages_ready" not in names
+    assert sorted(m.id for m in snap.messages) == ["m2", "m3"]  # leased, and the head
+    assert snap.cold == {("q", 0): (1, (7, 3))}
+
+
 async def test_the_backlog_is_read_from_disk_in_order(store: SQLiteStore) -> None:
     """load(hot_ready) keeps only the head of each partition's READY messages; read_ready
     pages in the rest in (hlc, seq) order; OP_PURGE_READY drops what is past a point."""
