@@ -144,8 +144,8 @@ class DedupIndex:
     def _spill(self, now: float) -> None:
         """Move the oldest entries past ``keep`` to the filter (they are in the store)."""
         recent, keep = self.recent, self.keep
-        into = self._open(now)
-        bits = into.bits
+        into: _Bloom | None = None
+        bits = bytearray()
         for _ in range(len(recent)):  # (each entry looked at once at most)
             if len(recent) <= keep:
                 return
@@ -159,7 +159,7 @@ class DedupIndex:
                     recent[key] = (mid, expires_at, batch)  # (kept: a retry replicates it)
                     continue
             if expires_at > now:
-                if into.count >= FILTER_KEYS:
+                if into is None or into.count >= FILTER_KEYS:
                     into = self._open(now)
                     bits = into.bits
                 for i in _bits(key):  # (_Bloom.add, inline: every send spills one)
