@@ -1,12 +1,14 @@
 """The deterministic simulation of whole nodes (meshq/testing/sim.py), over many seeds.
 
 Every seed runs three nodes (and sometimes a fourth that joins) under one fault at a time
--- kill and restart, pause, isolation, one-way loss, packet loss, duplication, delay,
-clock skew, a graceful leave -- with producers (half their sends keyed) and consumers on
-random nodes, then heals, waits for the replicas to converge and drains (heavy seeds
-first share a backlog among a consumer on every node, fairly); the history checker then
-asserts no lost confirmed send, no ack or delete undone, no double lease while
-membership was stable, no key's message first delivered to a consumer after a later one.
+-- kill and restart (from the store as meshqd loads it: each partition's first HOT_READY
+READY messages, and no tombstones or dedup entries, which are read back lazily), pause,
+isolation, one-way loss, packet loss, duplication, delay, clock skew, a graceful leave --
+with producers (half their sends keyed) and consumers on random nodes, then heals, waits
+for the replicas to converge and drains (heavy seeds first share a backlog among a
+consumer on every node, fairly); the history checker then asserts no lost confirmed
+send, no ack or delete undone, no double lease while membership was stable, no key's
+message first delivered to a consumer after a later one.
 A failure prints the command that replays its seed. ``MESHQ_SIM_SEEDS`` sets how many
 (default 400, to keep the suite within CI's budget: it was 1,000 until the suite
 passed 8 minutes); tools/simulate.py runs more, and heavier ones.

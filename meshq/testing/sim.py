@@ -2,7 +2,10 @@
 
 Each node is what the daemon runs -- assembled by meshq.node.build_node: broker, cluster
 layer, membership, peer links -- on a SimNet endpoint, with a MemoryStore that survives
-its "kill" and a TrioClock that can be skewed or stopped. Clients are the real
+its "kill" and a TrioClock that can be skewed or stopped. A node (re)starts as meshqd
+does, from ``load(HOT_READY)``: each partition's first HOT_READY READY messages and a
+count of the rest, and no tombstones or dedup entries, which the broker reads back from
+the store lazily (meshq.broker.backlog, meshq.broker.dedup). Clients are the real
 AsyncClient, connected over in-memory streams to a Connection on their node. One seed
 decides everything: the fault schedule, every packet's fate, every random choice of the
 nodes and clients, and trio's scheduling order; ``simulate(seed)`` run twice gives the
@@ -37,6 +40,7 @@ from typing import Any
 import trio
 import trio.testing
 
+from meshq.broker.backlog import HOT_READY
 from meshq.broker.replica import message_key
 from meshq.client import AsyncClient
 from meshq.cluster.lattice import catalog_digest
@@ -131,8 +135,10 @@ class SimNode:
         self.transport = self.sim.net.endpoint(self.address)
         settings = NodeSettings(name=self.name, cluster_name="sim", seeds=seeds)
         rng = random.Random(f"{self.sim.seed}:node:{self.name}:{self.starts}")
+        # As meshqd (meshq/daemon.py): only each partition's head of READY messages; the
+        # rest, the tombstones and the dedup entries are read back from the store lazily.
         node = build_node(settings, node_id=self.node_id, store=self.store,
-                          snapshot=self.store.load(), clock=self.clock,
+                          snapshot=self.store.load(HOT_READY), clock=self.clock,
                           transport=self.transport, rng=rng,
                           incarnation=int(trio.current_time() * 1000) + self.starts)
         self.node = node
