@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import trio
+from trio.testing import MockClock
 
 from meshq.errors import Timeout
 from meshq.model import Message
@@ -160,6 +161,36 @@ async def test_batches_commit_in_the_order_they_were_cut() -> None:
         await s.flush()
         nursery.cancel_scope.cancel()
     assert done == sorted(done) and len(done) == MAX_BATCH_REQUESTS + 50
+
+
+async def test_a_memory_store_with_delays_reads_as_of_its_start_and_takes_time(
+        autojump_clock: MockClock) -> None:
+    """The simulation's store: as SQLiteStore's reads in a worker thread, a read takes
+    time, and a commit that lands meanwhile is not in what it returns."""
+    from meshq.store import MemoryStore
+
+    delays = iter([0.001, 0.05, 0.001])  # the first commit, the read, the second commit
+    s = MemoryStore(delays=lambda: next(delays))
+    committed: list[float] = []
+
+    async def commit_meanwhile() -> None:
+        s.stage(delete_op(message(2), 6.0))
+        await s.flush()
+        committed.append(trio.current_time())
+
+    async with trio.open_nursery() as nursery:
+        await nursery.start(s.run)
+        s.stage(delete_op(message(1), 5.0))
+        await s.flush()
+        began = trio.current_time()
+        nursery.start_soon(commit_meanwhile)
+        got = await s.read_tombs_async("q", 0)
+        took = trio.current_time() - began
+        nursery.cancel_scope.cancel()
+    assert committed and committed[0] - began < took  # it landed during the read ...
+    assert got == [(message(1).id, 5.0)]  # ... and is not in it
+    assert took >= 0.05
+    assert s.read_tombs("q", 0) == [(message(1).id, 5.0), (message(2).id, 6.0)]
 
 
 def test_a_version_1_file_is_migrated(tmp_path: Path) -> None:

@@ -1,16 +1,20 @@
 """MemoryStore: the fake Store for deterministic tests. Same contract, nothing on disk.
 
-It applies ops to dicts, so a test can "restart" a broker from ``load()`` and check that
-what was confirmed survived (the simulation keeps a killed node's MemoryStore and
-restarts from it). ``fail_next`` makes the next commit fail, as a full disk would;
-``commit_delay`` (seconds of trio time, from ``delays``) makes commits take time, so that
-a simulated crash can fall between staging and durability.
+It applies ops to dicts, so a test can "restart" a broker from ``load()`` (or, as meshqd
+does, from ``load(hot_ready)``) and check that what was confirmed survived (the simulation
+keeps a killed node's MemoryStore and restarts from it as meshqd does). ``fail_next``
+makes the next commit fail, as a full disk would; ``delays`` (seconds of trio time, drawn
+for each commit and each ``*_async`` read) makes commits take time, so that a simulated
+crash can fall between staging and durability, and reads too, as SQLiteStore's do in a
+worker thread: a read sees the store as it was when it began, and what commits meanwhile
+comes later.
 """
 
 from __future__ import annotations
 
 import copy
 from collections.abc import Callable
+from typing import Any, TypeVar
 
 import msgpack
 import trio
@@ -21,6 +25,8 @@ from meshq.store import _ops as op
 from meshq.store.base import Op, Snapshot, Store, StoreStatistics
 
 __all__ = ["MemoryStore"]
+
+_T = TypeVar("_T")
 
 
 def _message(row: tuple) -> Message:
@@ -101,11 +107,34 @@ class MemoryStore(Store):
                        and (r[5], r[0]) > after), key=lambda r: (r[5], r[0]))
         return [_message(r) for r in rows[:limit]]
 
-    async def _commit(self, ops: list[Op]) -> None:
+    async def _taking_time(self) -> None:
         if self.delays is not None:
             await trio.sleep(self.delays())
         else:
             await trio.lowlevel.checkpoint()
+
+    async def _read(self, read: Callable[..., _T], *args: Any) -> _T:
+        """``read(*args)``, as of now, returned after a delay (a checkpoint without)."""
+        if self.delays is None:
+            await trio.lowlevel.checkpoint()
+            return read(*args)
+        got = read(*args)
+        await trio.sleep(self.delays())
+        return got
+
+    async def read_tombs_async(self, queue: str, index: int) -> list[tuple[str, float]]:
+        return await self._read(self.read_tombs, queue, index)
+
+    async def dedup_keys_async(self, after: int,
+                               limit: int) -> list[tuple[int, str, str, float]]:
+        return await self._read(self.dedup_keys, after, limit)
+
+    async def read_ready_async(self, queue: str, index: int, after: tuple[int, int],
+                               limit: int) -> list[Message]:
+        return await self._read(self.read_ready, queue, index, after, limit)
+
+    async def _commit(self, ops: list[Op]) -> None:
+        await self._taking_time()
         if self.fail_next:
             self.fail_next = False
             raise OSError("simulated disk failure")
