@@ -82,6 +82,53 @@ def test_confirmed_acks_do_not_come_back_after_a_failover() -> None:
     scenario(script, seed=11)
 
 
+def test_a_takeover_reads_a_copy_of_tombstones_left_on_disk_by_a_restart() -> None:
+    """The ack of a message reaches the primary and one follower (the write quorum); the
+    other follower, cut off, still holds the message. The primary dies and the follower
+    that took the ack restarts as meshqd does: its tombstone is in the store only, and it
+    holds nothing else of the partition. The cut-off follower, healed, takes over: it
+    reads that copy of one tombstone before it dispatches, and so holds the acked message
+    as acked from its first moment. (The restarted node answered the promise "no copy",
+    and the acked message was READY on the new dispatcher until a lease of it met the
+    tombstone on a holder, or its first repair did.)"""
+
+    async def script(sim: Simulation) -> None:
+        await declare(sim)
+        async with sim.client("n1") as c:
+            [mid] = await c.send_batch(Q, ["m"])
+        await sim.wait_converged()
+        primary = sim.primary(Q)
+        assert primary is not None
+        live = sim.nodes[primary].node
+        assert live is not None and live.cluster is not None
+        cut, acker = live.cluster.replicas(live.broker.parts[Q, 0]).followers
+        sim.net.partition([sim.nodes[cut].address])
+        async with sim.client(primary) as c:
+            [d] = await c.receive(Q, max=1, wait=5.0)
+            await c.ack(Q, [d])  # confirmed: on the primary and on ``acker``
+        assert d.id == mid
+        sim.nodes[primary].kill()
+        sim.nodes[acker].kill()
+        await trio.sleep(1.0)  # (both down for a second)
+        sim.net.heal()
+        here = sim.nodes[cut].node
+        assert here is not None and here.cluster is not None
+        cluster, q = here.cluster, here.broker.parts[Q, 0]
+        await sim.until(lambda: cluster.replicas(q).primary == cut, 60.0,
+                        f"{cut} sees itself the primary (its takeovers lack a quorum)")
+        assert not q.active and mid in q.messages
+        await sim.nodes[acker].start([sim.nodes[cut].address])
+        restarted = sim.nodes[acker].node
+        assert restarted is not None
+        copy = restarted.broker.parts[Q, 0]
+        assert not copy.messages and not copy.tombs and copy.tombs_on_disk  # (as meshqd)
+        await cluster.until_active(q)  # (woken as its takeover activates the partition)
+        assert q.active
+        assert mid not in q.messages and mid in q.tombs, f"{mid} acked, then READY again"
+
+    scenario(script, seed=14)
+
+
 def test_acks_made_while_a_holder_was_down_stay_acked() -> None:
     async def script(sim: Simulation) -> None:
         await declare(sim)

@@ -133,14 +133,19 @@ class Backlog:
     async def warm(self, q: Queue) -> None:
         """Read every cold message and stored tombstone of ``q`` back into memory
         (another node is to compare or merge this partition)."""
-        if q.tombs_on_disk:
-            self._tombs_came(q, await self.b.store.read_tombs_async(q.name, q.index))
+        await self.warm_tombs(q)
         while q.cold and self.b.live(q):
             gen = q.cold_gen
             msgs = await self.b.store.read_ready_async(q.name, q.index, q.cold_after, PAGE)
             if not self._apply(q, gen, msgs, PAGE):
                 break
         self.b._page_came(q)
+
+    async def warm_tombs(self, q: Queue) -> None:
+        """Read the stored tombstones of ``q`` back into memory, if some may be there only
+        (whether it holds anything: ``Queue.has_copy``)."""
+        if q.tombs_on_disk:
+            self._tombs_came(q, await self.b.store.read_tombs_async(q.name, q.index))
 
     def warm_now(self, q: Queue) -> None:
         """``warm``, blocking: for a merge into a partition that still has cold messages

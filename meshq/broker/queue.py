@@ -121,6 +121,15 @@ class Queue:
         return (self.name, self.index)
 
     @property
+    def has_copy(self) -> bool:
+        """Whether this node holds anything of the partition: messages (in memory or
+        cold) or tombstones, in memory or possibly in the store only (after a restart,
+        until meshq.broker.backlog reads them back). Tombstones alone are a copy: a
+        takeover must read them, a hand-off must push them, or an acked message comes
+        back."""
+        return bool(self.messages or self.tombs or self.cold or self.tombs_on_disk)
+
+    @property
     def dead_lettered(self) -> int:
         return sum(t[0] for t in self.tally.values())
 

@@ -207,6 +207,7 @@ class Replica:
             q.set_state(msg, State.DROPPED)
             q.remove(msg)
         q.tombs.clear()
+        q.tombs_on_disk = False  # (the stored ones go with OP_FORGET too)
         self.b.backlog.drop(q)  # (their rows go with OP_FORGET)
         q.compact()
         self.b.store.stage((OP_FORGET, (q.name, q.index)))

@@ -497,11 +497,9 @@ class Cluster:
                 # Promise only to the node this one's view makes the primary: while views
                 # disagree (a suspicion on one side only), no node steals dispatch from a
                 # primary that the others still reach -- they would take turns forever.
-                return PromiseAnswer(False, q.promised, bool(q.messages or q.tombs or q.cold))
+                return PromiseAnswer(False, q.promised, q.has_copy)
             ok = replica.promise(q, request.epoch)
-            has_copy = bool(q.messages or q.tombs or q.cold)
-            return self._after(self.store.current_batch(),
-                               PromiseAnswer(ok, q.promised, has_copy))
+            return self._promised(q, ok, q.promised, self.store.current_batch())
         if isinstance(request, DigestReq):
             return self._digest(request)
         if isinstance(request, FetchReq):
@@ -515,6 +513,13 @@ class Cluster:
         if isinstance(request, MovesReq):
             return self.moves_here()
         raise ValueError(f"unexpected request {type(request).__name__}")
+
+    async def _promised(self, q: Queue, ok: bool, promised: int, batch: Batch) -> Answer:
+        """The answer to a promise, once ``batch`` (which holds it) is durable. Whether
+        this node holds a copy is exact: tombstones in the store only (after a restart)
+        are read back first, as a takeover reads a copy of tombstones alone."""
+        await self.broker.backlog.warm_tombs(q)
+        return await self._after(batch, PromiseAnswer(ok, promised, q.has_copy))
 
     async def _after(self, batch: Batch, answer: Answer) -> Answer:
         """The answer, once what the request staged is durable here."""
@@ -637,7 +642,7 @@ class Cluster:
         event = self._takeovers.pop(part, None)
         if event is not None:
             event.set()  # waiters route again
-        if (full and (q.messages or q.tombs or q.cold) and self.me not in reps.holders
+        if (full and q.has_copy and self.me not in reps.holders
                 and reps.primary is not None):
             self._spawn(("handoff", part), self._hand_off, q, reps.primary)
 
@@ -653,7 +658,7 @@ class Cluster:
             # Holders that had a copy were read both ways; those with none got nothing,
             # which is all they lack only when there was nothing here either.
             read = set(result.read_from)
-            if q.messages or q.tombs or q.cold:
+            if q.has_copy:
                 read -= set(result.empty)
             self.moves.taken_over(q.part, result.epoch, reps.followers, read, self._now())
             log.info("%s: dispatching %s/%d at epoch %x (promised by %s, read %s)", self.me,
