@@ -641,7 +641,9 @@ class Simulation:
                     f"  {name} {q.name}#{q.index}: primary={reps.primary}"
                     f" holders={','.join(reps.holders)}"
                     f" active={q.active} epoch={q.epoch:x} promised={q.promised:x}"
-                    f" msgs={states} tombs={len(q.tombs)}")
+                    f" msgs={states} tombs={len(q.tombs)}"
+                    f"{' (more may be on disk)' if q.tombs_on_disk else ''}"
+                    f"{f' ready_on_disk={q.cold}' if q.cold else ''}")
             st = node.cluster.statistics()
             lines.append(f"  {name} cluster: {st}")
         return "\n".join(lines)
