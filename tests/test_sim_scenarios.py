@@ -12,6 +12,8 @@ import pytest
 import trio
 
 from meshq.errors import MeshqError, NotFound, Unavailable
+from meshq.mesh.swim import Dead
+from meshq.mesh.wire import encode_packet
 from meshq.testing.sim import Simulation, run_scenario
 
 Q = "jobs"
@@ -273,6 +275,47 @@ def test_failover_costs_latency_not_errors() -> None:
 
     times = scenario(script, seed=16)
     assert times["send"] < 5.0 and times["delivery"] < 5.0, times
+
+
+def test_a_node_that_dispatched_while_the_primary_seemed_dead_hands_it_its_writes() -> None:
+    """The primary's followers hear that it died (a rumour: as a suspicion that outlived
+    the one-way fault that caused it reached them in seed 1820); it never saw itself
+    suspected, so it goes on dispatching at its epoch and still counts its followers
+    current. The next holder takes the partition over for the moment the rumour lasts,
+    and a send is written there; the primary refutes the rumour, and the stand-in steps
+    down. What it wrote reaches the primary at once, not when the primary next compares
+    every copy (FULL_EVERY rounds: it took 45 s), and the primary learns of the later
+    epoch from it and takes over above it."""
+
+    async def script(sim: Simulation) -> None:
+        await declare(sim)
+        await two_rounds(sim)  # (the primary has compared its followers: current)
+        primary = sim.primary(Q)
+        assert primary is not None
+        old = sim.nodes[primary].node
+        assert old is not None and old.cluster is not None and old.membership is not None
+        stand_in, third = old.cluster.replicas(old.broker.parts[Q, 0]).followers
+        rumour = encode_packet([Dead(old.membership.swim.incarnation, primary,
+                                     stand_in).to_wire()])
+        gossip = sim.net.endpoint("10.0.0.99:7946")
+        for node in (stand_in, third):
+            await gossip.send_packet(sim.nodes[node].address, rumour)
+        via, here = sim.nodes[third].node, sim.nodes[stand_in].node
+        assert via is not None and via.cluster is not None and here is not None
+        vq, hq, oq = (n.broker.parts[Q, 0] for n in (via, here, old))
+        await sim.until(lambda: via.cluster.replicas(vq).primary == stand_in, 2.0,
+                        f"{third} believes the rumour")
+        async with sim.client(third) as c:
+            mid = await c.send(Q, "written by the stand-in")
+        assert mid in hq.messages and hq.active and oq.active and hq.epoch > oq.epoch
+        assert mid not in oq.messages
+        await sim.until(lambda: not hq.active, 5.0, f"{stand_in} steps down")
+        await sim.until(lambda: mid in oq.messages and oq.active and oq.epoch > hq.epoch,
+                        5.0, f"{primary} has the send and dispatches above {stand_in}")
+        await sim.wait_converged(10.0)
+        assert await drain(sim, third) == [mid]
+
+    scenario(script, seed=16)
 
 
 def test_a_primary_whose_clock_is_refused_hands_over() -> None:

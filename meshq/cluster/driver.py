@@ -639,6 +639,13 @@ class Cluster:
         if q.active:
             self.broker.replica.deactivate(
                 q, f"queue moved to node {reps.primary}; subscribe again")
+            if self.me in reps.holders:  # (a former holder hands its copy off below)
+                # What it wrote while dispatching goes to the new primary now: that node
+                # may never have stopped dispatching in its own view (it only seemed dead
+                # here), so it holds neither those writes nor the epoch that fences its
+                # own, and takes the holders that took them for current until a full
+                # round.
+                self._spawn(("handback", part), self._hand_back, q)
         event = self._takeovers.pop(part, None)
         if event is not None:
             event.set()  # waiters route again
