@@ -131,6 +131,34 @@ def test_a_takeover_reads_a_copy_of_tombstones_left_on_disk_by_a_restart() -> No
     scenario(script, seed=14)
 
 
+def test_a_restarted_node_that_holds_nothing_of_a_partition_hands_nothing_off() -> None:
+    """Four nodes, three replicas: the fourth holds no copy. Restarted as meshqd starts,
+    it cannot know that without reading the partition's tombstones back (a copy of
+    tombstones alone is handed off); it reads them, finds none, and makes no hand-off (a
+    move, in the rebalance status, of nothing)."""
+
+    async def script(sim: Simulation) -> None:
+        await declare(sim)
+        await two_rounds(sim)  # (the catalog reaches the fourth node)
+        live = sim.nodes["n1"].node
+        assert live is not None and live.cluster is not None
+        [spare] = set(sim.nodes) - set(live.cluster.replicas(live.broker.parts[Q, 0]).holders)
+        sim.nodes[spare].kill()
+        await trio.sleep(1.0)  # (down for a second)
+        await sim.nodes[spare].start([sim.nodes[n].address for n in others(sim, spare)])
+        node = sim.nodes[spare].node
+        assert node is not None and node.cluster is not None
+        q = node.broker.parts[Q, 0]
+        assert q.tombs_on_disk  # (as meshqd starts)
+        await sim.wait_whole()
+        await two_rounds(sim)
+        assert not q.tombs_on_disk and not q.has_copy
+        assert node.cluster.repaired["handed_off"] == 0
+        assert node.cluster.moves_here().moves == ()
+
+    scenario(script, seed=17, nodes=4)
+
+
 def test_acks_made_while_a_holder_was_down_stay_acked() -> None:
     async def script(sim: Simulation) -> None:
         await declare(sim)

@@ -709,6 +709,9 @@ class Cluster:
             self.moves.handing_off(q.part, primary, phase, self._now(), done,
                                    total if phase == "copying" else None)
 
+        await self.broker.backlog.warm_tombs(q)  # (after a restart: there may be none)
+        if not q.has_copy:
+            return  # (nothing to hand off, and nothing to count as a move)
         dropped = False
         try:
             stats = await sync(self.peers, self.broker, q, primary, pull=False,
