@@ -16,6 +16,7 @@ import trio
 from trio.testing import MockClock
 
 from meshq.broker import Broker, Session
+from meshq.broker.backlog import HOT_READY
 from meshq.broker.core import DEDUP_PRUNE_INTERVAL
 from meshq.broker.replica import record_of
 from meshq.cluster.changes import Put
@@ -827,6 +828,28 @@ async def test_a_dead_letter_cycle_loses_nothing(env: Env, autojump_clock: MockC
     [back] = await conn.receive("a")
     assert back.body == b"job" and back.id != mid
     assert back.headers["x-death"]["queue"] == "b"
+
+
+async def test_a_dead_letter_cycle_after_a_restart_takes_a_new_id(
+        env: Env, autojump_clock: MockClock) -> None:
+    """As above, with a restart between the legs that left a's tombstones on disk (meshqd
+    starts from the head of the store): the message's old id may be a tombstone there,
+    which a replica's copy would absorb it into, so it comes back under a new id."""
+    await env.declare("a", dead_letter_queue="b")
+    await env.declare("b", message_ttl=5.0, dead_letter_queue="a")
+    [mid] = await env.send("job", queue="a")
+    conn = Conn(env)
+    [m] = await conn.receive("a")
+    await conn.nack([m.id], queue="a", requeue=False)
+    await env.store.flush()
+    env._scope.cancel()
+    broker = Broker(env.store, env.clock, node_id="n1")
+    broker.restore(env.store.load(HOT_READY))
+    await env.start(broker)
+    assert broker.queues["a"][0].tombs_on_disk and mid not in broker.queues["a"][0].tombs
+    await trio.sleep(6)
+    [back] = await Conn(env).receive("a")
+    assert back.body == b"job" and back.id != mid
 
 
 async def test_an_early_message_requeued_then_lost_to_a_failed_commit_is_gone_for_good(

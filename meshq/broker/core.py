@@ -597,8 +597,10 @@ class Broker:
             headers["x-death"] = death
             hlc = self._stamp(now)
             # It keeps its id, unless it has been in that queue before (a dead-letter cycle:
-            # the id is a tombstone there, which would absorb it) or is a second copy.
-            fresh = i > 0 or msg.id in dlq.tombs or msg.id in dlq.messages
+            # the id is a tombstone there, which would absorb it) or is a second copy; or
+            # may have been (tombstones or messages there on disk only, not looked up).
+            fresh = (i > 0 or msg.id in dlq.tombs or msg.id in dlq.messages
+                     or dlq.tombs_on_disk or dlq.cold > 0)
             moved = Message(self._next_seq(), f"{hlc:016x}-{self.node_id}" if fresh else msg.id,
                             dlq.name, msg.body, headers, hlc, self.node_id, index=dlq.index,
                             inc=dlq.inc, epoch=dlq.epoch, vn=1)
