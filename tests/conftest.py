@@ -5,11 +5,17 @@ from pathlib import Path
 
 import pytest
 import trio
+from hypothesis import settings
 from test_broker import Env
 from test_membership import all_alive, eventually
 
 from meshq.errors import NotFound
 from meshq.testing import DaemonProcess
+
+# Property tests assert what the code does, not how fast: hypothesis's per-example deadline
+# (200 ms) failed test_changes' fuzzed frames once on a machine loaded by other runs.
+settings.register_profile("meshq", deadline=None)
+settings.load_profile("meshq")
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
