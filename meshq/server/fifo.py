@@ -29,6 +29,7 @@ from meshq.broker.closed import FifoMerge, Key
 from meshq.broker.partitions import parse_receipt
 from meshq.broker.replica import Moved
 from meshq.errors import BadRequest, MeshqError, Timeout
+from meshq.server.spread import QUICK_RETRY, QUICK_TIMEOUT, _gather, _held
 
 if TYPE_CHECKING:
     from meshq.model import Message
@@ -86,7 +87,7 @@ class Fifo:
         """Deliveries of consumer ``tag`` go out in ``frame``; relayed, it carries the
         closed timestamps for that consumer of its partitions here ([index, closed]...)."""
         self.handed.setdefault(tag, set()).update(m.id for m in msgs)
-        if self.s.relayed and msgs:
+        if self.s.relayed:
             closed = [[c.queue.index, self.frontier(c.queue.name, tag, c.queue.index)]
                       for c in self.s.session.consumers.get(tag, ())]
             frame["closed"] = [pair for pair in closed if pair[1] is not None]
@@ -145,8 +146,9 @@ class Fifo:
                                               req.get("visibility_timeout"), [q.index])
             head = q.head_ready()
             key = None if head is None else [head.hlc, head.id]
-            if q.cold and (head is None or q.cold_after[0] < head.hlc):
-                key = [q.cold_after[0], ""]  # (below what is on disk only: paged in soon)
+            floor = s.broker.ready_floor(q)
+            if floor is not None and (head is None or floor < head.hlc):
+                key = [floor, ""]  # (below what is on disk only: paged in soon)
                 s.broker.backlog.want(q)
             now = s.broker.clock.time()
             parts.append([s.broker.closed_of(q, [], ready=False), key,
@@ -225,7 +227,6 @@ class Fifo:
         timestamps and heads into it and ``heads``. None if something answered, else the
         first error."""
         from meshq.server.ops import OPS  # (ops imports the session module)
-        from meshq.server.spread import QUICK_RETRY, QUICK_TIMEOUT, _gather
         s = self.s
         qs = s.broker.queues.get(name)
         if qs is None:
@@ -307,15 +308,9 @@ class Fifo:
                     merge.close(j, closed)
         out = merge.release()
         if out:
-            now = s.broker.clock.time()
-            msgs = []
-            for m, at in out:
-                left = m.get("lease_left")
-                if isinstance(left, int | float):
-                    if left - (now - at) <= 0:
-                        continue  # another consumer's by now: it comes again, redelivered
-                    m["lease_left"] = round(left - (now - at), 3)
-                msgs.append(m)
+            # (less the time they waited here; one whose lease ran out meanwhile is
+            # another consumer's by now, and comes again, redelivered)
+            msgs = _held([m for m, _ in out], [at for _, at in out], s.broker.clock.time())
             if msgs:
                 s.out.push({"push": "deliver", "consumer": f.tag, "messages": msgs})
         wait = merge.waits_on()

@@ -139,8 +139,8 @@ class Report:
             lines.append(f"fifo order broken during instability="
                          f"{len(self.fifo_breaks_during_instability)}")
         if self.fifo_breaks:
-            shown = ", ".join(f"{b.message_id} after {b.after_id} ({b.consumer})"
-                              for b in self.fifo_breaks[:_SHOWN])
+            shown = _few(tuple(f"{b.message_id} after {b.after_id} ({b.consumer})"
+                               for b in self.fifo_breaks))
             lines.append(f"FIFO ORDER broken {len(self.fifo_breaks)} time(s) while membership "
                          f"was stable: {shown}")
         return "\n".join(lines)
@@ -411,6 +411,11 @@ class History:
         )
 
         breaks = [b for c in sorted(fifo) for b in fifo_breaks(c, fifo[c])]
+        stable_breaks: list[FifoBreak] = []
+        unstable_breaks: list[FifoBreak] = []
+        for b in breaks:
+            (unstable_breaks if overlaps_any(b.after_at, b.at, unstable)
+             else stable_breaks).append(b)
         stable_doubles: list[DoubleLease] = []
         unstable_doubles: list[DoubleLease] = []
         for message_id in sorted(deliveries):
@@ -433,9 +438,8 @@ class History:
             gone_after_unknown_ack=tuple(sorted(missing & unknown_acks)),
             reorders=tuple(reorders),
             keyed_first_deliveries=first,
-            fifo_breaks=tuple(b for b in breaks if not overlaps_any(b.after_at, b.at, unstable)),
-            fifo_breaks_during_instability=tuple(
-                b for b in breaks if overlaps_any(b.after_at, b.at, unstable)),
+            fifo_breaks=tuple(stable_breaks),
+            fifo_breaks_during_instability=tuple(unstable_breaks),
         )
 
     def _double_leases(
