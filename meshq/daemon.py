@@ -291,7 +291,10 @@ def _run(config: Config, banner: bool) -> int:
     try:
         return trio.run(_main_async, config, banner)
     except* StoreFatal as group:
-        print(f"meshqd: {group.exceptions[0]}; stopping", file=sys.stderr)
+        first: BaseException = group
+        while isinstance(first, BaseExceptionGroup):  # (nurseries nest them)
+            first = first.exceptions[0]
+        print(f"meshqd: {first}; stopping", file=sys.stderr)
     return 1
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import itertools
 import os
 import random
+import signal
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -246,6 +247,21 @@ def test_delivered_unacked_message_comes_back_redelivered(daemon: DaemonProcess)
         again = c.receive(QUEUE, max=100)
     assert sorted(m.id for m in again) == sorted(ids)
     assert [(m.redelivered, m.delivery_count) for m in again] == [(True, 2)] * 20
+
+
+def test_a_killed_writer_stops_meshqd_saying_why(daemon: DaemonProcess) -> None:
+    """Its writer process gone, meshqd can make nothing durable: it exits with status 1
+    and says why (the cause, not the nursery that carried it)."""
+    from meshq.testing.daemon import _children
+
+    with daemon.client(timeout=LIMIT) as c:
+        c.declare(QUEUE)
+        c.send(QUEUE, b"before")
+    [writer] = _children(daemon.pid)
+    os.kill(writer, signal.SIGKILL)
+    assert daemon.proc is not None and daemon.proc.wait(LIMIT) == 1
+    assert ("meshqd: the store's writer process was killed by signal 9; stopping"
+            in daemon.log_tail())
 
 
 SHIFT_CLOCK = """\

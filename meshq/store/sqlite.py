@@ -75,6 +75,16 @@ class WriterDied(StoreFatal):
     """The writer process is gone; nothing more can be made durable."""
 
 
+async def _ended(proc: trio.Process) -> str:
+    """How the writer process ended, once it has (its pipe just closed)."""
+    with trio.move_on_after(1):
+        await proc.wait()
+    code = proc.returncode
+    if code is None:
+        return "closed its pipe"
+    return f"was killed by signal {-code}" if code < 0 else f"exited with status {code}"
+
+
 class SQLiteStore(Store):
     pages = True
 
@@ -258,7 +268,7 @@ class SQLiteStore(Store):
             while not buf or (buf[0] != 0 and b"\n" not in buf):
                 data = await proc.stdout.receive_some(65536)
                 if not data:
-                    raise WriterDied(f"the store's writer process exited ({proc.poll()})")
+                    raise WriterDied(f"the store's writer process {await _ended(proc)}")
                 buf += data
         except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
             raise WriterDied(f"lost the store's writer process: {exc}") from None
