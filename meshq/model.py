@@ -139,3 +139,5 @@ class Message:
     owner: Any = field(default=None, repr=False)
     token: int = field(default=0, repr=False)
     early: bool = field(default=False, repr=False)  # handed over before its put committed
+    # its share counted in its partition's digest sums (0: none; meshq.broker.digests)
+    fp: int = field(default=0, repr=False)

@@ -188,6 +188,9 @@ class Broker:
         self.totals: defaultdict[str, Counter[str]] = defaultdict(Counter)
         # Set by the cluster layer: typed changes then go with each batch (_put, ...).
         self.replicating = False
+        # Tests and the simulation: each digest checks its kept sums against a walk of the
+        # messages (meshq.cluster.repair.digest), which costs what the sums save.
+        self.check_digests = False
         # Without a cluster layer every partition dispatches here; with one, only those
         # it activates (and a new queue's, through ``on_declare``).
         self.dispatch_by_default = True
@@ -528,6 +531,7 @@ class Broker:
             msg.vn += 1
         else:
             msg.epoch, msg.vn = q.epoch, 1
+        q.changed(msg)
         batch = self.store.stage(update_op(msg))
         if self.replicating:
             self._emit(batch, q, Step(q.name, q.index, msg.id, progress_of(msg)))
@@ -981,6 +985,7 @@ class Broker:
                 self._detach(msg)
             q.move(msg, Event.DROP)
         q.messages.clear()
+        q.sums.clear()
         self.backlog.drop(q)  # (the queue's rows go with OP_DROP_QUEUE)
         if not rest:
             self._dedup.drop_queue(q.name)

@@ -4,7 +4,7 @@ State here: every live message of the partition held in memory by id (the READY 
 the first few thousand may be on disk only: ``cold``, meshq.broker.backlog), its
 tombstones, a heap of READY messages in (HLC, node) order, per-state counts, the consumers
 in round-robin order, and its replication state (incarnation, dispatch epoch, promised
-epoch, counters).
+epoch, counters, digest sums of the messages in memory: meshq.broker.digests).
 Never: a heap entry counted as ready unless its token matches the message's token and the
 message is READY (entries go stale instead of being removed, which keeps pushes O(log n)).
 """
@@ -17,6 +17,7 @@ from collections import deque
 from collections.abc import Callable
 from typing import Any
 
+from meshq.broker.digests import Sums
 from meshq.model import Message, QueueOptions
 from meshq.states import Event, State, advance
 
@@ -92,6 +93,7 @@ class Queue:
         self.inc = inc  # the queue's incarnation (meshq.cluster.lattice.CatalogEntry)
         self.index = index
         self.messages: dict[str, Message] = {}
+        self.sums = Sums()  # the digest of ``messages``: add, remove and changed keep it
         self.tombs: dict[str, float] = {}  # deleted message id -> when (insertion order)
         self._ready: list[tuple[int, str, int, int, Message]] = []
         self.counts = [0] * len(State)
@@ -153,6 +155,7 @@ class Queue:
     def add(self, msg: Message) -> None:
         """Index a message in the state it already has (READY, DELAYED or LEASED)."""
         self.messages[msg.id] = msg
+        self.sums.changed(msg)
         self.counts[msg.state] += 1
         if msg.state == State.READY:
             self.push_ready(msg)
@@ -169,7 +172,14 @@ class Queue:
 
     def remove(self, msg: Message) -> None:
         """Forget a message that has reached a terminal state."""
-        self.messages.pop(msg.id, None)
+        gone = self.messages.pop(msg.id, None)
+        if gone is not None:
+            self.sums.removed(gone)
+
+    def changed(self, msg: Message) -> None:
+        """``msg``'s progress moved (its share of the digest is counted again)."""
+        if self.messages.get(msg.id) is msg:
+            self.sums.changed(msg)
 
     def push_ready(self, msg: Message) -> None:
         msg.token += 1

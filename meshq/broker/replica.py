@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 import msgpack
 
+from meshq.broker.digests import message_key
 from meshq.broker.queue import Queue
 from meshq.cluster.changes import (
     Change,
@@ -62,13 +63,6 @@ class Moved(Unavailable):
 def progress_of(m: Message) -> Progress:
     return Progress(int(m.state), m.delivery_count, m.ready_at, m.lease_deadline, m.lease_id,
                     m.epoch, m.vn, m.holder)
-
-
-def message_key(m: Message) -> tuple[Any, ...]:
-    """progress_key(progress_of(m)) without building the Progress."""
-    return (m.epoch, m.vn, m.delivery_count, int(m.state),
-            -1.0 if m.lease_deadline is None else m.lease_deadline, m.ready_at, m.lease_id,
-            m.holder)
 
 
 def record_of(m: Message, headers: bytes | Any | None = ...) -> Record:
@@ -147,7 +141,7 @@ class Replica:
         # refuses it), and a send after it must not come out first (a key's order, fifo).
         self.b.hlc.restore(max((m.hlc for m in q.messages.values()), default=0))
         for msg in q.messages.values():
-            self._schedule_all(msg, now)
+            self._schedule_all(q, msg, now)
         self.b.used(q)  # an expiring queue's unused time counts from its activation here
         self.release_leases(q)
         self.b._dispatch(q, now)
@@ -188,7 +182,7 @@ class Replica:
             self.b._dispatch(q, now)
         return len(gone)
 
-    def _schedule_all(self, msg: Message, now: float) -> None:
+    def _schedule_all(self, q: Queue, msg: Message, now: float) -> None:
         """Its delay and TTL timers, and the deadline of a lease recorded without its
         consumer here (granted by another node or process): it ends then, as any unacked
         lease does."""
@@ -196,6 +190,7 @@ class Replica:
         if msg.state == State.LEASED and msg.owner is None:
             if msg.lease_deadline is None:
                 msg.lease_deadline = now
+                q.changed(msg)
             self.b._add_timer(msg.lease_deadline, 1, msg)  # _T_LEASE
 
     def forget(self, q: Queue) -> None:
@@ -385,7 +380,7 @@ class Replica:
                 pass  # (stamped by a clock too far ahead: activate() stamps above it)
         q.add(msg)
         if q.active:
-            self._schedule_all(msg, now)
+            self._schedule_all(q, msg, now)
             touched[q] = None
         op = put_op(msg)
         self.b.store.stage(op).body_bytes += len(msg.body)
@@ -418,8 +413,9 @@ class Replica:
         q.set_state(msg, State(p.state))
         msg.delivery_count, msg.ready_at, msg.lease_deadline = p.count, p.ready_at, p.deadline
         msg.lease_id, msg.holder, msg.epoch, msg.vn = p.lease, p.holder, p.epoch, p.vn
+        q.changed(msg)
         if q.active:
-            self._schedule_all(msg, now)
+            self._schedule_all(q, msg, now)
             touched[q] = None
         self.b.store.stage(update_op(msg))
         return True

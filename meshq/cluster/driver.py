@@ -54,7 +54,7 @@ from meshq.cluster.lattice import BUCKETS, catalog_digest, part_of
 from meshq.cluster.moves import Moves, PartView, summary
 from meshq.cluster.peers import Peers
 from meshq.cluster.placement import Placement, Replicas
-from meshq.cluster.repair import digest, durable, next_epoch, sync, take_over
+from meshq.cluster.repair import digest, durable, members, next_epoch, sync, take_over
 from meshq.errors import MeshqError, Timeout, Unavailable
 from meshq.mesh.swim import MemberState
 from meshq.model import QueueOptions
@@ -535,12 +535,10 @@ class Cluster:
         q = self.broker.replica.part(req.queue, req.index)
         if q is None or len(req.sums) != BUCKETS:
             return DigestAnswer((), 0)
-        d = await digest(self.broker, q)
-        diff = []
-        for b in range(BUCKETS):
-            if d.sums[b] != req.sums[b]:
-                diff.append((b, tuple((m.id, message_key(m)) for m in d.members[b]
-                                      if q.messages.get(m.id) is m)))
+        sums = await digest(self.broker, q)
+        found = await members(q, (b for b in range(BUCKETS) if sums[b] != req.sums[b]))
+        diff = [(b, tuple((m.id, message_key(m)) for m in msgs if q.messages.get(m.id) is m))
+                for b, msgs in found.items()]
         # The epoch it promised, when another node's: a dispatcher of an earlier epoch
         # learns that it was taken over. Not its own: a takeover of its own that failed
         # (the others saw another primary) must not stop the primary they saw.

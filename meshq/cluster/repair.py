@@ -15,15 +15,16 @@ quorum promised its epoch and a quorum's copies were merged.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import trio
 
 from meshq.broker.core import Broker
+from meshq.broker.digests import message_key, walk
 from meshq.broker.queue import Queue
-from meshq.broker.replica import message_key, progress_of, record_of
+from meshq.broker.replica import progress_of, record_of
 from meshq.cluster.changes import (
     ApplyAnswer,
     ApplyReq,
@@ -40,19 +41,20 @@ from meshq.cluster.changes import (
     Tally,
     Tomb,
 )
-from meshq.cluster.lattice import BUCKETS, bucket_of, fingerprint
+from meshq.cluster.lattice import BUCKETS, bucket_of
 from meshq.cluster.peers import Peers
 from meshq.cluster.placement import Replicas
 from meshq.errors import Unavailable
 from meshq.model import Message
 from meshq.store import Batch
 
-__all__ = ["DIGEST_SLICE", "OnProgress", "SyncStats", "digest", "next_epoch", "sync",
-           "take_over"]
+__all__ = ["DIGEST_SLICE", "OnProgress", "SyncStats", "digest", "members", "next_epoch",
+           "sync", "take_over"]
 
 log = logging.getLogger("meshq.cluster.repair")
 
-DIGEST_SLICE = 2000  # messages digested per event-loop turn: a big queue never stalls it
+DIGEST_SLICE = 2000  # shares counted per event-loop turn: a big queue never stalls it
+MEMBERS_SLICE = 20000  # messages looked at per event-loop turn for a bucket's members
 CHUNK_BYTES = 4 * 1024 * 1024  # bodies per repair request
 # on_progress(phase, done, total): a sync is "comparing" digests, or "copying" records to
 # the other node, ``done`` of ``total`` acknowledged by it (meshq.cluster.moves).
@@ -67,29 +69,42 @@ class SyncStats:
     skipped: int = 0  # ids it holds that are ours and not yet confirmed (left alone)
 
 
-@dataclass
-class Digest:
-    sums: list[int] = field(default_factory=lambda: [0] * BUCKETS)
-    members: list[list[Message]] = field(default_factory=lambda: [[] for _ in range(BUCKETS)])
-
-
 def next_epoch(known: int, node_int: int) -> int:
     """An epoch above ``known``: the next round number, with this node's id as tiebreak."""
     return (((known >> 32) + 1) << 32) | (node_int & 0xFFFFFFFF)
 
 
-async def digest(broker: Broker, q: Queue) -> Digest:
-    """Per bucket of ids, the sum of the fingerprints of the live records; computed a
-    slice at a time so that other tasks run meanwhile."""
-    out = Digest()
-    if q.cold or q.tombs_on_disk:  # (held alone until now: compared, it must be in memory)
+async def digest(broker: Broker, q: Queue) -> list[int]:
+    """Per bucket of ids, the sum of the fingerprints of the partition's live records.
+    The sums are kept as messages change (meshq.broker.digests): this counts the shares
+    of the messages changed since the last digest, a slice at a time so that other tasks
+    run meanwhile, and returns the sums as of its return. A partition with READY messages
+    on disk only reads them back first (held alone until now: compared, it must be in
+    memory)."""
+    if q.cold or q.tombs_on_disk:
         await broker.backlog.warm(q)
+    while not q.sums.settle(DIGEST_SLICE):
+        await trio.lowlevel.checkpoint()
+    if broker.check_digests:
+        expected = walk(q.messages.values())
+        if q.sums.hot != expected:
+            raise AssertionError(f"{q.name}/{q.index}: digest sums drifted from the "
+                                 f"messages in memory: {q.sums.hot} != {expected}")
+    return list(q.sums.hot)
+
+
+async def members(q: Queue, buckets: Iterable[int]) -> dict[int, list[Message]]:
+    """The messages of ``q`` in ``buckets``, as of now (walked a slice at a time: the
+    caller checks each is still there)."""
+    out: dict[int, list[Message]] = {b: [] for b in buckets}
+    if not out:
+        return out
     msgs = list(q.messages.values())
-    for start in range(0, len(msgs), DIGEST_SLICE):
-        for msg in msgs[start:start + DIGEST_SLICE]:
-            b = bucket_of(msg.id)
-            out.members[b].append(msg)
-            out.sums[b] = (out.sums[b] + fingerprint(msg.id, message_key(msg))) % (1 << 64)
+    for start in range(0, len(msgs), MEMBERS_SLICE):
+        for msg in msgs[start:start + MEMBERS_SLICE]:
+            found = out.get(bucket_of(msg.id))
+            if found is not None:
+                found.append(msg)
         await trio.lowlevel.checkpoint()
     return out
 
@@ -133,7 +148,7 @@ async def sync(peers: Peers, broker: Broker, q: Queue, node: str, *,
     progress("comparing", 0, 0)
     mine = await digest(broker, q)
     answer = await peers.call(node, DigestReq(q.name, q.index, _decl(broker, q),
-                                              tuple(mine.sums)))
+                                              tuple(mine)))
     if not isinstance(answer, DigestAnswer):
         raise Unavailable(f"node {node!r} answered a digest with {type(answer).__name__}")
     if answer.promised > q.promised:  # it promised a later dispatcher (another node:
@@ -151,13 +166,13 @@ async def sync(peers: Peers, broker: Broker, q: Queue, node: str, *,
 
     # Both sides were read at different moments and changes went on meanwhile, so what is
     # compared is our state *now*.
-    for b, items in answer.diff:
-        if not 0 <= b < BUCKETS:
-            continue
+    diff = [(b, items) for b, items in answer.diff if 0 <= b < BUCKETS]
+    ours = await members(q, (b for b, _ in diff))
+    for b, items in diff:
         theirs = dict(items)
-        for msg in mine.members[b]:
+        for msg in ours[b]:
             if messages.get(msg.id) is not msg:
-                continue  # deleted since our digest: its tombstone is compared below
+                continue  # deleted meanwhile: its tombstone is compared below
             t = theirs.pop(msg.id, None)
             if t is None:
                 push.append(Put(record_of(msg)))

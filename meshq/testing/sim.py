@@ -141,6 +141,7 @@ class SimNode:
                           snapshot=self.store.load(HOT_READY), clock=self.clock,
                           transport=self.transport, rng=rng,
                           incarnation=int(trio.current_time() * 1000) + self.starts)
+        node.broker.check_digests = True  # (kept digest sums must equal a walk, always)
         self.node = node
         await self.sim.nursery.start(self._run, node)
         self.started.set()
