@@ -30,6 +30,7 @@ random draw outside the seed's generators, or wall-clock time.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import math
 import random
@@ -138,10 +139,13 @@ class SimNode:
         # As meshqd (meshq/daemon.py): only each partition's head of READY messages; the
         # rest, the tombstones and the dedup entries are read back from the store lazily.
         node = build_node(settings, node_id=self.node_id, store=self.store,
-                          snapshot=self.store.load(HOT_READY), clock=self.clock,
+                          snapshot=self.store.load(self.sim.hot_ready), clock=self.clock,
                           transport=self.transport, rng=rng,
                           incarnation=int(trio.current_time() * 1000) + self.starts)
         node.broker.check_digests = True  # (kept digest sums must equal a walk, always)
+        backlog = node.broker.backlog
+        backlog.hot_ready = self.sim.hot_ready
+        backlog.refill_below = min(backlog.refill_below, max(1, self.sim.hot_ready * 3 // 4))
         self.node = node
         await self.sim.nursery.start(self._run, node)
         self.started.set()
@@ -198,8 +202,14 @@ class Simulation:
                  producers: int = 2, consumers: int = 2, faults: bool = True,
                  kinds: tuple[str, ...] = FAULT_KINDS,
                  send_gap: tuple[float, float] = (0.2, 1.0), ordering: str = "fair",
-                 partitions: int | None = None, fairness: bool = False) -> None:
+                 partitions: int | None = None, fairness: bool = False,
+                 hot_ready: int = HOT_READY) -> None:
         self.seed = seed
+        # READY messages a partition held alone keeps in memory (meshq.broker.backlog):
+        # a few instead of 2,048 make partitions that are alone for a while (a node cut
+        # off, the others down) leave their backlog on disk, and read it back when the
+        # other holders return
+        self.hot_ready = hot_ready
         # QUEUE's: fifo records each consumer's order in the History (checked)
         self.ordering, self.partitions = ordering, partitions
         self._clients = 0
@@ -865,9 +875,10 @@ class SeedOutcome:
     faults: tuple[str, ...]
 
 
-def replay_command(seed: int, heavy: bool = False) -> str:
+def replay_command(seed: int, heavy: bool = False, hot_ready: int = HOT_READY) -> str:
     return (f"PYTHONHASHSEED=0 .venv/bin/python tools/simulate.py --seed {seed}"
-            + (" --heavy" if heavy else "") + " -v")
+            + (" --heavy" if heavy else "")
+            + (f" --hot-ready {hot_ready}" if hot_ready != HOT_READY else "") + " -v")
 
 
 HEAVY = {"window": 30.0, "send_gap": (0.02, 0.3), "fairness": True}
@@ -881,7 +892,8 @@ def _stuck(signum: int, frame: Any) -> None:
     raise Stuck("the seed ran past its real-time limit (a livelock in virtual time?)")
 
 
-def run_seed(seed: int, heavy: bool = False, limit: float = 120.0) -> SeedOutcome:
+def run_seed(seed: int, heavy: bool = False, limit: float = 120.0,
+             hot_ready: int = HOT_READY) -> SeedOutcome:
     """One seed, in this process; a seed still running after ``limit`` real seconds fails
     (virtual time stands still while a task spins, so a livelock would never end)."""
     import signal
@@ -890,6 +902,7 @@ def run_seed(seed: int, heavy: bool = False, limit: float = 120.0) -> SeedOutcom
 
     t0 = time.perf_counter()
     kw: dict[str, Any] = dict(HEAVY) if heavy else {}
+    kw["hot_ready"] = hot_ready
     old = signal.signal(signal.SIGALRM, _stuck)
     signal.setitimer(signal.ITIMER_REAL, limit)
     try:
@@ -908,11 +921,8 @@ def run_seed(seed: int, heavy: bool = False, limit: float = 120.0) -> SeedOutcom
         tuple(f.kind for f in r.faults))
 
 
-def _run_heavy(seed: int) -> SeedOutcome:
-    return run_seed(seed, heavy=True)
-
-
 def run_seeds(seeds: list[int], *, jobs: int = 2, heavy: bool = False,
+              hot_ready: int = HOT_READY,
               progress: Callable[[SeedOutcome], None] | None = None) -> list[SeedOutcome]:
     """Run ``seeds`` in ``jobs`` fresh processes with PYTHONHASHSEED=0, so that a failing
     seed replays the same in ``tools/simulate.py --seed N``."""
@@ -925,7 +935,7 @@ def run_seeds(seeds: list[int], *, jobs: int = 2, heavy: bool = False,
         ctx = multiprocessing.get_context("spawn")
         out = []
         with ctx.Pool(max(1, jobs)) as pool:
-            fn = _run_heavy if heavy else run_seed
+            fn = functools.partial(run_seed, heavy=heavy, hot_ready=hot_ready)
             for outcome in pool.imap_unordered(fn, seeds, chunksize=4):
                 out.append(outcome)
                 if progress is not None:
