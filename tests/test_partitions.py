@@ -115,6 +115,35 @@ async def test_one_consumer_gets_every_partition_with_its_prefetch_spread(
         env.broker.consume(conn.session, "q", 5, tag="t", indexes=[0])
 
 
+async def test_flow_sets_a_parts_capacity_and_a_watch_sees_its_partition_run_dry(
+        env: Env, autojump_clock: MockClock) -> None:
+    """Broker.flow (meshq.server.steal): a part's most unsettled leases; 0 pauses it,
+    what it holds stays; a part's watch hears of its partition after each dispatch."""
+    await env.declare(partitions=P)
+    for _ in range(P):
+        await env.send(*[b"m"] * 10)
+    conn = Conn(env)
+    seen: list[tuple[int, int]] = []
+    tag = env.broker.consume(conn.session, "q", 8, indexes=[0, 1], capacity=0,
+                             watch=lambda q: seen.append((q.index, q.ready)))
+    assert env.counts() == (40, 0, 0)  # capacity 0: nothing
+    assert (0, 10) in seen and (1, 10) in seen
+    assert env.broker.flow(conn.session, tag, [0], 6) == [0]
+    got = [await conn.next() for _ in range(6)]
+    assert env.counts() == (34, 6, 0)
+    assert env.broker.flow(conn.session, tag, [0, 1, 3], 0) == [6, 0, 0]  # (none on 3)
+    await conn.ack([d.id for d in got[:2]])
+    assert env.counts() == (34, 4, 0)  # paused: acks give it nothing new
+    assert env.broker.flow(conn.session, tag, [0], 9) == [4]
+    got += [await conn.next() for _ in range(4)]  # the four left in partition 0
+    assert env.counts() == (30, 8, 0)
+    seen.clear()
+    await conn.ack([d.id for d in got[2:]])
+    assert env.counts() == (30, 0, 0) and seen[-1] == (0, 0)  # (nothing ready there)
+    with pytest.raises(BadRequest, match="capacity"):
+        env.broker.flow(conn.session, tag, [0], -1)
+
+
 async def test_a_pull_receive_draws_from_every_partition_up_to_its_max(
         env: Env, autojump_clock: MockClock) -> None:
     await env.declare(partitions=P)

@@ -341,6 +341,7 @@ class Broker:
             elif kind == _T_TTL and msg.state in (State.READY, State.DELAYED):
                 self._dead_letter(q, msg, "expired", now)
                 q.compact()  # its ready-heap entry is stale now
+                touched[q] = None  # (its watchers may see it run dry)
         if now >= self._next_prune:
             self._prune(now)
         if now >= self._next_expiry:
@@ -752,7 +753,14 @@ class Broker:
                 each.credit -= 1
 
     def _dispatch(self, q: Queue, now: float) -> None:
-        """Lease ready messages to consumers with credit, round-robin."""
+        """Lease ready messages to consumers with credit, round-robin; then tell the
+        consumers that watch the partition's ready count (meshq.server.steal)."""
+        self._lease_ready(q, now)
+        for c in q.consumers:
+            if c.watch is not None:
+                c.watch(q)
+
+    def _lease_ready(self, q: Queue, now: float) -> None:
         if not q.consumers or not q.ready or not q.active:
             return
         out: dict[Consumer, list[Message]] = {}
@@ -1006,6 +1014,7 @@ class Broker:
                 msg.body = b""  # (as an ack's)
             q.compact()
             doomed += len(gone)
+            self._dispatch(q, now)  # (nothing to lease: its watchers see it dry)
             if q.cold:  # (held alone: no other copy needs their tombstones in memory)
                 # Not the sends staged and not yet committed (their seqs are above every
                 # committed one's): they were not in the queue when it was purged.
@@ -1315,14 +1324,20 @@ class Broker:
 
     def consume(self, session: Session, name: Any, prefetch: Any,
                 sink: Callable[[Consumer, list[Message]], None] | None = None,
-                tag: str | None = None, indexes: Any = None) -> str:
+                tag: str | None = None, indexes: Any = None, capacity: Any = None,
+                watch: Callable[[Queue], None] | None = None) -> str:
         """Subscribe to the partitions dispatched here (or ``indexes``), one consumer each
         under one tag, ``prefetch`` spread over all the queue's partitions: deliveries are
-        pushed while a partition's consumer has credit."""
+        pushed while a partition's consumer has credit. ``capacity``: each part's most
+        unsettled leases instead of its share of ``prefetch`` (0: none until ``flow``
+        gives it some); ``watch``: each part's ``Consumer.watch``."""
         qs = self.queue(name)
         if (isinstance(prefetch, bool) or not isinstance(prefetch, int)
                 or not 1 <= prefetch <= 65535):
             raise BadRequest("'prefetch' must be an integer from 1 to 65535")
+        if capacity is not None and (isinstance(capacity, bool) or not isinstance(capacity, int)
+                                     or not 0 <= capacity <= 65535):
+            raise BadRequest("'capacity' must be an integer from 0 to 65535")
         chosen = self._chosen(qs, indexes)
         credits = spread(prefetch, len(qs))
         tag = tag or f"{self.tag_prefix}c{next(_consumer_tags)}"  # unique in the cluster
@@ -1332,13 +1347,43 @@ class Broker:
         deliver = sink or (lambda c, msgs: c.session.push(c.tag, msgs))
         now = self.clock.time()
         for q in chosen:
-            c = Consumer(q, session, credits[q.index], replenish=True, sink=deliver)
+            c = Consumer(q, session, credits[q.index] if capacity is None else capacity,
+                         replenish=True, sink=deliver)
             c.tag = tag
+            c.watch = watch
             session.add(c)
             q.consumers.append(c)
             self.used(q)
             self._dispatch(q, now)
         return tag
+
+    def flow(self, session: Session, tag: Any, indexes: Any, capacity: Any) -> list[int]:
+        """Set the most unsettled leases of subscription ``tag``'s part on each partition
+        of ``indexes`` (dispatched here) to ``capacity``: what it holds stays, and it is
+        given more only below its new capacity (0 pauses it). Returns what each part
+        holds now (leased, acks not yet in), in the order of ``indexes``; a partition it
+        has no part on here holds 0."""
+        cs = session.consumers.get(tag) if isinstance(tag, str) else None
+        if cs is None:
+            raise NotFound(f"no consumer {tag!r} on this connection")
+        if (not isinstance(indexes, list) or not all(type(i) is int for i in indexes)
+                or isinstance(capacity, bool) or not isinstance(capacity, int)
+                or not 0 <= capacity <= 65535):
+            raise BadRequest("'partitions' must be a list of partition indexes and "
+                             "'capacity' an integer from 0 to 65535")
+        by_index = {c.queue.index: c for c in cs if c.replenish}
+        held = []
+        now = self.clock.time()
+        for i in indexes:
+            c = by_index.get(i)
+            if c is None:
+                held.append(0)
+                continue
+            held.append(c.capacity - c.credit)
+            c.credit += capacity - c.capacity
+            c.capacity = capacity
+            self._dispatch(c.queue, now)
+        return held
 
     def cancel(self, session: Session, tag: Any) -> None:
         """Stop a subscription; its leases stay until acked, nacked or disconnected."""

@@ -64,8 +64,8 @@ class Session:
 class Consumer:
     """A subscription (prefetch credit, refilled by acks) or a one-shot pull receive."""
 
-    __slots__ = ("cancelled", "credit", "moved", "pending", "queue", "replenish", "session",
-                 "siblings", "sink", "tag", "visibility_timeout")
+    __slots__ = ("cancelled", "capacity", "credit", "moved", "pending", "queue", "replenish",
+                 "session", "siblings", "sink", "tag", "visibility_timeout", "watch")
 
     def __init__(self, queue: Queue, session: Session, credit: int, *, replenish: bool,
                  sink: Callable[[Consumer, list[Message]], None],
@@ -74,6 +74,12 @@ class Consumer:
         self.queue = queue
         self.session = session
         self.credit = credit
+        # A subscription's most unsettled leases here (its credit plus what it holds);
+        # Broker.flow changes it (meshq.server.steal).
+        self.capacity = credit
+        # Called with the partition after each dispatch to it, to look at its ready count
+        # (meshq.server.steal); it must not call the broker.
+        self.watch: Callable[[Queue], None] | None = None
         self.pending = 0  # leased, lease not yet durable, so not yet handed over
         self.cancelled = False  # a subscription ended by cancel or disconnect
         self.moved = False  # ended because the partition is dispatched elsewhere now

@@ -111,9 +111,17 @@ def _fifo_take(s: ClientSession, req: dict[str, Any]) -> Result:
 
 def _consume(s: ClientSession, req: dict[str, Any]) -> Result:
     tag = _field(req, "tag", None, types=str) if s.relayed else None
+    capacity = _field(req, "capacity", None) if s.relayed else None
     tag = s.broker.consume(s.session, _field(req, "queue"), _field(req, "prefetch", 100),
-                           tag=tag or s.new_tag(), indexes=_field(req, "partitions", None))
+                           tag=tag or s.new_tag(), indexes=_field(req, "partitions", None),
+                           capacity=capacity)
     return {"consumer": tag}
+
+
+def _flow(s: ClientSession, req: dict[str, Any]) -> Result:
+    """A subscription's parts here get a new capacity (meshq.server.steal)."""
+    return {"held": s.broker.flow(s.session, _field(req, "consumer"),
+                                  _field(req, "partitions"), _field(req, "capacity"))}
 
 
 def _cancel(s: ClientSession, req: dict[str, Any]) -> Result:
@@ -174,9 +182,10 @@ QUEUE_OPS = frozenset({"declare", "delete", "purge", "send", "receive", "consume
 # connection runs nothing else (not leave, keys or status: the peer port is not the
 # socket). ``_bye``: the client's node says its client is gone (no answer); ``_unwait``:
 # it needs no more from a waiting receive; ``_closed`` and ``_fifo_take``: a fifo
-# subscription's merge, or a fifo receive, asks how far a partition has closed.
+# subscription's merge, or a fifo receive, asks how far a partition has closed;
+# ``_flow``: a subscription's parts here pause or take again (meshq.server.steal).
 RELAYED_OPS = QUEUE_OPS | {"cancel", "ping", "_bye", "_unwait", "_closed",
-                                  "_fifo_take"}
+                                  "_fifo_take", "_flow"}
 
 OPS: dict[str, Handler] = {
     "ping": _ping,
@@ -190,6 +199,7 @@ OPS: dict[str, Handler] = {
     "_unwait": _unwait,
     "_closed": _closed,
     "_fifo_take": _fifo_take,
+    "_flow": _flow,
     "ack": _ack,
     "nack": _nack,
     "extend": _extend,
