@@ -217,3 +217,111 @@ def test_the_configured_default_partitions_spare_fifo_and_expiring_queues() -> N
         assert [len(broker.queues[n]) for n in ("fair", "ordered", "brief")] == [4, 1, 1]
 
     scenario(script, seed=8)
+
+
+def leased(sim: Simulation) -> int:
+    """Messages of Q leased, on the partitions' primaries."""
+    return sum(q.leased for sn in sim.nodes.values() for q in sn.node.broker.queues[Q]
+               if q.active)
+
+
+def parts_elsewhere(sim: Simulation, node: str) -> list:
+    """The subscription parts of clients of ``node`` on the other nodes' partitions."""
+    return [c for name, sn in sim.nodes.items() if name != node
+            for q in sn.node.broker.queues[Q] if q.active for c in q.consumers]
+
+
+def test_a_consumer_is_fed_from_its_own_nodes_partitions_first_then_from_the_others(
+        ) -> None:
+    """Local first (meshq.server.steal): with every partition holding messages, a
+    subscriber on n1 gets the messages of the partitions n1 dispatches while they have
+    any (no delivery, no ack crosses to another node), its whole prefetch from them,
+    then the others' too; at no time more than its prefetch."""
+    async def script(sim: Simulation) -> None:
+        here, elsewhere = await six(sim)
+        assert len(here) == 2
+        async with sim.client("n2") as p:
+            for i in range(6):
+                await p.request("send", queue=Q, partition=i, messages=[
+                    {"body": f"{i}:{k}".encode()} for k in range(20)])
+        seen: list[int] = []
+        async with sim.client("n1") as c, c.consume(Q, prefetch=12) as sub:
+            while len(seen) < 120:
+                held: list = []
+                while True:  # what it is given, until nothing more comes for a while
+                    with trio.move_on_after(1.0):
+                        held.append(await sub.__anext__())
+                        continue
+                    break
+                assert held, seen
+                assert len(held) == leased(sim) <= 12  # (nothing more leased to it)
+                if len(seen) + 12 <= 40:  # its whole prefetch from the two partitions here
+                    assert len(held) == 12
+                seen += [parse_receipt(d.receipt)[2] or 0 for d in held]
+                await c.ack(Q, held)
+            assert set(seen[:40]) == set(here)  # first its own node's 40
+            assert sorted(seen[40:]) == sorted(elsewhere * 20)
+            # Messages on a partition here again, not acked: it takes them first again,
+            # and its parts elsewhere take nothing more (paused).
+            async with sim.client("n3") as p:
+                await p.request("send", queue=Q, partition=here[0], messages=[
+                    {"body": b"again"}] * 30)
+            await sim.until(lambda: all(c.capacity == 0 for c in parts_elsewhere(sim, "n1")),
+                            10, "its parts elsewhere paused")
+            got = [await sub.__anext__() for _ in range(11)]  # (one for here[1], empty)
+            assert {parse_receipt(d.receipt)[2] for d in got} == {here[0]}
+            assert leased(sim) == 11
+            await c.ack(Q, got)
+
+    scenario(script, seed=8)
+
+
+def test_a_consumer_on_a_node_that_dispatches_no_partition_gets_every_message() -> None:
+    """Local first has nothing local there: its parts take from every partition."""
+    async def script(sim: Simulation) -> None:
+        async with sim.client("n1") as c:
+            await c.declare(Q, replicas=3, partitions=2)
+        await sim.wait_converged()
+        idle = [name for name, sn in sim.nodes.items()
+                if not any(q.active for q in sn.node.broker.queues[Q])]
+        assert idle
+        async with sim.client(idle[0]) as c, c.consume(Q, prefetch=4) as sub:
+            async with sim.client("n2") as p:
+                ids = []
+                for i in range(2):
+                    r = await p.request("send", queue=Q, partition=i, messages=[
+                        {"body": b"m"}] * 10)
+                    ids += r["ids"]
+            got = []
+            while len(got) < len(ids):
+                d = await sub.__anext__()
+                got.append(d)
+                await c.ack(Q, [d])
+            assert sorted(d.id for d in got) == sorted(ids)
+
+    scenario(script, seed=9)
+
+
+def test_a_stalled_consumer_holds_back_nobody_and_none_of_its_nodes_messages() -> None:
+    """Local first does not tie a partition to its node's consumer: one on n1 that takes
+    its prefetch and never acks; one on n2, whose own partitions are empty, takes the
+    rest of n1's partitions' messages."""
+    async def script(sim: Simulation) -> None:
+        here, _ = await six(sim)
+        async with sim.client("n3") as p:
+            ids = []
+            for i in here:
+                r = await p.request("send", queue=Q, partition=i, messages=[
+                    {"body": b"m"}] * 30)
+                ids += r["ids"]
+        async with sim.client("n1") as c1, c1.consume(Q, prefetch=12) as stalled:
+            held = [await stalled.__anext__() for _ in range(12)]
+            async with sim.client("n2") as c2, c2.consume(Q, prefetch=12) as sub:
+                got = []
+                while len(got) < len(ids) - len(held):
+                    d = await sub.__anext__()
+                    got.append(d)
+                    await c2.ack(Q, [d])
+            assert sorted(d.id for d in held + got) == sorted(ids)
+
+    scenario(script, seed=10)

@@ -51,6 +51,7 @@ from meshq.server.fifo import Fifo
 from meshq.server.relay import Upstream
 from meshq.server.spread import Spread
 from meshq.server.spread import named as _named
+from meshq.server.steal import Steal
 
 if TYPE_CHECKING:
     from meshq.node import Node
@@ -111,6 +112,7 @@ class _Sub:
     prefetch: int
     home: str | None
     homes: dict[int, str | None] | None = None
+    steal: Steal | None = None  # local first (meshq.server.steal), on such a queue
 
 
 def in_time(msgs: Any, now: float, max_offset: float) -> list[Any]:

@@ -7,7 +7,8 @@ partition: its messages' key's (``partition_key``, else ``dedup_id``:
 meshq.broker.partitions), else one this node dispatches, in turn, else the next in turn; a
 send whose messages belong to several partitions is split, and its outcome is unknown
 when some parts were written and others not. A subscription has a part on every partition
-(its prefetch spread over them), each placed, and placed again when its partition moves,
+(its prefetch spread over them, or moved to the partitions here while they have ready
+messages: meshq.server.steal), each placed, and placed again when its partition moves,
 on its own; the client sees one consumer tag. A receive takes from the partitions here
 first, then from the others in turn; when it must wait, it waits on all of them at once,
 and what reaches a second partition's wait after the first one answered is put back
@@ -34,6 +35,7 @@ from meshq.broker import Moved
 from meshq.broker.partitions import parse_receipt
 from meshq.cluster.router import AwaitTakeover, Local, Relay
 from meshq.errors import BadRequest, MeshqError, NotFound, Timeout, Unavailable
+from meshq.server.steal import LocalFirst, Steal
 
 if TYPE_CHECKING:
     from meshq.broker.queue import Queue
@@ -76,6 +78,7 @@ class Spread:
         self._receipts: OrderedDict[str, str] = OrderedDict()
         # Parts of subscriptions that ended on a node while being placed there.
         self._late: set[tuple[str, int, str]] = set()
+        self.local = LocalFirst(session, self._spawn)
 
     # -- entry -----------------------------------------------------------------------------
     def handle(self, rid: Any, op: str, name: str, req: dict[str, Any],
@@ -375,6 +378,9 @@ class Spread:
         s.subs[tag] = sub
         if s.fifo.ordered(name):
             s.fifo.follow(tag, name)
+        elif prefetch >= len(qs):  # local first (meshq.server.steal)
+            sub.steal = Steal(prefetch, len(qs),
+                              busy=frozenset(q.index for q in qs if q.active and q.ready))
         outcomes = await _gather([self._place(sub, q.index) for q in qs])
         if s.subs.get(tag) is not sub:  # cancelled meanwhile (connection closed)
             raise Unavailable("the subscription ended while it was being made")
@@ -387,6 +393,8 @@ class Spread:
         for q, outcome in zip(qs, outcomes, strict=True):
             if isinstance(outcome, MeshqError):  # placed again, in the background
                 self._again(sub, q.index)
+        self.local.flow(sub)
+        self.local.check_soon(sub)
         return {"consumer": tag}
 
     async def _place(self, sub: _Sub, index: int) -> None:
@@ -395,8 +403,8 @@ class Spread:
         s = self.s
         cluster = s.cluster
         assert cluster is not None and sub.homes is not None
-        req = {"op": "consume", "queue": sub.queue, "prefetch": sub.prefetch,
-               "tag": sub.tag, "partitions": [index]}
+        req: dict[str, Any] = {"op": "consume", "queue": sub.queue, "prefetch": sub.prefetch,
+                               "tag": sub.tag, "partitions": [index]}
         while True:
             r = s._route("consume", sub.queue, req)
             if isinstance(r, AwaitTakeover):
@@ -409,12 +417,19 @@ class Spread:
                     raise Unavailable(f"partition {index} of queue {sub.queue!r} is still "
                                       "being taken over")
             if isinstance(r, Local):
+                steal = sub.steal
+                if steal is not None:
+                    steal.gone(index)
                 s.broker.consume(s.session, sub.queue, sub.prefetch, tag=sub.tag,
-                                 indexes=[index])
+                                 indexes=[index], capacity=self.local.capacity(sub, index),
+                                 watch=None if steal is None else self.local.watcher(sub))
                 sub.homes[index] = None
                 return
             if isinstance(r, Relay):
                 self._late.discard((sub.tag, index, r.node))
+                capacity = self.local.capacity(sub, index)
+                if capacity is not None:
+                    req["capacity"] = capacity
                 await s._call_remote(r.node, "consume", req, register=False)
                 if s.subs.get(sub.tag) is not sub:  # cancelled meanwhile: undo
                     s._request_quietly(r.node, {"op": "cancel", "consumer": sub.tag})
@@ -423,12 +438,16 @@ class Spread:
                     self._late.discard((sub.tag, index, r.node))
                     continue
                 sub.homes[index] = r.node
+                if sub.steal is not None and capacity is not None:
+                    sub.steal.placed(index, capacity)
                 return
             raise Unavailable(r.reason)
 
     def _again(self, sub: _Sub, index: int) -> None:
         assert sub.homes is not None
         sub.homes[index] = ""
+        if sub.steal is not None:
+            sub.steal.gone(index)
         self._spawn(self._replace, sub, index)
 
     async def _replace(self, sub: _Sub, index: int) -> None:
@@ -440,6 +459,8 @@ class Spread:
         while s.subs.get(sub.tag) is sub and not s.closed:
             try:
                 await self._place(sub, index)
+                self.local.flow(sub)  # (the partitions here may be others now)
+                self.local.check_soon(sub)
                 return
             except NotFound as exc:
                 self.ended(sub, index, "", exc.message, True)
@@ -554,6 +575,7 @@ class Spread:
         if op != "extend":
             for mid in done:
                 self._receipts.pop(mid, None)
+            self.local.settled(name, parts, outcomes, key)
         return {key: done, "failed": failed}
 
     # -- counts ------------------------------------------------------------------------------
