@@ -77,3 +77,19 @@ def test_a_part_given_capacity_again_may_hold_that_much() -> None:
     assert steal.holds() == {3: 20}
     steal.gone(3)  # placed again: nothing counted there
     assert steal.holds() == {}
+
+
+def test_a_part_whose_node_takes_no_capacity_counts_its_share_and_is_asked_no_more() -> None:
+    """An older node gives a part its share whatever it is asked (its consume answer does
+    not echo the capacity, its _flow is refused): counted at that, until placed again."""
+    steal = Steal(100, 6)
+    steal.placed(5, None)
+    assert steal.holds() == {5: 16} and steal.refused == {5}
+    steal.placed(4, 0)
+    steal.asking(4, 0)
+    steal.refuse(4)  # its _flow was refused
+    assert steal.holds() == {4: 16, 5: 16} and steal.refused == {4, 5}
+    assert capacities(100, 6, [0, 1], [0, 1], {}, steal.holds()) == {
+        0: 34, 1: 34, 2: 0, 3: 0, 4: 0, 5: 0}
+    steal.gone(5)
+    assert steal.refused == {4}

@@ -115,7 +115,7 @@ def _consume(s: ClientSession, req: dict[str, Any]) -> Result:
     tag = s.broker.consume(s.session, _field(req, "queue"), _field(req, "prefetch", 100),
                            tag=tag or s.new_tag(), indexes=_field(req, "partitions", None),
                            capacity=capacity)
-    return {"consumer": tag}
+    return {"consumer": tag} if capacity is None else {"consumer": tag, "capacity": capacity}
 
 
 def _flow(s: ClientSession, req: dict[str, Any]) -> Result:

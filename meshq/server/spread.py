@@ -430,7 +430,7 @@ class Spread:
                 capacity = self.local.capacity(sub, index)
                 if capacity is not None:
                     req["capacity"] = capacity
-                await s._call_remote(r.node, "consume", req, register=False)
+                answer = await s._call_remote(r.node, "consume", req, register=False)
                 if s.subs.get(sub.tag) is not sub:  # cancelled meanwhile: undo
                     s._request_quietly(r.node, {"op": "cancel", "consumer": sub.tag})
                     return
@@ -438,8 +438,9 @@ class Spread:
                     self._late.discard((sub.tag, index, r.node))
                     continue
                 sub.homes[index] = r.node
-                if sub.steal is not None and capacity is not None:
-                    sub.steal.placed(index, capacity)
+                if sub.steal is not None and capacity is not None:  # (an older node
+                    # answers without it: it gave the part its share)
+                    sub.steal.placed(index, answer.get("capacity"))
                 return
             raise Unavailable(r.reason)
 

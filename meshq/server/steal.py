@@ -116,6 +116,7 @@ class Steal:
     # the new one while a change is on its way)
     ceiling: dict[int, int] = field(default_factory=dict)
     owed: dict[int, int] = field(default_factory=dict)  # held at the last change, less settled
+    refused: set[int] = field(default_factory=set)  # parts whose node took no capacity
     switched: float = float("-inf")  # when it last switched
     checking: bool = False  # a check is scheduled
 
@@ -127,15 +128,27 @@ class Steal:
         return {i: max(self.ceiling.get(i, 0), self.owed.get(i, 0))
                 for i in set(self.ceiling) | set(self.owed)}
 
-    def placed(self, index: int, capacity: int) -> None:
-        """A part was placed elsewhere with ``capacity`` (a fresh part: it holds nothing)."""
-        self.asked[index] = self.ceiling[index] = capacity
-        self.owed.pop(index, None)
+    def placed(self, index: int, capacity: int | None) -> None:
+        """A part was placed elsewhere with ``capacity`` (a fresh part: it holds nothing);
+        None: its node took its share instead (an older node)."""
+        self.gone(index)
+        if capacity is None:
+            self.refuse(index)
+        else:
+            self.asked[index] = self.ceiling[index] = capacity
+
+    def refuse(self, index: int) -> None:
+        """Part ``index``'s node does not take capacities (an older node): it keeps its
+        share, counted, and is asked nothing more until placed again."""
+        self.refused.add(index)
+        share = spread(self.prefetch, self.partitions)[index]
+        self.ceiling[index] = max(share, self.ceiling.get(index, 0))
 
     def gone(self, index: int) -> None:
         """A part is here now, or being placed again: nothing counted elsewhere."""
         for d in (self.asked, self.ceiling, self.owed):
             d.pop(index, None)
+        self.refused.discard(index)
 
     def asking(self, index: int, capacity: int) -> None:
         self.ceiling[index] = max(capacity, self.ceiling.get(index, 0))
@@ -193,7 +206,7 @@ class LocalFirst:
                 s.broker.flow(s.session, sub.tag, [c.queue.index], cap)
         asks: dict[tuple[str, int], list[int]] = {}
         for index, home in homes.items():
-            if home and steal.asked.get(index) != caps[index]:
+            if home and steal.asked.get(index) != caps[index] and index not in steal.refused:
                 steal.asking(index, caps[index])
                 asks.setdefault((home, caps[index]), []).append(index)
         for (node, cap), indexes in asks.items():
@@ -204,11 +217,18 @@ class LocalFirst:
     def _flowed(self, sub: _Sub, node: str, indexes: list[int], cap: int,
                 answer: dict[str, Any] | None, sent: bool) -> None:
         steal, homes = sub.steal, sub.homes or {}
-        result = (answer or {}).get("result")
+        if steal is None or self.s.subs.get(sub.tag) is not sub or answer is None:
+            return  # (a part whose stream ended is placed again, with its capacity then)
+        result = answer.get("result")
         held = result.get("held") if isinstance(result, dict) else None
-        if (steal is None or self.s.subs.get(sub.tag) is not sub or not isinstance(held, list)
-                or len(held) != len(indexes)):
-            return  # (a part that moved is placed again, with its capacity then)
+        if not isinstance(held, list) or len(held) != len(indexes):
+            # Refused (an older node; or the part ended there, and is placed again): it
+            # may hold its share, and is asked no more.
+            for index in indexes:
+                if homes.get(index) == node:
+                    steal.refuse(index)
+            self.flow(sub)
+            return
         for index, n in zip(indexes, held, strict=True):
             if homes.get(index) == node and type(n) is int:
                 steal.answered(index, cap, n)
