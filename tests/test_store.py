@@ -229,37 +229,6 @@ def test_a_version_1_file_is_migrated(tmp_path: Path) -> None:
     assert snap.meta["schema_version"] == "2" and snap.meta["hlc"] == "77"
 
 
-async def test_pages_read_by_the_writer_come_back_while_it_commits(
-        store: SQLiteStore) -> None:
-    """A thread of the writer process reads the backlog's pages over pipes of their own
-    (meshq.store._writer): with reads from several tasks and commits going on at once,
-    every read gets its own page and every batch its commit."""
-    first = [message(i) for i in range(1, 201)]
-    for m in first:
-        store.stage(put_op(m))
-    await store.flush()
-    committed: list[int] = []
-
-    async def commit() -> None:
-        for seq in range(1000, 1200):
-            store.stage(put_op(message(seq)))
-            if seq % 3 == 0:
-                await store.stage((OP_META, ("k", seq))).wait()
-                committed.append(seq)
-
-    async def read(start: int) -> None:
-        for after in range(start, 200, 7):
-            page = await store.read_ready_async("q", 0, (after, after), 5)
-            want = [s for s in range(after + 1, after + 6) if s <= 200 or s >= 1000][:5]
-            assert [m.seq for m in page][:len(want)] == want
-
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(commit)
-        for start in range(7):
-            nursery.start_soon(read, start)
-    assert len(committed) == 66 and store.load().meta["k"] == "1197"
-
-
 def test_a_file_with_the_index_over_every_state_gets_the_partial_ones(tmp_path: Path) -> None:
     """The build before kept one index on (state, queue, idx, hlc, seq): a start replaces
     it with the two partial ones, and the head of the backlog and the leased messages are

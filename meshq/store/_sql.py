@@ -39,8 +39,7 @@ from meshq.store._ops import (
     OP_UPDATE,
 )
 
-__all__ = ["MAX_BATCH_FRAME", "READER_CACHE_KIB", "READY_PAGE", "SCHEMA_VERSION", "SELECT_READY",
-           "SKIPPED", "apply", "connect"]
+__all__ = ["MAX_BATCH_FRAME", "SCHEMA_VERSION", "SKIPPED", "apply", "connect"]
 
 SKIPPED = "skipped: an earlier batch failed"  # the writer's answer after a failure
 MAX_BATCH_FRAME = 1 << 30  # bytes of one batch, as sent to the writer process
@@ -54,14 +53,6 @@ CACHE_KIB = 8192
 _MSG_COLUMNS = ("seq, id, queue, idx, inc, hlc, node, body, headers, state, delivery_count,"
                 " ready_at, expires_at, lease_deadline, lease_id, holder, epoch, vn")
 _MSG_MARKS = "(" + ",".join("?" * 18) + ")"
-
-# A page of a partition's READY messages in order (its queue, index and state go without
-# saying), after a given (hlc, seq): what the backlog on disk reads back.
-SELECT_READY = ("SELECT seq, id, body, headers, hlc, node, delivery_count, ready_at,"
-                " expires_at, lease_deadline, inc, lease_id, holder, epoch, vn FROM messages"
-                " WHERE state = 0 AND queue = ? AND idx = ?")
-READY_PAGE = f"{SELECT_READY} AND (hlc, seq) > (?, ?) ORDER BY hlc, seq LIMIT ?"
-READER_CACHE_KIB = 8192  # the page cache of the connection that pages the backlog in
 
 Pick = Callable[[Sequence[Any]], Sequence[Any]] | None
 

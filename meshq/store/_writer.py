@@ -7,15 +7,6 @@ stdout each batch is answered by one byte, 0 once COMMIT has returned, or 1 foll
 an error line after a rollback. After a failure it refuses every batch until it reads a
 nil marker: batches sent before the daemon learnt of the failure may build on the one
 that failed. On EOF it exits, so it never outlives its daemon by more than one commit.
-
-A thread of it reads the backlog's pages (meshq.broker.backlog) on a connection of its
-own, when the daemon passes it two more pipes (``main``'s ``pages``): on the first, a
-stream of msgpack requests ``[queue, index, after_hlc, after_seq, limit]``; on the
-second, each answered by 0, a 4-byte big-endian length and the rows (``READY_PAGE``'s)
-as one msgpack array, or by 1, a length and an error text. Read in a thread of the
-daemon, each row's fetch took the GIL from its event loop (2.1 us a row for a page of
-600, against 0.8 to unpack the blob and build the messages); read between the commits,
-they held up the commits.
 """
 
 from __future__ import annotations
@@ -23,49 +14,19 @@ from __future__ import annotations
 import os
 import signal
 import sys
-import threading
 
 import msgpack
 
 from meshq.allocator import tune_allocator
-from meshq.store._sql import (
-    MAX_BATCH_FRAME,
-    READER_CACHE_KIB,
-    READY_PAGE,
-    SKIPPED,
-    apply,
-    connect,
-)
+from meshq.store._sql import MAX_BATCH_FRAME, SKIPPED, apply, connect
 
 
-def serve_pages(path: str, requests: int, answers: int) -> None:
-    """Answer page reads until the daemon closes ``requests`` (see the module docstring)."""
-    conn = connect(path, schema=False)
-    conn.execute("PRAGMA query_only=1")
-    conn.execute(f"PRAGMA cache_size=-{READER_CACHE_KIB}")
-    pack = msgpack.Packer(use_bin_type=True).pack
-    unpacker = msgpack.Unpacker(raw=False, use_list=False)
-    while data := os.read(requests, 65536):
-        unpacker.feed(data)
-        for req in unpacker:
-            try:
-                blob, status = pack(conn.execute(READY_PAGE, req).fetchall()), b"\x00"
-            except Exception as exc:
-                blob, status = f"{exc.__class__.__name__}: {exc}".encode()[:4000], b"\x01"
-            view = memoryview(status + len(blob).to_bytes(4, "big") + blob)
-            while view:
-                view = view[os.write(answers, view):]
-    conn.close()
-
-
-def main(path: str, pages: tuple[int, int] | None = None) -> int:
+def main(path: str) -> int:
     # Ctrl-C reaches the whole process group: the daemon stops us (EOF on stdin) once it
     # has committed what it staged, so the writer must not die first.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     tune_allocator()  # (a batch's frame and ops come and go whole)
     conn = connect(path, schema=False)
-    if pages is not None:
-        threading.Thread(target=serve_pages, args=(path, *pages), daemon=True).start()
     # The daemon is the only writer to this pipe: decode without the client codec's
     # checks, which cost more than the unpacking itself on a large batch.
     unpacker = msgpack.Unpacker(raw=False, use_list=False, max_buffer_size=MAX_BATCH_FRAME)
@@ -97,5 +58,4 @@ def main(path: str, pages: tuple[int, int] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1], (int(sys.argv[2]), int(sys.argv[3])) if len(sys.argv) > 3
-                  else None))
+    sys.exit(main(sys.argv[1]))

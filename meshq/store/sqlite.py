@@ -2,10 +2,9 @@
 
 Schema and start-up load run in-process (sqlite-utils creates the schema); commits run in
 a writer process (meshq.store._writer), one transaction per batch; the backlog's pages
-are read there too, by a thread of its own (``read_ready_async``); other reads run in a
-worker thread here. Never: a batch reported durable before the writer's COMMIT returned,
-or SQLite called on the event loop thread (but for ``read_ready``, the rare synchronous
-page-in of meshq.broker.backlog's ``warm_now``).
+are read in a worker thread (``read_ready_async``). Never: a batch reported durable before
+the writer's COMMIT returned, or SQLite called on the event loop thread (but for
+``read_ready``, the rare synchronous page-in of meshq.broker.backlog's ``warm_now``).
 If the writer dies, ``run`` raises and the daemon stops rather than confirm nothing.
 """
 
@@ -26,14 +25,7 @@ import trio
 
 from meshq.model import Message
 from meshq.states import State
-from meshq.store._sql import (
-    READER_CACHE_KIB,
-    READY_PAGE,
-    SCHEMA_VERSION,
-    SELECT_READY,
-    SKIPPED,
-    connect,
-)
+from meshq.store._sql import SCHEMA_VERSION, SKIPPED, connect
 from meshq.store.base import Batch, Op, Snapshot, Store, StoreFatal, StoreStatistics
 
 __all__ = ["SCHEMA_VERSION", "SQLiteStore", "WriterDied"]
@@ -45,6 +37,11 @@ PIPELINE_DEPTH = 2  # batches handed to the writer and not yet confirmed
 
 _SELECT = ("SELECT seq, id, queue, body, headers, hlc, node, state, delivery_count, ready_at,"
            " expires_at, lease_deadline, idx, inc, lease_id, holder, epoch, vn FROM messages")
+# A partition's READY messages: its queue, index and state go without saying.
+_SELECT_READY = ("SELECT seq, id, body, headers, hlc, node, delivery_count, ready_at,"
+                 " expires_at, lease_deadline, inc, lease_id, holder, epoch, vn FROM messages"
+                 " WHERE state = 0 AND queue = ? AND idx = ?")
+READER_CACHE_KIB = 8192  # the page cache of the connection that pages the backlog in
 
 
 _STATES = tuple(State)  # (indexed by value: State(n) is an enum lookup, 5x slower)
@@ -64,7 +61,7 @@ def _messages(rows: Iterable[tuple[Any, ...]]) -> list[Message]:
 
 
 def _ready_messages(rows: Iterable[tuple[Any, ...]], queue: str, index: int) -> list[Message]:
-    """``_messages`` of rows read by ``SELECT_READY`` (the backlog's pages: the hot path)."""
+    """``_messages`` of rows read by ``_SELECT_READY`` (the backlog's pages: the hot path)."""
     unpack = msgpack.unpackb
     ready = State.READY
     return [Message(seq, mid, queue, body, unpack(headers) if headers else {}, hlc, node, ready,
@@ -102,10 +99,6 @@ class SQLiteStore(Store):
         self._room = trio.Event()  # set when a batch was answered
         self._reader: sqlite3.Connection | None = None  # read_ready's (from any thread)
         self._read_lock = threading.Lock()
-        # To and from the writer process's page thread, while it runs (read_ready_async).
-        self._pages: tuple[trio.lowlevel.FdStream, trio.lowlevel.FdStream] | None = None
-        self._pages_lock = trio.Lock()
-        self._pages_buf = bytearray()
 
     def load(self, hot_ready: int | None = None) -> Snapshot:
         conn = connect(self.path)
@@ -129,7 +122,7 @@ class SQLiteStore(Store):
                                       " WHERE state = 0 GROUP BY queue, idx").fetchall()
                 for queue, idx, count in counts:
                     head = _ready_messages(conn.execute(
-                        f"{SELECT_READY} ORDER BY hlc, seq LIMIT ?",
+                        f"{_SELECT_READY} ORDER BY hlc, seq LIMIT ?",
                         (queue, idx or 0, hot_ready)), queue, idx or 0)
                     snap.messages += head
                     if count > len(head):
@@ -182,59 +175,20 @@ class SQLiteStore(Store):
 
     def read_ready(self, queue: str, index: int, after: tuple[int, int],
                    limit: int) -> list[Message]:
-        return _ready_messages(self._read(READY_PAGE, (queue, index, after[0], after[1], limit)),
-                               queue, index)
+        return _ready_messages(self._read(
+            f"{_SELECT_READY} AND (hlc, seq) > (?, ?) ORDER BY hlc, seq LIMIT ?",
+            (queue, index, after[0], after[1], limit)), queue, index)
 
     async def read_ready_async(self, queue: str, index: int, after: tuple[int, int],
                                limit: int) -> list[Message]:
-        """Read by the writer process's page thread and handed over as one blob (see
-        meshq.store._writer); in a worker thread here while no writer runs."""
-        pipes = self._pages
-        if pipes is None:
-            return await trio.to_thread.run_sync(self.read_ready, queue, index, after, limit)
-        out, back = pipes
-        async with self._pages_lock:
-            # A request and its answer whole, or the next would read the rest of this one.
-            with trio.CancelScope(shield=True):
-                try:
-                    await out.send_all(_pack([queue, index, after[0], after[1], limit]))
-                    status, blob = await self._page_answer(back)
-                except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
-                    raise WriterDied(f"lost the store's writer process: {exc}") from None
-        if status:
-            raise OSError(blob.decode(errors="replace"))
-        return _ready_messages(msgpack.unpackb(blob, use_list=False), queue, index)
-
-    async def _page_answer(self, back: trio.lowlevel.FdStream) -> tuple[int, bytes]:
-        buf = self._pages_buf
-        while len(buf) < 5 or len(buf) < 5 + int.from_bytes(buf[1:5], "big"):
-            data = await back.receive_some(1 << 20)
-            if not data:
-                raise WriterDied("the store's writer process exited")
-            buf += data
-        end = 5 + int.from_bytes(buf[1:5], "big")
-        status, blob = buf[0], bytes(buf[5:end])
-        del buf[:end]
-        return status, blob
+        return await trio.to_thread.run_sync(self.read_ready, queue, index, after, limit)
 
     async def run(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
         """Commit batches through the writer process, PIPELINE_DEPTH of them in flight:
         the writer starts on the next batch while the daemon answers the last one."""
-        requests, to_writer = os.pipe()
-        from_writer, answers = os.pipe()
-        try:
-            self._proc = await trio.lowlevel.open_process(
-                [sys.executable, "-m", "meshq.store._writer", self.path, str(requests),
-                 str(answers)],
-                stdin=subprocess.PIPE, stdout=subprocess.PIPE, pass_fds=(requests, answers))
-        except BaseException:
-            for fd in (to_writer, from_writer):
-                os.close(fd)
-            raise
-        finally:
-            os.close(requests)
-            os.close(answers)
-        self._pages = (trio.lowlevel.FdStream(to_writer), trio.lowlevel.FdStream(from_writer))
+        self._proc = await trio.lowlevel.open_process(
+            [sys.executable, "-m", "meshq.store._writer", self.path],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE)
         try:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._confirm)
@@ -250,9 +204,6 @@ class SQLiteStore(Store):
             self.abandon()
             with trio.CancelScope(shield=True):
                 await self._stop_writer()
-                pipes, self._pages = self._pages, None
-                for pipe in pipes or ():
-                    await pipe.aclose()
 
     def ship_now(self) -> None:
         """Nothing in flight and a small open batch: write it to the idle writer's pipe
