@@ -226,7 +226,8 @@ def leased(sim: Simulation) -> int:
 
 
 def parts_elsewhere(sim: Simulation, node: str) -> list:
-    """The subscription parts of clients of ``node`` on the other nodes' partitions."""
+    """Every subscription part on the partitions the nodes other than ``node`` dispatch
+    (the tests that call it have one subscriber, on ``node``)."""
     return [c for name, sn in sim.nodes.items() if name != node
             for q in sn.node.broker.queues[Q] if q.active for c in q.consumers]
 

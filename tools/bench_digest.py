@@ -16,8 +16,9 @@ In one process, no daemon: a Broker over a MemoryStore holds one partition of
    acked, through the same kind of Broker running (CPU microseconds per message): what
    keeping the sums adds to every lease and ack.
 
-and prints CPU seconds for each. Run it with PYTHONPATH set to another checkout to time
-that build (a build whose digest returns the sums and members together works too).
+and prints CPU seconds for each. To time another build, run a copy of this script from
+outside the checkout with PYTHONPATH set to that build (it puts its own checkout first on
+the path; a build whose digest returns the sums and members together works too).
 """
 
 from __future__ import annotations

@@ -8,7 +8,8 @@ counted share on the message (``Message.fp``, 0: none counted); ``stale``, the m
 memory whose counted share may be out of date (just added, or their progress moved since).
 Never: a message in memory whose progress moved and that is not in ``stale`` (its bucket
 would keep its old share for good: the broker marks it wherever it stages a progress
-change); a share still counted once its message left memory.
+change, and where ``Replica._schedule_all`` sets a lease's missing deadline); a share
+still counted once its message left memory.
 """
 
 from __future__ import annotations
@@ -48,9 +49,10 @@ def walk(msgs: Iterable[Message]) -> list[int]:
 class Sums:
     """The digest sums of one partition's messages in memory; see the module docstring.
 
-    ``changed`` and ``removed`` are O(1) and compute nothing (they run on every lease,
-    ack and merge); ``settle`` counts the stale shares, at most ``most`` per call, so a
-    digest costs O(buckets + messages changed since the last one)."""
+    ``changed`` and ``removed`` are O(1) and compute no share (``removed`` hashes the id
+    for its bucket; they run on every lease, ack and merge); ``settle`` counts the stale
+    shares, at most ``most`` per call, so a digest costs O(buckets + messages changed
+    since the last one)."""
 
     __slots__ = ("hot", "stale")
 

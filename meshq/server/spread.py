@@ -393,8 +393,7 @@ class Spread:
         for q, outcome in zip(qs, outcomes, strict=True):
             if isinstance(outcome, MeshqError):  # placed again, in the background
                 self._again(sub, q.index)
-        self.local.flow(sub)
-        self.local.check_soon(sub)
+        self.local.refresh(sub)
         return {"consumer": tag}
 
     async def _place(self, sub: _Sub, index: int) -> None:
@@ -460,8 +459,7 @@ class Spread:
         while s.subs.get(sub.tag) is sub and not s.closed:
             try:
                 await self._place(sub, index)
-                self.local.flow(sub)  # (the partitions here may be others now)
-                self.local.check_soon(sub)
+                self.local.refresh(sub)  # (the partitions here may be others now)
                 return
             except NotFound as exc:
                 self.ended(sub, index, "", exc.message, True)

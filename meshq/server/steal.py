@@ -67,9 +67,9 @@ def capacities(prefetch: int, partitions: int, local: Collection[int], busy: Col
     steady rate are taken here at once, as without local first); the remote parts share
     the rest evenly, each at most what is left once the parts before it are counted with
     what they may hold."""
-    if not local:
-        return dict(enumerate(spread(prefetch, partitions)))
     shares = spread(prefetch, partitions)
+    if not local:
+        return dict(enumerate(shares))
     remote = [i for i in range(partitions) if i not in local]
     busy = [i for i in sorted(busy) if i in local]
     if busy:
@@ -97,9 +97,9 @@ def _fill(pool: int, parts: list[int], held: Mapping[int, int]) -> dict[int, int
         if not over:
             caps.update(shares)
             break
-        for i in over:
-            caps[i] = max(1, held.get(i, 0))
-            pool -= held.get(i, 0)
+        for i in over:  # (a share is at least one, so what it holds is too)
+            caps[i] = held[i]
+            pool -= held[i]
             rest.remove(i)
     return caps
 
@@ -119,10 +119,6 @@ class Steal:
     refused: set[int] = field(default_factory=set)  # parts whose node took no capacity
     switched: float = float("-inf")  # when it last switched
     checking: bool = False  # a check is scheduled
-
-    @property
-    def stealing(self) -> bool:
-        return not self.busy
 
     def holds(self) -> dict[int, int]:
         return {i: max(self.ceiling.get(i, 0), self.owed.get(i, 0))
@@ -180,10 +176,13 @@ class LocalFirst:
         steal = sub.steal
         if steal is None:
             return None
-        qs = self.s.broker.queues.get(sub.queue, ())
-        caps = capacities(steal.prefetch, steal.partitions, _here(sub, qs), steal.busy,
+        return self._caps(sub, steal, self.s.broker.queues.get(sub.queue, ())).get(index)
+
+    def _caps(self, sub: _Sub, steal: Steal, qs: tuple[Queue, ...]) -> dict[int, int]:
+        """Each part's capacity now (``capacities``, from what ``sub`` holds here and
+        may hold elsewhere)."""
+        return capacities(steal.prefetch, steal.partitions, _here(sub, qs), steal.busy,
                           self._held_here(sub), steal.holds())
-        return caps.get(index)
 
     def _held_here(self, sub: _Sub) -> dict[int, int]:
         """What each part of ``sub`` here holds."""
@@ -198,8 +197,7 @@ class LocalFirst:
         qs = s.broker.queues.get(sub.queue, ())
         if steal is None or homes is None or s.closed or len(qs) != steal.partitions:
             return
-        caps = capacities(steal.prefetch, steal.partitions, _here(sub, qs), steal.busy,
-                          self._held_here(sub), steal.holds())
+        caps = self._caps(sub, steal, qs)
         for c in list(s.session.consumers.get(sub.tag, ())):
             cap = caps.get(c.queue.index)
             if c.replenish and cap is not None and c.capacity != cap:
@@ -258,6 +256,12 @@ class LocalFirst:
                 self.check_soon(sub)
         return watch
 
+    def refresh(self, sub: _Sub) -> None:
+        """``sub``'s parts were placed (again): their capacities now, and which local
+        partitions are busy, soon."""
+        self.flow(sub)
+        self.check_soon(sub)
+
     def check_soon(self, sub: _Sub) -> None:
         steal = sub.steal
         if steal is not None and not steal.checking and not self.s.closed:
@@ -290,7 +294,7 @@ class LocalFirst:
 
 
 def _here(sub: _Sub, qs: tuple[Queue, ...]) -> list[int]:
-    """The partitions whose part of ``sub`` is on this node, or will be: dispatched here,
-    and not (still) placed elsewhere."""
+    """The partitions whose part of ``sub`` is on this node, or will be: dispatched here
+    (what ``Spread._local`` lists), and not (still) placed elsewhere."""
     homes = sub.homes or {}
     return [q.index for q in qs if q.active and not homes.get(q.index)]
