@@ -15,7 +15,7 @@ import pytest
 import trio
 from trio.testing import MockClock
 
-from meshq.broker import Broker, Session
+from meshq.broker import Broker, Session, core
 from meshq.broker.backlog import HOT_READY
 from meshq.broker.core import DEDUP_PRUNE_INTERVAL
 from meshq.broker.replica import record_of
@@ -891,3 +891,32 @@ async def test_a_sink_that_runs_ops_sees_no_half_made_send(
     [mid] = await env.send(b"again")
     await settled.wait()  # requeued and handed over again and again, without recursion
     assert pushed[-1] == mid and env.counts() == (0, 1, 0)
+
+
+async def test_the_timers_of_acked_messages_do_not_pile_up(
+        env: Env, autojump_clock: MockClock, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An acked message's lease timer stays in the heap until due; at a fast consumer's rate
+    and a long visibility timeout that would be millions of entries. They are compacted
+    away, and the timers of what is still leased keep working."""
+    monkeypatch.setattr(core, "TIMERS_SLACK", 64)
+    env.broker._timers_compact_at = 64
+    await env.declare(visibility_timeout=600.0)
+    conn = Conn(env)
+    await env.declare("other")
+    await env.send(*[b"x"] * 2005)
+    await env.send(b"y", queue="other")  # (the broker holds on to its last send's batch)
+    kept = await conn.receive(n=5)  # leased, never acked
+    most = 0
+    for _ in range(40):
+        got = await conn.receive(n=50)
+        await conn.ack([m.id for m in got])
+        most = max(most, len(env.broker._timers))
+    assert env.counts() == (0, 5, 0)
+    # At most twice the live ones (5 kept, 50 leased, the last 50 acked still referenced
+    # here) plus the slack, plus what came since: not one per lease granted (2,005).
+    assert most <= 2 * (5 + 50 + 50) + 64 + 50
+    autojump_clock.jump(601)  # the kept leases still run out: redelivered
+    await trio.sleep(0.01)
+    again = await conn.receive(n=5)
+    assert sorted(m.id for m in again) == sorted(m.id for m in kept)
+    assert all(m.delivery_count == 2 for m in again)
