@@ -10,8 +10,9 @@ It starts its own meshqd (embedded default, a scratch data dir under --dir) and,
 1. shallow: --sample messages published into an empty queue (batches of 100, 8 in
    flight), then consumed with one subscription (prefetch 100) acking each one;
 2. the deep queue filled with --messages bodies of --body bytes (batches of 500);
-3. --sample more published into the deep queue, then --sample consumed and acked from
-   it (its head: the oldest messages);
+3. --sample more published into the deep queue, then --sample into an empty queue beside
+   it (the same store: what the queue's depth costs apart from the store's size), then
+   --sample consumed and acked from the deep queue (its head: the oldest messages);
 4. meshqd stopped (SIGTERM) and started again: seconds from the start to its ready
    line, and its memory once ready;
 5. shallow again, on a fresh queue beside the restored backlog.
@@ -142,6 +143,10 @@ def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
         out["fill_rate"] = args.messages / (time.perf_counter() - t0)
         out["rss_filled_mib"] = watch.phase()
         out["publish_deep"] = trio.run(publish, sock, "deep", args.sample, body, 100)
+        # An empty queue of the same store: what the queue's depth costs, apart from what
+        # the store's size costs (its dedup table holds every send of the last window).
+        out["publish_beside"] = trio.run(publish, sock, "beside", args.sample, body, 100)
+        trio.run(consume, sock, "beside", args.sample)
         out["consume_deep"] = trio.run(consume, sock, "deep", args.sample)
         out["rss_deep_ops_mib"] = watch.phase()
         daemon.stop(timeout=60)
@@ -160,6 +165,7 @@ def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
         watch.stop()
     out["rss_peak_mib"] = max(v for k, v in out.items() if k.startswith("rss_"))
     out["publish_ratio"] = out["publish_deep"] / out["publish_empty"]
+    out["publish_beside_ratio"] = out["publish_deep"] / out["publish_beside"]
     out["consume_ratio"] = out["consume_deep"] / out["consume_shallow"]
     return out
 
@@ -181,6 +187,9 @@ def report(r: dict[str, Any]) -> str:
         ("publish into the deep queue / an empty one",
          f"{r['publish_deep']:,.0f} / {r['publish_empty']:,.0f} msg/s = "
          f"{r['publish_ratio']:.2f}", ">= 0.8", verdict("publish_ratio", r["publish_ratio"])),
+        ("  publish into the deep queue / an empty one beside it (same store)",
+         f"{r['publish_deep']:,.0f} / {r['publish_beside']:,.0f} msg/s = "
+         f"{r['publish_beside_ratio']:.2f}", "", ""),
         ("consume+ack from the deep queue / a shallow one",
          f"{r['consume_deep']:,.0f} / {r['consume_shallow']:,.0f} msg/s = "
          f"{r['consume_ratio']:.2f}", ">= 0.8", verdict("consume_ratio", r["consume_ratio"])),
