@@ -17,6 +17,9 @@ It starts its own meshqd (embedded default, a scratch data dir under --dir) and,
    line, and its memory once ready;
 5. shallow again, on a fresh queue beside the restored backlog.
 
+Each publish measurement also gives meshqd's and its writer's CPU per message (from
+``/proc``): on a busy machine, steadier than msg/s.
+
 Throughout, a thread samples the resident memory of meshqd and its writer process
 (``/proc/<pid>/statm``) every 0.1 s; the peak of each phase is reported. Figures are
 ratios deep / shallow of the same run, against issue 11's targets: RSS <= 150 MiB
@@ -36,8 +39,10 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import trio
+from _benchlib import tree_cpu
 
 from meshq import AsyncClient
 from meshq.resources import resident_bytes
@@ -118,6 +123,18 @@ async def consume(socket: str, queue: str, n: int, prefetch: int = 100) -> float
         return n / (time.perf_counter() - t0)
 
 
+def measured(out: dict[str, Any], key: str, pid: int | None, n: int, fn: Any,
+             *args: Any) -> None:
+    """``out[key]`` = msg/s of ``trio.run(fn, *args)``, and ``out[key + "_cpu_us"]`` = the
+    daemon's and its writer's CPU per message meanwhile (steadier than msg/s on a busy
+    machine)."""
+    before = tree_cpu(pid) if pid else (0.0, 0.0)
+    out[key] = trio.run(fn, *args)
+    after = tree_cpu(pid) if pid else (0.0, 0.0)
+    out[key + "_cpu_us"] = [round((a - b) * 1e6 / n, 1) for a, b in zip(after, before,
+                                                                          strict=True)]
+
+
 def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     watch = MemoryWatch()
     body = b"m" * args.body
@@ -129,7 +146,9 @@ def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
         sock = str(daemon.socket)
         time.sleep(0.3)
         out["rss_idle_mib"] = watch.phase()
-        out["publish_empty"] = trio.run(publish, sock, "shallow", args.sample, body, 100)
+        pid = daemon.proc.pid if daemon.proc else None
+        measured(out, "publish_empty", pid, args.sample, publish, sock, "shallow", args.sample,
+                 body, 100)
         out["consume_shallow"] = trio.run(consume, sock, "shallow", args.sample)
         out["rss_shallow_mib"] = watch.phase()
         t0 = time.perf_counter()
@@ -142,10 +161,12 @@ def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
                   file=sys.stderr, flush=True)
         out["fill_rate"] = args.messages / (time.perf_counter() - t0)
         out["rss_filled_mib"] = watch.phase()
-        out["publish_deep"] = trio.run(publish, sock, "deep", args.sample, body, 100)
+        measured(out, "publish_deep", pid, args.sample, publish, sock, "deep", args.sample,
+                 body, 100)
         # An empty queue of the same store: what the queue's depth costs, apart from what
         # the store's size costs (its dedup table holds every send of the last window).
-        out["publish_beside"] = trio.run(publish, sock, "beside", args.sample, body, 100)
+        measured(out, "publish_beside", pid, args.sample, publish, sock, "beside",
+                 args.sample, body, 100)
         trio.run(consume, sock, "beside", args.sample)
         out["consume_deep"] = trio.run(consume, sock, "deep", args.sample)
         out["rss_deep_ops_mib"] = watch.phase()
@@ -196,6 +217,10 @@ def report(r: dict[str, Any]) -> str:
         ("shallow again after the restart: publish / consume",
          f"{r['publish_empty_after']:,.0f} / {r['consume_shallow_after']:,.0f} msg/s", "", ""),
         ("filling", f"{r['fill_rate']:,.0f} msg/s", "", ""),
+        ("CPU per message published, meshqd / writer: empty, deep, beside",
+         ", ".join(" / ".join(f"{v:.1f}" for v in r[k + "_cpu_us"])
+                   for k in ("publish_empty", "publish_deep", "publish_beside")) + " µs",
+         "", ""),
     ]
     lines = [f"{r['messages']:,} x {r['body_bytes']:,} B queued; samples of {r['sample']:,}",
              "| measure | figure | target | |", "|---|---|---|---|"]
