@@ -6,6 +6,8 @@
                                                             # and a fair-share phase
     .venv/bin/python tools/simulate.py --seeds 400 --hot-ready 2  # nodes keep 2 READY
                                                             # messages a partition in memory
+    .venv/bin/python tools/simulate.py --seeds 300 --fifo 6  # the queue fifo over six
+                                                            # partitions: order checked
     .venv/bin/python tools/simulate.py --seed 1234 -v       # replay one seed, with its log
 
 Every seed fixes the whole run: faults, packet fates, random choices, trio's scheduling.
@@ -46,6 +48,9 @@ def main() -> int:
     parser.add_argument("--hot-ready", type=int, default=HOT_READY,
                         help="READY messages a partition held alone keeps in memory (default "
                         f"{HOT_READY}, as meshqd): a few put backlogs on disk")
+    parser.add_argument("--fifo", type=int, metavar="P",
+                        help="the queue fifo over P partitions: each consumer's order "
+                        "is checked (SPEC section 2)")
     parser.add_argument("--jobs", type=int, default=os.cpu_count() or 2)
     parser.add_argument("--json", action="store_true", help="print a JSON summary on stdout")
     parser.add_argument("-v", "--verbose", action="store_true",
@@ -54,7 +59,8 @@ def main() -> int:
     if args.seed is not None:
         if args.verbose:
             _log_in_virtual_time()
-        outcome = run_seed(args.seed, heavy=args.heavy, hot_ready=args.hot_ready)
+        outcome = run_seed(args.seed, heavy=args.heavy, hot_ready=args.hot_ready,
+                           fifo=args.fifo)
         print(outcome.summary)
         print(f"trace {outcome.trace}, {outcome.virtual_seconds:.1f} virtual s, "
               f"{outcome.wall_seconds:.2f} s")
@@ -67,14 +73,14 @@ def main() -> int:
         nonlocal done
         done += 1
         if not o.ok:
-            replay = replay_command(o.seed, args.heavy, args.hot_ready)
+            replay = replay_command(o.seed, args.heavy, args.hot_ready, args.fifo)
             print(f"\nFAILED {o.summary}\nreplay: {replay}\n", file=sys.stderr)
         if done % 100 == 0:
             print(f"{done}/{len(seeds)} seeds, {time.perf_counter() - t0:.0f} s",
                   file=sys.stderr)
 
     outcomes = run_seeds(seeds, jobs=args.jobs, heavy=args.heavy, hot_ready=args.hot_ready,
-                         progress=progress)
+                         fifo=args.fifo, progress=progress)
     wall = time.perf_counter() - t0
     failed = [o for o in outcomes if not o.ok]
     converged = [o.converged_after for o in outcomes if o.converged_after is not None]
@@ -102,7 +108,8 @@ def main() -> int:
           f"within {summary['converged_after_s']['max']} s of the membership being whole",
           file=sys.stderr)
     for o in failed:
-        print(f"  replay: {replay_command(o.seed, args.heavy, args.hot_ready)}", file=sys.stderr)
+        replay = replay_command(o.seed, args.heavy, args.hot_ready, args.fifo)
+        print(f"  replay: {replay}", file=sys.stderr)
     if args.json:
         print(json.dumps(summary))
     return 1 if failed else 0

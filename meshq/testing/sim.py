@@ -875,10 +875,12 @@ class SeedOutcome:
     faults: tuple[str, ...]
 
 
-def replay_command(seed: int, heavy: bool = False, hot_ready: int = HOT_READY) -> str:
+def replay_command(seed: int, heavy: bool = False, hot_ready: int = HOT_READY,
+                   fifo: int | None = None) -> str:
     return (f"PYTHONHASHSEED=0 .venv/bin/python tools/simulate.py --seed {seed}"
             + (" --heavy" if heavy else "")
-            + (f" --hot-ready {hot_ready}" if hot_ready != HOT_READY else "") + " -v")
+            + (f" --hot-ready {hot_ready}" if hot_ready != HOT_READY else "")
+            + (f" --fifo {fifo}" if fifo is not None else "") + " -v")
 
 
 HEAVY = {"window": 30.0, "send_gap": (0.02, 0.3), "fairness": True}
@@ -893,9 +895,10 @@ def _stuck(signum: int, frame: Any) -> None:
 
 
 def run_seed(seed: int, heavy: bool = False, limit: float = 120.0,
-             hot_ready: int = HOT_READY) -> SeedOutcome:
+             hot_ready: int = HOT_READY, fifo: int | None = None) -> SeedOutcome:
     """One seed, in this process; a seed still running after ``limit`` real seconds fails
-    (virtual time stands still while a task spins, so a livelock would never end)."""
+    (virtual time stands still while a task spins, so a livelock would never end).
+    ``fifo``: the queue is fifo over that many partitions (its order checked)."""
     import signal
     import time
     import traceback
@@ -903,6 +906,8 @@ def run_seed(seed: int, heavy: bool = False, limit: float = 120.0,
     t0 = time.perf_counter()
     kw: dict[str, Any] = dict(HEAVY) if heavy else {}
     kw["hot_ready"] = hot_ready
+    if fifo is not None:
+        kw["ordering"], kw["partitions"] = "fifo", fifo
     old = signal.signal(signal.SIGALRM, _stuck)
     signal.setitimer(signal.ITIMER_REAL, limit)
     try:
@@ -922,7 +927,7 @@ def run_seed(seed: int, heavy: bool = False, limit: float = 120.0,
 
 
 def run_seeds(seeds: list[int], *, jobs: int = 2, heavy: bool = False,
-              hot_ready: int = HOT_READY,
+              hot_ready: int = HOT_READY, fifo: int | None = None,
               progress: Callable[[SeedOutcome], None] | None = None) -> list[SeedOutcome]:
     """Run ``seeds`` in ``jobs`` fresh processes with PYTHONHASHSEED=0, so that a failing
     seed replays the same in ``tools/simulate.py --seed N``."""
@@ -935,7 +940,7 @@ def run_seeds(seeds: list[int], *, jobs: int = 2, heavy: bool = False,
         ctx = multiprocessing.get_context("spawn")
         out = []
         with ctx.Pool(max(1, jobs)) as pool:
-            fn = functools.partial(run_seed, heavy=heavy, hot_ready=hot_ready)
+            fn = functools.partial(run_seed, heavy=heavy, hot_ready=hot_ready, fifo=fifo)
             for outcome in pool.imap_unordered(fn, seeds, chunksize=4):
                 out.append(outcome)
                 if progress is not None:
