@@ -7,6 +7,7 @@ each stamped with the (virtual) time it arrived.
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import math
 from typing import Any, NamedTuple
@@ -20,7 +21,7 @@ from meshq.broker.backlog import HOT_READY
 from meshq.broker.core import DEDUP_PRUNE_INTERVAL
 from meshq.broker.replica import record_of
 from meshq.cluster.changes import Put
-from meshq.errors import NotFound, Unavailable
+from meshq.errors import NotFound, Timeout, Unavailable
 from meshq.hlc import pack
 from meshq.model import Message
 from meshq.states import State
@@ -646,6 +647,44 @@ async def test_a_dedup_hit_on_a_failed_send_fails_the_send_that_relied_on_it(
         await first.wait()
     with pytest.raises(StoreError):
         await second.wait()
+
+
+class _NoQuorum:
+    """A replication gate whose write quorum confirms nothing: each batch commits here
+    and then fails, outcome unknown (as when its holders were cut off)."""
+
+    def ship(self, batch: Batch) -> None:
+        pass
+
+    def committed(self, batch: Batch, error: BaseException | None) -> None:
+        batch.complete(error or Timeout("fewer replicas than the write quorum confirmed"))
+
+    def abandon(self) -> None:
+        pass
+
+
+@pytest.mark.parametrize("ordering", ["fifo", "fair"])
+async def test_a_fifo_send_no_write_quorum_confirmed_is_taken_back(
+        env: Env, autojump_clock: MockClock, ordering: str) -> None:
+    """(SPEC section 2, fifo; docs/architecture.md) A fifo send that only this node
+    committed is not made visible: a later dispatcher of its partition may have closed
+    above it. Its row and dedup entry go, so the client's retry (same dedup id) is
+    stamped anew. A fair queue's stays visible, and the retry is answered with it."""
+    env.broker.hand_over_early = lambda q: False  # as on a replicated partition
+    await env.declare(ordering=ordering)
+    env.store.gate = _NoQuorum()  # type: ignore[assignment]
+    with pytest.raises(Timeout):
+        await env.broker.send("q", [{"body": b"a", "dedup_id": "x"}]).wait()
+    with contextlib.suppress(Timeout):
+        await env.store.flush()  # (what the failure staged: committed here, no quorum)
+    q = env.broker.queues["q"][0]
+    fifo = ordering == "fifo"
+    assert (q.ready, len(q.messages), len(env.store.load().messages)) == (
+        (0, 0, 0) if fifo else (1, 1, 1))
+    assert not q.tombs
+    env.store.gate = None
+    [mid] = await env.send({"body": b"a", "dedup_id": "x"})  # the client's retry
+    assert q.ready == 1 and q.messages[mid].body == b"a"
 
 
 async def test_no_delivery_when_the_lease_commit_fails(env: Env, autojump_clock: MockClock,

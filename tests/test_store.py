@@ -15,7 +15,13 @@ from meshq.errors import Timeout
 from meshq.model import Message
 from meshq.states import State
 from meshq.store import OP_META, OP_PUT, SQLiteStore, StoreError
-from meshq.store._ops import OP_DEDUP, OP_DEDUP_PRUNE, OP_DROP_QUEUE, OP_PURGE_READY
+from meshq.store._ops import (
+    OP_DEDUP,
+    OP_DEDUP_PRUNE,
+    OP_DISCARD,
+    OP_DROP_QUEUE,
+    OP_PURGE_READY,
+)
 from meshq.store.base import delete_op, put_op, update_op
 from meshq.store.sqlite import WriterDied
 
@@ -50,6 +56,24 @@ async def test_committed_ops_are_loaded_back(store: SQLiteStore) -> None:
     assert (first.state, first.delivery_count, first.headers) == (State.LEASED, 2, {"h": 1})
     assert snap.meta["hlc"] == "42"
     assert len(snap.tombstones) == 100 and snap.tombstones[0][1:] == (0, msgs[100].id, 5.0)
+
+
+async def test_a_discarded_message_goes_without_a_tombstone(store: SQLiteStore) -> None:
+    """OP_DISCARD (a fifo send its write quorum did not confirm, taken back): the row goes
+    and nothing says it was there; in the simulation's store too."""
+    from meshq.store import MemoryStore
+
+    memory = MemoryStore()
+    async with trio.open_nursery() as nursery:
+        await nursery.start(memory.run)
+        for s in (store, memory):
+            for seq in (1, 2):
+                s.stage(put_op(message(seq)))
+            await s.stage((OP_DISCARD, (1,))).wait()
+            snap = s.load()
+            assert [m.seq for m in snap.messages] == [2]
+            assert not snap.tombstones
+        nursery.cancel_scope.cancel()
 
 
 async def test_dedup_entries_keep_their_order_with_what_else_touches_their_table(

@@ -60,6 +60,7 @@ from meshq.store import (
     OP_CATALOG_PRUNE,
     OP_DEDUP,
     OP_DEDUP_PRUNE,
+    OP_DISCARD,
     OP_DROP_QUEUE,
     OP_META,
     OP_PARTITION,
@@ -672,13 +673,18 @@ class Broker:
         """Messages whose put committed become visible (unless their queue went away);
         those leased at send time go to their consumer now. A put durable here whose
         write quorum failed is visible too (the client heard "outcome unknown"), but a
-        lease taken at send time is not handed over unconfirmed."""
+        lease taken at send time is not handed over unconfirmed; on a fifo queue it is
+        taken back instead (``_taken_back``)."""
         for msg in msgs:
             if self.in_flight.get(msg.id) is msg:
                 del self.in_flight[msg.id]
+        taken_back = _taken_back(q, batch, error)
+        if taken_back and batch.local_ok:
+            for msg in msgs:
+                self.store.stage((OP_DISCARD, (msg.seq,)))
         if any(m.early for m in msgs):
-            msgs = self._settle_early(q, msgs, error is not None and not batch.local_ok)
-        if error is not None and batch.local_ok:
+            msgs = self._settle_early(q, msgs, taken_back)
+        if error is not None and not taken_back:
             for msg in msgs:
                 if msg.owner is not None:
                     self._unreserve(msg)
@@ -1272,7 +1278,7 @@ class Broker:
               error: BaseException | None) -> None:
         by_queue: dict[Queue, list[Message]] = {}
         for q, msgs, dedup_ids in sends:
-            if error is not None and not batch.local_ok:  # not written: forget the entries
+            if _taken_back(q, batch, error):  # not written (or taken back): forget them
                 for msg, dedup_id in zip(msgs, dedup_ids, strict=True):
                     if dedup_id is None:
                         continue
@@ -1638,6 +1644,15 @@ class Broker:
         if name is not None:
             return [self.stats_of(name)]
         return [self.stats_of(n) for n in sorted(self.queues)]
+
+
+def _taken_back(q: Queue, batch: Batch, error: BaseException | None) -> bool:
+    """Whether a send's batch that completed with ``error`` leaves its messages unwritten:
+    not durable here, or durable here only on a fifo queue, which takes them back (its
+    row goes, the dedup entry too, so a retry is stamped anew). Made visible, such a
+    message could reach a consumer below what a later dispatcher of its partition had
+    closed (SPEC section 2: fifo; docs/architecture.md)."""
+    return error is not None and (not batch.local_ok or q.options.ordering == "fifo")
 
 
 def _stop_consumers(cs: list[Consumer]) -> None:

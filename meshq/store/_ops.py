@@ -9,6 +9,7 @@ __all__ = [
     "OP_DEDUP",
     "OP_DEDUP_PRUNE",
     "OP_DELETE",
+    "OP_DISCARD",
     "OP_DROP_QUEUE",
     "OP_FORGET",
     "OP_META",
@@ -39,3 +40,4 @@ OP_CATALOG_PRUNE = 12  # (before,): forget queues dropped before this (and their
 OP_PURGE_READY = 13  # (queue, idx, hlc, seq, below, at): the READY messages after (hlc, seq)
 #                      whose seq is below ``below`` (not one staged since) go,
 #                      tombstoned (the broker's backlog on disk, meshq.broker.backlog)
+OP_DISCARD = 14  # (seq,): the row goes, no tombstone (a send never confirmed, taken back)

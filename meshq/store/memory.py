@@ -152,6 +152,8 @@ class MemoryStore(Store):
             elif kind == op.OP_DELETE:
                 messages.pop(p[0], None)
                 tombs[p[1], p[2], p[3]] = p[4]
+            elif kind == op.OP_DISCARD:
+                messages.pop(p[0], None)
             elif kind == op.OP_TOMBSTONE:
                 tombs[p[0], p[1], p[2]] = p[3]
             elif kind == op.OP_TOMBSTONE_PRUNE:
