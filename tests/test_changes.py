@@ -44,11 +44,13 @@ CHANGES = (Put(R), Put(R, "d-1", 300.0), Step("jobs", 0, R.id, P), TOMB,
            Drop("jobs", 12, 7.0))
 VALUES = [
     ApplyReq((("jobs", 0, 5),), CHANGES),
+    ApplyReq((("jobs", 1, 5),), (), (("jobs", 1, 1 << 60),)),  # a closed bound alone
     ApplyAnswer((("jobs", 0, 9),), (("jobs", 0, "x-1"),), (TOMB,)),
     ApplyAnswer(),
     PromiseReq("jobs", 0, 7, Decl("jobs", 12, {})),
     PromiseReq("jobs", 0, 7, None),
     PromiseAnswer(True, 7, False),
+    PromiseAnswer(True, 7, True, 1 << 60),
     DigestReq("jobs", 0, None, tuple(range(64))),
     DigestAnswer(((3, (("m1", (1, 2, 3, 0, -1.0, 0.0, 0, "")),)),)),
     FetchReq("jobs", 0, ("m1", "m2")),
@@ -71,6 +73,19 @@ def roundtrip(value):
 def test_every_value_round_trips_through_msgpack() -> None:
     for value in VALUES:
         assert roundtrip(value) == value
+
+
+def test_closed_bounds_are_keys_a_node_of_the_previous_version_ignores() -> None:
+    """(A frame is a map: an earlier version reads the keys it knows and no others.) A
+    frame from such a node decodes with no bound; one without bounds has no ``b``."""
+    req = encode(ApplyReq((("jobs", 1, 5),), (TOMB,), (("jobs", 1, 99),)))
+    assert req["b"] == [["jobs", 1, 99]]
+    assert decode({k: v for k, v in req.items() if k != "b"}) == ApplyReq(
+        (("jobs", 1, 5),), (TOMB,))
+    assert "b" not in encode(ApplyReq((), (TOMB,)))
+    answer = encode(PromiseAnswer(True, 7, True, 99))
+    assert answer["b"] == 99
+    assert decode({k: v for k, v in answer.items() if k != "b"}) == PromiseAnswer(True, 7, True)
 
 
 PUT = encode(ApplyReq((), (Put(R),)))["c"][0]  # ["P", record]

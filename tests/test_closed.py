@@ -7,7 +7,8 @@ import random
 
 import pytest
 
-from meshq.broker.closed import FifoMerge, closed_timestamp
+from meshq.broker.closed import FifoMerge, closed_timestamp, renewed_bound, to_restamp
+from meshq.hlc import pack
 from meshq.testing.history import History, fifo_breaks
 
 
@@ -95,3 +96,26 @@ def test_fifo_breaks_ignore_redeliveries_and_name_what_came_before() -> None:
     fine.fifo_delivered("c", "a", 1, "n1", False, 1.0)
     fine.fifo_delivered("d", "b", 0, "n1", False, 2.0)  # another consumer's is its own
     assert fine.check().ok
+
+
+@pytest.mark.parametrize(("closed", "lead_ms", "bound"), [
+    (pack(1000), 200, pack(1200)),  # lead_ms of wall time above what it closes at
+    (pack(1000, 7), 200, pack(1200)),  # (the logical part goes: a whole millisecond)
+    (pack(1000), 0, pack(1000)),
+])
+def test_renewed_bound(closed: int, lead_ms: int, bound: int) -> None:
+    assert renewed_bound(closed, lead_ms) == bound
+
+
+@pytest.mark.parametrize(("ready", "bound", "seqs"), [
+    ([], 100, []),
+    ([(50, "n1", 1, 0)], 0, []),  # no bound (a fair queue, a new one): nothing
+    ([(50, "n1", 1, 0)], 100, [1]),  # never delivered, below what may have been closed
+    ([(50, "n1", 1, 1)], 100, []),  # a redelivery: outside the order, left alone
+    ([(100, "n1", 1, 0)], 100, []),  # at the bound: nothing was closed above it
+    ([(70, "n2", 9, 0), (60, "n1", 4, 0), (70, "n1", 8, 0), (150, "n1", 2, 0)], 100,
+     [4, 8, 9]),  # in (HLC, node) order: new stamps keep their order
+])
+def test_what_a_takeover_stamps_again(ready: list[tuple[int, str, int, int]], bound: int,
+                                      seqs: list[int]) -> None:
+    assert to_restamp(ready, bound) == seqs

@@ -10,7 +10,10 @@ from typing import Any
 import pytest
 import trio
 
-from meshq.testing.history import History
+from meshq.cluster.changes import Progress, Put, Record
+from meshq.hlc import pack
+from meshq.states import State
+from meshq.testing.history import History, fifo_breaks
 from meshq.testing.sim import Simulation, run_scenario
 
 Q = "orders"
@@ -114,5 +117,139 @@ def test_a_fair_queue_under_the_same_load_breaks_hlc_order() -> None:
         report = (await run(sim, "fair", 20))[0].check()
         assert report.fifo_breaks
         assert not (report.lost or report.double_leases)
+
+    run_scenario(script, seed=1)
+
+
+def test_a_send_stamped_by_a_cut_off_primary_comes_in_above_what_was_closed() -> None:
+    """Seed 21's case (docs/architecture.md, fifo across partitions: failovers). n3, the
+    primary of two partitions, is cut off from the consumer's side; a producer on n3
+    sends, stamped there and confirmed by no holder, while n1 and n2 take n3's partitions
+    over and the consumer on n1 gets later messages from a producer on n1. After the
+    heal, n3's send (taken back, or stamped again where a copy of it comes in below what
+    was closed) and the producer's retry of it (same dedup id) must not reach the
+    consumer below what it already got; every confirmed send is delivered."""
+    async def script(sim: Simulation) -> tuple[list[Any], History]:
+        async with sim.client("n1") as c:
+            await c.declare(Q, replicas=3, partitions=6, ordering="fifo")
+        await sim.wait_converged()
+        assert sim.primary(Q, 0) is not None
+        assert "n3" in {sim.primary(Q, i) for i in range(6)}
+        history = History()
+        seen: list[Any] = []  # (id, (hlc, node), redelivered, at), as fifo_breaks takes
+        confirmed: set[str] = set()
+        delivered: set[str] = set()
+
+        async def consume() -> None:
+            async with sim.client("n1") as c, c.consume(Q, prefetch=5) as sub:
+                async for d in sub:
+                    now = trio.current_time()
+                    history.delivered("c", d.id, d.delivery_count, d.redelivered, None, now)
+                    history.fifo_delivered("c", d.id, d.hlc, node_of(d.id), d.redelivered,
+                                           now)
+                    seen.append((d.id, (d.hlc, node_of(d.id)), d.redelivered, now))
+                    delivered.add(d.id)
+                    await c.ack(Q, [d])
+                    history.ack_confirmed("c", d.id, trio.current_time())
+
+        async def produce(node: str, n: int, gap: float) -> None:
+            async with sim.client(node) as p:
+                for i in range(n):
+                    body = f"{node}.{i}"
+                    history.send_invoked(node, body)
+                    mid = await p.send(Q, body)  # (retried with its dedup id until then)
+                    history.send_confirmed(node, body, mid, trio.current_time())
+                    confirmed.add(mid)
+                    await trio.sleep(gap)
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(consume)
+            await sim.until(lambda: all(len(q.consumers) == 1 for sn in sim.nodes.values()
+                                        for q in sn.node.broker.queues[Q] if q.active),
+                            10, "the consumer on every partition")
+            nursery.start_soon(produce, "n1", 150, 0.1)
+            await trio.sleep(1.0)
+            sim.net.partition([sim.nodes["n3"].address])  # n3 alone; n1, n2 and the consumer
+            async with trio.open_nursery() as cut_off:
+                cut_off.start_soon(produce, "n3", 3, 0.05)  # stamped on n3, unconfirmed
+                await trio.sleep(12.0)  # its batches fail; n1 and n2 took over meanwhile
+                sim.net.heal()
+            await sim.wait_whole()
+            await sim.until(lambda: len(confirmed) == 153 and confirmed <= delivered, 60,
+                            "every confirmed send delivered")
+            nursery.cancel_scope.cancel()
+        return seen, history
+
+    seen, history = run_scenario(script, seed=21)
+    assert fifo_breaks("c", seen) == []
+    report = history.check()
+    report.assert_ok()
+    assert report.confirmed_sends == 153
+
+
+
+def test_a_new_primary_stamps_above_what_its_predecessor_closed() -> None:
+    """The second failover case (docs/architecture.md): n3's clock jumped 2 s ahead (not
+    yet caught), so its partitions close 2 s ahead of the other clocks. n3 dies, and the
+    node that takes each of its partitions over within those 2 s must stamp above what n3
+    closed (it reads the partition's closed bound from a write quorum of its holders);
+    its closed timestamps are no higher than a bound confirmed at its own epoch."""
+    async def script(sim: Simulation) -> None:
+        async with sim.client("n1") as c:
+            await c.declare(Q, replicas=3, partitions=6, ordering="fifo")
+        await sim.wait_converged()
+        mine = [i for i in range(6) if sim.primary(Q, i) == "n3"]
+        assert mine
+        n3 = sim.nodes["n3"]
+        n3.clock.offset = 2.0
+        broker = n3.node.broker
+        closed = {}
+        for _ in range(20):  # a fifo merge asking, as it does while it waits
+            for i in mine:
+                closed[i] = broker.closed_of(broker.queues[Q][i], [])
+            await trio.sleep(0.01)
+        for i in mine:
+            q = broker.queues[Q][i]
+            assert 0 < closed[i] <= q.bound_ok <= q.bound
+        n3.kill()
+        await sim.until(lambda: all(sim.primary(Q, i) not in (None, "n3") for i in mine),
+                        10, "n3's partitions taken over")
+        for i in mine:
+            new = sim.nodes[sim.primary(Q, i)].node.broker  # type: ignore[index, union-attr]
+            wall_ms = int(new.clock.time() * 1000)
+            assert pack(wall_ms) < closed[i]  # (taken over within n3's lead)
+            assert new.queues[Q][i].bound >= closed[i]
+            assert new.hlc.now(wall_ms) > closed[i]
+
+    run_scenario(script, seed=5)
+
+
+def test_a_send_merged_in_below_the_closed_bound_is_stamped_again() -> None:
+    """A copy of a send that no write quorum confirmed (a holder applied it before its
+    sender was deposed) reaches the partition's dispatcher after it closed above it: it
+    keeps its id (a retry of it is still answered with it) and takes a new stamp, above
+    what was closed; one at or above the closed bound keeps its stamp."""
+    async def script(sim: Simulation) -> None:
+        async with sim.client("n1") as c:
+            await c.declare(Q, replicas=3, partitions=6, ordering="fifo")
+        await sim.wait_converged()
+        name = sim.primary(Q, 0)
+        assert name is not None
+        broker = sim.nodes[name].node.broker  # type: ignore[union-attr]
+        q = broker.queues[Q][0]
+        closed = 0
+        for _ in range(20):
+            closed = broker.closed_of(q, [])
+            await trio.sleep(0.01)
+        assert closed > 0 and q.bound > closed
+
+        def record(hlc: int) -> Record:
+            return Record(f"{hlc:016x}-00000009", Q, 0, q.inc, hlc, "00000009", b"late",
+                          None, None, Progress(int(State.READY), 0, 0.0, None, 0, 1, 1))
+
+        low, high = record(closed - 1), record(q.bound + (1 << 16))
+        broker.replica.merge([Put(low), Put(high)])
+        assert q.messages[low.id].hlc > closed  # stamped again, under its own id
+        assert q.messages[high.id].hlc == high.hlc
 
     run_scenario(script, seed=1)

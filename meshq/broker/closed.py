@@ -9,10 +9,13 @@ granted to that consumer and not yet handed over. A fifo consumer's merge holds 
 partition delivered and releases the lowest (HLC, node) it holds only when every other
 partition holds something behind it, or has closed above it.
 
+Across failovers, a dispatcher closes no higher than a *closed bound* a write quorum
+confirmed (``renewed_bound``), and the next one stamps above the bound it reads, stamping
+again what came in below it never delivered (``to_restamp``; docs/architecture.md).
+
 Never: a message released while another partition, holding nothing, has not closed above
 it. Outside the promise (so outside fifo order): redeliveries and delayed messages (they
-take their place again when ready), and a message merged in from another node below what
-was closed (a dead letter, or a send a failed primary stamped: see docs/architecture.md).
+take their place again when ready).
 """
 
 from __future__ import annotations
@@ -21,7 +24,9 @@ from collections import deque
 from collections.abc import Iterable
 from typing import Any
 
-__all__ = ["FifoMerge", "Key", "closed_timestamp"]
+from meshq.hlc import LOGICAL_BITS
+
+__all__ = ["FifoMerge", "Key", "closed_timestamp", "renewed_bound", "to_restamp"]
 
 Key = tuple[int, str]  # (HLC, node): message order
 
@@ -36,6 +41,22 @@ def closed_timestamp(stamp: int, ceiling: int, unconfirmed: int | None, head: in
         if ts is not None and ts < closed:
             closed = ts
     return closed
+
+
+def renewed_bound(closed: int, lead_ms: int) -> int:
+    """The closed bound a dispatcher closing at ``closed`` has a write quorum confirm
+    before it closes higher: ``lead_ms`` of wall time above ``closed``, so that a commit
+    every ``lead_ms / 2`` or so keeps an idle partition closing with the clock."""
+    return ((closed >> LOGICAL_BITS) + lead_ms) << LOGICAL_BITS
+
+
+def to_restamp(ready: Iterable[tuple[int, str, int, int]], bound: int) -> list[int]:
+    """Of a partition's READY messages, as (HLC, node, seq, delivery count), the seqs of
+    those never delivered whose HLC is below ``bound``, in their order: a dispatcher
+    closed up to ``bound`` at most, so such a message came in below what may have been
+    closed (sent to a dispatcher that was deposed meanwhile, and merged in late) and is
+    stamped again. One delivered before is a redelivery, outside the order."""
+    return [seq for hlc, _, seq, count in sorted(ready) if count == 0 and hlc < bound]
 
 
 class FifoMerge:

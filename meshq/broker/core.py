@@ -32,7 +32,7 @@ import msgpack
 import trio
 
 from meshq.broker.backlog import Backlog
-from meshq.broker.closed import closed_timestamp
+from meshq.broker.closed import closed_timestamp, renewed_bound
 from meshq.broker.dedup import CONFIRMED, DedupIndex
 from meshq.broker.partitions import (
     RECEIPT_SEP,
@@ -257,6 +257,8 @@ class Broker:
             if home is not None:
                 home.tombs[mid] = at
         self._dedup.restore(snap.dedup, now, on_disk=snap.dedup_on_disk)
+        for q in self.parts.values():
+            q.bound = int(snap.meta.get(bound_key(q.name, q.index), 0) or 0)
         self.hlc.restore(high)
         if self.dispatch_by_default:
             for q in self.parts.values():
@@ -476,15 +478,57 @@ class Broker:
         handed over have the HLCs ``pending`` (meshq.broker.closed); not ``ready``: above
         its ready messages too. It takes a stamp, so it moves on with the clock, and
         stays under the durable HLC ceiling, renewing it (with one commit under way at
-        most: it is asked for far more often than messages are sent)."""
+        most: it is asked for far more often than messages are sent). Replicated, it
+        also stays under the partition's closed bound that a write quorum confirmed at
+        this dispatcher's epoch (``q.bound_ok``), renewing that the same way: a takeover
+        reads the bound from a quorum and stamps above it, so what this dispatcher closed
+        is never stamped under by the next one, however its clock stands, nor while this
+        one, deposed without knowing it yet, goes on answering."""
         now = self.clock.time()
         ts = self.hlc.now(int(now * 1000))
         if ts >= self._hlc_durable - HLC_REFRESH and (self._hlc_batch is None
                                                       or self._hlc_batch.done):
             ts = self._stamp(now)
         first = next(iter(self.in_flight.values()), None)  # (stamped in order: the oldest)
-        return closed_timestamp(ts, self._hlc_durable, None if first is None else first.hlc,
-                                self.ready_floor(q) if ready else None, pending)
+        closed = closed_timestamp(ts, self._hlc_durable,
+                                  None if first is None else first.hlc,
+                                  self.ready_floor(q) if ready else None, pending)
+        if not self.replicating:
+            return closed
+        if closed >= q.bound_ok - HLC_REFRESH and (q.bound_batch is None
+                                                   or q.bound_batch.done):
+            self._raise_bound(q, renewed_bound(closed, HLC_CEILING_MS))
+        return min(closed, q.bound_ok)
+
+    def _raise_bound(self, q: Queue, bound: int) -> None:
+        """Stage ``q``'s closed bound ``bound``: replicated to its holders with the open
+        batch (fenced by this dispatcher's epoch), kept here in the meta table; once the
+        batch is confirmed, this dispatcher closes up to it."""
+        batch = self.store.current_batch()
+        batch.bounds[q.part] = bound
+        batch.epochs.setdefault(q.part, q.epoch)
+        self.keep_bound(q, bound)
+        q.bound_batch = batch
+        batch.add_callback(functools.partial(self._bound_confirmed, q, q.epoch, bound))
+
+    def keep_bound(self, q: Queue, bound: int) -> None:
+        """``q``'s closed bound is at least ``bound`` (staged in the meta table)."""
+        if bound > q.bound:
+            q.bound = bound
+            self.store.stage((OP_META, (bound_key(q.name, q.index), bound)))
+
+    def _bound_confirmed(self, q: Queue, epoch: int, bound: int,
+                         error: BaseException | None) -> None:
+        if error is None and q.active and q.epoch == epoch:
+            q.bound_ok = max(q.bound_ok, bound)
+
+    def restamp(self, q: Queue, msg: Message, now: float) -> None:
+        """Give a READY message never delivered a new stamp (fifo: it came below what was
+        closed; its id stays, so a client's confirmation or retry of it still holds). Not
+        replicated: the next dispatcher decides again, by its own bound."""
+        msg.hlc = self._stamp(now)
+        q.push_ready(msg)  # (its old heap entry goes stale)
+        self.store.stage(put_op(msg))
 
     def ready_floor(self, q: Queue) -> int | None:
         """An HLC at or below every READY message of ``q``, in memory or on disk only
@@ -1644,6 +1688,11 @@ class Broker:
         if name is not None:
             return [self.stats_of(name)]
         return [self.stats_of(n) for n in sorted(self.queues)]
+
+
+def bound_key(name: str, index: int) -> str:
+    """The meta row of a partition's closed bound."""
+    return f"closed {index} {name}"
 
 
 def _taken_back(q: Queue, batch: Batch, error: BaseException | None) -> bool:

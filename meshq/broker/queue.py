@@ -113,6 +113,12 @@ class Queue:
         self.last_used = 0.0  # when last declared, received from or consumed (expires)
         self.epoch = 0  # the dispatch epoch while active (versions its changes)
         self.promised = 0  # no change from a dispatcher of an earlier epoch is accepted
+        # Closed bounds (fifo, meshq.broker.core.Broker.closed_of): the highest known here
+        # (a takeover stamps above it), the one this dispatcher had a write quorum confirm
+        # at its epoch (it closes no higher), and the batch raising it.
+        self.bound = 0
+        self.bound_ok = 0
+        self.bound_batch: Any = None
         # READY messages on disk only, counted in ``counts`` too (meshq.broker.backlog)
         self.cold = 0
         self.cold_after = (0, 0)  # (hlc, seq): every cold message is after it

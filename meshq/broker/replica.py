@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 import msgpack
 
+from meshq.broker.closed import to_restamp
 from meshq.broker.digests import message_key
 from meshq.broker.queue import Queue
 from meshq.cluster.changes import (
@@ -138,8 +139,21 @@ class Replica:
         now = self.b.clock.time()
         # Stamp above every message of the partition, whatever clock stamped it: one
         # stamped by a clock too far ahead was merged without moving this HLC (receive
-        # refuses it), and a send after it must not come out first (a key's order, fifo).
-        self.b.hlc.restore(max((m.hlc for m in q.messages.values()), default=0))
+        # refuses it), and a send after it must not come out first (a key's order, fifo);
+        # and above its closed bound (fifo: what an earlier dispatcher may have closed),
+        # stamping again what came in below it and was never delivered.
+        self.b.hlc.restore(max(max((m.hlc for m in q.messages.values()), default=0),
+                               q.bound))
+        q.bound_ok, q.bound_batch = 0, None  # (confirmed anew at this epoch: closed_of)
+        if q.bound:
+            below = to_restamp(((m.hlc, m.node, m.seq, m.delivery_count)
+                                for m in q.messages.values() if m.state == State.READY),
+                               q.bound)
+            if below:
+                seqs = set(below)
+                by_seq = {m.seq: m for m in q.messages.values() if m.seq in seqs}
+                for seq in below:
+                    self.b.restamp(q, by_seq[seq], now)
         for msg in q.messages.values():
             self._schedule_all(q, msg, now)
         self.b.used(q)  # an expiring queue's unused time counts from its activation here
@@ -229,10 +243,12 @@ class Replica:
 
     # -- merging -----------------------------------------------------------------------------
     def merge(self, changes: Iterable[Change],
-              epochs: dict[PartKey, int] | None = None) -> Merged:
+              epochs: dict[PartKey, int] | None = None,
+              bounds: Iterable[tuple[str, int, int]] = ()) -> Merged:
         """Join ``changes`` into this replica; see Merged. ``epochs``: the sender's dispatch
         epoch per partition, which fences (a partition promised to a later epoch refuses
-        the changes) and promises (a later epoch is accepted and promised from now on)."""
+        the changes) and promises (a later epoch is accepted and promised from now on).
+        ``bounds``: closed bounds of partitions (fenced the same way), kept when higher."""
         out = Merged(self.b.store.current_batch())
         replicating, self.b.replicating = self.b.replicating, False
         touched: dict[Queue, None] = {}
@@ -253,6 +269,10 @@ class Replica:
                 elif epoch > q.promised:
                     self.promise(q, epoch)
                     out.changed = True
+            for qname, idx, bound in bounds:
+                q = self.part(qname, idx)
+                if q is not None and q.part not in out.fenced:
+                    self.b.keep_bound(q, bound)
             now = self.b.clock.time()
             changed_parts: set[PartKey] = set()
             for c in rest:
@@ -378,6 +398,11 @@ class Replica:
                 self.b.hlc.receive(msg.hlc, int(now * 1000))
             except ClockOffsetError:
                 pass  # (stamped by a clock too far ahead: activate() stamps above it)
+        elif q.active and to_restamp([(msg.hlc, msg.node, msg.seq, msg.delivery_count)],
+                                     q.bound) and msg.state == State.READY:
+            # fifo: it comes in below what this dispatcher may have closed (its sender was
+            # deposed before a write quorum had it: never confirmed), and takes a new stamp
+            msg.hlc = self.b._stamp(now)
         q.add(msg)
         if q.active:
             self._schedule_all(q, msg, now)

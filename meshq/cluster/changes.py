@@ -176,10 +176,14 @@ Change: TypeAlias = Put | Step | Tomb | Dedup | Tally | Decl | Drop
 class ApplyReq:
     """Changes to apply. ``epochs`` fences partitions: (queue, index, epoch) of the sender's
     dispatch; a replica that promised a later epoch refuses that partition's changes.
-    Changes of partitions without an epoch are merges (repair, dead-letter moves)."""
+    Changes of partitions without an epoch are merges (repair, dead-letter moves).
+    ``bounds``: (queue, index, HLC) raising a fenced partition's closed bound (an HLC its
+    dispatcher may close up to: meshq.broker.core, ``Broker.closed_of``); frame key
+    ``b``, absent when empty, which a node of an earlier version ignores."""
 
     epochs: tuple[tuple[str, int, int], ...]
     changes: tuple[Change, ...]
+    bounds: tuple[tuple[str, int, int], ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -204,6 +208,7 @@ class PromiseAnswer:
     ok: bool
     promised: int  # the replica's promised epoch after the request
     has_copy: bool  # it holds records or tombstones of the partition
+    bound: int = 0  # its closed bound of the partition (frame key ``b``; 0: none, or older)
 
 
 @dataclass(frozen=True, slots=True)
@@ -518,8 +523,12 @@ def encode(msg: Request | Answer) -> dict[str, Any]:
     """A request or answer as a frame map (``t`` names its type)."""
     t = type(msg)
     if t is ApplyReq:
-        return {"t": "apply", "e": [list(x) for x in msg.epochs],  # type: ignore[union-attr]
-                "c": [_enc_change(c) for c in msg.changes]}  # type: ignore[union-attr]
+        assert isinstance(msg, ApplyReq)
+        frame = {"t": "apply", "e": [list(x) for x in msg.epochs],
+                 "c": [_enc_change(c) for c in msg.changes]}
+        if msg.bounds:
+            frame["b"] = [list(x) for x in msg.bounds]
+        return frame
     if t is ApplyAnswer:
         return {"t": "applied", "f": [list(x) for x in msg.fenced],  # type: ignore[union-attr]
                 "m": [list(x) for x in msg.missing],  # type: ignore[union-attr]
@@ -530,7 +539,8 @@ def encode(msg: Request | Answer) -> dict[str, Any]:
                 "d": None if msg.decl is None else _enc_change(msg.decl)}
     if t is PromiseAnswer:
         assert isinstance(msg, PromiseAnswer)
-        return {"t": "promised", "ok": msg.ok, "p": msg.promised, "c": msg.has_copy}
+        return {"t": "promised", "ok": msg.ok, "p": msg.promised, "c": msg.has_copy,
+                "b": msg.bound}
     if t is DigestReq:
         assert isinstance(msg, DigestReq)
         return {"t": "digest", "q": msg.queue, "i": msg.index, "s": list(msg.sums),
@@ -568,7 +578,8 @@ def decode(frame: Any) -> Request | Answer:
     try:
         if t == "apply":
             return ApplyReq(_part_epochs(frame["e"], "epochs"),
-                            tuple(_dec_change(c) for c in _list(frame["c"], "changes")))
+                            tuple(_dec_change(c) for c in _list(frame["c"], "changes")),
+                            _part_epochs(frame.get("b", []), "bounds"))
         if t == "applied":
             missing = []
             for item in _list(frame["m"], "missing"):
@@ -589,7 +600,8 @@ def decode(frame: Any) -> Request | Answer:
             ok, has_copy = frame["ok"], frame["c"]
             if not isinstance(ok, bool) or not isinstance(has_copy, bool):
                 raise _bad("promise answer")
-            return PromiseAnswer(ok, _int(frame["p"], "promised"), has_copy)
+            return PromiseAnswer(ok, _int(frame["p"], "promised"), has_copy,
+                                 _int(frame.get("b", 0), "bound"))
         if t == "digest":
             decl = None if frame["d"] is None else _dec_change(frame["d"])
             if decl is not None and not isinstance(decl, Decl):

@@ -272,10 +272,12 @@ class Cluster:
         self._batches[bid] = batch
         self._batch_ids[id(batch)] = bid
         now = self._now()
-        if not batch.changes:
+        if not batch.changes and not batch.bounds:
             self._run(self.gate.shipped(bid, {}, now))
             return
         by_part: dict[PartKey, list[Change]] = defaultdict(list)
+        for bounded in batch.bounds:  # (a closed bound alone goes to the holders too)
+            by_part.setdefault(bounded, [])
         catalog: list[Change] = []
         for c in batch.changes:
             part = part_of(c)
@@ -351,7 +353,10 @@ class Cluster:
     def _send(self, bid: int, node: str, changes: list[Change], parts: set[PartKey],
               epochs: dict[PartKey, int]) -> None:
         fence = tuple((p[0], p[1], e) for p, e in epochs.items() if p in parts)
-        self.peers.send(node, ApplyReq(fence, tuple(changes)),
+        batch = self._batches.get(bid)
+        bounds = () if batch is None else tuple(
+            (p[0], p[1], b) for p, b in batch.bounds.items() if p in parts)
+        self.peers.send(node, ApplyReq(fence, tuple(changes), bounds),
                         functools.partial(self._answered, bid, node, frozenset(parts)))
 
     def _answered(self, bid: int, node: str, parts: frozenset[PartKey],
@@ -481,7 +486,7 @@ class Cluster:
             epochs = {(q, i): e for q, i, e in request.epochs}
             if self._current:  # another node dispatches these (or did): compare them again
                 self._merged(set(epochs))
-            merged = replica.merge(request.changes, epochs)
+            merged = replica.merge(request.changes, epochs, request.bounds)
             answer = ApplyAnswer(tuple((p[0], p[1], e) for p, e in merged.fenced.items()),
                                  tuple(merged.missing), tuple(merged.tombs))
             if merged.catalog:  # (not for the Decl every batch repeats)
@@ -519,7 +524,7 @@ class Cluster:
         this node holds a copy is exact: tombstones in the store only (after a restart)
         are read back first, as a takeover reads a copy of tombstones alone."""
         await self.broker.backlog.warm_tombs(q)
-        return await self._after(batch, PromiseAnswer(ok, promised, q.has_copy))
+        return await self._after(batch, PromiseAnswer(ok, promised, q.has_copy, q.bound))
 
     async def _after(self, batch: Batch, answer: Answer) -> Answer:
         """The answer, once what the request staged is durable here."""

@@ -266,6 +266,8 @@ async def take_over(peers: Peers, broker: Broker, q: Queue, reps: Replicas,
     if higher > epoch:
         return Takeover(False, epoch, higher=higher, reason="a later epoch was promised")
     promised = [n for n, a in answers.items() if a.ok]
+    # (what any earlier dispatcher closed is below a bound a write quorum has: stamp above)
+    broker.keep_bound(q, max((answers[n].bound for n in promised), default=0))
     log.debug("%s: promises of %s/%d at %x: %s", peers.me, q.name, q.index, epoch, answers)
     holders_ok = 1 + sum(1 for n in promised if n in reps.holders)
     if holders_ok < reps.write_quorum:

@@ -72,8 +72,8 @@ Callback = Callable[[BaseException | None], None]
 class Batch:
     """Ops that commit together. Durable once ``done`` with ``error`` None."""
 
-    __slots__ = ("_callbacks", "_event", "body_bytes", "changes", "done", "epochs", "error",
-                 "local_ok", "on_local", "ops", "requests", "started")
+    __slots__ = ("_callbacks", "_event", "body_bytes", "bounds", "changes", "done", "epochs",
+                 "error", "local_ok", "on_local", "ops", "requests", "started")
 
     def __init__(self) -> None:
         self.ops: list[Op] = []
@@ -88,6 +88,8 @@ class Batch:
         # epoch of each partition they were made under (which fences them).
         self.changes: list[Any] = []
         self.epochs: dict[tuple[str, int], int] = {}
+        # and the closed bounds it raises, per partition (fenced by those epochs too)
+        self.bounds: dict[tuple[str, int], int] = {}
         # Called once committed (or failed) on this node, before any replication wait.
         self.on_local: list[Callback] = []
         # Whether it committed here (None: not yet). A batch can be durable here and still
