@@ -9,6 +9,7 @@ import pytest
 
 from meshq.broker.closed import FifoMerge, closed_timestamp, renewed_bound, to_restamp
 from meshq.hlc import pack
+from meshq.server.fifo import order_key
 from meshq.testing.history import History, fifo_breaks
 
 
@@ -98,13 +99,16 @@ def test_fifo_breaks_ignore_redeliveries_and_name_what_came_before() -> None:
     assert fine.check().ok
 
 
-@pytest.mark.parametrize(("closed", "lead_ms", "bound"), [
-    (pack(1000), 200, pack(1200)),  # lead_ms of wall time above what it closes at
-    (pack(1000, 7), 200, pack(1200)),  # (the logical part goes: a whole millisecond)
-    (pack(1000), 0, pack(1000)),
+@pytest.mark.parametrize(("closed", "floor", "bound"), [
+    (pack(1000), (), pack(1200)),  # 200 ms of wall time above what it closes at
+    (pack(1000, 7), (), pack(1200)),  # (the logical part goes: a whole millisecond)
+    (pack(1000), (None, None), pack(1200)),
+    (pack(1000), (pack(1100), None), pack(1100)),  # not above its ready head ...
+    (pack(1000), (pack(1150), pack(1050)), pack(1050)),  # ... nor an uncommitted send
+    (pack(1000, 3), (pack(1000, 3),), pack(1000, 3)),  # never below what it closes at
 ])
-def test_renewed_bound(closed: int, lead_ms: int, bound: int) -> None:
-    assert renewed_bound(closed, lead_ms) == bound
+def test_renewed_bound(closed: int, floor: tuple[int | None, ...], bound: int) -> None:
+    assert renewed_bound(closed, 200, floor) == bound
 
 
 @pytest.mark.parametrize(("ready", "bound", "seqs"), [
@@ -114,8 +118,21 @@ def test_renewed_bound(closed: int, lead_ms: int, bound: int) -> None:
     ([(50, "n1", 1, 1)], 100, []),  # a redelivery: outside the order, left alone
     ([(100, "n1", 1, 0)], 100, []),  # at the bound: nothing was closed above it
     ([(70, "n2", 9, 0), (60, "n1", 4, 0), (70, "n1", 8, 0), (150, "n1", 2, 0)], 100,
-     [4, 8, 9]),  # in (HLC, node) order: new stamps keep their order
+     [4, 8, 9, 2]),  # in (HLC, node) order, and those after them: the order is kept
+    ([(40, "n1", 1, 0), (60, "n1", 2, 2), (90, "n1", 3, 0)], 50, [1, 3]),  # (not 2)
+    ([(150, "n1", 1, 0), (160, "n1", 2, 0)], 100, []),  # a backlog above it: untouched
 ])
 def test_what_a_takeover_stamps_again(ready: list[tuple[int, str, int, int]], bound: int,
                                       seqs: list[int]) -> None:
     assert to_restamp(ready, bound) == seqs
+
+
+def test_the_order_key_is_hlc_then_node_whatever_the_id_says() -> None:
+    """(HLC, node), SPEC section 2; from an id, a key as it travels, or an earlier
+    version's [HLC, id]. Two nodes stamping two messages alike (each stamped again after
+    a failover, keeping its id) are ordered by node, as the ready heap orders them, not
+    by their ids."""
+    assert order_key(7, "0000000000070000-0000000a") == (7, "0000000a")
+    assert order_key(7, "0000000a") == (7, "0000000a")
+    x, y = order_key(9, "0000000000060000-00000002"), order_key(9, "0000000000050000-00000003")
+    assert x < y

@@ -43,20 +43,32 @@ def closed_timestamp(stamp: int, ceiling: int, unconfirmed: int | None, head: in
     return closed
 
 
-def renewed_bound(closed: int, lead_ms: int) -> int:
+def renewed_bound(closed: int, lead_ms: int, floor: Iterable[int | None] = ()) -> int:
     """The closed bound a dispatcher closing at ``closed`` has a write quorum confirm
     before it closes higher: ``lead_ms`` of wall time above ``closed``, so that a commit
-    every ``lead_ms / 2`` or so keeps an idle partition closing with the clock."""
-    return ((closed >> LOGICAL_BITS) + lead_ms) << LOGICAL_BITS
+    every ``lead_ms / 2`` or so keeps an idle partition closing with the clock; but not
+    above ``floor`` (its ready head, its oldest send not yet committed: None, none), so
+    that a takeover finds its backlog above the bound and leaves its stamps alone."""
+    bound = ((closed >> LOGICAL_BITS) + lead_ms) << LOGICAL_BITS
+    for low in floor:
+        if low is not None and low < bound:
+            bound = low
+    return max(bound, closed)
 
 
 def to_restamp(ready: Iterable[tuple[int, str, int, int]], bound: int) -> list[int]:
-    """Of a partition's READY messages, as (HLC, node, seq, delivery count), the seqs of
-    those never delivered whose HLC is below ``bound``, in their order: a dispatcher
-    closed up to ``bound`` at most, so such a message came in below what may have been
-    closed (sent to a dispatcher that was deposed meanwhile, and merged in late) and is
-    stamped again. One delivered before is a redelivery, outside the order."""
-    return [seq for hlc, _, seq, count in sorted(ready) if count == 0 and hlc < bound]
+    """Of a partition's READY messages, as (HLC, node, seq, delivery count), the seqs to
+    stamp again, in their order: from the first never delivered whose HLC is below
+    ``bound`` on, every one never delivered. A dispatcher closed up to ``bound`` at most,
+    so such a message may have come in below what was closed (sent to a dispatcher that
+    was deposed meanwhile, and merged in late); those after it are stamped again too, so
+    that the partition keeps their order (a key's order). One delivered before is a
+    redelivery, outside the order, and keeps its place."""
+    out: list[int] = []
+    for hlc, _, seq, count in sorted(ready):
+        if count == 0 and (out or hlc < bound):
+            out.append(seq)
+    return out
 
 
 class FifoMerge:

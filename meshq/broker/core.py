@@ -490,14 +490,17 @@ class Broker:
                                                       or self._hlc_batch.done):
             ts = self._stamp(now)
         first = next(iter(self.in_flight.values()), None)  # (stamped in order: the oldest)
-        closed = closed_timestamp(ts, self._hlc_durable,
-                                  None if first is None else first.hlc,
-                                  self.ready_floor(q) if ready else None, pending)
+        oldest = None if first is None else first.hlc
+        floor = self.ready_floor(q)
+        closed = closed_timestamp(ts, self._hlc_durable, oldest, floor if ready else None,
+                                  pending)
         if not self.replicating:
             return closed
         if closed >= q.bound_ok - HLC_REFRESH and (q.bound_batch is None
                                                    or q.bound_batch.done):
-            self._raise_bound(q, renewed_bound(closed, HLC_CEILING_MS))
+            bound = renewed_bound(closed, HLC_CEILING_MS, (floor, oldest))
+            if bound > q.bound_ok:
+                self._raise_bound(q, bound)
         return min(closed, q.bound_ok)
 
     def _raise_bound(self, q: Queue, bound: int) -> None:

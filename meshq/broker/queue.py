@@ -218,14 +218,14 @@ class Queue:
         return None
 
     def ready_below(self, key: tuple[int, str], most: int) -> int:
-        """How many READY messages come before ``key`` (HLC, id), counting at most
+        """How many READY messages come before ``key`` (HLC, node), counting at most
         ``most``, walking the heap in order from its top: O(``most`` log ``most``)."""
         heap = self._ready
         count = 0
         todo = [(heap[0], 0)] if heap else []
         while todo and count < most:
             entry, i = heapq.heappop(todo)
-            if (entry[0], entry[4].id) >= key:
+            if (entry[0], entry[1]) >= key:
                 break
             if entry[4].token == entry[3] and entry[4].state == State.READY:
                 count += 1

@@ -35,7 +35,7 @@ if TYPE_CHECKING:
     from meshq.model import Message
     from meshq.server.session import ClientSession
 
-__all__ = ["ASK_BACKOFF", "CLOSED_POLL", "CLOSED_WAIT", "Fifo"]
+__all__ = ["ASK_BACKOFF", "CLOSED_POLL", "CLOSED_WAIT", "Fifo", "order_key"]
 
 log = logging.getLogger("meshq.server.fifo")
 
@@ -115,9 +115,9 @@ class Fifo:
         partitions, max, before, after, visibility_timeout}. With ``after`` it first waits
         (up to CLOSED_WAIT s) until each partition has closed above it or has a ready
         message at or below it; then it leases up to ``max[i]`` of partition i's lowest
-        ready messages below ``before[i]``, and answers ``parts``: per partition, its
-        closed timestamp not counting its ready messages, its ready head's [HLC, id]
-        (None: none) after that, and what it took."""
+        ready messages below ``before[i]`` ([HLC, node]: ``order_key``), and answers
+        ``parts``: per partition, its closed timestamp not counting its ready messages,
+        its ready head's [HLC, node] (None: none) after that, and what it took."""
         from meshq.server.session import delivery  # (the session imports this module)
         s = self.s
         name, indexes = req.get("queue"), req.get("partitions")
@@ -139,13 +139,13 @@ class Fifo:
         parts = []
         for q, n, below in zip(chosen, most, before, strict=True):
             took = []
-            k = (q.ready_below(tuple(below), min(n, s.broker.limits.max_batch))
+            k = (q.ready_below(order_key(*below), min(n, s.broker.limits.max_batch))
                  if n > 0 else 0)
             if k:
                 took = await s.broker.receive(s.session, name, k, 0.0,
                                               req.get("visibility_timeout"), [q.index])
             head = q.head_ready()
-            key = None if head is None else [head.hlc, head.id]
+            key = None if head is None else [head.hlc, head.node]
             floor = s.broker.ready_floor(q)
             if floor is not None and (head is None or floor < head.hlc):
                 key = [floor, ""]  # (below what is on disk only: paged in soon)
@@ -212,7 +212,7 @@ class Fifo:
             at = s.broker.clock.time()
             for m in got:
                 merge.add(parse_receipt(str(m.get("receipt", "")))[2] or 0,
-                          (m["hlc"], str(m["id"])), (m, at))
+                          order_key(m["hlc"], m["id"]), (m, at))
             await self._take(name, req, merge, heads, dict.fromkeys(range(n), look))
         back = [m for m, _ in out[want:] + merge.drain()]
         if back:
@@ -257,9 +257,9 @@ class Fifo:
                     f"partitions {indexes} of {name!r} did not answer"))
                 continue
             for j, (closed, head, msgs) in zip(indexes, got, strict=True):
-                heads[j] = (head[0], head[1]) if _is_key(head) else None
+                heads[j] = order_key(head[0], head[1]) if _is_key(head) else None
                 for m in msgs:
-                    merge.add(j, (m["hlc"], str(m["id"])), (m, at))
+                    merge.add(j, order_key(m["hlc"], m["id"]), (m, at))
                 if type(closed) is int:  # (the ready head is not closed: it is there)
                     merge.close(j, min((closed, ""), heads[j] or (closed, "")))
         return errors[0] if len(errors) == len(batches) else None
@@ -292,7 +292,7 @@ class Fifo:
         for m in frame.get("messages") or ():
             _, _, at = parse_receipt(str(m.get("receipt", "")))
             if at is not None and 0 <= at < len(merge.held) and type(m.get("hlc")) is int:
-                merge.add(at, (m["hlc"], str(m.get("id"))), (m, now))
+                merge.add(at, order_key(m["hlc"], m.get("id")), (m, now))
         self._release(f)
         return True
 
@@ -367,7 +367,15 @@ async def _until(done: Callable[[], bool]) -> None:
         await trio.sleep(CLOSED_POLL)
 
 
+def order_key(hlc: int, mid: Any) -> Key:
+    """A message's order key (HLC, node) from its HLC and its id ("<hlc>-<node>"), or
+    from a key as it travels ([HLC, node]; [HLC, id] from a node of an earlier version).
+    Not from the id alone: a message stamped again (fifo, after a failover) keeps its id,
+    and two nodes may stamp two messages alike, so ids would order them otherwise."""
+    return (hlc, str(mid).rpartition("-")[2])
+
+
 def _is_key(v: Any) -> bool:
-    """[HLC, id] (a message's order key, as it travels)."""
+    """[HLC, node] (a message's order key, as it travels)."""
     return (isinstance(v, list | tuple) and len(v) == 2 and type(v[0]) is int
             and isinstance(v[1], str))
