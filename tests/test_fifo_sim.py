@@ -10,6 +10,7 @@ from typing import Any
 import pytest
 import trio
 
+from meshq.broker import Session
 from meshq.cluster.changes import Progress, Put, Record
 from meshq.hlc import pack
 from meshq.states import State
@@ -253,3 +254,28 @@ def test_a_send_merged_in_below_the_closed_bound_is_stamped_again() -> None:
         assert q.messages[high.id].hlc == high.hlc
 
     run_scenario(script, seed=1)
+
+
+def test_a_lease_raises_the_closed_bound_on_the_holders() -> None:
+    """(--fifo 6 seed 69) A copy of an unconfirmed send below a message its partition has
+    already delivered must be stamped again by the next primary: the lease's batch carries
+    the bound above the delivered message to the holders, and a takeover reads it. (No
+    closed timestamp is asked here, which raises the bound too.)"""
+    async def script(sim: Simulation) -> None:
+        async with sim.client("n1") as c:
+            await c.declare(Q, replicas=3, partitions=6, ordering="fifo")
+            await sim.wait_converged()
+            mid = await c.send(Q, "m", partition_key="k")
+        await sim.wait_converged()
+        index = next(q.index for q in sim.nodes["n1"].node.broker.queues[Q]  # type: ignore[union-attr]
+                     if mid in q.messages)
+        name = sim.primary(Q, index)
+        assert name is not None
+        broker = sim.nodes[name].node.broker  # type: ignore[union-attr]
+        [m] = await broker.receive(Session(), Q, 1, 0.0, None, [index])
+        assert m.id == mid
+        await sim.wait_converged()
+        for sn in sim.nodes.values():
+            assert sn.node.broker.queues[Q][index].bound > m.hlc  # type: ignore[union-attr]
+
+    run_scenario(script, seed=2)

@@ -498,7 +498,9 @@ class Broker:
             return closed
         if closed >= q.bound_ok - HLC_REFRESH and (q.bound_batch is None
                                                    or q.bound_batch.done):
-            bound = renewed_bound(closed, HLC_CEILING_MS, (floor, oldest))
+            # (at or below the ready head, so that a takeover leaves a backlog's stamps
+            # alone; a fifo receive's look past the ready messages runs ahead of them)
+            bound = renewed_bound(closed, HLC_CEILING_MS, (floor, oldest) if ready else ())
             if bound > q.bound_ok:
                 self._raise_bound(q, bound)
         return min(closed, q.bound_ok)
@@ -507,12 +509,19 @@ class Broker:
         """Stage ``q``'s closed bound ``bound``: replicated to its holders with the open
         batch (fenced by this dispatcher's epoch), kept here in the meta table; once the
         batch is confirmed, this dispatcher closes up to it."""
-        batch = self.store.current_batch()
-        batch.bounds[q.part] = bound
-        batch.epochs.setdefault(q.part, q.epoch)
-        self.keep_bound(q, bound)
+        batch = self._stage_bound(q, bound)
         q.bound_batch = batch
         batch.add_callback(functools.partial(self._bound_confirmed, q, q.epoch, bound))
+
+    def _stage_bound(self, q: Queue, bound: int) -> Batch:
+        """``q``'s closed bound is at least ``bound``, here and, with the open batch (which
+        it returns), on the holders that confirm it."""
+        batch = self.store.current_batch()
+        if batch.bounds.get(q.part, 0) < bound:
+            batch.bounds[q.part] = bound
+        batch.epochs.setdefault(q.part, q.epoch)
+        self.keep_bound(q, bound)
+        return batch
 
     def keep_bound(self, q: Queue, bound: int) -> None:
         """``q``'s closed bound is at least ``bound`` (staged in the meta table)."""
@@ -814,6 +823,10 @@ class Broker:
         msg.lease_id = self._lease_id()
         msg.holder = c.session.holder or self.holder
         msg.owner = c
+        if msg.hlc >= q.bound and self.replicating and q.options.ordering == "fifo":
+            # (with the lease: a takeover stamps above what was delivered, and stamps
+            # again what is not delivered yet below it: see Replica.activate)
+            self._stage_bound(q, msg.hlc + 1)
         if c.siblings is None:
             c.credit -= 1
         else:

@@ -660,14 +660,16 @@ class Simulation:
         return "\n".join(lines)
 
     def _nothing_anywhere(self) -> bool:
-        """No copy of QUEUE holds a message, and no batch waits for its quorum (a send
-        whose outcome is unknown becomes visible where it committed once it does, and is
-        repaired into the primary from there)."""
+        """No copy of QUEUE holds a message, and no batch of changes waits for its quorum
+        (a send whose outcome is unknown becomes visible where it committed once it does,
+        and is repaired into the primary from there; a fair queue's). A batch of closed
+        bounds only (a fifo queue's, raised while a receive waits) makes nothing visible."""
         for sn in self.nodes.values():
             node = sn.node
             if node is None:
                 continue
-            if node.cluster is not None and len(node.cluster.gate):
+            if node.cluster is not None and len(node.cluster.gate) and any(
+                    b.changes for b in node.cluster._batches.values()):
                 return False
             if any(q.messages for q in node.broker.queues.get(QUEUE, ())):
                 return False
