@@ -92,8 +92,8 @@ class Report:
     reorders: tuple[Reorder, ...] = ()
     # first deliveries of keyed messages whose order the check compared (it did something)
     keyed_first_deliveries: int = 0
-    fifo_breaks: tuple[FifoBreak, ...] = ()  # first deliveries out of HLC order
-    fifo_breaks_during_instability: tuple[FifoBreak, ...] = ()  # counted, not judged
+    # first deliveries out of HLC order, whatever the membership did (a failover too)
+    fifo_breaks: tuple[FifoBreak, ...] = ()
 
     @property
     def ok(self) -> bool:
@@ -135,14 +135,10 @@ class Report:
                 )
             )
             lines.append(f"REORDERED {len(self.reorders)} first deliveries of a key: {shown}")
-        if self.fifo_breaks_during_instability:
-            lines.append(f"fifo order broken during instability="
-                         f"{len(self.fifo_breaks_during_instability)}")
         if self.fifo_breaks:
             shown = _few(tuple(f"{b.message_id} after {b.after_id} ({b.consumer})"
                                for b in self.fifo_breaks))
-            lines.append(f"FIFO ORDER broken {len(self.fifo_breaks)} time(s) while membership "
-                         f"was stable: {shown}")
+            lines.append(f"FIFO ORDER broken {len(self.fifo_breaks)} time(s): {shown}")
         return "\n".join(lines)
 
     def assert_ok(self) -> None:
@@ -340,8 +336,8 @@ class History:
                        redelivered: bool, at: float) -> None:
         """`consumer` got `message_id` of a fifo queue, stamped `hlc` by `node`, at `at`:
         calls in the order the consumer got them (record `delivered` too). Fifo order is
-        judged while membership is stable (a failover may break it: docs/architecture.md)
-        and counted otherwise."""
+        judged whatever the membership did: a failover must not break it either
+        (docs/architecture.md, fifo across partitions)."""
         with self._lock:
             self._fifo[consumer].append((message_id, (hlc, node), redelivered, at))
 
@@ -411,11 +407,6 @@ class History:
         )
 
         breaks = [b for c in sorted(fifo) for b in fifo_breaks(c, fifo[c])]
-        stable_breaks: list[FifoBreak] = []
-        unstable_breaks: list[FifoBreak] = []
-        for b in breaks:
-            (unstable_breaks if overlaps_any(b.after_at, b.at, unstable)
-             else stable_breaks).append(b)
         stable_doubles: list[DoubleLease] = []
         unstable_doubles: list[DoubleLease] = []
         for message_id in sorted(deliveries):
@@ -438,8 +429,7 @@ class History:
             gone_after_unknown_ack=tuple(sorted(missing & unknown_acks)),
             reorders=tuple(reorders),
             keyed_first_deliveries=first,
-            fifo_breaks=tuple(stable_breaks),
-            fifo_breaks_during_instability=tuple(unstable_breaks),
+            fifo_breaks=tuple(breaks),
         )
 
     def _double_leases(

@@ -22,7 +22,8 @@ FAIR_TOLERANCE of an equal share; and a drain takes what is left. Half the sends
 partition key. ``History`` then checks that no confirmed send was lost, no confirmed ack
 undone, no lease given twice while membership was stable, no consumer got a key's
 message for the first time after a later one of the same producer, and a deleted queue
-never came back.
+never came back; with the queue fifo (``fifo=P`` partitions, ``tools/simulate.py --fifo
+P``), that each consumer's first deliveries came in HLC order, failovers or not.
 
 State here: the nodes, the clients' tasks, the fault log and the history. Never: a
 random draw outside the seed's generators, or wall-clock time.
