@@ -134,8 +134,10 @@ async def test_members_are_the_messages_of_the_buckets_asked(
     await env.declare()
     await env.send(*(f"m{i}".encode() for i in range(200)))
     q = env.broker.queues["q"][0]
-    found = await repair.members(q, [3, 17])
-    assert set(found) == {3, 17}
+    found = await repair.members(env.broker, q, [3, 17])
+    assert set(found.hot) == {3, 17}
     for b in (3, 17):
-        assert {m.id for m in found[b]} == {mid for mid in q.messages if bucket_of(mid) == b}
-    assert await repair.members(q, []) == {}
+        assert {m.id for m in found.hot[b]} == {mid for mid in q.messages
+                                                if bucket_of(mid) == b}
+        assert found.cold[b] == []
+    assert (await repair.members(env.broker, q, [])).hot == {}

@@ -47,9 +47,11 @@ def test_many_seeds_keep_every_guarantee(seeds: range) -> None:
 
 # Seeds whose restarts leave READY messages of replicated partitions on disk only when a
 # node keeps 2 of them in memory (tools/simulate.py --hot-ready 2; with 2,048 no seed
-# comes near): replication reads them back (meshq.broker.backlog.warm) before a digest or
-# a merge, where the digest's kept sums (meshq.broker.digests) must take them in.
+# comes near): the digest counts their shares from the store (meshq.broker.backlog's
+# count_cold), repair lists and sends them from there, and merges page single ones in.
+# And a heavy one, whose dispatchers page a shared backlog of keyed messages.
 COLD_SEEDS = [14, 22, 23, 30, 32, 36, 40]
+COLD_HEAVY_SEEDS = [5]
 
 
 def test_seeds_whose_restarts_leave_backlogs_on_disk_keep_every_guarantee() -> None:
@@ -57,6 +59,21 @@ def test_seeds_whose_restarts_leave_backlogs_on_disk_keep_every_guarantee() -> N
     failed = [o for o in outcomes if not o.ok]
     assert not failed, "\n\n".join(f"{o.summary}\nreplay: {replay_command(o.seed, False, 2)}"
                                    for o in failed)
+    for o in outcomes:  # each left a backlog on disk, and a digest counted it
+        counters = dict(o.backlog)
+        assert counters["restored"] > 0 and counters["counts"] > 0, (o.seed, counters)
+
+
+def test_heavy_seeds_whose_dispatchers_page_a_replicated_backlog_keep_every_guarantee(
+        ) -> None:
+    outcomes = run_seeds(COLD_HEAVY_SEEDS, jobs=1, heavy=True, hot_ready=2)
+    failed = [o for o in outcomes if not o.ok]
+    assert not failed, "\n\n".join(f"{o.summary}\nreplay: {replay_command(o.seed, True, 2)}"
+                                   for o in failed)
+    for o in outcomes:  # replicated partitions' dispatchers left messages on disk and
+        counters = dict(o.backlog)  # paged them back, some one by one for a merge
+        assert counters["paged_out_shared"] > 100 and counters["paged_in_by_id"] > 0, (
+            o.seed, counters)
 
 
 # Heavy seeds (tools/simulate.py --heavy) that once failed, kept as regressions: 28 and

@@ -11,6 +11,7 @@ import random
 import pytest
 import trio
 
+from meshq.broker.queue import Queue
 from meshq.errors import MeshqError, NotFound, Unavailable
 from meshq.mesh.swim import Dead
 from meshq.mesh.wire import encode_packet
@@ -574,3 +575,66 @@ def test_a_partition_held_alone_hands_over_before_commit_and_loses_nothing_to_ki
 
     taken_back = [scenario(script, seed=seed, nodes=1) for seed in (21, 22, 23)]
     assert any(taken_back), "no kill landed between a hand-over and its commit"
+
+
+HOT = 8  # READY messages a dispatcher keeps in memory in the next scenario
+
+
+def test_the_dispatcher_of_a_replicated_partition_pages_its_deep_backlog() -> None:
+    """A replicated queue (three copies) with 300 messages: its dispatcher holds at most
+    HOT READY ones in memory, the rest on disk only (meshq.broker.backlog), yet its
+    digests (checked against a walk of memory and store at each one) and repair make
+    every copy equal; a follower restarted with part of its copy on disk, and then the
+    dispatcher itself, change nothing; every message is then received exactly once, the
+    dispatcher still holding at most HOT READY in memory (plus one page) as it goes."""
+
+    async def script(sim: Simulation) -> None:
+        await declare(sim, "n1")
+        ids: list[str] = []
+        async with sim.client("n2") as c:
+            for start in range(0, 300, 20):
+                ids += await c.send_batch(Q, [f"m{i}" for i in range(start, start + 20)])
+        await sim.wait_converged()
+
+        def dispatcher() -> tuple[str, Queue]:
+            name = sim.primary(Q)
+            assert name is not None
+            node = sim.nodes[name].node
+            assert node is not None
+            return name, node.broker.parts[Q, 0]
+
+        name, q = dispatcher()
+        assert q.ready == 300 and q.cold >= 300 - HOT and q.ready - q.cold <= HOT
+        assert len(q.messages) <= HOT
+        follower = others(sim, name)[0]
+        sim.nodes[follower].kill()
+        await trio.sleep(1.0)
+        await sim.nodes[follower].start([sim.nodes[name].address])
+        node = sim.nodes[follower].node
+        assert node is not None and node.broker.parts[Q, 0].cold  # (its head only)
+        await sim.wait_whole()
+        await two_rounds(sim)
+        await sim.wait_converged()
+        sim.nodes[name].kill()
+        await trio.sleep(1.0)
+        await sim.nodes[name].start([sim.nodes[follower].address])
+        await sim.wait_whole()
+        await sim.until(lambda: sim.primary(Q) == name, 60.0, f"{name} dispatches again")
+        await sim.wait_converged()
+        name, q = dispatcher()
+        assert q.active and q.cold and q.ready == 300
+        got: list[str] = []
+        most = 0
+        async with sim.client(name) as c:
+            while batch := await c.receive(Q, max=10, wait=2.0):
+                most = max(most, q.ready - q.cold)
+                await c.ack(Q, batch)
+                got += [d.id for d in batch]
+        assert sorted(got) == sorted(ids)  # each once
+        assert most <= 2 * HOT
+        await sim.wait_converged()
+        counts = {n: sn.node.broker.backlog.counts for n, sn in sim.nodes.items()
+                  if sn.node is not None}
+        assert sum(counts.values()) >= 1, counts  # a restarted node counted its cold shares
+
+    run_scenario(script, seed=3, hot_ready=HOT)

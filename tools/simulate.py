@@ -34,7 +34,13 @@ if os.environ.get("PYTHONHASHSEED") != "0":
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from meshq.broker.backlog import HOT_READY
-from meshq.testing.sim import SeedOutcome, replay_command, run_seed, run_seeds
+from meshq.testing.sim import (
+    BACKLOG_COUNTERS,
+    SeedOutcome,
+    replay_command,
+    run_seed,
+    run_seeds,
+)
 
 
 def main() -> int:
@@ -100,12 +106,19 @@ def main() -> int:
             "median": round(statistics.median(converged), 2) if converged else None,
             "max": round(max(converged), 2) if converged else None,
         },
+        # the backlog on disk (meshq.broker.backlog), summed over the seeds
+        "backlog": {key: sum(dict(o.backlog).get(key, 0) for o in outcomes)
+                    for key in BACKLOG_COUNTERS},
     }
     print(f"{len(outcomes)} seeds ({args.start}..{args.start + len(seeds) - 1}), "
           f"{len(failed)} failed, {wall:.0f} s on {args.jobs} processes; "
           f"{summary['confirmed_sends']} confirmed sends, "
           f"{summary['duplicate_deliveries']} duplicate deliveries; replicas converged "
           f"within {summary['converged_after_s']['max']} s of the membership being whole",
+          file=sys.stderr)
+    print("backlog on disk: " + ", ".join(f"{k} {v}" for k, v in summary["backlog"].items())
+          + f" (seeds that left a replicated one: "
+          f"{sum(1 for o in outcomes if dict(o.backlog).get('paged_out_shared'))})",
           file=sys.stderr)
     for o in failed:
         replay = replay_command(o.seed, args.heavy, args.hot_ready, args.fifo)

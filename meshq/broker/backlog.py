@@ -1,30 +1,39 @@
-"""The backlog on disk: a partition held alone keeps at most ``hot_ready`` READY messages
-in memory; the newer ones stay in the store only, counted, and are paged in, in (HLC, seq)
-order, as consumers take the ones in memory.
+"""The backlog on disk: a partition this node dispatches (or holds alone) keeps at most
+``hot_ready`` READY messages in memory; the newer ones stay in the store only, counted,
+and are paged in, in (HLC, seq) order, as consumers take the ones in memory.
 
 State here, per partition (on its Queue): ``cold``, how many READY messages are in the
 store only (counted in ``counts[READY]`` too); ``cold_after``, an (hlc, seq) that every
-one of them is after; ``cold_gen``, bumped when the cold ones are dropped wholesale (a
-purge, a deletion, a hand-off), which makes a page read meanwhile stale. Here: the
+one of them is after; ``cold_top``, an HLC at or above theirs; ``cold_gen``, bumped when
+the cold ones are dropped wholesale (a purge, a deletion, a hand-off), which makes a page
+read meanwhile stale; ``sums.cold``, their digest shares (meshq.broker.digests). Here: the
 partitions waiting for a page. Never: a message in memory that is also counted cold (a
 page skips every id memory knows: indexed, tombstoned, or in flight); a message counted
-cold before its put committed; a cold message on a partition that another node holds too
-(what replication compares and merges is in memory: ``warm`` reads them all back first).
+cold before its put committed; a cold message that changes while cold (a merge or a fetch
+that names it pages that one message in first: ``page_ids``); a read of a whole backlog
+on the event loop (the keys of the cold messages are read in a worker thread, by
+``count_cold`` and ``cold_members``).
 
-Paging is for partitions this node holds alone (the embedded node; a cluster's
-``replicas=1`` queues): ``Broker.hand_over_early`` says which. Delays, leases and timers
-stay in memory; a cold message's TTL is checked when it is paged in or reaches the head,
-as RabbitMQ expires messages at the head of a queue.
+Who pages: the dispatcher of a partition, and a node that holds one alone (the embedded
+node; a cluster's ``replicas=1`` queues: ``Broker.hand_over_early``). A holder that does
+not dispatch keeps in memory what replication gives it, and the cold messages a restart
+left it on disk. Delays, leases and timers stay in memory; a cold message's TTL is checked
+when it is paged in or reaches the head, as RabbitMQ expires messages at the head of a
+queue.
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable, Iterable, Iterator
 from typing import TYPE_CHECKING
 
 import trio
 
+from meshq.broker.digests import MOD, add_share, share
 from meshq.broker.queue import Queue
+from meshq.cluster.lattice import BUCKETS, bucket_of
+from meshq.errors import Unavailable
 from meshq.model import Message
 from meshq.states import State
 
@@ -43,6 +52,22 @@ RECHECK_TOMBS = 1024  # deletes before a replicated partition is asked again
 # 4-20 ms under load; 1,500 messages last 40 ms at 40,000 msg/s).
 REFILL_BELOW = 1536
 PAGE = 4096  # messages read per page when warming a partition whole
+COUNT_TRIES = 3  # counts of the cold shares spoilt by a change meanwhile before giving up
+
+
+class _Counting:
+    """A count of a partition's cold shares under way (``Backlog.count_cold``): the cold
+    messages whose seq is at most ``old_seq`` are counted from the store; those that stay
+    cold meanwhile (seq above it) are added to ``new`` here. ``spoilt``: one counted from
+    the store changed meanwhile (paged in, dropped), so the count is thrown away."""
+
+    __slots__ = ("done", "new", "old_seq", "spoilt")
+
+    def __init__(self, old_seq: int) -> None:
+        self.old_seq = old_seq
+        self.new = [0] * BUCKETS
+        self.spoilt = False
+        self.done = trio.Event()
 
 
 class Backlog:
@@ -55,16 +80,31 @@ class Backlog:
         self._wanted: dict[Queue, None] = {}  # (a dict: deterministic order)
         self._wake = trio.Event()
         self.tombs_kept = TOMBS_KEPT
-        self.paged_out = 0  # messages left on disk at their commit, since start
-        self.paged_in = 0  # messages read back, since start
+        # Since start: messages left on disk at their commit (``shared``: of them, on a
+        # partition another node holds too), messages found on disk at the start, read
+        # back (``by_id``: of them, one at a time, for a merge or a dedup hit), and counts
+        # of the cold shares from the store.
+        self.paged_out = self.paged_out_shared = self.restored = 0
+        self.paged_in = self.paged_in_by_id = 0
+        self.counts = 0
 
-    def pageable(self, q: Queue) -> bool:
+    def alone(self, q: Queue) -> bool:
+        """Whether this node alone holds ``q`` (its tombstones may stay on disk)."""
         return self.b.store.pages and self.b.hand_over_early(q)
 
-    def restore(self, q: Queue, count: int, after: tuple[int, int]) -> None:
-        """At start-up: ``count`` READY messages of ``q`` after ``after`` left on disk."""
-        q.cold, q.cold_after = count, after
+    def pageable(self, q: Queue) -> bool:
+        """Whether a message committed to ``q`` now may stay on disk: ``q`` is dispatched
+        here or held alone."""
+        return self.b.store.pages and (q.active or self.b.hand_over_early(q))
+
+    def restore(self, q: Queue, count: int, after: tuple[int, int], top: int) -> None:
+        """At start-up: ``count`` READY messages of ``q`` after ``after`` left on disk, their
+        HLCs at most ``top``; their shares unknown until a digest counts them."""
+        q.cold, q.cold_after, q.cold_top = count, after, max(q.cold_top, top)
         q.counts[State.READY] += count
+        self.restored += count
+        if count:
+            q.sums.cold = None
 
     def stays_cold(self, q: Queue, msg: Message, pageable: bool) -> bool:
         """At the commit of a new message: True when it stays on disk only (counted).
@@ -81,8 +121,43 @@ class Backlog:
             q.cold_after = (msg.hlc, msg.seq - 1)
         q.cold += 1
         q.counts[State.READY] += 1
+        if msg.hlc > q.cold_top:
+            q.cold_top = msg.hlc
         self.paged_out += 1
+        sums = q.sums
+        if sums.cold is not None:
+            if self.b.hand_over_early(q):
+                sums.cold = None  # held alone: no digest reads it, so no share is kept
+            else:
+                add_share(sums.cold, msg)
+                self.paged_out_shared += 1
+        elif sums.counting is not None:
+            if msg.seq > sums.counting.old_seq:
+                add_share(sums.counting.new, msg)
+            else:
+                sums.counting.spoilt = True
+            self.paged_out_shared += 1
         return True
+
+    def _came_in(self, q: Queue, msg: Message) -> None:
+        """A cold message read back from the store comes into memory: counted out of
+        ``cold``, its share moved from the cold sums to the hot ones."""
+        q.cold -= 1
+        q.counts[State.READY] -= 1
+        sums = q.sums
+        if sums.cold is not None:
+            q.add(msg, add_share(sums.cold, msg, -1))
+        elif sums.counting is not None and msg.seq > sums.counting.old_seq:
+            q.add(msg, add_share(sums.counting.new, msg, -1))
+        else:
+            if sums.counting is not None:
+                sums.counting.spoilt = True
+            q.add(msg)
+        if not q.cold:
+            sums.cold = [0] * BUCKETS  # (none left: nothing to count)
+        self.paged_in += 1
+        if q.active:
+            self.b._schedule_message(msg)
 
     def drop(self, q: Queue) -> int:
         """The cold messages are gone (the caller stages their deletion): how many."""
@@ -90,27 +165,41 @@ class Backlog:
         q.counts[State.READY] -= n
         q.cold = 0
         q.cold_gen += 1
+        q.sums.cold = [0] * BUCKETS
+        if q.sums.counting is not None:
+            q.sums.counting.spoilt = True
         return n
 
     def trim_tombs(self, q: Queue) -> None:
         """Past ``tombs_kept`` tombstones, a partition held alone keeps the newer half in
-        memory (the store has every one, for ``warm`` to read back). Called on every
+        memory (the store has every one, for ``warm_tombs`` to read back). Called on every
         delete past that; a replicated partition (which keeps them all) is asked again
         only every RECHECK_TOMBS deletes, not on each ack."""
         if q.tombs_recheck > 0:
             q.tombs_recheck -= 1
             return
-        if not self.pageable(q):
+        if not self.alone(q):
             q.tombs_recheck = RECHECK_TOMBS
             return
         q.tombs = dict(list(q.tombs.items())[-(self.tombs_kept // 2):])  # (the newest)
         q.tombs_on_disk = True
 
-    def want(self, q: Queue) -> None:
-        """After a dispatch: page in if few READY messages are left in memory."""
-        if q.cold and q.ready - q.cold < self.refill_below and q not in self._wanted:
+    def want(self, q: Queue, behind: bool = False) -> None:
+        """After a dispatch: page in if few READY messages are left in memory (or
+        ``behind``: the first of them comes after messages on disk only)."""
+        if (q.cold and (behind or q.ready - q.cold < self.refill_below)
+                and q not in self._wanted):
             self._wanted[q] = None
             self._wake.set()
+
+    def behind_cold(self, q: Queue, msg: Message) -> bool:
+        """Whether ``msg``, READY and just taken from the head of ``q``'s ready heap, comes
+        after messages on disk only (a message paged in by id, for a merge; one that came
+        back from a lease or a delay): then it goes back (the caller waits for a page)."""
+        if not q.cold or msg.hlc <= q.cold_after[0]:
+            return False
+        q.push_ready(msg)
+        return True
 
     async def run(self) -> None:
         """Read the pages wanted, one partition at a time, forever."""
@@ -119,8 +208,12 @@ class Backlog:
             self._wake = trio.Event()
             while self._wanted:
                 q = next(iter(self._wanted))
+                if q.sums.counting is not None:  # (paged once its count is done)
+                    self._wanted.pop(q, None)
+                    continue
                 gen, after = q.cold_gen, q.cold_after
-                limit = max(1, self.hot_ready - (q.ready - q.cold))
+                # (at least a quarter of hot_ready: the head may wait behind this page)
+                limit = max(1, self.hot_ready - (q.ready - q.cold), self.hot_ready // 4)
                 try:
                     msgs = await self.b.store.read_ready_async(q.name, q.index, after, limit)
                 except Exception:  # (a read error: try again at the next dispatch)
@@ -130,33 +223,16 @@ class Backlog:
                 if msgs is not None and self._apply(q, gen, msgs, limit):
                     self.b._page_came(q)
 
-    async def warm(self, q: Queue) -> None:
-        """Read every cold message and stored tombstone of ``q`` back into memory
-        (another node is to compare or merge this partition)."""
-        await self.warm_tombs(q)
-        while q.cold and self.b.live(q):
-            gen = q.cold_gen
-            msgs = await self.b.store.read_ready_async(q.name, q.index, q.cold_after, PAGE)
-            if not self._apply(q, gen, msgs, PAGE):
-                break
-        self.b._page_came(q)
-
     async def warm_tombs(self, q: Queue) -> None:
         """Read the stored tombstones of ``q`` back into memory, if some may be there only
         (whether it holds anything: ``Queue.has_copy``)."""
         if q.tombs_on_disk:
             self._tombs_came(q, await self.b.store.read_tombs_async(q.name, q.index))
 
-    def warm_now(self, q: Queue) -> None:
-        """``warm``, blocking: for a merge into a partition that still has cold messages
-        (a hand-off to a partition held alone, a stale dispatcher's changes): rare."""
+    def warm_tombs_now(self, q: Queue) -> None:
+        """``warm_tombs``, blocking (a merge not prepared by ``page_ids``: rare)."""
         if q.tombs_on_disk:
             self._tombs_came(q, self.b.store.read_tombs(q.name, q.index))
-        while q.cold and self.b.live(q):
-            gen = q.cold_gen
-            msgs = self.b.store.read_ready(q.name, q.index, q.cold_after, PAGE)
-            if not self._apply(q, gen, msgs, PAGE):
-                break
 
     def _tombs_came(self, q: Queue, stored: list[tuple[str, float]]) -> None:
         if not q.tombs_on_disk:
@@ -177,12 +253,7 @@ class Backlog:
             if (msg.id in q.messages or msg.id in q.tombs or msg.id in in_flight
                     or entry is None or entry.absorbs(msg.inc)):
                 continue  # known here (never counted cold), or gone
-            q.cold -= 1
-            q.counts[State.READY] -= 1
-            q.add(msg)
-            self.paged_in += 1
-            if q.active:
-                self.b._schedule_message(msg)
+            self._came_in(q, msg)
         if len(msgs) < limit and q.cold:
             # The store holds fewer than counted: a page read just before a commit, or a
             # count gone wrong. Two short reads in a row: trust the store.
@@ -194,3 +265,144 @@ class Backlog:
         else:
             q.cold_misses = 0
         return bool(msgs)
+
+    # -- a replicated partition's cold messages, for replication -------------------------
+    def _cold_ones(self, q: Queue, gen: int, msgs: Iterable[Message]) -> list[Message]:
+        """Those of ``msgs`` (read from the store) that are cold in ``q`` now."""
+        if not q.cold or q.cold_gen != gen or not self.b.live(q):
+            return []
+        entry = self.b.catalog.get(q.name)
+        in_flight = self.b.in_flight
+        return [m for m in msgs
+                if m.state == State.READY and (m.hlc, m.seq) > q.cold_after
+                and m.id not in q.messages and m.id not in q.tombs and m.id not in in_flight
+                and entry is not None and not entry.absorbs(m.inc)]
+
+    def may_be_cold(self, q: Queue, mid: str, hlc: int | None = None) -> bool:
+        """Whether ``mid`` may be a cold message of ``q`` (``hlc``: its HLC, if known)."""
+        return (q.cold > 0 and mid not in q.messages and mid not in q.tombs
+                and (hlc is None or hlc <= q.cold_top))
+
+    async def page_ids(self, q: Queue, ids: Iterable[str]) -> int:
+        """Page in the cold messages of ``q`` among ``ids`` (before a merge or a fetch
+        names them: what is joined is the one in memory); how many came."""
+        await self.warm_tombs(q)
+        wanted = [mid for mid in ids if self.may_be_cold(q, mid)]
+        if not wanted:
+            return 0
+        gen = q.cold_gen
+        msgs = await self.b.store.read_ids_async(q.name, q.index, wanted)
+        return self._ids_came(q, gen, msgs)
+
+    def page_ids_now(self, q: Queue, ids: Iterable[str]) -> int:
+        """``page_ids``, blocking: a point read by id (a merge not prepared, a dedup
+        hit on a message that may be cold)."""
+        self.warm_tombs_now(q)
+        wanted = [mid for mid in ids if self.may_be_cold(q, mid)]
+        if not wanted:
+            return 0
+        return self._ids_came(q, q.cold_gen,
+                              self.b.store.read_ids(q.name, q.index, wanted))
+
+    def _ids_came(self, q: Queue, gen: int, msgs: list[Message]) -> int:
+        came = self._cold_ones(q, gen, msgs)
+        for msg in came:
+            self._came_in(q, msg)
+        self.paged_in_by_id += len(came)
+        if came and q.active:
+            self.b._page_came(q)
+        return len(came)
+
+    async def count_cold(self, q: Queue) -> None:
+        """Count the shares of ``q``'s cold messages from a keys-only read of the store
+        in a worker thread (they are unknown after a start). The sends staged so far are
+        let complete first, so that none of the messages counted from the store is
+        counted cold meanwhile; those staged since are added as they stay cold. Pages
+        wait while the store is read; a page-in or a drop meanwhile spoils the count,
+        which is tried again (Unavailable after COUNT_TRIES)."""
+        for _ in range(COUNT_TRIES):
+            sums = q.sums
+            if sums.cold is not None or not q.cold or not self.b.live(q):
+                return
+            if sums.counting is not None:  # (another digest counts it: wait for it)
+                await sums.counting.done.wait()
+                continue
+            counting = sums.counting = _Counting(self.b._seq - 1)
+            try:
+                part = q.part
+                if any((m.queue, m.index) == part for m in self.b.in_flight.values()):
+                    # Sends to it not yet complete: once the open batch is (batches
+                    # complete in order), every one staged before the count is.
+                    self.b._stage_partition(q)  # (so that the open batch commits)
+                    await self.b.store.current_batch().wait_done()
+                found = await self.b.store.scan_ready_async(
+                    q.name, q.index, q.cold_after, self._fold_shares(q), counting.old_seq)
+            finally:
+                sums.counting = None
+                counting.done.set()
+                self.want(q)
+            if counting.spoilt or sums.cold is not None or not self.b.live(q):
+                continue
+            self.counts += 1
+            sums.cold = [(a + b) % MOD for a, b in zip(found, counting.new, strict=True)]
+            return
+        raise Unavailable(f"{q.name}/{q.index}: its cold messages kept changing while "
+                          f"their digest shares were counted")
+
+    def _fold_shares(self, q: Queue) -> Callable[[Iterator[Message]], list[int]]:
+        """What ``count_cold`` runs over the store's rows, where the read is (a worker
+        thread): the shares of those that are cold, by bucket. It looks at ``q``'s dicts
+        without changing them (no page-in runs meanwhile)."""
+        entry = self.b.catalog.get(q.name)
+        messages, tombs, in_flight = q.messages, q.tombs, self.b.in_flight
+
+        def fold(rows: Iterator[Message]) -> list[int]:
+            sums = [0] * BUCKETS
+            for m in rows:
+                mid = m.id
+                if (mid in messages or mid in tombs or mid in in_flight or entry is None
+                        or entry.absorbs(m.inc)):
+                    continue
+                b = bucket_of(mid)
+                sums[b] = (sums[b] + share(m)) % MOD
+            return sums
+        return fold
+
+    async def cold_members(self, q: Queue, buckets: Iterable[int]
+                           ) -> tuple[int, dict[int, list[Message]]]:
+        """The cold messages of ``q`` in ``buckets`` (keys only), read in a worker thread,
+        and the ``cold_gen`` they were read at: the caller checks each is still cold
+        (``still_cold``)."""
+        out: dict[int, list[Message]] = {b: [] for b in buckets}
+        gen = q.cold_gen
+        if not out or not q.cold:
+            return gen, out
+        messages, tombs = q.messages, q.tombs
+
+        def fold(rows: Iterator[Message]) -> dict[int, list[Message]]:
+            for m in rows:
+                found = out.get(bucket_of(m.id))
+                if found is not None and m.id not in messages and m.id not in tombs:
+                    found.append(m)
+            return out
+        await self.warm_tombs(q)
+        return gen, await self.b.store.scan_ready_async(q.name, q.index, q.cold_after, fold)
+
+    def still_cold(self, q: Queue, gen: int, m: Message) -> bool:
+        """Whether ``m``, read by ``cold_members`` at ``gen``, is still cold in ``q``."""
+        return bool(self._cold_ones(q, gen, (m,)))
+
+    def cold_messages(self, q: Queue) -> list[Message]:
+        """``q``'s cold messages as the store holds them now (keys only), read blocking:
+        for tests and the simulation, which compare whole copies."""
+        return self._cold_ones(q, q.cold_gen,
+                               self.b.store.scan_ready(q.name, q.index, q.cold_after, list))
+
+    def cold_walk(self, q: Queue) -> tuple[int, list[int]]:
+        """How many cold messages the store holds for ``q`` and their shares, read now,
+        blocking (the simulation's check of the kept sums, ``Broker.check_digests``)."""
+        cold = self.cold_messages(q)
+        sums = [0] * BUCKETS
+        for m in cold:
+            add_share(sums, m)
+        return len(cold), sums

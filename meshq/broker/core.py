@@ -214,7 +214,7 @@ class Broker:
         self._flushing = False
         self.tag_prefix = ""  # consumer tags start with it (the daemon: its node name)
         self.replica = Replica(self)  # the surface the cluster layer uses
-        self.backlog = Backlog(self)  # READY messages left on disk (partitions held alone)
+        self.backlog = Backlog(self)  # READY messages left on disk (meshq.broker.backlog)
 
     # -- start-up ----------------------------------------------------------------------
     def restore(self, snap: Snapshot) -> None:
@@ -251,7 +251,7 @@ class Broker:
         for part, (count, after) in snap.cold.items():
             home = self.parts.get(part)
             if home is not None:
-                self.backlog.restore(home, count, after)
+                self.backlog.restore(home, count, after, snap.max_hlc)
         for queue, idx, mid, at in sorted(snap.tombstones, key=lambda t: t[3]):
             home = self.parts.get((queue, idx))
             if home is not None:
@@ -792,9 +792,9 @@ class Broker:
             limit = -(-limit // q.options.partition_count)
         while limit is not None and q.ready > limit and q.active:
             head = q.pop_ready()
-            if head is None:  # (the rest is on disk: paged in, then dropped)
-                self.backlog.want(q)
-                break
+            if head is None or self.backlog.behind_cold(q, head):
+                self.backlog.want(q, behind=True)  # (the oldest are on disk: paged in,
+                break  # then dropped)
             self._dead_letter(q, head, "maxlen", now)
         self._dispatch(q, now)
 
@@ -851,6 +851,9 @@ class Broker:
                 break
             msg = q.pop_ready()
             if msg is None:
+                break
+            if q.cold and self.backlog.behind_cold(q, msg):
+                self.backlog.want(q, behind=True)  # (older ones are on disk: paged first)
                 break
             if msg.expires_at is not None and msg.expires_at <= now:
                 self._dead_letter(q, msg, "expired", now)
@@ -1096,13 +1099,20 @@ class Broker:
             q.compact()
             doomed += len(gone)
             self._dispatch(q, now)  # (nothing to lease: its watchers see it dry)
-            if q.cold:  # (held alone: no other copy needs their tombstones in memory)
+            if q.cold:
                 # Not the sends staged and not yet committed (their seqs are above every
                 # committed one's): they were not in the queue when it was purged.
                 below = min((m.seq for m in self.in_flight.values()), default=self._seq)
                 self.store.stage((OP_PURGE_READY, (q.name, q.index, *q.cold_after, below,
                                                    now)))
                 doomed += self.backlog.drop(q)
+                if not self.backlog.alone(q):
+                    # Their tombstones are in the store only, not in this batch's changes:
+                    # the next repair round reads them back and takes them to the other
+                    # holders (a purge is not confirmed by W copies of those).
+                    q.tombs_on_disk = True
+                    if self.replica.on_merged is not None:
+                        self.replica.on_merged({q.part})
         return Pending(self.store.current_batch() if doomed else None, doomed)
 
     def partition_of(self, qs: tuple[Queue, ...], partition_key: str | None,
@@ -1300,8 +1310,8 @@ class Broker:
         if self.hand_over_early(q):
             return True  # (held alone: what this node committed is the write quorum)
         for p in self.queues.get(q.name, ()):
-            if (p.cold or p.tombs_on_disk) and not self.hand_over_early(p):
-                self.backlog.warm_now(p)  # (tombstones on disk since a restart)
+            if not self.hand_over_early(p):  # (tombstones on disk since a restart; or
+                self.backlog.page_ids_now(p, (mid,))  # the message: a point read)
             if mid in p.messages:
                 if p is q or p.active:
                     again = self._resend(p, mid, dedup_id, expires_at)

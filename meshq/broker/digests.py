@@ -5,11 +5,16 @@ State here, per partition (``Queue.sums``): ``hot``, per bucket of message ids
 (meshq.cluster.lattice.bucket_of), the sum modulo 2**64 of the *shares* counted for the
 messages in memory, a share being ``fingerprint(id, message_key)``, and each message's
 counted share on the message (``Message.fp``, 0: none counted); ``stale``, the messages in
-memory whose counted share may be out of date (just added, or their progress moved since).
-Never: a message in memory whose progress moved and that is not in ``stale`` (its bucket
-would keep its old share for good: the broker marks it wherever it stages a progress
-change, and where ``Replica._schedule_all`` sets a lease's missing deadline); a share
-still counted once its message left memory.
+memory whose counted share may be out of date (just added, or their progress moved since);
+``cold``, per bucket, the sum of the shares of the partition's READY messages on disk only
+(meshq.broker.backlog keeps it: added when a message stays cold, moved to ``hot`` when one
+is paged in, zeroed when they are dropped), or None while unknown (after a start, until
+the first digest counts them from the store; on a partition held alone, which no digest
+reads). Never: a message in memory whose progress moved and that is not in ``stale`` (its
+bucket would keep its old share for good: the broker marks it wherever it stages a
+progress change, and where ``Replica._schedule_all`` sets a lease's missing deadline); a
+share still counted once its message left memory; a cold message's share in ``hot`` or a
+hot one's in ``cold``.
 """
 
 from __future__ import annotations
@@ -20,7 +25,7 @@ from typing import Any
 from meshq.cluster.lattice import BUCKETS, bucket_of, fingerprint
 from meshq.model import Message
 
-__all__ = ["MOD", "Sums", "message_key", "share", "walk"]
+__all__ = ["MOD", "Sums", "add_share", "message_key", "share", "walk"]
 
 MOD = 1 << 64
 
@@ -54,11 +59,27 @@ class Sums:
     shares, at most ``most`` per call, so a digest costs O(buckets + messages changed
     since the last one)."""
 
-    __slots__ = ("hot", "stale")
+    __slots__ = ("cold", "counting", "hot", "stale")
 
     def __init__(self) -> None:
         self.hot = [0] * BUCKETS
         self.stale: dict[Message, None] = {}  # (identity keys: Message has eq=False)
+        self.cold: list[int] | None = [0] * BUCKETS
+        self.counting: Any = None  # a count of the cold shares under way (backlog)
+
+    def counted(self, msg: Message, fp: int) -> None:
+        """``msg`` came into memory with its share ``fp`` known (a page-in)."""
+        b = bucket_of(msg.id)
+        self.hot[b] = (self.hot[b] + fp) % MOD
+        msg.fp = fp
+
+    def total(self) -> list[int]:
+        """What a digest answers: the sums of the messages in memory and on disk (the
+        caller makes sure ``cold`` is known and nothing is ``stale``)."""
+        cold = self.cold
+        if cold is None:
+            raise ValueError("the cold shares are not counted")
+        return [(h + c) % MOD for h, c in zip(self.hot, cold, strict=True)]
 
     def changed(self, msg: Message) -> None:
         """``msg`` was added to memory, or its progress moved."""
@@ -87,3 +108,11 @@ class Sums:
         """Every message left memory at once (a dropped partition)."""
         self.hot = [0] * BUCKETS
         self.stale = {}
+
+
+def add_share(sums: list[int], msg: Message, sign: int = 1) -> int:
+    """Add (``sign`` -1: take away) ``msg``'s share to ``sums``; returns the share."""
+    s = share(msg)
+    b = bucket_of(msg.id)
+    sums[b] = (sums[b] + sign * s) % MOD
+    return s

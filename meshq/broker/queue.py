@@ -124,6 +124,7 @@ class Queue:
         self.cold_after = (0, 0)  # (hlc, seq): every cold message is after it
         self.cold_gen = 0  # bumped when the cold ones are dropped wholesale
         self.cold_misses = 0  # page reads in a row that found fewer than counted
+        self.cold_top = 0  # an HLC at or above every cold message's (a Put above: not cold)
         self.tombs_on_disk = False  # older tombstones are in the store only
         self.tombs_recheck = 0  # deletes until trim_tombs asks whether it is held alone
         # (placement generation, answer): meshq.cluster.driver's cache of whether this
@@ -164,10 +165,14 @@ class Queue:
         counts[new] += 1
         msg.state = new
 
-    def add(self, msg: Message) -> None:
-        """Index a message in the state it already has (READY, DELAYED or LEASED)."""
+    def add(self, msg: Message, fp: int | None = None) -> None:
+        """Index a message in the state it already has (READY, DELAYED or LEASED);
+        ``fp``: its digest share, known (a page-in moves it from the cold sums)."""
         self.messages[msg.id] = msg
-        self.sums.changed(msg)
+        if fp is None:
+            self.sums.changed(msg)
+        else:
+            self.sums.counted(msg, fp)
         self.counts[msg.state] += 1
         if msg.state == State.READY:
             self.push_ready(msg)

@@ -11,7 +11,7 @@ carries them), or a partition that keeps dispatching after it learnt of a later 
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -143,7 +143,7 @@ class Replica:
         # and above its closed bound (fifo: what an earlier dispatcher may have closed),
         # stamping again what came in below it and was never delivered.
         self.b.hlc.restore(max(max((m.hlc for m in q.messages.values()), default=0),
-                               q.bound))
+                               q.bound, q.cold_top if q.cold else 0))
         q.bound_ok, q.bound_batch = 0, None  # (confirmed anew at this epoch: closed_of)
         if q.bound:
             below = to_restamp(((m.hlc, m.node, m.seq, m.delivery_count)
@@ -225,13 +225,21 @@ class Replica:
     def part(self, queue: str, index: int) -> Queue | None:
         return self.b.parts.get((queue, index))
 
-    def records(self, q: Queue, ids: Iterable[str]) -> tuple[list[Record], list[Tomb]]:
-        """The records of ``ids`` held here, and tombstones of those deleted here."""
+    async def records(self, q: Queue, ids: Iterable[str]) -> tuple[list[Record], list[Tomb]]:
+        """The records of ``ids`` held here (in memory, or cold: read from the store by
+        id in a worker thread), and tombstones of those deleted here."""
+        ids = list(ids)
+        await self.b.backlog.warm_tombs(q)
+        cold: dict[str, Message] = {}
+        if q.cold:
+            gen = q.cold_gen
+            maybe = [mid for mid in ids if self.b.backlog.may_be_cold(q, mid)]
+            if maybe:
+                read = await self.b.store.read_ids_async(q.name, q.index, maybe)
+                cold = {m.id: m for m in self.b.backlog._cold_ones(q, gen, read)}
         recs, tombs = [], []
-        if q.cold or q.tombs_on_disk:
-            self.b.backlog.warm_now(q)
         for mid in ids:
-            msg = q.messages.get(mid)
+            msg = q.messages.get(mid) or cold.get(mid)
             if msg is not None:
                 recs.append(record_of(msg))
             elif mid in q.tombs:
@@ -242,13 +250,52 @@ class Replica:
         return list(self.b.catalog.values())
 
     # -- merging -----------------------------------------------------------------------------
+    async def merge_async(self, changes: Sequence[Change],
+                          epochs: dict[PartKey, int] | None = None,
+                          bounds: Iterable[tuple[str, int, int]] = ()) -> Merged:
+        """``merge``, after paging in (in a worker thread) the cold messages the changes
+        name, and reading back stored tombstones, so that the merge itself reads nothing."""
+        backlog = self.b.backlog
+        named: dict[Queue, list[str]] = {}
+        for c in changes:
+            part = part_of(c)
+            q = self.b.parts.get(part) if part is not None else None
+            if q is None or not (q.cold or q.tombs_on_disk):
+                continue
+            if isinstance(c, Put):
+                if c.record.hlc <= q.cold_top or q.tombs_on_disk:
+                    named.setdefault(q, []).append(c.record.id)
+            elif isinstance(c, Step | Tomb):
+                named.setdefault(q, []).append(c.id)
+        looked: set[str] = set()
+        for q, ids in named.items():
+            await backlog.page_ids(q, ids)
+            looked.update(ids)
+        return self.merge(changes, epochs, bounds, looked)
+
+    def _page_for(self, q: Queue, mid: str, hlc: int | None, looked: set[str]) -> None:
+        """Before a change of ``mid`` is merged into ``q``: its tombstones read back, and
+        the message paged in if it is cold (blocking: ``merge_async`` did it already for
+        what it names, ``looked``)."""
+        if mid in looked:
+            return
+        backlog = self.b.backlog
+        if q.tombs_on_disk:
+            backlog.warm_tombs_now(q)
+        if backlog.may_be_cold(q, mid, hlc):
+            backlog.page_ids_now(q, (mid,))
+
     def merge(self, changes: Iterable[Change],
               epochs: dict[PartKey, int] | None = None,
-              bounds: Iterable[tuple[str, int, int]] = ()) -> Merged:
+              bounds: Iterable[tuple[str, int, int]] = (),
+              looked: set[str] | None = None) -> Merged:
         """Join ``changes`` into this replica; see Merged. ``epochs``: the sender's dispatch
         epoch per partition, which fences (a partition promised to a later epoch refuses
         the changes) and promises (a later epoch is accepted and promised from now on).
-        ``bounds``: closed bounds of partitions (fenced the same way), kept when higher."""
+        ``bounds``: closed bounds of partitions (fenced the same way), kept when higher.
+        A change of a message that is cold here pages it in first (the join is the one in
+        memory), blocking unless ``merge_async`` did it (``looked``: the ids it did)."""
+        looked = looked or set()
         out = Merged(self.b.store.current_batch())
         replicating, self.b.replicating = self.b.replicating, False
         touched: dict[Queue, None] = {}
@@ -290,7 +337,10 @@ class Replica:
                     continue
                 home = self.b.parts.get(part) if part is not None else None
                 if home is not None and (home.cold or home.tombs_on_disk):
-                    self.b.backlog.warm_now(home)  # (what it merges must be in memory)
+                    if t is Put:  # (what it merges must be in memory)
+                        self._page_for(home, c.record.id, c.record.hlc, looked)  # type: ignore[union-attr]
+                    elif t is Step or t is Tomb:
+                        self._page_for(home, c.id, None, looked)  # type: ignore[union-attr]
                 if t is Tally:
                     q = self.part(c.queue, c.index)  # type: ignore[union-attr]
                     if q is not None:

@@ -19,16 +19,17 @@ from __future__ import annotations
 import functools
 import itertools
 import logging
+import math
 from collections import defaultdict
-from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import trio
 
 from meshq.broker.core import Broker
 from meshq.broker.queue import Queue
-from meshq.broker.replica import message_key
+from meshq.broker.replica import Merged, message_key
 from meshq.cluster import gate as gates
 from meshq.cluster.changes import (
     Answer,
@@ -118,6 +119,10 @@ class Cluster:
         # meanwhile is compared at the next round once the batch completes).
         self._shipped_to: dict[int, dict[PartKey, frozenset[str]]] = {}
         self._busy: set[Any] = set()
+        # Applies into partitions with messages on disk only, merged by one task in the
+        # order they came (and those behind them, while any is under way).
+        self._apply_in, self._apply_out = trio.open_memory_channel[_Apply](math.inf)
+        self._applying = 0
         # Per partition, the holders known equal to it since their last sync: every batch
         # sent to them since was applied there. A failed or fenced batch takes the holder
         # out; a merge that changed the partition here, a batch from another dispatcher,
@@ -486,12 +491,13 @@ class Cluster:
             epochs = {(q, i): e for q, i, e in request.epochs}
             if self._current:  # another node dispatches these (or did): compare them again
                 self._merged(set(epochs))
-            merged = replica.merge(request.changes, epochs, request.bounds)
-            answer = ApplyAnswer(tuple((p[0], p[1], e) for p, e in merged.fenced.items()),
-                                 tuple(merged.missing), tuple(merged.tombs))
-            if merged.catalog:  # (not for the Decl every batch repeats)
-                self.wake()
-            return self._after(merged.batch, answer)
+            if self._applying or self._names_cold(request.changes):
+                # (messages on disk only to page in first: by one task, in order)
+                pending = _Apply(request.changes, epochs, tuple(request.bounds))
+                self._applying += 1
+                self._apply_in.send_nowait(pending)
+                return self._apply_answer(pending)
+            return self._applied(replica.merge(request.changes, epochs, request.bounds))
         if isinstance(request, PromiseReq):
             if request.decl is not None:
                 replica.merge([request.decl])
@@ -508,16 +514,64 @@ class Cluster:
         if isinstance(request, DigestReq):
             return self._digest(request)
         if isinstance(request, FetchReq):
-            q = replica.part(request.queue, request.index)
-            if q is None:
-                return FetchAnswer((), ())
-            recs, tombs = replica.records(q, request.ids)
-            return FetchAnswer(tuple(recs), tuple(tombs))
+            return self._fetch(request)
         if isinstance(request, CatalogReq):
             return self._catalog(request)
         if isinstance(request, MovesReq):
             return self.moves_here()
         raise ValueError(f"unexpected request {type(request).__name__}")
+
+    def _applied(self, merged: Merged) -> Awaitable[Answer]:
+        answer = ApplyAnswer(tuple((p[0], p[1], e) for p, e in merged.fenced.items()),
+                             tuple(merged.missing), tuple(merged.tombs))
+        if merged.catalog:  # (not for the Decl every batch repeats)
+            self.wake()
+        return self._after(merged.batch, answer)
+
+    def _names_cold(self, changes: Sequence[Change]) -> bool:
+        """Whether ``changes`` touch a partition with messages (or tombstones) on disk."""
+        parts = self.broker.parts
+        last = None
+        for c in changes:
+            part = part_of(c)
+            if part is None or part == last:
+                continue
+            last = part
+            q = parts.get(part)
+            if q is not None and (q.cold or q.tombs_on_disk):
+                return True
+        return False
+
+    async def _apply_cold(self) -> None:
+        """Merge the applies into partitions with messages on disk only, one at a time in
+        the order they came: each pages in what it names first, in a worker thread
+        (meshq.broker.replica.merge_async); applies behind one wait for it, so that
+        merges stay in their order (a Step after its Put)."""
+        async for pending in self._apply_out:
+            try:
+                pending.merged = await self.broker.replica.merge_async(
+                    pending.changes, pending.epochs, pending.bounds)
+            except MeshqError as exc:
+                pending.error = exc
+            except Exception as exc:  # (a read that failed: the sender tries again)
+                log.exception("%s: an apply into cold messages", self.me)
+                pending.error = Unavailable(f"reading what an apply names failed: {exc}")
+            finally:
+                self._applying -= 1
+                pending.done.set()
+
+    async def _apply_answer(self, pending: _Apply) -> Answer:
+        await pending.done.wait()
+        if pending.merged is None:
+            raise pending.error or Unavailable("apply not merged")
+        return await self._applied(pending.merged)
+
+    async def _fetch(self, req: FetchReq) -> FetchAnswer:
+        q = self.broker.replica.part(req.queue, req.index)
+        if q is None:
+            return FetchAnswer((), ())
+        recs, tombs = await self.broker.replica.records(q, req.ids)
+        return FetchAnswer(tuple(recs), tuple(tombs))
 
     async def _promised(self, q: Queue, ok: bool, promised: int, batch: Batch) -> Answer:
         """The answer to a promise, once ``batch`` (which holds it) is durable. Whether
@@ -541,9 +595,13 @@ class Cluster:
         if q is None or len(req.sums) != BUCKETS:
             return DigestAnswer((), 0)
         sums = await digest(self.broker, q)
-        found = await members(q, (b for b in range(BUCKETS) if sums[b] != req.sums[b]))
-        diff = [(b, tuple((m.id, message_key(m)) for m in msgs if q.messages.get(m.id) is m))
-                for b, msgs in found.items()]
+        found = await members(self.broker, q,
+                              (b for b in range(BUCKETS) if sums[b] != req.sums[b]))
+        backlog = self.broker.backlog
+        diff = [(b, tuple((m.id, message_key(m)) for m in msgs if q.messages.get(m.id) is m)
+                 + tuple((m.id, message_key(m)) for m in found.cold[b]
+                         if backlog.still_cold(q, found.gen, m)))
+                for b, msgs in found.hot.items()]
         # The epoch it promised, when another node's: a dispatcher of an earlier epoch
         # learns that it was taken over. Not its own: a takeover of its own that failed
         # (the others saw another primary) must not stop the primary they saw.
@@ -568,6 +626,7 @@ class Cluster:
             self._nursery = nursery
             self.placement.refresh()
             nursery.start_soon(self._gate_timer)
+            nursery.start_soon(self._apply_cold)
             nursery.start_soon(self._rounds)
             task_status.started()
 
@@ -797,6 +856,18 @@ class Cluster:
             failed_quorums=self.gate.failed_quorums, fenced_batches=self.gate.fenced,
             takeovers=self.takeovers, repair_rounds=self.rounds,
             repaired=dict(self.repaired), links=tuple(open_links))
+
+
+@dataclass(eq=False)
+class _Apply:
+    """An apply waiting for ``Cluster._apply_cold``."""
+
+    changes: Sequence[Change]
+    epochs: dict[PartKey, int]
+    bounds: tuple[tuple[str, int, int], ...] = ()
+    merged: Merged | None = None
+    error: MeshqError | None = None
+    done: trio.Event = field(default_factory=trio.Event)
 
 
 def _is_hex(text: str) -> bool:

@@ -15,7 +15,7 @@ quorum promised its epoch and a quorum's copies were merged.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -55,6 +55,7 @@ log = logging.getLogger("meshq.cluster.repair")
 
 DIGEST_SLICE = 2000  # shares counted per event-loop turn: a big queue never stalls it
 MEMBERS_SLICE = 20000  # messages looked at per event-loop turn for a bucket's members
+COLD_CHUNK = 512  # cold messages whose bodies a sync reads from the store at a time
 CHUNK_BYTES = 4 * 1024 * 1024  # bodies per repair request
 # on_progress(phase, done, total): a sync is "comparing" digests, or "copying" records to
 # the other node, ``done`` of ``total`` acknowledged by it (meshq.cluster.moves).
@@ -75,30 +76,53 @@ def next_epoch(known: int, node_int: int) -> int:
 
 
 async def digest(broker: Broker, q: Queue) -> list[int]:
-    """Per bucket of ids, the sum of the fingerprints of the partition's live records.
-    The sums are kept as messages change (meshq.broker.digests): this counts the shares
-    of the messages changed since the last digest, a slice at a time so that other tasks
-    run meanwhile, and returns the sums as of its return. A partition with READY messages
-    on disk only reads them back first (held alone until now: compared, it must be in
-    memory)."""
-    if q.cold or q.tombs_on_disk:
-        await broker.backlog.warm(q)
-    while not q.sums.settle(DIGEST_SLICE):
-        await trio.lowlevel.checkpoint()
+    """Per bucket of ids, the sum of the fingerprints of the partition's live records,
+    in memory and on disk. The sums are kept as messages change (meshq.broker.digests):
+    this counts the shares of the messages changed since the last digest, a slice at a
+    time so that other tasks run meanwhile, and returns the sums as of its return. The
+    shares of the READY messages on disk only are counted from the store the first time
+    (after a start: meshq.broker.backlog.count_cold), in a worker thread. Stored
+    tombstones are read back first (compared, they must be in memory)."""
+    await broker.backlog.warm_tombs(q)
+    sums = q.sums
+    while True:
+        if q.cold and sums.cold is None:
+            await broker.backlog.count_cold(q)
+        elif not sums.settle(DIGEST_SLICE):
+            await trio.lowlevel.checkpoint()
+        elif sums.cold is not None or not q.cold:
+            break
     if broker.check_digests:
         expected = walk(q.messages.values())
-        if q.sums.hot != expected:
+        if sums.hot != expected:
             raise AssertionError(f"{q.name}/{q.index}: digest sums drifted from the "
-                                 f"messages in memory: {q.sums.hot} != {expected}")
-    return list(q.sums.hot)
+                                 f"messages in memory: {sums.hot} != {expected}")
+        count, cold = broker.backlog.cold_walk(q)
+        if count != q.cold or (sums.cold or [0] * BUCKETS) != cold:
+            raise AssertionError(f"{q.name}/{q.index}: {q.cold} cold messages counted, "
+                                 f"{count} in the store; their sums {sums.cold} != {cold}")
+    if sums.cold is None:
+        return list(sums.hot)
+    return sums.total()
 
 
-async def members(q: Queue, buckets: Iterable[int]) -> dict[int, list[Message]]:
-    """The messages of ``q`` in ``buckets``, as of now (walked a slice at a time: the
-    caller checks each is still there)."""
+@dataclass
+class Members:
+    """The messages of a partition in some buckets: those in memory, and those on disk
+    only (keys only, read at ``gen``: ``Backlog.still_cold`` says whether each still is)."""
+
+    hot: dict[int, list[Message]]
+    cold: dict[int, list[Message]]
+    gen: int = 0
+
+
+async def members(broker: Broker, q: Queue, buckets: Iterable[int]) -> Members:
+    """The messages of ``q`` in ``buckets``, as of now (walked a slice at a time, and the
+    cold ones read from the store in a worker thread: the caller checks each is still
+    there)."""
     out: dict[int, list[Message]] = {b: [] for b in buckets}
     if not out:
-        return out
+        return Members(out, {})
     msgs = list(q.messages.values())
     for start in range(0, len(msgs), MEMBERS_SLICE):
         for msg in msgs[start:start + MEMBERS_SLICE]:
@@ -106,7 +130,8 @@ async def members(q: Queue, buckets: Iterable[int]) -> dict[int, list[Message]]:
             if found is not None:
                 found.append(msg)
         await trio.lowlevel.checkpoint()
-    return out
+    gen, cold = await broker.backlog.cold_members(q, out)
+    return Members(out, cold, gen)
 
 
 async def durable(batch: Batch) -> None:
@@ -130,6 +155,27 @@ def _chunks(changes: Sequence[Change]) -> list[list[Change]]:
         out[-1].append(c)
         size += 64 + (len(c.record.body) if isinstance(c, Put) else 0)
     return out
+
+
+async def _all_chunks(broker: Broker, q: Queue, push: list[Change], gen: int,
+                      seqs: list[int]) -> AsyncIterator[list[Change]]:
+    """``push`` in chunks, then Puts of the cold messages ``seqs`` (read at ``gen``),
+    their bodies read from the store by seq in a worker thread a chunk at a time: one
+    still cold is sent as read, one paged in meanwhile as it is in memory now, one gone
+    is left out."""
+    for chunk in _chunks(push):
+        yield chunk
+    for start in range(0, len(seqs), COLD_CHUNK):
+        read = await broker.store.read_seqs_async(seqs[start:start + COLD_CHUNK])
+        puts: list[Change] = []
+        for m in read:
+            now = q.messages.get(m.id)
+            if now is not None:
+                puts.append(Put(record_of(now)))
+            elif broker.backlog.still_cold(q, gen, m):
+                puts.append(Put(record_of(m)))
+        for chunk in _chunks(puts):
+            yield chunk
 
 
 def _decl(broker: Broker, q: Queue) -> Decl | None:
@@ -167,10 +213,12 @@ async def sync(peers: Peers, broker: Broker, q: Queue, node: str, *,
     # Both sides were read at different moments and changes went on meanwhile, so what is
     # compared is our state *now*.
     diff = [(b, items) for b, items in answer.diff if 0 <= b < BUCKETS]
-    ours = await members(q, (b for b, _ in diff))
+    ours = await members(broker, q, (b for b, _ in diff))
+    backlog = broker.backlog
+    cold_puts: list[int] = []  # the seqs of cold messages it lacks (bodies read below)
     for b, items in diff:
         theirs = dict(items)
-        for msg in ours[b]:
+        for msg in ours.hot[b]:
             if messages.get(msg.id) is not msg:
                 continue  # deleted meanwhile: its tombstone is compared below
             t = theirs.pop(msg.id, None)
@@ -178,6 +226,16 @@ async def sync(peers: Peers, broker: Broker, q: Queue, node: str, *,
                 push.append(Put(record_of(msg)))
             else:
                 compare(msg, t)
+        cold: dict[str, Message] = {}
+        for msg in ours.cold[b]:
+            if not backlog.still_cold(q, ours.gen, msg):
+                continue  # paged in (compared below) or gone meanwhile
+            cold[msg.id] = msg
+            t = theirs.pop(msg.id, None)
+            if t is None:
+                cold_puts.append(msg.seq)
+            else:
+                compare(msg, t)  # (a cold message's progress is the one on disk)
         for mid, t in theirs.items():
             now_msg = messages.get(mid)
             if now_msg is not None:
@@ -194,24 +252,24 @@ async def sync(peers: Peers, broker: Broker, q: Queue, node: str, *,
             raise Unavailable(f"node {node!r} answered a fetch with {type(got).__name__}")
         changes: list[Change] = [Put(r) for r in got.records if r.part == q.part]
         changes += [t for t in got.tombs if (t.queue, t.index) == q.part]
-        merged = broker.replica.merge(changes)
+        merged = await broker.replica.merge_async(changes)
         stats.fetched += len(changes)
         stats.deleted += len(got.tombs)
         await durable(merged.batch)
-    records = len(push)
+    records = len(push) + len(cold_puts)
     progress("copying", 0, records)
-    if push:
+    if push or cold_puts:
         push += [Tally(q.name, q.index, node_id, *values) for node_id, values in q.tally.items()]
     decl = _decl(broker, q)
     pushed = 0
-    for chunk in _chunks(push):
+    async for chunk in _all_chunks(broker, q, push, ours.gen, cold_puts):
         if decl is not None:
             chunk.insert(0, decl)
         answer2 = await peers.call(node, ApplyReq((), tuple(chunk)))
         if not isinstance(answer2, ApplyAnswer):
             raise Unavailable(f"node {node!r} answered an apply with {type(answer2).__name__}")
         if answer2.tombs:  # it had deleted what we pushed: its tombstones win here too
-            merged = broker.replica.merge(list(answer2.tombs))
+            merged = await broker.replica.merge_async(list(answer2.tombs))
             stats.deleted += len(answer2.tombs)
             await durable(merged.batch)
         stats.sent += len(chunk) - (1 if decl is not None else 0)

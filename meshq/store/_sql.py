@@ -167,6 +167,9 @@ def _create_schema(conn: sqlite3.Connection) -> None:
     conn.execute("CREATE INDEX IF NOT EXISTS messages_ready0"
                  " ON messages (queue, idx, hlc, seq) WHERE state = 0")
     conn.execute("CREATE INDEX IF NOT EXISTS messages_held ON messages (state) WHERE state > 0")
+    # A message by its id: what a fetch or a merge names that is on disk only (a
+    # replicated partition's cold messages, meshq.broker.backlog).
+    conn.execute("CREATE INDEX IF NOT EXISTS messages_id ON messages (queue, idx, id)")
     db.table("dedup").create(
         {"queue": str, "dedup_id": str, "message_id": str, "expires_at": float},
         pk=("queue", "dedup_id"), if_not_exists=True)

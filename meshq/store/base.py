@@ -9,9 +9,9 @@ from __future__ import annotations
 import abc
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 import msgpack
 import trio
@@ -34,6 +34,7 @@ __all__ = [
 ]
 
 Op = tuple[int, tuple[Any, ...]]
+_T = TypeVar("_T")
 MAX_BATCH_OPS = 8192  # a batch is sealed at an operation boundary past this many ops
 MAX_BATCH_REQUESTS = 256  # ... or past this many client requests
 MAX_BATCH_BYTES = 4 * 1024 * 1024  # ... or past this many bytes of message bodies (a batch
@@ -112,6 +113,13 @@ class Batch:
             raise self.error
         if self.error is not None:
             raise StoreError(f"commit failed: {self.error}") from self.error
+
+    async def wait_done(self) -> None:
+        """Return once complete, committed or not (its callbacks have run)."""
+        if not self.done:
+            if self._event is None:
+                self._event = trio.Event()
+            await self._event.wait()
 
     def complete(self, error: BaseException | None) -> None:
         self.done, self.error = True, error
@@ -336,6 +344,41 @@ class Store(abc.ABC):
         """``read_ready`` without blocking the event loop."""
         await trio.lowlevel.checkpoint()
         return self.read_ready(queue, index, after, limit)
+
+    # The backlog of a replicated partition (meshq.broker.backlog): its cold messages'
+    # keys, for digests and repair, and single messages, for fetches and merges.
+    def scan_ready(self, queue: str, index: int, after: tuple[int, int],
+                   fold: Callable[[Iterator[Message]], _T], max_seq: int | None = None) -> _T:
+        """``fold`` of the committed READY messages of a partition after ``after`` in
+        (hlc, seq) order (``max_seq``: those whose seq is not above it), keys only: their
+        bodies empty, headers ``{}``. One consistent read; ``fold`` runs where the read
+        does and may look at (never change) the broker's dicts. May block."""
+        raise NotImplementedError
+
+    async def scan_ready_async(self, queue: str, index: int, after: tuple[int, int],
+                               fold: Callable[[Iterator[Message]], _T],
+                               max_seq: int | None = None) -> _T:
+        """``scan_ready`` without blocking the event loop (a worker thread runs it, and
+        ``fold``)."""
+        await trio.lowlevel.checkpoint()
+        return self.scan_ready(queue, index, after, fold, max_seq)
+
+    def read_ids(self, queue: str, index: int, ids: Iterable[str]) -> list[Message]:
+        """The committed messages of a partition among ``ids`` (any state, whole: an
+        index on (queue, idx, id) finds them). May block."""
+        raise NotImplementedError
+
+    async def read_ids_async(self, queue: str, index: int, ids: Iterable[str]) -> list[Message]:
+        await trio.lowlevel.checkpoint()
+        return self.read_ids(queue, index, ids)
+
+    def read_seqs(self, seqs: Iterable[int]) -> list[Message]:
+        """The committed messages whose seq is in ``seqs``, whole. May block."""
+        raise NotImplementedError
+
+    async def read_seqs_async(self, seqs: Iterable[int]) -> list[Message]:
+        await trio.lowlevel.checkpoint()
+        return self.read_seqs(seqs)
 
     @abc.abstractmethod
     async def _commit(self, ops: list[Op]) -> None:

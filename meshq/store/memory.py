@@ -13,7 +13,7 @@ comes later.
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any, TypeVar
 
 import msgpack
@@ -35,6 +35,14 @@ def _message(row: tuple) -> Message:
     return Message(seq, mid, queue, body, msgpack.unpackb(headers) if headers else {}, hlc,
                    node, State(state), count, ready_at, expires_at, lease, idx, inc, lease_id,
                    holder, epoch, vn)
+
+
+def _keys(row: tuple) -> Message:
+    """A row as a keys-only message (no body, no headers)."""
+    (seq, mid, queue, idx, inc, hlc, node, _body, _headers, state, count, ready_at,
+     expires_at, lease, lease_id, holder, epoch, vn) = row
+    return Message(seq, mid, queue, b"", {}, hlc, node, State(state), count, ready_at,
+                   expires_at, lease, idx, inc, lease_id, holder, epoch, vn)
 
 
 class MemoryStore(Store):
@@ -106,6 +114,33 @@ class MemoryStore(Store):
                        if r[9] == State.READY and r[2] == queue and r[3] == index
                        and (r[5], r[0]) > after), key=lambda r: (r[5], r[0]))
         return [_message(r) for r in rows[:limit]]
+
+    def scan_ready(self, queue: str, index: int, after: tuple[int, int],
+                   fold: Callable[[Iterator[Message]], _T], max_seq: int | None = None) -> _T:
+        rows = sorted((r for r in self.messages.values()
+                       if r[9] == State.READY and r[2] == queue and r[3] == index
+                       and (r[5], r[0]) > after and (max_seq is None or r[0] <= max_seq)),
+                      key=lambda r: (r[5], r[0]))
+        return fold(_keys(r) for r in rows)
+
+    def read_ids(self, queue: str, index: int, ids: Iterable[str]) -> list[Message]:
+        wanted = set(ids)
+        return [_message(r) for r in sorted(self.messages.values(), key=lambda r: r[0])
+                if r[1] in wanted and r[2] == queue and r[3] == index]
+
+    def read_seqs(self, seqs: Iterable[int]) -> list[Message]:
+        return [_message(self.messages[s]) for s in sorted(set(seqs)) if s in self.messages]
+
+    async def scan_ready_async(self, queue: str, index: int, after: tuple[int, int],
+                               fold: Callable[[Iterator[Message]], _T],
+                               max_seq: int | None = None) -> _T:
+        return await self._read(self.scan_ready, queue, index, after, fold, max_seq)
+
+    async def read_ids_async(self, queue: str, index: int, ids: Iterable[str]) -> list[Message]:
+        return await self._read(self.read_ids, queue, index, list(ids))
+
+    async def read_seqs_async(self, seqs: Iterable[int]) -> list[Message]:
+        return await self._read(self.read_seqs, list(seqs))
 
     async def _taking_time(self) -> None:
         if self.delays is not None:

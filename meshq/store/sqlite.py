@@ -2,9 +2,11 @@
 
 Schema and start-up load run in-process (sqlite-utils creates the schema); commits run in
 a writer process (meshq.store._writer), one transaction per batch; the backlog's pages
-are read in a worker thread (``read_ready_async``). Never: a batch reported durable before
-the writer's COMMIT returned, or SQLite called on the event loop thread (but for
-``read_ready``, the rare synchronous page-in of meshq.broker.backlog's ``warm_now``).
+are read in a worker thread (``read_ready_async``), as are a replicated backlog's keys
+(``scan_ready_async``) and the messages repair fetches by id or seq. Never: a batch
+reported durable before the writer's COMMIT returned, or a read of a whole backlog on the
+event loop thread (a point read by id there is the rare fallback of a merge or a dedup
+hit into a cold message, meshq.broker.backlog).
 If the writer dies, ``run`` raises and the daemon stops rather than confirm nothing.
 """
 
@@ -17,8 +19,8 @@ import subprocess
 import sys
 import threading
 from collections import deque
-from collections.abc import Iterable
-from typing import Any
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any, TypeVar
 
 import msgpack
 import trio
@@ -42,6 +44,13 @@ _SELECT_READY = ("SELECT seq, id, body, headers, hlc, node, delivery_count, read
                  " expires_at, lease_deadline, inc, lease_id, holder, epoch, vn FROM messages"
                  " WHERE state = 0 AND queue = ? AND idx = ?")
 READER_CACHE_KIB = 8192  # the page cache of the connection that pages the backlog in
+# A partition's READY messages after a key, keys only (a replicated backlog's digests and
+# repair, meshq.broker.backlog): no body, no headers.
+_SELECT_KEYS = ("SELECT seq, id, hlc, node, delivery_count, ready_at, expires_at,"
+                " lease_deadline, inc, lease_id, holder, epoch, vn FROM messages"
+                " WHERE state = 0 AND queue = ? AND idx = ? AND (hlc, seq) > (?, ?)")
+IN_CHUNK = 500  # ids or seqs looked up per statement
+_T = TypeVar("_T")
 
 
 _STATES = tuple(State)  # (indexed by value: State(n) is an enum lookup, 5x slower)
@@ -69,6 +78,17 @@ def _ready_messages(rows: Iterable[tuple[Any, ...]], queue: str, index: int) -> 
                     lease_id or 0, holder or "", epoch or 0, vn or 0)
             for (seq, mid, body, headers, hlc, node, count, ready_at, expires_at, lease, inc,
                  lease_id, holder, epoch, vn) in rows]
+
+
+def _key_messages(rows: Iterable[tuple[Any, ...]], queue: str, index: int
+                  ) -> Iterator[Message]:
+    """Rows read by ``_SELECT_KEYS`` as keys-only messages, one at a time."""
+    ready = State.READY
+    for (seq, mid, hlc, node, count, ready_at, expires_at, lease, inc, lease_id, holder,
+         epoch, vn) in rows:
+        yield Message(seq, mid, queue, b"", {}, hlc, node, ready, count or 0, ready_at or 0.0,
+                      expires_at, lease, index, inc or 0, lease_id or 0, holder or "",
+                      epoch or 0, vn or 0)
 
 
 class WriterDied(StoreFatal):
@@ -182,6 +202,52 @@ class SQLiteStore(Store):
     async def read_ready_async(self, queue: str, index: int, after: tuple[int, int],
                                limit: int) -> list[Message]:
         return await trio.to_thread.run_sync(self.read_ready, queue, index, after, limit)
+
+    def scan_ready(self, queue: str, index: int, after: tuple[int, int],
+                   fold: Callable[[Iterator[Message]], _T], max_seq: int | None = None) -> _T:
+        # A connection of its own: a long scan does not hold up the pages of others.
+        conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+        try:
+            conn.execute("PRAGMA query_only=1")
+            sql = _SELECT_KEYS + (" AND seq <= ?" if max_seq is not None else "")
+            params: tuple[Any, ...] = (queue, index, after[0], after[1])
+            if max_seq is not None:
+                params += (max_seq,)
+            cursor = conn.execute(sql + " ORDER BY hlc, seq", params)
+            return fold(_key_messages(cursor, queue, index))
+        finally:
+            conn.close()
+
+    async def scan_ready_async(self, queue: str, index: int, after: tuple[int, int],
+                               fold: Callable[[Iterator[Message]], _T],
+                               max_seq: int | None = None) -> _T:
+        return await trio.to_thread.run_sync(self.scan_ready, queue, index, after, fold,
+                                             max_seq)
+
+    def read_ids(self, queue: str, index: int, ids: Iterable[str]) -> list[Message]:
+        wanted = list(dict.fromkeys(ids))
+        out: list[Message] = []
+        for start in range(0, len(wanted), IN_CHUNK):
+            part = wanted[start:start + IN_CHUNK]
+            out += _messages(self._read(
+                f"{_SELECT} WHERE queue = ? AND idx = ? AND id IN ({','.join('?' * len(part))})",
+                (queue, index, *part)))
+        return out
+
+    async def read_ids_async(self, queue: str, index: int, ids: Iterable[str]) -> list[Message]:
+        return await trio.to_thread.run_sync(self.read_ids, queue, index, list(ids))
+
+    def read_seqs(self, seqs: Iterable[int]) -> list[Message]:
+        wanted = sorted(set(seqs))
+        out: list[Message] = []
+        for start in range(0, len(wanted), IN_CHUNK):
+            part = wanted[start:start + IN_CHUNK]
+            out += _messages(self._read(
+                f"{_SELECT} WHERE seq IN ({','.join('?' * len(part))})", tuple(part)))
+        return out
+
+    async def read_seqs_async(self, seqs: Iterable[int]) -> list[Message]:
+        return await trio.to_thread.run_sync(self.read_seqs, list(seqs))
 
     async def run(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
         """Commit batches through the writer process, PIPELINE_DEPTH of them in flight:

@@ -42,7 +42,9 @@ from typing import Any
 import trio
 import trio.testing
 
-from meshq.broker.backlog import HOT_READY
+from meshq.broker.backlog import HOT_READY, Backlog
+from meshq.broker.core import Broker
+from meshq.broker.queue import Queue
 from meshq.broker.replica import message_key
 from meshq.client import AsyncClient
 from meshq.cluster.lattice import catalog_digest
@@ -94,6 +96,9 @@ class SimResult:
     problems: list[str] = field(default_factory=list)
     trace: str = ""  # a digest of everything clients saw: equal runs, equal traces
     virtual_seconds: float = 0.0
+    # summed over every node process: meshq.broker.backlog's counters (paged_out,
+    # paged_out_shared, restored, paged_in, paged_in_by_id, counts)
+    backlog: dict[str, int] = field(default_factory=dict)
 
     @property
     def ok(self) -> bool:
@@ -125,6 +130,7 @@ class SimNode:
         self.starts = 0
         self.left = False
         self.started = trio.Event()  # set (and replaced) at each start
+        self.backlogs: list[Backlog] = []  # each process's, for their statistics
 
     @property
     def running(self) -> bool:
@@ -144,6 +150,7 @@ class SimNode:
                           transport=self.transport, rng=rng,
                           incarnation=int(trio.current_time() * 1000) + self.starts)
         node.broker.check_digests = True  # (kept digest sums must equal a walk, always)
+        self.backlogs.append(node.broker.backlog)
         backlog = node.broker.backlog
         backlog.hot_ready = self.sim.hot_ready
         backlog.refill_below = min(backlog.refill_below, max(1, self.sim.hot_ready * 3 // 4))
@@ -276,7 +283,17 @@ class Simulation:
             nursery.cancel_scope.cancel()
         report = self.history.check()
         return SimResult(self.seed, report, self.faults, converged, self.problems,
-                         self.trace.hexdigest()[:16], trio.current_time())
+                         self.trace.hexdigest()[:16], trio.current_time(),
+                         self.backlog_totals())
+
+    def backlog_totals(self) -> dict[str, int]:
+        """meshq.broker.backlog's counters, summed over every node process of the run."""
+        out: dict[str, int] = {}
+        for sn in self.nodes.values():
+            for b in sn.backlogs:
+                for key in BACKLOG_COUNTERS:
+                    out[key] = out.get(key, 0) + getattr(b, key)
+        return out
 
     async def _until(self, predicate: Callable[[], bool], bound: float, what: str) -> float:
         """Wait (polling virtual time) until ``predicate()``; a problem after ``bound``."""
@@ -570,18 +587,17 @@ class Simulation:
                     continue
                 if not q.active:
                     return False
-                mine = {m.id: message_key(m) for m in q.messages.values()}
+                mine = _copy(node.broker, q)
                 for holder in reps.holders:
                     other = nodes.get(holder)
                     if other is None:
                         return False
                     oq = other.broker.parts.get(q.part)
-                    if oq is None or {m.id: message_key(m)
-                                      for m in oq.messages.values()} != mine:
+                    if oq is None or _copy(other.broker, oq) != mine:
                         return False
                 for n, other in nodes.items():  # copies nobody should hold are gone
                     oq = other.broker.parts.get(q.part)
-                    if n not in reps.holders and oq is not None and oq.messages:
+                    if n not in reps.holders and oq is not None and (oq.messages or oq.cold):
                         return False
         return True
 
@@ -672,7 +688,7 @@ class Simulation:
             if node.cluster is not None and len(node.cluster.gate) and any(
                     b.changes for b in node.cluster._batches.values()):
                 return False
-            if any(q.messages for q in node.broker.queues.get(QUEUE, ())):
+            if any(q.messages or q.cold for q in node.broker.queues.get(QUEUE, ())):
                 return False
         return True
 
@@ -685,7 +701,7 @@ class Simulation:
                 continue
             for q in node.broker.queues.get(QUEUE, ()):
                 if q.active and node.cluster.replicas(q).primary == name:
-                    found[q.index] = not q.messages
+                    found[q.index] = not q.messages and not q.cold
         count = next((len(sn.node.broker.queues.get(QUEUE, ())) for sn in self.nodes.values()
                       if sn.node is not None), 0)
         return len(found) == count > 0 and all(found.values())
@@ -778,6 +794,11 @@ class Simulation:
                     left.update(q.messages)
                     where += [f"{m.id} on {name} {q.name}/{q.index} {m.state.name}"
                               for m in q.messages.values()]
+                    if q.cold:  # (on disk only)
+                        cold = sn.node.broker.backlog.cold_messages(q)
+                        left.update(m.id for m in cold)
+                        where += [f"{m.id} on {name} {q.name}/{q.index} on disk"
+                                  for m in cold]
         if left:
             self.problems.append(f"{len(left)} message(s) left after the drain: "
                                  + "; ".join(where[:6]) + "\n" + self.describe())
@@ -821,13 +842,13 @@ def _deterministic(seed: int) -> None:
 
 
 def run_scenario(script: Callable[[Simulation], Any], *, seed: int = 0,
-                 nodes: int = 3) -> Any:
+                 nodes: int = 3, hot_ready: int = HOT_READY) -> Any:
     """Run ``await script(sim)`` on a started cluster of ``nodes``, in virtual time, with
     no fault but those the script makes (its building blocks: ``sim.client(node)``,
     ``sim.nodes[name].kill()``/``start()``, ``sim.net``, ``sim.wait_whole()``,
-    ``sim.wait_converged()``, ``sim.primary(queue)``)."""
+    ``sim.wait_converged()``, ``sim.primary(queue)``); ``hot_ready``: as Simulation's."""
     _deterministic(seed)
-    sim = Simulation(seed, nodes=nodes, faults=False)
+    sim = Simulation(seed, nodes=nodes, faults=False, hot_ready=hot_ready)
 
     async def main() -> Any:
         async with trio.open_nursery() as nursery:
@@ -853,7 +874,8 @@ def simulate(seed: int, **kw: Any) -> SimResult:
             pass
         if result is None:
             result = SimResult(seed, sim.history.check(), sim.faults, None, sim.problems,
-                               sim.trace.hexdigest()[:16], trio.current_time())
+                               sim.trace.hexdigest()[:16], trio.current_time(),
+                               sim.backlog_totals())
         return result
 
     return trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
@@ -876,6 +898,7 @@ class SeedOutcome:
     duplicates: int
     duplicates_during_instability: int
     faults: tuple[str, ...]
+    backlog: tuple[tuple[str, int], ...] = ()  # SimResult.backlog's counters
 
 
 def replay_command(seed: int, heavy: bool = False, hot_ready: int = HOT_READY,
@@ -886,6 +909,17 @@ def replay_command(seed: int, heavy: bool = False, hot_ready: int = HOT_READY,
             + (f" --fifo {fifo}" if fifo is not None else "") + " -v")
 
 
+def _copy(broker: Broker, q: Queue) -> dict[str, tuple[Any, ...]]:
+    """A node's copy of a partition: each message's id and progress, in memory or on disk
+    only (meshq.broker.backlog)."""
+    out = {m.id: message_key(m) for m in q.messages.values()}
+    if q.cold:
+        out.update((m.id, message_key(m)) for m in broker.backlog.cold_messages(q))
+    return out
+
+
+BACKLOG_COUNTERS = ("paged_out", "paged_out_shared", "restored", "paged_in",
+                    "paged_in_by_id", "counts")
 HEAVY = {"window": 30.0, "send_gap": (0.02, 0.3), "fairness": True}
 
 
@@ -926,7 +960,7 @@ def run_seed(seed: int, heavy: bool = False, limit: float = 120.0,
         seed, r.ok, r.summary(), r.trace, time.perf_counter() - t0, r.virtual_seconds,
         r.converged_after, r.report.confirmed_sends, r.report.deliveries,
         r.report.duplicate_deliveries, len(r.report.duplicates_during_instability),
-        tuple(f.kind for f in r.faults))
+        tuple(f.kind for f in r.faults), tuple(sorted(r.backlog.items())))
 
 
 def run_seeds(seeds: list[int], *, jobs: int = 2, heavy: bool = False,
