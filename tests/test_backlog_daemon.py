@@ -1,11 +1,15 @@
 """The backlog on disk against a real meshqd (meshq.broker.backlog): a queue deeper than a
 partition keeps in memory survives a SIGKILL, comes back counted, and is consumed whole,
-once each, in send order; a purge empties it on disk too. (Memory and restart time are
-measured by tools/bench_backlog.py, not here.)"""
+once each, in send order; a purge empties it on disk too; on three meshqd, the dispatcher
+of a replicated queue pages its backlog as well. (Memory and restart time are measured by
+tools/bench_backlog.py, not here.)"""
 
 from __future__ import annotations
 
 from pathlib import Path
+
+from test_membership import all_alive, eventually
+from test_replication import copy_here, queue_with_primary, restarted, status_of
 
 from meshq.broker.backlog import HOT_READY
 from meshq.testing import DaemonProcess
@@ -57,3 +61,49 @@ def test_a_purge_empties_a_deep_queue_on_disk_too(tmp_path: Path) -> None:
             assert [m.id for m in c.receive("deep", max=10)] == fresh
     finally:
         d.kill()
+
+
+def test_the_dispatcher_of_a_replicated_queue_pages_its_deep_backlog(
+        cluster: dict[str, DaemonProcess]) -> None:
+    """Three meshqd, a queue of three copies dispatched by a: past HOT_READY its READY
+    messages stay on a's disk only, also after a SIGKILL and restart of a (which then
+    dispatches again, its copy read back as the head and a count, its digest counting
+    the rest from disk); every message is then received once, a's memory staying
+    bounded as it pages."""
+    name = queue_with_primary("a", "deep")
+    a = cluster["a"]
+    with cluster["b"].client() as b:
+        b.declare(name, partitions=1, replicas=3)
+        ids: list[str] = []
+        for start in range(0, DEPTH, 500):
+            ids += b.send_batch(name, [f"m{i}".encode()
+                                       for i in range(start, min(DEPTH, start + 500))])
+
+    def in_memory(d: DaemonProcess) -> int:  # the READY messages it holds in memory
+        here = copy_here(d, name)
+        return here["ready"] - here["ready_on_disk"]
+
+    here = copy_here(a, name)
+    assert here["ready"] == DEPTH and here["ready_on_disk"] >= DEPTH - HOT_READY
+    assert in_memory(a) <= HOT_READY
+    a.kill()
+    cluster["a"] = a = restarted(a, cluster["b"])
+    eventually(lambda: all_alive(list(cluster.values()), {"a", "b", "c"}), 30, "a back")
+    eventually(lambda: status_of(a, name).get("dispatching_here") is True, 30,
+               "a dispatches again")
+    eventually(lambda: copy_here(a, name)["ready"] == DEPTH, 30, "a counts them all")
+    assert copy_here(a, name)["ready_on_disk"] >= DEPTH - HOT_READY
+    got: list[str] = []
+    most = 0
+    with cluster["c"].client(timeout=30) as c:
+        while len(got) < DEPTH:
+            batch = c.receive(name, max=500, wait=10.0)
+            assert batch, f"nothing more after {len(got)}"
+            c.ack(name, batch)
+            got += [m.id for m in batch]
+            most = max(most, in_memory(a))
+        assert c.receive(name, max=10, wait=0.5) == []
+    assert sorted(got) == sorted(ids) and len(got) == len(set(got))  # each once
+    assert most <= 2 * HOT_READY
+    for d in cluster.values():  # every copy empties (the acks reach the cold ones too)
+        eventually(lambda d=d: copy_here(d, name).get("ready") == 0, 30, d.node_name)

@@ -638,3 +638,29 @@ def test_the_dispatcher_of_a_replicated_partition_pages_its_deep_backlog() -> No
         assert sum(counts.values()) >= 1, counts  # a restarted node counted its cold shares
 
     run_scenario(script, seed=3, hot_ready=HOT)
+
+
+def test_a_purge_of_a_replicated_backlog_on_disk_reaches_every_copy() -> None:
+    """The dispatcher's cold messages are purged with one statement, their tombstones in
+    its store only: the next repair rounds read them back and take them to the other
+    copies, so nothing comes back after a failover."""
+
+    async def script(sim: Simulation) -> None:
+        await declare(sim, "n1")
+        async with sim.client("n2") as c:
+            for start in range(0, 100, 20):
+                await c.send_batch(Q, [f"m{i}" for i in range(start, start + 20)])
+        await sim.wait_converged()
+        name = sim.primary(Q)
+        assert name is not None
+        node = sim.nodes[name].node
+        assert node is not None and node.broker.parts[Q, 0].cold
+        async with sim.client(name) as c:
+            assert await c.purge(Q) == 100
+        await two_rounds(sim)
+        await sim.wait_converged()
+        sim.nodes[name].kill()
+        for other in others(sim, name):
+            assert await drain(sim, other, wait=3.0) == [], other
+
+    run_scenario(script, seed=5, hot_ready=HOT)

@@ -267,8 +267,8 @@ class Backlog:
         return bool(msgs)
 
     # -- a replicated partition's cold messages, for replication -------------------------
-    def _cold_ones(self, q: Queue, gen: int, msgs: Iterable[Message]) -> list[Message]:
-        """Those of ``msgs`` (read from the store) that are cold in ``q`` now."""
+    def cold_of(self, q: Queue, gen: int, msgs: Iterable[Message]) -> list[Message]:
+        """Those of ``msgs`` (read from the store at ``gen``) that are cold in ``q`` now."""
         if not q.cold or q.cold_gen != gen or not self.b.live(q):
             return []
         entry = self.b.catalog.get(q.name)
@@ -283,34 +283,36 @@ class Backlog:
         return (q.cold > 0 and mid not in q.messages and mid not in q.tombs
                 and (hlc is None or hlc <= q.cold_top))
 
-    async def page_ids(self, q: Queue, ids: Iterable[str]) -> int:
-        """Page in the cold messages of ``q`` among ``ids`` (before a merge or a fetch
-        names them: what is joined is the one in memory); how many came."""
+    async def page_ids(self, q: Queue, ids: Iterable[tuple[str, int | None]]) -> int:
+        """Page in the cold messages of ``q`` among ``ids`` (id, HLC if known), before
+        a merge names them (what is joined is the one in memory), reading them by id in
+        a worker thread; how many came. Their consumers get them."""
         await self.warm_tombs(q)
-        wanted = [mid for mid in ids if self.may_be_cold(q, mid)]
+        wanted = [mid for mid, hlc in ids if self.may_be_cold(q, mid, hlc)]
         if not wanted:
             return 0
         gen = q.cold_gen
         msgs = await self.b.store.read_ids_async(q.name, q.index, wanted)
-        return self._ids_came(q, gen, msgs)
+        came = self._ids_came(q, gen, msgs)
+        if came and q.active:
+            self.b._page_came(q)
+        return came
 
-    def page_ids_now(self, q: Queue, ids: Iterable[str]) -> int:
-        """``page_ids``, blocking: a point read by id (a merge not prepared, a dedup
-        hit on a message that may be cold)."""
+    def page_ids_now(self, q: Queue, ids: Iterable[tuple[str, int | None]]) -> int:
+        """``page_ids``, blocking (a point read by id: a merge not prepared, a dedup hit
+        on a message that may be cold), and without a dispatch (the caller's)."""
         self.warm_tombs_now(q)
-        wanted = [mid for mid in ids if self.may_be_cold(q, mid)]
+        wanted = [mid for mid, hlc in ids if self.may_be_cold(q, mid, hlc)]
         if not wanted:
             return 0
         return self._ids_came(q, q.cold_gen,
                               self.b.store.read_ids(q.name, q.index, wanted))
 
     def _ids_came(self, q: Queue, gen: int, msgs: list[Message]) -> int:
-        came = self._cold_ones(q, gen, msgs)
+        came = self.cold_of(q, gen, msgs)
         for msg in came:
             self._came_in(q, msg)
         self.paged_in_by_id += len(came)
-        if came and q.active:
-            self.b._page_came(q)
         return len(came)
 
     async def count_cold(self, q: Queue) -> None:
@@ -322,8 +324,10 @@ class Backlog:
         which is tried again (Unavailable after COUNT_TRIES)."""
         for _ in range(COUNT_TRIES):
             sums = q.sums
-            if sums.cold is not None or not q.cold or not self.b.live(q):
+            if sums.cold is not None or not q.cold:
                 return
+            if not self.b.live(q):
+                raise Unavailable(f"{q.name}/{q.index} was deleted")
             if sums.counting is not None:  # (another digest counts it: wait for it)
                 await sums.counting.done.wait()
                 continue
@@ -340,7 +344,8 @@ class Backlog:
             finally:
                 sums.counting = None
                 counting.done.set()
-                self.want(q)
+                if q.active:
+                    self.want(q, behind=True)  # (what waited for the count)
             if counting.spoilt or sums.cold is not None or not self.b.live(q):
                 continue
             self.counts += 1
@@ -374,6 +379,7 @@ class Backlog:
         and the ``cold_gen`` they were read at: the caller checks each is still cold
         (``still_cold``)."""
         out: dict[int, list[Message]] = {b: [] for b in buckets}
+        await self.warm_tombs(q)
         gen = q.cold_gen
         if not out or not q.cold:
             return gen, out
@@ -385,17 +391,16 @@ class Backlog:
                 if found is not None and m.id not in messages and m.id not in tombs:
                     found.append(m)
             return out
-        await self.warm_tombs(q)
         return gen, await self.b.store.scan_ready_async(q.name, q.index, q.cold_after, fold)
 
     def still_cold(self, q: Queue, gen: int, m: Message) -> bool:
         """Whether ``m``, read by ``cold_members`` at ``gen``, is still cold in ``q``."""
-        return bool(self._cold_ones(q, gen, (m,)))
+        return bool(self.cold_of(q, gen, (m,)))
 
     def cold_messages(self, q: Queue) -> list[Message]:
         """``q``'s cold messages as the store holds them now (keys only), read blocking:
         for tests and the simulation, which compare whole copies."""
-        return self._cold_ones(q, q.cold_gen,
+        return self.cold_of(q, q.cold_gen,
                                self.b.store.scan_ready(q.name, q.index, q.cold_after, list))
 
     def cold_walk(self, q: Queue) -> tuple[int, list[int]]:

@@ -1311,7 +1311,7 @@ class Broker:
             return True  # (held alone: what this node committed is the write quorum)
         for p in self.queues.get(q.name, ()):
             if not self.hand_over_early(p):  # (tombstones on disk since a restart; or
-                self.backlog.page_ids_now(p, (mid,))  # the message: a point read)
+                self.backlog.page_ids_now(p, ((mid, None),))  # the message: a point read)
             if mid in p.messages:
                 if p is q or p.active:
                     again = self._resend(p, mid, dedup_id, expires_at)

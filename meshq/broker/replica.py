@@ -236,7 +236,7 @@ class Replica:
             maybe = [mid for mid in ids if self.b.backlog.may_be_cold(q, mid)]
             if maybe:
                 read = await self.b.store.read_ids_async(q.name, q.index, maybe)
-                cold = {m.id: m for m in self.b.backlog._cold_ones(q, gen, read)}
+                cold = {m.id: m for m in self.b.backlog.cold_of(q, gen, read)}
         recs, tombs = [], []
         for mid in ids:
             msg = q.messages.get(mid) or cold.get(mid)
@@ -255,35 +255,29 @@ class Replica:
                           bounds: Iterable[tuple[str, int, int]] = ()) -> Merged:
         """``merge``, after paging in (in a worker thread) the cold messages the changes
         name, and reading back stored tombstones, so that the merge itself reads nothing."""
-        backlog = self.b.backlog
-        named: dict[Queue, list[str]] = {}
+        named: dict[Queue, list[tuple[str, int | None]]] = {}
         for c in changes:
             part = part_of(c)
             q = self.b.parts.get(part) if part is not None else None
             if q is None or not (q.cold or q.tombs_on_disk):
                 continue
             if isinstance(c, Put):
-                if c.record.hlc <= q.cold_top or q.tombs_on_disk:
-                    named.setdefault(q, []).append(c.record.id)
+                named.setdefault(q, []).append((c.record.id, c.record.hlc))
             elif isinstance(c, Step | Tomb):
-                named.setdefault(q, []).append(c.id)
+                named.setdefault(q, []).append((c.id, None))
         looked: set[str] = set()
         for q, ids in named.items():
-            await backlog.page_ids(q, ids)
-            looked.update(ids)
+            await self.b.backlog.page_ids(q, ids)
+            looked.update(mid for mid, _ in ids)
         return self.merge(changes, epochs, bounds, looked)
 
-    def _page_for(self, q: Queue, mid: str, hlc: int | None, looked: set[str]) -> None:
+    def _page_for(self, q: Queue, mid: str, hlc: int | None, looked: set[str],
+                  touched: dict[Queue, None]) -> None:
         """Before a change of ``mid`` is merged into ``q``: its tombstones read back, and
         the message paged in if it is cold (blocking: ``merge_async`` did it already for
-        what it names, ``looked``)."""
-        if mid in looked:
-            return
-        backlog = self.b.backlog
-        if q.tombs_on_disk:
-            backlog.warm_tombs_now(q)
-        if backlog.may_be_cold(q, mid, hlc):
-            backlog.page_ids_now(q, (mid,))
+        what it names, ``looked``; dispatched with what the merge touched)."""
+        if mid not in looked and self.b.backlog.page_ids_now(q, ((mid, hlc),)):
+            touched[q] = None
 
     def merge(self, changes: Iterable[Change],
               epochs: dict[PartKey, int] | None = None,
@@ -338,9 +332,10 @@ class Replica:
                 home = self.b.parts.get(part) if part is not None else None
                 if home is not None and (home.cold or home.tombs_on_disk):
                     if t is Put:  # (what it merges must be in memory)
-                        self._page_for(home, c.record.id, c.record.hlc, looked)  # type: ignore[union-attr]
+                        self._page_for(home, c.record.id, c.record.hlc, looked,  # type: ignore[union-attr]
+                                       touched)
                     elif t is Step or t is Tomb:
-                        self._page_for(home, c.id, None, looked)  # type: ignore[union-attr]
+                        self._page_for(home, c.id, None, looked, touched)  # type: ignore[union-attr]
                 if t is Tally:
                     q = self.part(c.queue, c.index)  # type: ignore[union-attr]
                     if q is not None:

@@ -597,11 +597,10 @@ class Cluster:
         sums = await digest(self.broker, q)
         found = await members(self.broker, q,
                               (b for b in range(BUCKETS) if sums[b] != req.sums[b]))
-        backlog = self.broker.backlog
-        diff = [(b, tuple((m.id, message_key(m)) for m in msgs if q.messages.get(m.id) is m)
-                 + tuple((m.id, message_key(m)) for m in found.cold[b]
-                         if backlog.still_cold(q, found.gen, m)))
-                for b, msgs in found.hot.items()]
+        diff = []
+        for b in found.hot:
+            hot, cold = found.now(self.broker, q, b)
+            diff.append((b, tuple((m.id, message_key(m)) for m in (*hot, *cold))))
         # The epoch it promised, when another node's: a dispatcher of an earlier epoch
         # learns that it was taken over. Not its own: a takeover of its own that failed
         # (the others saw another primary) must not stop the primary they saw.

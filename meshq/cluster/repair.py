@@ -108,21 +108,40 @@ async def digest(broker: Broker, q: Queue) -> list[int]:
 
 @dataclass
 class Members:
-    """The messages of a partition in some buckets: those in memory, and those on disk
-    only (keys only, read at ``gen``: ``Backlog.still_cold`` says whether each still is)."""
+    """The messages of a partition in some buckets, as read: those in memory, and those
+    on disk only (keys only, read at ``gen``). ``now`` says what each is now."""
 
     hot: dict[int, list[Message]]
     cold: dict[int, list[Message]]
     gen: int = 0
 
+    def now(self, broker: Broker, q: Queue, b: int) -> tuple[list[Message], list[Message]]:
+        """Bucket ``b``'s members now: those in memory (read there, or on disk and paged
+        in since), and those still on disk only; one deleted meanwhile in neither."""
+        messages = q.messages
+        hot = [m for m in self.hot[b] if messages.get(m.id) is m]
+        seen = {m.id for m in hot}
+        cold = []
+        for m in self.cold[b]:
+            here = messages.get(m.id)
+            if here is not None:
+                if m.id not in seen:
+                    seen.add(m.id)
+                    hot.append(here)
+            elif broker.backlog.still_cold(q, self.gen, m):
+                cold.append(m)
+        return hot, cold
+
 
 async def members(broker: Broker, q: Queue, buckets: Iterable[int]) -> Members:
-    """The messages of ``q`` in ``buckets``, as of now (walked a slice at a time, and the
-    cold ones read from the store in a worker thread: the caller checks each is still
-    there)."""
-    out: dict[int, list[Message]] = {b: [] for b in buckets}
+    """The messages of ``q`` in ``buckets``: those on disk only first (read from the
+    store in a worker thread), then those in memory (walked a slice at a time), so that
+    one paged in meanwhile is found either way (``Members.now``)."""
+    wanted = list(buckets)
+    gen, cold = await broker.backlog.cold_members(q, wanted)
+    out: dict[int, list[Message]] = {b: [] for b in wanted}
     if not out:
-        return Members(out, {})
+        return Members(out, cold, gen)
     msgs = list(q.messages.values())
     for start in range(0, len(msgs), MEMBERS_SLICE):
         for msg in msgs[start:start + MEMBERS_SLICE]:
@@ -130,7 +149,6 @@ async def members(broker: Broker, q: Queue, buckets: Iterable[int]) -> Members:
             if found is not None:
                 found.append(msg)
         await trio.lowlevel.checkpoint()
-    gen, cold = await broker.backlog.cold_members(q, out)
     return Members(out, cold, gen)
 
 
@@ -214,23 +232,17 @@ async def sync(peers: Peers, broker: Broker, q: Queue, node: str, *,
     # compared is our state *now*.
     diff = [(b, items) for b, items in answer.diff if 0 <= b < BUCKETS]
     ours = await members(broker, q, (b for b, _ in diff))
-    backlog = broker.backlog
     cold_puts: list[int] = []  # the seqs of cold messages it lacks (bodies read below)
     for b, items in diff:
         theirs = dict(items)
-        for msg in ours.hot[b]:
-            if messages.get(msg.id) is not msg:
-                continue  # deleted meanwhile: its tombstone is compared below
+        hot, cold = ours.now(broker, q, b)  # (one deleted meanwhile: its tombstone is
+        for msg in hot:  # compared below)
             t = theirs.pop(msg.id, None)
             if t is None:
                 push.append(Put(record_of(msg)))
             else:
                 compare(msg, t)
-        cold: dict[str, Message] = {}
-        for msg in ours.cold[b]:
-            if not backlog.still_cold(q, ours.gen, msg):
-                continue  # paged in (compared below) or gone meanwhile
-            cold[msg.id] = msg
+        for msg in cold:
             t = theirs.pop(msg.id, None)
             if t is None:
                 cold_puts.append(msg.seq)
