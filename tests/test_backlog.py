@@ -10,8 +10,10 @@ import trio
 from trio.testing import MockClock, wait_all_tasks_blocked
 
 from meshq.broker import Broker
+from meshq.broker.digests import walk
 from meshq.broker.queue import Queue
 from meshq.broker.replica import record_of
+from meshq.cluster import repair
 from meshq.cluster.changes import Put
 from meshq.model import Message
 from meshq.states import State
@@ -242,3 +244,37 @@ async def test_a_closed_timestamp_stays_below_what_is_on_disk_only(
     assert env.broker.ready_floor(q) == q.cold_after[0]
     assert env.broker.closed_of(q, []) <= q.cold_after[0]
     assert env.broker.closed_of(q, [], ready=False) > q.cold_after[0]
+
+
+async def test_a_replicated_partitions_digest_counts_what_is_on_disk_only(
+        env: Env, autojump_clock: MockClock) -> None:
+    """The digest sums of a partition whose dispatcher pages (meshq.broker.digests) cover
+    its cold messages: kept as they stay cold and are paged in, unknown after a restart
+    until a digest counts them from the store, and always what a walk of memory and store
+    makes (the digest checks it: check_digests)."""
+    def replicated(broker: Broker) -> Broker:
+        broker.hand_over_early = lambda q: False  # (as a dispatcher of several copies)
+        broker.check_digests = True
+        return small(broker)
+
+    replicated(env.broker)
+    await env.declare()
+    await fill(env, 50)
+    q = part(env)
+
+    def whole(broker: Broker, q: Queue) -> list[int]:
+        return walk([*q.messages.values(), *broker.backlog.cold_messages(q)])
+
+    assert q.cold == 50 - HOT and q.sums.cold is not None
+    assert await repair.digest(env.broker, q) == whole(env.broker, q)
+    broker = replicated(await restart(env))
+    q = part(env)
+    assert q.cold == 50 - HOT and q.sums.cold is None
+    assert await repair.digest(broker, q) == whole(broker, q)
+    assert broker.backlog.counts == 1 and q.cold == 50 - HOT  # (counted, not read back)
+    conn = Conn(env)
+    conn.consume(prefetch=3)
+    await drain(env, conn, 20)  # (pages move their shares from the cold sums)
+    await fill(env, 30)  # (and those that stay cold add theirs)
+    assert q.cold and broker.backlog.paged_in >= 12
+    assert await repair.digest(broker, q) == whole(broker, q)

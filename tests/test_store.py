@@ -23,6 +23,7 @@ from meshq.store._ops import (
     OP_PURGE_READY,
 )
 from meshq.store.base import delete_op, put_op, update_op
+from meshq.store.memory import MemoryStore
 from meshq.store.sqlite import WriterDied
 
 
@@ -301,3 +302,40 @@ async def test_the_backlog_is_read_from_disk_in_order(store: SQLiteStore) -> Non
     snap = store.load()
     assert len(snap.messages) == 63  # the leased one, 2..61, 100 and the other partition's
     assert len(snap.tombstones) == 38 and {t[3] for t in snap.tombstones} == {7.0}
+
+
+async def test_a_replicated_backlog_is_read_by_keys_id_and_seq_as_the_fake_reads_it(
+        store: SQLiteStore) -> None:
+    """What replication reads of a partition's cold messages (meshq.broker.backlog):
+    scan_ready folds the READY rows after a key, keys only (no body, no headers), up to a
+    seq if asked, in (hlc, seq) order; read_ids and read_seqs read whole messages. The
+    MemoryStore answers the same."""
+    fake = MemoryStore()
+    msgs = [message(i, body=b"x" * i) for i in range(1, 1201)]  # (past one IN chunk)
+    msgs[4].state = State.LEASED
+    for s in (store, fake):
+        for m in msgs:
+            s.stage(put_op(m))
+        batch = s.stage(put_op(Message(5000, "other-n1", "q", b"o", {}, 3, "n1", index=1)))
+        if s is fake:
+            async with trio.open_nursery() as nursery:
+                await nursery.start(fake.run)
+                await batch.wait()
+                nursery.cancel_scope.cancel()
+        else:
+            await batch.wait()
+    for s in (store, fake):
+        keys = await s.scan_ready_async("q", 0, (10, 10), list)
+        assert [m.seq for m in keys] == list(range(11, 1201))
+        assert {m.body for m in keys} == {b""} and {str(m.headers) for m in keys} == {"{}"}
+        assert keys[0].id == msgs[10].id and keys[0].queue == "q" and keys[0].index == 0
+        count = await s.scan_ready_async("q", 0, (0, 0), lambda rows: sum(1 for _ in rows), 7)
+        assert count == 6  # (up to seq 7; seq 5 is leased)
+        wanted = [msgs[4].id, msgs[600].id, "nope", msgs[1100].id]
+        got = sorted(await s.read_ids_async("q", 0, wanted), key=lambda m: m.seq)
+        assert [(m.seq, m.body, m.headers, m.state) for m in got] == [
+            (5, b"x" * 5, {"h": 5}, State.LEASED), (601, b"x" * 601, {"h": 601}, State.READY),
+            (1101, b"x" * 1101, {"h": 1101}, State.READY)]
+        assert await s.read_ids_async("q", 1, [msgs[0].id]) == []
+        got = await s.read_seqs_async([*range(1, 1201, 2), 5000, 9999])
+        assert sorted(m.seq for m in got) == [*range(1, 1201, 2), 5000]

@@ -185,10 +185,14 @@ class Backlog:
         q.tombs_on_disk = True
 
     def want(self, q: Queue, behind: bool = False) -> None:
-        """After a dispatch: page in if few READY messages are left in memory (or
-        ``behind``: the first of them comes after messages on disk only)."""
-        if (q.cold and (behind or q.ready - q.cold < self.refill_below)
-                and q not in self._wanted):
+        """After a dispatch: page in if few READY messages are left in memory, or the
+        first of them comes after messages on disk only (``behind``: the caller saw it)."""
+        if not q.cold or q in self._wanted:
+            return
+        if not behind and q.ready - q.cold >= self.refill_below:
+            head = q.head_ready()
+            behind = head is not None and head.hlc > q.cold_after[0]
+        if behind or q.ready - q.cold < self.refill_below:
             self._wanted[q] = None
             self._wake.set()
 
@@ -262,6 +266,8 @@ class Backlog:
                 log.warning("%s/%d: %d cold messages counted but not on disk", q.name,
                             q.index, q.cold)
                 self.drop(q)
+            else:  # (at once: a head held back behind them would wait for a dispatch)
+                self._wanted[q] = None
         else:
             q.cold_misses = 0
         return bool(msgs)
