@@ -40,7 +40,7 @@ from meshq.states import State
 if TYPE_CHECKING:
     from meshq.broker.core import Broker
 
-__all__ = ["HOT_READY", "PAGE", "REFILL_BELOW", "Backlog"]
+__all__ = ["HOT_READY", "REFILL_BELOW", "Backlog"]
 
 log = logging.getLogger("meshq.broker.backlog")
 
@@ -51,7 +51,6 @@ RECHECK_TOMBS = 1024  # deletes before a replicated partition is asked again
 # partition at full speed never finds it empty while a page is read (a page of ~500 takes
 # 4-20 ms under load; 1,500 messages last 40 ms at 40,000 msg/s).
 REFILL_BELOW = 1536
-PAGE = 4096  # messages read per page when warming a partition whole
 COUNT_TRIES = 3  # counts of the cold shares spoilt by a change meanwhile before giving up
 
 

@@ -15,7 +15,8 @@ quorum promised its epoch and a quorum's copies were merged.
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator, Callable, Iterable, Sequence
+from collections.abc import AsyncGenerator, Callable, Iterable, Sequence
+from contextlib import aclosing
 from dataclasses import dataclass
 from typing import Any
 
@@ -176,7 +177,7 @@ def _chunks(changes: Sequence[Change]) -> list[list[Change]]:
 
 
 async def _all_chunks(broker: Broker, q: Queue, push: list[Change], gen: int,
-                      seqs: list[int]) -> AsyncIterator[list[Change]]:
+                      seqs: list[int]) -> AsyncGenerator[list[Change], None]:
     """``push`` in chunks, then Puts of the cold messages ``seqs`` (read at ``gen``),
     their bodies read from the store by seq in a worker thread a chunk at a time: one
     still cold is sent as read, one paged in meanwhile as it is in memory now, one gone
@@ -274,19 +275,20 @@ async def sync(peers: Peers, broker: Broker, q: Queue, node: str, *,
         push += [Tally(q.name, q.index, node_id, *values) for node_id, values in q.tally.items()]
     decl = _decl(broker, q)
     pushed = 0
-    async for chunk in _all_chunks(broker, q, push, ours.gen, cold_puts):
-        if decl is not None:
-            chunk.insert(0, decl)
-        answer2 = await peers.call(node, ApplyReq((), tuple(chunk)))
-        if not isinstance(answer2, ApplyAnswer):
-            raise Unavailable(f"node {node!r} answered an apply with {type(answer2).__name__}")
-        if answer2.tombs:  # it had deleted what we pushed: its tombstones win here too
-            merged = await broker.replica.merge_async(list(answer2.tombs))
-            stats.deleted += len(answer2.tombs)
-            await durable(merged.batch)
-        stats.sent += len(chunk) - (1 if decl is not None else 0)
-        pushed += sum(1 for c in chunk if not isinstance(c, Tally | Decl))
-        progress("copying", min(pushed, records), records)
+    async with aclosing(_all_chunks(broker, q, push, ours.gen, cold_puts)) as chunks:
+        async for chunk in chunks:
+            if decl is not None:
+                chunk.insert(0, decl)
+            answer2 = await peers.call(node, ApplyReq((), tuple(chunk)))
+            if not isinstance(answer2, ApplyAnswer):
+                raise Unavailable(f"node {node!r} answered an apply with {type(answer2).__name__}")
+            if answer2.tombs:  # it had deleted what we pushed: its tombstones win here too
+                merged = await broker.replica.merge_async(list(answer2.tombs))
+                stats.deleted += len(answer2.tombs)
+                await durable(merged.batch)
+            stats.sent += len(chunk) - (1 if decl is not None else 0)
+            pushed += sum(1 for c in chunk if not isinstance(c, Tally | Decl))
+            progress("copying", min(pushed, records), records)
     stats.deleted += sum(1 for c in push if isinstance(c, Tomb))
     return stats
 
