@@ -1323,6 +1323,8 @@ class Broker:
         return False
 
     def _resend(self, q: Queue, mid: str, dedup_id: str, expires_at: float) -> Batch | None:
+        if mid not in q.messages and q.cold:  # on disk only (meshq.broker.backlog): it
+            self.backlog.page_ids_now(q, ((mid, None),))  # must be replicated again too
         msg = q.messages.get(mid)
         if msg is None:  # delivered and acked (or expired) since: nothing to confirm
             return None
