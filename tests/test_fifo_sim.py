@@ -15,7 +15,7 @@ from meshq.cluster.changes import Progress, Put, Record
 from meshq.hlc import pack
 from meshq.states import State
 from meshq.testing.history import History, fifo_breaks
-from meshq.testing.sim import Simulation, run_scenario
+from meshq.testing.sim import Simulation, run_scenario, run_seeds
 
 Q = "orders"
 PER_PRODUCER = 60
@@ -279,3 +279,12 @@ def test_a_lease_raises_the_closed_bound_on_the_holders() -> None:
             assert sn.node.broker.queues[Q][index].bound > m.hlc  # type: ignore[union-attr]
 
     run_scenario(script, seed=2)
+
+
+def test_a_fifo_takeover_stamps_again_through_a_backlog_on_disk() -> None:
+    """Seed 3 with six fifo partitions and two READY messages of a partition kept in
+    memory: a takeover stamps again a message below the closed bound, and the rest of
+    the partition's order after it, which reaches messages on disk only: it reads them
+    back first, or a key's later message (on disk, not stamped again) came out ahead."""
+    [outcome] = run_seeds([3], jobs=1, hot_ready=2, fifo=6)
+    assert outcome.ok, outcome.summary

@@ -51,6 +51,7 @@ RECHECK_TOMBS = 1024  # deletes before a replicated partition is asked again
 # partition at full speed never finds it empty while a page is read (a page of ~500 takes
 # 4-20 ms under load; 1,500 messages last 40 ms at 40,000 msg/s).
 REFILL_BELOW = 1536
+WHOLE_PAGE = 4096  # messages read at a time by page_all_now
 COUNT_TRIES = 3  # counts of the cold shares spoilt by a change meanwhile before giving up
 
 
@@ -312,6 +313,17 @@ class Backlog:
             return 0
         return self._ids_came(q, q.cold_gen,
                               self.b.store.read_ids(q.name, q.index, wanted))
+
+    def page_all_now(self, q: Queue) -> None:
+        """Read every cold message of ``q`` back, blocking: only for a fifo takeover that
+        must stamp again a suffix of the partition's order reaching the disk (rare: a
+        message below the closed bound, on a partition with a backlog on disk). O(the
+        backlog) in memory until it drains, as before the backlog went to disk."""
+        self.warm_tombs_now(q)
+        while q.cold and self.b.live(q):
+            if not self._apply(q, q.cold_gen, self.b.store.read_ready(
+                    q.name, q.index, q.cold_after, WHOLE_PAGE), WHOLE_PAGE):
+                break
 
     def _ids_came(self, q: Queue, gen: int, msgs: list[Message]) -> int:
         came = self.cold_of(q, gen, msgs)

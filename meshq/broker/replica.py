@@ -146,6 +146,10 @@ class Replica:
                                q.bound, q.cold_top if q.cold else 0))
         q.bound_ok, q.bound_batch = 0, None  # (confirmed anew at this epoch: closed_of)
         if q.bound:
+            if q.cold and (q.cold_after[0] < q.bound or any(
+                    m.state == State.READY and m.hlc < q.bound for m in q.messages.values())):
+                # (what is stamped again is a suffix of the order: the disk's part too)
+                self.b.backlog.page_all_now(q)
             below = to_restamp(((m.hlc, m.node, m.seq, m.delivery_count)
                                 for m in q.messages.values() if m.state == State.READY),
                                q.bound)
