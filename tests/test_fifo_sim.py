@@ -288,3 +288,11 @@ def test_a_fifo_takeover_stamps_again_through_a_backlog_on_disk() -> None:
     back first, or a key's later message (on disk, not stamped again) came out ahead."""
     [outcome] = run_seeds([3], jobs=1, hot_ready=2, fifo=6)
     assert outcome.ok, outcome.summary
+
+
+def test_a_graceful_leave_waits_out_a_batch_whose_quorum_failed() -> None:
+    """Seed 329 with six fifo partitions: a node leaving gracefully flushes its store,
+    and the last batch had failed its write quorum (a Timeout): the flush waits for it,
+    it does not raise (meshqd's SIGTERM path flushes the same way)."""
+    [outcome] = run_seeds([329], jobs=1, fifo=6)
+    assert outcome.ok, outcome.summary

@@ -223,7 +223,8 @@ class Store(abc.ABC):
         return self._open
 
     async def flush(self) -> None:
-        """Wait until every op staged so far is durable (or its commit failed)."""
+        """Wait until every op staged so far is durable (or its commit failed, or, in a
+        cluster, its write quorum: a fifo send's batch then completes with a Timeout)."""
         if self._open.ops:
             target: Batch | None = self._open
         else:
@@ -231,7 +232,7 @@ class Store(abc.ABC):
         if target is not None:
             try:
                 await target.wait()
-            except StoreError:
+            except MeshqError:
                 pass
 
     async def next_batch(self) -> Batch:
