@@ -955,7 +955,7 @@ async def test_the_timers_of_acked_messages_do_not_pile_up(
     # here) plus the slack, plus what came since: not one per lease granted (2,005).
     assert most <= 2 * (5 + 50 + 50) + 64 + 50
     autojump_clock.jump(601)  # the kept leases still run out: redelivered
-    await trio.sleep(0.01)
+    await trio.testing.wait_all_tasks_blocked()
     again = await conn.receive(n=5)
     assert sorted(m.id for m in again) == sorted(m.id for m in kept)
     assert all(m.delivery_count == 2 for m in again)

@@ -62,7 +62,6 @@ async def test_committed_ops_are_loaded_back(store: SQLiteStore) -> None:
 async def test_a_discarded_message_goes_without_a_tombstone(store: SQLiteStore) -> None:
     """OP_DISCARD (a fifo send its write quorum did not confirm, taken back): the row goes
     and nothing says it was there; in the simulation's store too."""
-    from meshq.store import MemoryStore
 
     memory = MemoryStore()
     async with trio.open_nursery() as nursery:

@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING
 
 import trio
 
-from meshq.broker.digests import MOD, add_share, share
+from meshq.broker.digests import MOD, add_share, walk
 from meshq.broker.queue import Queue
 from meshq.cluster.lattice import BUCKETS, bucket_of
 from meshq.errors import Unavailable
@@ -379,15 +379,9 @@ class Backlog:
         messages, tombs, in_flight = q.messages, q.tombs, self.b.in_flight
 
         def fold(rows: Iterator[Message]) -> list[int]:
-            sums = [0] * BUCKETS
-            for m in rows:
-                mid = m.id
-                if (mid in messages or mid in tombs or mid in in_flight or entry is None
-                        or entry.absorbs(m.inc)):
-                    continue
-                b = bucket_of(mid)
-                sums[b] = (sums[b] + share(m)) % MOD
-            return sums
+            return walk(m for m in rows
+                        if not (m.id in messages or m.id in tombs or m.id in in_flight
+                                or entry is None or entry.absorbs(m.inc)))
         return fold
 
     async def cold_members(self, q: Queue, buckets: Iterable[int]
@@ -424,7 +418,4 @@ class Backlog:
         """How many cold messages the store holds for ``q`` and their shares, read now,
         blocking (the simulation's check of the kept sums, ``Broker.check_digests``)."""
         cold = self.cold_messages(q)
-        sums = [0] * BUCKETS
-        for m in cold:
-            add_share(sums, m)
-        return len(cold), sums
+        return len(cold), walk(cold)

@@ -491,9 +491,8 @@ class Broker:
             ts = self._stamp(now)
         first = next(iter(self.in_flight.values()), None)  # (stamped in order: the oldest)
         oldest = None if first is None else first.hlc
-        floor = self.ready_floor(q)
-        closed = closed_timestamp(ts, self._hlc_durable, oldest, floor if ready else None,
-                                  pending)
+        floor = self.ready_floor(q) if ready else None
+        closed = closed_timestamp(ts, self._hlc_durable, oldest, floor, pending)
         if not self.replicating:
             return closed
         if closed >= q.bound_ok - HLC_REFRESH and (q.bound_batch is None

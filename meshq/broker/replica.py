@@ -150,14 +150,10 @@ class Replica:
                     m.state == State.READY and m.hlc < q.bound for m in q.messages.values())):
                 # (what is stamped again is a suffix of the order: the disk's part too)
                 self.b.backlog.page_all_now(q)
-            below = to_restamp(((m.hlc, m.node, m.seq, m.delivery_count)
-                                for m in q.messages.values() if m.state == State.READY),
-                               q.bound)
-            if below:
-                seqs = set(below)
-                by_seq = {m.seq: m for m in q.messages.values() if m.seq in seqs}
-                for seq in below:
-                    self.b.restamp(q, by_seq[seq], now)
+            ready = {m.seq: m for m in q.messages.values() if m.state == State.READY}
+            for seq in to_restamp(((m.hlc, m.node, seq, m.delivery_count)
+                                   for seq, m in ready.items()), q.bound):
+                self.b.restamp(q, ready[seq], now)
         for msg in q.messages.values():
             self._schedule_all(q, msg, now)
         self.b.used(q)  # an expiring queue's unused time counts from its activation here
@@ -447,8 +443,8 @@ class Replica:
                 self.b.hlc.receive(msg.hlc, int(now * 1000))
             except ClockOffsetError:
                 pass  # (stamped by a clock too far ahead: activate() stamps above it)
-        elif q.active and to_restamp([(msg.hlc, msg.node, msg.seq, msg.delivery_count)],
-                                     q.bound) and msg.state == State.READY:
+        elif (q.active and msg.state == State.READY and msg.delivery_count == 0
+              and msg.hlc < q.bound):  # (to_restamp's rule, for one message)
             # fifo: it comes in below what this dispatcher may have closed (its sender was
             # deposed before a write quorum had it: never confirmed), and takes a new stamp
             msg.hlc = self.b._stamp(now)

@@ -105,7 +105,7 @@ class Batch:
 
     async def wait(self) -> None:
         """Return once durable; raise StoreError if the commit failed."""
-        if not self.done:
+        if not self.done:  # (inline, not wait_done: every send's answer waits here)
             if self._event is None:
                 self._event = trio.Event()
             await self._event.wait()
@@ -230,10 +230,7 @@ class Store(abc.ABC):
         else:
             target = (self._sealed or self._inflight or [None])[-1]
         if target is not None:
-            try:
-                await target.wait()
-            except MeshqError:
-                pass
+            await target.wait_done()
 
     async def next_batch(self) -> Batch:
         """Wait for staged ops; close the open batch and return it (now in flight)."""

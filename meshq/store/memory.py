@@ -125,8 +125,9 @@ class MemoryStore(Store):
 
     def read_ids(self, queue: str, index: int, ids: Iterable[str]) -> list[Message]:
         wanted = set(ids)
-        return [_message(r) for r in sorted(self.messages.values(), key=lambda r: r[0])
-                if r[1] in wanted and r[2] == queue and r[3] == index]
+        return [_message(r) for r in sorted((r for r in self.messages.values()
+                                             if r[1] in wanted and r[2] == queue
+                                             and r[3] == index), key=lambda r: r[0])]
 
     def read_seqs(self, seqs: Iterable[int]) -> list[Message]:
         return [_message(self.messages[s]) for s in sorted(set(seqs)) if s in self.messages]
