@@ -730,6 +730,9 @@ class Broker:
         write quorum failed is visible too (the client heard "outcome unknown"), but a
         lease taken at send time is not handed over unconfirmed; on a fifo queue it is
         taken back instead (``_taken_back``)."""
+        # (those leased at send time were put LEASED: one whose lease is undone below has
+        # a row behind until its update commits, and so stays in memory, not cold)
+        at_send = {msg.id for msg in msgs if msg.owner is not None}
         for msg in msgs:
             if self.in_flight.get(msg.id) is msg:
                 del self.in_flight[msg.id]
@@ -774,7 +777,7 @@ class Broker:
                     c.session.leases[msg] = None
                     self._add_timer(msg.lease_deadline, _T_LEASE, msg)  # type: ignore[arg-type]
                     out.setdefault(c, []).append(msg)
-            if not self.backlog.stays_cold(q, msg, pageable):
+            if msg.id in at_send or not self.backlog.stays_cold(q, msg, pageable):
                 q.add(msg)
                 if q.active:
                     self._schedule_message(msg)
