@@ -14,7 +14,8 @@ from meshq.broker.digests import walk
 from meshq.broker.queue import Queue
 from meshq.broker.replica import record_of
 from meshq.cluster import repair
-from meshq.cluster.changes import Put
+from meshq.cluster.changes import Progress, Put, Step, Tomb
+from meshq.cluster.lattice import BUCKETS
 from meshq.model import Message
 from meshq.states import State
 from tests.test_broker import Conn, Env
@@ -278,3 +279,85 @@ async def test_a_replicated_partitions_digest_counts_what_is_on_disk_only(
     await fill(env, 30)  # (and those that stay cold add theirs)
     assert q.cold and broker.backlog.paged_in >= 12
     assert await repair.digest(broker, q) == whole(broker, q)
+
+
+def follower(env: Env) -> tuple[Broker, Queue, int]:
+    """``env``'s broker as a holder of "q" that another node dispatches, at that epoch."""
+    broker = small(env.broker)
+    broker.hand_over_early = lambda q: False  # (a partition of several copies)
+    broker.check_digests = True
+    q = part(env)
+    q.active = False
+    return broker, q, 1 << 32 | 2
+
+
+def dispatched(env: Env, q: Queue, n: int, epoch: int) -> list[Message]:
+    """``n`` READY messages as the dispatcher (node n2) sent them."""
+    base = int(env.clock.time() * 1000) << 16
+    return [Message(0, f"{base + i:x}-n2", "q", f"m{i}".encode(), {}, base + i, "n2",
+                    index=0, inc=q.inc, epoch=epoch, vn=1) for i in range(n)]
+
+
+async def test_members_read_while_messages_leave_memory_still_find_them(
+        env: Env, autojump_clock: MockClock) -> None:
+    """What leaves memory for the disk waits while a partition is pinned (a read of its
+    store and its memory in turn), and the members read before then are found on disk."""
+    await env.declare()
+    broker, q, epoch = follower(env)
+    sent = dispatched(env, q, 12, epoch)
+    with broker.backlog.pinned(q):
+        merged = await broker.replica.merge_async([Put(record_of(m)) for m in sent],
+                                                  {q.part: epoch})
+        await merged.batch.wait()
+        assert len(q.messages) == 12 and not q.cold  # (waiting)
+        found = await repair.members(broker, q, range(BUCKETS))
+    assert len(q.messages) == HOT and q.cold == 12 - HOT
+    hot: list[Message] = []
+    cold: list[Message] = []
+    for b in range(BUCKETS):
+        h, c = found.now(broker, q, b)
+        hot += h
+        cold += c
+    assert sorted(m.id for m in hot) == sorted(q.messages)
+    assert sorted(m.id for m in cold) == sorted(m.id for m in broker.backlog.cold_messages(q))
+    assert len(hot) + len(cold) == 12
+
+
+async def test_a_holder_that_does_not_dispatch_keeps_only_the_head_in_memory(
+        env: Env, autojump_clock: MockClock) -> None:
+    """A copy given by replication to a node that does not dispatch it: past ``hot_ready``
+    READY messages in memory, those merged leave memory once committed (on disk only,
+    counted, in the digest); a lease or an ack of one of them from the dispatcher pages
+    that one in; once this node takes over, every message is delivered, in order."""
+    await env.declare()
+    broker, q, epoch = follower(env)
+    sent = dispatched(env, q, 30, epoch)
+    for start in range(0, 30, 10):  # (batches, as the dispatcher ships them)
+        merged = await broker.replica.merge_async(
+            [Put(record_of(m)) for m in sent[start:start + 10]], {q.part: epoch})
+        await merged.batch.wait()
+    assert q.cold == 30 - HOT and len(q.messages) == HOT and env.counts() == (30, 0, 0)
+
+    def whole() -> list[int]:
+        return walk([*q.messages.values(), *broker.backlog.cold_messages(q)])
+
+    assert await repair.digest(broker, q) == whole()
+    # The dispatcher leases the 20th and the 21st, then acks the 21st.
+    leased = [Step("q", 0, m.id, Progress(int(State.LEASED), 1, 0.0, env.clock.time() + 30,
+                                          7 + i, epoch, 2, "n2/1"))
+              for i, m in enumerate(sent[20:22])]
+    merged = await broker.replica.merge_async(leased, {q.part: epoch})
+    await merged.batch.wait()
+    merged = await broker.replica.merge_async(
+        [Tomb("q", 0, sent[21].id, env.clock.time())], {q.part: epoch})
+    await merged.batch.wait()
+    assert env.counts() == (28, 1, 0) and q.cold == 30 - HOT - 2
+    assert q.messages[sent[20].id].state == State.LEASED and sent[21].id not in q.messages
+    assert await repair.digest(broker, q) == whole()
+    # This node takes over (the lease's holder is gone: it is released).
+    broker.replica.activate(q, epoch + (1 << 32))
+    conn = Conn(env)
+    conn.consume(prefetch=5)
+    got = await drain(env, conn, 29)
+    assert got == [m.id for m in sent if m is not sent[21]]
+    assert env.counts() == (0, 0, 0) and not q.cold

@@ -66,10 +66,11 @@ def test_a_purge_empties_a_deep_queue_on_disk_too(tmp_path: Path) -> None:
 def test_the_dispatcher_of_a_replicated_queue_pages_its_deep_backlog(
         cluster: dict[str, DaemonProcess]) -> None:
     """Three meshqd, a queue of three copies dispatched by a: past HOT_READY its READY
-    messages stay on a's disk only, also after a SIGKILL and restart of a (which then
-    dispatches again, its copy read back as the head and a count, its digest counting
-    the rest from disk); every message is then received once, a's memory staying
-    bounded as it pages."""
+    messages stay on disk only, on a and on the holders that do not dispatch (b, c), also
+    after a SIGKILL and restart of a (which then dispatches again, its copy read back as
+    the head and a count, its digest counting the rest from disk); every message is then
+    received once, the memory of every copy staying bounded as a pages and the others
+    read in what a's leases and acks name."""
     name = queue_with_primary("a", "deep")
     a = cluster["a"]
     with cluster["b"].client() as b:
@@ -86,6 +87,9 @@ def test_the_dispatcher_of_a_replicated_queue_pages_its_deep_backlog(
     here = copy_here(a, name)
     assert here["ready"] == DEPTH and here["ready_on_disk"] >= DEPTH - HOT_READY
     assert in_memory(a) <= HOT_READY
+    for d in (cluster["b"], cluster["c"]):  # (their copies commit after a's)
+        eventually(lambda d=d: copy_here(d, name).get("ready") == DEPTH, 30, d.node_name)
+        assert in_memory(d) <= HOT_READY
     a.kill()
     cluster["a"] = a = restarted(a, cluster["b"])
     eventually(lambda: all_alive(list(cluster.values()), {"a", "b", "c"}), 30, "a back")
@@ -101,7 +105,7 @@ def test_the_dispatcher_of_a_replicated_queue_pages_its_deep_backlog(
             assert batch, f"nothing more after {len(got)}"
             c.ack(name, batch)
             got += [m.id for m in batch]
-            most = max(most, in_memory(a))
+            most = max(most, *(in_memory(d) for d in cluster.values()))
         assert c.receive(name, max=10, wait=0.5) == []
     assert sorted(got) == sorted(ids) and len(got) == len(set(got))  # each once
     assert most <= 2 * HOT_READY

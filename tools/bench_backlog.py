@@ -3,7 +3,7 @@
 against a shallow queue in the same run.
 
 Usage: .venv/bin/python tools/bench_backlog.py [--messages 2000000] [--sample 100000]
-       [--body 1024] [--dir DIR] [--out FILE]
+       [--body 1024] [--nodes 1] [--dir DIR] [--out FILE]
 
 It starts its own meshqd (embedded default, a scratch data dir under --dir) and, on it:
 
@@ -20,8 +20,14 @@ It starts its own meshqd (embedded default, a scratch data dir under --dir) and,
 Each publish measurement also gives meshqd's and its writer's CPU per message (from
 ``/proc``): on a busy machine, steadier than msg/s.
 
-Throughout, a thread samples the resident memory of meshqd and its writer process
-(``/proc/<pid>/statm``) every 0.1 s; the peak of each phase is reported. Figures are
+With ``--nodes 3``: the same on three meshqd on loopback (b and c joined through a), the
+queues declared with three copies (and the cluster's default partitions), every client
+on a; every copy of the backlog, the dispatchers' and the other holders', must stay
+within the bound; step 4 restarts c (a holder of every partition).
+
+Throughout, a thread samples the resident memory of each meshqd and its writer process
+(``/proc/<pid>/statm``) every 0.1 s; the peak of each phase (the largest daemon's) is
+reported. Figures are
 ratios deep / shallow of the same run, against issue 11's targets: RSS <= 150 MiB
 throughout, restart to ready <= 3 s, consume+ack from the deep queue >= 0.8x a shallow
 one, publish into it >= 0.8x an empty one.
@@ -43,6 +49,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import trio
 from _benchlib import tree_cpu
+from _benchmesh import wait_converged
 
 from meshq import AsyncClient
 from meshq.resources import resident_bytes
@@ -88,11 +95,32 @@ class MemoryWatch:
         self._stop.set()
 
 
+class Watches:
+    """A MemoryWatch per daemon; a phase's peak is the largest daemon's."""
+
+    def __init__(self, n: int) -> None:
+        self.each = [MemoryWatch() for _ in range(n)]
+
+    @property
+    def now(self) -> int:
+        return max(w.now for w in self.each)
+
+    def phase(self) -> int:
+        return max(w.phase() for w in self.each)
+
+    def stop(self) -> None:
+        for w in self.each:
+            w.stop()
+
+
+OPTIONS: dict[str, Any] = {}  # how the queues are declared (--nodes 3: three copies)
+
+
 async def publish(socket: str, queue: str, n: int, body: bytes, batch: int,
                   window: int = 8) -> float:
     """Confirmed messages per second, ``window`` batches in flight."""
     async with AsyncClient(socket) as c:
-        await c.declare(queue)
+        await c.declare(queue, **OPTIONS)
         left = n
         t0 = time.perf_counter()
 
@@ -135,32 +163,47 @@ def measured(out: dict[str, Any], key: str, pid: int | None, n: int, fn: Any,
                                                                           strict=True)]
 
 
+def start_nodes(work: Path, n: int) -> list[DaemonProcess]:
+    """One embedded meshqd, or ``n`` on loopback joined through the first, all alive."""
+    if n == 1:
+        return [DaemonProcess(work / "data").start()]
+    first = DaemonProcess(work / "a", node_name="a").start()
+    nodes = [first] + [DaemonProcess(work / chr(ord("a") + i), node_name=chr(ord("a") + i),
+                                     args=["--join", str(first.bind)]).start()
+                       for i in range(1, n)]
+    wait_converged(nodes)
+    OPTIONS["replicas"] = min(3, n)
+    return nodes
+
+
 def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
-    watch = MemoryWatch()
+    watches = Watches(args.nodes)
     body = b"m" * args.body
-    daemon = DaemonProcess(work / "data").start()
+    nodes = start_nodes(work, args.nodes)
+    daemon = nodes[0]
     out: dict[str, Any] = {"messages": args.messages, "sample": args.sample,
-                           "body_bytes": args.body}
+                           "body_bytes": args.body, "nodes": args.nodes}
     try:
-        watch.pid = daemon.proc.pid if daemon.proc else None
+        for w, d in zip(watches.each, nodes, strict=True):
+            w.pid = d.proc.pid if d.proc else None
         sock = str(daemon.socket)
         time.sleep(0.3)
-        out["rss_idle_mib"] = watch.phase()
-        pid = daemon.proc.pid if daemon.proc else None
+        out["rss_idle_mib"] = watches.phase()
+        pid = daemon.proc.pid if daemon.proc else None  # (on a cluster: a's CPU only)
         measured(out, "publish_empty", pid, args.sample, publish, sock, "shallow", args.sample,
                  body, 100)
         out["consume_shallow"] = trio.run(consume, sock, "shallow", args.sample)
-        out["rss_shallow_mib"] = watch.phase()
+        out["rss_shallow_mib"] = watches.phase()
         t0 = time.perf_counter()
         done = 0
         while done < args.messages:  # in slices, with progress
             k = min(100_000, args.messages - done)
             trio.run(publish, sock, "deep", k, body, 500)
             done += k
-            print(f"  filled {done:,} / {args.messages:,} ({watch.now / MIB:,.0f} MiB)",
+            print(f"  filled {done:,} / {args.messages:,} ({watches.now / MIB:,.0f} MiB)",
                   file=sys.stderr, flush=True)
         out["fill_rate"] = args.messages / (time.perf_counter() - t0)
-        out["rss_filled_mib"] = watch.phase()
+        out["rss_filled_mib"] = watches.phase()
         measured(out, "publish_deep", pid, args.sample, publish, sock, "deep", args.sample,
                  body, 100)
         # An empty queue of the same store: what the queue's depth costs, apart from what
@@ -169,21 +212,25 @@ def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
                  args.sample, body, 100)
         trio.run(consume, sock, "beside", args.sample)
         out["consume_deep"] = trio.run(consume, sock, "deep", args.sample)
-        out["rss_deep_ops_mib"] = watch.phase()
-        daemon.stop(timeout=60)
-        watch.pid = None
+        out["rss_deep_ops_mib"] = watches.phase()
+        restarted, its_watch = nodes[-1], watches.each[-1]
+        restarted.stop(timeout=60)
+        its_watch.pid = None
         t0 = time.perf_counter()
-        daemon.start(timeout=600)
+        restarted.start(timeout=600)
         out["restart_s"] = time.perf_counter() - t0
-        watch.pid = daemon.proc.pid if daemon.proc else None
+        its_watch.pid = restarted.proc.pid if restarted.proc else None
+        if len(nodes) > 1:
+            wait_converged(nodes, timeout=120)
         time.sleep(0.3)
-        out["rss_restarted_mib"] = watch.phase()
+        out["rss_restarted_mib"] = watches.phase()
         out["publish_empty_after"] = trio.run(publish, sock, "shallow2", args.sample, body, 100)
         out["consume_shallow_after"] = trio.run(consume, sock, "shallow2", args.sample)
-        out["rss_after_mib"] = watch.phase()
+        out["rss_after_mib"] = watches.phase()
     finally:
-        daemon.kill()
-        watch.stop()
+        for d in nodes:
+            d.kill()
+        watches.stop()
     out["rss_peak_mib"] = max(v for k, v in out.items() if k.startswith("rss_"))
     out["publish_ratio"] = out["publish_deep"] / out["publish_empty"]
     out["publish_beside_ratio"] = out["publish_deep"] / out["publish_beside"]
@@ -222,7 +269,10 @@ def report(r: dict[str, Any]) -> str:
                    for k in ("publish_empty", "publish_deep", "publish_beside")) + " µs",
          "", ""),
     ]
-    lines = [f"{r['messages']:,} x {r['body_bytes']:,} B queued; samples of {r['sample']:,}",
+    where = (f" on {r['nodes']} meshqd, 3 copies (RSS: the largest daemon's; restart: c)"
+             if r["nodes"] > 1 else "")
+    lines = [f"{r['messages']:,} x {r['body_bytes']:,} B queued{where}; samples of "
+             f"{r['sample']:,}",
              "| measure | figure | target | |", "|---|---|---|---|"]
     lines += [f"| {a} | {b} | {c} | {d} |" for a, b, c, d in rows]
     return "\n".join(lines)
@@ -234,6 +284,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--sample", type=int, default=100_000,
                    help="messages per publish / consume measurement")
     p.add_argument("--body", type=int, default=1024, help="body bytes")
+    p.add_argument("--nodes", type=int, default=1, choices=(1, 3),
+                   help="meshqd daemons (3: a cluster, queues of three copies)")
     p.add_argument("--dir", help="parent of the scratch directory (default: system temp)")
     p.add_argument("--out", help="write the figures as JSON here")
     args = p.parse_args(argv)

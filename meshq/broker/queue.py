@@ -24,6 +24,9 @@ from meshq.states import Event, State, advance
 __all__ = ["Consumer", "Queue", "Session"]
 
 _tags = itertools.count(1)
+# Heap tokens, unique in the process: two copies of one message (one that left memory for
+# the disk while its heap entry stayed, and the copy read back) never tie in the heap.
+_tokens = itertools.count(1)
 
 
 class Session:
@@ -193,13 +196,19 @@ class Queue:
         if gone is not None:
             self.sums.removed(gone)
 
+    def evict(self, msg: Message) -> None:
+        """A READY message leaves memory but not the partition: it stays on disk only
+        (the caller counts it cold, meshq.broker.backlog)."""
+        self.remove(msg)
+        msg.token = 0  # (its heap entry goes stale)
+
     def changed(self, msg: Message) -> None:
         """``msg``'s progress moved (its share of the digest is counted again)."""
         if self.messages.get(msg.id) is msg:
             self.sums.changed(msg)
 
     def push_ready(self, msg: Message) -> None:
-        msg.token += 1
+        msg.token = next(_tokens)
         heapq.heappush(self._ready, (msg.hlc, msg.node, msg.seq, msg.token, msg))
 
     def pop_ready(self) -> Message | None:

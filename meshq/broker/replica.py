@@ -11,7 +11,9 @@ carries them), or a partition that keeps dispatching after it learnt of a later 
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Iterable, Sequence
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -80,6 +82,13 @@ def _message_of(r: Record, seq: int) -> Message:
                    p.deadline, r.index, r.inc, p.lease, p.holder, p.epoch, p.vn)
 
 
+def _stamp_hint(q: Queue, rec: Record) -> int | None:
+    """What a Put tells of whether its message may be cold here: its HLC (one above every
+    cold message's is not: ``Backlog.may_be_cold``), or nothing on a fifo queue, where a
+    takeover may have stamped a message again under its id (``Broker.restamp``)."""
+    return None if q.options.ordering == "fifo" else rec.hlc
+
+
 @dataclass
 class Merged:
     """What a merge did: the batch it staged into (``batch.ops`` empty: nothing to make
@@ -93,6 +102,9 @@ class Merged:
     tombs: list[Tomb] = field(default_factory=list)
     changed: bool = False
     catalog: bool = False
+    # READY messages merged into partitions not dispatched here: past the hot ones, they
+    # leave memory at their commit (meshq.broker.backlog.Backlog.page_out)
+    fresh: list[tuple[Queue, Message, tuple[Any, ...]]] = field(default_factory=list)
 
 
 class Replica:
@@ -231,12 +243,13 @@ class Replica:
         ids = list(ids)
         await self.b.backlog.warm_tombs(q)
         cold: dict[str, Message] = {}
-        if q.cold:
-            gen = q.cold_gen
-            maybe = [mid for mid in ids if self.b.backlog.may_be_cold(q, mid)]
-            if maybe:
-                read = await self.b.store.read_ids_async(q.name, q.index, maybe)
-                cold = {m.id: m for m in self.b.backlog.cold_of(q, gen, read)}
+        with self.b.backlog.pinned(q):  # (none leaves memory for the disk meanwhile)
+            if q.cold:
+                gen = q.cold_gen
+                maybe = [mid for mid in ids if self.b.backlog.may_be_cold(q, mid)]
+                if maybe:
+                    read = await self.b.store.read_ids_async(q.name, q.index, maybe)
+                    cold = {m.id: m for m in self.b.backlog.cold_of(q, gen, read)}
         recs, tombs = [], []
         for mid in ids:
             msg = q.messages.get(mid) or cold.get(mid)
@@ -262,14 +275,16 @@ class Replica:
             if q is None or not (q.cold or q.tombs_on_disk):
                 continue
             if isinstance(c, Put):
-                named.setdefault(q, []).append((c.record.id, c.record.hlc))
+                named.setdefault(q, []).append((c.record.id, _stamp_hint(q, c.record)))
             elif isinstance(c, Step | Tomb):
                 named.setdefault(q, []).append((c.id, None))
         looked: set[str] = set()
-        for q, ids in named.items():
-            await self.b.backlog.page_ids(q, ids)
-            looked.update(mid for mid, _ in ids)
-        return self.merge(changes, epochs, bounds, looked)
+        with ExitStack() as pins:  # (none of them leaves memory for the disk meanwhile)
+            for q, ids in named.items():
+                pins.enter_context(self.b.backlog.pinned(q))
+                await self.b.backlog.page_ids(q, ids)
+                looked.update(mid for mid, _ in ids)
+            return self.merge(changes, epochs, bounds, looked)
 
     def _page_for(self, q: Queue, mid: str, hlc: int | None, looked: set[str],
                   touched: dict[Queue, None]) -> None:
@@ -332,7 +347,8 @@ class Replica:
                 home = self.b.parts.get(part) if part is not None else None
                 if home is not None and (home.cold or home.tombs_on_disk):
                     if t is Put:  # (what it merges must be in memory)
-                        self._page_for(home, c.record.id, c.record.hlc, looked,  # type: ignore[union-attr]
+                        self._page_for(home, c.record.id, _stamp_hint(home, c.record),  # type: ignore[union-attr]
+                                       looked,
                                        touched)
                     elif t is Step or t is Tomb:
                         self._page_for(home, c.id, None, looked, touched)  # type: ignore[union-attr]
@@ -365,6 +381,8 @@ class Replica:
         if changed_parts and self.on_merged is not None:
             self.on_merged(changed_parts)
         out.batch = self.b.store.current_batch()
+        if out.fresh:
+            out.batch.on_local.append(functools.partial(self.b.backlog.page_out, out.fresh))
         return out
 
     def _merge_catalog(self, c: Decl | Drop) -> bool:
@@ -452,6 +470,8 @@ class Replica:
         if q.active:
             self._schedule_all(q, msg, now)
             touched[q] = None
+        elif msg.state == State.READY and self.b.store.pages:
+            out.fresh.append((q, msg, message_key(msg)))
         op = put_op(msg)
         self.b.store.stage(op).body_bytes += len(msg.body)
         return True

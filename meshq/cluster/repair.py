@@ -118,18 +118,19 @@ class Members:
 
     def now(self, broker: Broker, q: Queue, b: int) -> tuple[list[Message], list[Message]]:
         """Bucket ``b``'s members now: those in memory (read there, or on disk and paged
-        in since), and those still on disk only; one deleted meanwhile in neither."""
+        in since), and those on disk only (read there, or in memory and paged out since,
+        meshq.broker.backlog.Backlog.page_out); one deleted meanwhile in neither."""
         messages = q.messages
-        hot = [m for m in self.hot[b] if messages.get(m.id) is m]
-        seen = {m.id for m in hot}
-        cold = []
-        for m in self.cold[b]:
+        hot, cold = [], []
+        seen: set[str] = set()
+        for m in (*self.hot[b], *self.cold[b]):  # (one moved either way since is found)
             here = messages.get(m.id)
             if here is not None:
                 if m.id not in seen:
                     seen.add(m.id)
                     hot.append(here)
-            elif broker.backlog.still_cold(q, self.gen, m):
+            elif broker.backlog.still_cold(q, self.gen, m) and m.id not in seen:
+                seen.add(m.id)
                 cold.append(m)
         return hot, cold
 
@@ -139,17 +140,18 @@ async def members(broker: Broker, q: Queue, buckets: Iterable[int]) -> Members:
     store in a worker thread), then those in memory (walked a slice at a time), so that
     one paged in meanwhile is found either way (``Members.now``)."""
     wanted = list(buckets)
-    gen, cold = await broker.backlog.cold_members(q, wanted)
-    out: dict[int, list[Message]] = {b: [] for b in wanted}
-    if not out:
-        return Members(out, cold, gen)
-    msgs = list(q.messages.values())
-    for start in range(0, len(msgs), MEMBERS_SLICE):
-        for msg in msgs[start:start + MEMBERS_SLICE]:
-            found = out.get(bucket_of(msg.id))
-            if found is not None:
-                found.append(msg)
-        await trio.lowlevel.checkpoint()
+    with broker.backlog.pinned(q):  # (none leaves memory for the disk between the two)
+        gen, cold = await broker.backlog.cold_members(q, wanted)
+        out: dict[int, list[Message]] = {b: [] for b in wanted}
+        if not out:
+            return Members(out, cold, gen)
+        msgs = list(q.messages.values())
+        for start in range(0, len(msgs), MEMBERS_SLICE):
+            for msg in msgs[start:start + MEMBERS_SLICE]:
+                found = out.get(bucket_of(msg.id))
+                if found is not None:
+                    found.append(msg)
+            await trio.lowlevel.checkpoint()
     return Members(out, cold, gen)
 
 
