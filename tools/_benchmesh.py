@@ -55,7 +55,9 @@ def running_cluster(bench_dir: Path, n: int,
 
 
 def _member_states(node: DaemonProcess) -> dict[str, str]:
-    with node.client(timeout=5) as c:
+    # (a status asks every member for its moves, 2 s each: a node just restarted with a
+    # deep backlog can take a few seconds to answer)
+    with node.client(timeout=30) as c:
         return {m["name"]: m["state"] for m in c.status()["members"]}
 
 

@@ -67,6 +67,7 @@ log = logging.getLogger("meshq.cluster")
 
 ROUND = 5.0  # seconds between anti-entropy rounds
 FULL_EVERY = 12  # rounds: a holder kept current by replication is compared this seldom
+FULL_BUSY_MAX = 120  # rounds: ... and put off while the partition is written, this long
 TAKEOVER_WAIT = 10.0  # a client op waits this long for a takeover before UNAVAILABLE
 CATALOG_WAIT = 5.0  # an op on an unknown queue waits this long for the first catalog sync
 HAND_BACK_DELAY = 0.2  # a deposed dispatcher pushes its last changes after this long
@@ -131,6 +132,10 @@ class Cluster:
         # holders in it but every FULL_EVERY rounds, so that a busy queue is not digested
         # whole every round.
         self._current: dict[PartKey, set[str]] = {}
+        # The round each partition was last written to (a batch shipped with a change of
+        # it), and last fully compared (_full_compare).
+        self._written: dict[PartKey, int] = {}
+        self._compared: dict[PartKey, int] = {}
         self._misses: dict[tuple[PartKey, str], int] = defaultdict(int)
         self._takeovers: dict[PartKey, trio.Event] = {}
         self._wake = trio.Event()
@@ -300,6 +305,8 @@ class Cluster:
         parts_of: dict[str, set[PartKey]] = defaultdict(set)
         went: dict[PartKey, frozenset[str]] = {}
         for part, changes in by_part.items():
+            if changes:
+                self._written[part] = self.rounds
             q = self.broker.replica.part(*part)
             if q is None:  # deleted in this very batch: the Drop goes to every live node,
                 reps = self._replicas_of_dropped(*part)  # and W holders confirm it
@@ -599,6 +606,7 @@ class Cluster:
                               (b for b in range(BUCKETS) if sums[b] != req.sums[b]))
         diff = []
         for b in found.hot:
+            await trio.lowlevel.checkpoint()  # (a bucket of a deep partition is long)
             hot, cold = found.now(self.broker, q, b)
             diff.append((b, tuple((m.id, message_key(m)) for m in (*hot, *cold))))
         # The epoch it promised, when another node's: a dispatcher of an earlier epoch
@@ -672,6 +680,21 @@ class Cluster:
                 await self._wake.wait()
             self._wake = trio.Event()
 
+    def _full_compare(self, part: PartKey) -> bool:
+        """Whether this round compares every follower of ``part`` (a dispatcher's), even
+        those replication kept current: FULL_EVERY rounds after the last time, once a
+        round goes by without a write to it; but at most FULL_BUSY_MAX rounds apart. On
+        a quiet partition a current copy's digest equals ours, which costs O(buckets);
+        under writes the batches in flight make most buckets differ, and listing the
+        members of a bucket reads every message of it, on disk too."""
+        since = self.rounds - self._compared.get(part, 0)
+        if since < FULL_EVERY:
+            return False
+        if self._written.get(part, -1) >= self.rounds - 1 and since < FULL_BUSY_MAX:
+            return False
+        self._compared[part] = self.rounds
+        return True
+
     def _forget_gone(self) -> None:
         """Drop what repair remembers of partitions whose queue is gone from here."""
         parts = {q.part for q in self.broker.parts.values()}
@@ -679,6 +702,9 @@ class Cluster:
             del self._misses[key]
         for part in [p for p in self._current if p not in parts]:
             del self._current[part]
+        for book in (self._written, self._compared):
+            for part in [p for p in book if p not in parts]:
+                del book[part]
         self.moves.retain(parts)
 
     def _tend(self, q: Queue, full: bool) -> None:
@@ -690,7 +716,7 @@ class Cluster:
                 return
             self.moves.dispatching(part, q.epoch, reps.followers, self._now())
             if full:
-                every = self.rounds % FULL_EVERY == 0
+                every = self._full_compare(part)
                 for node in reps.followers:
                     if (every or node not in self._current.get(part, ())
                             or self.moves.waiting(part, node)):

@@ -237,6 +237,7 @@ async def sync(peers: Peers, broker: Broker, q: Queue, node: str, *,
     ours = await members(broker, q, (b for b, _ in diff))
     cold_puts: list[int] = []  # the seqs of cold messages it lacks (bodies read below)
     for b, items in diff:
+        await trio.lowlevel.checkpoint()  # (a bucket of a deep partition is long)
         theirs = dict(items)
         hot, cold = ours.now(broker, q, b)  # (one deleted meanwhile: its tombstone is
         for msg in hot:  # compared below)
