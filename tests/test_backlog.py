@@ -361,3 +361,55 @@ async def test_a_holder_that_does_not_dispatch_keeps_only_the_head_in_memory(
     got = await drain(env, conn, 29)
     assert got == [m.id for m in sent if m is not sent[21]]
     assert env.counts() == (0, 0, 0) and not q.cold
+
+
+async def two_merging(env: Env) -> tuple[Broker, Queue, list[Message], Any]:
+    """A holder of "q" with 12 messages merged and committed (some on disk only), and
+    2 more merged whose batch has not committed yet (its Merged)."""
+    await env.declare()
+    broker, q, epoch = follower(env)
+    sent = dispatched(env, q, 14, epoch)
+    merged = await broker.replica.merge_async([Put(record_of(m)) for m in sent[:12]],
+                                              {q.part: epoch})
+    await merged.batch.wait()
+    return broker, q, sent, broker.replica.merge([Put(record_of(m)) for m in sent[12:]],
+                                                 {q.part: epoch})
+
+
+async def test_what_leaves_memory_as_a_count_of_the_cold_shares_ends_is_counted(
+        env: Env, autojump_clock: MockClock) -> None:
+    """A merge that commits while a count of the cold shares reads the store (its
+    messages were in memory, so the read leaves them out) pages them out as the count's
+    pin ends: their shares go with the count, and the digest is what a walk makes."""
+    broker, q, _, merged = await two_merging(env)
+    q.sums.cold = None  # (unknown, as after a restart)
+
+    async def slow_scan(*args: Any, **kw: Any) -> Any:  # (the batch commits meanwhile)
+        found = env.store.scan_ready(*args, **kw)
+        await trio.sleep(0.1)
+        return found
+
+    env.store.scan_ready_async = slow_scan  # type: ignore[method-assign]
+    await broker.backlog.count_cold(q)
+    await merged.batch.wait()
+    assert q.cold == 14 - HOT and q.sums.cold is not None
+    assert await repair.digest(broker, q) == walk([*q.messages.values(),
+                                                  *broker.backlog.cold_messages(q)])
+
+
+async def test_records_read_while_messages_leave_memory_hold_every_one(
+        env: Env, autojump_clock: MockClock) -> None:
+    """``records`` (what a fetch answers) finds a message that leaves memory for the disk
+    while it reads the store: it waits until the answer is made."""
+    broker, q, sent, merged = await two_merging(env)
+
+    async def slow_read(*args: Any, **kw: Any) -> Any:  # (the batch commits meanwhile)
+        found = env.store.read_ids(*args, **kw)
+        await trio.sleep(0.1)
+        return found
+
+    env.store.read_ids_async = slow_read  # type: ignore[method-assign]
+    recs, _ = await broker.replica.records(q, [m.id for m in sent])
+    assert sorted(r.id for r in recs) == sorted(m.id for m in sent)
+    await merged.batch.wait()
+    assert q.cold == 14 - HOT

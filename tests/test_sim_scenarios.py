@@ -12,6 +12,7 @@ import pytest
 import trio
 
 from meshq.broker.queue import Queue
+from meshq.cluster import driver
 from meshq.cluster.driver import FULL_EVERY, ROUND
 from meshq.errors import MeshqError, NotFound, Unavailable
 from meshq.mesh.swim import Dead
@@ -667,12 +668,14 @@ def test_a_purge_of_a_replicated_backlog_on_disk_reaches_every_copy() -> None:
     run_scenario(script, seed=5, hot_ready=HOT)
 
 
-def test_a_partition_written_to_is_compared_whole_once_it_is_quiet() -> None:
+def test_a_partition_written_to_is_compared_whole_once_it_is_quiet(
+        monkeypatch: pytest.MonkeyPatch) -> None:
     """Holders that replication keeps current are compared whole every FULL_EVERY rounds,
-    but not while the partition is written to: then batches in flight make most buckets
-    differ and each differing bucket lists every message in it, on disk too (a deep
-    partition under a steady stream took every node's memory and event loop). Once a
-    round passes without a write, the next round compares them."""
+    but not while a deep partition is written to: then batches in flight make most
+    buckets differ and each differing bucket lists every message in it, on disk too (a
+    deep partition under a steady stream took every node's memory and event loop). Once
+    a round passes without a write, the next round compares them. (Deep: any size here.)"""
+    monkeypatch.setattr(driver, "FULL_BUSY_MIN", 0)
 
     async def script(sim: Simulation) -> None:
         await declare(sim)

@@ -66,12 +66,13 @@ class _Counting:
     cold meanwhile (seq above it) are added to ``new`` here. ``spoilt``: one counted from
     the store changed meanwhile (paged in, dropped), so the count is thrown away."""
 
-    __slots__ = ("done", "new", "old_seq", "spoilt")
+    __slots__ = ("done", "new", "old_seq", "read", "spoilt")
 
     def __init__(self, old_seq: int) -> None:
         self.old_seq = old_seq
         self.new = [0] * BUCKETS
         self.spoilt = False
+        self.read = False  # the store's rows were folded (what leaves memory now is not)
         self.done = trio.Event()
 
 
@@ -133,8 +134,9 @@ class Backlog:
     def _now_cold(self, q: Queue, msg: Message, read_by_count: bool) -> None:
         """``msg`` (READY, counted so by the caller) is on disk only from now on: counted
         in ``cold``, its share kept with the cold ones (or with a count under way's, when
-        the count's read leaves it out). ``read_by_count``: a count under way reads it
-        from the store if its seq is not above the count's (else that count is spoilt)."""
+        the count's read leaves it out). ``read_by_count``: it was in memory, so a count
+        under way reads it from the store if it has not read the store yet and its seq is
+        not above the count's (a new message in the same case spoils the count)."""
         if not q.cold:
             q.cold_after = (msg.hlc, msg.seq - 1)
         q.cold += 1
@@ -149,10 +151,11 @@ class Backlog:
                 add_share(sums.cold, msg)
                 self.paged_out_shared += 1
         elif sums.counting is not None:
-            if msg.seq > sums.counting.old_seq:
-                add_share(sums.counting.new, msg)
+            counting = sums.counting
+            if msg.seq > counting.old_seq or (read_by_count and counting.read):
+                add_share(counting.new, msg)  # (the count's read leaves it out)
             elif not read_by_count:
-                sums.counting.spoilt = True
+                counting.spoilt = True
             self.paged_out_shared += 1
 
     def page_out(self, merged: list[tuple[Queue, Message, tuple[Any, ...]]],
@@ -173,6 +176,9 @@ class Backlog:
                     or msg.owner is not None or q.ready - q.cold <= self.hot_ready
                     or not self.b.live(q) or message_key(msg) != key):
                 continue
+            entry = self.b.catalog.get(q.name)
+            if entry is None or entry.absorbs(msg.inc):
+                continue  # (an earlier incarnation's, which a drop removes from memory)
             if q.cold and (msg.hlc, msg.seq) <= q.cold_after:
                 continue
             if q in self._pins:
@@ -180,7 +186,6 @@ class Backlog:
                 continue
             q.evict(msg)  # (its share leaves the hot sums; it is still counted READY)
             touched[q] = None
-            # (a count under way has not read the store yet: pinned while it does)
             self._now_cold(q, msg, read_by_count=True)
         for q in touched:
             q.compact()
@@ -430,6 +435,7 @@ class Backlog:
                     found = await self.b.store.scan_ready_async(
                         q.name, q.index, q.cold_after, self._fold_shares(q),
                         counting.old_seq)
+                    counting.read = True  # (those waiting leave memory as the pin ends)
             finally:
                 sums.counting = None
                 counting.done.set()

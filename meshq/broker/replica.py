@@ -84,9 +84,15 @@ def _message_of(r: Record, seq: int) -> Message:
 
 def _stamp_hint(q: Queue, rec: Record) -> int | None:
     """What a Put tells of whether its message may be cold here: its HLC (one above every
-    cold message's is not: ``Backlog.may_be_cold``), or nothing on a fifo queue, where a
-    takeover may have stamped a message again under its id (``Broker.restamp``)."""
-    return None if q.options.ordering == "fifo" else rec.hlc
+    cold message's is not: ``Backlog.may_be_cold``); on a fifo queue, where a takeover
+    may have stamped a message again under its id (``Broker.restamp``, which only raises
+    it), the HLC its id was made with if lower (None: an id not made so)."""
+    if q.options.ordering != "fifo":
+        return rec.hlc
+    try:
+        return min(rec.hlc, int(rec.id[:16], 16))
+    except ValueError:
+        return None
 
 
 @dataclass
@@ -243,6 +249,7 @@ class Replica:
         ids = list(ids)
         await self.b.backlog.warm_tombs(q)
         cold: dict[str, Message] = {}
+        recs, tombs = [], []
         with self.b.backlog.pinned(q):  # (none leaves memory for the disk meanwhile)
             if q.cold:
                 gen = q.cold_gen
@@ -250,13 +257,12 @@ class Replica:
                 if maybe:
                     read = await self.b.store.read_ids_async(q.name, q.index, maybe)
                     cold = {m.id: m for m in self.b.backlog.cold_of(q, gen, read)}
-        recs, tombs = [], []
-        for mid in ids:
-            msg = q.messages.get(mid) or cold.get(mid)
-            if msg is not None:
-                recs.append(record_of(msg))
-            elif mid in q.tombs:
-                tombs.append(Tomb(q.name, q.index, mid, q.tombs[mid]))
+            for mid in ids:
+                msg = q.messages.get(mid) or cold.get(mid)
+                if msg is not None:
+                    recs.append(record_of(msg))
+                elif mid in q.tombs:
+                    tombs.append(Tomb(q.name, q.index, mid, q.tombs[mid]))
         return recs, tombs
 
     def catalog_entries(self) -> list[CatalogEntry]:
@@ -269,10 +275,14 @@ class Replica:
         """``merge``, after paging in (in a worker thread) the cold messages the changes
         name, and reading back stored tombstones, so that the merge itself reads nothing."""
         named: dict[Queue, list[tuple[str, int | None]]] = {}
+        parts: dict[Queue, None] = {}  # (every partition named: pinned below)
         for c in changes:
             part = part_of(c)
             q = self.b.parts.get(part) if part is not None else None
-            if q is None or not (q.cold or q.tombs_on_disk):
+            if q is None:
+                continue
+            parts[q] = None
+            if not (q.cold or q.tombs_on_disk):
                 continue
             if isinstance(c, Put):
                 named.setdefault(q, []).append((c.record.id, _stamp_hint(q, c.record)))
@@ -280,8 +290,9 @@ class Replica:
                 named.setdefault(q, []).append((c.id, None))
         looked: set[str] = set()
         with ExitStack() as pins:  # (none of them leaves memory for the disk meanwhile)
-            for q, ids in named.items():
+            for q in parts:
                 pins.enter_context(self.b.backlog.pinned(q))
+            for q, ids in named.items():
                 await self.b.backlog.page_ids(q, ids)
                 looked.update(mid for mid, _ in ids)
             return self.merge(changes, epochs, bounds, looked)

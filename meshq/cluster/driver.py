@@ -67,7 +67,8 @@ log = logging.getLogger("meshq.cluster")
 
 ROUND = 5.0  # seconds between anti-entropy rounds
 FULL_EVERY = 12  # rounds: a holder kept current by replication is compared this seldom
-FULL_BUSY_MAX = 120  # rounds: ... and put off while the partition is written, this long
+FULL_BUSY_MAX = 120  # rounds: ... and put off while the partition is written, this long,
+FULL_BUSY_MIN = 20_000  # ... when it holds this many messages or more
 TAKEOVER_WAIT = 10.0  # a client op waits this long for a takeover before UNAVAILABLE
 CATALOG_WAIT = 5.0  # an op on an unknown queue waits this long for the first catalog sync
 HAND_BACK_DELAY = 0.2  # a deposed dispatcher pushes its last changes after this long
@@ -680,17 +681,20 @@ class Cluster:
                 await self._wake.wait()
             self._wake = trio.Event()
 
-    def _full_compare(self, part: PartKey) -> bool:
-        """Whether this round compares every follower of ``part`` (a dispatcher's), even
-        those replication kept current: FULL_EVERY rounds after the last time, once a
-        round goes by without a write to it; but at most FULL_BUSY_MAX rounds apart. On
-        a quiet partition a current copy's digest equals ours, which costs O(buckets);
-        under writes the batches in flight make most buckets differ, and listing the
-        members of a bucket reads every message of it, on disk too."""
+    def _full_compare(self, q: Queue) -> bool:
+        """Whether this round compares every follower of ``q`` (dispatched here), even
+        those replication kept current: FULL_EVERY rounds after the last time; and, on
+        a partition of FULL_BUSY_MIN messages or more, only once a round goes by without
+        a write to it, but at most FULL_BUSY_MAX rounds apart. On a quiet partition a
+        current copy's digest equals ours, which costs O(buckets); under writes the
+        batches in flight make most buckets differ, and listing the members of a bucket
+        reads every message of it, on disk too (a small partition's are cheap)."""
+        part = q.part
         since = self.rounds - self._compared.get(part, 0)
         if since < FULL_EVERY:
             return False
-        if self._written.get(part, -1) >= self.rounds - 1 and since < FULL_BUSY_MAX:
+        if (self._written.get(part, -1) >= self.rounds - 1 and since < FULL_BUSY_MAX
+                and len(q.messages) + q.cold >= FULL_BUSY_MIN):
             return False
         self._compared[part] = self.rounds
         return True
@@ -716,7 +720,7 @@ class Cluster:
                 return
             self.moves.dispatching(part, q.epoch, reps.followers, self._now())
             if full:
-                every = self._full_compare(part)
+                every = self._full_compare(q)
                 for node in reps.followers:
                     if (every or node not in self._current.get(part, ())
                             or self.moves.waiting(part, node)):
