@@ -22,6 +22,8 @@ from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from typing import Any
 
+import mmh3
+
 __all__ = ["BLOOM_BITS", "CONFIRMED", "KEEP", "DedupIndex"]
 
 KEEP = 8192  # entries kept in memory
@@ -50,13 +52,13 @@ class _Confirmed:
 CONFIRMED = _Confirmed()
 
 
-def _bits(key: Key) -> tuple[int, ...]:
-    """The key's five bit positions: double hashing of the halves of Python's own 64-bit
-    hash of the key (SipHash of each string, which CPython caches on the string, mixed),
-    ten times cheaper than a murmur3 of the joined strings. Salted per process, which is
-    fine: the filters live in memory only, and are rebuilt from the store at start."""
-    h = hash(key)
-    a, b = h & 0xFFFFFFFF, ((h >> 32) & 0xFFFFFFFF) | 1
+def _bits(key: Key, _h64: Any = mmh3.hash64, _h32: Any = mmh3.hash) -> tuple[int, ...]:
+    """The key's five bit positions: double hashing of the halves of a murmur3 (x64, 128
+    bits) of the dedup id seeded with a murmur3 of the queue name. Not Python's ``hash``:
+    that is salted per process, and the filters are to be saved at a clean stop and loaded
+    at the next start (0.1-0.15 µs more per call, measured; twice per new id)."""
+    a, b = _h64(key[1], _h32(key[0], 0, False), True, False)
+    b |= 1
     return (a & _MASK, (a + b) & _MASK, (a + 2 * b) & _MASK, (a + 3 * b) & _MASK,
             (a + 4 * b) & _MASK)
 
