@@ -3,8 +3,9 @@
 Start-up order: store opened and loaded, broker restored, writer and timer loops
 started, then the socket listens and ``task_status.started(node)`` reports ready.
 Shutdown (SIGTERM/SIGINT, or ``node.stop``): stop accepting, refuse new writes, commit
-what is staged, write out the answers, then cancel. A send is thus either confirmed
-after its commit, or never confirmed.
+what is staged, write out the answers, then cancel; once every task has ended, save the
+dedup filters (the next start loads them instead of listing the dedup table). A send is
+thus either confirmed after its commit, or never confirmed.
 """
 
 from __future__ import annotations
@@ -143,6 +144,10 @@ async def _serve_locked(config: Config, clock: Clock, task_status: Any) -> None:
             del snapshot
             gc.freeze()  # a restored backlog is long-lived: keep it out of every collection
             await _run_node(config, task_status, node, transport, exposed)
+            # A clean stop: the writer has exited. Save the dedup filters for the next start.
+            filters = node.broker.dedup_filters()
+            if filters is not None:
+                await trio.to_thread.run_sync(store.save_dedup_filters, filters)
     finally:
         store.close()
 

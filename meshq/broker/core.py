@@ -256,13 +256,19 @@ class Broker:
             home = self.parts.get((queue, idx))
             if home is not None:
                 home.tombs[mid] = at
-        self._dedup.restore(snap.dedup, now, on_disk=snap.dedup_on_disk)
+        self._dedup.restore(snap.dedup, now, on_disk=snap.dedup_on_disk,
+                            filters=snap.dedup_filters)
         for q in self.parts.values():
             q.bound = int(snap.meta.get(bound_key(q.name, q.index), 0) or 0)
         self.hlc.restore(high)
         if self.dispatch_by_default:
             for q in self.parts.values():
                 self.replica.activate(q, q.promised)
+
+    def dedup_filters(self) -> bytes | None:
+        """The dedup filters to save at a clean stop, once nothing more is written (the
+        store's ``save_dedup_filters``); None if they are not complete yet."""
+        return self._dedup.dump(self.clock.time())
 
     # -- the timer loop ------------------------------------------------------------------
     async def run(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:

@@ -13,11 +13,16 @@ holds FILTER_KEYS keys or has been open a ``window``, and a closed one is droppe
 send rate, about one per 1.5 million sends in a window), and, after a start, whether
 keys in the store are still to be read into the filter. Never: an entry dropped from
 memory before it is durable (its batch settled) unless the filter says "maybe" for it; a
-key the filter forgets before its entry expired.
+key the filter forgets before its entry expired. The filters outlive a clean stop
+(``dump``, then ``restore`` from it): bit positions come from a hash that is the same in
+every process.
 """
 
 from __future__ import annotations
 
+import logging
+import math
+import struct
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -25,6 +30,8 @@ from typing import Any
 import mmh3
 
 __all__ = ["BLOOM_BITS", "CONFIRMED", "KEEP", "DedupIndex"]
+
+log = logging.getLogger("meshq")
 
 KEEP = 8192  # entries kept in memory
 LOAD_PAGE = 20000  # stored keys read into the filter at a time, after a start
@@ -55,12 +62,19 @@ CONFIRMED = _Confirmed()
 def _bits(key: Key, _h64: Any = mmh3.hash64, _h32: Any = mmh3.hash) -> tuple[int, ...]:
     """The key's five bit positions: double hashing of the halves of a murmur3 (x64, 128
     bits) of the dedup id seeded with a murmur3 of the queue name. Not Python's ``hash``:
-    that is salted per process, and the filters are to be saved at a clean stop and loaded
-    at the next start (0.1-0.15 µs more per call, measured; twice per new id)."""
+    that is salted per process, and the filters are saved at a clean stop and loaded at
+    the next start (0.1-0.15 µs more per call, measured; twice per new id)."""
     a, b = _h64(key[1], _h32(key[0], 0, False), True, False)
     b |= 1
     return (a & _MASK, (a + b) & _MASK, (a + 2 * b) & _MASK, (a + 3 * b) & _MASK,
             (a + 4 * b) & _MASK)
+
+
+# The saved filters: a header (magic, bits per filter, window, number of filters), then
+# each filter's opened_at, closed_at (NaN: open) and count, then its bits.
+_MAGIC = b"meshqbf1"  # (a new hash or layout: a new magic)
+_HEAD = struct.Struct("<8sQdI")
+_FILTER = struct.Struct("<ddQ")
 
 
 class _Bloom:
@@ -186,14 +200,25 @@ class DedupIndex:
             del self.recent[key]
 
     def restore(self, entries: Iterable[tuple[str, str, str, float]], now: float, *,
-                on_disk: bool = False) -> None:
+                on_disk: bool = False, filters: bytes | None = None) -> None:
         """At start-up: the stored entries still in their window (``on_disk``: they were
-        not read; until ``load`` has listed them, every key not in memory is looked up)."""
+        not read; until ``load`` has listed them, every key not in memory is looked up),
+        or, with ``filters`` (what ``dump`` gave at a clean stop, the store says they are
+        current), those filters instead of the listing. Filters that do not decode are
+        ignored with a log line (the keys are listed then)."""
+        loaded = False
+        if on_disk and filters is not None and self._read is not None:
+            try:
+                self._filters = _decode(filters, self.window)
+                loaded = True
+            except ValueError as exc:
+                log.warning("the saved dedup filters are not usable (%s): rebuilding them"
+                            " from the store", exc)
         for queue, dedup_id, mid, expires_at in entries:
             if expires_at > now:
                 self.recent[queue, dedup_id] = (mid, expires_at, None)
         self._spill(now)
-        self._unloaded = on_disk and self._read is not None
+        self._unloaded = on_disk and self._read is not None and not loaded
 
     async def load(self, store: Any, clock: Any) -> None:
         """After a start that left the entries on disk: put their keys in the filter, a
@@ -209,6 +234,35 @@ class DedupIndex:
             if len(rows) < LOAD_PAGE:
                 self._unloaded = False
 
+    def dump(self, now: float) -> bytes | None:
+        """The filters as bytes for ``restore``, with every entry in memory (unexpired) in
+        them too: each key in the store, and perhaps some that are not (a batch that
+        failed or never committed: a false hit costs a read). None while keys in the store
+        are still to be read into the filters (the next start rebuilds). For a clean stop,
+        once nothing more is written: a key written after it is not in them."""
+        if self._unloaded or self._read is None:
+            return None
+        filters = list(self._filters)
+        if filters and filters[-1].closed_at is None:
+            last = _Bloom(filters[-1].opened_at)  # (a copy: this index may go on)
+            last.bits[:] = filters[-1].bits
+            last.count = filters[-1].count
+            filters[-1] = last
+        for key, (_, expires_at, _) in self.recent.items():
+            if expires_at <= now:
+                continue
+            if not filters or filters[-1].closed_at is not None:
+                filters.append(_Bloom(now))
+            elif filters[-1].count >= FILTER_KEYS:  # (as _open does)
+                filters[-1].closed_at = now
+                filters.append(_Bloom(now))
+            filters[-1].add(key)
+        out: list[bytes | bytearray] = [_HEAD.pack(_MAGIC, BLOOM_BITS, self.window, len(filters))]
+        for f in filters:
+            closed = math.nan if f.closed_at is None else f.closed_at
+            out += [_FILTER.pack(f.opened_at, closed, f.count), f.bits]
+        return b"".join(out)
+
     def _open(self, now: float) -> _Bloom:
         """The filter taking keys: a new one once the last is full or closed."""
         filters = self._filters
@@ -221,3 +275,33 @@ class DedupIndex:
 
     def __len__(self) -> int:
         return len(self.recent) + sum(f.count for f in self._filters)
+
+
+def _decode(data: bytes, window: float) -> list[_Bloom]:
+    """The filters ``DedupIndex.dump`` wrote; ValueError if these bytes are not that, or
+    were written for another filter size or window."""
+    view = memoryview(data)
+    if len(view) < _HEAD.size:
+        raise ValueError("too short")
+    magic, bits, saved_window, n = _HEAD.unpack_from(view)
+    if magic != _MAGIC or bits != BLOOM_BITS:
+        raise ValueError("another format")
+    if saved_window != window:
+        raise ValueError(f"written for a {saved_window:g} s window, not {window:g} s")
+    size = BLOOM_BITS // 8
+    if len(view) != _HEAD.size + n * (_FILTER.size + size):
+        raise ValueError("truncated or too long")
+    filters: list[_Bloom] = []
+    at = _HEAD.size
+    for i in range(n):
+        opened_at, closed_at, count = _FILTER.unpack_from(view, at)
+        at += _FILTER.size
+        f = _Bloom.__new__(_Bloom)
+        f.bits = bytearray(view[at:at + size])
+        at += size
+        f.count, f.opened_at = count, opened_at
+        f.closed_at = None if math.isnan(closed_at) else closed_at
+        if f.closed_at is None and i < n - 1:
+            raise ValueError("an open filter before the last")
+        filters.append(f)
+    return filters

@@ -151,6 +151,9 @@ class Snapshot:
     # Loaded with ``hot_ready``, the dedup entries are not: ``read_dedup`` reads one, and
     # ``dedup_keys`` lists them (meshq.broker.dedup).
     dedup_on_disk: bool = False
+    # ... and with them, the dedup filters saved at the last stop, if it was clean and
+    # nothing was written since (``Store.save_dedup_filters``); None: they are rebuilt.
+    dedup_filters: bytes | None = None
     # ... nor the message tombstones: ``read_tombs`` reads a partition's when needed.
     tombs_on_disk: bool = False
 
@@ -326,6 +329,12 @@ class Store(abc.ABC):
     def read_dedup(self, queue: str, dedup_id: str) -> tuple[str, float] | None:
         """The stored dedup entry (message id, expires_at), if any. May block."""
         raise NotImplementedError
+
+    def save_dedup_filters(self, filters: bytes) -> None:
+        """Keep ``filters`` (meshq.broker.dedup) for the next ``load``, at a clean stop
+        once ``run`` has ended: the next load gives them back only if nothing was
+        written in between, and only once. Blocks (a file write). This one keeps nothing."""
+        return
 
     def dedup_keys(self, after: int, limit: int) -> list[tuple[int, str, str, float]]:
         """Stored dedup entries as (position, queue, dedup_id, expires_at), those after

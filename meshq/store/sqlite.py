@@ -8,16 +8,24 @@ reported durable before the writer's COMMIT returned, or a read of a whole backl
 event loop thread (a point read by id there is the rare fallback of a merge or a dedup
 hit into a cold message, meshq.broker.backlog).
 If the writer dies, ``run`` raises and the daemon stops rather than confirm nothing.
+The dedup filters saved at a clean stop sit in a file next to the store's, with a token
+that the store's meta row ``dedup_filters`` must match; ``load`` (or ``run``, without a
+load) deletes the file before anything more is written. Never: filters loaded that miss
+a key written after they were saved.
 """
 
 from __future__ import annotations
 
+import logging
 import os
+import secrets
 import select
 import sqlite3
+import struct
 import subprocess
 import sys
 import threading
+import zlib
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any, TypeVar
@@ -31,6 +39,8 @@ from meshq.store._sql import SCHEMA_VERSION, SKIPPED, connect
 from meshq.store.base import Batch, Op, Snapshot, Store, StoreFatal, StoreStatistics
 
 __all__ = ["SCHEMA_VERSION", "SQLiteStore", "WriterDied"]
+
+log = logging.getLogger("meshq")
 
 
 _pack = msgpack.Packer(use_bin_type=True).pack
@@ -51,6 +61,11 @@ _SELECT_KEYS = ("SELECT seq, id, hlc, node, delivery_count, ready_at, expires_at
                 " WHERE state = 0 AND queue = ? AND idx = ? AND (hlc, seq) > (?, ?)")
 IN_CHUNK = 500  # ids or seqs looked up per statement
 _T = TypeVar("_T")
+# The saved dedup filters' file: magic, token (as in meta), CRC-32 and length of the rest.
+FILTERS_SUFFIX = ".dedup-filters"
+FILTERS_META = "dedup_filters"
+_FILTERS_MAGIC = b"meshqdf1"
+_FILTERS_HEAD = struct.Struct("<8s16sIQ")
 
 
 _STATES = tuple(State)  # (indexed by value: State(n) is an enum lookup, 5x slower)
@@ -91,6 +106,34 @@ def _key_messages(rows: Iterable[tuple[Any, ...]], queue: str, index: int
                       epoch or 0, vn or 0)
 
 
+def _filters_problem(data: bytes, token: str | None) -> str:
+    """What is wrong with a saved filters' file whose token should be ``token``; ""."""
+    if len(data) < _FILTERS_HEAD.size:
+        return "too short"
+    magic, saved, crc, length = _FILTERS_HEAD.unpack_from(data)
+    if magic != _FILTERS_MAGIC:
+        return "not a filters file"
+    if length != len(data) - _FILTERS_HEAD.size or crc != zlib.crc32(
+            memoryview(data)[_FILTERS_HEAD.size:]):
+        return "truncated or corrupt"
+    if token is None or saved.hex() != token:
+        return "not saved at the last stop: the store was written since"
+    return ""
+
+
+def _fsync_dir(path: str) -> None:
+    fd = os.open(os.path.dirname(path) or ".", os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _remove_durably(path: str) -> None:
+    os.remove(path)
+    _fsync_dir(path)
+
+
 class WriterDied(StoreFatal):
     """The writer process is gone; nothing more can be made durable."""
 
@@ -119,6 +162,8 @@ class SQLiteStore(Store):
         self._room = trio.Event()  # set when a batch was answered
         self._reader: sqlite3.Connection | None = None  # read_ready's (from any thread)
         self._read_lock = threading.Lock()
+        self.filters_path = self.path + FILTERS_SUFFIX
+        self._filters_taken = False  # the saved filters' file deleted (by load or run)
 
     def load(self, hot_ready: int | None = None) -> Snapshot:
         conn = connect(self.path)
@@ -126,6 +171,7 @@ class SQLiteStore(Store):
             snap = Snapshot()
             unpack = msgpack.unpackb
             snap.meta = dict(conn.execute("SELECT key, value FROM meta"))
+            filters = self._take_filters(snap.meta.get(FILTERS_META))
             for name, inc, options, dropped, dropped_at in conn.execute(
                     "SELECT name, inc, options, dropped, dropped_at FROM catalog"):
                 snap.catalog.append((name, inc or 0, unpack(options) if options else None,
@@ -160,7 +206,53 @@ class SQLiteStore(Store):
                     "SELECT queue, idx, id, at FROM tombstones"))
             else:
                 snap.dedup_on_disk = snap.tombs_on_disk = True
+                snap.dedup_filters = filters
             return snap
+        finally:
+            conn.close()
+
+    def _take_filters(self, token: str | None) -> bytes | None:
+        """The saved dedup filters if their token is ``token`` (the store's), else None;
+        the file is deleted either way (durably) before this returns."""
+        self._filters_taken = True
+        try:
+            with open(self.filters_path, "rb") as f:
+                data = f.read()
+        except FileNotFoundError:
+            return None
+        except OSError as exc:
+            data, problem = b"", f"unreadable: {exc}"
+        else:
+            problem = _filters_problem(data, token)
+        try:
+            _remove_durably(self.filters_path)
+        except OSError as exc:
+            problem = problem or f"not deleted: {exc}"
+        if problem:
+            log.warning("ignoring the saved dedup filters %s (%s): rebuilding them from the"
+                        " store", self.filters_path, problem)
+            return None
+        return data[_FILTERS_HEAD.size:]
+
+    def save_dedup_filters(self, filters: bytes) -> None:
+        """Write the file (fsynced, renamed into place), then its token to meta: a crash
+        between the two leaves a file whose token does not match."""
+        if self._proc is not None and self._proc.returncode is None:
+            raise RuntimeError("save_dedup_filters while the writer runs")
+        token = secrets.token_bytes(16)
+        tmp = self.filters_path + ".tmp"
+        with open(tmp, "wb") as f:
+            f.write(_FILTERS_HEAD.pack(_FILTERS_MAGIC, token, zlib.crc32(filters),
+                                       len(filters)))
+            f.write(filters)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, self.filters_path)
+        _fsync_dir(self.filters_path)
+        conn = connect(self.path, schema=False)
+        try:
+            conn.execute("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)",
+                         (FILTERS_META, token.hex()))
         finally:
             conn.close()
 
@@ -252,6 +344,8 @@ class SQLiteStore(Store):
     async def run(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
         """Commit batches through the writer process, PIPELINE_DEPTH of them in flight:
         the writer starts on the next batch while the daemon answers the last one."""
+        if not self._filters_taken:  # (no load: the saved filters go before any write)
+            await trio.to_thread.run_sync(self._take_filters, None)
         self._proc = await trio.lowlevel.open_process(
             [sys.executable, "-m", "meshq.store._writer", self.path],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE)
