@@ -184,6 +184,16 @@ def test_a_corrupt_filters_file_is_ignored(tmp_path: Path,
     assert not file.exists()
 
 
+def test_filters_that_cannot_be_saved_are_logged_not_raised(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    path = tmp_path / "meshq.db"
+    Path(f"{path}.dedup-filters.tmp").mkdir()  # (the file cannot be written)
+    with caplog.at_level(logging.WARNING, logger="meshq"):
+        saved(path, b"filters")
+    assert "could not save the dedup filters" in caplog.text
+    assert loaded(path) is None
+
+
 async def test_a_store_run_without_a_load_deletes_the_saved_filters(tmp_path: Path) -> None:
     path = tmp_path / "meshq.db"
     saved(path, b"filters")

@@ -236,9 +236,17 @@ class SQLiteStore(Store):
 
     def save_dedup_filters(self, filters: bytes) -> None:
         """Write the file (fsynced, renamed into place), then its token to meta: a crash
-        between the two leaves a file whose token does not match."""
+        between the two leaves a file whose token does not match. A failure is logged
+        (the next start rebuilds the filters), not raised: the stop was clean."""
         if self._proc is not None and self._proc.returncode is None:
             raise RuntimeError("save_dedup_filters while the writer runs")
+        try:
+            self._save_filters(filters)
+        except (OSError, sqlite3.Error) as exc:
+            log.warning("could not save the dedup filters to %s (%s): the next start"
+                        " rebuilds them", self.filters_path, exc)
+
+    def _save_filters(self, filters: bytes) -> None:
         token = secrets.token_bytes(16)
         tmp = self.filters_path + ".tmp"
         with open(tmp, "wb") as f:
