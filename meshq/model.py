@@ -13,7 +13,7 @@ from typing import Any
 from meshq.errors import BadRequest
 from meshq.states import State
 
-__all__ = ["MAX_PARTITIONS", "ORDERINGS", "Message", "QueueOptions"]
+__all__ = ["MAX_PARTITIONS", "ORDERINGS", "Message", "QueueOptions", "id_stamp", "message_id"]
 
 ORDERINGS = ("fair", "fifo")
 MAX_PARTITIONS = 256
@@ -114,6 +114,19 @@ class QueueOptions:
             theirs["partitions"] = mine["partitions"]
         return [key for key in mine if mine[key] != theirs[key]]
 
+
+
+def message_id(hlc: int, node: str) -> str:
+    """A new message's id: the HLC it was stamped with, then the node that stamped it."""
+    return f"{hlc:016x}-{node}"
+
+
+def id_stamp(mid: str) -> int | None:
+    """The HLC a message id was made with (``message_id``); None for an id not made so."""
+    try:
+        return int(mid[:16], 16)
+    except ValueError:
+        return None
 
 @dataclass(slots=True, eq=False, weakref_slot=True)
 class Message:

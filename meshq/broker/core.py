@@ -54,7 +54,7 @@ from meshq.cluster.lattice import (
 )
 from meshq.errors import BadRequest, NotFound, PreconditionFailed, TooLarge
 from meshq.hlc import HLC, pack, physical_ms
-from meshq.model import MAX_PARTITIONS, Message, QueueOptions, finite
+from meshq.model import MAX_PARTITIONS, Message, QueueOptions, finite, message_id
 from meshq.states import Event, State
 from meshq.store import (
     OP_CATALOG_PRUNE,
@@ -683,7 +683,7 @@ class Broker:
             # may have been (tombstones or messages there on disk only, not looked up).
             fresh = (i > 0 or msg.id in dlq.tombs or msg.id in dlq.messages
                      or dlq.tombs_on_disk or dlq.cold > 0)
-            moved = Message(self._next_seq(), f"{hlc:016x}-{self.node_id}" if fresh else msg.id,
+            moved = Message(self._next_seq(), message_id(hlc, self.node_id) if fresh else msg.id,
                             dlq.name, msg.body, headers, hlc, self.node_id, index=dlq.index,
                             inc=dlq.inc, epoch=dlq.epoch, vn=1)
             if dlq.options.message_ttl is not None:
@@ -1219,7 +1219,7 @@ class Broker:
                     ids[at] = hit[0]
                     continue
             hlc = self._stamp(now)
-            msg = Message(self._next_seq(), f"{hlc:016x}-{self.node_id}", name, body, headers,
+            msg = Message(self._next_seq(), message_id(hlc, self.node_id), name, body, headers,
                           hlc, self.node_id, index=q.index, inc=q.inc, epoch=q.epoch, vn=1)
             if qttl is not None:
                 ttl = qttl if ttl is None else min(ttl, qttl)

@@ -46,7 +46,7 @@ from meshq.cluster.lattice import (
 )
 from meshq.errors import BadRequest, Unavailable
 from meshq.hlc import ClockOffsetError
-from meshq.model import Message, QueueOptions
+from meshq.model import Message, QueueOptions, id_stamp
 from meshq.states import Event, State
 from meshq.store import OP_DEDUP, OP_DROP_QUEUE, OP_FORGET, OP_TOMBSTONE, Batch
 from meshq.store.base import delete_op, put_op, update_op
@@ -89,10 +89,8 @@ def _stamp_hint(q: Queue, rec: Record) -> int | None:
     it), the HLC its id was made with if lower (None: an id not made so)."""
     if q.options.ordering != "fifo":
         return rec.hlc
-    try:
-        return min(rec.hlc, int(rec.id[:16], 16))
-    except ValueError:
-        return None
+    made = id_stamp(rec.id)
+    return None if made is None else min(rec.hlc, made)
 
 
 @dataclass
@@ -359,8 +357,7 @@ class Replica:
                 if home is not None and (home.cold or home.tombs_on_disk):
                     if t is Put:  # (what it merges must be in memory)
                         self._page_for(home, c.record.id, _stamp_hint(home, c.record),  # type: ignore[union-attr]
-                                       looked,
-                                       touched)
+                                       looked, touched)
                     elif t is Step or t is Tomb:
                         self._page_for(home, c.id, None, looked, touched)  # type: ignore[union-attr]
                 if t is Tally:

@@ -129,7 +129,7 @@ class Members:
                 if m.id not in seen:
                     seen.add(m.id)
                     hot.append(here)
-            elif broker.backlog.still_cold(q, self.gen, m) and m.id not in seen:
+            elif m.id not in seen and broker.backlog.still_cold(q, self.gen, m):
                 seen.add(m.id)
                 cold.append(m)
         return hot, cold
