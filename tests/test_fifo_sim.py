@@ -256,6 +256,43 @@ def test_a_send_merged_in_below_the_closed_bound_is_stamped_again() -> None:
     run_scenario(script, seed=1)
 
 
+def test_a_copy_stamped_again_elsewhere_takes_back_its_first_stamp() -> None:
+    """(--heavy --fifo 6 --hot-ready 2 seed 11049) A dispatcher stamps again, in order, a
+    key's messages m1 and m2 (not replicated). A holder has m2 with its first stamp, and
+    gets m1 by repair with its new one, above m2's: it keeps m1 at its first stamp, so that
+    when it takes the partition over, m1 still comes before m2."""
+    async def script(sim: Simulation) -> None:
+        async with sim.client("n1") as c:
+            await c.declare(Q, replicas=3, partitions=6, ordering="fifo")
+        await sim.wait_converged()
+        primary = sim.primary(Q, 0)
+        holders = [sim.nodes[n].node.broker for n in ("n1", "n2", "n3") if n != primary]
+        q = holders[0].queues[Q][0]  # type: ignore[union-attr]
+
+        def record(first: int, hlc: int) -> Record:
+            return Record(f"{first:016x}-00000009", Q, 0, q.inc, hlc, "00000009", b"k",
+                          None, None, Progress(int(State.READY), 0, 0.0, None, 0, 1, 1))
+
+        base = max(max(sn.node.broker.queues[Q][0].bound,  # type: ignore[union-attr]
+                       sn.node.broker.hlc.last)  # type: ignore[union-attr]
+                   for sn in sim.nodes.values()) + (1 << 16)
+        m2 = record(base + 2, base + 2)  # its first stamp
+        m1 = record(base + 1, base + 3)  # stamped again above m2 by another dispatcher
+        for broker in holders:  # (whichever takes over)
+            broker.replica.merge([Put(m2)])  # type: ignore[union-attr]
+            broker.replica.merge([Put(m1)])  # type: ignore[union-attr]
+            assert broker.queues[Q][0].messages[m1.id].hlc == base + 1  # type: ignore[union-attr]
+        sim.nodes[primary].kill()  # type: ignore[index]
+        await sim.until(lambda: sim.primary(Q, 0) not in (None, primary), 10, "taken over")
+        new = sim.nodes[sim.primary(Q, 0)].node.broker  # type: ignore[index, union-attr]
+        got: list[Any] = []
+        while len(got) < 2:
+            got += await new.receive(Session(), Q, 2 - len(got), 5.0, None, [0])
+        assert [m.id for m in got] == [m1.id, m2.id]
+
+    run_scenario(script, seed=1)
+
+
 def test_a_lease_raises_the_closed_bound_on_the_holders() -> None:
     """(--fifo 6 seed 69) A copy of an unconfirmed send below a message its partition has
     already delivered must be stamped again by the next primary: the lease's batch carries
@@ -287,6 +324,15 @@ def test_a_fifo_takeover_stamps_again_through_a_backlog_on_disk() -> None:
     the partition's order after it, which reaches messages on disk only: it reads them
     back first, or a key's later message (on disk, not stamped again) came out ahead."""
     [outcome] = run_seeds([3], jobs=1, hot_ready=2, fifo=6)
+    assert outcome.ok, outcome.summary
+
+
+def test_heavy_fifo_seeds_that_once_failed_keep_every_guarantee() -> None:
+    """`--heavy --fifo 6 --hot-ready 2` seed 11049: a holder got by repair a copy another
+    dispatcher had stamped again, above the key's later message it held with its first
+    stamp, and stamped them again in that order when it took over
+    (test_a_copy_stamped_again_elsewhere_takes_back_its_first_stamp keeps the case)."""
+    [outcome] = run_seeds([11049], jobs=1, heavy=True, hot_ready=2, fifo=6)
     assert outcome.ok, outcome.summary
 
 

@@ -257,16 +257,15 @@ class History:
     was not below m2's (seen, and fixed: a takeover stamped below what a clock too far ahead had
     stamped); or an earlier lease of m1 ended uncounted. Or m1 was leased first and reached the
     consumer after m2 (seen: a former dispatcher handed its lease over late, after the new one
-    had dealt m2). meshq takes a lease back uncounted when it never reached the consumer's node
-    (its consumer went away, or its write quorum failed, before it was durable); with a backlog,
-    m2 can be leased to another consumer in that window, which then gets m1 as a first delivery:
-    the check reports that too, since nothing tells the consumer. Seen once, `--heavy
-    --hot-ready 2` seed 314 (m1 leased to a consumer whose connection closed before the lease
-    was durable, m2 leased meanwhile to c1, which then got m1). Counting such a lease (m1 comes
-    back "redelivered", as RabbitMQ marks the messages of a closed channel) fixes that seed but
-    breaks fifo seeds: a fifo takeover stamps again only messages never delivered, and a
-    counted one then keeps its place below messages stamped anew (`--heavy --fifo 6
-    --hot-ready 2` seeds 11012, 11021). Left open.
+    had dealt m2). meshq takes a lease back uncounted when its write quorum failed before it
+    was durable; with a backlog, m2 can be leased to another consumer in that window, which
+    then gets m1 as a first delivery: the check reports that too, since nothing tells the
+    consumer. A lease durable whose consumer went away before it was handed over stays
+    counted (m1 comes back "redelivered", as RabbitMQ marks the messages of a closed
+    channel): uncounted, it broke `--heavy --hot-ready 2` seed 314 (m1 leased to a consumer
+    whose connection closed, m2 leased meanwhile to c1, which then got m1). (Counting it
+    broke fifo seeds `--heavy --fifo 6 --hot-ready 2` 11012 and 11021 on an earlier build;
+    both pass with it now.)
     The seeds are in tests/test_sim.py. """
 
     def __init__(self, *, lease_slack: float = 0.0) -> None:
