@@ -14,13 +14,15 @@ from trio.testing import MockClock
 from meshq.errors import Timeout
 from meshq.model import Message
 from meshq.states import State
-from meshq.store import OP_META, OP_PUT, SQLiteStore, StoreError
+from meshq.store import OP_META, OP_PUT, SQLiteStore, StoreError, bound_key
 from meshq.store._ops import (
+    OP_CATALOG_PRUNE,
     OP_DEDUP,
     OP_DEDUP_PRUNE,
     OP_DISCARD,
     OP_DROP_QUEUE,
     OP_PURGE_READY,
+    OP_QUEUE,
 )
 from meshq.store.base import delete_op, put_op, update_op
 from meshq.store.memory import MemoryStore
@@ -215,6 +217,32 @@ async def test_a_memory_store_with_delays_reads_as_of_its_start_and_takes_time(
     assert got == [(message(1).id, 5.0)]  # ... and is not in it
     assert took >= 0.05
     assert s.read_tombs("q", 0) == [(message(1).id, 5.0), (message(2).id, 6.0)]
+
+
+async def _forget_a_dropped_queue(s: SQLiteStore | MemoryStore) -> dict[str, str]:
+    """Two fifo queues with closed bounds; one dropped, then the catalog pruned past it."""
+    for name in ("gone q", "kept"):
+        s.stage((OP_QUEUE, (name, 1, None, 0, 0.0)))
+        for index in (0, 1):
+            s.stage((OP_META, (bound_key(name, index), 77)))
+    s.stage((OP_META, ("hlc", 42)))
+    s.stage((OP_DROP_QUEUE, ("gone q", 1, 5.0)))
+    s.stage((OP_CATALOG_PRUNE, (6.0,)))
+    await s.flush()
+    return {k: str(v) for k, v in s.load().meta.items() if k != "schema_version"}
+
+
+@pytest.mark.parametrize("kind", ["sqlite", "memory"])
+async def test_a_pruned_queue_takes_its_closed_bounds_with_it(tmp_path: Path,
+                                                               kind: str) -> None:
+    """The fifo closed bounds in meta go with their queue's catalog entry (a queue of the
+    same name declared again later starts with none), in the file and in the fake."""
+    s = SQLiteStore(tmp_path / "meshq.db") if kind == "sqlite" else MemoryStore()
+    async with trio.open_nursery() as nursery:
+        await nursery.start(s.run)
+        meta = await _forget_a_dropped_queue(s)
+        nursery.cancel_scope.cancel()
+    assert meta == {"hlc": "42", bound_key("kept", 0): "77", bound_key("kept", 1): "77"}
 
 
 def test_a_version_1_file_is_migrated(tmp_path: Path) -> None:

@@ -70,6 +70,7 @@ from meshq.store import (
     Batch,
     Snapshot,
     Store,
+    bound_key,
 )
 from meshq.store.base import delete_op, put_op, update_op
 
@@ -1729,11 +1730,6 @@ class Broker:
         if name is not None:
             return [self.stats_of(name)]
         return [self.stats_of(n) for n in sorted(self.queues)]
-
-
-def bound_key(name: str, index: int) -> str:
-    """The meta row of a partition's closed bound."""
-    return f"closed {index} {name}"
 
 
 def _taken_back(q: Queue, batch: Batch, error: BaseException | None) -> bool:

@@ -33,6 +33,7 @@ from meshq.store._ops import (
     OP_TOMBSTONE,
     OP_TOMBSTONE_PRUNE,
     OP_UPDATE,
+    bound_key,
 )
 
 if TYPE_CHECKING:
@@ -87,4 +88,5 @@ __all__ = [
     "StoreError",
     "StoreFatal",
     "StoreStatistics",
+    "bound_key",
 ]

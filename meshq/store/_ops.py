@@ -20,6 +20,7 @@ __all__ = [
     "OP_TOMBSTONE",
     "OP_TOMBSTONE_PRUNE",
     "OP_UPDATE",
+    "bound_key",
 ]
 
 # Op kinds; each op is (kind, params) with params a tuple in the kind's SQL order.
@@ -36,8 +37,17 @@ OP_TOMBSTONE = 8  # (queue, idx, id, at): a deletion of a message not held here
 OP_TOMBSTONE_PRUNE = 9  # (before,): forget tombstones older than this
 OP_FORGET = 10  # (queue, idx): a partition handed to its replicas; no tombstones left
 OP_PARTITION = 11  # (queue, idx, promised, tally_packed)
-OP_CATALOG_PRUNE = 12  # (before,): forget queues dropped before this (and their partitions)
+OP_CATALOG_PRUNE = 12  # (before,): forget queues dropped before this (their partitions, and
+#                       their partitions' closed bounds in ``meta``: ``bound_key``)
 OP_PURGE_READY = 13  # (queue, idx, hlc, seq, below, at): the READY messages after (hlc, seq)
 #                      whose seq is below ``below`` (not one staged since) go,
 #                      tombstoned (the broker's backlog on disk, meshq.broker.backlog)
 OP_DISCARD = 14  # (seq,): the row goes, no tombstone (a send never confirmed, taken back)
+
+
+BOUND_PREFIX = "closed "
+
+
+def bound_key(name: str, index: int) -> str:
+    """The meta row of a partition's closed bound (fifo)."""
+    return f"{BOUND_PREFIX}{index} {name}"

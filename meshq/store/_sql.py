@@ -86,6 +86,10 @@ _SQL: dict[int, tuple[tuple[str, Pick], ...]] = {
                     " VALUES (?,?,?,?)", None),),
     OP_CATALOG_PRUNE: (("DELETE FROM catalog WHERE dropped >= inc AND dropped_at < ?", None),
                        ("DELETE FROM partitions WHERE queue NOT IN (SELECT name FROM catalog)",
+                        lambda p: ()),
+                       # ("closed <index> <name>": the name after the index's space)
+                       ("DELETE FROM meta WHERE key GLOB 'closed *' AND substr(key,"
+                        " 8 + instr(substr(key, 8), ' ')) NOT IN (SELECT name FROM catalog)",
                         lambda p: ())),
     OP_DEDUP: (("INSERT OR REPLACE INTO dedup (queue, dedup_id, message_id, expires_at)"
                 " VALUES (?,?,?,?)", None),),

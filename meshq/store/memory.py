@@ -212,6 +212,8 @@ class MemoryStore(Store):
             elif kind == op.OP_CATALOG_PRUNE:
                 catalog = {n: r for n, r in catalog.items() if not (r[2] >= r[0] and r[3] < p[0])}
                 partitions = {k: v for k, v in partitions.items() if k[0] in catalog}
+                meta = {k: v for k, v in meta.items() if not k.startswith(op.BOUND_PREFIX)
+                        or k[len(op.BOUND_PREFIX):].partition(" ")[2] in catalog}
             elif kind == op.OP_PURGE_READY:
                 queue, idx, hlc, seq, below, at = p
                 for s_, r in list(messages.items()):
