@@ -14,7 +14,7 @@ from meshq.broker.digests import walk
 from meshq.broker.queue import Queue
 from meshq.broker.replica import record_of
 from meshq.cluster import repair
-from meshq.cluster.changes import Progress, Put, Step, Tomb
+from meshq.cluster.changes import Decl, Drop, Progress, Put, Step, Tomb
 from meshq.cluster.lattice import BUCKETS
 from meshq.model import Message
 from meshq.states import State
@@ -413,3 +413,32 @@ async def test_records_read_while_messages_leave_memory_hold_every_one(
     assert sorted(r.id for r in recs) == sorted(m.id for m in sent)
     await merged.batch.wait()
     assert q.cold == 14 - HOT
+
+
+async def test_a_drop_of_an_earlier_incarnation_takes_its_messages_on_disk_too(
+        env: Env, autojump_clock: MockClock) -> None:
+    """A holder learns of the queue's next incarnation before the drop of the one whose
+    messages it holds, some on disk only: the drop takes those too, counts and digest
+    included, and messages of the next incarnation stay."""
+    await env.declare()
+    broker, q, epoch = follower(env)
+    sent = dispatched(env, q, 30, epoch)
+    merged = await broker.replica.merge_async([Put(record_of(m)) for m in sent],
+                                              {q.part: epoch})
+    await merged.batch.wait()
+    assert q.cold == 30 - HOT
+    entry = broker.catalog["q"]
+    later = entry.inc + 1000
+    broker.replica.merge([Decl("q", later, dict(entry.options))])
+    assert q.inc == later
+    newer = dispatched(env, q, 3, epoch)  # (of the later incarnation)
+    for m in newer:
+        m.id, m.hlc = f"{m.hlc + 100:x}-n2", m.hlc + 100
+    merged = await broker.replica.merge_async([Put(record_of(m)) for m in newer],
+                                              {q.part: epoch})
+    await merged.batch.wait()
+    merged = broker.replica.merge([Drop("q", entry.inc, env.clock.time())])
+    await env.store.flush()
+    assert env.counts() == (3, 0, 0) and not q.cold
+    assert sorted(q.messages) == sorted(m.id for m in newer)
+    assert await repair.digest(broker, q) == walk(q.messages.values())

@@ -392,7 +392,9 @@ class Backlog:
     def page_all_now(self, q: Queue) -> None:
         """Read every cold message of ``q`` back, blocking: only for a fifo takeover that
         must stamp again a suffix of the partition's order reaching the disk (rare: a
-        message below the closed bound, on a partition with a backlog on disk). O(the
+        message below the closed bound, on a partition with a backlog on disk), and for
+        the drop of an earlier incarnation of a queue whose later one this node holds
+        already (rarer: the drop and the declaration came in out of order). O(the
         backlog) in memory until it drains, as before the backlog went to disk."""
         self.warm_tombs_now(q)
         while q.cold and self.b.live(q):

@@ -424,8 +424,12 @@ class Replica:
                 options = QueueOptions.from_dict(dict(new.options))
             except BadRequest:
                 return False  # a peer's options we cannot read: leave the entry as it was
-        self.b.catalog[name] = new
         qs = self.b.queues.get(name, ())
+        if isinstance(c, Drop):
+            for q in qs:  # a later incarnation lives on: what the dropped one has on disk
+                if q.cold and not new.absorbs(q.inc):  # only is read back, so that the
+                    self.b.backlog.page_all_now(q)  # loop below drops it (rare: see there)
+        self.b.catalog[name] = new
         if isinstance(c, Drop):
             self.b.store.stage((OP_DROP_QUEUE, (name, new.dropped, new.dropped_at)))
             for q in qs:
