@@ -231,7 +231,8 @@ class Node:
                               "leased": sum(p.leased for p in parts),
                               "delayed": sum(p.delayed for p in parts),
                               "tombstones": sum(len(p.tombs) for p in parts),
-                              "ready_on_disk": sum(p.cold for p in parts)}
+                              "ready_on_disk": sum(p.cold for p in parts),
+                              "delayed_on_disk": sum(p.late for p in parts)}
             q["counted_by"] = self.name if all(p.active for p in parts) else None
             q["partitions"] = []
             for p in parts:

@@ -25,6 +25,7 @@ HOT = 8
 
 def small(broker: Broker) -> Broker:
     broker.backlog.hot_ready, broker.backlog.refill_below = HOT, 3
+    broker.backlog.hot_delayed = HOT
     return broker
 
 
@@ -442,3 +443,113 @@ async def test_a_drop_of_an_earlier_incarnation_takes_its_messages_on_disk_too(
     assert env.counts() == (3, 0, 0) and not q.cold
     assert sorted(q.messages) == sorted(m.id for m in newer)
     assert await repair.digest(broker, q) == walk(q.messages.values())
+
+
+def delayed_in_memory(q: Queue) -> int:
+    return sum(1 for m in q.messages.values() if m.state == State.DELAYED)
+
+
+async def send_delayed(env: Env, n: int, delay: Any) -> dict[str, float]:
+    """``n`` messages, the ``i``th delayed ``delay(i)`` s, in commits of 10: each id with
+    when it is due."""
+    due: dict[str, float] = {}
+    for start in range(0, n, 10):
+        batch = [{"body": f"d{i}".encode(), "delay": delay(i)}
+                 for i in range(start, min(n, start + 10))]
+        now = env.clock.time()
+        for mid, m in zip(await env.send(*batch), batch, strict=True):
+            due[mid] = now + m["delay"]
+    return due
+
+
+async def take_all(env: Env, n: int) -> list[tuple[str, float]]:
+    """Consume and ack ``n`` deliveries: (id, when it came)."""
+    conn = Conn(env)
+    conn.consume(prefetch=5)
+    got = []
+    for _ in range(n):
+        d = await conn.next()
+        got.append((d.id, env.clock.time()))
+        await conn.ack([d.id])
+    return got
+
+
+def spread(i: int) -> float:
+    return 100.0 + (i * 37) % 60  # (due in another order than sent)
+
+
+async def test_past_hot_delayed_delays_stay_on_disk_and_come_when_due(
+        env: Env, autojump_clock: MockClock) -> None:
+    """A partition held alone keeps at most twice HOT delays in memory (those due
+    first); the others stay on disk only, counted, and each is read back before it is
+    due: every one is delivered when due, in the order they come due."""
+    small(env.broker)
+    await env.declare()
+    due = await send_delayed(env, 60, spread)
+    q = part(env)
+    assert env.counts() == (0, 0, 60)
+    assert delayed_in_memory(q) <= 2 * HOT and q.late == 60 - delayed_in_memory(q)
+    got = await take_all(env, 60)
+    assert [mid for mid, _ in got] == sorted(due, key=lambda mid: due[mid])
+    assert all(due[mid] <= at < due[mid] + 0.5 for mid, at in got)
+    assert env.counts() == (0, 0, 0) and not q.late
+    assert env.broker.backlog.late_out > 0 and env.broker.backlog.late_in > 0
+
+
+async def test_a_restart_reads_only_the_first_delays(
+        env: Env, autojump_clock: MockClock) -> None:
+    small(env.broker)
+    await env.declare()
+    due = await send_delayed(env, 40, spread)
+    broker = await restart(env)
+    q = broker.queues["q"][0]
+    assert delayed_in_memory(q) == HOT and q.late == 40 - HOT
+    assert env.counts() == (0, 0, 40)
+    got = await take_all(env, 40)
+    assert [mid for mid, _ in got] == sorted(due, key=lambda mid: due[mid])
+    assert all(due[mid] <= at < due[mid] + 0.5 for mid, at in got)
+
+
+async def test_purge_drops_the_delays_on_disk(env: Env, autojump_clock: MockClock) -> None:
+    small(env.broker)
+    await env.declare()
+    await send_delayed(env, 40, spread)
+    assert part(env).late > 0
+    assert await env.broker.purge("q").wait() == 40
+    await env.store.flush()
+    assert env.counts() == (0, 0, 0) and env.store.messages == {}
+    await trio.sleep(200)  # (nothing comes due)
+    broker = await restart(env)
+    assert broker.stats("q")[0]["delayed"] == 0 and broker.stats("q")[0]["ready"] == 0
+
+
+async def test_delays_coming_due_at_once_wait_on_disk_for_room(
+        env: Env, autojump_clock: MockClock) -> None:
+    """A flood of delays due at the same moment: memory takes them a page at a time,
+    while few READY messages are in memory; the rest wait on disk (still counted
+    delayed) until a consumer makes room, then all come."""
+    small(env.broker)
+    await env.declare()
+    due = await send_delayed(env, 80, lambda i: 10.0)
+    await trio.sleep(30)
+    q = part(env)
+    assert len(q.messages) <= 2 * HOT + HOT and q.late > 0
+    assert sum(env.counts()) == 80
+    got = await take_all(env, 80)
+    assert sorted(mid for mid, _ in got) == sorted(due)
+    assert env.counts() == (0, 0, 0) and not q.late
+
+
+async def test_replication_reads_the_delays_on_disk_back_first(
+        env: Env, autojump_clock: MockClock) -> None:
+    """A partition held alone with delays on disk gains a holder: before its digest is
+    compared (or anything merged or copied), the delays come back into memory."""
+    small(env.broker)
+    await env.declare()
+    due = await send_delayed(env, 40, spread)
+    broker, q = env.broker, part(env)
+    assert q.late > 0
+    broker.hand_over_early = lambda q: False  # (another node holds it now)
+    digest = await repair.digest(broker, q)
+    assert not q.late and delayed_in_memory(q) == 40 and sorted(q.messages) == sorted(due)
+    assert digest == walk(q.messages.values())

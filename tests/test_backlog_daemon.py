@@ -11,10 +11,11 @@ from pathlib import Path
 from test_membership import all_alive, eventually
 from test_replication import copy_here, queue_with_primary, restarted, status_of
 
-from meshq.broker.backlog import HOT_READY
+from meshq.broker.backlog import HOT_DELAYED, HOT_READY
 from meshq.testing import DaemonProcess
 
 DEPTH = 2 * HOT_READY + 500
+assert HOT_DELAYED == HOT_READY  # (DEPTH is past what memory keeps of either)
 
 
 def test_a_deep_queue_survives_a_crash_and_comes_back_whole_in_order(tmp_path: Path) -> None:
@@ -59,6 +60,47 @@ def test_a_purge_empties_a_deep_queue_on_disk_too(tmp_path: Path) -> None:
             assert c.stats("deep")[0]["ready"] == 0
             fresh = c.send_batch("deep", [b"after"])
             assert [m.id for m in c.receive("deep", max=10)] == fresh
+    finally:
+        d.kill()
+
+
+def test_delays_past_what_memory_keeps_stay_on_disk_and_still_come(tmp_path: Path) -> None:
+    """Past twice HOT_DELAYED delayed messages, those due last stay in SQLite only: counted
+    delayed, still there after a SIGKILL (a restart reads the first HOT_READY due), gone
+    with a purge; and a flood of them due at once is read back and delivered whole."""
+    d = DaemonProcess(tmp_path / "d").start()
+    try:
+        with d.client() as c:
+            c.declare("later")
+            for start in range(0, DEPTH, 500):
+                c.send_batch("later", [{"body": b"x", "delay": 3600.0}]
+                             * min(500, DEPTH - start))
+            here = copy_here(d, "later")
+            assert here["delayed"] == DEPTH
+            assert DEPTH - 2 * HOT_DELAYED <= here["delayed_on_disk"] <= DEPTH - HOT_DELAYED
+        d.kill()
+        d.start()
+        with d.client() as c:
+            here = copy_here(d, "later")
+            assert here["delayed"] == DEPTH and here["delayed_on_disk"] == DEPTH - HOT_READY
+            assert c.purge("later") == DEPTH
+            ids: list[str] = []
+            for start in range(0, DEPTH, 500):
+                ids += c.send_batch("later", [{"body": f"m{i}".encode(), "delay": 1.0}
+                                              for i in range(start, min(DEPTH, start + 500))])
+            assert copy_here(d, "later")["delayed_on_disk"] > 0
+            got: list[str] = []
+            while len(got) < DEPTH:
+                batch = c.receive("later", max=500, wait=10.0)
+                assert batch, f"nothing more after {len(got)}"
+                c.ack("later", batch)
+                got += [m.id for m in batch]
+            assert sorted(got) == sorted(ids)
+            assert c.stats("later")[0]["delayed"] == 0
+        d.stop()
+        d.start()
+        with d.client() as c:
+            assert c.stats("later")[0]["delayed"] == 0 and c.stats("later")[0]["ready"] == 0
     finally:
         d.kill()
 

@@ -21,6 +21,7 @@ from meshq.store._ops import (
     OP_DEDUP_PRUNE,
     OP_DISCARD,
     OP_DROP_QUEUE,
+    OP_PURGE_DELAYED,
     OP_PURGE_READY,
     OP_QUEUE,
 )
@@ -329,6 +330,38 @@ async def test_the_backlog_is_read_from_disk_in_order(store: SQLiteStore) -> Non
     snap = store.load()
     assert len(snap.messages) == 63  # the leased one, 2..61, 100 and the other partition's
     assert len(snap.tombstones) == 38 and {t[3] for t in snap.tombstones} == {7.0}
+
+
+@pytest.mark.parametrize("kind", ["sqlite", "memory"])
+async def test_delays_are_read_from_disk_by_when_they_are_due(tmp_path: Path,
+                                                              kind: str) -> None:
+    """load(hot_ready) keeps only the first DELAYED messages of each partition by due
+    time, ``late`` counts the rest; read_delayed pages them in (ready_at, seq) order;
+    OP_PURGE_DELAYED drops (tombstoned) those past a point. In the file and the fake."""
+    s = SQLiteStore(tmp_path / "meshq.db") if kind == "sqlite" else MemoryStore()
+    async with trio.open_nursery() as nursery:
+        await nursery.start(s.run)
+        msgs = [message(i) for i in range(1, 41)]
+        for m in msgs:
+            m.state, m.ready_at = State.DELAYED, 1000.0 - m.seq // 2  # (due in reverse)
+            s.stage(put_op(m))
+        s.stage(put_op(message(50)))  # (READY: not among them)
+        await s.flush()
+        snap = s.load(10)
+        due = sorted(msgs, key=lambda m: (m.ready_at, m.seq))
+        assert sorted(m.seq for m in snap.messages) == sorted([m.seq for m in due[:10]] + [50])
+        assert snap.late == {("q", 0): (30, (due[9].ready_at, due[9].seq))}
+        page = await s.read_delayed_async("q", 0, (due[9].ready_at, due[9].seq), 12)
+        assert [m.seq for m in page] == [m.seq for m in due[10:22]]
+        assert page[0].state == State.DELAYED and page[0].headers == {"h": page[0].seq}
+        key = (due[21].ready_at, due[21].seq)
+        s.stage((OP_PURGE_DELAYED, ("q", 0, *key, 5, 7.0)))  # (not seq 5 and up)
+        await s.flush()
+        left = s.read_delayed("q", 0, key, 100)
+        nursery.cancel_scope.cancel()
+    assert [m.seq for m in left] == [m.seq for m in due[22:] if m.seq >= 5]
+    assert sorted(t[2] for t in s.load().tombstones) == sorted(
+        m.id for m in due[22:] if m.seq < 5)
 
 
 async def test_a_replicated_backlog_is_read_by_keys_id_and_seq_as_the_fake_reads_it(

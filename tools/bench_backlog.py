@@ -3,13 +3,15 @@
 against a shallow queue in the same run.
 
 Usage: .venv/bin/python tools/bench_backlog.py [--messages 2000000] [--sample 100000]
-       [--body 1024] [--nodes 1] [--dir DIR] [--out FILE]
+       [--body 1024] [--nodes 1] [--delayed 0] [--dir DIR] [--out FILE]
 
 It starts its own meshqd (embedded default, a scratch data dir under --dir) and, on it:
 
 1. shallow: --sample messages published into an empty queue (batches of 100, 8 in
    flight), then consumed with one subscription (prefetch 100) acking each one;
-2. the deep queue filled with --messages bodies of --body bytes (batches of 500);
+2. the deep queue filled with --messages bodies of --body bytes (batches of 500); with
+   --delayed N, a queue "later" filled with N messages delayed by a day, too (its
+   memory, and after step 4 how many of them are counted and how many on disk only);
 3. --sample more published into the deep queue, then --sample into an empty queue beside
    it (the same store: what the queue's depth costs apart from the store's size), then
    --sample consumed and acked from the deep queue (its head: the oldest messages);
@@ -117,8 +119,10 @@ OPTIONS: dict[str, Any] = {}  # how the queues are declared (--nodes 3: three co
 
 
 async def publish(socket: str, queue: str, n: int, body: bytes, batch: int,
-                  window: int = 8) -> float:
-    """Confirmed messages per second, ``window`` batches in flight."""
+                  window: int = 8, delay: float | None = None) -> float:
+    """Confirmed messages per second, ``window`` batches in flight (each message
+    delayed ``delay`` s, if given)."""
+    item: bytes | dict[str, Any] = body if delay is None else {"body": body, "delay": delay}
     async with AsyncClient(socket) as c:
         await c.declare(queue, **OPTIONS)
         left = n
@@ -129,7 +133,7 @@ async def publish(socket: str, queue: str, n: int, body: bytes, batch: int,
             while left > 0:
                 k = min(batch, left)
                 left -= k
-                await c.send_batch(queue, [body] * k)
+                await c.send_batch(queue, [item] * k)
 
         async with trio.open_nursery() as nursery:
             for _ in range(window):
@@ -204,6 +208,17 @@ def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
                   file=sys.stderr, flush=True)
         out["fill_rate"] = args.messages / (time.perf_counter() - t0)
         out["rss_filled_mib"] = watches.phase()
+        if args.delayed:  # a second backlog, of delays due in a day (on disk past 4,096)
+            t0 = time.perf_counter()
+            done = 0
+            while done < args.delayed:
+                k = min(100_000, args.delayed - done)
+                trio.run(publish, sock, "later", k, body, 500, 8, 86_400.0)
+                done += k
+                print(f"  delayed {done:,} / {args.delayed:,} ({watches.now / MIB:,.0f} MiB)",
+                      file=sys.stderr, flush=True)
+            out["delayed_rate"] = args.delayed / (time.perf_counter() - t0)
+            out["rss_delayed_mib"] = watches.phase()
         measured(out, "publish_deep", pid, args.sample, publish, sock, "deep", args.sample,
                  body, 100)
         # An empty queue of the same store: what the queue's depth costs, apart from what
@@ -224,6 +239,11 @@ def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
             wait_converged(nodes, timeout=120)
         time.sleep(0.3)
         out["rss_restarted_mib"] = watches.phase()
+        if args.delayed:
+            with daemon.client() as c:
+                [later] = [q for q in c.status()["queues"] if q["name"] == "later"]
+                out["delayed_on_disk"] = later["copy_here"]["delayed_on_disk"]
+                out["delayed_counted"] = later["copy_here"]["delayed"]
         out["publish_empty_after"] = trio.run(publish, sock, "shallow2", args.sample, body, 100)
         out["consume_shallow_after"] = trio.run(consume, sock, "shallow2", args.sample)
         out["rss_after_mib"] = watches.phase()
@@ -264,6 +284,10 @@ def report(r: dict[str, Any]) -> str:
         ("shallow again after the restart: publish / consume",
          f"{r['publish_empty_after']:,.0f} / {r['consume_shallow_after']:,.0f} msg/s", "", ""),
         ("filling", f"{r['fill_rate']:,.0f} msg/s", "", ""),
+        *([("delays: filling, RSS after it, after the restart counted / on disk",
+            f"{r['delayed_rate']:,.0f} msg/s, {r['rss_delayed_mib']} MiB, "
+            f"{r['delayed_counted']:,} / {r['delayed_on_disk']:,}", "", "")]
+          if "delayed_rate" in r else []),
         ("CPU per message published, meshqd / writer: empty, deep, beside",
          ", ".join(" / ".join(f"{v:.1f}" for v in r[k + "_cpu_us"])
                    for k in ("publish_empty", "publish_deep", "publish_beside")) + " µs",
@@ -286,6 +310,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--body", type=int, default=1024, help="body bytes")
     p.add_argument("--nodes", type=int, default=1, choices=(1, 3),
                    help="meshqd daemons (3: a cluster, queues of three copies)")
+    p.add_argument("--delayed", type=int, default=0,
+                   help="also fill a queue with this many messages delayed by a day")
     p.add_argument("--dir", help="parent of the scratch directory (default: system temp)")
     p.add_argument("--out", help="write the figures as JSON here")
     args = p.parse_args(argv)

@@ -54,6 +54,8 @@ def main() -> int:
     parser.add_argument("--hot-ready", type=int, default=HOT_READY,
                         help="READY messages a partition held alone keeps in memory (default "
                         f"{HOT_READY}, as meshqd): a few put backlogs on disk")
+    parser.add_argument("--delays", type=float, default=0.0, metavar="F",
+                        help="delay this share of the unkeyed sends 0.5-5 s (a fair queue's)")
     parser.add_argument("--fifo", type=int, metavar="P",
                         help="the queue fifo over P partitions: each consumer's order "
                         "is checked (SPEC section 2)")
@@ -66,7 +68,7 @@ def main() -> int:
         if args.verbose:
             _log_in_virtual_time()
         outcome = run_seed(args.seed, heavy=args.heavy, hot_ready=args.hot_ready,
-                           fifo=args.fifo)
+                           fifo=args.fifo, delays=args.delays)
         print(outcome.summary)
         print(f"trace {outcome.trace}, {outcome.virtual_seconds:.1f} virtual s, "
               f"{outcome.wall_seconds:.2f} s")
@@ -79,14 +81,14 @@ def main() -> int:
         nonlocal done
         done += 1
         if not o.ok:
-            replay = replay_command(o.seed, args.heavy, args.hot_ready, args.fifo)
+            replay = replay_command(o.seed, args.heavy, args.hot_ready, args.fifo, args.delays)
             print(f"\nFAILED {o.summary}\nreplay: {replay}\n", file=sys.stderr)
         if done % 100 == 0:
             print(f"{done}/{len(seeds)} seeds, {time.perf_counter() - t0:.0f} s",
                   file=sys.stderr)
 
     outcomes = run_seeds(seeds, jobs=args.jobs, heavy=args.heavy, hot_ready=args.hot_ready,
-                         fifo=args.fifo, progress=progress)
+                         fifo=args.fifo, delays=args.delays, progress=progress)
     wall = time.perf_counter() - t0
     failed = [o for o in outcomes if not o.ok]
     converged = [o.converged_after for o in outcomes if o.converged_after is not None]
@@ -121,7 +123,7 @@ def main() -> int:
           f"{sum(1 for o in outcomes if dict(o.backlog).get('paged_out_shared'))})",
           file=sys.stderr)
     for o in failed:
-        replay = replay_command(o.seed, args.heavy, args.hot_ready, args.fifo)
+        replay = replay_command(o.seed, args.heavy, args.hot_ready, args.fifo, args.delays)
         print(f"  replay: {replay}", file=sys.stderr)
     if args.json:
         print(json.dumps(summary))

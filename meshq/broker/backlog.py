@@ -21,14 +21,28 @@ node; a cluster's ``replicas=1`` queues: ``Broker.hand_over_early``), at each co
 a send. A holder that does not dispatch pages out what replication merges into it, at
 that merge's commit (``page_out``), and pages in by id what the dispatcher's changes
 name (``page_ids``), never in order. ``pinned``: reads that look at the store and at
-memory in turn hold a partition so that nothing leaves memory between the two. Delays,
-leases and timers stay in memory; a cold message's TTL is checked when it is paged in or
-reaches the head, as RabbitMQ expires messages at the head of a queue.
+memory in turn hold a partition so that nothing leaves memory between the two. Leases
+stay in memory; a cold message's TTL is checked when it is paged in or reaches the head,
+as RabbitMQ expires messages at the head of a queue.
+
+Delays (``late``): a partition held alone keeps at most twice ``hot_delayed`` DELAYED
+messages in memory; past that, at a commit of sends, those due last (never delivered,
+their put committed) leave memory, counted in ``late`` (and in ``counts[DELAYED]``), all
+after ``late_after`` (ready_at, seq); the broker's timers wake ``LATE_LEAD`` s before
+that is due and a page is read in (ready_at, seq) order, their own timers then running as
+any delay's, while the partition has room (fewer than twice ``hot_ready`` READY and
+twice ``hot_delayed`` DELAYED in memory; ``want`` asks again as consumers take). A
+start leaves the DELAYED messages past the first ``hot_ready`` on disk the same way, on
+every partition. Replication does not read delays on disk: before it compares, merges or
+copies a partition, ``warm_tombs`` reads them all back (``tombs_on_disk`` is set while
+there are some). Never: a late message also in memory; one due and not read back while
+its partition has room.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
@@ -45,7 +59,7 @@ from meshq.states import State
 if TYPE_CHECKING:
     from meshq.broker.core import Broker
 
-__all__ = ["HOT_READY", "REFILL_BELOW", "Backlog"]
+__all__ = ["HOT_DELAYED", "HOT_READY", "REFILL_BELOW", "Backlog"]
 
 log = logging.getLogger("meshq.broker.backlog")
 
@@ -57,6 +71,12 @@ RECHECK_TOMBS = 1024  # deletes before a replicated partition is asked again
 # 4-20 ms under load; 1,500 messages last 40 ms at 40,000 msg/s).
 REFILL_BELOW = 1536
 WHOLE_PAGE = 4096  # messages read at a time by page_all_now
+# DELAYED messages of a partition held alone kept in memory (the first due): past twice
+# this, those due last stay on disk only, and are read back LATE_LEAD s before the first
+# of them is due, a page at a time, while fewer than twice HOT_READY READY messages are
+# in memory (due ones wait on disk meanwhile: memory stays bounded under a flood of them).
+HOT_DELAYED = 2048
+LATE_LEAD = 2.0
 COUNT_TRIES = 3  # counts of the cold shares spoilt by a change meanwhile before giving up
 
 
@@ -93,6 +113,14 @@ class Backlog:
         self.paged_out = self.paged_out_shared = self.restored = 0
         self.paged_in = self.paged_in_by_id = 0
         self.counts = 0
+        # Delays on disk (``late``): partitions with some, whose next page is not asked
+        # yet; those whose page is asked; those whose page waits for room; and counters
+        # (messages that left memory, came back).
+        self.hot_delayed = HOT_DELAYED
+        self._late: dict[Queue, None] = {}
+        self._late_wanted: dict[Queue, None] = {}
+        self._late_blocked: dict[Queue, None] = {}
+        self.late_out = self.late_in = 0
         # Partitions whose memory and store a read looks at in turn (``pinned``): their
         # messages due to leave memory wait here until it is done.
         self._pins: dict[Queue, int] = {}
@@ -256,6 +284,10 @@ class Backlog:
     def want(self, q: Queue, behind: bool = False) -> None:
         """After a dispatch: page in if few READY messages are left in memory, or the
         first of them comes after messages on disk only (``behind``: the caller saw it)."""
+        if q in self._late_blocked and self._late_room(q):
+            del self._late_blocked[q]
+            self._late_wanted[q] = None
+            self._wake.set()
         if not q.cold or q in self._wanted:
             return
         if not behind and q.ready - q.cold >= self.refill_below:
@@ -295,17 +327,146 @@ class Backlog:
                 self._wanted.pop(q, None)
                 if msgs is not None and self._apply(q, gen, msgs, limit):
                     self.b._page_came(q)
+            while self._late_wanted and not self._wanted:
+                q = next(iter(self._late_wanted))
+                gen, due = q.cold_gen, q.late_after
+                limit = max(self.hot_delayed // 4, self.hot_delayed - self.delayed_in_memory(q))
+                try:
+                    msgs = await self.b.store.read_delayed_async(q.name, q.index, due, limit)
+                except Exception:  # (a read error: try again in a while)
+                    log.exception("paging in the delays of %s/%d", q.name, q.index)
+                    msgs = None
+                self._late_wanted.pop(q, None)
+                if msgs is not None:
+                    self._late_came(q, gen, msgs, limit)
+                if q.late and self.b.live(q):
+                    self._late[q] = None
+                    self.b._wake_timers()
 
     async def warm_tombs(self, q: Queue) -> None:
         """Read the stored tombstones of ``q`` back into memory, if some may be there only
-        (whether it holds anything: ``Queue.has_copy``)."""
+        (whether it holds anything: ``Queue.has_copy``); and its delays on disk only
+        (``late``: what replication compares, merges or copies must be in memory)."""
         if q.tombs_on_disk:
+            if q.late:
+                self.page_late_now(q)
             self._tombs_came(q, await self.b.store.read_tombs_async(q.name, q.index))
 
     def warm_tombs_now(self, q: Queue) -> None:
         """``warm_tombs``, blocking (a merge not prepared by ``page_ids``: rare)."""
         if q.tombs_on_disk:
+            if q.late:
+                self.page_late_now(q)
             self._tombs_came(q, self.b.store.read_tombs(q.name, q.index))
+
+    # -- delays on disk (``late``) --------------------------------------------------------
+    def delayed_in_memory(self, q: Queue) -> int:
+        return q.counts[State.DELAYED] - q.late
+
+    def restore_late(self, q: Queue, count: int, after: tuple[float, int]) -> None:
+        """At start-up: ``count`` DELAYED messages of ``q`` due after ``after`` left on
+        disk."""
+        q.late, q.late_after = count, after
+        q.counts[State.DELAYED] += count
+        if count:
+            q.tombs_on_disk = True  # (read back before replication looks: warm_tombs)
+            self._late[q] = None
+
+    def trim_late(self, q: Queue) -> None:
+        """After a commit of sends to ``q``: past twice ``hot_delayed`` DELAYED messages in
+        memory of a partition held alone, those due last leave memory (on disk only,
+        counted), down to ``hot_delayed``. Only delays never delivered, whose put has
+        committed: their row is what memory holds (a nack's delay may not be written
+        yet, and stays)."""
+        if self.delayed_in_memory(q) <= 2 * self.hot_delayed or not self.alone(q):
+            return
+        in_flight = self.b.in_flight
+        delayed = sorted((m for m in q.messages.values()
+                          if m.state == State.DELAYED and not m.delivery_count
+                          and m.id not in in_flight), key=lambda m: (m.ready_at, m.seq))
+        out = delayed[self.hot_delayed:]
+        if not out:
+            return
+        low = (out[0].ready_at, out[0].seq - 1)  # (every one that leaves is after it)
+        if not q.late or low < q.late_after:
+            q.late_after = low
+        for msg in out:
+            q.remove(msg)  # (still counted DELAYED: ``late`` says it is on disk only)
+        q.late += len(out)
+        self.late_out += len(out)
+        q.tombs_on_disk = True  # (read back before replication looks: warm_tombs)
+        if q not in self._late_wanted and q not in self._late_blocked:
+            self._late[q] = None
+            self.b._wake_timers()
+
+    def next_late(self) -> float:
+        """When the next page of delays on disk is to be read (inf: none)."""
+        return min((q.late_after[0] - LATE_LEAD for q in self._late), default=math.inf)
+
+    def late_due(self, now: float) -> None:
+        """The timers' turn: ask the pages of delays due within LATE_LEAD, where there is
+        room for them (else ``want`` asks once a consumer made room)."""
+        for q in [q for q in self._late if q.late_after[0] - LATE_LEAD <= now]:
+            del self._late[q]
+            if not q.late or not self.b.live(q):
+                continue
+            if self._late_room(q):
+                self._late_wanted[q] = None
+                self._wake.set()
+            else:
+                self._late_blocked[q] = None
+
+    def _late_room(self, q: Queue) -> bool:
+        return (q.ready - q.cold < 2 * self.hot_ready
+                and self.delayed_in_memory(q) < 2 * self.hot_delayed)
+
+    def _late_came(self, q: Queue, gen: int, msgs: list[Message], limit: int) -> None:
+        """Index a page of delays read at ``gen`` (their timers run from now)."""
+        if not self.b.live(q) or q.cold_gen != gen:
+            return
+        known = self._known(q)
+        for msg in msgs:
+            q.late_after = (msg.ready_at, msg.seq)
+            if known(msg):
+                continue  # (never counted late), or gone
+            q.late -= 1
+            q.counts[State.DELAYED] -= 1
+            q.add(msg)
+            self.late_in += 1
+            if q.active:
+                self.b._schedule_message(msg)
+        if len(msgs) < limit and q.late:
+            if self.b.check_digests:  # (the simulation: a bug)
+                raise AssertionError(f"{q.name}/{q.index}: {q.late} delays counted on disk "
+                                     f"but not there")
+            log.warning("%s/%d: %d delays counted on disk but not there", q.name, q.index,
+                        q.late)
+            self.drop_late(q)
+
+    def page_late_now(self, q: Queue) -> None:
+        """Read every delay on disk of ``q`` back, blocking: before replication compares,
+        merges or copies the partition (held alone until now, or after a start). O(its
+        delays) in memory, as before they went to disk."""
+        while q.late and self.b.live(q):
+            before = q.late
+            self._late_came(q, q.cold_gen, self.b.store.read_delayed(
+                q.name, q.index, q.late_after, WHOLE_PAGE), WHOLE_PAGE)
+            if q.late == before:
+                break
+        self._late.pop(q, None)
+        self._late_blocked.pop(q, None)
+        self._late_wanted.pop(q, None)
+
+    def drop_late(self, q: Queue) -> int:
+        """The delays on disk are gone (the caller stages their deletion): how many."""
+        n = q.late
+        q.counts[State.DELAYED] -= n
+        q.late = 0
+        q.cold_gen += 1
+        self._late.pop(q, None)
+        self._late_blocked.pop(q, None)
+        self._late_wanted.pop(q, None)
+        return n
 
     def _tombs_came(self, q: Queue, stored: list[tuple[str, float]]) -> None:
         if not q.tombs_on_disk:
@@ -315,17 +476,26 @@ class Backlog:
         q.tombs = dict(sorted(merged.items(), key=lambda t: t[1]))  # (oldest first)
         q.tombs_on_disk = False
 
+    def _known(self, q: Queue) -> Callable[[Message], bool]:
+        """Whether a message read from ``q``'s store is known here (indexed, tombstoned
+        or in flight: a page skips it), or gone (its incarnation dropped)."""
+        entry = self.b.catalog.get(q.name)
+        in_flight = self.b.in_flight
+
+        def known(msg: Message) -> bool:
+            return (msg.id in q.messages or msg.id in q.tombs or msg.id in in_flight
+                    or entry is None or entry.absorbs(msg.inc))
+        return known
+
     def _apply(self, q: Queue, gen: int, msgs: list[Message], limit: int) -> bool:
         """Index a page read at ``gen``; False when it was stale or nothing came."""
         if not self.b.live(q) or q.cold_gen != gen:
             return False
-        entry = self.b.catalog.get(q.name)
-        in_flight = self.b.in_flight
+        known = self._known(q)
         for msg in msgs:
             q.cold_after = (msg.hlc, msg.seq)
-            if (msg.id in q.messages or msg.id in q.tombs or msg.id in in_flight
-                    or entry is None or entry.absorbs(msg.inc)):
-                continue  # known here (never counted cold), or gone
+            if known(msg):
+                continue  # (never counted cold), or gone
             self._came_in(q, msg)
         if len(msgs) < limit and q.cold:
             # The store holds fewer than counted: a page read just before a commit, or a

@@ -64,6 +64,7 @@ from meshq.store import (
     OP_DROP_QUEUE,
     OP_META,
     OP_PARTITION,
+    OP_PURGE_DELAYED,
     OP_PURGE_READY,
     OP_QUEUE,
     OP_TOMBSTONE_PRUNE,
@@ -253,6 +254,10 @@ class Broker:
             home = self.parts.get(part)
             if home is not None:
                 self.backlog.restore(home, count, after, snap.max_hlc)
+        for part, (count, late_after) in snap.late.items():
+            home = self.parts.get(part)
+            if home is not None:
+                self.backlog.restore_late(home, count, late_after)
         for queue, idx, mid, at in sorted(snap.tombstones, key=lambda t: t[3]):
             home = self.parts.get((queue, idx))
             if home is not None:
@@ -310,11 +315,16 @@ class Broker:
                 await trio.lowlevel.checkpoint()
                 continue
             at = min(self._timers[0][0] if self._timers else math.inf, self._next_prune,
-                     self._next_expiry)
+                     self._next_expiry, self.backlog.next_late())
             with trio.CancelScope() as scope:
                 self._timer_scope, self._timer_at = scope, at
                 await self.clock.sleep_until(at)
             self._timer_scope, self._timer_at = None, math.inf
+
+    def _wake_timers(self) -> None:
+        """Something new is due, maybe before the timers' loop wakes: it looks again."""
+        if self._timer_scope is not None:
+            self._timer_scope.cancel()
 
     def _add_timer(self, when: float, kind: int, msg: Message) -> None:
         timers = self._timers
@@ -367,6 +377,8 @@ class Broker:
                 self._dead_letter(q, msg, "expired", now)
                 q.compact()  # its ready-heap entry is stale now
                 touched[q] = None  # (its watchers may see it run dry)
+        if now >= self.backlog.next_late():
+            self.backlog.late_due(now)
         if now >= self._next_prune:
             self._prune(now)
         if now >= self._next_expiry:
@@ -790,6 +802,8 @@ class Broker:
                     self._schedule_message(msg)
         for c, leased in out.items():
             self._hand_over(c, leased)
+        if q.counts[State.DELAYED] > q.late:
+            self.backlog.trim_late(q)
         self._page_came(q, now)
 
     def _page_came(self, q: Queue, now: float | None = None) -> None:
@@ -876,7 +890,7 @@ class Broker:
                 out[c].append(msg)
             else:
                 out[c] = [msg]
-        if q.cold:
+        if q.cold or q.late:
             self.backlog.want(q)
         if not out:
             return
@@ -1093,6 +1107,7 @@ class Broker:
         q.messages.clear()
         q.sums.clear()
         self.backlog.drop(q)  # (the queue's rows go with OP_DROP_QUEUE)
+        self.backlog.drop_late(q)
         if not rest:
             self._dedup.drop_queue(q.name)
             if self.on_catalog is not None:
@@ -1113,6 +1128,7 @@ class Broker:
             q.compact()
             doomed += len(gone)
             self._dispatch(q, now)  # (nothing to lease: its watchers see it dry)
+            gone_cold = bool(q.cold or q.late)
             if q.cold:
                 # Not the sends staged and not yet committed (their seqs are above every
                 # committed one's): they were not in the queue when it was purged.
@@ -1120,13 +1136,18 @@ class Broker:
                 self.store.stage((OP_PURGE_READY, (q.name, q.index, *q.cold_after, below,
                                                    now)))
                 doomed += self.backlog.drop(q)
-                if not self.backlog.alone(q):
-                    # Their tombstones are in the store only, not in this batch's changes:
-                    # the next repair round reads them back and takes them to the other
-                    # holders (a purge is not confirmed by W copies of those).
-                    q.tombs_on_disk = True
-                    if self.replica.on_merged is not None:
-                        self.replica.on_merged({q.part})
+            if q.late:  # (the same for the delays on disk)
+                below = min((m.seq for m in self.in_flight.values()), default=self._seq)
+                self.store.stage((OP_PURGE_DELAYED, (q.name, q.index, *q.late_after, below,
+                                                     now)))
+                doomed += self.backlog.drop_late(q)
+            if gone_cold and not self.backlog.alone(q):
+                # Their tombstones are in the store only, not in this batch's changes:
+                # the next repair round reads them back and takes them to the other
+                # holders (a purge is not confirmed by W copies of those).
+                q.tombs_on_disk = True
+                if self.replica.on_merged is not None:
+                    self.replica.on_merged({q.part})
         return Pending(self.store.current_batch() if doomed else None, doomed)
 
     def partition_of(self, qs: tuple[Queue, ...], partition_key: str | None,

@@ -128,7 +128,10 @@ class Queue:
         self.cold_gen = 0  # bumped when the cold ones are dropped wholesale
         self.cold_misses = 0  # page reads in a row that found fewer than counted
         self.cold_top = 0  # an HLC at or above every cold message's (a Put above: not cold)
-        self.tombs_on_disk = False  # older tombstones are in the store only
+        # DELAYED messages on disk only, counted in ``counts`` too (meshq.broker.backlog)
+        self.late = 0
+        self.late_after = (0.0, 0)  # (ready_at, seq): every late message is after it
+        self.tombs_on_disk = False  # older tombstones (or delays: ``late``) in the store only
         self.tombs_recheck = 0  # deletes until trim_tombs asks whether it is held alone
         # (placement generation, answer): meshq.cluster.driver's cache of whether this
         # node holds the partition alone (asked per commit and per send)

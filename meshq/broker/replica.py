@@ -243,6 +243,7 @@ class Replica:
         q.tombs.clear()
         q.tombs_on_disk = False  # (the stored ones go with OP_FORGET too)
         self.b.backlog.drop(q)  # (their rows go with OP_FORGET)
+        self.b.backlog.drop_late(q)
         q.compact()
         self.b.store.stage((OP_FORGET, (q.name, q.index)))
 

@@ -14,6 +14,7 @@ __all__ = [
     "OP_FORGET",
     "OP_META",
     "OP_PARTITION",
+    "OP_PURGE_DELAYED",
     "OP_PURGE_READY",
     "OP_PUT",
     "OP_QUEUE",
@@ -43,6 +44,8 @@ OP_PURGE_READY = 13  # (queue, idx, hlc, seq, below, at): the READY messages aft
 #                      whose seq is below ``below`` (not one staged since) go,
 #                      tombstoned (the broker's backlog on disk, meshq.broker.backlog)
 OP_DISCARD = 14  # (seq,): the row goes, no tombstone (a send never confirmed, taken back)
+OP_PURGE_DELAYED = 15  # (queue, idx, ready_at, seq, below, at): as OP_PURGE_READY, for the
+#                        DELAYED messages after (ready_at, seq) (the delays on disk)
 
 
 BOUND_PREFIX = "closed "

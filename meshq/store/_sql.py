@@ -32,6 +32,7 @@ from meshq.store._ops import (
     OP_FORGET,
     OP_META,
     OP_PARTITION,
+    OP_PURGE_DELAYED,
     OP_PURGE_READY,
     OP_PUT,
     OP_QUEUE,
@@ -99,6 +100,11 @@ _SQL: dict[int, tuple[tuple[str, Pick], ...]] = {
                       " AND (hlc, seq) > (?, ?) AND seq < ?", lambda p: (p[5], *p[:5])),
                      ("DELETE FROM messages WHERE state=0 AND queue=? AND idx=?"
                       " AND (hlc, seq) > (?, ?) AND seq < ?", lambda p: p[:5])),
+    OP_PURGE_DELAYED: (("INSERT OR REPLACE INTO tombstones (queue, idx, id, at) SELECT queue,"
+                        " idx, id, ? FROM messages WHERE state=1 AND queue=? AND idx=?"
+                        " AND (ready_at, seq) > (?, ?) AND seq < ?", lambda p: (p[5], *p[:5])),
+                       ("DELETE FROM messages WHERE state=1 AND queue=? AND idx=?"
+                        " AND (ready_at, seq) > (?, ?) AND seq < ?", lambda p: p[:5])),
     OP_META: (("INSERT OR REPLACE INTO meta (key, value) VALUES (?,?)", None),),
 }
 
@@ -170,6 +176,10 @@ def _create_schema(conn: sqlite3.Connection) -> None:
     conn.execute("DROP INDEX IF EXISTS messages_ready")
     conn.execute("CREATE INDEX IF NOT EXISTS messages_ready0"
                  " ON messages (queue, idx, hlc, seq) WHERE state = 0")
+    # The DELAYED messages of a partition by when they are due: past the first few
+    # thousand, a partition held alone leaves them on disk too (meshq.broker.backlog).
+    conn.execute("CREATE INDEX IF NOT EXISTS messages_delayed"
+                 " ON messages (queue, idx, ready_at, seq) WHERE state = 1")
     conn.execute("CREATE INDEX IF NOT EXISTS messages_held ON messages (state) WHERE state > 0")
     # A message by its id: what a fetch or a merge names that is on disk only (a
     # replicated partition's cold messages, meshq.broker.backlog).

@@ -146,6 +146,9 @@ class Snapshot:
     # Loaded with ``hot_ready``: per partition, its READY messages left on disk (count) and
     # the (hlc, seq) of the last one loaded (every one left on disk is after it).
     cold: dict[tuple[str, int], tuple[int, tuple[int, int]]] = field(default_factory=dict)
+    # And its DELAYED messages left on disk past the first ``hot_ready`` by due time
+    # (count), and the (ready_at, seq) of the last one loaded.
+    late: dict[tuple[str, int], tuple[int, tuple[float, int]]] = field(default_factory=dict)
     max_seq: int = 0  # the highest message seq stored (cold ones included)
     max_hlc: int = 0  # the highest HLC of a cold message
     # Loaded with ``hot_ready``, the dedup entries are not: ``read_dedup`` reads one, and
@@ -310,13 +313,25 @@ class Store(abc.ABC):
     def load(self, hot_ready: int | None = None) -> Snapshot:
         """Everything stored; with ``hot_ready``, only the first ``hot_ready`` READY
         messages of each partition (in (hlc, seq) order), the rest counted in
-        ``Snapshot.cold`` and left to ``read_ready``."""
+        ``Snapshot.cold`` and left to ``read_ready``, and the first ``hot_ready`` DELAYED
+        ones (in (ready_at, seq) order), the rest in ``Snapshot.late`` (``read_delayed``)."""
 
     def read_ready(self, queue: str, index: int, after: tuple[int, int],
                    limit: int) -> list[Message]:
         """The committed READY messages of a partition whose (hlc, seq) is above
         ``after``, in that order, at most ``limit``. May block (a disk read)."""
         raise NotImplementedError
+
+    def read_delayed(self, queue: str, index: int, after: tuple[float, int],
+                     limit: int) -> list[Message]:
+        """The committed DELAYED messages of a partition whose (ready_at, seq) is above
+        ``after``, in that order, at most ``limit``. May block (a disk read)."""
+        raise NotImplementedError
+
+    async def read_delayed_async(self, queue: str, index: int, after: tuple[float, int],
+                                 limit: int) -> list[Message]:
+        await trio.lowlevel.checkpoint()
+        return self.read_delayed(queue, index, after, limit)
 
     def read_tombs(self, queue: str, index: int) -> list[tuple[str, float]]:
         """The stored tombstones of a partition, (message id, at). May block."""

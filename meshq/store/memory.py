@@ -72,13 +72,23 @@ class MemoryStore(Store):
             snap.partitions.append((queue, idx, promised,
                                     msgpack.unpackb(tally) if tally else {}))
         ready: dict[tuple[str, int], list[tuple]] = {}
+        delayed: dict[tuple[str, int], list[tuple]] = {}
         rows = []
         for seq in sorted(self.messages):
             row = self.messages[seq]
             if hot_ready is not None and row[9] == State.READY:
                 ready.setdefault((row[2], row[3]), []).append(row)
+            elif hot_ready is not None and row[9] == State.DELAYED:
+                delayed.setdefault((row[2], row[3]), []).append(row)
             else:
                 rows.append(row)
+        for part, delayed_rows in delayed.items():
+            delayed_rows.sort(key=lambda r: (r[11] or 0.0, r[0]))
+            assert hot_ready is not None
+            rows += delayed_rows[:hot_ready]
+            if len(delayed_rows) > hot_ready:
+                last = delayed_rows[hot_ready - 1]
+                snap.late[part] = (len(delayed_rows) - hot_ready, (last[11] or 0.0, last[0]))
         for part, ready_rows in ready.items():
             ready_rows.sort(key=lambda r: (r[5], r[0]))
             assert hot_ready is not None
@@ -95,6 +105,17 @@ class MemoryStore(Store):
         else:
             snap.dedup_on_disk = snap.tombs_on_disk = True
         return snap
+
+    def read_delayed(self, queue: str, index: int, after: tuple[float, int],
+                     limit: int) -> list[Message]:
+        rows = sorted((r for r in self.messages.values()
+                       if r[9] == State.DELAYED and r[2] == queue and r[3] == index
+                       and (r[11] or 0.0, r[0]) > after), key=lambda r: (r[11] or 0.0, r[0]))
+        return [_message(r) for r in rows[:limit]]
+
+    async def read_delayed_async(self, queue: str, index: int, after: tuple[float, int],
+                                 limit: int) -> list[Message]:
+        return await self._read(self.read_delayed, queue, index, after, limit)
 
     def read_tombs(self, queue: str, index: int) -> list[tuple[str, float]]:
         return [(mid, at) for (q, i, mid), at in self.tombstones.items()
@@ -214,6 +235,13 @@ class MemoryStore(Store):
                 partitions = {k: v for k, v in partitions.items() if k[0] in catalog}
                 meta = {k: v for k, v in meta.items() if not k.startswith(op.BOUND_PREFIX)
                         or k[len(op.BOUND_PREFIX):].partition(" ")[2] in catalog}
+            elif kind == op.OP_PURGE_DELAYED:
+                queue, idx, ready_at, seq, below, at = p
+                for s_, r in list(messages.items()):
+                    if (r[9] == State.DELAYED and r[2] == queue and r[3] == idx
+                            and (r[11] or 0.0, r[0]) > (ready_at, seq) and r[0] < below):
+                        del messages[s_]
+                        tombs[queue, idx, r[1]] = at
             elif kind == op.OP_PURGE_READY:
                 queue, idx, hlc, seq, below, at = p
                 for s_, r in list(messages.items()):

@@ -183,7 +183,19 @@ class SQLiteStore(Store):
             if hot_ready is None:
                 snap.messages = _messages(conn.execute(f"{_SELECT} ORDER BY seq"))
             else:
-                snap.messages = _messages(conn.execute(f"{_SELECT} WHERE state > 0"))
+                snap.messages = _messages(conn.execute(  # (leased, and the rest: DELAYED below)
+                    f"{_SELECT} WHERE state > 0 AND state != 1"))
+                delayed = conn.execute("SELECT queue, idx, COUNT(*) FROM messages"
+                                       " WHERE state = 1 GROUP BY queue, idx").fetchall()
+                for queue, idx, count in delayed:
+                    head = _messages(conn.execute(
+                        f"{_SELECT} WHERE state = 1 AND queue = ? AND idx = ?"
+                        " ORDER BY ready_at, seq LIMIT ?", (queue, idx or 0, hot_ready)))
+                    snap.messages += head
+                    if count > len(head):
+                        last = head[-1]
+                        snap.late[queue, idx or 0] = (count - len(head),
+                                                      (last.ready_at, last.seq))
                 counts = conn.execute("SELECT queue, idx, COUNT(*) FROM messages"
                                       " WHERE state = 0 GROUP BY queue, idx").fetchall()
                 for queue, idx, count in counts:
@@ -292,6 +304,17 @@ class SQLiteStore(Store):
     async def dedup_keys_async(self, after: int,
                                limit: int) -> list[tuple[int, str, str, float]]:
         return await trio.to_thread.run_sync(self.dedup_keys, after, limit)
+
+    def read_delayed(self, queue: str, index: int, after: tuple[float, int],
+                     limit: int) -> list[Message]:
+        return _messages(self._read(
+            f"{_SELECT} WHERE state = 1 AND queue = ? AND idx = ?"
+            " AND (ready_at, seq) > (?, ?) ORDER BY ready_at, seq LIMIT ?",
+            (queue, index, after[0], after[1], limit)))
+
+    async def read_delayed_async(self, queue: str, index: int, after: tuple[float, int],
+                                 limit: int) -> list[Message]:
+        return await trio.to_thread.run_sync(self.read_delayed, queue, index, after, limit)
 
     def read_ready(self, queue: str, index: int, after: tuple[int, int],
                    limit: int) -> list[Message]:

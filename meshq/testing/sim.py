@@ -96,8 +96,7 @@ class SimResult:
     problems: list[str] = field(default_factory=list)
     trace: str = ""  # a digest of everything clients saw: equal runs, equal traces
     virtual_seconds: float = 0.0
-    # summed over every node process: meshq.broker.backlog's counters (paged_out,
-    # paged_out_shared, restored, paged_in, paged_in_by_id, counts)
+    # summed over every node process: meshq.broker.backlog's counters (BACKLOG_COUNTERS)
     backlog: dict[str, int] = field(default_factory=dict)
 
     @property
@@ -152,7 +151,7 @@ class SimNode:
         node.broker.check_digests = True  # (kept digest sums must equal a walk, always)
         self.backlogs.append(node.broker.backlog)
         backlog = node.broker.backlog
-        backlog.hot_ready = self.sim.hot_ready
+        backlog.hot_ready = backlog.hot_delayed = self.sim.hot_ready
         backlog.refill_below = min(backlog.refill_below, max(1, self.sim.hot_ready * 3 // 4))
         self.node = node
         await self.sim.nursery.start(self._run, node)
@@ -211,8 +210,12 @@ class Simulation:
                  kinds: tuple[str, ...] = FAULT_KINDS,
                  send_gap: tuple[float, float] = (0.2, 1.0), ordering: str = "fair",
                  partitions: int | None = None, fairness: bool = False,
-                 hot_ready: int = HOT_READY) -> None:
+                 hot_ready: int = HOT_READY, delays: float = 0.0) -> None:
         self.seed = seed
+        # The share of unkeyed sends delayed 0.5-5 s (a fair queue's; off by default, so
+        # that a seed replays as before): with ``hot_ready``, what a restart leaves on disk
+        # of them is read back before replication looks (meshq.broker.backlog's late)
+        self.delays = delays if ordering == "fair" else 0.0
         # READY messages a partition held alone keeps in memory (meshq.broker.backlog):
         # a few instead of 2,048 make partitions that are alone for a while (a node cut
         # off, the others down) leave their backlog on disk, and read it back when the
@@ -342,15 +345,18 @@ class Simulation:
         name = f"p{i}"
         node = self._node_for(rng)
         k = 0
+        later = random.Random(f"{self.seed}:delays:{i}")  # (its own: seeds replay alike)
         async with self.client(node) as c:
             while not self._stop_producing.is_set():
                 body = f"{name}-{k}"
                 k += 1
                 # Some sends carry a key (shared by the producers: each one's are in order).
                 key = rng.choice(KEYS) if rng.random() < KEYED else None
+                delay = (later.uniform(0.5, 5.0) if key is None and self.delays
+                         and later.random() < self.delays else None)
                 self.history.send_invoked(name, body, key)
                 try:
-                    mid = await c.send(QUEUE, body, partition_key=key)
+                    mid = await c.send(QUEUE, body, partition_key=key, delay=delay)
                 except MeshqError as exc:
                     self.history.send_failed(name, body, exc.code, trio.current_time())
                     self._record("send-failed", body, exc.code)
@@ -902,11 +908,12 @@ class SeedOutcome:
 
 
 def replay_command(seed: int, heavy: bool = False, hot_ready: int = HOT_READY,
-                   fifo: int | None = None) -> str:
+                   fifo: int | None = None, delays: float = 0.0) -> str:
     return (f"PYTHONHASHSEED=0 .venv/bin/python tools/simulate.py --seed {seed}"
             + (" --heavy" if heavy else "")
             + (f" --hot-ready {hot_ready}" if hot_ready != HOT_READY else "")
-            + (f" --fifo {fifo}" if fifo is not None else "") + " -v")
+            + (f" --fifo {fifo}" if fifo is not None else "")
+            + (f" --delays {delays}" if delays else "") + " -v")
 
 
 def _copy(broker: Broker, q: Queue) -> dict[str, tuple[Any, ...]]:
@@ -919,7 +926,7 @@ def _copy(broker: Broker, q: Queue) -> dict[str, tuple[Any, ...]]:
 
 
 BACKLOG_COUNTERS = ("paged_out", "paged_out_shared", "restored", "paged_in",
-                    "paged_in_by_id", "counts")
+                    "paged_in_by_id", "counts", "late_out", "late_in")
 HEAVY = {"window": 30.0, "send_gap": (0.02, 0.3), "fairness": True}
 
 
@@ -932,10 +939,12 @@ def _stuck(signum: int, frame: Any) -> None:
 
 
 def run_seed(seed: int, heavy: bool = False, limit: float = 120.0,
-             hot_ready: int = HOT_READY, fifo: int | None = None) -> SeedOutcome:
+             hot_ready: int = HOT_READY, fifo: int | None = None,
+             delays: float = 0.0) -> SeedOutcome:
     """One seed, in this process; a seed still running after ``limit`` real seconds fails
     (virtual time stands still while a task spins, so a livelock would never end).
-    ``fifo``: the queue is fifo over that many partitions (its order checked)."""
+    ``fifo``: the queue is fifo over that many partitions (its order checked); ``delays``:
+    as Simulation's."""
     import signal
     import time
     import traceback
@@ -943,6 +952,8 @@ def run_seed(seed: int, heavy: bool = False, limit: float = 120.0,
     t0 = time.perf_counter()
     kw: dict[str, Any] = dict(HEAVY) if heavy else {}
     kw["hot_ready"] = hot_ready
+    if delays:
+        kw["delays"] = delays
     if fifo is not None:
         kw["ordering"], kw["partitions"] = "fifo", fifo
     old = signal.signal(signal.SIGALRM, _stuck)
@@ -964,7 +975,7 @@ def run_seed(seed: int, heavy: bool = False, limit: float = 120.0,
 
 
 def run_seeds(seeds: list[int], *, jobs: int = 2, heavy: bool = False,
-              hot_ready: int = HOT_READY, fifo: int | None = None,
+              hot_ready: int = HOT_READY, fifo: int | None = None, delays: float = 0.0,
               progress: Callable[[SeedOutcome], None] | None = None) -> list[SeedOutcome]:
     """Run ``seeds`` in ``jobs`` fresh processes with PYTHONHASHSEED=0, so that a failing
     seed replays the same in ``tools/simulate.py --seed N``."""
@@ -977,7 +988,8 @@ def run_seeds(seeds: list[int], *, jobs: int = 2, heavy: bool = False,
         ctx = multiprocessing.get_context("spawn")
         out = []
         with ctx.Pool(max(1, jobs)) as pool:
-            fn = functools.partial(run_seed, heavy=heavy, hot_ready=hot_ready, fifo=fifo)
+            fn = functools.partial(run_seed, heavy=heavy, hot_ready=hot_ready, fifo=fifo,
+                                   delays=delays)
             for outcome in pool.imap_unordered(fn, seeds, chunksize=4):
                 out.append(outcome)
                 if progress is not None:
