@@ -242,7 +242,7 @@ def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
         if args.delayed:
             with daemon.client() as c:
                 [later] = [q for q in c.status()["queues"] if q["name"] == "later"]
-                out["delayed_on_disk"] = later["copy_here"]["delayed_on_disk"]
+                out["delayed_on_disk"] = later["copy_here"].get("delayed_on_disk", 0)
                 out["delayed_counted"] = later["copy_here"]["delayed"]
         out["publish_empty_after"] = trio.run(publish, sock, "shallow2", args.sample, body, 100)
         out["consume_shallow_after"] = trio.run(consume, sock, "shallow2", args.sample)
