@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import tempfile
 import threading
@@ -62,11 +63,22 @@ TARGETS = {"rss_mib": 150.0, "restart_s": 3.0, "consume_ratio": 0.8, "publish_ra
 
 
 def children(pid: int) -> list[int]:
+    """The child processes of ``pid``, whichever of its threads started them (meshqd's
+    writer is started from a worker thread: the main thread's list has it only once that
+    thread is gone; before 2026-12-08 this read the main thread's alone, so the RSS
+    figures left the writer out until then)."""
+    out: list[int] = []
     try:
-        with open(f"/proc/{pid}/task/{pid}/children") as f:
-            return [int(p) for p in f.read().split()]
+        tasks = os.listdir(f"/proc/{pid}/task")
     except OSError:
-        return []
+        return out
+    for task in tasks:
+        try:
+            with open(f"/proc/{pid}/task/{task}/children") as f:
+                out += [int(p) for p in f.read().split()]
+        except OSError:
+            continue
+    return sorted(set(out))
 
 
 class MemoryWatch:
