@@ -21,7 +21,7 @@ import itertools
 import logging
 import math
 from collections import defaultdict
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -120,6 +120,10 @@ class Cluster:
         # Per batch shipped, per partition: the holders it went to (a holder that joined
         # meanwhile is compared at the next round once the batch completes).
         self._shipped_to: dict[int, dict[PartKey, frozenset[str]]] = {}
+        # Per batch shipped and not complete, the (partition, holder) pairs it failed to
+        # reach: missed again when it completes, since a sync meanwhile could not give
+        # them its sends (ours, not yet confirmed: in no digest) and took them for current.
+        self._failed_to: dict[int, set[tuple[PartKey, str]]] = {}
         self._busy: set[Any] = set()
         # Applies into partitions with messages on disk only, merged by one task in the
         # order they came (and those behind them, while any is under way).
@@ -378,19 +382,26 @@ class Cluster:
                   type(answer).__name__ if not isinstance(answer, ApplyAnswer) else
                   f"fenced={answer.fenced} missing={len(answer.missing)}")
         if not isinstance(answer, ApplyAnswer):
-            for part in parts:
-                self._missed(part, node)
+            self._failed(bid, parts, node)
             self._run(self.gate.failed(bid, node))
             return
         fenced = {(q, i): e for q, i, e in answer.fenced}
         missing = {(q, i) for q, i, _ in answer.missing}
-        for part in fenced.keys() | missing:
-            self._missed(part, node)
+        self._failed(bid, fenced.keys() | missing, node)
         if answer.tombs:  # we sent what it has deleted: its tombstones win here too
             self.broker.replica.merge(list(answer.tombs))
         if missing:
             self.wake()  # a holder lacks records: the next round repairs it
         self._run(self.gate.answered(bid, node, set(parts - missing - fenced.keys()), fenced))
+
+    def _failed(self, bid: int, parts: Iterable[PartKey], node: str) -> None:
+        """Batch ``bid`` did not reach ``node``'s copies of ``parts``: compare them at the
+        next round, and again once the batch completes."""
+        pending = bid in self._batches
+        for part in parts:
+            self._missed(part, node)
+            if pending:
+                self._failed_to.setdefault(bid, set()).add((part, node))
 
     def _merged(self, parts: set[PartKey]) -> None:
         """A merge changed these partitions here, or another node dispatched them: the
@@ -452,6 +463,8 @@ class Cluster:
             if q is not None:  # holders it did not go to lack it (they joined meanwhile)
                 for node in set(self.replicas(q).holders) - went - {self.me}:
                     self._missed(part, node)
+        for part, node in self._failed_to.pop(e.batch, ()):
+            self._missed(part, node)  # (a sync since could not vouch for its sends)
         if e.failure is not None and shipped is not None:
             self._merged(set(shipped[0]))  # its copies may differ now: compare them again
             for part in shipped[0]:
