@@ -453,9 +453,7 @@ class Backlog:
                 q.name, q.index, q.late_after, WHOLE_PAGE), WHOLE_PAGE)
             if q.late == before:
                 break
-        self._late.pop(q, None)
-        self._late_blocked.pop(q, None)
-        self._late_wanted.pop(q, None)
+        self._unschedule_late(q)
 
     def drop_late(self, q: Queue) -> int:
         """The delays on disk are gone (the caller stages their deletion): how many."""
@@ -463,10 +461,13 @@ class Backlog:
         q.counts[State.DELAYED] -= n
         q.late = 0
         q.cold_gen += 1
-        self._late.pop(q, None)
-        self._late_blocked.pop(q, None)
-        self._late_wanted.pop(q, None)
+        self._unschedule_late(q)
         return n
+
+    def _unschedule_late(self, q: Queue) -> None:
+        """No page of ``q``'s delays is to be read any more (none is left on disk)."""
+        for book in (self._late, self._late_blocked, self._late_wanted):
+            book.pop(q, None)
 
     def _tombs_came(self, q: Queue, stored: list[tuple[str, float]]) -> None:
         if not q.tombs_on_disk:

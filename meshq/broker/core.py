@@ -1128,20 +1128,21 @@ class Broker:
             q.compact()
             doomed += len(gone)
             self._dispatch(q, now)  # (nothing to lease: its watchers see it dry)
-            gone_cold = bool(q.cold or q.late)
+            if not (q.cold or q.late):
+                continue
+            # What is on disk only goes with one statement each; not the sends staged and
+            # not yet committed (their seqs are above every committed one's): they were
+            # not in the queue when it was purged.
+            below = min((m.seq for m in self.in_flight.values()), default=self._seq)
             if q.cold:
-                # Not the sends staged and not yet committed (their seqs are above every
-                # committed one's): they were not in the queue when it was purged.
-                below = min((m.seq for m in self.in_flight.values()), default=self._seq)
                 self.store.stage((OP_PURGE_READY, (q.name, q.index, *q.cold_after, below,
                                                    now)))
                 doomed += self.backlog.drop(q)
-            if q.late:  # (the same for the delays on disk)
-                below = min((m.seq for m in self.in_flight.values()), default=self._seq)
+            if q.late:
                 self.store.stage((OP_PURGE_DELAYED, (q.name, q.index, *q.late_after, below,
                                                      now)))
                 doomed += self.backlog.drop_late(q)
-            if gone_cold and not self.backlog.alone(q):
+            if not self.backlog.alone(q):
                 # Their tombstones are in the store only, not in this batch's changes:
                 # the next repair round reads them back and takes them to the other
                 # holders (a purge is not confirmed by W copies of those).

@@ -75,13 +75,14 @@ def record_of(m: Message, headers: bytes | Any | None = ...) -> Record:
                   m.expires_at, progress_of(m))
 
 
-def _stamped_again(q: Queue, msg: Message) -> bool:
-    """A fifo partition's READY message never delivered whose stamp is above the one its
-    id was made with: a dispatcher stamped it again (``to_restamp``)."""
+def _first_stamp(q: Queue, msg: Message) -> int | None:
+    """The stamp its id was made with, of a fifo partition's READY message never
+    delivered whose stamp is above it (a dispatcher stamped it again: ``to_restamp``);
+    None for any other."""
     if q.options.ordering != "fifo" or msg.state != State.READY or msg.delivery_count:
-        return False
+        return None
     first = id_stamp(msg.id)
-    return first is not None and first < msg.hlc
+    return first if first is not None and first < msg.hlc else None
 
 
 def _message_of(r: Record, seq: int) -> Message:
@@ -478,13 +479,14 @@ class Replica:
         if msg is not None:
             return self._merge_progress(q, msg, rec.progress, now, touched)
         msg = _message_of(rec, self.b._next_seq())
-        if _stamped_again(q, msg):
+        first = _first_stamp(q, msg)
+        if first is not None:
             # fifo: a dispatcher stamped it again (not replicated: each decides by its
             # own bound); the messages after it here keep the stamps they came with, so
             # it takes back its first one, and the rules below and a takeover here decide
             # from that (else a key's later message came first: heavy --fifo 6
             # --hot-ready 2 seed 11049)
-            msg.hlc = id_stamp(msg.id) or msg.hlc
+            msg.hlc = first
         if msg.hlc > self.b.hlc.last:  # a later takeover stamps above it (fifo)
             try:
                 self.b.hlc.receive(msg.hlc, int(now * 1000))

@@ -23,6 +23,7 @@ import msgpack
 
 from meshq.errors import StartupError
 from meshq.store._ops import (
+    BOUND_PREFIX,
     OP_CATALOG_PRUNE,
     OP_DEDUP,
     OP_DEDUP_PRUNE,
@@ -55,6 +56,7 @@ CACHE_KIB = 8192
 _MSG_COLUMNS = ("seq, id, queue, idx, inc, hlc, node, body, headers, state, delivery_count,"
                 " ready_at, expires_at, lease_deadline, lease_id, holder, epoch, vn")
 _MSG_MARKS = "(" + ",".join("?" * 18) + ")"
+_AFTER_PREFIX = len(BOUND_PREFIX) + 1  # (SQL counts from 1) where a bound key's index is
 
 Pick = Callable[[Sequence[Any]], Sequence[Any]] | None
 
@@ -88,10 +90,10 @@ _SQL: dict[int, tuple[tuple[str, Pick], ...]] = {
     OP_CATALOG_PRUNE: (("DELETE FROM catalog WHERE dropped >= inc AND dropped_at < ?", None),
                        ("DELETE FROM partitions WHERE queue NOT IN (SELECT name FROM catalog)",
                         lambda p: ()),
-                       # ("closed <index> <name>": the name after the index's space)
-                       ("DELETE FROM meta WHERE key GLOB 'closed *' AND substr(key,"
-                        " 8 + instr(substr(key, 8), ' ')) NOT IN (SELECT name FROM catalog)",
-                        lambda p: ())),
+                       # (bound_key: the name after the index's space)
+                       (f"DELETE FROM meta WHERE key GLOB '{BOUND_PREFIX}*' AND substr(key,"
+                        f" {_AFTER_PREFIX} + instr(substr(key, {_AFTER_PREFIX}), ' '))"
+                        " NOT IN (SELECT name FROM catalog)", lambda p: ())),
     OP_DEDUP: (("INSERT OR REPLACE INTO dedup (queue, dedup_id, message_id, expires_at)"
                 " VALUES (?,?,?,?)", None),),
     OP_DEDUP_PRUNE: (("DELETE FROM dedup WHERE expires_at < ?", None),),
